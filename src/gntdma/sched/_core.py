@@ -1,0 +1,637 @@
+"""Simulated kernel threads and the scheduler that runs them.
+
+Theory of operation
+-------------------
+A kernel thread is a greenlet. One scheduler runs all of them on one OS thread:
+the *hub* (the greenlet that called :meth:`Scheduler.run`) picks a runnable
+thread, switches to it, and gets control back when that thread reaches a
+scheduling point and blocks or yields. Control never changes anywhere else, so
+kernel code between two scheduling points runs atomically, like code under a
+spin lock on a uniprocessor.
+
+Code that is not on a kernel thread (tests, the toolstack, the CLI) runs as
+*thread0*, like FreeBSD's proc0 during boot: it may take locks and call kernel
+functions directly. When thread0 has to block it runs the hub loop in place
+until it is woken, so a test can call a function that sleeps without creating a
+thread for it.
+
+The choice of the next thread, and every random value kernel code asks for,
+belongs to a :class:`Strategy`. ``FifoStrategy`` (the ``run`` strategy) is fair
+FIFO on the real clock; exploration strategies replace it.
+
+Blocking I/O runs inline, or on a small pool of OS threads whose completions
+come back through the scheduler's event queue; the reactor thread delivers
+external events (sockets) through the same queue. Deadlock: no thread runnable,
+no timer, no I/O in flight, no external source registered, and a non-daemon
+thread (or thread0) still waiting.
+"""
+
+from __future__ import annotations
+
+import errno
+import heapq
+import itertools
+import queue
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Protocol, TypeVar, final
+
+import greenlet
+
+from gntdma.sched._errors import Deadlock, DeadlockReport, KernelPanic, WaitEdge
+from gntdma.sched._witness import WITNESS, Witness, caller_site
+
+__all__ = [
+    "Clock",
+    "FifoStrategy",
+    "KThread",
+    "RealClock",
+    "Scheduler",
+    "SchedulerStatistics",
+    "Strategy",
+    "ThreadState",
+    "VirtualClock",
+    "blocking_io",
+    "checkpoint",
+    "current_scheduler",
+    "curthread",
+    "random_u64",
+]
+
+T = TypeVar("T")
+
+
+class ThreadState(Enum):
+    RUNNABLE = "runnable"
+    RUNNING = "running"
+    BLOCKED = "blocked"
+    DONE = "done"
+
+
+class Clock(Protocol):
+    """Where time comes from: the real monotonic clock, or a virtual one."""
+
+    virtual: bool
+
+    def now(self) -> float: ...
+
+    def advance_to(self, deadline: float) -> None: ...
+
+
+@final
+class RealClock:
+    virtual = False
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def advance_to(self, deadline: float) -> None:
+        pass
+
+
+@final
+class VirtualClock:
+    """A clock that only moves when the scheduler jumps it to the next timeout."""
+
+    virtual = True
+
+    def __init__(self, start: float = 0.0) -> None:
+        self._now = start
+
+    def now(self) -> float:
+        return self._now
+
+    def advance_to(self, deadline: float) -> None:
+        if deadline > self._now:
+            self._now = deadline
+
+
+class Strategy(Protocol):
+    """Chooses which thread runs next, and every random value.
+
+    ``preemptive`` strategies are consulted at every scheduling point (a lock, a
+    barrier, a checkpoint); non-preemptive ones only when the running thread
+    blocks or yields.
+    """
+
+    preemptive: bool
+
+    def pick(self, runnable: Sequence[KThread], current: KThread | None, point: str) -> int:
+        """Index into ``runnable`` of the thread to run next."""
+        ...
+
+    def next_u64(self) -> int: ...
+
+
+@final
+class FifoStrategy:
+    """The ``run`` strategy: fair FIFO, no preemption, seeded randomness."""
+
+    preemptive = False
+
+    def __init__(self, seed: int = 0) -> None:
+        self._rng = random.Random(seed)
+
+    def pick(self, runnable: Sequence[KThread], current: KThread | None, point: str) -> int:
+        return 0
+
+    def next_u64(self) -> int:
+        return self._rng.getrandbits(64)
+
+
+@dataclass(slots=True)
+class HeldLock:
+    """A lock a thread holds: the lock, its class, and where it was taken."""
+
+    lock: Any
+    cls: str
+    site: str
+    dupok: bool
+    sleepable: bool
+
+
+@final
+class KThread:
+    """A simulated kernel thread."""
+
+    __slots__ = (
+        "_glet",
+        "daemon",
+        "domain",
+        "exc",
+        "held",
+        "name",
+        "result",
+        "state",
+        "tid",
+        "timer",
+        "wait_site",
+        "wake_result",
+        "wchan",
+        "wmesg",
+    )
+
+    def __init__(self, tid: int, name: str, daemon: bool, domain: object | None) -> None:
+        self.tid = tid
+        self.name = name
+        self.daemon = daemon
+        self.domain = domain
+        self.state = ThreadState.RUNNABLE
+        self.wchan: object | None = None
+        self.wmesg = ""
+        self.wait_site = ""
+        self.wake_result = 0
+        self.timer: _Timer | None = None
+        self.held: list[HeldLock] = []
+        self.result: object = None
+        self.exc: BaseException | None = None
+        self._glet: greenlet.greenlet | None = None
+
+    def __repr__(self) -> str:
+        return f"<KThread {self.tid} {self.name} {self.state.value}>"
+
+
+@dataclass(order=True, slots=True)
+class _Timer:
+    deadline: float
+    seq: int
+    thread: KThread | None
+    fn: Callable[[], None] | None
+    cancelled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerStatistics:
+    threads: int
+    live_threads: int
+    switches: int
+    timers: int
+    io_in_flight: int
+    external_sources: int
+
+
+_current: Scheduler | None = None
+
+
+def current_scheduler() -> Scheduler:
+    """The scheduler kernel code runs under; one is created on first use."""
+    global _current
+    if _current is None:
+        _current = Scheduler()
+    return _current
+
+
+def curthread() -> KThread:
+    """The running kernel thread (thread0 outside any kernel thread)."""
+    return current_scheduler().curthread
+
+
+def checkpoint() -> None:
+    """Always a scheduling point: let other runnable threads run first."""
+    current_scheduler().yield_(point="checkpoint")
+
+
+def random_u64() -> int:
+    """A random 64-bit value chosen by the strategy (never call ``random``)."""
+    return current_scheduler().strategy.next_u64()
+
+
+def blocking_io(fn: Callable[..., T], *args: Any) -> T:
+    """Run real blocking I/O. Always a scheduling point."""
+    return current_scheduler().blocking_io(fn, *args)
+
+
+@final
+class Scheduler:
+    """Runs kernel threads one at a time under a strategy and a clock."""
+
+    def __init__(
+        self,
+        strategy: Strategy | None = None,
+        clock: Clock | None = None,
+        io_mode: str = "inline",
+        io_workers: int = 4,
+        witness: Witness | None = None,
+    ) -> None:
+        if io_mode not in ("inline", "pool"):
+            raise ValueError(f"io_mode must be 'inline' or 'pool', not {io_mode!r}")
+        self.strategy: Strategy = strategy if strategy is not None else FifoStrategy()
+        self.clock: Clock = clock if clock is not None else RealClock()
+        self.io_mode = io_mode
+        self.witness = witness if witness is not None else WITNESS
+        self._tids = itertools.count(1)
+        self._timer_seq = itertools.count()
+        self.thread0 = KThread(0, "thread0", daemon=False, domain=None)
+        self.thread0.state = ThreadState.RUNNING
+        self.curthread: KThread = self.thread0
+        self.threads: list[KThread] = []
+        self._runq: deque[KThread] = deque()
+        self._timers: list[_Timer] = []
+        self._events: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._io_in_flight = 0
+        self._external = 0
+        self._pool: ThreadPoolExecutor | None = None
+        self._io_workers = io_workers
+        self._hub: greenlet.greenlet | None = None
+        self._in_loop = False
+        self.switches = 0
+        self.failures: list[tuple[KThread, BaseException]] = []
+        #: Called with (thread, exception) when a thread dies of an exception;
+        #: returns True if it handled it (a domain crash), False to stop run().
+        self.on_thread_exception: Callable[[KThread, BaseException], bool] | None = None
+
+    # -- installation ---------------------------------------------------------
+
+    def install(self) -> Scheduler:
+        """Make this the scheduler kernel code runs under; returns self."""
+        global _current
+        _current = self
+        return self
+
+    @staticmethod
+    def uninstall() -> None:
+        global _current
+        _current = None
+
+    def statistics(self) -> SchedulerStatistics:
+        live = sum(1 for t in self.threads if t.state is not ThreadState.DONE)
+        return SchedulerStatistics(
+            len(self.threads),
+            live,
+            self.switches,
+            sum(1 for t in self._timers if not t.cancelled),
+            self._io_in_flight,
+            self._external,
+        )
+
+    def now(self) -> float:
+        return self.clock.now()
+
+    # -- threads --------------------------------------------------------------
+
+    def spawn(
+        self,
+        fn: Callable[..., object],
+        *args: object,
+        name: str = "",
+        daemon: bool = False,
+        domain: object | None = None,
+    ) -> KThread:
+        """Create a runnable kernel thread (kthread_add). Never a scheduling point."""
+        tid = next(self._tids)
+        t = KThread(tid, name or f"kthread{tid}", daemon, domain)
+
+        def body() -> None:
+            try:
+                t.result = fn(*args)
+            except greenlet.GreenletExit:
+                pass
+            except BaseException as exc:  # recorded for the hub
+                t.exc = exc
+            finally:
+                self._release_on_exit(t)
+                t.state = ThreadState.DONE
+                self.curthread = self.thread0
+
+        t._glet = greenlet.greenlet(body)
+        self.threads.append(t)
+        self._runq.append(t)
+        return t
+
+    def _release_on_exit(self, t: KThread) -> None:
+        if t.held and t.exc is None:
+            names = ", ".join(h.cls for h in t.held)
+            t.exc = KernelPanic(f"thread {t.name} exited with locks held: {names}")
+
+    def _alive(self) -> bool:
+        return any(not t.daemon and t.state is not ThreadState.DONE for t in self.threads)
+
+    # -- scheduling points (called on the current thread) ----------------------
+
+    def block(self, wchan: object, wmesg: str, timeout: float = 0.0) -> int:
+        """Block the current thread on ``wchan`` until woken or ``timeout`` seconds.
+
+        Returns the waker's result (0) or ``EWOULDBLOCK`` on timeout. A timeout of
+        0 waits forever (FreeBSD's ``timo`` of 0). Always a scheduling point.
+        """
+        t = self.curthread
+        if t.state is not ThreadState.RUNNING:
+            raise KernelPanic(f"{t.name} blocks while {t.state.value}")
+        for h in t.held:
+            if not h.sleepable:
+                msg = f"sleeping thread {t.name} with non-sleepable lock {h.cls} held"
+                self.witness.record_panic(t.name, msg, caller_site())
+                raise KernelPanic(msg)
+        t.state = ThreadState.BLOCKED
+        t.wchan = wchan
+        t.wmesg = wmesg
+        t.wait_site = caller_site()
+        t.wake_result = 0
+        if timeout > 0:
+            tm = _Timer(self.clock.now() + timeout, next(self._timer_seq), t, None)
+            t.timer = tm
+            heapq.heappush(self._timers, tm)
+        self._switch_out()
+        return t.wake_result
+
+    def wake(self, t: KThread, result: int = 0) -> None:
+        """Make a blocked thread runnable. Never a scheduling point."""
+        if t.state is not ThreadState.BLOCKED:
+            return
+        if t.timer is not None:
+            t.timer.cancelled = True
+            t.timer = None
+        t.state = ThreadState.RUNNABLE
+        t.wchan = None
+        t.wake_result = result
+        if t is not self.thread0:
+            self._runq.append(t)
+
+    def yield_(self, point: str = "yield") -> None:
+        """Let other runnable threads run before the current one continues."""
+        t = self.curthread
+        if t is self.thread0:
+            if self._runq and not self._in_loop:
+                target = self.switches + len(self._runq)
+                t.state = ThreadState.RUNNABLE
+                self._loop(until=lambda: self.switches >= target or not self._runq)
+                t.state = ThreadState.RUNNING
+            return
+        if not self._runq:
+            return
+        t.state = ThreadState.RUNNABLE
+        self._runq.append(t)
+        self._switch_out(point)
+
+    def point(self, point: str) -> None:
+        """A scheduling point that preempts only under a preemptive strategy."""
+        if self.strategy.preemptive:
+            self.yield_(point)
+
+    def _switch_out(self, point: str = "block") -> None:
+        t = self.curthread
+        if t is self.thread0:
+            if self._in_loop:
+                raise KernelPanic("thread0 would block from inside the scheduler loop")
+            self._loop(until=lambda: t.state is not ThreadState.BLOCKED)
+            t.state = ThreadState.RUNNING
+            return
+        assert self._hub is not None
+        self._hub.switch()
+
+    # -- timers and events ---------------------------------------------------
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> Callable[[], None]:
+        """Run ``fn`` in the hub after ``delay`` seconds; returns a canceller."""
+        tm = _Timer(self.clock.now() + delay, next(self._timer_seq), None, fn)
+        heapq.heappush(self._timers, tm)
+
+        def cancel() -> None:
+            tm.cancelled = True
+
+        return cancel
+
+    def post(self, fn: Callable[[], None]) -> None:
+        """Queue ``fn`` to run in the hub. Safe from any OS thread."""
+        self._events.put(fn)
+
+    def add_external_source(self) -> None:
+        """Something outside (a socket, a reactor) may post events at any time."""
+        self._external += 1
+
+    def remove_external_source(self) -> None:
+        self._external -= 1
+
+    def blocking_io(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` inline or on the I/O pool. Always a scheduling point."""
+        t = self.curthread
+        if self.io_mode == "inline" or t is self.thread0:
+            self.point("io")
+            return fn(*args)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._io_workers, thread_name_prefix="gntdma-io")
+        self._io_in_flight += 1
+        fut: Future[T] = self._pool.submit(fn, *args)
+
+        def done(_f: Future[T]) -> None:
+            self.post(lambda: self._io_done(t))
+
+        fut.add_done_callback(done)
+        self.block(fut, "io")
+        return fut.result()
+
+    def _io_done(self, t: KThread) -> None:
+        self._io_in_flight -= 1
+        self.wake(t)
+
+    # -- the hub ----------------------------------------------------------------
+
+    def run(self, until: Callable[[], bool] | None = None) -> None:
+        """Run threads until every non-daemon thread is done (or ``until()``)."""
+        self._loop(until=until if until is not None else (lambda: not self._alive()))
+
+    def call(self, fn: Callable[..., T], *args: object, name: str = "call") -> T:
+        """Run ``fn(*args)`` on a new kernel thread to completion and return its result."""
+        t = self.spawn(fn, *args, name=name)
+        self._loop(until=lambda: t.state is ThreadState.DONE)
+        if t.exc is not None:
+            raise t.exc
+        return t.result  # type: ignore[return-value]
+
+    def _loop(self, until: Callable[[], bool]) -> None:
+        if self._in_loop:
+            raise KernelPanic("scheduler loop re-entered")
+        self._in_loop = True
+        self._hub = greenlet.getcurrent()
+        try:
+            while True:
+                self._drain_events()
+                self._fire_timers()
+                if until():
+                    return
+                if self._runq:
+                    self._run_one()
+                    continue
+                if not self._wait_for_something():
+                    if until():
+                        return
+                    raise Deadlock(self.deadlock_report())
+        finally:
+            self._in_loop = False
+
+    def _run_one(self) -> None:
+        idx = self.strategy.pick(self._runq, None, "switch")
+        if idx == 0:
+            t = self._runq.popleft()
+        else:
+            t = self._runq[idx]
+            del self._runq[idx]
+        if t.state is not ThreadState.RUNNABLE:
+            return
+        t.state = ThreadState.RUNNING
+        self.curthread = t
+        self.switches += 1
+        glet = t._glet
+        assert glet is not None
+        if not glet:  # not started yet: it must return to the hub when it ends
+            glet.parent = greenlet.getcurrent()
+        glet.switch()
+        self.curthread = self.thread0
+        if t.state is ThreadState.DONE and t.exc is not None:
+            exc = t.exc
+            self.failures.append((t, exc))
+            handler = self.on_thread_exception
+            if handler is None or not handler(t, exc):
+                exc.add_note(f"in kernel thread {t.name}")
+                raise exc
+
+    def _drain_events(self) -> None:
+        while True:
+            try:
+                fn = self._events.get_nowait()
+            except queue.Empty:
+                return
+            fn()
+
+    def _fire_timers(self) -> None:
+        now = self.clock.now()
+        while self._timers and (self._timers[0].cancelled or self._timers[0].deadline <= now):
+            tm = heapq.heappop(self._timers)
+            if tm.cancelled:
+                continue
+            if tm.thread is not None:
+                tm.thread.timer = None
+                self.wake(tm.thread, errno.EWOULDBLOCK)
+            elif tm.fn is not None:
+                tm.fn()
+
+    def _next_deadline(self) -> float | None:
+        while self._timers and self._timers[0].cancelled:
+            heapq.heappop(self._timers)
+        return self._timers[0].deadline if self._timers else None
+
+    def _wait_for_something(self) -> bool:
+        """Nothing runnable: wait for a timer, I/O or an external event.
+
+        Returns False when nothing can ever happen again.
+        """
+        deadline = self._next_deadline()
+        outside = self._io_in_flight > 0 or self._external > 0
+        if deadline is None and not outside:
+            return False
+        if self.clock.virtual and not outside:
+            assert deadline is not None
+            self.clock.advance_to(deadline)
+            return True
+        timeout = None if deadline is None else max(0.0, deadline - self.clock.now())
+        try:
+            fn = self._events.get(timeout=timeout)
+        except queue.Empty:
+            return True
+        fn()
+        return True
+
+    # -- reports and teardown ------------------------------------------------------
+
+    def deadlock_report(self) -> DeadlockReport:
+        """Who waits for what, who holds it, and the wait-for cycle if any."""
+        edges: list[WaitEdge] = []
+        waits: dict[str, str] = {}
+        candidates = [t for t in self.threads if t.state is ThreadState.BLOCKED]
+        if self.thread0.state is ThreadState.BLOCKED:
+            candidates.insert(0, self.thread0)
+        for t in candidates:
+            owner = getattr(t.wchan, "owner", None)
+            holder: str | None = None
+            holder_site: str | None = None
+            if isinstance(owner, KThread):
+                holder = owner.name
+                waits[t.name] = owner.name
+                for h in owner.held:
+                    if h.lock is t.wchan:
+                        holder_site = h.site
+            edges.append(WaitEdge(t.name, _describe(t.wchan, t.wmesg), t.wait_site,
+                                  holder, holder_site))
+        return DeadlockReport(tuple(edges), _find_cycle(waits))
+
+    def shutdown(self) -> None:
+        """Kill every thread still alive (daemons idle in their loops) and the I/O pool."""
+        for t in self.threads:
+            if t.state is not ThreadState.DONE and t._glet is not None:
+                if t.timer is not None:
+                    t.timer.cancelled = True
+                    t.timer = None
+                t.held.clear()
+                t._glet.throw(greenlet.GreenletExit)
+                t.state = ThreadState.DONE
+        self.curthread = self.thread0
+        self._runq.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+def _describe(wchan: object, wmesg: str) -> str:
+    name = getattr(wchan, "name", None)
+    kind = type(wchan).__name__
+    if isinstance(name, str):
+        return f"{kind} \"{name}\" ({wmesg})"
+    return f"{wmesg or kind}"
+
+
+def _find_cycle(waits: dict[str, str]) -> tuple[str, ...]:
+    for start in waits:
+        path = [start]
+        node = start
+        while node in waits:
+            node = waits[node]
+            if node in path:
+                return (*path[path.index(node):], node)
+            path.append(node)
+    return ()
+

@@ -1,0 +1,55 @@
+"""Failures the scheduler raises: kernel panics and deadlocks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gntdma.errors import GntdmaError
+
+__all__ = ["Deadlock", "DeadlockReport", "KernelPanic", "WaitEdge"]
+
+
+class KernelPanic(GntdmaError):
+    """A KASSERT failed or the kernel called panic().
+
+    A panic ends the thread that raised it; the toolstack decides whether the
+    domain crashes.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class WaitEdge:
+    """One thread of a deadlock report: where it waits and on what."""
+
+    thread: str
+    waits_for: str
+    site: str
+    holder: str | None
+    holder_site: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadlockReport:
+    """Every blocked thread, and the wait-for cycle when there is one."""
+
+    edges: tuple[WaitEdge, ...]
+    cycle: tuple[str, ...]
+
+    def format(self) -> str:
+        lines = ["deadlock: every thread is blocked and nothing is pending"]
+        if self.cycle:
+            lines.append("wait-for cycle: " + " -> ".join(self.cycle))
+        for e in self.edges:
+            held = ""
+            if e.holder is not None:
+                held = f", held by {e.holder} (taken at {e.holder_site})"
+            lines.append(f"  {e.thread} waits for {e.waits_for} at {e.site}{held}")
+        return "\n".join(lines)
+
+
+class Deadlock(GntdmaError):
+    """Every live thread is blocked and no timeout, I/O or external event is pending."""
+
+    def __init__(self, report: DeadlockReport) -> None:
+        super().__init__(report.format())
+        self.report = report

@@ -1,0 +1,362 @@
+"""Kernel synchronisation primitives: mutex(9), condvar(9), sleep(9), barriers.
+
+Rules: every function here says whether it is a scheduling point. Blocking
+ones always are; the others are scheduling points only under a preemptive
+(exploration) strategy, so the run strategy pays nothing for them.
+
+Timeouts (``timo``) are in seconds; 0 means wait forever, as FreeBSD's 0 ticks.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from enum import IntFlag
+from typing import Final, final
+
+from gntdma.sched._core import HeldLock, KThread, ThreadState, current_scheduler
+from gntdma.sched._errors import KernelPanic
+from gntdma.sched._witness import caller_site
+
+__all__ = [
+    "MA_NOTOWNED",
+    "MA_NOTRECURSED",
+    "MA_OWNED",
+    "MA_RECURSED",
+    "MTX_DEF",
+    "MTX_DUPOK",
+    "MTX_NOWITNESS",
+    "MTX_RECURSE",
+    "MTX_SPIN",
+    "Condvar",
+    "Mutex",
+    "cv_broadcast",
+    "cv_signal",
+    "cv_timedwait",
+    "cv_wait",
+    "mb",
+    "msleep",
+    "mtx_assert",
+    "mtx_destroy",
+    "mtx_init",
+    "mtx_lock",
+    "mtx_owned",
+    "mtx_trylock",
+    "mtx_unlock",
+    "rmb",
+    "tsleep",
+    "wakeup",
+    "wakeup_one",
+    "wmb",
+]
+
+
+class MtxFlags(IntFlag):
+    """mtx_init(9) options."""
+
+    MTX_DEF = 0x0  #: a sleep mutex
+    MTX_SPIN = 0x1  #: a spin mutex: its holder may not sleep
+    MTX_RECURSE = 0x4  #: may be recursed
+    MTX_NOWITNESS = 0x8  #: not checked by WITNESS
+    MTX_DUPOK = 0x20  #: several locks of this class may be held
+
+
+MTX_DEF: Final = MtxFlags.MTX_DEF
+MTX_SPIN: Final = MtxFlags.MTX_SPIN
+MTX_RECURSE: Final = MtxFlags.MTX_RECURSE
+MTX_NOWITNESS: Final = MtxFlags.MTX_NOWITNESS
+MTX_DUPOK: Final = MtxFlags.MTX_DUPOK
+
+#: mtx_assert(9) what values.
+MA_OWNED: Final = 0x01
+MA_NOTOWNED: Final = 0x02
+MA_RECURSED: Final = 0x04
+MA_NOTRECURSED: Final = 0x08
+
+
+@final
+class Mutex:
+    """A FreeBSD mutex. The lock class is its name (``type`` if given)."""
+
+    __slots__ = ("cls", "flags", "name", "owner", "recurse", "waiters")
+
+    def __init__(self, name: str, flags: int = MTX_DEF, type: str | None = None) -> None:
+        self.name = name
+        self.cls = type if type is not None else name
+        self.flags = MtxFlags(flags)
+        self.owner: KThread | None = None
+        self.recurse = 0
+        self.waiters: deque[KThread] = deque()
+
+    def __repr__(self) -> str:
+        owner = self.owner.name if self.owner is not None else None
+        return f"<Mutex {self.name} owner={owner}>"
+
+
+def mtx_init(name: str, flags: int = MTX_DEF, type: str | None = None) -> Mutex:
+    """Create a mutex (mtx_init(9)). Never a scheduling point."""
+    return Mutex(name, flags, type)
+
+
+def mtx_destroy(m: Mutex) -> None:
+    """Destroy a mutex; it must not be held. Never a scheduling point."""
+    if m.owner is not None:
+        raise KernelPanic(f"mtx_destroy of held mutex {m.name}")
+
+
+def _panic(t: KThread, msg: str) -> KernelPanic:
+    current_scheduler().witness.record_panic(t.name, msg, caller_site())
+    return KernelPanic(msg)
+
+
+def mtx_lock(m: Mutex) -> None:
+    """Acquire ``m``, sleeping while another thread holds it. Always a scheduling point.
+
+    Recursing on a mutex without MTX_RECURSE panics.
+    """
+    s = current_scheduler()
+    t = s.curthread
+    if m.owner is t:
+        if not m.flags & MTX_RECURSE:
+            raise _panic(t, f"recursing on non-recursive mutex {m.name} @ {caller_site()}")
+        m.recurse += 1
+        return
+    site = caller_site()
+    if not m.flags & MTX_NOWITNESS:
+        s.witness.check_order(
+            t.name, [(h.cls, h.site, h.dupok) for h in t.held], m.cls, site
+        )
+    s.point("mtx_lock")
+    while m.owner is not None:
+        if m.flags & MTX_SPIN:
+            # A spin lock is never held across a scheduling point, so an owner here
+            # is a thread that blocked with it: that panicked already.
+            raise _panic(t, f"spin mutex {m.name} held by a sleeping thread")
+        m.waiters.append(t)
+        s.block(m, "mtx", 0.0)
+    m.owner = t
+    t.held.append(HeldLock(m, m.cls, site, bool(m.flags & MTX_DUPOK),
+                           not m.flags & MTX_SPIN))
+
+
+def mtx_trylock(m: Mutex) -> int:
+    """Acquire ``m`` if free; returns 1 on success, 0 if held. Never blocks.
+
+    A scheduling point only under a preemptive strategy.
+    """
+    s = current_scheduler()
+    t = s.curthread
+    s.point("mtx_trylock")
+    if m.owner is t:
+        if not m.flags & MTX_RECURSE:
+            raise _panic(t, f"recursing on non-recursive mutex {m.name} @ {caller_site()}")
+        m.recurse += 1
+        return 1
+    if m.owner is not None:
+        return 0
+    m.owner = t
+    # trylock never waits, so WITNESS records no order for it (as FreeBSD).
+    t.held.append(HeldLock(m, m.cls, caller_site(), bool(m.flags & MTX_DUPOK),
+                           not m.flags & MTX_SPIN))
+    return 1
+
+
+def mtx_unlock(m: Mutex) -> None:
+    """Release ``m``; hands it to the first waiter. A scheduling point only when preemptive.
+
+    Unlock by a thread that does not own the mutex panics.
+    """
+    s = current_scheduler()
+    t = s.curthread
+    if m.owner is not t:
+        owner = m.owner.name if m.owner is not None else "nobody"
+        raise _panic(t, f"mutex {m.name} not owned by {t.name} (owner {owner}) @ {caller_site()}")
+    if m.recurse > 0:
+        m.recurse -= 1
+        return
+    for i in range(len(t.held) - 1, -1, -1):
+        if t.held[i].lock is m:
+            del t.held[i]
+            break
+    m.owner = None
+    while m.waiters:
+        w = m.waiters.popleft()
+        if w.wchan is m and w.state is ThreadState.BLOCKED:
+            s.wake(w)
+            break
+    s.point("mtx_unlock")
+
+
+def mtx_owned(m: Mutex) -> bool:
+    """Whether the current thread owns ``m``. Never a scheduling point."""
+    return m.owner is current_scheduler().curthread
+
+
+def mtx_assert(m: Mutex, what: int) -> None:
+    """KASSERT on ownership (MA_OWNED, MA_NOTOWNED, with MA_RECURSED/MA_NOTRECURSED)."""
+    t = current_scheduler().curthread
+    if what & MA_OWNED:
+        if m.owner is not t:
+            raise _panic(t, f"mutex {m.name} not owned at {caller_site()}")
+        if what & MA_RECURSED and m.recurse == 0:
+            raise _panic(t, f"mutex {m.name} not recursed at {caller_site()}")
+        if what & MA_NOTRECURSED and m.recurse > 0:
+            raise _panic(t, f"mutex {m.name} recursed at {caller_site()}")
+    elif what & MA_NOTOWNED:
+        if m.owner is t:
+            raise _panic(t, f"mutex {m.name} owned at {caller_site()}")
+    else:
+        raise KernelPanic(f"mtx_assert: bad what {what:#x}")
+
+
+def _drop_for_sleep(m: Mutex) -> int:
+    """Release ``m`` entirely for a sleep; returns the recursion depth to restore."""
+    depth = m.recurse
+    m.recurse = 0
+    mtx_unlock(m)
+    return depth
+
+
+def _retake_after_sleep(m: Mutex, depth: int) -> None:
+    mtx_lock(m)
+    m.recurse = depth
+
+
+@final
+class Condvar:
+    """A condition variable (condvar(9))."""
+
+    __slots__ = ("name", "waiters")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.waiters: deque[KThread] = deque()
+
+
+def cv_wait(cv: Condvar, m: Mutex) -> None:
+    """Release ``m``, sleep until signalled, retake ``m``. Always a scheduling point."""
+    cv_timedwait(cv, m, 0.0)
+
+
+def cv_timedwait(cv: Condvar, m: Mutex, timo: float) -> int:
+    """As cv_wait, with a timeout; returns 0 or EWOULDBLOCK. Always a scheduling point."""
+    s = current_scheduler()
+    t = s.curthread
+    if m.owner is not t:
+        raise _panic(t, f"cv_wait on {cv.name} without holding {m.name}")
+    depth = _drop_for_sleep(m)
+    cv.waiters.append(t)
+    try:
+        rv = s.block(cv, cv.name, timo)
+    finally:
+        if t in cv.waiters:
+            cv.waiters.remove(t)
+    _retake_after_sleep(m, depth)
+    return rv
+
+
+def cv_signal(cv: Condvar) -> None:
+    """Wake one waiter. A scheduling point only when preemptive."""
+    s = current_scheduler()
+    while cv.waiters:
+        w = cv.waiters.popleft()
+        if w.wchan is cv and w.state is ThreadState.BLOCKED:
+            s.wake(w)
+            break
+    s.point("cv_signal")
+
+
+def cv_broadcast(cv: Condvar) -> None:
+    """Wake every waiter. A scheduling point only when preemptive."""
+    s = current_scheduler()
+    while cv.waiters:
+        w = cv.waiters.popleft()
+        if w.wchan is cv and w.state is ThreadState.BLOCKED:
+            s.wake(w)
+    s.point("cv_broadcast")
+
+
+# -- sleep(9) on wait channels ----------------------------------------------------
+
+
+@final
+class _Channel:
+    __slots__ = ("chan", "name", "waiters")
+
+    def __init__(self, chan: object, name: str) -> None:
+        self.chan = chan
+        self.name = name
+        self.waiters: deque[KThread] = deque()
+
+
+_channels: dict[int, _Channel] = {}
+
+
+def msleep(chan: object, m: Mutex | None, wmesg: str, timo: float = 0.0) -> int:
+    """Sleep on ``chan``, releasing ``m`` while asleep; 0 or EWOULDBLOCK. Always a point."""
+    s = current_scheduler()
+    t = s.curthread
+    key = id(chan)
+    ch = _channels.get(key)
+    if ch is None or ch.chan is not chan:
+        ch = _Channel(chan, wmesg)
+        _channels[key] = ch
+    depth = 0
+    if m is not None:
+        if m.owner is not t:
+            raise _panic(t, f"msleep on {wmesg} without holding {m.name}")
+        depth = _drop_for_sleep(m)
+    ch.waiters.append(t)
+    try:
+        rv = s.block(ch, wmesg, timo)
+    finally:
+        if t in ch.waiters:
+            ch.waiters.remove(t)
+        if not ch.waiters and _channels.get(key) is ch:
+            del _channels[key]
+    if m is not None:
+        _retake_after_sleep(m, depth)
+    return rv
+
+
+def tsleep(chan: object, wmesg: str, timo: float = 0.0) -> int:
+    """Sleep on ``chan`` with no interlock. Always a scheduling point."""
+    return msleep(chan, None, wmesg, timo)
+
+
+def wakeup(chan: object) -> None:
+    """Wake every thread sleeping on ``chan``. A scheduling point only when preemptive."""
+    s = current_scheduler()
+    ch = _channels.get(id(chan))
+    if ch is not None and ch.chan is chan:
+        for w in list(ch.waiters):
+            s.wake(w)
+        ch.waiters.clear()
+    s.point("wakeup")
+
+
+def wakeup_one(chan: object) -> None:
+    """Wake the first thread sleeping on ``chan``. A point only when preemptive."""
+    s = current_scheduler()
+    ch = _channels.get(id(chan))
+    if ch is not None and ch.chan is chan and ch.waiters:
+        s.wake(ch.waiters.popleft())
+    s.point("wakeup_one")
+
+
+# -- memory barriers of ring code ---------------------------------------------------
+
+
+def wmb() -> None:
+    """Write barrier: the other domain may run here. A point only when preemptive."""
+    current_scheduler().point("wmb")
+
+
+def rmb() -> None:
+    """Read barrier. A scheduling point only when preemptive."""
+    current_scheduler().point("rmb")
+
+
+def mb() -> None:
+    """Full barrier. A scheduling point only when preemptive."""
+    current_scheduler().point("mb")
+

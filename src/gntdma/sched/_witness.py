@@ -1,0 +1,173 @@
+"""WITNESS: lock-order checking across the whole process, as in FreeBSD.
+
+Theory of operation: every lock belongs to a class, named by the lock's name
+(all ``xbd_io`` mutexes share a class). Each time a thread takes a lock of
+class B while it holds a lock of class A, the edge A -> B enters one order
+graph, remembered with the two acquisition sites where it was first seen. If B
+already reaches A in the graph, the new edge closes a cycle: that is a lock-order
+reversal, reported once per pair of classes with both sites of the new
+acquisition and the sites where the established order was first seen. Nothing
+blocks and nothing is raised for a reversal; it is a report.
+
+Recursion on a non-recursive lock, unlock by a thread that does not own the
+lock, and sleeping with a lock that forbids it are panics, raised by the lock
+code itself; they are recorded here too so that tests and the CLI see them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Final
+
+__all__ = ["WITNESS", "Witness", "WitnessReport", "caller_site"]
+
+_SCHED_DIR: Final = os.path.dirname(os.path.abspath(__file__))
+
+
+def caller_site() -> str:
+    """The file:line of the first frame outside ``gntdma.sched``."""
+    f: FrameType | None = sys._getframe(1)
+    while f is not None:
+        if os.path.dirname(f.f_code.co_filename) != _SCHED_DIR:
+            return f"{f.f_code.co_filename}:{f.f_lineno}"
+        f = f.f_back
+    return "?:0"
+
+
+@dataclass(frozen=True, slots=True)
+class WitnessReport:
+    """One WITNESS finding.
+
+    ``kind`` is ``"reversal"``, ``"duplicate"`` (two locks of one class without
+    DUPOK) or ``"panic"``. For a reversal, ``first`` and ``second`` are the
+    classes in the order this acquisition took them, with their sites, and
+    ``established`` names the sites where the opposite order was first seen.
+    """
+
+    kind: str
+    thread: str
+    first: str
+    first_site: str
+    second: str
+    second_site: str
+    established: tuple[str, str] | None = None
+    message: str = ""
+
+    def format(self) -> str:
+        if self.kind == "panic":
+            return f"panic: {self.message} (thread {self.thread}, at {self.second_site})"
+        if self.kind == "duplicate":
+            return (
+                f"acquiring duplicate lock of same type: \"{self.second}\"\n"
+                f" 1st {self.first} @ {self.first_site}\n"
+                f" 2nd {self.second} @ {self.second_site}"
+            )
+        text = (
+            "lock order reversal:\n"
+            f" 1st {self.first} @ {self.first_site}\n"
+            f" 2nd {self.second} @ {self.second_site}"
+        )
+        if self.established is not None:
+            text += (
+                f"\n established order {self.second} -> {self.first} first seen:"
+                f"\n  {self.second} @ {self.established[0]}"
+                f"\n  {self.first} @ {self.established[1]}"
+            )
+        return text
+
+
+@dataclass(slots=True)
+class _Edge:
+    from_site: str
+    to_site: str
+
+
+@dataclass(slots=True)
+class Witness:
+    """The process-wide lock-order graph and the findings so far."""
+
+    enabled: bool = True
+    order: dict[str, dict[str, _Edge]] = field(default_factory=dict)
+    reported: set[tuple[str, str]] = field(default_factory=set)
+    reports: list[WitnessReport] = field(default_factory=list)
+
+    def reset(self) -> None:
+        """Forget the graph and the findings (tests start from a clean slate)."""
+        self.order.clear()
+        self.reported.clear()
+        self.reports.clear()
+
+    def reversals(self) -> list[WitnessReport]:
+        return [r for r in self.reports if r.kind == "reversal"]
+
+    def panics(self) -> list[WitnessReport]:
+        return [r for r in self.reports if r.kind == "panic"]
+
+    def _reaches(self, src: str, dst: str) -> list[str] | None:
+        """A path src -> ... -> dst in the order graph, or None."""
+        stack: list[tuple[str, list[str]]] = [(src, [src])]
+        seen = {src}
+        while stack:
+            node, path = stack.pop()
+            for nxt in self.order.get(node, {}):
+                if nxt == dst:
+                    return [*path, nxt]
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, [*path, nxt]))
+        return None
+
+    def check_order(
+        self,
+        thread: str,
+        held: list[tuple[str, str, bool]],
+        cls: str,
+        site: str,
+    ) -> None:
+        """Record that ``thread`` takes class ``cls`` at ``site`` while holding ``held``.
+
+        ``held`` lists (class, site, dupok) of the locks the thread holds, oldest
+        first.
+        """
+        if not self.enabled:
+            return
+        for hcls, hsite, dupok in held:
+            if hcls == cls:
+                if not dupok and (cls, cls) not in self.reported:
+                    self.reported.add((cls, cls))
+                    self.reports.append(
+                        WitnessReport("duplicate", thread, hcls, hsite, cls, site)
+                    )
+                continue
+            succ = self.order.setdefault(hcls, {})
+            if cls in succ:
+                continue
+            path = self._reaches(cls, hcls)
+            if path is not None:
+                key = (hcls, cls) if hcls < cls else (cls, hcls)
+                if key not in self.reported:
+                    self.reported.add(key)
+                    first_edge = self.order[path[0]][path[1]]
+                    self.reports.append(
+                        WitnessReport(
+                            "reversal",
+                            thread,
+                            hcls,
+                            hsite,
+                            cls,
+                            site,
+                            (first_edge.from_site, first_edge.to_site),
+                        )
+                    )
+                continue
+            succ[cls] = _Edge(hsite, site)
+
+    def record_panic(self, thread: str, message: str, site: str) -> None:
+        self.reports.append(WitnessReport("panic", thread, "", "", "", site, None, message))
+
+
+#: The one lock-order graph of the process.
+WITNESS: Final = Witness()

@@ -1,0 +1,288 @@
+"""Mutexes, condition variables, sleep/wakeup, timeouts, I/O and deadlock reports."""
+
+from __future__ import annotations
+
+import errno
+import threading
+
+import pytest
+
+from gntdma.sched import (
+    MA_NOTOWNED,
+    MA_OWNED,
+    MTX_RECURSE,
+    MTX_SPIN,
+    Condvar,
+    Deadlock,
+    KernelPanic,
+    Mutex,
+    Scheduler,
+    VirtualClock,
+    blocking_io,
+    checkpoint,
+    cv_broadcast,
+    cv_signal,
+    cv_timedwait,
+    cv_wait,
+    msleep,
+    mtx_assert,
+    mtx_lock,
+    mtx_trylock,
+    mtx_unlock,
+    tsleep,
+    wakeup,
+    wakeup_one,
+)
+
+
+def test_mutex_excludes_and_hands_over(sched: Scheduler) -> None:
+    m = Mutex("m")
+    log: list[str] = []
+
+    def worker(name: str) -> None:
+        for i in range(3):
+            mtx_lock(m)
+            log.append(f"{name}+{i}")
+            checkpoint()  # others run, but cannot enter
+            log.append(f"{name}-{i}")
+            mtx_unlock(m)
+            checkpoint()
+
+    sched.spawn(worker, "a")
+    sched.spawn(worker, "b")
+    sched.run()
+    assert len(log) == 12
+    for i in range(0, 12, 2):  # every entry is followed by its own exit
+        assert log[i][0] == log[i + 1][0] and log[i][1] == "+" and log[i + 1][1] == "-"
+    assert {e[0] for e in log} == {"a", "b"}
+
+
+def test_recursion_on_non_recursive_mutex_panics(sched: Scheduler) -> None:
+    m = Mutex("plain")
+    mtx_lock(m)
+    with pytest.raises(KernelPanic, match="recursing on non-recursive mutex plain"):
+        mtx_lock(m)
+    mtx_unlock(m)
+    assert len(sched.witness.panics()) == 1
+
+
+def test_recursive_mutex_counts(sched: Scheduler) -> None:
+    m = Mutex("rec", MTX_RECURSE)
+    mtx_lock(m)
+    mtx_lock(m)
+    assert mtx_trylock(m) == 1
+    mtx_unlock(m)
+    mtx_unlock(m)
+    mtx_assert(m, MA_OWNED)
+    mtx_unlock(m)
+    mtx_assert(m, MA_NOTOWNED)
+
+
+def test_unlock_by_non_owner_panics(sched: Scheduler) -> None:
+    m = Mutex("owned")
+
+    def holder() -> None:
+        mtx_lock(m)
+        tsleep(m, "hold", 0.01)
+        mtx_unlock(m)
+
+    t = sched.spawn(holder)
+    sched.yield_()  # holder takes the lock and sleeps
+    assert m.owner is t
+    with pytest.raises(KernelPanic, match="not owned by thread0"):
+        mtx_unlock(m)
+    sched.run()
+
+
+def test_trylock_fails_when_held(sched: Scheduler) -> None:
+    m = Mutex("t")
+    got: list[int] = []
+
+    def other() -> None:
+        got.append(mtx_trylock(m))
+
+    mtx_lock(m)
+    sched.call(other)
+    mtx_unlock(m)
+    assert got == [0]
+
+
+def test_sleeping_with_spin_lock_panics(sched: Scheduler) -> None:
+    spin = Mutex("spin", MTX_SPIN)
+
+    def body() -> None:
+        mtx_lock(spin)
+        try:
+            tsleep(body, "zzz", 0.001)
+        finally:
+            mtx_unlock(spin)
+
+    with pytest.raises(KernelPanic, match="non-sleepable lock spin"):
+        sched.call(body)
+
+
+def test_condvar_signal_and_broadcast(sched: Scheduler) -> None:
+    m = Mutex("cvm")
+    cv = Condvar("cv")
+    state = {"go": 0, "woke": 0}
+
+    def waiter() -> None:
+        mtx_lock(m)
+        while state["go"] == 0:
+            cv_wait(cv, m)
+        state["woke"] += 1
+        mtx_unlock(m)
+
+    for _ in range(3):
+        sched.spawn(waiter)
+    sched.yield_()
+    mtx_lock(m)
+    state["go"] = 1
+    cv_signal(cv)
+    mtx_unlock(m)
+    sched.yield_()
+    assert state["woke"] == 1
+    mtx_lock(m)
+    cv_broadcast(cv)
+    mtx_unlock(m)
+    sched.run()
+    assert state["woke"] == 3
+
+
+def test_cv_timedwait_times_out_on_virtual_clock() -> None:
+    s = Scheduler(clock=VirtualClock()).install()
+    try:
+        m = Mutex("tm")
+        cv = Condvar("never")
+
+        def body() -> int:
+            mtx_lock(m)
+            rv = cv_timedwait(cv, m, 5.0)
+            mtx_assert(m, MA_OWNED)
+            mtx_unlock(m)
+            return rv
+
+        assert s.call(body) == errno.EWOULDBLOCK
+        assert s.now() == 5.0
+    finally:
+        s.shutdown()
+        Scheduler.uninstall()
+
+
+def test_sleep_wakeup_channels(sched: Scheduler) -> None:
+    chan = object()
+    order: list[int] = []
+
+    def sleeper(i: int) -> None:
+        assert tsleep(chan, "chan") == 0
+        order.append(i)
+
+    for i in range(3):
+        sched.spawn(sleeper, i)
+    sched.yield_()
+    wakeup_one(chan)
+    sched.yield_()
+    assert order == [0]
+    wakeup(chan)
+    sched.run()
+    assert order == [0, 1, 2]
+
+
+def test_msleep_releases_interlock(sched: Scheduler) -> None:
+    m = Mutex("inter")
+    chan = object()
+    seen: list[bool] = []
+
+    def sleeper() -> None:
+        mtx_lock(m)
+        msleep(chan, m, "wait")
+        seen.append(m.owner is not None)
+        mtx_unlock(m)
+
+    sched.spawn(sleeper)
+    sched.yield_()
+    assert m.owner is None
+    wakeup(chan)
+    sched.run()
+    assert seen == [True]
+
+
+def test_thread0_blocks_by_running_the_scheduler(sched: Scheduler) -> None:
+    m = Mutex("boot")
+
+    def holder() -> None:
+        mtx_lock(m)
+        tsleep(holder, "hold", 0.01)
+        mtx_unlock(m)
+
+    sched.spawn(holder)
+    sched.yield_()
+    assert m.owner is not None
+    mtx_lock(m)  # thread0 sleeps until the holder lets go
+    mtx_unlock(m)
+
+
+def test_deadlock_is_reported_with_holders_and_cycle(sched: Scheduler) -> None:
+    a, b = Mutex("lock_a"), Mutex("lock_b")
+
+    def one() -> None:
+        mtx_lock(a)
+        checkpoint()
+        mtx_lock(b)
+
+    def two() -> None:
+        mtx_lock(b)
+        checkpoint()
+        mtx_lock(a)
+
+    sched.spawn(one, name="one")
+    sched.spawn(two, name="two")
+    with pytest.raises(Deadlock) as ei:
+        sched.run()
+    rep = ei.value.report
+    assert set(rep.cycle) == {"one", "two"}
+    text = rep.format()
+    assert 'Mutex "lock_b"' in text and "held by two" in text
+    assert "test_sync.py" in text
+
+
+def test_blocking_io_on_pool_returns_results() -> None:
+    s = Scheduler(io_mode="pool").install()
+    try:
+        ids: list[int] = []
+
+        def io(i: int) -> int:
+            ids.append(threading.get_ident())
+            return i * 2
+
+        results: list[int] = []
+
+        def body(i: int) -> None:
+            results.append(blocking_io(io, i))
+
+        for i in range(8):
+            s.spawn(body, i)
+        s.run()
+        assert sorted(results) == [i * 2 for i in range(8)]
+        assert threading.get_ident() not in ids
+    finally:
+        s.shutdown()
+        Scheduler.uninstall()
+
+
+def test_external_events_are_delivered(sched: Scheduler) -> None:
+    chan = object()
+    sched.add_external_source()
+
+    def poster() -> None:
+        sched.post(lambda: wakeup(chan))
+
+    threading.Timer(0.01, poster).start()
+    assert sched.call(lambda: tsleep(chan, "ext")) == 0
+    sched.remove_external_source()
+
+
+def test_thread_exit_with_lock_held_panics(sched: Scheduler) -> None:
+    m = Mutex("leaked")
+    with pytest.raises(KernelPanic, match="exited with locks held: leaked"):
+        sched.call(lambda: mtx_lock(m))
