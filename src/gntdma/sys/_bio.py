@@ -1,0 +1,170 @@
+"""bio(9) block I/O requests and uio(9) scatter/gather descriptions.
+
+A :class:`bio` is either mapped (``bio_data`` is a kernel virtual address) or
+unmapped (``BIO_UNMAPPED``: ``bio_ma`` is a list of pfns, the data starting
+``bio_ma_offset`` bytes into the first page, over ``bio_ma_n`` pages), as
+FreeBSD's unmapped I/O. ``biodone`` marks it done and calls ``bio_done`` (or
+wakes ``biowait``).
+
+A :class:`uio` lists :class:`iovec` buffers; only ``UIO_SYSSPACE`` (kernel
+addresses) exists in this kernel. ``uiomove`` copies between a kernel buffer
+and the iovecs and advances them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
+
+from gntdma.sched import KernelPanic, tsleep, wakeup
+
+if TYPE_CHECKING:
+    from gntdma.sys._kernel import Kernel
+
+__all__ = [
+    "BIO_DELETE",
+    "BIO_DONE",
+    "BIO_ERROR",
+    "BIO_FLUSH",
+    "BIO_GETATTR",
+    "BIO_ORDERED",
+    "BIO_READ",
+    "BIO_UNMAPPED",
+    "BIO_WRITE",
+    "UIO_NOCOPY",
+    "UIO_READ",
+    "UIO_SYSSPACE",
+    "UIO_USERSPACE",
+    "UIO_WRITE",
+    "bio",
+    "biodone",
+    "biofinish",
+    "biowait",
+    "iovec",
+    "uio",
+    "uiomove",
+]
+
+#: bio_cmd values (``sys/bio.h``).
+BIO_READ: Final = 0x01
+BIO_WRITE: Final = 0x02
+BIO_DELETE: Final = 0x03
+BIO_GETATTR: Final = 0x04
+BIO_FLUSH: Final = 0x05
+#: bio_flags.
+BIO_ERROR: Final = 0x01
+BIO_DONE: Final = 0x02
+BIO_ORDERED: Final = 0x08
+BIO_UNMAPPED: Final = 0x10
+
+#: uio_segflg and uio_rw.
+UIO_USERSPACE: Final = 0
+UIO_SYSSPACE: Final = 1
+UIO_NOCOPY: Final = 2
+UIO_READ: Final = 0
+UIO_WRITE: Final = 1
+
+
+@dataclass(eq=False, slots=True)
+class bio:
+    """``struct bio``."""
+
+    bio_cmd: int = BIO_READ
+    bio_flags: int = 0
+    bio_offset: int = 0
+    bio_bcount: int = 0
+    bio_data: int = 0
+    bio_ma: list[int] = field(default_factory=list)
+    bio_ma_offset: int = 0
+    bio_ma_n: int = 0
+    bio_error: int = 0
+    bio_resid: int = 0
+    bio_completed: int = 0
+    bio_done: Callable[[bio], None] | None = None
+    bio_caller1: object = None
+    bio_caller2: object = None
+    bio_driver1: object = None
+    bio_driver2: object = None
+
+
+def biodone(bp: bio) -> None:
+    """Mark ``bp`` done; call its ``bio_done`` or wake ``biowait``."""
+    if bp.bio_flags & BIO_DONE:
+        raise KernelPanic(f"biodone: bio {id(bp):#x} already done")
+    bp.bio_flags |= BIO_DONE
+    if bp.bio_error != 0:
+        bp.bio_flags |= BIO_ERROR
+    if bp.bio_done is not None:
+        bp.bio_done(bp)
+    else:
+        wakeup(bp)
+
+
+def biofinish(bp: bio, error: int) -> None:
+    """Complete ``bp`` with ``error`` (``g_io_deliver``-style helper)."""
+    if error != 0:
+        bp.bio_error = error
+        bp.bio_resid = bp.bio_bcount
+    biodone(bp)
+
+
+def biowait(bp: bio, wmesg: str = "biowait") -> int:
+    """Sleep until ``bp`` is done; its error. Sleeps."""
+    while not bp.bio_flags & BIO_DONE:
+        tsleep(bp, wmesg)
+    return bp.bio_error if bp.bio_flags & BIO_ERROR else 0
+
+
+@dataclass(slots=True)
+class iovec:
+    iov_base: int
+    iov_len: int
+
+
+@dataclass(slots=True)
+class uio:
+    """``struct uio`` (kernel-space iovecs only)."""
+
+    uio_iov: list[iovec]
+    uio_offset: int = 0
+    uio_resid: int = -1
+    uio_segflg: int = UIO_SYSSPACE
+    uio_rw: int = UIO_READ
+    uio_td: object = None
+
+    def __post_init__(self) -> None:
+        if self.uio_resid < 0:
+            self.uio_resid = sum(v.iov_len for v in self.uio_iov)
+
+    @property
+    def uio_iovcnt(self) -> int:
+        return len(self.uio_iov)
+
+
+def uiomove(kern: Kernel, cp: int, n: int, uio_: uio) -> int:
+    """Move up to ``n`` bytes between kernel buffer ``cp`` and ``uio_``; returns 0.
+
+    ``UIO_READ`` copies from ``cp`` into the iovecs, ``UIO_WRITE`` the other way.
+    """
+    if uio_.uio_segflg != UIO_SYSSPACE:
+        raise KernelPanic("uiomove: only UIO_SYSSPACE is supported")
+    idx = 0
+    while n > 0 and uio_.uio_resid > 0:
+        while idx < len(uio_.uio_iov) and uio_.uio_iov[idx].iov_len == 0:
+            idx += 1
+        if idx >= len(uio_.uio_iov):
+            break
+        iov = uio_.uio_iov[idx]
+        cnt = min(iov.iov_len, n)
+        if uio_.uio_rw == UIO_READ:
+            kern.kva_write(iov.iov_base, kern.kva_read(cp, cnt))
+        else:
+            kern.kva_write(cp, kern.kva_read(iov.iov_base, cnt))
+        iov.iov_base += cnt
+        iov.iov_len -= cnt
+        uio_.uio_resid -= cnt
+        uio_.uio_offset += cnt
+        cp += cnt
+        n -= cnt
+    return 0

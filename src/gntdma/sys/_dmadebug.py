@@ -1,0 +1,198 @@
+"""DMA-API debugging (like Linux ``CONFIG_DMA_API_DEBUG``), one per kernel.
+
+Rules: findings are *reports*, collected like WITNESS reports, never raised;
+a test reads :meth:`DmaDebug.reports` and calls :meth:`DmaDebug.reset`. It is
+on by default (``enabled``). What is reported (:class:`DmaDebugKind`):
+
+- ``DOUBLE_UNLOAD``: unload of a map whose last operation was already an
+  unload (unloading a never-loaded map is allowed, as in FreeBSD).
+- ``LOAD_LOADED_MAP``: a load on a map that is loaded or has a deferred load
+  pending; the load is refused with ``EINVAL``.
+- ``DESTROY_LOADED_MAP``: ``bus_dmamap_destroy`` of a loaded map (``EBUSY``).
+- ``TAG_DESTROY_BUSY``: ``bus_dma_tag_destroy`` of a tag with live maps (``EBUSY``).
+- ``CPU_ACCESS_DEVICE_OWNED``: ``kva_read``/``kva_write`` of a buffer the device
+  owns: after ``PREREAD`` and before ``POSTREAD`` any access; after ``PREWRITE``
+  and before ``POSTWRITE`` a write (the CPU may read what it gave the device).
+  Ownership is tracked per map, on the physical ranges of the client buffer,
+  from the PRE sync to the matching POST sync or the unload. Reported once per
+  ownership period and map. ``phys_read``/``phys_write`` are device-side (the
+  model of DMA) and are not checked.
+- ``SYNC_UNLOADED``: ``bus_dmamap_sync`` of a map that is not loaded.
+- ``SYNC_BAD_OP``: a sync op that mixes PRE and POST flags, or is 0.
+- ``LOADED_AT_DETACH``: ``busdma_debug_check_detach`` found a map still loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from types import FrameType
+from typing import Final, final
+
+from gntdma.sys._param import PAGE_SHIFT
+
+__all__ = ["BusDmaCounters", "DmaDebug", "DmaDebugKind", "DmaDebugReport"]
+
+_SKIP_DIRS: Final = (
+    os.path.dirname(os.path.abspath(__file__)),
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sched"),
+)
+
+
+def kernel_caller_site() -> str:
+    """file:line of the first frame outside ``gntdma.sys`` and ``gntdma.sched``."""
+    f: FrameType | None = sys._getframe(1)
+    while f is not None:
+        if os.path.dirname(f.f_code.co_filename) not in _SKIP_DIRS:
+            return f"{f.f_code.co_filename}:{f.f_lineno}"
+        f = f.f_back
+    return "?:0"
+
+
+class DmaDebugKind(Enum):
+    DOUBLE_UNLOAD = "double_unload"
+    LOAD_LOADED_MAP = "load_loaded_map"
+    DESTROY_LOADED_MAP = "destroy_loaded_map"
+    TAG_DESTROY_BUSY = "tag_destroy_busy"
+    CPU_ACCESS_DEVICE_OWNED = "cpu_access_device_owned"
+    SYNC_UNLOADED = "sync_unloaded"
+    SYNC_BAD_OP = "sync_bad_op"
+    LOADED_AT_DETACH = "loaded_at_detach"
+
+
+@dataclass(frozen=True, slots=True)
+class DmaDebugReport:
+    kind: DmaDebugKind
+    kernel: str
+    message: str
+    site: str
+    tag: str = ""
+    map: str = ""
+
+    def format(self) -> str:
+        return f"dma-debug [{self.kernel}] {self.kind.value}: {self.message} at {self.site}"
+
+
+@dataclass(slots=True)
+class BusDmaCounters:
+    """bus_dma object counts of one kernel, kept by the bus_dma code."""
+
+    tags: int = 0  #: live tags, root tag excluded
+    maps: int = 0
+    maps_loaded: int = 0
+    deferred_pending: int = 0  #: loads that returned EINPROGRESS and have not completed
+    deferred_total: int = 0
+    bounce_pages: int = 0
+    bounce_pages_free: int = 0
+    bounce_zones: int = 0
+    total_bounced: int = 0
+
+
+@dataclass(slots=True)
+class _Own:
+    key: int
+    desc: str
+    ranges: list[tuple[int, int]]  # [start, end) physical
+    read: bool = False
+    write: bool = False
+    reported: bool = False
+    pfns: set[int] = field(default_factory=set)
+
+
+@final
+class DmaDebug:
+    """The DMA-API debug state of one kernel."""
+
+    def __init__(self, kernel_name: str) -> None:
+        self.kernel_name = kernel_name
+        self.enabled = True
+        self._reports: list[DmaDebugReport] = []
+        self._owners: dict[int, _Own] = {}
+        self._by_pfn: dict[int, set[int]] = {}
+
+    # -- reports -------------------------------------------------------------------
+
+    def report(self, kind: DmaDebugKind, message: str, *, tag: str = "", map: str = "") -> None:
+        if not self.enabled:
+            return
+        self._reports.append(
+            DmaDebugReport(kind, self.kernel_name, message, kernel_caller_site(), tag, map)
+        )
+
+    def reports(self, kind: DmaDebugKind | None = None) -> list[DmaDebugReport]:
+        return [r for r in self._reports if kind is None or r.kind is kind]
+
+    def reset(self) -> None:
+        self._reports.clear()
+
+    # -- device ownership of buffers --------------------------------------------------
+
+    def own(self, key: int, desc: str, ranges: Sequence[tuple[int, int]],
+            read: bool, write: bool) -> None:
+        """The device owns ``ranges`` ((pa, len) pairs) of map ``key`` after a PRE sync."""
+        if not self.enabled:
+            return
+        rec = self._owners.get(key)
+        if rec is None:
+            rec = _Own(key, desc, [(pa, pa + ln) for pa, ln in ranges if ln > 0])
+            for start, end in rec.ranges:
+                for pfn in range(start >> PAGE_SHIFT, ((end - 1) >> PAGE_SHIFT) + 1):
+                    rec.pfns.add(pfn)
+                    self._by_pfn.setdefault(pfn, set()).add(key)
+            self._owners[key] = rec
+        rec.read = rec.read or read
+        rec.write = rec.write or write
+
+    def release(self, key: int, read: bool, write: bool) -> None:
+        """A POST sync gives the buffer back for the directions it names."""
+        rec = self._owners.get(key)
+        if rec is None:
+            return
+        if read:
+            rec.read = False
+        if write:
+            rec.write = False
+        if not rec.read and not rec.write:
+            self.drop(key)
+
+    def drop(self, key: int) -> None:
+        """Forget map ``key`` entirely (unload)."""
+        rec = self._owners.pop(key, None)
+        if rec is None:
+            return
+        for pfn in rec.pfns:
+            keys = self._by_pfn.get(pfn)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._by_pfn[pfn]
+
+    def owned(self) -> int:
+        """How many maps currently have device-owned ranges."""
+        return len(self._owners)
+
+    def check_cpu_access(self, pa: int, n: int, write: bool, va: int) -> None:
+        if not self._by_pfn or n <= 0:
+            return
+        end = pa + n
+        for pfn in range(pa >> PAGE_SHIFT, ((end - 1) >> PAGE_SHIFT) + 1):
+            keys = self._by_pfn.get(pfn)
+            if not keys:
+                continue
+            for key in list(keys):
+                rec = self._owners[key]
+                if rec.reported or not (rec.read or (rec.write and write)):
+                    continue
+                if any(s < end and pa < e for s, e in rec.ranges):
+                    rec.reported = True
+                    what = "write to" if write else "read of"
+                    owner = "PREREAD" if rec.read else "PREWRITE"
+                    self.report(
+                        DmaDebugKind.CPU_ACCESS_DEVICE_OWNED,
+                        f"CPU {what} va {va:#x} (pa {pa:#x}, {n} bytes) owned by the device "
+                        f"after {owner} sync without the POST sync: {rec.desc}",
+                        map=rec.desc,
+                    )

@@ -1,0 +1,603 @@
+"""The guest kernel: pages, kernel virtual memory, malloc(9), CPU and physical access.
+
+Theory of operation
+-------------------
+One :class:`Kernel` per guest domain. Its memory is the domain's
+pseudo-physical memory (:class:`PhysMem`); pages are handed out by
+:class:`VmPhys` in a scattered order. Kernel virtual addresses start at
+``KVA_BASE``; a page table maps virtual page numbers to pfns, filled by
+``pmap_qenter``/``pmap_kenter``. Each ``kva_alloc`` leaves one unmapped guard
+page after its range and kernel virtual space is never reused, so an overrun or
+a use after free faults (``KernelPanic``) instead of reading someone else's data.
+
+malloc(9): sizes up to ``PAGE_SIZE`` come from power-of-two buckets (16 bytes
+to 4 KiB), carved from one-page slabs shared by all types; an item is aligned
+to its bucket size and never crosses a page. Larger sizes get whole pages,
+physically scattered, page aligned. A slab whose items are all free gives its
+page back, so a kernel whose allocations are all freed holds no pages: that is
+what :meth:`Kernel.assert_no_leaks` checks. Freed memory is filled with
+``0xdeadc0de`` (FreeBSD INVARIANTS). ``M_WAITOK`` sleeps until pages are freed
+(``vm_wait``); ``M_NOWAIT`` returns 0 on shortage, and failures can be injected
+per type with :meth:`Kernel.inject_malloc_failure`.
+
+``kva_read``/``kva_write`` are the CPU's accesses to kernel memory and are
+checked by DMA-API debugging; ``phys_read``/``phys_write`` are physical
+accesses (a device doing DMA, the direct map) and are not.
+
+Rules: no scheduling point inside these functions except the ``M_WAITOK``
+sleep and the ``wakeup`` that ends a free, so each call is atomic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final, final
+
+from gntdma.sched import (
+    KernelPanic,
+    Mutex,
+    Scheduler,
+    current_scheduler,
+    random_u64,
+    tsleep,
+    wakeup,
+)
+from gntdma.sys._callout import Softclock
+from gntdma.sys._dmadebug import BusDmaCounters, DmaDebug
+from gntdma.sys._malloc import (
+    M_KMEM,
+    M_NOWAIT,
+    M_WAITOK,
+    M_ZERO,
+    MallocType,
+    MallocTypeStats,
+    _TypeCounters,
+)
+from gntdma.sys._param import KVA_BASE, PAGE_MASK, PAGE_SHIFT, PAGE_SIZE
+from gntdma.sys._taskqueue import TaskQueue
+from gntdma.sys._vm import PhysMem, VmPhys
+
+__all__ = ["BUS_SPACE_MAXADDR_ANY", "Kernel", "KernelStatistics"]
+
+#: ``high`` value meaning "no upper physical limit".
+BUS_SPACE_MAXADDR_ANY: Final = (1 << 64) - 1
+
+_JUNK: Final = bytes.fromhex("dec0adde") * (PAGE_SIZE // 4)  # 0xdeadc0de, little endian
+_ZEROS: Final = bytes(PAGE_SIZE)
+_KIND_SLAB: Final = 0
+_KIND_PAGES: Final = 1
+_KIND_CONTIG: Final = 2
+
+
+@dataclass(slots=True)
+class _Slab:
+    va: int
+    pfn: int
+    size: int
+    nitems: int
+    free: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class KernelStatistics:
+    """What one kernel holds; ``assert_no_leaks`` compares it with an idle kernel."""
+
+    name: str
+    pages_total: int
+    pages_free: int
+    pages_in_use: int
+    kva_pages_mapped: int
+    malloc: Mapping[str, MallocTypeStats]
+    malloc_bytes: int
+    taskqueue_pending: int
+    callouts_pending: int
+    dma_tags: int
+    dma_maps: int
+    dma_maps_loaded: int
+    dma_deferred_pending: int
+    bounce_pages: int
+    bounce_pages_free: int
+    dma_debug_reports: int
+
+
+@final
+class Kernel:
+    """One guest kernel (FreeBSD style)."""
+
+    def __init__(self, name: str, physmem: PhysMem, seed: int | None = None,
+                 *, bounce_max_pages: int = 512) -> None:
+        self.name = name
+        self.physmem = physmem
+        self.sched: Scheduler = current_scheduler()
+        self.seed = seed if seed is not None else random_u64()
+        self.vm = VmPhys(physmem, self.seed)
+        self._ptes: dict[int, int] = {}
+        self._kva_next = KVA_BASE
+        self._kva_ranges: dict[int, int] = {}  # va -> npages, for kva_free
+        self._allocs: dict[int, tuple[int, MallocType, int]] = {}
+        self._zones: dict[int, list[_Slab]] = {}
+        self._slabs: dict[int, _Slab] = {}  # vpn -> slab
+        self._types: dict[MallocType, _TypeCounters] = {}
+        self._inject: dict[MallocType | None, int] = {}
+        self._vm_wait = object()
+        self._vm_waiters = 0
+        #: FreeBSD's Giant, for callouts initialised with mpsafe=0.
+        self.Giant = Mutex("Giant")
+        self.dma_debug = DmaDebug(name)
+        self.busdma = BusDmaCounters()
+        #: Maximum bounce pages per bounce zone (FreeBSD's MAX_BPAGES).
+        self.bounce_max_pages = bounce_max_pages
+        #: Per-kernel bus_dma state, owned by gntdma.sys busdma code.
+        self.busdma_state: Any = None
+        self.taskqueue_thread = TaskQueue("taskqueue", self)
+        self.taskqueue_swi = TaskQueue("swi", self)
+        self.softclock = Softclock(self)
+        self._down = False
+
+    def __repr__(self) -> str:
+        return f"<Kernel {self.name}>"
+
+    # -- physical pages -----------------------------------------------------------
+
+    def vm_page_alloc(self, flags: int = M_NOWAIT, low: int = 0,
+                      high: int = BUS_SPACE_MAXADDR_ANY) -> int | None:
+        """One page (its pfn) with physical address in ``[low, high]``; None on shortage.
+
+        ``M_WAITOK`` sleeps until a page is freed; ``M_ZERO`` zeroes it.
+        """
+        while True:
+            pfn = self.vm.alloc(low, None if high >= BUS_SPACE_MAXADDR_ANY else high)
+            if pfn is not None:
+                if flags & M_ZERO:
+                    self.physmem.page(pfn)[:] = _ZEROS
+                return pfn
+            if not flags & M_WAITOK:
+                return None
+            self._vm_wait_sleep()
+
+    def vm_page_free(self, pfn: int) -> None:
+        self.vm.free(pfn)
+        if self._vm_waiters > 0:
+            wakeup(self._vm_wait)
+
+    def vm_page_alloc_contig(self, npages: int, flags: int, low: int, high: int,
+                             alignment: int, boundary: int) -> int | None:
+        """First pfn of ``npages`` physically contiguous pages; None if none fits."""
+        pfn = self.vm.alloc_contig(npages, low, high, max(alignment, PAGE_SIZE), boundary)
+        if pfn is not None and flags & M_ZERO:
+            for p in range(pfn, pfn + npages):
+                self.physmem.page(p)[:] = _ZEROS
+        return pfn
+
+    def _vm_wait_sleep(self) -> None:
+        self._vm_waiters += 1
+        try:
+            tsleep(self._vm_wait, "vmwait")
+        finally:
+            self._vm_waiters -= 1
+
+    # -- kernel virtual memory and the pmap ----------------------------------------------
+
+    def kva_alloc(self, npages: int) -> int:
+        """Reserve ``npages`` of kernel virtual space (unmapped), followed by a guard page."""
+        if npages <= 0:
+            raise KernelPanic(f"kva_alloc: bad npages {npages}")
+        va = self._kva_next
+        self._kva_next += (npages + 1) << PAGE_SHIFT
+        self._kva_ranges[va] = npages
+        return va
+
+    def kva_free(self, va: int, npages: int) -> None:
+        if self._kva_ranges.get(va) != npages:
+            raise KernelPanic(f"kva_free: {va:#x} ({npages} pages) was not allocated")
+        for vpn in range(va >> PAGE_SHIFT, (va >> PAGE_SHIFT) + npages):
+            if vpn in self._ptes:
+                raise KernelPanic(f"kva_free: {vpn << PAGE_SHIFT:#x} still mapped")
+        del self._kva_ranges[va]
+
+    def pmap_qenter(self, va: int, pfns: list[int] | tuple[int, ...]) -> None:
+        """Map consecutive virtual pages from ``va`` to the pages ``pfns``."""
+        if va & PAGE_MASK:
+            raise KernelPanic(f"pmap_qenter: unaligned va {va:#x}")
+        vpn = va >> PAGE_SHIFT
+        for i, pfn in enumerate(pfns):
+            self._ptes[vpn + i] = pfn
+
+    def pmap_qremove(self, va: int, count: int) -> None:
+        vpn = va >> PAGE_SHIFT
+        for i in range(count):
+            self._ptes.pop(vpn + i, None)
+
+    def pmap_kenter(self, va: int, pa: int) -> None:
+        self._ptes[va >> PAGE_SHIFT] = pa >> PAGE_SHIFT
+
+    def pmap_kremove(self, va: int) -> None:
+        self._ptes.pop(va >> PAGE_SHIFT, None)
+
+    def pmap_kextract(self, va: int) -> int:
+        """The physical address of kernel virtual address ``va`` (a fault if unmapped)."""
+        pfn = self._ptes.get(va >> PAGE_SHIFT)
+        if pfn is None:
+            raise KernelPanic(f"pmap_kextract: page fault, va {va:#x} not mapped")
+        return (pfn << PAGE_SHIFT) | (va & PAGE_MASK)
+
+    vtophys = pmap_kextract
+
+    def kva_mapped(self, va: int) -> bool:
+        return (va >> PAGE_SHIFT) in self._ptes
+
+    # -- CPU and physical access -------------------------------------------------------
+
+    def _pieces(self, va: int, n: int) -> list[tuple[int, int, int]]:
+        """(pfn, offset, length) pieces of ``[va, va+n)``; faults on unmapped pages."""
+        out: list[tuple[int, int, int]] = []
+        while n > 0:
+            off = va & PAGE_MASK
+            ln = min(n, PAGE_SIZE - off)
+            pfn = self._ptes.get(va >> PAGE_SHIFT)
+            if pfn is None:
+                raise KernelPanic(f"page fault: kernel va {va:#x} not mapped")
+            out.append((pfn, off, ln))
+            va += ln
+            n -= ln
+        return out
+
+    def kva_read(self, va: int, n: int) -> bytes:
+        """The CPU reads ``n`` bytes of kernel memory at ``va``."""
+        pieces = self._pieces(va, n)
+        dbg = self.dma_debug
+        out = []
+        for pfn, off, ln in pieces:
+            if dbg._by_pfn:
+                dbg.check_cpu_access((pfn << PAGE_SHIFT) | off, ln, False, va)
+            out.append(bytes(self.physmem.page(pfn)[off : off + ln]))
+            va += ln
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def kva_write(self, va: int, data: bytes | bytearray | memoryview) -> None:
+        """The CPU writes ``data`` to kernel memory at ``va``."""
+        mv = memoryview(data).cast("B")
+        dbg = self.dma_debug
+        pos = 0
+        for pfn, off, ln in self._pieces(va, len(mv)):
+            if dbg._by_pfn:
+                dbg.check_cpu_access((pfn << PAGE_SHIFT) | off, ln, True, va + pos)
+            self.physmem.page(pfn)[off : off + ln] = mv[pos : pos + ln]
+            pos += ln
+
+    def kva_zero(self, va: int, n: int) -> None:
+        """bzero(9)."""
+        self.kva_write(va, bytes(n))
+
+    def kva_views(self, va: int, n: int) -> list[memoryview]:
+        """Writable views of ``[va, va+n)``, one per page piece (not checked by DMA debug)."""
+        return [self.physmem.page(pfn)[off : off + ln] for pfn, off, ln in self._pieces(va, n)]
+
+    def kva_view(self, va: int, n: int) -> memoryview:
+        """A writable view of ``[va, va+n)``, which must lie within one page."""
+        if (va & PAGE_MASK) + n > PAGE_SIZE:
+            raise KernelPanic(f"kva_view: {va:#x}+{n} crosses a page; use kva_views")
+        pfn = self._ptes.get(va >> PAGE_SHIFT)
+        if pfn is None:
+            raise KernelPanic(f"page fault: kernel va {va:#x} not mapped")
+        off = va & PAGE_MASK
+        return self.physmem.page(pfn)[off : off + n]
+
+    def phys_read(self, pa: int, n: int) -> bytes:
+        """Read physical memory (device side; not checked by DMA-API debugging)."""
+        out = []
+        while n > 0:
+            off = pa & PAGE_MASK
+            ln = min(n, PAGE_SIZE - off)
+            out.append(bytes(self._phys_page(pa >> PAGE_SHIFT)[off : off + ln]))
+            pa += ln
+            n -= ln
+        return b"".join(out)
+
+    def phys_write(self, pa: int, data: bytes | bytearray | memoryview) -> None:
+        """Write physical memory (device side; not checked by DMA-API debugging)."""
+        mv = memoryview(data).cast("B")
+        pos = 0
+        while pos < len(mv):
+            off = pa & PAGE_MASK
+            ln = min(len(mv) - pos, PAGE_SIZE - off)
+            self._phys_page(pa >> PAGE_SHIFT)[off : off + ln] = mv[pos : pos + ln]
+            pa += ln
+            pos += ln
+
+    def _phys_page(self, pfn: int) -> memoryview:
+        if not self.vm.exists(pfn):
+            raise KernelPanic(f"physical access to non-existent pfn {pfn:#x}")
+        return self.physmem.page(pfn)
+
+    # -- malloc(9) ----------------------------------------------------------------------
+
+    def _counters(self, mtype: MallocType) -> _TypeCounters:
+        c = self._types.get(mtype)
+        if c is None:
+            c = self._types[mtype] = _TypeCounters()
+        return c
+
+    def inject_malloc_failure(self, mtype: MallocType | None = None, count: int = 1) -> None:
+        """Make the next ``count`` M_NOWAIT allocations (of ``mtype``, or any) fail."""
+        self._inject[mtype] = self._inject.get(mtype, 0) + count
+
+    def _injected(self, mtype: MallocType, flags: int) -> bool:
+        if not flags & M_NOWAIT:
+            return False
+        for key in (mtype, None):
+            left = self._inject.get(key, 0)
+            if left > 0:
+                self._inject[key] = left - 1
+                return True
+        return False
+
+    @staticmethod
+    def _check_flags(fn: str, flags: int) -> None:
+        if bool(flags & M_NOWAIT) == bool(flags & M_WAITOK):
+            raise KernelPanic(f"{fn}: exactly one of M_NOWAIT and M_WAITOK (flags {flags:#x})")
+
+    def malloc(self, size: int, mtype: MallocType, flags: int) -> int:
+        """malloc(9): the va of ``size`` bytes, or 0 (M_NOWAIT only)."""
+        self._check_flags("malloc", flags)
+        if size < 0:
+            raise KernelPanic(f"malloc: negative size {size}")
+        c = self._counters(mtype)
+        if self._injected(mtype, flags):
+            c.failures += 1
+            return 0
+        while True:
+            if size <= PAGE_SIZE:
+                bucket = max(16, 1 << max(0, size - 1).bit_length())
+                va = self._zone_alloc(bucket)
+                kind = _KIND_SLAB
+                alloc_size = bucket
+            else:
+                npages = (size + PAGE_MASK) >> PAGE_SHIFT
+                va = self._pages_alloc(npages, 0, BUS_SPACE_MAXADDR_ANY)
+                kind = _KIND_PAGES
+                alloc_size = npages << PAGE_SHIFT
+            if va != 0:
+                break
+            if flags & M_NOWAIT:
+                c.failures += 1
+                return 0
+            self._vm_wait_sleep()
+        self._account(va, alloc_size, mtype, kind)
+        if flags & M_ZERO:
+            self._fill(va, alloc_size, _ZEROS)
+        return va
+
+    def free(self, va: int, mtype: MallocType) -> None:
+        """free(9); ``free(0)`` does nothing. A bad address or type panics."""
+        if va == 0:
+            return
+        rec = self._allocs.get(va)
+        if rec is None:
+            raise KernelPanic(f"free: address {va:#x} not allocated (double free?)")
+        size, mt, kind = rec
+        if mt != mtype:
+            raise KernelPanic(f"free: {va:#x} is {mt.name}, freed as {mtype.name}")
+        if kind == _KIND_CONTIG:
+            raise KernelPanic(f"free: {va:#x} came from contigmalloc; use contigfree")
+        self._unaccount(va, size, mt)
+        self._fill(va, size, _JUNK)
+        if kind == _KIND_SLAB:
+            self._zone_free(va)
+        else:
+            self._pages_free(va, size >> PAGE_SHIFT)
+        if self._vm_waiters > 0:
+            wakeup(self._vm_wait)
+
+    def malloc_usable_size(self, va: int) -> int:
+        rec = self._allocs.get(va)
+        if rec is None:
+            raise KernelPanic(f"malloc_usable_size: {va:#x} not allocated")
+        return rec[0]
+
+    def contigmalloc(self, size: int, mtype: MallocType, flags: int, low: int, high: int,
+                     alignment: int, boundary: int) -> int:
+        """Physically contiguous memory in ``[low, high]``; its va or 0."""
+        self._check_flags("contigmalloc", flags)
+        c = self._counters(mtype)
+        if size <= 0:
+            raise KernelPanic(f"contigmalloc: bad size {size}")
+        if self._injected(mtype, flags):
+            c.failures += 1
+            return 0
+        npages = (size + PAGE_MASK) >> PAGE_SHIFT
+        pfn = self.vm_page_alloc_contig(npages, flags, low, high, alignment, boundary)
+        if pfn is None:
+            c.failures += 1
+            return 0
+        va = self.kva_alloc(npages)
+        self.pmap_qenter(va, list(range(pfn, pfn + npages)))
+        self._account(va, npages << PAGE_SHIFT, mtype, _KIND_CONTIG)
+        return va
+
+    def contigfree(self, va: int, size: int, mtype: MallocType) -> None:
+        rec = self._allocs.get(va)
+        if rec is None or rec[2] != _KIND_CONTIG:
+            raise KernelPanic(f"contigfree: {va:#x} not from contigmalloc")
+        if rec[1] != mtype:
+            raise KernelPanic(f"contigfree: {va:#x} is {rec[1].name}, freed as {mtype.name}")
+        npages = rec[0] >> PAGE_SHIFT
+        if (size + PAGE_MASK) >> PAGE_SHIFT != npages:
+            raise KernelPanic(f"contigfree: {va:#x} size {size} != allocated {rec[0]}")
+        self._unaccount(va, rec[0], mtype)
+        self._fill(va, rec[0], _JUNK)
+        self._pages_free(va, npages)
+        if self._vm_waiters > 0:
+            wakeup(self._vm_wait)
+
+    def kmem_alloc_attr(self, size: int, flags: int, low: int, high: int) -> int:
+        """Page-backed memory whose pages (scattered) all lie in ``[low, high]``; va or 0."""
+        self._check_flags("kmem_alloc_attr", flags)
+        npages = (size + PAGE_MASK) >> PAGE_SHIFT
+        c = self._counters(M_KMEM)
+        if self._injected(M_KMEM, flags):
+            c.failures += 1
+            return 0
+        va = self._pages_alloc(npages, low, high)
+        if va == 0:
+            c.failures += 1
+            return 0
+        self._account(va, npages << PAGE_SHIFT, M_KMEM, _KIND_PAGES)
+        if flags & M_ZERO:
+            self._fill(va, npages << PAGE_SHIFT, _ZEROS)
+        return va
+
+    def kmem_alloc_contig(self, size: int, flags: int, low: int, high: int,
+                          alignment: int, boundary: int) -> int:
+        return self.contigmalloc(size, M_KMEM, flags, low, high, alignment, boundary)
+
+    def kmem_free(self, va: int, size: int) -> None:
+        rec = self._allocs.get(va)
+        if rec is None or rec[1] != M_KMEM:
+            raise KernelPanic(f"kmem_free: {va:#x} not from kmem_alloc")
+        if rec[2] == _KIND_CONTIG:
+            self.contigfree(va, size, M_KMEM)
+        else:
+            self.free(va, M_KMEM)
+
+    def malloc_statistics(self) -> dict[str, MallocTypeStats]:
+        return {t.name: c.snapshot(t.name) for t, c in self._types.items()}
+
+    def _account(self, va: int, size: int, mtype: MallocType, kind: int) -> None:
+        self._allocs[va] = (size, mtype, kind)
+        c = self._counters(mtype)
+        c.memuse += size
+        c.inuse += 1
+        c.requests += 1
+        c.maxused = max(c.maxused, c.memuse)
+
+    def _unaccount(self, va: int, size: int, mtype: MallocType) -> None:
+        del self._allocs[va]
+        c = self._counters(mtype)
+        c.memuse -= size
+        c.inuse -= 1
+        c.frees += 1
+
+    def _fill(self, va: int, size: int, pattern: bytes) -> None:
+        for pfn, off, ln in self._pieces(va, size):
+            self.physmem.page(pfn)[off : off + ln] = pattern[:ln]
+
+    def _zone_alloc(self, bucket: int) -> int:
+        partial = self._zones.setdefault(bucket, [])
+        if not partial:
+            pfn = self.vm.alloc()
+            if pfn is None:
+                return 0
+            va = self.kva_alloc(1)
+            self.pmap_qenter(va, [pfn])
+            n = PAGE_SIZE // bucket
+            slab = _Slab(va, pfn, bucket, n, [va + i * bucket for i in range(n - 1, -1, -1)])
+            self._slabs[va >> PAGE_SHIFT] = slab
+            partial.append(slab)
+        slab = partial[-1]
+        item = slab.free.pop()
+        if not slab.free:
+            partial.pop()
+        return item
+
+    def _zone_free(self, va: int) -> None:
+        slab = self._slabs[va >> PAGE_SHIFT]
+        was_full = not slab.free
+        slab.free.append(va)
+        partial = self._zones[slab.size]
+        if len(slab.free) == slab.nitems:
+            if not was_full:
+                partial.remove(slab)
+            del self._slabs[va >> PAGE_SHIFT]
+            self.pmap_qremove(slab.va, 1)
+            self.kva_free(slab.va, 1)
+            self.vm.free(slab.pfn)
+        elif was_full:
+            partial.append(slab)
+
+    def _pages_alloc(self, npages: int, low: int, high: int) -> int:
+        pfns: list[int] = []
+        for _ in range(npages):
+            pfn = self.vm.alloc(low, None if high >= BUS_SPACE_MAXADDR_ANY else high)
+            if pfn is None:
+                for p in pfns:
+                    self.vm.free(p)
+                return 0
+            pfns.append(pfn)
+        va = self.kva_alloc(npages)
+        self.pmap_qenter(va, pfns)
+        return va
+
+    def _pages_free(self, va: int, npages: int) -> None:
+        pfns = [self._ptes[(va >> PAGE_SHIFT) + i] for i in range(npages)]
+        self.pmap_qremove(va, npages)
+        self.kva_free(va, npages)
+        for p in pfns:
+            self.vm.free(p)
+
+    # -- deferred work -------------------------------------------------------------------
+
+    def enqueue_swi(self, fn: Callable[[], None]) -> None:
+        """Run ``fn()`` once on ``taskqueue_swi`` (for subsystems that want a plain call)."""
+        self.taskqueue_swi.enqueue_call(fn)
+
+    # -- statistics, leaks, shutdown -------------------------------------------------------
+
+    def statistics(self) -> KernelStatistics:
+        mstats = self.malloc_statistics()
+        b = self.busdma
+        return KernelStatistics(
+            name=self.name,
+            pages_total=self.vm.total,
+            pages_free=self.vm.nfree,
+            pages_in_use=self.vm.total - self.vm.nfree,
+            kva_pages_mapped=len(self._ptes),
+            malloc=mstats,
+            malloc_bytes=sum(s.memuse for s in mstats.values()),
+            taskqueue_pending=self.taskqueue_thread.pending() + self.taskqueue_swi.pending(),
+            callouts_pending=self.softclock.pending(),
+            dma_tags=b.tags,
+            dma_maps=b.maps,
+            dma_maps_loaded=b.maps_loaded,
+            dma_deferred_pending=b.deferred_pending,
+            bounce_pages=b.bounce_pages,
+            bounce_pages_free=b.bounce_pages_free,
+            dma_debug_reports=len(self.dma_debug.reports()),
+        )
+
+    def leaks(self) -> list[str]:
+        """What an idle kernel should not hold: memory, pending work, bus_dma objects."""
+        st = self.statistics()
+        out = [f"malloc type {n}: {s.memuse} bytes in {s.inuse} allocations"
+               for n, s in sorted(st.malloc.items()) if s.memuse != 0 or s.inuse != 0]
+        if st.pages_in_use != 0:
+            out.append(f"{st.pages_in_use} physical pages in use")
+        if st.kva_pages_mapped != 0:
+            out.append(f"{st.kva_pages_mapped} kernel virtual pages mapped")
+        if st.taskqueue_pending != 0:
+            out.append(f"{st.taskqueue_pending} tasks pending")
+        if st.callouts_pending != 0:
+            out.append(f"{st.callouts_pending} callouts pending")
+        if st.dma_tags != 0:
+            out.append(f"{st.dma_tags} bus_dma tags alive")
+        if st.dma_maps != 0:
+            out.append(f"{st.dma_maps} bus_dma maps alive ({st.dma_maps_loaded} loaded)")
+        if st.dma_deferred_pending != 0:
+            out.append(f"{st.dma_deferred_pending} deferred bus_dma loads pending")
+        return out
+
+    def assert_no_leaks(self) -> None:
+        """Raise AssertionError listing everything :meth:`leaks` finds."""
+        found = self.leaks()
+        if found:
+            raise AssertionError(f"kernel {self.name} leaks:\n  " + "\n  ".join(found))
+
+    def shutdown(self) -> None:
+        """Stop the kernel's threads and cancel its callouts (the domain is going away)."""
+        if self._down:
+            return
+        self._down = True
+        self.softclock.shutdown()
+        self.taskqueue_thread.free()
+        self.taskqueue_swi.free()
