@@ -1,1 +1,30 @@
-"""gntdma.hv."""
+"""The emulated Xen hypervisor: domains, memory, grant tables, maptrack, event channels."""
+
+from gntdma.hv._evtchn import EventPort, PortHandler
+from gntdma.hv._gnttab import MAPTRACK_PER_FRAME, GrantTable, Mapping, Maptrack
+from gntdma.hv._hypervisor import (
+    DEFAULT_MAX_GRANT_FRAMES,
+    DEFAULT_MAX_MAPTRACK_FRAMES,
+    Domain,
+    DomainStatistics,
+    HostStatistics,
+    Hypervisor,
+)
+from gntdma.hv._memory import HIGHMEM_START_PFN, DomainMemory
+
+__all__ = [
+    "DEFAULT_MAX_GRANT_FRAMES",
+    "DEFAULT_MAX_MAPTRACK_FRAMES",
+    "HIGHMEM_START_PFN",
+    "MAPTRACK_PER_FRAME",
+    "Domain",
+    "DomainMemory",
+    "DomainStatistics",
+    "EventPort",
+    "GrantTable",
+    "HostStatistics",
+    "Hypervisor",
+    "Mapping",
+    "Maptrack",
+    "PortHandler",
+]

@@ -1,0 +1,81 @@
+"""Event channels, 2-level ABI semantics, delivered to handler threads.
+
+Rules (``xen/common/event_channel.c``, ``event_2l.c``):
+- Port 0 is reserved and never allocated.
+- Raising a port sets its pending bit. If it was already pending nothing else
+  happens (notifications coalesce). If it is masked, nothing is delivered until
+  unmask, which re-delivers a pending port.
+- A bound handler runs on an interrupt thread of the target domain (like a
+  FreeBSD ithread); the thread clears the pending bit *before* calling the
+  handler, so an event raised during the handler runs it again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import final
+
+from gntdma.abi.event_channel import EVTCHNSTAT_closed
+from gntdma.sched import KThread, Scheduler, current_scheduler, tsleep, wakeup
+
+__all__ = ["EventPort", "PortHandler"]
+
+
+@final
+class PortHandler:
+    """The interrupt thread that runs one port's handler."""
+
+    def __init__(self, port: EventPort, fn: Callable[[int], None], name: str,
+                 domain: object) -> None:
+        self.port = port
+        self.fn = fn
+        self.name = name
+        self.running = True
+        self.runs = 0
+        self.sched: Scheduler = current_scheduler()
+        self.thread: KThread = self.sched.spawn(self._loop, name=name, daemon=True,
+                                                domain=domain)
+
+    def _loop(self) -> None:
+        p = self.port
+        while self.running:
+            if p.pending and not p.masked:
+                p.pending = False  # clear before handling
+                self.runs += 1
+                self.fn(p.port)
+                continue
+            tsleep(self, "intr")
+
+    def kick(self) -> None:
+        wakeup(self)
+
+    def stop(self) -> None:
+        self.running = False
+        wakeup(self)
+
+
+@dataclass(slots=True)
+class EventPort:
+    """One port of a domain's event-channel table."""
+
+    port: int
+    state: int = EVTCHNSTAT_closed
+    remote_dom: int = 0
+    remote_port: int = 0
+    pending: bool = False
+    masked: bool = False
+    sends: int = 0
+    handler: PortHandler | None = None
+
+    def raise_(self) -> bool:
+        """Set pending; True if a delivery is due (newly pending and unmasked)."""
+        if self.pending:
+            return False
+        self.pending = True
+        if self.masked:
+            return False
+        if self.handler is not None:
+            self.handler.kick()
+        return True
+
