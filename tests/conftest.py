@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from gntdma.sched import WITNESS, Scheduler
+from gntdma.toolstack.host import Host
 
 
 @pytest.fixture
@@ -18,3 +19,18 @@ def sched() -> Iterator[Scheduler]:
     s.shutdown()
     Scheduler.uninstall()
     WITNESS.reset()
+
+
+@pytest.fixture
+def host() -> Iterator[Host]:
+    """A host with dom0; teardown asserts nothing leaked and WITNESS saw nothing."""
+    WITNESS.reset()
+    h = Host()
+    try:
+        yield h
+        h.sched.yield_()
+        assert h.leaks() == []
+        assert WITNESS.reports == [], [r.format() for r in WITNESS.reports]
+    finally:
+        h.close()
+        WITNESS.reset()

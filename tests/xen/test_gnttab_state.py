@@ -1,0 +1,237 @@
+"""Hypothesis state machine: the guest grant table against a simple model."""
+
+from __future__ import annotations
+
+import errno
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    invariant,
+    rule,
+)
+
+from gntdma.abi.grant_table import (
+    GNTMAP_host_map,
+    GNTMAP_readonly,
+    GNTST_general_error,
+    GNTST_okay,
+    GnttabMapGrantRef,
+    GNTTABOP_map_grant_ref,
+    GNTTABOP_unmap_grant_ref,
+    GnttabUnmapGrantRef,
+    GTF_permit_access,
+    GTF_readonly,
+)
+from gntdma.sched import WITNESS
+from gntdma.toolstack.host import Host
+from gntdma.xen.gnttab import GNTTAB_LIST_END, GnttabFreeCallback, GrantRefHead
+
+MAX_FRAMES = 3
+
+
+class GnttabMachine(RuleBasedStateMachine):
+    chains = Bundle("chains")
+    claimed = Bundle("claimed")
+    callbacks = Bundle("callbacks")
+
+    def __init__(self) -> None:
+        super().__init__()
+        WITNESS.reset()
+        self.host = Host()
+        self.g = self.host.create_guest("g", max_grant_frames=MAX_FRAMES)
+        self.gt = self.g.gnttab
+        self.frames = 1
+        self.chain_refs: dict[int, list[int]] = {}  # id(head) -> refs in the chain
+        self.heads: dict[int, GrantRefHead] = {}
+        self.owned: set[int] = set()  # claimed refs held by the test
+        self.granted: dict[int, tuple[int, bool]] = {}  # ref -> (frame, ro)
+        self.mapped: dict[int, int] = {}  # ref -> handle
+        self.queued: dict[int, tuple[GnttabFreeCallback, int]] = {}
+        self.fired: list[tuple[int, int, int]] = []  # (cb id, count, free at run)
+
+    def teardown(self) -> None:
+        try:
+            for handle in list(self.mapped.values()):
+                self._unmap(handle)
+            for cb, _ in self.queued.values():
+                self.gt.gnttab_cancel_free_callback(cb)
+            for ref in list(self.owned):
+                if ref in self.granted:
+                    assert self.gt.gnttab_end_foreign_access_ref(ref) == 1
+                self.gt.gnttab_free_grant_reference(ref)
+            for head in self.heads.values():
+                if head.head != GNTTAB_LIST_END:
+                    self.gt.gnttab_free_grant_references(head.head)
+            self.host.sched.yield_()
+            assert self.host.leaks() == []
+            assert WITNESS.reports == []
+        finally:
+            self.host.close()
+
+    # -- model helpers ----------------------------------------------------------
+
+    def model_free(self) -> int:
+        held = sum(len(r) for r in self.chain_refs.values()) + len(self.owned)
+        return self.frames * 512 - 8 - held
+
+    def _unmap(self, handle: int) -> None:
+        _, (r,) = self.host.dom0.hc.grant_table_op(GNTTABOP_unmap_grant_ref,
+                                                   [GnttabUnmapGrantRef(handle=handle)])
+        assert isinstance(r, GnttabUnmapGrantRef) and r.status == GNTST_okay
+
+    # -- rules ---------------------------------------------------------------------
+
+    @rule(target=chains, count=st.integers(1, 700))
+    def alloc(self, count: int) -> GrantRefHead:
+        free = self.model_free()
+        error, head = self.gt.gnttab_alloc_grant_references(count)
+        if free < count:
+            need = -(-(count - free) // 512)
+            if self.frames + need > MAX_FRAMES:
+                assert error == errno.ENOSPC and head.head == GNTTAB_LIST_END
+                return head
+            self.frames += need
+        assert error == 0
+        refs = []
+        ref = head.head
+        while ref != GNTTAB_LIST_END:
+            refs.append(ref)
+            ref = self.gt.next[ref]
+        assert len(refs) == count
+        self.chain_refs[id(head)] = refs
+        self.heads[id(head)] = head
+        return head
+
+    @rule(target=claimed, head=chains)
+    def claim(self, head: GrantRefHead) -> int:
+        refs = self.chain_refs.get(id(head), [])
+        ref = self.gt.gnttab_claim_grant_reference(head)
+        if not refs:
+            assert ref == GNTTAB_LIST_END
+            self.gt.reports.clear()
+            return ref
+        assert ref == refs.pop(0)
+        self.owned.add(ref)
+        return ref
+
+    @rule(head=chains, ref=consumes(claimed))
+    def release(self, head: GrantRefHead, ref: int) -> None:
+        if ref not in self.owned or ref in self.granted or id(head) not in self.chain_refs:
+            return
+        self.gt.gnttab_release_grant_reference(head, ref)
+        self.owned.discard(ref)
+        self.chain_refs[id(head)].insert(0, ref)
+
+    @rule(head=consumes(chains))
+    def free_chain(self, head: GrantRefHead) -> None:
+        if id(head) not in self.chain_refs:
+            return
+        self.gt.gnttab_free_grant_references(head.head)
+        if head.head == GNTTAB_LIST_END:
+            self.gt.reports.clear()
+        del self.chain_refs[id(head)]
+        del self.heads[id(head)]
+        self.host.sched.yield_()
+
+    @rule(ref=consumes(claimed))
+    def free_one(self, ref: int) -> None:
+        if ref not in self.owned or ref in self.granted:
+            return
+        self.gt.gnttab_free_grant_reference(ref)
+        self.owned.discard(ref)
+        self.host.sched.yield_()
+
+    @rule(ref=claimed, frame=st.integers(0, 255), ro=st.booleans())
+    def grant(self, ref: int, frame: int, ro: bool) -> None:
+        if ref not in self.owned or ref in self.mapped:
+            return
+        self.gt.gnttab_grant_foreign_access_ref(ref, 0, frame, ro)
+        self.granted[ref] = (frame, ro)
+        flags = GTF_permit_access | (GTF_readonly if ro else 0)
+        assert self.gt.entry(ref) == (flags, 0, frame)
+
+    @rule(ref=claimed, ro_map=st.booleans())
+    def backend_map(self, ref: int, ro_map: bool) -> None:
+        if ref not in self.owned or ref in self.mapped:
+            return
+        flags = GNTMAP_host_map | (GNTMAP_readonly if ro_map else 0)
+        op = GnttabMapGrantRef(flags=flags, ref=ref, dom=self.g.domid)
+        _, (r,) = self.host.dom0.hc.grant_table_op(GNTTABOP_map_grant_ref, [op])
+        assert isinstance(r, GnttabMapGrantRef)
+        g = self.granted.get(ref)
+        if g is None or (g[1] and not ro_map):
+            assert r.status == GNTST_general_error
+            return
+        assert r.status == GNTST_okay
+        self.mapped[ref] = r.handle
+
+    @rule(ref=claimed)
+    def backend_unmap(self, ref: int) -> None:
+        handle = self.mapped.pop(ref, None)
+        if handle is not None:
+            self._unmap(handle)
+
+    @rule(ref=claimed)
+    def end_access(self, ref: int) -> None:
+        if ref not in self.owned:
+            return
+        rv = self.gt.gnttab_end_foreign_access_ref(ref)
+        if ref in self.mapped:
+            assert rv == 0
+        else:
+            assert rv == 1
+            self.granted.pop(ref, None)
+            assert self.gt.entry(ref)[0] == 0
+
+    @rule(target=callbacks, count=st.integers(1, 600))
+    def request_callback(self, count: int) -> GnttabFreeCallback:
+        cb = GnttabFreeCallback()
+
+        def fn(_arg: object) -> None:
+            self.fired.append((id(cb), count, self.gt.free_count))
+
+        self.gt.gnttab_request_free_callback(cb, fn, None, count)
+        self.queued[id(cb)] = (cb, count)
+        self.host.sched.yield_()
+        return cb
+
+    @rule(cb=callbacks)
+    def cancel_callback(self, cb: GnttabFreeCallback) -> None:
+        self.gt.gnttab_cancel_free_callback(cb)
+        self.queued.pop(id(cb), None)
+
+    # -- invariants ------------------------------------------------------------------
+
+    @invariant()
+    def free_count_matches(self) -> None:
+        assert self.gt.free_count == self.model_free()
+        assert self.gt.nr_frames == self.frames
+
+    @invariant()
+    def every_ref_is_in_exactly_one_place(self) -> None:
+        free: list[int] = []
+        ref = self.gt.free_head
+        while ref != GNTTAB_LIST_END:
+            free.append(ref)
+            ref = self.gt.next[ref]
+        places = free + [r for refs in self.chain_refs.values() for r in refs]
+        places += list(self.owned)
+        assert len(places) == len(set(places))
+        assert set(places) == set(range(8, self.frames * 512))
+
+    @invariant()
+    def callbacks_fire_once_when_available(self) -> None:
+        ids = [f[0] for f in self.fired]
+        for cid, count, free_then in self.fired:
+            assert free_then >= count
+            self.queued.pop(cid, None)
+        assert len(ids) == len(set(ids))
+
+
+GnttabMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40,
+                                           deadline=None)
+test_gnttab_state_machine = GnttabMachine.TestCase
