@@ -1,0 +1,450 @@
+"""The store: the node tree, transactions, quotas and the tree operations.
+
+Theory of operation
+-------------------
+The tree is a flat ``dict`` from absolute path to an immutable :class:`Node`,
+as C xenstored keeps it in a TDB keyed by path. A change replaces the node
+object and stamps it with the next value of one global generation counter
+(reported by DIRECTORY_PART).
+
+A :class:`Transaction` works on a snapshot: a shallow copy of that dict taken
+at TRANSACTION_START (the nodes themselves are shared, being immutable), plus
+an overlay of the nodes it changed. It records every path it looks at. At
+commit it fails with EAGAIN if any of those paths holds a different node object
+in the live tree than in the snapshot, that is, if anything the transaction
+read or wrote was changed by someone else since it started; otherwise the
+overlay is copied into the live tree.
+
+:class:`Access` is one caller's view (inside a transaction or not) and carries
+the operations with the error rules of C xenstored 4.17: EINVAL for a bad path,
+EACCES/ENOENT decided by the nearest existing parent, implicit creation of
+parents that inherit the permissions of the first existing ancestor (an
+unprivileged creator becomes the owner), recursive RM, quotas (ENOSPC).
+Changes are returned as :class:`Change` values for the watch code; inside a
+transaction they are queued in it and come back from :meth:`Store.commit`.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from typing import Final
+
+from gntdma.xenstored._tree import (
+    Caller,
+    Node,
+    Perm,
+    XsPerm,
+    basename,
+    child_path,
+    domain_path,
+    is_valid_path,
+    parent_path,
+    parse_perm,
+    perm_for,
+)
+from gntdma.xenstored._wire import XENSTORE_REL_PATH_MAX, XsError
+
+__all__ = [
+    "QUOTA_MAX_ENTRY_SIZE",
+    "QUOTA_MAX_PATH_LEN",
+    "QUOTA_MAX_TRANSACTION",
+    "QUOTA_NB_ENTRY_PER_DOMAIN",
+    "QUOTA_NB_PERMS_PER_NODE",
+    "QUOTA_NB_WATCH_PER_DOMAIN",
+    "QUOTA_TRANS_NODES",
+    "SPECIAL_PATHS",
+    "Access",
+    "Change",
+    "Quotas",
+    "Store",
+    "Transaction",
+]
+
+# Defaults of C xenstored 4.17 (xenstored_core.c), by their C names.
+QUOTA_NB_ENTRY_PER_DOMAIN: Final = 1000
+QUOTA_NB_WATCH_PER_DOMAIN: Final = 128
+QUOTA_MAX_ENTRY_SIZE: Final = 2048
+QUOTA_MAX_TRANSACTION: Final = 10
+QUOTA_NB_PERMS_PER_NODE: Final = 5
+QUOTA_TRANS_NODES: Final = 1024
+QUOTA_MAX_PATH_LEN: Final = XENSTORE_REL_PATH_MAX
+
+#: Watch paths of the events xenstored invents, whose permissions SET_PERMS can set.
+SPECIAL_PATHS: Final = ("@introduceDomain", "@releaseDomain")
+
+_R = XsPerm.XS_PERM_READ
+_W = XsPerm.XS_PERM_WRITE
+_OWNER = XsPerm.XS_PERM_OWNER
+_DEFAULT_PERMS: Final = (Perm(0, XsPerm.XS_PERM_NONE),)
+
+
+@dataclass
+class Quotas:
+    """Per-domain limits; they apply to unprivileged callers only.
+
+    Each is an exact maximum (C xenstored 4.17 lets a domain go one over for
+    watches and transactions). ``node_size`` is exclusive, as in C: a node
+    record of ``node_size`` bytes or more is refused.
+    """
+
+    nodes: int = QUOTA_NB_ENTRY_PER_DOMAIN  #: nodes owned per domain
+    watches: int = QUOTA_NB_WATCH_PER_DOMAIN  #: watches per domain
+    transactions: int = QUOTA_MAX_TRANSACTION  #: open transactions per connection
+    node_size: int = QUOTA_MAX_ENTRY_SIZE  #: bytes of a node record
+    permissions: int = QUOTA_NB_PERMS_PER_NODE  #: entries of a permission list
+    transaction_nodes: int = QUOTA_TRANS_NODES  #: nodes touched by one transaction
+    path_max: int = QUOTA_MAX_PATH_LEN  #: path length (below /local/domain/N/)
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """Something watches must hear about: ``path`` changed.
+
+    ``exact`` (a node removed below the root of an RM) matches only watches on
+    that very path. ``node``/``parent`` are the node and its parent as they were
+    (None: look them up), ``old_perms`` the permissions before the change; the
+    watch code uses them to decide who may see the event.
+    """
+
+    path: str
+    exact: bool = False
+    node: Node | None = None
+    parent: Node | None = None
+    old_perms: tuple[Perm, ...] | None = None
+
+
+@dataclass(eq=False)
+class Transaction:
+    """An open transaction: what it touched, what it changed, what it will fire."""
+
+    id: int
+    #: the live tree at TRANSACTION_START
+    snapshot: dict[str, Node]
+    #: path -> permissions of the node when first touched (None: absent)
+    accessed: dict[str, tuple[Perm, ...] | None] = field(default_factory=dict)
+    #: path -> node as changed in this transaction (None: removed)
+    overlay: dict[str, Node | None] = field(default_factory=dict)
+    #: path -> exact flag of the queued watch event
+    events: dict[str, bool] = field(default_factory=dict)
+    #: owner domid -> change in the number of nodes it owns
+    entry_delta: Counter[int] = field(default_factory=Counter)
+    node_created: bool = False
+
+
+class Store:
+    """The live tree, the generation counter, per-owner node counts."""
+
+    def __init__(self) -> None:
+        self.generation = 0
+        self.nodes: dict[str, Node] = {}
+        self.owner_counts: Counter[int] = Counter()
+        self.special_perms: dict[str, tuple[Perm, ...]] = dict.fromkeys(
+            SPECIAL_PATHS, _DEFAULT_PERMS
+        )
+        # setup_structure(): "/" -> "tool" -> "xenstored", all n0.
+        for path, children in (("/", ("tool",)), ("/tool", ("xenstored",))):
+            self._set(path, Node(b"", _DEFAULT_PERMS, children, self.next_generation()))
+        self._set("/tool/xenstored", Node(b"", _DEFAULT_PERMS, (), self.next_generation()))
+
+    def next_generation(self) -> int:
+        self.generation += 1
+        return self.generation
+
+    def _set(self, path: str, node: Node) -> None:
+        old = self.nodes.get(path)
+        if old is not None:
+            self.owner_counts[old.owner] -= 1
+        self.owner_counts[node.owner] += 1
+        self.nodes[path] = node
+
+    def _delete(self, path: str) -> None:
+        old = self.nodes.pop(path, None)
+        if old is None:
+            return
+        self.owner_counts[old.owner] -= 1
+
+    # Transactions.
+
+    def begin(self, txid: int) -> Transaction:
+        return Transaction(txid, dict(self.nodes))
+
+    def commit(self, txn: Transaction, caller: Caller, quotas: Quotas) -> list[Change]:
+        """Apply ``txn`` or raise EAGAIN (conflict) / ENOSPC (node quota)."""
+        live, snap = self.nodes, txn.snapshot
+        for path in txn.accessed:
+            if live.get(path) is not snap.get(path):
+                raise XsError(errno.EAGAIN, f"{path} changed during transaction {txn.id}")
+        if txn.node_created and not caller.privileged:
+            for domid, delta in txn.entry_delta.items():
+                if domid != 0 and delta > 0 and self.owner_counts[domid] + delta > quotas.nodes:
+                    raise XsError(errno.ENOSPC, f"domain {domid} node quota")
+        for path, node in txn.overlay.items():
+            if node is None:
+                self._delete(path)
+            else:
+                self._set(path, replace(node, generation=self.next_generation()))
+        return [
+            Change(path, exact, old_perms=txn.accessed.get(path))
+            for path, exact in txn.events.items()
+        ]
+
+    def walk(self, top: str = "/") -> Iterator[tuple[str, Node]]:
+        """Pre-order walk of the live tree, children in creation order."""
+        stack = [top]
+        while stack:
+            path = stack.pop()
+            node = self.nodes.get(path)
+            if node is None:
+                continue
+            yield path, node
+            stack.extend(child_path(path, c) for c in reversed(node.children))
+
+
+class Access:
+    """One caller's view of the store, outside or inside a transaction."""
+
+    def __init__(
+        self, store: Store, caller: Caller, quotas: Quotas, txn: Transaction | None = None
+    ) -> None:
+        self.store = store
+        self.caller = caller
+        self.quotas = quotas
+        self.txn = txn
+        #: changes made outside a transaction, for the caller to fire
+        self.changes: list[Change] = []
+
+    # Low level: node I/O through the transaction.
+
+    def get(self, path: str) -> Node | None:
+        txn = self.txn
+        if txn is None:
+            return self.store.nodes.get(path)
+        if path in txn.overlay:
+            return txn.overlay[path]
+        node = txn.snapshot.get(path)
+        if path not in txn.accessed:
+            if not self.caller.privileged and len(txn.accessed) >= self.quotas.transaction_nodes:
+                raise XsError(errno.ENOSPC, "transaction touches too many nodes")
+            txn.accessed[path] = None if node is None else node.perms
+        return node
+
+    def _put(self, path: str, node: Node) -> None:
+        txn = self.txn
+        if txn is None:
+            self.store._set(path, replace(node, generation=self.store.next_generation()))
+            return
+        old = self.get(path)
+        if old is not None:
+            txn.entry_delta[old.owner] -= 1
+        txn.entry_delta[node.owner] += 1
+        txn.overlay[path] = replace(node, generation=self.store.next_generation())
+
+    def _remove(self, path: str) -> None:
+        txn = self.txn
+        if txn is None:
+            self.store._delete(path)
+            return
+        old = self.get(path)
+        if old is not None:
+            txn.entry_delta[old.owner] -= 1
+        txn.overlay[path] = None
+
+    def _changed(self, change: Change) -> None:
+        txn = self.txn
+        if txn is None:
+            self.changes.append(change)
+        elif change.path not in txn.events:
+            txn.events[change.path] = change.exact
+        elif not change.exact:
+            txn.events[change.path] = False
+
+    def _check_size(self, node: Node) -> None:
+        if not self.caller.privileged and node.entry_size() >= self.quotas.node_size:
+            raise XsError(errno.ENOSPC, "node too large")
+
+    # Path and permission rules.
+
+    def canonical(self, name: str) -> str:
+        """An absolute path for ``name``: relative names are below the caller's domain."""
+        if name.startswith(("/", "@")):
+            return name
+        return f"{domain_path(self.caller.domid)}/{name}"
+
+    def perm(self, perms: tuple[Perm, ...]) -> XsPerm:
+        return perm_for(self.caller, perms)
+
+    def _parent_perm(self, path: str) -> XsPerm:
+        """``ask_parents``: the caller's access on the nearest existing ancestor."""
+        while path != "/":
+            path = parent_path(path)
+            node = self.get(path)
+            if node is not None:
+                return self.perm(node.perms)
+        return XsPerm.XS_PERM_NONE  # no root: cannot happen
+
+    def lookup(self, path: str, want: XsPerm) -> Node:
+        """``get_node``: the node at absolute ``path`` if the caller has ``want`` on it.
+
+        A missing node is ENOENT only if the nearest existing ancestor grants
+        some of ``want``; otherwise EACCES, so that nothing leaks.
+        """
+        if not is_valid_path(path, self.quotas.path_max):
+            raise XsError(errno.EINVAL, f"invalid path {path!r}")
+        node = self.get(path)
+        if node is not None:
+            if self.perm(node.perms) & want == want:
+                return node
+            err = errno.EACCES
+        else:
+            err = errno.ENOENT
+        if self._parent_perm(path) & want:
+            raise XsError(err, path)
+        raise XsError(errno.EACCES, path)
+
+    # Operations.
+
+    def read_node(self, name: str) -> Node:
+        """The node for READ, DIRECTORY, DIRECTORY_PART and GET_PERMS."""
+        return self.lookup(self.canonical(name), _R)
+
+    def write(self, name: str, value: bytes) -> None:
+        path = self.canonical(name)
+        node = self._lookup_for_write(path)
+        if node is None:
+            node = self._create(path, value)
+        else:
+            node = replace(node, value=value)
+            self._check_size(node)
+            self._put(path, node)
+        self._changed(Change(path, node=node))
+
+    def mkdir(self, name: str) -> None:
+        path = self.canonical(name)
+        if self._lookup_for_write(path) is None:
+            node = self._create(path, b"")
+            self._changed(Change(path, node=node))
+
+    def _lookup_for_write(self, path: str) -> Node | None:
+        try:
+            return self.lookup(path, _W)
+        except XsError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            return None
+
+    def _create(self, path: str, value: bytes) -> Node:
+        """``construct_node`` + ``create_node``: ``path`` and its missing parents."""
+        missing = [path]
+        parent_name = parent_path(path)
+        parent = self.get(parent_name)
+        while parent is None:
+            missing.append(parent_name)
+            parent_name = parent_path(parent_name)
+            parent = self.get(parent_name)
+        missing.reverse()  # top-most missing node first
+        perms = parent.perms
+        if not self.caller.privileged:
+            perms = (Perm(self.caller.domid, perms[0].access), *perms[1:])
+        if not self.caller.privileged:
+            owned = self.store.owner_counts[self.caller.domid]
+            if self.txn is not None:
+                owned += self.txn.entry_delta[self.caller.domid]
+            if owned + len(missing) > self.quotas.nodes:
+                raise XsError(errno.ENOSPC, f"domain {self.caller.domid} node quota")
+        new_parent = replace(parent, children=(*parent.children, basename(missing[0])))
+        nodes = [(parent_name, new_parent)]
+        for i, p in enumerate(missing):
+            children = (basename(missing[i + 1]),) if i + 1 < len(missing) else ()
+            nodes.append((p, Node(value if p == path else b"", perms, children, 0)))
+        for _, n in nodes:
+            self._check_size(n)
+        for p, n in nodes:
+            self._put(p, n)
+        if self.txn is not None:
+            self.txn.node_created = True
+        return nodes[-1][1]
+
+    def rm(self, name: str) -> None:
+        path = self.canonical(name)
+        try:
+            node = self.lookup(path, _W)
+        except XsError as e:
+            # Not there already? Fine, if the parent is.
+            if e.errno == errno.ENOENT and self.get(parent_path(path)) is not None:
+                return
+            raise
+        if path == "/":
+            raise XsError(errno.EINVAL, "cannot remove /")
+        self.remove_tree(path, node)
+
+    def remove_tree(self, path: str, node: Node) -> None:
+        """``rm_node``: remove ``path`` and everything below, children first."""
+        parent_name = parent_path(path)
+        parent = self.get(parent_name)
+        if parent is None:
+            raise XsError(errno.EINVAL, f"no parent for {path}")
+        # Post-order, children in creation order, as the C tree walk.
+        order: list[tuple[str, Node, Node]] = []
+        stack: list[tuple[str, Node, Node, bool]] = [(path, node, parent, False)]
+        while stack:
+            p, n, par, expanded = stack.pop()
+            if expanded:
+                order.append((p, n, par))
+                continue
+            stack.append((p, n, par, True))
+            for c in reversed(n.children):
+                cp = child_path(p, c)
+                cn = self.get(cp)
+                if cn is not None:
+                    stack.append((cp, cn, n, False))
+        for p, n, par in order:
+            self._remove(p)
+            self._changed(Change(p, exact=p != path, node=n, parent=par))
+        base = basename(path)
+        children = tuple(c for c in parent.children if c != base)
+        self._put(parent_name, replace(parent, children=children))
+
+    def set_perms(self, name: str, perm_strings: list[str]) -> None:
+        if not perm_strings:
+            raise XsError(errno.EINVAL, "no permissions")
+        if not self.caller.privileged and len(perm_strings) > self.quotas.permissions:
+            raise XsError(errno.ENOSPC, "too many permissions")
+        parsed = [parse_perm(s) for s in perm_strings]
+        perms = tuple(p for p in parsed if p is not None)
+        if len(perms) != len(parsed):
+            raise XsError(errno.EINVAL, f"bad permissions {perm_strings!r}")
+        if name.startswith("@"):
+            self._set_special_perms(name, perms)
+            return
+        path = self.canonical(name)
+        node = self.lookup(path, _W | _OWNER)
+        if not self.caller.privileged and perms[0].domid != node.owner:
+            raise XsError(errno.EPERM, "only the control domain may change the owner")
+        new = replace(node, perms=perms)
+        self._check_size(new)
+        self._put(path, new)
+        self._changed(Change(path, node=new, old_perms=node.perms))
+
+    def _set_special_perms(self, name: str, perms: tuple[Perm, ...]) -> None:
+        current = self.store.special_perms.get(name)
+        if current is None:
+            raise XsError(errno.EINVAL, f"no special path {name!r}")
+        if self.perm(current) & (_W | _OWNER) != _W | _OWNER:
+            raise XsError(errno.EACCES, name)
+        self.store.special_perms[name] = perms
+
+    def remove_domain_nodes(self, domid: int) -> None:
+        """Remove every subtree whose top node ``domid`` owns (domain destruction)."""
+        stack = ["/"]
+        while stack:
+            path = stack.pop()
+            node = self.get(path)
+            if node is None:
+                continue
+            if path != "/" and node.owner == domid:
+                self.remove_tree(path, node)
+                continue
+            stack.extend(child_path(path, c) for c in reversed(node.children))

@@ -1,0 +1,301 @@
+"""The store against a plain-dict model: tree, permissions, transactions.
+
+The model is written from the protocol rules, not from the implementation:
+a tree is a dict from path to a frozen entry (value, permission strings,
+children); every change replaces the entry. A transaction works on a copy of
+the dict taken at its start and remembers the paths its operations depend on
+(the node itself, the ancestors consulted for an error or for creation, the
+subtree of an RM); its commit fails with EAGAIN when any of them holds a
+different entry in the live tree than in its start copy.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass, field, replace
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from xs_helpers import Client
+
+from gntdma.xenstored import Xenstored, XsError
+
+DOMIDS = (0, 1, 2)
+SEGMENTS = ("a", "b", "c")
+paths = st.lists(st.sampled_from(SEGMENTS), min_size=0, max_size=3).map(
+    lambda segs: "/t" + "".join("/" + s for s in segs)
+)
+values = st.binary(max_size=6)
+perm_lists = st.lists(
+    st.tuples(st.sampled_from("nrwb"), st.sampled_from(DOMIDS)).map(lambda t: f"{t[0]}{t[1]}"),
+    min_size=1,
+    max_size=3,
+)
+
+
+@dataclass(frozen=True)
+class E:
+    value: bytes
+    perms: tuple[str, ...]
+    children: tuple[str, ...] = ()
+
+
+Tree = dict[str, E]
+
+
+class ModelError(Exception):
+    def __init__(self, err: int) -> None:
+        self.errno = err
+
+
+def parent(path: str) -> str:
+    return path.rsplit("/", 1)[0] or "/"
+
+
+def base(path: str) -> str:
+    return path.rsplit("/", 1)[1]
+
+
+def access(domid: int, perms: tuple[str, ...]) -> set[str]:
+    """Rights of ``domid``: a subset of {"r", "w", "o"}."""
+    entries = [(p[0], int(p[1:])) for p in perms]
+    if domid == 0 or entries[0][1] == domid:
+        return {"r", "w", "o"}
+    letter = entries[0][0]
+    for lt, d in entries[1:]:
+        if d == domid:
+            letter = lt
+            break
+    return {x for x in "rw" if letter in (x, "b")}
+
+
+@dataclass
+class Ops:
+    """The operations on one tree, by one domain, noting what they depend on."""
+
+    tree: Tree
+    domid: int
+    touched: set[str] = field(default_factory=set)
+    modified: set[str] = field(default_factory=set)
+
+    def _get(self, path: str) -> E | None:
+        self.touched.add(path)
+        return self.tree.get(path)
+
+    def _set(self, path: str, e: E | None) -> None:
+        self.touched.add(path)
+        self.modified.add(path)
+        if e is None:
+            del self.tree[path]
+        else:
+            self.tree[path] = e
+
+    def lookup(self, path: str, want: set[str]) -> E:
+        e = self._get(path)
+        if e is not None and want <= access(self.domid, e.perms):
+            return e
+        err = errno.EACCES if e is not None else errno.ENOENT
+        anc = path
+        while True:
+            anc = parent(anc)
+            a = self._get(anc)
+            if a is not None:
+                break
+        if want & access(self.domid, a.perms):
+            raise ModelError(err)
+        raise ModelError(errno.EACCES)
+
+    def _lookup_or_none(self, path: str, want: set[str]) -> E | None:
+        try:
+            return self.lookup(path, want)
+        except ModelError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            return None
+
+    def _create(self, path: str, value: bytes) -> None:
+        missing = []
+        p = path
+        while self._get(p) is None:
+            missing.append(p)
+            p = parent(p)
+        top = self.tree[p]
+        perms = top.perms
+        if self.domid != 0:
+            perms = (f"{perms[0][0]}{self.domid}", *perms[1:])
+        self._set(p, replace(top, children=(*top.children, base(missing[-1]))))
+        for i, m in enumerate(reversed(missing)):
+            below = (base(missing[-i - 2]),) if i + 1 < len(missing) else ()
+            self._set(m, E(value if m == path else b"", perms, below))
+
+    def read(self, path: str) -> bytes:
+        return self.lookup(path, {"r"}).value
+
+    def ls(self, path: str) -> list[str]:
+        return list(self.lookup(path, {"r"}).children)
+
+    def get_perms(self, path: str) -> list[str]:
+        return list(self.lookup(path, {"r"}).perms)
+
+    def write(self, path: str, value: bytes) -> None:
+        e = self._lookup_or_none(path, {"w"})
+        if e is None:
+            self._create(path, value)
+        else:
+            self._set(path, replace(e, value=value))
+
+    def mkdir(self, path: str) -> None:
+        if self._lookup_or_none(path, {"w"}) is None:
+            self._create(path, b"")
+
+    def rm(self, path: str) -> None:
+        try:
+            self.lookup(path, {"w"})
+        except ModelError as err:
+            if err.errno == errno.ENOENT and self._get(parent(path)) is not None:
+                return
+            raise
+        todo = [path]
+        while todo:
+            p = todo.pop()
+            todo += [f"{p}/{c}" for c in self.tree[p].children]
+            self._set(p, None)
+        par = self.tree[parent(path)]
+        kept = tuple(c for c in par.children if c != base(path))
+        self._set(parent(path), replace(par, children=kept))
+
+    def set_perms(self, path: str, perms: list[str]) -> None:
+        e = self.lookup(path, {"w", "o"})
+        if self.domid != 0 and int(perms[0][1:]) != int(e.perms[0][1:]):
+            raise ModelError(errno.EPERM)
+        self._set(path, replace(e, perms=tuple(perms)))
+
+
+@dataclass
+class ModelTxn:
+    wire_id: int
+    start: Tree
+    view: Tree
+    touched: set[str] = field(default_factory=set)
+    modified: set[str] = field(default_factory=set)
+
+
+class StoreMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.xsd = Xenstored()
+        self.clients = {d: Client(self.xsd, d) for d in DOMIDS}
+        self.clients[0].mkdir("/t")
+        root = E(b"", ("n0",), ("tool", "t"))
+        self.live: Tree = {
+            "/": root,
+            "/tool": E(b"", ("n0",), ("xenstored",)),
+            "/tool/xenstored": E(b"", ("n0",)),
+            "/t": E(b"", ("n0",)),
+        }
+        self.txns: dict[int, list[ModelTxn]] = {d: [] for d in DOMIDS}
+
+    def _run(self, domid: int, txi: int | None, name: str, *args: object) -> None:
+        """Run one operation in the model and on the daemon; compare the outcomes."""
+        txn = self.txns[domid][txi] if txi is not None else None
+        ops = Ops(txn.view if txn is not None else self.live, domid)
+        try:
+            expected: object = getattr(ops, name)(*args)
+        except ModelError as e:
+            expected = ("error", e.errno)
+        if txn is not None:
+            txn.touched |= ops.touched
+            txn.modified |= ops.modified
+        client = self.clients[domid]
+        try:
+            got: object = getattr(client, name)(*args, tx=txn.wire_id if txn else 0)
+        except XsError as e:
+            got = ("error", e.errno)
+        assert got == expected, (domid, txi, name, args)
+
+    def _txi(self, data: st.DataObject, domid: int) -> int | None:
+        n = len(self.txns[domid])
+        return data.draw(st.sampled_from([None, *range(n)]), label="txn")
+
+    @rule(domid=st.sampled_from(DOMIDS), path=paths, value=values, data=st.data())
+    def write(self, domid: int, path: str, value: bytes, data: st.DataObject) -> None:
+        self._run(domid, self._txi(data, domid), "write", path, value)
+
+    @rule(domid=st.sampled_from(DOMIDS), path=paths, data=st.data())
+    def mkdir(self, domid: int, path: str, data: st.DataObject) -> None:
+        self._run(domid, self._txi(data, domid), "mkdir", path)
+
+    @rule(domid=st.sampled_from(DOMIDS), path=paths, data=st.data())
+    def rm(self, domid: int, path: str, data: st.DataObject) -> None:
+        if path != "/t":  # keep the playground
+            self._run(domid, self._txi(data, domid), "rm", path)
+
+    @rule(
+        domid=st.sampled_from(DOMIDS),
+        path=paths,
+        data=st.data(),
+        op=st.sampled_from(["read", "ls", "get_perms"]),
+    )
+    def look(self, domid: int, path: str, data: st.DataObject, op: str) -> None:
+        self._run(domid, self._txi(data, domid), op, path)
+
+    @rule(domid=st.sampled_from(DOMIDS), path=paths, perms=perm_lists, data=st.data())
+    def set_perms(self, domid: int, path: str, perms: list[str], data: st.DataObject) -> None:
+        self._run(domid, self._txi(data, domid), "set_perms", path, perms)
+
+    @precondition(lambda self: sum(map(len, self.txns.values())) < 4)
+    @rule(domid=st.sampled_from(DOMIDS))
+    def start(self, domid: int) -> None:
+        wire_id = self.clients[domid].start()
+        self.txns[domid].append(ModelTxn(wire_id, dict(self.live), dict(self.live)))
+
+    @precondition(lambda self: any(self.txns.values()))
+    @rule(data=st.data(), commit=st.booleans())
+    def end(self, data: st.DataObject, commit: bool) -> None:
+        domid = data.draw(st.sampled_from([d for d in DOMIDS if self.txns[d]]))
+        txn = self.txns[domid].pop(data.draw(st.integers(0, len(self.txns[domid]) - 1)))
+        expected: object = None
+        if commit:
+            if any(self.live.get(p) is not txn.start.get(p) for p in txn.touched):
+                expected = ("error", errno.EAGAIN)
+            else:
+                for p in txn.modified:
+                    if p in txn.view:
+                        self.live[p] = replace(txn.view[p])  # a new object, as a commit makes
+                    else:
+                        self.live.pop(p, None)
+        try:
+            got: object = self.clients[domid].end(txn.wire_id, commit)
+        except XsError as e:
+            got = ("error", e.errno)
+        assert got == expected
+
+    @invariant()
+    def same_tree(self) -> None:
+        nodes = self.xsd.store.nodes
+        assert set(nodes) == set(self.live)
+        for path, e in self.live.items():
+            n = nodes[path]
+            assert (n.value, tuple(str(p) for p in n.perms), n.children) == (
+                e.value,
+                e.perms,
+                e.children,
+            ), path
+
+    @invariant()
+    def same_counts(self) -> None:
+        stats = self.xsd.statistics()
+        assert stats.transactions == sum(map(len, self.txns.values()))
+        assert stats.nodes == len(self.live)
+        assert sum(self.xsd.store.owner_counts.values()) == len(self.live)
+
+    def teardown(self) -> None:
+        for c in self.clients.values():
+            c.conn.close()
+        assert self.xsd.statistics().transactions == 0
+        assert self.xsd.statistics().connections == 0
+
+
+StoreMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
+test_store_against_model = StoreMachine.TestCase
