@@ -4,22 +4,33 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 __all__ = ["main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gntdma", description=__doc__)
+    parser = argparse.ArgumentParser(prog="gntdma",
+                                     description="Xen grant-table DMA on an emulated Xen host")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="build a host and run the main job")
+    run = sub.add_parser("run", help="build a host, run the main job, report")
+    run.add_argument("--seed", type=int, default=0, help="seed of every random choice")
+    run.add_argument("--json", type=Path, metavar="PATH", help="write a JSON report")
     return parser
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from gntdma.toolstack.run import run_main_job
+
+    report = run_main_job(seed=args.seed, json_path=args.json)
+    print(report.format())
+    return 0 if report.ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
-        print("gntdma run: not yet built")
-        return 1
+        return cmd_run(args)
     return 2
 
 
