@@ -286,3 +286,28 @@ def test_thread_exit_with_lock_held_panics(sched: Scheduler) -> None:
     m = Mutex("leaked")
     with pytest.raises(KernelPanic, match="exited with locks held: leaked"):
         sched.call(lambda: mtx_lock(m))
+
+
+def test_reactor_delivers_readable_fds_into_the_scheduler(sched: Scheduler) -> None:
+    import os
+
+    from gntdma.sched import Reactor
+
+    r, w = os.pipe()
+    reactor = Reactor(sched)
+    chan = object()
+    got: list[bytes] = []
+
+    def readable() -> None:
+        got.append(os.read(r, 100))
+        wakeup(chan)
+
+    reactor.add_reader(r, readable)
+    threading.Timer(0.01, lambda: os.write(w, b"ping")).start()
+    assert sched.call(lambda: tsleep(chan, "wait", 5.0)) == 0
+    assert got == [b"ping"]
+    reactor.remove_reader(r)
+    reactor.close()
+    os.close(r)
+    os.close(w)
+    assert sched.statistics().external_sources == 0

@@ -21,6 +21,7 @@ from gntdma.sched._core import (
     random_u64,
 )
 from gntdma.sched._errors import Deadlock, DeadlockReport, KernelPanic, WaitEdge
+from gntdma.sched._reactor import Reactor
 from gntdma.sched._sync import (
     MA_NOTOWNED,
     MA_NOTRECURSED,
@@ -73,6 +74,7 @@ __all__ = [
     "KThread",
     "KernelPanic",
     "Mutex",
+    "Reactor",
     "RealClock",
     "Scheduler",
     "SchedulerStatistics",
