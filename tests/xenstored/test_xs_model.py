@@ -216,7 +216,8 @@ class StoreMachine(RuleBasedStateMachine):
 
     def _txi(self, data: st.DataObject, domid: int) -> int | None:
         n = len(self.txns[domid])
-        return data.draw(st.sampled_from([None, *range(n)]), label="txn")
+        txi: int | None = data.draw(st.sampled_from([None, *range(n)]), label="txn")
+        return txi
 
     @rule(domid=st.sampled_from(DOMIDS), path=paths, value=values, data=st.data())
     def write(self, domid: int, path: str, value: bytes, data: st.DataObject) -> None:
@@ -265,8 +266,9 @@ class StoreMachine(RuleBasedStateMachine):
                         self.live[p] = replace(txn.view[p])  # a new object, as a commit makes
                     else:
                         self.live.pop(p, None)
+        got: object = None
         try:
-            got: object = self.clients[domid].end(txn.wire_id, commit)
+            self.clients[domid].end(txn.wire_id, commit)
         except XsError as e:
             got = ("error", e.errno)
         assert got == expected

@@ -233,7 +233,7 @@ def daemon_process(argv: list[str] | None = None) -> Iterator[str]:
         text=True,
     )
     try:
-        assert proc.stdout is not None
+        assert proc.stdout is not None and proc.stderr is not None
         ready, _, _ = select.select([proc.stdout], [], [], 30)
         assert ready, "daemon did not start"
         line = proc.stdout.readline().strip()
