@@ -20,8 +20,33 @@ from gntdma.sched._core import (
     curthread,
     random_u64,
 )
-from gntdma.sched._errors import Deadlock, DeadlockReport, KernelPanic, WaitEdge
+from gntdma.sched._errors import (
+    Deadlock,
+    DeadlockReport,
+    KernelPanic,
+    StepLimitExceeded,
+    WaitEdge,
+)
+from gntdma.sched._explore import (
+    STRATEGIES,
+    ExploreResult,
+    Outcome,
+    RecordingStrategy,
+    Scenario,
+    explore,
+    run_once,
+    strategy_stream,
+)
 from gntdma.sched._reactor import Reactor
+from gntdma.sched._strategies import (
+    DfsStrategy,
+    HypothesisStrategy,
+    PctStrategy,
+    RandomStrategy,
+    ReplayDivergence,
+    ReplayStrategy,
+    Schedule,
+)
 from gntdma.sched._sync import (
     MA_NOTOWNED,
     MA_NOTRECURSED,
@@ -56,6 +81,22 @@ from gntdma.sched._sync import (
 from gntdma.sched._witness import WITNESS, Witness, WitnessReport, caller_site
 
 __all__ = [
+    "STRATEGIES",
+    "DfsStrategy",
+    "ExploreResult",
+    "HypothesisStrategy",
+    "Outcome",
+    "PctStrategy",
+    "RandomStrategy",
+    "RecordingStrategy",
+    "ReplayDivergence",
+    "ReplayStrategy",
+    "Scenario",
+    "Schedule",
+    "StepLimitExceeded",
+    "explore",
+    "run_once",
+    "strategy_stream",
     "MA_NOTOWNED",
     "MA_NOTRECURSED",
     "MA_OWNED",

@@ -43,7 +43,13 @@ from typing import Any, Protocol, TypeVar, final
 
 import greenlet
 
-from gntdma.sched._errors import Deadlock, DeadlockReport, KernelPanic, WaitEdge
+from gntdma.sched._errors import (
+    Deadlock,
+    DeadlockReport,
+    KernelPanic,
+    StepLimitExceeded,
+    WaitEdge,
+)
 from gntdma.sched._witness import WITNESS, Witness, caller_site
 
 __all__ = [
@@ -257,6 +263,7 @@ class Scheduler:
         io_mode: str = "inline",
         io_workers: int = 4,
         witness: Witness | None = None,
+        max_steps: int = 0,
     ) -> None:
         if io_mode not in ("inline", "pool"):
             raise ValueError(f"io_mode must be 'inline' or 'pool', not {io_mode!r}")
@@ -280,6 +287,10 @@ class Scheduler:
         self._hub: greenlet.greenlet | None = None
         self._in_loop = False
         self.switches = 0
+        #: Hub decisions so far; a run past ``max_steps`` (if non-zero) is a livelock.
+        self.steps = 0
+        self.max_steps = max_steps
+        self._last: KThread | None = None
         self.failures: list[tuple[KThread, BaseException]] = []
         #: Called with (thread, exception) when a thread dies of an exception;
         #: returns True if it handled it (a domain crash), False to stop run().
@@ -406,6 +417,7 @@ class Scheduler:
             return
         t.state = ThreadState.RUNNABLE
         self._runq.append(t)
+        self._last = t
         self._switch_out(point)
 
     def point(self, point: str) -> None:
@@ -505,7 +517,11 @@ class Scheduler:
             self._in_loop = False
 
     def _run_one(self) -> None:
-        idx = self.strategy.pick(self._runq, None, "switch")
+        self.steps += 1
+        if self.max_steps and self.steps > self.max_steps:
+            raise StepLimitExceeded(f"no end after {self.max_steps} scheduling steps")
+        last, self._last = self._last, None
+        idx = self.strategy.pick(self._runq, last, "switch") if len(self._runq) > 1 else 0
         if idx == 0:
             t = self._runq.popleft()
         else:

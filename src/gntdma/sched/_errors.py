@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from gntdma.errors import GntdmaError
 
-__all__ = ["Deadlock", "DeadlockReport", "KernelPanic", "WaitEdge"]
+__all__ = ["Deadlock", "DeadlockReport", "KernelPanic", "StepLimitExceeded", "WaitEdge"]
 
 
 class KernelPanic(GntdmaError):
@@ -53,3 +53,7 @@ class Deadlock(GntdmaError):
     def __init__(self, report: DeadlockReport) -> None:
         super().__init__(report.format())
         self.report = report
+
+
+class StepLimitExceeded(GntdmaError):
+    """A run took more scheduling steps than allowed: a livelock, or a spin loop."""

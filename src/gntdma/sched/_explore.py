@@ -1,0 +1,170 @@
+"""Running a scenario under a strategy, once or for many schedules.
+
+A scenario is a function that builds what it needs on the scheduler it is given
+(threads, locks, a whole host), lets it run, tears it down, and returns the
+leaks it found (an empty list when clean). One run ends in an :class:`Outcome`
+whose ``kind`` is None for success, or one of ``deadlock``, ``panic``,
+``reversal`` (a WITNESS lock-order reversal), ``leak``, ``livelock`` (the step
+limit) and ``error`` (any other exception: a bug in the scenario or the model).
+
+Every run gets a fresh WITNESS graph and a virtual clock, and blocking I/O runs
+inline, so that the schedule alone decides what happens.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from gntdma.sched._core import Scheduler, Strategy, VirtualClock
+from gntdma.sched._errors import Deadlock, KernelPanic, StepLimitExceeded
+from gntdma.sched._strategies import (
+    DfsStrategy,
+    PctStrategy,
+    RandomStrategy,
+    ReplayDivergence,
+    Schedule,
+)
+from gntdma.sched._witness import Witness
+
+__all__ = [
+    "STRATEGIES",
+    "ExploreResult",
+    "Outcome",
+    "RecordingStrategy",
+    "Scenario",
+    "explore",
+    "run_once",
+    "strategy_stream",
+]
+
+
+class RecordingStrategy(Strategy, Protocol):
+    schedule: Schedule
+
+
+Scenario = Callable[[Scheduler], list[str]]
+
+
+@dataclass(slots=True)
+class Outcome:
+    kind: str | None
+    report: str
+    schedule: Schedule
+    steps: int
+
+    @property
+    def failed(self) -> bool:
+        return self.kind is not None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "report": self.report, "steps": self.steps,
+                "schedule": self.schedule.to_json()}
+
+
+def run_once(scenario: Scenario, strategy: RecordingStrategy, *,
+             max_steps: int = 200_000) -> Outcome:
+    """Run ``scenario`` once under ``strategy``; classify how it ended."""
+    witness = Witness()
+    s = Scheduler(strategy=strategy, clock=VirtualClock(), io_mode="inline",
+                  witness=witness, max_steps=max_steps).install()
+    kind: str | None = None
+    report = ""
+    try:
+        leaks = scenario(s)
+        if leaks:
+            kind, report = "leak", "\n".join(leaks)
+    except Deadlock as e:
+        kind, report = "deadlock", e.report.format()
+    except KernelPanic as e:
+        kind, report = "panic", f"panic: {e}"
+    except StepLimitExceeded as e:
+        kind, report = "livelock", str(e)
+    except ReplayDivergence:
+        raise
+    except Exception as e:  # a bug in the scenario or the model: report it whole
+        kind, report = "error", "".join(traceback.format_exception(e)).rstrip()
+    finally:
+        try:
+            s.shutdown()
+        finally:
+            Scheduler.uninstall()
+    if kind is None or kind == "leak":
+        revs = witness.reversals()
+        if revs:
+            kind, report = "reversal", "\n".join(r.format() for r in revs)
+        elif kind is None and witness.panics():
+            kind, report = "panic", "\n".join(r.format() for r in witness.panics())
+    if kind in ("deadlock", "panic") and witness.reversals():
+        report += "\n" + "\n".join(r.format() for r in witness.reversals())
+    return Outcome(kind, report, strategy.schedule, s.steps)
+
+
+@dataclass(slots=True)
+class ExploreResult:
+    schedules: int = 0
+    seconds: float = 0.0
+    failure: Outcome | None = None
+    kinds: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def per_second(self) -> float:
+        return self.schedules / self.seconds if self.seconds > 0 else 0.0
+
+
+def explore(scenario: Scenario, strategies: Iterator[RecordingStrategy], *,
+            budget: int, max_steps: int = 200_000,
+            stop_at_first: bool = True) -> ExploreResult:
+    """Run ``scenario`` under up to ``budget`` strategies (one per schedule)."""
+    res = ExploreResult()
+    t0 = time.perf_counter()
+    for strategy in strategies:
+        if res.schedules >= budget:
+            break
+        out = run_once(scenario, strategy, max_steps=max_steps)
+        finished = getattr(strategy, "finished", None)
+        if finished is not None:
+            finished(out.steps)
+        res.schedules += 1
+        if out.kind is not None:
+            res.kinds[out.kind] = res.kinds.get(out.kind, 0) + 1
+            if res.failure is None:
+                res.failure = out
+            if stop_at_first:
+                break
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+STRATEGIES = ("random", "pct", "dfs")
+
+
+def strategy_stream(name: str, seed: int, *, pct_depth: int = 3, pct_steps: int = 2000,
+                    max_preemptions: int = 2) -> Iterator[RecordingStrategy]:
+    """One strategy per schedule: fresh seeds for random and PCT, the next DFS path."""
+    if name == "random":
+        i = 0
+        while True:
+            yield RandomStrategy(seed + i)
+            i += 1
+    elif name == "pct":
+        # k, the number of steps change points are drawn from, is learnt from the
+        # runs so far (as Coyote does), starting small; pct_steps caps it.
+        est = {"k": 16}
+
+        def seen(steps: int) -> None:
+            est["k"] = min(max(est["k"], steps), pct_steps)
+
+        i = 0
+        while True:
+            yield PctStrategy(seed + i, pct_depth, est["k"], on_finish=seen)
+            i += 1
+    elif name == "dfs":
+        d = DfsStrategy(seed, max_preemptions)
+        while d.new_execution():
+            yield d
+    else:
+        raise ValueError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")

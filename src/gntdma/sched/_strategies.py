@@ -1,0 +1,267 @@
+"""Exploration strategies: random, PCT, bounded-preemption DFS, replay, Hypothesis.
+
+Theory of operation
+-------------------
+Under an exploration strategy every scheduling point (a lock, an unlock, a
+barrier, a wakeup, a checkpoint) returns to the hub, and the strategy chooses
+which runnable thread goes on; the thread that reached the point is among the
+candidates, so "no preemption" is one of the choices. Every random value kernel
+code asks for (``random_u64``) is a choice too.
+
+A run is a value: the seed, the thread id chosen at each step and the random
+values handed out. :class:`ReplayStrategy` takes that value and makes the same
+choices; if the runnable threads at a step are not what the recording saw,
+the code under test has nondeterminism the scheduler does not control, and the
+replay raises :class:`ReplayDivergence` rather than running something else.
+
+Threads are named by tid, which is their creation order: deterministic as long
+as the scenario is.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, final
+
+from gntdma.errors import GntdmaError
+from gntdma.sched._core import KThread
+
+__all__ = [
+    "DfsStrategy",
+    "HypothesisStrategy",
+    "PctStrategy",
+    "RandomStrategy",
+    "ReplayDivergence",
+    "ReplayStrategy",
+    "Schedule",
+]
+
+
+class ReplayDivergence(GntdmaError):
+    """A replay met a step the recording did not: uncontrolled nondeterminism."""
+
+
+@dataclass(slots=True)
+class Schedule:
+    """What a run chose: the thread at each step and each random value."""
+
+    seed: int = 0
+    steps: list[int] = field(default_factory=list)
+    randoms: list[int] = field(default_factory=list)
+    #: The runnable tids at each step, to detect divergence on replay.
+    runnable: list[list[int]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"seed": self.seed, "steps": self.steps, "randoms": self.randoms,
+                "runnable": self.runnable}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Schedule:
+        return cls(int(d["seed"]), [int(x) for x in d["steps"]],
+                   [int(x) for x in d.get("randoms", [])],
+                   [[int(t) for t in r] for r in d.get("runnable", [])])
+
+
+class _Recording:
+    """Records every choice into a :class:`Schedule`."""
+
+    preemptive = True
+
+    def __init__(self, seed: int) -> None:
+        self.schedule = Schedule(seed)
+        self._rng = random.Random(seed)
+
+    def _record(self, runnable: Sequence[KThread], idx: int) -> int:
+        self.schedule.steps.append(runnable[idx].tid)
+        self.schedule.runnable.append([t.tid for t in runnable])
+        return idx
+
+    def next_u64(self) -> int:
+        v = self._rng.getrandbits(64)
+        self.schedule.randoms.append(v)
+        return v
+
+
+def _current_index(runnable: Sequence[KThread], current: KThread | None) -> int | None:
+    if current is None:
+        return None
+    for i, t in enumerate(runnable):
+        if t is current:
+            return i
+    return None
+
+
+@final
+class RandomStrategy(_Recording):
+    """Uniformly random choice at every scheduling point."""
+
+    def pick(self, runnable: Sequence[KThread], current: KThread | None, point: str) -> int:
+        return self._record(runnable, self._rng.randrange(len(runnable)))
+
+
+@final
+class PctStrategy(_Recording):
+    """Probabilistic concurrency testing (Burckhardt et al., ASPLOS 2010).
+
+    Each thread gets a random priority when first seen; ``depth - 1`` change
+    points are drawn in ``[1, max_steps]``; the highest-priority runnable thread
+    runs, and at the i-th change point the running thread drops to priority i.
+    A bug of depth d is found with probability at least 1/(n * k^(d-1)).
+    """
+
+    def __init__(self, seed: int, depth: int = 3, max_steps: int = 2000,
+                 on_finish: Callable[[int], None] | None = None) -> None:
+        super().__init__(seed)
+        if depth < 1:
+            raise ValueError("PCT depth must be at least 1")
+        self.depth = depth
+        self._on_finish = on_finish
+        self._prio: dict[int, int] = {}
+        self._changes = {self._rng.randint(1, max_steps): i for i in range(1, depth)}
+        self._step = 0
+
+    def pick(self, runnable: Sequence[KThread], current: KThread | None, point: str) -> int:
+        self._step += 1
+        for t in runnable:
+            if t.tid not in self._prio:
+                self._prio[t.tid] = self.depth + self._rng.randrange(1 << 30)
+        low = self._changes.get(self._step)
+        if low is not None and current is not None:
+            self._prio[current.tid] = low
+        best = max(range(len(runnable)), key=lambda i: self._prio[runnable[i].tid])
+        return self._record(runnable, best)
+
+    def finished(self, steps: int) -> None:
+        """Told the length of the run, to size the next runs' change points."""
+        if self._on_finish is not None:
+            self._on_finish(steps)
+
+
+@final
+class ReplayStrategy:
+    """Makes exactly the choices of a recorded :class:`Schedule`."""
+
+    preemptive = True
+
+    def __init__(self, schedule: Schedule) -> None:
+        self.recorded = schedule
+        self.schedule = Schedule(schedule.seed)
+        self._i = 0
+        self._r = 0
+
+    def pick(self, runnable: Sequence[KThread], current: KThread | None, point: str) -> int:
+        i = self._i
+        tids = [t.tid for t in runnable]
+        if i >= len(self.recorded.steps):
+            raise ReplayDivergence(f"step {i}: the recording ended, runnable {tids}")
+        if i < len(self.recorded.runnable) and self.recorded.runnable[i] != tids:
+            raise ReplayDivergence(
+                f"step {i}: runnable threads {tids}, recorded {self.recorded.runnable[i]}")
+        want = self.recorded.steps[i]
+        if want not in tids:
+            raise ReplayDivergence(f"step {i}: thread {want} is not runnable ({tids})")
+        self._i += 1
+        self.schedule.steps.append(want)
+        self.schedule.runnable.append(tids)
+        return tids.index(want)
+
+    def next_u64(self) -> int:
+        if self._r >= len(self.recorded.randoms):
+            raise ReplayDivergence(f"random value {self._r} was not in the recording")
+        v = self.recorded.randoms[self._r]
+        self._r += 1
+        self.schedule.randoms.append(v)
+        return v
+
+
+@dataclass(slots=True)
+class _Choice:
+    n: int
+    default: int
+    rank: int
+    preempting: bool  # whether a rank > 0 here is a preemption
+
+
+@final
+class DfsStrategy(_Recording):
+    """Depth-first search over schedules with at most ``max_preemptions``.
+
+    Call :meth:`new_execution` before each run: it sets up the next schedule
+    and returns False when the bounded space is exhausted. A choice is a rank:
+    0 continues the current thread (or the first runnable one when the current
+    thread blocked), rank j > 0 switches to the j-th other thread.
+    """
+
+    def __init__(self, seed: int = 0, max_preemptions: int = 2,
+                 max_depth: int = 100_000) -> None:
+        super().__init__(seed)
+        self.max_preemptions = max_preemptions
+        self.max_depth = max_depth
+        self._prefix: list[int] = []
+        self._trail: list[_Choice] = []
+        self._started = False
+        self.executions = 0
+
+    def new_execution(self) -> bool:
+        if self._started:
+            nxt = self._backtrack()
+            if nxt is None:
+                return False
+            self._prefix = nxt
+        self._started = True
+        self._trail = []
+        self.schedule = Schedule(self.schedule.seed)
+        self._rng = random.Random(self.schedule.seed)
+        self.executions += 1
+        return True
+
+    def _backtrack(self) -> list[int] | None:
+        used = [0]
+        for c in self._trail:
+            used.append(used[-1] + (1 if c.preempting and c.rank > 0 else 0))
+        for i in range(min(len(self._trail), self.max_depth) - 1, -1, -1):
+            c = self._trail[i]
+            if c.rank + 1 >= c.n:
+                continue
+            if c.preempting and used[i] + 1 > self.max_preemptions:
+                continue
+            return [t.rank for t in self._trail[:i]] + [c.rank + 1]
+        return None
+
+    def pick(self, runnable: Sequence[KThread], current: KThread | None, point: str) -> int:
+        cur = _current_index(runnable, current)
+        default = cur if cur is not None else 0
+        step = len(self._trail)
+        rank = self._prefix[step] if step < len(self._prefix) else 0
+        if rank >= len(runnable):
+            raise ReplayDivergence(f"DFS step {step}: rank {rank} of {len(runnable)} threads")
+        others = [i for i in range(len(runnable)) if i != default]
+        idx = default if rank == 0 else others[rank - 1]
+        self._trail.append(_Choice(len(runnable), default, rank, cur is not None))
+        return self._record(runnable, idx)
+
+
+@final
+class HypothesisStrategy(_Recording):
+    """Choices drawn from Hypothesis, so a failing schedule shrinks.
+
+    ``draw(n)`` must return an int in ``[0, n)``; with Hypothesis it is
+    ``lambda n: data.draw(st.integers(0, n - 1))``. Shrinking moves choices
+    towards 0, which is "continue the current thread": fewer preemptions.
+    """
+
+    def __init__(self, draw: Callable[[int], int], seed: int = 0) -> None:
+        super().__init__(seed)
+        self._draw = draw
+
+    def pick(self, runnable: Sequence[KThread], current: KThread | None, point: str) -> int:
+        cur = _current_index(runnable, current)
+        default = cur if cur is not None else 0
+        if len(runnable) == 1:
+            return self._record(runnable, 0)
+        rank = self._draw(len(runnable))
+        others = [i for i in range(len(runnable)) if i != default]
+        idx = default if rank == 0 else others[rank - 1]
+        return self._record(runnable, idx)
