@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from gntdma import cli_xenstored
+
 __all__ = ["main"]
 
 
@@ -16,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="build a host, run the main job, report")
     run.add_argument("--seed", type=int, default=0, help="seed of every random choice")
     run.add_argument("--json", type=Path, metavar="PATH", help="write a JSON report")
+    cli_xenstored.add_parser(sub)
     return parser
 
 
@@ -31,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
         return cmd_run(args)
+    if args.command == "xenstored":
+        return cli_xenstored.run(args)
     return 2
 
 
