@@ -1,0 +1,203 @@
+"""The bus_dma implementation hook API (FreeBSD's ``struct bus_dma_impl``).
+
+Theory of operation
+-------------------
+The public functions (``bus_dma_tag_create``, ``bus_dmamap_load_*``,
+``bus_dmamap_unload``, ``bus_dmamap_sync`` ...; FreeBSD's
+``subr_bus_dma.c``) do what is common to every implementation: argument and
+state checks, the return contract, calling the client callback, DMA-API
+debugging. They reach the machine-dependent part through the tag's ``impl``,
+an instance of a :class:`BusDmaImpl` subclass, exactly like FreeBSD x86
+reaches ``bus_dma_bounce_impl`` or the Xen grant-table implementation through
+``dmat->common.impl``. A child tag inherits its parent's impl:
+``bus_dma_tag_create(parent, ...)`` calls ``parent.impl.tag_create(...)``.
+
+:class:`~gntdma.sys.BounceImpl` is the generic implementation (x86
+``busdma_bounce.c``). The Xen grant-table implementation subclasses it (or
+wraps it) and overrides some hooks; each hook below says what the generic
+layer expects.
+
+Hooks (``dmat`` is always a tag of this impl; errors are errno ints)
+----------------------------------------------------------------------
+``tag_create(parent, kern, alignment, boundary, lowaddr, highaddr, maxsize,
+nsegments, maxsegsz, flags, lockfunc, lockfuncarg) -> (error, tag)``
+    Build a tag. Use :func:`common_bus_dma_tag_create` with
+    ``self.tag_class`` for the checks and the inheritance, then set
+    ``tag.impl = self`` and add your own state. ``parent`` is None for a root.
+``tag_destroy(dmat) -> int``
+    Called when ``dmat.map_count == 0`` (the generic layer returns EBUSY
+    before that). Drop a reference on ``dmat`` and, when it reaches 0, free it
+    and drop one on its parent, up the chain.
+``map_create(dmat, flags) -> (error, map)``
+    Build a ``self.map_class`` map. The generic layer counts maps
+    (``dmat.map_count``, ``dmat.maps``): implementations do not.
+``map_destroy(dmat, map) -> int``
+    Called only for an unloaded map. EBUSY to refuse.
+``mem_alloc(dmat, flags) -> (error, vaddr, map)`` / ``mem_free(dmat, vaddr, map)``
+    bus_dmamem_alloc/free: memory satisfying the tag, and a map for it (the
+    generic layer counts it as a map of the tag).
+``map_waitok(dmat, map, mem, callback, callback_arg)``
+    Called before a load without BUS_DMA_NOWAIT (and before a replay of a
+    deferred load): remember ``mem``, ``callback`` and ``callback_arg`` (the
+    base class stores them in ``map.mem``, ``map.callback``,
+    ``map.callback_arg``) so that a deferred load can be completed later.
+``load_buffer(dmat, map, buf, buflen, flags, segs) -> int``
+``load_phys(dmat, map, paddr, buflen, flags, segs) -> int``
+``load_ma(dmat, map, ma, tlen, ma_offs, flags, segs) -> int``
+    Add the segments of one buffer (kernel va, physical range, or page array
+    of pfns with an offset into the first page) to ``segs``, the list being
+    built for this load. One load may call these several times (an mbuf chain,
+    a uio, a vlist): coalesce into ``segs[-1]`` or append, never touch earlier
+    entries, and use :func:`bus_dmamap_addseg` for the rules. The new segments
+    of a call are ``segs[before:]`` where ``before = len(segs)`` on entry (it
+    can be 0 new segments when a buffer coalesces into the last one). Return 0,
+    EFBIG (out of segments), ENOMEM (BUS_DMA_NOWAIT shortage), or EINPROGRESS
+    (deferred: the load completes later, see below).
+``map_complete(dmat, map, segs, nsegs, error) -> segs``
+    Called once a load has run its course without deferring, before the client
+    callback, with the error the load ended with. Return the segments the
+    callback gets (the bounce impl returns ``segs``). **This is where an
+    implementation finishes a successful load** (the Xen handlers write one
+    grant entry per segment here).
+``map_unload(dmat, map)``
+    Undo everything a load did, including a partial or failed load and a load
+    still deferred (cancel it: leave nothing queued). The generic layer calls it
+    from ``bus_dmamap_unload`` and itself after a load that failed, so it must
+    cope with any intermediate state. **This is where an implementation
+    releases what the load took** (the Xen handlers end foreign access and free
+    the references here), then calls the base class.
+``map_sync(dmat, map, op)``
+    Bounce copies: PREWRITE copies the buffer to the bounce pages, POSTREAD
+    copies them back.
+
+Deferred loads
+--------------
+A hook that returns EINPROGRESS owns the completion. Either it replays the whole
+load later with :func:`bus_dmamap_load_mem` semantics (the bounce impl does this
+on ``taskqueue_swi`` through :func:`busdma_replay_load`, under the tag's
+lockfunc), or it completes it itself: call ``self.map_complete(...)`` with the
+segments it kept (the ``segs`` list passed to the load hooks stays valid), then
+:func:`bus_dmamap_complete_deferred` with 0 or an error, which takes the tag's
+lockfunc, records the map loaded (or unloads it on error) and runs the client
+callback exactly once. The Xen grant-shortage path does the latter from its grant
+free callback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from gntdma.sys._busdma_types import (
+    BusDmaCallback,
+    BusDmaLockFunc,
+    BusDmaMap,
+    BusDmaTag,
+    bus_dma_segment_t,
+    memdesc,
+)
+
+if TYPE_CHECKING:
+    from gntdma.sys._kernel import Kernel
+
+__all__ = ["BusDmaImpl", "bus_dmamap_addseg", "vm_addr_bound_ok"]
+
+
+def vm_addr_bound_ok(pa: int, size: int, boundary: int) -> bool:
+    """True if ``[pa, pa+size)`` does not cross a ``boundary`` line (0: no boundary)."""
+    if boundary == 0 or size == 0:
+        return True
+    return ((pa ^ (pa + size - 1)) & ~(boundary - 1)) == 0
+
+
+def bus_dmamap_addseg(dmat: BusDmaTag, curaddr: int, sgsize: int,
+                      segs: list[bus_dma_segment_t]) -> int:
+    """Add a chunk to ``segs`` under the tag's rules; the bytes added, 0 if out of segments.
+
+    The chunk is first cut at the next boundary line; it then coalesces into the
+    last segment iff it is physically contiguous with it, the merged length is at
+    most ``maxsegsz`` and the merged segment stays within one boundary window;
+    otherwise it starts a new segment, unless ``nsegments`` are used up.
+    """
+    b = dmat.boundary
+    if b != 0 and not vm_addr_bound_ok(curaddr, sgsize, b):
+        sgsize = ((curaddr + b) & ~(b - 1)) - curaddr
+    if segs:
+        last = segs[-1]
+        if (curaddr == last.ds_addr + last.ds_len
+                and last.ds_len + sgsize <= dmat.maxsegsz
+                and vm_addr_bound_ok(last.ds_addr, last.ds_len + sgsize, b)):
+            segs[-1] = bus_dma_segment_t(last.ds_addr, last.ds_len + sgsize)
+            return sgsize
+        if len(segs) >= dmat.segment_limit():
+            return 0
+    elif dmat.segment_limit() < 1:
+        return 0
+    segs.append(bus_dma_segment_t(curaddr, sgsize))
+    return sgsize
+
+
+class BusDmaImpl:
+    """Base of bus_dma implementations; see the module docstring for the hooks.
+
+    The base class provides ``map_waitok`` (store the deferred-load context),
+    ``map_complete`` (return ``segs``) and a ``name``; every other hook must be
+    provided by a subclass.
+    """
+
+    name = "abstract"
+    tag_class: type[BusDmaTag] = BusDmaTag
+    map_class: type[BusDmaMap] = BusDmaMap
+
+    def tag_create(self, parent: BusDmaTag | None, kern: Kernel, alignment: int,
+                   boundary: int, lowaddr: int, highaddr: int, maxsize: int, nsegments: int,
+                   maxsegsz: int, flags: int, lockfunc: BusDmaLockFunc | None,
+                   lockfuncarg: Any) -> tuple[int, BusDmaTag | None]:
+        raise NotImplementedError
+
+    def tag_destroy(self, dmat: BusDmaTag) -> int:
+        raise NotImplementedError
+
+    def map_create(self, dmat: BusDmaTag, flags: int) -> tuple[int, BusDmaMap | None]:
+        raise NotImplementedError
+
+    def map_destroy(self, dmat: BusDmaTag, map: BusDmaMap) -> int:
+        raise NotImplementedError
+
+    def mem_alloc(self, dmat: BusDmaTag, flags: int) -> tuple[int, int, BusDmaMap | None]:
+        raise NotImplementedError
+
+    def mem_free(self, dmat: BusDmaTag, vaddr: int, map: BusDmaMap) -> None:
+        raise NotImplementedError
+
+    def load_buffer(self, dmat: BusDmaTag, map: BusDmaMap, buf: int, buflen: int, flags: int,
+                    segs: list[bus_dma_segment_t]) -> int:
+        raise NotImplementedError
+
+    def load_phys(self, dmat: BusDmaTag, map: BusDmaMap, paddr: int, buflen: int, flags: int,
+                  segs: list[bus_dma_segment_t]) -> int:
+        raise NotImplementedError
+
+    def load_ma(self, dmat: BusDmaTag, map: BusDmaMap, ma: Sequence[int], tlen: int,
+                ma_offs: int, flags: int, segs: list[bus_dma_segment_t]) -> int:
+        raise NotImplementedError
+
+    def map_waitok(self, dmat: BusDmaTag, map: BusDmaMap, mem: memdesc,
+                   callback: BusDmaCallback, callback_arg: Any) -> None:
+        map.mem = mem
+        map.callback = callback
+        map.callback_arg = callback_arg
+
+    def map_complete(self, dmat: BusDmaTag, map: BusDmaMap, segs: list[bus_dma_segment_t],
+                     nsegs: int, error: int) -> list[bus_dma_segment_t]:
+        return segs
+
+    def map_unload(self, dmat: BusDmaTag, map: BusDmaMap) -> None:
+        raise NotImplementedError
+
+    def map_sync(self, dmat: BusDmaTag, map: BusDmaMap, op: int) -> None:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"
+
