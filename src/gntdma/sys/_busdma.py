@@ -41,6 +41,7 @@ from typing import Any
 
 from gntdma.sched import KernelPanic
 from gntdma.sys._bio import bio, uio
+from gntdma.sys._busdma_impl import BusDmaImpl
 from gntdma.sys._busdma_types import (
     BUS_DMA_LOAD_MBUF,
     BUS_DMA_LOCK,
@@ -107,7 +108,7 @@ _SYNC_ALL = (BUS_DMASYNC_PREREAD | BUS_DMASYNC_POSTREAD | BUS_DMASYNC_PREWRITE
              | BUS_DMASYNC_POSTWRITE)
 
 
-def _default_impl(kern: Kernel) -> Any:
+def _default_impl(kern: Kernel) -> BusDmaImpl:
     from gntdma.sys._busdma_bounce import bounce_impl
 
     return bounce_impl(kern)
@@ -133,17 +134,25 @@ def bus_get_dma_tag(kern: Kernel) -> BusDmaTag:
 
 def bus_dma_tag_create(parent: BusDmaTag | Kernel, alignment: int, boundary: int, lowaddr: int,
                        highaddr: int, maxsize: int, nsegments: int, maxsegsz: int, flags: int,
-                       lockfunc: BusDmaLockFunc | None,
-                       lockfuncarg: Any) -> tuple[int, BusDmaTag | None]:
-    """Create a tag; its restrictions combine with the parent's. Returns (error, tag)."""
+                       lockfunc: BusDmaLockFunc | None, lockfuncarg: Any, *,
+                       impl: BusDmaImpl | None = None) -> tuple[int, BusDmaTag | None]:
+    """Create a tag; its restrictions combine with the parent's. Returns (error, tag).
+
+    The tag's implementation is the parent's (the bounce implementation without a
+    parent tag), unless ``impl`` is given: that is how an implementation makes its
+    first tag over a tag of another implementation (``xen_get_dma_tag(parent)``
+    passes its own impl); the tag is then counted like any other.
+    """
     if isinstance(parent, BusDmaTag):
         kern = parent.kern
-        impl = parent.impl
         ptag: BusDmaTag | None = parent
+        if impl is None:
+            impl = parent.impl
     else:
         kern = parent
-        impl = _default_impl(kern)
         ptag = None
+        if impl is None:
+            impl = _default_impl(kern)
     error, tag = impl.tag_create(ptag, kern, alignment, boundary, lowaddr, highaddr, maxsize,
                                  nsegments, maxsegsz, flags, lockfunc, lockfuncarg)
     if error != 0 or tag is None:

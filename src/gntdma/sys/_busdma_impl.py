@@ -21,9 +21,10 @@ Hooks (``dmat`` is always a tag of this impl; errors are errno ints)
 ----------------------------------------------------------------------
 ``tag_create(parent, kern, alignment, boundary, lowaddr, highaddr, maxsize,
 nsegments, maxsegsz, flags, lockfunc, lockfuncarg) -> (error, tag)``
-    Build a tag. Use :func:`common_bus_dma_tag_create` with
-    ``self.tag_class`` for the checks and the inheritance, then set
-    ``tag.impl = self`` and add your own state. ``parent`` is None for a root.
+    Build a tag (``bus_dma_tag_create`` registers and counts it afterwards).
+    Use :func:`common_bus_dma_tag_create` with ``self.tag_class`` for the checks
+    and the inheritance, then set ``tag.impl = self`` and add your own state.
+    ``parent`` is None for a root.
 ``tag_destroy(dmat) -> int``
     Called when ``dmat.map_count == 0`` (the generic layer returns EBUSY
     before that). Drop a reference on ``dmat`` and, when it reaches 0, free it
@@ -81,6 +82,33 @@ segments it kept (the ``segs`` list passed to the load hooks stays valid), then
 lockfunc, records the map loaded (or unloads it on error) and runs the client
 callback exactly once. The Xen grant-shortage path does the latter from its grant
 free callback.
+
+Recipe: a grant-table implementation
+------------------------------------
+(``tests/sys/test_busdma_impl_hooks.py`` runs exactly this with a toy pool.)
+
+- ``class XenImpl(BounceImpl)`` with ``map_class = XenMap`` (a ``BounceMap``
+  subclass holding ``refs``, the kept segments and the grant free callback) and
+  ``tag_class`` a ``BounceTag`` subclass holding the domid. Make the root Xen
+  tag with ``bus_dma_tag_create(parent, ..., impl=xen_impl)``; children inherit
+  the impl. Instances are per kernel (``kernel_state(kern).impls`` is a place
+  to keep them).
+- ``load_buffer``/``load_phys``/``load_ma``: call ``super()``; on success take
+  references for the segments that appeared (``len(segs) - len(map.refs)``).
+  Short with BUS_DMA_NOWAIT: return the grant-table error (the client callback
+  gets it, the load returns 0). Short and sleepable: keep ``segs``, register a
+  grant free callback, return EINPROGRESS.
+- ``map_complete``: ``segs = super().map_complete(...)``; if ``error == 0``
+  grant ``refs[i]`` to ``segs[i].ds_addr >> PAGE_SHIFT`` (read-only per the load
+  flags saved in ``map.load_flags``); return ``segs``.
+- the free callback (on ``taskqueue_swi``, no lock held): claim the references,
+  ``segs = self.map_complete(dmat, map, kept, len(kept), 0)``, then
+  ``bus_dmamap_complete_deferred(dmat, map, segs, 0)`` (it takes the lockfunc
+  and returns ECANCELED if the load was unloaded meanwhile).
+- ``map_unload``: cancel a pending free callback, end foreign access and free
+  the references (or keep them for a preallocating map), then
+  ``super().map_unload(dmat, map)``.
+- ``map_create``/``map_destroy``: preallocated references.
 """
 
 from __future__ import annotations
