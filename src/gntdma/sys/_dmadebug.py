@@ -61,6 +61,8 @@ class DmaDebugKind(Enum):
     SYNC_UNLOADED = "sync_unloaded"
     SYNC_BAD_OP = "sync_bad_op"
     LOADED_AT_DETACH = "loaded_at_detach"
+    #: the device (a backend domain) still had the buffer mapped when it was unloaded
+    STILL_MAPPED_AT_UNLOAD = "still_mapped_at_unload"
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ from typing import Final, final
 from gntdma.hv import Domain, Hypervisor
 from gntdma.sched import WITNESS, Clock, Scheduler, Strategy
 from gntdma.sys import Kernel
+from gntdma.xen.busdma import xen_busdma_attach
 from gntdma.xen.gnttab import GntTab
 from gntdma.xen.hypercall import Hypercalls
 
@@ -85,6 +86,7 @@ class Host:
         hc = Hypercalls(self.hv, d.domid)
         kernel = Kernel(name, d.memory, seed=self.seed * 1000 + d.domid)
         gt = GntTab(hc, kernel.enqueue_swi, self.callback_delivery)
+        xen_busdma_attach(kernel, gt)
         g = Guest(name, d, hc, kernel, gt)
         self.guests[d.domid] = g
         return g

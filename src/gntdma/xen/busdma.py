@@ -1,0 +1,417 @@
+"""busdma_xen: the Xen grant-table bus_dma(9) handlers.
+
+Theory of operation
+-------------------
+A Xen tag is a bounce tag whose implementation adds grant references: every
+segment of a load gets one grant reference of the guest's grant table,
+granting the segment's frame to the backend domain, read-only when the load
+asks for ``BUS_DMA_XEN_RO``. Drivers keep ``ds_addr`` as the bus (physical)
+address and find the references with :func:`xen_dmamap_get_grefs`, one per
+segment, in order. A segment never crosses a page: the root Xen tag has
+``boundary`` and ``maxsegsz`` of PAGE_SIZE, which every child inherits.
+
+``xen_get_dma_tag(kern)`` builds the root; a driver creates its tag as a
+child, with the backend's domid in the flags (``domid << 16``). References are
+allocated per load by default; ``BUS_DMA_XEN_PREALLOC_REFS`` at map create
+holds ``nsegments`` references for the map's life, which loads re-grant.
+
+When the references run short:
+- a ``BUS_DMA_NOWAIT`` load fails with ENOMEM (the bus_dma contract for a
+  resource shortage without sleeping) and keeps nothing;
+- a sleepable load builds all its segments first, then returns EINPROGRESS
+  and waits for a grant-table free callback for exactly the references it
+  still needs. The callback takes the tag's lockfunc, allocates, writes the
+  grants and runs the client callback once. If the references are gone again
+  by then, it registers itself again.
+
+Grants are written when a load completes (``map_complete``); unload ends
+access and frees the references. Where the 2018 design was unsafe this one is
+safe: unloading a map whose load is still waiting for references cancels the
+callback and frees what it held; unloading a never-loaded map does nothing;
+loading a loaded map is refused with EINVAL (and reported by DMA-API
+debugging); a grant the backend still maps at unload is reported, kept out of
+the free list and reclaimed by the grant table when the backend lets go; a
+chained load (mbuf chain, uio) allocates its references when all its
+segments are known, so it never runs short mid-way.
+
+One deliberate difference from the 2018 root tag: its alignment is 1, not
+PAGE_SIZE, because the bounce implementation bounces every address that is
+not aligned to the tag, which would bounce every sub-page buffer.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+from typing import Any, Final, final
+
+from gntdma.abi.xen import PAGE_SHIFT, PAGE_SIZE
+from gntdma.sched import KernelPanic
+from gntdma.sys import (
+    BUS_DMA_BUS1,
+    BUS_DMA_BUS2,
+    BUS_DMA_LOCK,
+    BUS_DMA_NOWAIT,
+    BUS_DMA_UNLOCK,
+    BUS_SPACE_MAXADDR,
+    BUS_SPACE_MAXSIZE,
+    BUS_SPACE_UNRESTRICTED,
+    BounceImpl,
+    BounceMap,
+    BounceTag,
+    BusDmaLockFunc,
+    BusDmaMap,
+    BusDmaTag,
+    DmaDebugKind,
+    Kernel,
+    MapState,
+    bus_dma_segment_t,
+    bus_dmamap_complete_deferred,
+    kernel_state,
+    memdesc_length,
+)
+from gntdma.xen.gnttab import GntTab, GnttabFreeCallback
+
+__all__ = [
+    "BUSDMA_XEN_TAG_INIT",
+    "BUS_DMA_XEN_DOMID_SHIFT",
+    "BUS_DMA_XEN_GNTTAB_FLAGS_SHIFT",
+    "BUS_DMA_XEN_PREALLOC_REFS",
+    "BUS_DMA_XEN_RO",
+    "XenBusDmaStatistics",
+    "XenDmaImpl",
+    "XenDmaMap",
+    "XenDmaTag",
+    "xen_busdma_attach",
+    "xen_dmamap_get_grefs",
+    "xen_get_dma_tag",
+]
+
+#: The backend domid goes in bits 16..31 of the tag-create flags.
+BUS_DMA_XEN_DOMID_SHIFT: Final = 16
+#: Grant flags go in bits 16.. of the load flags.
+BUS_DMA_XEN_GNTTAB_FLAGS_SHIFT: Final = 16
+#: Load flag: grant the segments read-only (the device only reads them).
+BUS_DMA_XEN_RO: Final = 1 << BUS_DMA_XEN_GNTTAB_FLAGS_SHIFT
+#: Map-create flag: hold ``nsegments`` references for the map's whole life.
+BUS_DMA_XEN_PREALLOC_REFS: Final = BUS_DMA_BUS2
+#: Private tag-create flag: the parent is a machine tag, not a Xen tag.
+BUSDMA_XEN_TAG_INIT: Final = BUS_DMA_BUS1
+
+
+class XenDmaTag(BounceTag):
+    def __init__(self, kern: Kernel, impl: Any) -> None:
+        super().__init__(kern, impl)
+        self.domid = 0
+
+
+class XenDmaMap(BounceMap):
+    def __init__(self, dmat: BusDmaTag, flags: int) -> None:
+        super().__init__(dmat, flags)
+        #: References of the current load, one per segment (prealloc: held for life).
+        self.refs: list[int] = []
+        self.prealloc = False
+        #: How many of ``refs`` hold a grant written by map_complete.
+        self.granted = 0
+        self.readonly = False
+        self.gnttab_cb = GnttabFreeCallback()
+        self.grant_wait = False
+        self.pending_segs: list[bus_dma_segment_t] | None = None
+        self.pass_gen = -1
+        self.pass_bytes = 0
+
+
+@dataclass(frozen=True, slots=True)
+class XenBusDmaStatistics:
+    loads: int
+    grant_deferred: int
+    grant_deferred_completed: int
+    grant_deferred_cancelled: int
+    nowait_shortages: int
+    refs_held: int
+    still_mapped_at_unload: int
+
+
+def _xtag(dmat: BusDmaTag) -> XenDmaTag:
+    if not isinstance(dmat, XenDmaTag):
+        raise KernelPanic(f"busdma_xen: {dmat!r} is not a Xen tag")
+    return dmat
+
+
+def _xmap(map: BusDmaMap) -> XenDmaMap:
+    if not isinstance(map, XenDmaMap):
+        raise KernelPanic(f"busdma_xen: {map!r} is not a Xen map")
+    return map
+
+
+@final
+class XenDmaImpl(BounceImpl):
+    """The Xen grant-table implementation of bus_dma (``busdma_xen.c``)."""
+
+    name = "xen"
+    tag_class = XenDmaTag
+    map_class = XenDmaMap
+
+    def __init__(self, kern: Kernel, gnttab: GntTab) -> None:
+        super().__init__(kern)
+        self.gnttab = gnttab
+        self.loads = 0
+        self.grant_deferred = 0
+        self.grant_deferred_completed = 0
+        self.grant_deferred_cancelled = 0
+        self.nowait_shortages = 0
+        self.still_mapped_at_unload = 0
+        self.maps: dict[int, XenDmaMap] = {}
+
+    def statistics(self) -> XenBusDmaStatistics:
+        return XenBusDmaStatistics(
+            self.loads, self.grant_deferred, self.grant_deferred_completed,
+            self.grant_deferred_cancelled, self.nowait_shortages,
+            sum(len(m.refs) for m in self.maps.values()), self.still_mapped_at_unload)
+
+    # -- tags ----------------------------------------------------------------------------
+
+    def tag_create(self, parent: BusDmaTag | None, kern: Kernel, alignment: int,
+                   boundary: int, lowaddr: int, highaddr: int, maxsize: int, nsegments: int,
+                   maxsegsz: int, flags: int, lockfunc: BusDmaLockFunc | None,
+                   lockfuncarg: Any) -> tuple[int, BusDmaTag | None]:
+        if maxsegsz > PAGE_SIZE:
+            return errno.EINVAL, None  # one grant covers one page
+        domid = (flags >> BUS_DMA_XEN_DOMID_SHIFT) & 0xFFFF
+        flags &= 0xFFFF
+        if parent is not None and not isinstance(parent, XenDmaTag):
+            if not flags & BUSDMA_XEN_TAG_INIT:
+                return errno.EINVAL, None
+            parent = None if parent.is_root else parent
+        flags &= ~BUSDMA_XEN_TAG_INIT
+        error, tag = super().tag_create(parent, kern, alignment, boundary, lowaddr, highaddr,
+                                        maxsize, nsegments, maxsegsz, flags, lockfunc,
+                                        lockfuncarg)
+        if error != 0 or tag is None:
+            return error, None
+        _xtag(tag).domid = domid
+        return 0, tag
+
+    # -- maps ------------------------------------------------------------------------------
+
+    def map_create(self, dmat: BusDmaTag, flags: int) -> tuple[int, BusDmaMap | None]:
+        prealloc = bool(flags & BUS_DMA_XEN_PREALLOC_REFS)
+        if prealloc and dmat.nsegments < 0:
+            return errno.EINVAL, None
+        error, map = super().map_create(dmat, flags & ~BUS_DMA_XEN_PREALLOC_REFS)
+        if error != 0 or map is None:
+            return error, None
+        m = _xmap(map)
+        if prealloc:
+            error, head = self.gnttab.gnttab_alloc_grant_references(dmat.nsegments)
+            if error != 0:
+                super().map_destroy(dmat, m)
+                return error, None
+            m.refs = [self.gnttab.gnttab_claim_grant_reference(head)
+                      for _ in range(dmat.nsegments)]
+            m.prealloc = True
+        self.maps[id(m)] = m
+        return 0, m
+
+    def map_destroy(self, dmat: BusDmaTag, map: BusDmaMap) -> int:
+        m = _xmap(map)
+        error = super().map_destroy(dmat, m)
+        if error != 0:
+            return error
+        self._release_refs(m)
+        self.maps.pop(id(m), None)
+        return 0
+
+    def mem_alloc(self, dmat: BusDmaTag, flags: int) -> tuple[int, int, BusDmaMap | None]:
+        error, va, map = super().mem_alloc(dmat, flags)
+        if error == 0 and map is not None:
+            self.maps[id(map)] = _xmap(map)
+        return error, va, map
+
+    def mem_free(self, dmat: BusDmaTag, vaddr: int, map: BusDmaMap) -> None:
+        m = _xmap(map)
+        self._release_refs(m)
+        self.maps.pop(id(m), None)
+        super().mem_free(dmat, vaddr, m)
+
+    # -- loads ------------------------------------------------------------------------------
+
+    def load_buffer(self, dmat: BusDmaTag, map: BusDmaMap, buf: int, buflen: int, flags: int,
+                    segs: list[bus_dma_segment_t]) -> int:
+        return self._after(dmat, map, buflen, flags, segs,
+                           super().load_buffer(dmat, map, buf, buflen, flags & 0xFFFF, segs))
+
+    def load_phys(self, dmat: BusDmaTag, map: BusDmaMap, paddr: int, buflen: int, flags: int,
+                  segs: list[bus_dma_segment_t]) -> int:
+        return self._after(dmat, map, buflen, flags, segs,
+                           super().load_phys(dmat, map, paddr, buflen, flags & 0xFFFF, segs))
+
+    def load_ma(self, dmat: BusDmaTag, map: BusDmaMap, ma: Any, tlen: int, ma_offs: int,
+                flags: int, segs: list[bus_dma_segment_t]) -> int:
+        return self._after(dmat, map, tlen, flags, segs,
+                           super().load_ma(dmat, map, ma, tlen, ma_offs, flags & 0xFFFF, segs))
+
+    def _after(self, dmat: BusDmaTag, map: BusDmaMap, buflen: int, flags: int,
+               segs: list[bus_dma_segment_t], error: int) -> int:
+        """After the bounce layer added one buffer's segments: references."""
+        m = _xmap(map)
+        if m.pass_gen != m.load_gen:  # a new pass over the load (first, or a replay)
+            m.pass_gen = m.load_gen
+            m.pass_bytes = 0
+            self.loads += 1
+        m.readonly = bool(flags & BUS_DMA_XEN_RO)
+        if error != 0:
+            return error
+        m.pass_bytes += buflen
+        if flags & BUS_DMA_NOWAIT:
+            # No sleeping: references for what is there now, or ENOMEM.
+            if self._take_refs(m, len(segs)) != 0:
+                self.nowait_shortages += 1
+                return errno.ENOMEM
+            return 0
+        total = memdesc_length(m.mem) if m.mem is not None else m.pass_bytes
+        if m.pass_bytes < total:
+            return 0  # more buffers to come: allocate once every segment is known
+        if self._take_refs(m, len(segs)) == 0:
+            return 0
+        need = len(segs) - len(m.refs)
+        m.grant_wait = True
+        m.pending_segs = segs
+        self.grant_deferred += 1
+        self.gnttab.gnttab_request_free_callback(m.gnttab_cb, self._grant_callback, m, need)
+        return errno.EINPROGRESS
+
+    def _take_refs(self, m: XenDmaMap, nsegs: int) -> int:
+        need = nsegs - len(m.refs)
+        if need <= 0:
+            return 0
+        error, head = self.gnttab.gnttab_alloc_grant_references(need)
+        if error != 0:
+            return error
+        m.refs.extend(self.gnttab.gnttab_claim_grant_reference(head) for _ in range(need))
+        return 0
+
+    def _grant_callback(self, arg: object) -> None:
+        """Grant free callback of a deferred load: finish it under the lockfunc."""
+        m = arg
+        assert isinstance(m, XenDmaMap)
+        dmat = m.dmat
+        dmat.lockfunc(dmat.lockfuncarg, BUS_DMA_LOCK)
+        try:
+            segs = m.pending_segs
+            if (not m.grant_wait or segs is None or m.state is not MapState.LOADING
+                    or not m.deferred):
+                return  # unloaded (or completed) meanwhile
+            if self._take_refs(m, len(segs)) != 0:
+                need = len(segs) - len(m.refs)
+                self.gnttab.gnttab_request_free_callback(m.gnttab_cb, self._grant_callback,
+                                                         m, need)
+                return
+            m.grant_wait = False
+            m.pending_segs = None
+            segs = self.map_complete(dmat, m, segs, len(segs), 0)
+            self.grant_deferred_completed += 1
+            bus_dmamap_complete_deferred(dmat, m, segs, 0, locked=True)
+        finally:
+            dmat.lockfunc(dmat.lockfuncarg, BUS_DMA_UNLOCK)
+
+    def map_complete(self, dmat: BusDmaTag, map: BusDmaMap, segs: list[bus_dma_segment_t],
+                     nsegs: int, error: int) -> list[bus_dma_segment_t]:
+        segs = super().map_complete(dmat, map, segs, nsegs, error)
+        if error != 0:
+            return segs
+        t, m = _xtag(dmat), _xmap(map)
+        if len(m.refs) < len(segs):
+            raise KernelPanic(f"busdma_xen: {len(segs)} segments but {len(m.refs)} refs")
+        for i, s in enumerate(segs):
+            assert (s.ds_addr & (PAGE_SIZE - 1)) + s.ds_len <= PAGE_SIZE
+            self.gnttab.gnttab_grant_foreign_access_ref(m.refs[i], t.domid,
+                                                        s.ds_addr >> PAGE_SHIFT, m.readonly)
+        m.granted = len(segs)
+        return segs
+
+    # -- unload ------------------------------------------------------------------------------
+
+    def map_unload(self, dmat: BusDmaTag, map: BusDmaMap) -> None:
+        m = _xmap(map)
+        if m.grant_wait:
+            self.gnttab.gnttab_cancel_free_callback(m.gnttab_cb)
+            m.grant_wait = False
+            m.pending_segs = None
+            self.grant_deferred_cancelled += 1
+        self._end_grants(dmat, m)
+        if not m.prealloc:
+            self._free_refs(m.refs)
+            m.refs = []
+        m.pass_gen = -1
+        super().map_unload(dmat, m)
+
+    def _end_grants(self, dmat: BusDmaTag, m: XenDmaMap) -> None:
+        """End access to every granted ref; those the backend still maps go to reclaim."""
+        busy: list[int] = []
+        for ref in m.refs[: m.granted]:
+            if self.gnttab.gnttab_end_foreign_access_ref(ref) == 0:
+                busy.append(ref)
+        m.granted = 0
+        if not busy:
+            return
+        self.still_mapped_at_unload += len(busy)
+        self.kern.dma_debug.report(
+            DmaDebugKind.STILL_MAPPED_AT_UNLOAD,
+            f"unload of {m.desc()}: grant refs {busy} still mapped by domain "
+            f"{_xtag(dmat).domid}; reclaimed when the backend unmaps them",
+            tag=dmat.desc(), map=m.desc())
+        for ref in busy:
+            m.refs.remove(ref)
+            self.gnttab.gnttab_end_foreign_access(ref)
+
+    def _free_refs(self, refs: list[int]) -> None:
+        for ref in refs:
+            self.gnttab.gnttab_free_grant_reference(ref)
+
+    def _release_refs(self, m: XenDmaMap) -> None:
+        self._end_grants(m.dmat, m)
+        self._free_refs(m.refs)
+        m.refs = []
+
+
+def xen_busdma_attach(kern: Kernel, gnttab: GntTab) -> XenDmaImpl:
+    """Install the Xen implementation in ``kern`` (done once at boot)."""
+    st = kernel_state(kern)
+    impl = st.impls.get("xen")
+    if impl is None:
+        impl = st.impls["xen"] = XenDmaImpl(kern, gnttab)
+    assert isinstance(impl, XenDmaImpl)
+    return impl
+
+
+def xen_get_dma_tag(kern: Kernel) -> BusDmaTag:
+    """The root Xen tag of ``kern``: boundary and maxsegsz PAGE_SIZE, no other limit.
+
+    Built once per kernel and kept (the 2018 code built a new one per call and
+    never freed it).
+    """
+    st = kernel_state(kern)
+    impl = st.impls.get("xen")
+    if not isinstance(impl, XenDmaImpl):
+        raise KernelPanic("xen_get_dma_tag: busdma_xen is not attached to this kernel")
+    root = st.impls.get("xen_root")
+    if isinstance(root, XenDmaTag):
+        return root
+    error, tag = impl.tag_create(None, kern, 1, PAGE_SIZE, BUS_SPACE_MAXADDR,
+                                 BUS_SPACE_MAXADDR, BUS_SPACE_MAXSIZE, BUS_SPACE_UNRESTRICTED,
+                                 PAGE_SIZE, 0, None, None)
+    if error != 0 or tag is None:
+        raise KernelPanic(f"xen_get_dma_tag: cannot create the root Xen tag: {error}")
+    tag.is_root = True
+    tag.name = "xen-root"
+    st.impls["xen_root"] = tag
+    return tag
+
+
+def xen_dmamap_get_grefs(map: BusDmaMap) -> list[int]:
+    """The grant references of a loaded map, one per segment, in segment order."""
+    m = _xmap(map)
+    if m.state is not MapState.LOADED:
+        return []
+    return list(m.refs[: m.dm_nsegs])
