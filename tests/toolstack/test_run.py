@@ -23,6 +23,8 @@ def test_run_passes_and_writes_json(tmp_path: Path, capsys: pytest.CaptureFixtur
     names = {c["name"] for c in data["checks"]}
     assert "dom0 maps and reads every byte" in names
     assert "teardown: nothing leaked" in names
+    assert "a sleepable load defers on a full grant table" in names
+    assert "the deferred load completes once after references are freed" in names
     assert data["witness"] == {"reversals": 0, "panics": 0}
 
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gntdma.sched import WITNESS
+from gntdma.toolstack.busdmademo import run_deferred_load_demo
 from gntdma.toolstack.grantdemo import run_grant_demo
 from gntdma.toolstack.host import Host
 from gntdma.toolstack.report import Report
@@ -25,6 +26,7 @@ def run_main_job(*, seed: int = 0, json_path: Path | None = None,
         log(f"host: dom0 and {guest.name} (domid {guest.domid}, "
             f"max_grant_frames {guest.gnttab.max_frames})")
         run_grant_demo(host, guest, report, log=log)
+        run_deferred_load_demo(host, guest, report, log=log)
         host.sched.yield_()
         leaks = host.leaks()
         report.check("teardown: nothing leaked", not leaks, "; ".join(leaks) or
