@@ -18,14 +18,31 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="build a host, run the main job, report")
     run.add_argument("--seed", type=int, default=0, help="seed of every random choice")
     run.add_argument("--json", type=Path, metavar="PATH", help="write a JSON report")
+    run.add_argument("--hold", action="store_true",
+                     help="after the job, keep the host and its xenstored socket up "
+                     "until SIGINT/SIGTERM")
     cli_xenstored.add_parser(sub)
+    ex = sub.add_parser("explore", help="explore the interleavings of a scenario")
+    ex.add_argument("scenario", help="scenario name (gnttab-shortage-blkfront, "
+                    "busdma-deferred-unload)")
+    ex.add_argument("--strategy", default="random", help="random, pct or dfs")
+    ex.add_argument("--schedules", type=int, default=1000, help="schedules to explore")
+    ex.add_argument("--seed", type=int, default=0)
+    ex.add_argument("--callback-delivery", choices=("taskqueue", "inline"),
+                    default="taskqueue", help="grant free callbacks: gntdma's taskqueue "
+                    "delivery, or FreeBSD's inline delivery under the lock")
+    ex.add_argument("--pct-depth", type=int, default=3)
+    ex.add_argument("--max-preemptions", type=int, default=2, help="bound for dfs")
+    ex.add_argument("--out", type=Path, metavar="FILE", help="replay file of the first failure")
+    rp = sub.add_parser("replay", help="rerun a replay file written by explore")
+    rp.add_argument("file", type=Path)
     return parser
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from gntdma.toolstack.run import run_main_job
 
-    report = run_main_job(seed=args.seed, json_path=args.json)
+    report = run_main_job(seed=args.seed, json_path=args.json, hold=args.hold)
     print(report.format())
     return 0 if report.ok else 1
 
@@ -36,6 +53,21 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_run(args)
     if args.command == "xenstored":
         return cli_xenstored.run(args)
+    from gntdma.errors import ConfigError
+    from gntdma.toolstack.explorecmd import explore_command, replay_command
+
+    try:
+        if args.command == "explore":
+            return explore_command(args.scenario, strategy=args.strategy,
+                                   schedules=args.schedules, seed=args.seed,
+                                   callback_delivery=args.callback_delivery, out=args.out,
+                                   pct_depth=args.pct_depth,
+                                   max_preemptions=args.max_preemptions)
+        if args.command == "replay":
+            return replay_command(args.file)
+    except ConfigError as e:
+        print(f"gntdma {args.command}: {e}", file=sys.stderr)
+        return 2
     return 2
 
 

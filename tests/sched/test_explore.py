@@ -165,3 +165,34 @@ def test_hypothesis_shrinks_a_failing_schedule() -> None:
     with pytest.raises(AssertionError):
         prop()
     assert found  # the failing schedule was found (and replayed while shrinking)
+
+
+def test_msleep_interlock_never_loses_a_wakeup() -> None:
+    """The sleeper is queued before the interlock drops: no schedule loses the wakeup."""
+
+    def scenario(s: Scheduler) -> list[str]:
+        from gntdma.sched import msleep
+
+        m = Mutex("inter")
+        state = {"flag": False}
+
+        def sleeper() -> None:
+            mtx_lock(m)
+            while not state["flag"]:
+                msleep(state, m, "flag")
+            mtx_unlock(m)
+
+        def waker() -> None:
+            mtx_lock(m)
+            state["flag"] = True
+            wakeup(state)
+            mtx_unlock(m)
+
+        s.spawn(sleeper)
+        s.spawn(waker)
+        s.run()
+        return []
+
+    res = explore(scenario, strategy_stream("dfs", 0, max_preemptions=3), budget=5000)
+    assert res.failure is None, res.failure.report
+    assert res.schedules > 10

@@ -104,6 +104,9 @@ def mtx_destroy(m: Mutex) -> None:
 
 
 def _panic(t: KThread, msg: str) -> KernelPanic:
+    if t.held:
+        msg += "\n locks held by " + t.name + ":" + "".join(
+            f"\n  {h.cls} @ {h.site}" for h in t.held)
     current_scheduler().witness.record_panic(t.name, msg, caller_site())
     return KernelPanic(msg)
 
@@ -166,6 +169,13 @@ def mtx_unlock(m: Mutex) -> None:
     Unlock by a thread that does not own the mutex panics.
     """
     s = current_scheduler()
+    _release(m)
+    s.point("mtx_unlock")
+
+
+def _release(m: Mutex) -> None:
+    """mtx_unlock without the scheduling point (for sleeps: no window before blocking)."""
+    s = current_scheduler()
     t = s.curthread
     if m.owner is not t:
         owner = m.owner.name if m.owner is not None else "nobody"
@@ -183,7 +193,6 @@ def mtx_unlock(m: Mutex) -> None:
         if w.wchan is m and w.state is ThreadState.BLOCKED:
             s.wake(w)
             break
-    s.point("mtx_unlock")
 
 
 def mtx_owned(m: Mutex) -> bool:
@@ -209,10 +218,15 @@ def mtx_assert(m: Mutex, what: int) -> None:
 
 
 def _drop_for_sleep(m: Mutex) -> int:
-    """Release ``m`` entirely for a sleep; returns the recursion depth to restore."""
+    """Release ``m`` entirely for a sleep; returns the recursion depth to restore.
+
+    The caller is already on the sleep queue and no scheduling point comes
+    between the release and the block, so a wakeup cannot fall in between
+    (FreeBSD puts the thread on the sleep queue before dropping the interlock).
+    """
     depth = m.recurse
     m.recurse = 0
-    mtx_unlock(m)
+    _release(m)
     return depth
 
 
@@ -243,8 +257,8 @@ def cv_timedwait(cv: Condvar, m: Mutex, timo: float) -> int:
     t = s.curthread
     if m.owner is not t:
         raise _panic(t, f"cv_wait on {cv.name} without holding {m.name}")
-    depth = _drop_for_sleep(m)
     cv.waiters.append(t)
+    depth = _drop_for_sleep(m)
     try:
         rv = s.block(cv, cv.name, timo)
     finally:
@@ -304,8 +318,9 @@ def msleep(chan: object, m: Mutex | None, wmesg: str, timo: float = 0.0) -> int:
     if m is not None:
         if m.owner is not t:
             raise _panic(t, f"msleep on {wmesg} without holding {m.name}")
-        depth = _drop_for_sleep(m)
     ch.waiters.append(t)
+    if m is not None:
+        depth = _drop_for_sleep(m)
     try:
         rv = s.block(ch, wmesg, timo)
     finally:

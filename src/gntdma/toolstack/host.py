@@ -15,9 +15,11 @@ from typing import Final, final
 from gntdma.hv import Domain, Hypervisor
 from gntdma.sched import WITNESS, Clock, Scheduler, Strategy
 from gntdma.sys import Kernel
+from gntdma.toolstack.xs import GUEST_SPECIAL_PAGES, GuestPhysMem, HostXenstore
 from gntdma.xen.busdma import xen_busdma_attach
 from gntdma.xen.gnttab import GntTab
 from gntdma.xen.hypercall import Hypercalls
+from gntdma.xen.xenstore import XenStore
 
 __all__ = ["Guest", "Host"]
 
@@ -34,6 +36,8 @@ class Guest:
     hc: Hypercalls
     kernel: Kernel
     gnttab: GntTab
+    #: the kernel's xenstore client (set up by HostXenstore; None once torn down)
+    xenstore: XenStore | None = None
 
     @property
     def domid(self) -> int:
@@ -53,13 +57,20 @@ class Host:
         strategy: Strategy | None = None,
         clock: Clock | None = None,
         dom0_memory_mb: int = 64,
+        sched: Scheduler | None = None,
     ) -> None:
+        """Build a host; with ``sched`` it runs on that (installed) scheduler."""
         self.seed = seed
         self.callback_delivery = callback_delivery
-        self.sched = Scheduler(strategy=strategy, clock=clock, io_mode=io_mode).install()
+        if sched is None:
+            sched = Scheduler(strategy=strategy, clock=clock, io_mode=io_mode)
+        self.sched = sched.install()
         self.hv = Hypervisor()
         self.guests: dict[int, Guest] = {}
         self.closed = False
+        # xenstore (issue 4): one daemon per host, a ring per domain.
+        self.xenstore = HostXenstore(self.hv, self.sched)
+        self.xenstored = self.xenstore.xenstored
         self.dom0 = self.create_guest("Domain-0", memory_mb=dom0_memory_mb, domid=0)
 
     def create_guest(
@@ -77,22 +88,24 @@ class Host:
             raise ValueError("memory must be at least 1 MiB")
         d = self.hv.create_domain(
             name,
-            memory_mb * PAGES_PER_MIB,
+            memory_mb * PAGES_PER_MIB + GUEST_SPECIAL_PAGES,  # + the xenstore page
             high_pages=high_memory_mb * PAGES_PER_MIB,
             max_grant_frames=max_grant_frames,
             max_maptrack_frames=max_maptrack_frames,
             domid=domid,
         )
         hc = Hypercalls(self.hv, d.domid)
-        kernel = Kernel(name, d.memory, seed=self.seed * 1000 + d.domid)
+        kernel = Kernel(name, GuestPhysMem(d.memory), seed=self.seed * 1000 + d.domid)
         gt = GntTab(hc, kernel.enqueue_swi, self.callback_delivery)
         xen_busdma_attach(kernel, gt)
         g = Guest(name, d, hc, kernel, gt)
         self.guests[d.domid] = g
+        self.xenstore.domain_created(g)
         return g
 
     def destroy_guest(self, g: Guest) -> None:
         """Shut the guest's kernel down and destroy its domain."""
+        self.xenstore.domain_destroyed(g)
         g.kernel.shutdown()
         self.hv.destroy_domain(g.domid)
         del self.guests[g.domid]
@@ -101,6 +114,7 @@ class Host:
         """Everything still held that a clean teardown must have given back."""
         out: list[str] = []
         for s in self.hv.statistics().domains:
+            s = self.xenstore.discount(s)  # the xenstore rings' own ports and mappings
             if s.mappings:
                 out.append(f"{s.name}: {s.mappings} grant mappings still held")
             if s.grants_pinned:
@@ -116,6 +130,7 @@ class Host:
             if st.callbacks_queued:
                 out.append(f"{g.name}: {st.callbacks_queued} free callbacks queued")
             out.extend(f"{g.name}: {leak}" for leak in g.kernel.leaks())
+        out.extend(self.xenstore.leaks(self.guests))
         return out
 
     def close(self) -> None:
@@ -123,6 +138,7 @@ class Host:
         if self.closed:
             return
         self.closed = True
+        self.xenstore.close(self.guests.values())
         for g in sorted(self.guests.values(), key=lambda g: -g.domid):
             g.kernel.shutdown()
         self.sched.shutdown()

@@ -95,7 +95,7 @@ class GrantRefHead:
 class GnttabFreeCallback:
     """``struct gnttab_free_callback``: run ``fn(arg)`` once ``count`` refs are free."""
 
-    __slots__ = ("arg", "count", "fn", "queued", "runs")
+    __slots__ = ("arg", "count", "fn", "gen", "queued", "runs")
 
     def __init__(self) -> None:
         self.fn: Callable[[object], None] | None = None
@@ -103,6 +103,8 @@ class GnttabFreeCallback:
         self.count = 0
         self.queued = False
         self.runs = 0
+        #: Bumped by every request and cancel: a run picked before a cancel is dropped.
+        self.gen = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -400,6 +402,7 @@ class GntTab:
             mtx_unlock(self.lock)
             return
         cb.fn, cb.arg, cb.count, cb.queued = fn, arg, count, True
+        cb.gen += 1
         self.callbacks.append(cb)
         self._check_free_callbacks()
         mtx_unlock(self.lock)
@@ -410,6 +413,7 @@ class GntTab:
         if cb.queued:
             self.callbacks.remove(cb)
             cb.queued = False
+        cb.gen += 1  # a run already picked by the task is dropped too
         mtx_unlock(self.lock)
 
     def _check_free_callbacks(self) -> None:
@@ -420,6 +424,7 @@ class GntTab:
             for cb in list(self.callbacks):
                 if cb.queued and self.free_count >= cb.count:
                     self.callbacks.remove(cb)
+                    cb.queued = False
                     self._run_callback(cb)
             return
         if self._task_queued:
@@ -429,7 +434,6 @@ class GntTab:
             self._enqueue_swi(self._callback_task)
 
     def _run_callback(self, cb: GnttabFreeCallback) -> None:
-        cb.queued = False
         cb.runs += 1
         self.callbacks_run += 1
         fn = cb.fn
@@ -440,16 +444,18 @@ class GntTab:
         """On taskqueue_swi: run every callback whose count is free, no lock held."""
         mtx_lock(self.lock)
         self._task_queued = False
-        ready: list[GnttabFreeCallback] = []
+        ready: list[tuple[GnttabFreeCallback, int]] = []
         avail = self.free_count
         for cb in list(self.callbacks):
             if avail >= cb.count:
                 self.callbacks.remove(cb)
+                cb.queued = False
                 avail -= cb.count
-                ready.append(cb)
+                ready.append((cb, cb.gen))
         mtx_unlock(self.lock)
-        for cb in ready:
-            self._run_callback(cb)
+        for cb, gen in ready:
+            if cb.gen == gen:  # not cancelled or re-requested meanwhile
+                self._run_callback(cb)
 
     # -- inspection -------------------------------------------------------------------
 
