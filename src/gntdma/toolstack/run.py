@@ -11,16 +11,22 @@ from gntdma.toolstack.busdmademo import run_deferred_load_demo
 from gntdma.toolstack.grantdemo import run_grant_demo
 from gntdma.toolstack.host import Host
 from gntdma.toolstack.report import Report
+from gntdma.toolstack.xs import hold_until_signal, serve_host_xenstored
 
 __all__ = ["run_main_job"]
 
 
 def run_main_job(*, seed: int = 0, json_path: Path | None = None,
-                 log: Callable[[str], None] = print) -> Report:
-    """Run the built-in default job; the report says whether every check held."""
+                 log: Callable[[str], None] = print, hold: bool = False) -> Report:
+    """Run the built-in default job; the report says whether every check held.
+
+    The host's xenstored is served on a Unix socket while the job runs; with
+    ``hold`` the host stays up after the job until SIGINT or SIGTERM.
+    """
     WITNESS.reset()
     report = Report()
     host = Host(seed=seed)
+    xs_socket = serve_host_xenstored(host.xenstored, log)
     try:
         guest = host.create_guest("guest1", memory_mb=32, max_grant_frames=2)
         log(f"host: dom0 and {guest.name} (domid {guest.domid}, "
@@ -37,7 +43,11 @@ def run_main_job(*, seed: int = 0, json_path: Path | None = None,
             "reversals": len(WITNESS.reversals()),
             "panics": len(WITNESS.panics()),
         }
+        if hold:
+            log(f"job done: {report.format().splitlines()[-1]}")
+            hold_until_signal(log)
     finally:
+        xs_socket.close()
         host.close()
     if json_path is not None:
         json_path.write_text(json.dumps(report.to_json(), indent=2) + "\n")

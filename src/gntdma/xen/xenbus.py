@@ -1,0 +1,352 @@
+"""XenBus: the front/back state machine and the device directories (``io/xenbus.h``).
+
+Rules (``io/xenbus.h``, FreeBSD ``xenbusvar.h``, Linux ``xenbus_client.c``, libxl):
+
+- A device has two directories, laid out as libxl lays them out:
+  ``/local/domain/<fe>/device/<type>/<devid>`` (the frontend's, keys
+  ``backend``, ``backend-id``, ``state``) and
+  ``/local/domain/<be>/backend/<type>/<fe>/<devid>`` (the backend's, keys
+  ``frontend``, ``frontend-id``, ``online``, ``state``). Each end owns its own
+  directory and may read the other's.
+- ``state`` holds a :class:`XenbusState` as a decimal string; a missing or
+  unparsable ``state`` reads as ``XenbusStateUnknown``.
+- Each end moves only its own state, and only along the transitions of its
+  role (:data:`FRONTEND_TRANSITIONS`, :data:`BACKEND_TRANSITIONS`); writing the
+  state it is already in is a no-op. The toolstack is not a driver: on unplug it
+  writes the backend's ``state`` (Closing) itself.
+- A state change is a transaction that reads ``state`` first, so that a device
+  whose directory the toolstack removed is never re-created by a late write
+  (Linux ``__xenbus_switch_state``); EAGAIN reruns it.
+
+Theory of operation
+-------------------
+The transition tables are data, keyed by (state, input) where the input is the
+state an end asks to move to: :func:`xenbus_transition_legal` answers from
+them and :func:`xenbus_set_state` refuses (EINVAL) what they do not list.
+Waiting for the other end (:func:`xenbus_wait_state`) registers a watch on its
+``state`` node, re-reads the node after every event (a watch says only that
+something changed) and sleeps until a wanted state shows or the timeout
+passes (ETIMEDOUT).
+
+The xenstore client itself (``xs_read``, ``xs_write``, transactions, watches)
+is :class:`~gntdma.xen.xenstore.XenStore`; its names are re-exported here.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from enum import Enum, IntEnum
+from typing import Final, final
+
+from gntdma.sched import current_scheduler, tsleep, wakeup
+from gntdma.xen.xenstore import (
+    XST_NIL,
+    XenStore,
+    XenStoreStatistics,
+    XsWatch,
+    XsWatchCallback,
+    xs_join,
+)
+
+__all__ = [
+    "BACKEND_TRANSITIONS",
+    "FRONTEND_TRANSITIONS",
+    "XENBUS_KEY_BACKEND",
+    "XENBUS_KEY_BACKEND_ID",
+    "XENBUS_KEY_FRONTEND",
+    "XENBUS_KEY_FRONTEND_ID",
+    "XENBUS_KEY_ONLINE",
+    "XENBUS_KEY_STATE",
+    "XST_NIL",
+    "XenStore",
+    "XenStoreStatistics",
+    "XenbusDevice",
+    "XenbusRole",
+    "XenbusState",
+    "XenbusStateClosed",
+    "XenbusStateClosing",
+    "XenbusStateConnected",
+    "XenbusStateInitWait",
+    "XenbusStateInitialised",
+    "XenbusStateInitialising",
+    "XenbusStateReconfigured",
+    "XenbusStateReconfiguring",
+    "XenbusStateUnknown",
+    "XsWatch",
+    "XsWatchCallback",
+    "xenbus_backend_device",
+    "xenbus_backend_path",
+    "xenbus_frontend_device",
+    "xenbus_frontend_path",
+    "xenbus_get_state",
+    "xenbus_read_driver_state",
+    "xenbus_read_otherend_state",
+    "xenbus_set_state",
+    "xenbus_strstate",
+    "xenbus_transition_legal",
+    "xenbus_wait_otherend_state",
+    "xenbus_wait_state",
+    "xs_join",
+]
+
+
+class XenbusState(IntEnum):
+    """``enum xenbus_state`` (``io/xenbus.h``)."""
+
+    Unknown = 0  #: no state node (or an unreadable one)
+    Initialising = 1  #: the toolstack created the device; the driver starts
+    InitWait = 2  #: early initialisation done, waiting for the peer or hotplug
+    Initialised = 3  #: waiting for a connection from the peer
+    Connected = 4  #: the device works
+    Closing = 5  #: going down: error or unplug
+    Closed = 6  #: down; the peer may reconnect
+    Reconfiguring = 7  #: hot add or remove of functions (pciback)
+    Reconfigured = 8  #: reconfiguration done
+
+
+XenbusStateUnknown: Final = XenbusState.Unknown
+XenbusStateInitialising: Final = XenbusState.Initialising
+XenbusStateInitWait: Final = XenbusState.InitWait
+XenbusStateInitialised: Final = XenbusState.Initialised
+XenbusStateConnected: Final = XenbusState.Connected
+XenbusStateClosing: Final = XenbusState.Closing
+XenbusStateClosed: Final = XenbusState.Closed
+XenbusStateReconfiguring: Final = XenbusState.Reconfiguring
+XenbusStateReconfigured: Final = XenbusState.Reconfigured
+
+
+class XenbusRole(Enum):
+    """Which end of a split device a driver is."""
+
+    FRONTEND = "frontend"
+    BACKEND = "backend"
+
+
+_S = XenbusState
+
+#: state -> states a frontend may move to from it (Linux blkfront/netfront,
+#: FreeBSD xbd/xn, pcifront for the Reconfigur* pair).
+FRONTEND_TRANSITIONS: Final[Mapping[XenbusState, frozenset[XenbusState]]] = {
+    _S.Unknown: frozenset({_S.Initialising}),
+    _S.Initialising: frozenset({_S.Initialised, _S.Connected, _S.Closing, _S.Closed}),
+    _S.InitWait: frozenset(),  # a backend state
+    _S.Initialised: frozenset({_S.Connected, _S.Closing, _S.Closed}),
+    _S.Connected: frozenset({_S.Closing, _S.Closed, _S.Reconfiguring}),
+    _S.Closing: frozenset({_S.Closed}),
+    _S.Closed: frozenset({_S.Initialising}),  # reconnect
+    _S.Reconfiguring: frozenset({_S.Reconfigured, _S.Closing, _S.Closed}),
+    _S.Reconfigured: frozenset({_S.Connected, _S.Closing, _S.Closed}),
+}
+
+#: state -> states a backend may move to from it (Linux netback
+#: ``set_backend_state``, blkback ``frontend_changed``, pciback).
+BACKEND_TRANSITIONS: Final[Mapping[XenbusState, frozenset[XenbusState]]] = {
+    _S.Unknown: frozenset({_S.Initialising}),
+    _S.Initialising: frozenset({_S.InitWait, _S.Closing, _S.Closed}),
+    _S.InitWait: frozenset({_S.Connected, _S.Closing, _S.Closed}),
+    _S.Initialised: frozenset(),  # a frontend state
+    _S.Connected: frozenset({_S.Closing, _S.Closed, _S.Reconfiguring}),
+    _S.Closing: frozenset({_S.Closed}),
+    _S.Closed: frozenset({_S.InitWait, _S.Closing}),  # reconnect, or unplug
+    _S.Reconfiguring: frozenset({_S.Reconfigured, _S.Closing, _S.Closed}),
+    _S.Reconfigured: frozenset({_S.Connected, _S.Closing, _S.Closed}),
+}
+
+_TABLES: Final = {XenbusRole.FRONTEND: FRONTEND_TRANSITIONS,
+                  XenbusRole.BACKEND: BACKEND_TRANSITIONS}
+
+# Keys of the device directories (libxl ``libxl__device_generic_add``).
+XENBUS_KEY_STATE: Final = "state"
+XENBUS_KEY_BACKEND: Final = "backend"
+XENBUS_KEY_BACKEND_ID: Final = "backend-id"
+XENBUS_KEY_FRONTEND: Final = "frontend"
+XENBUS_KEY_FRONTEND_ID: Final = "frontend-id"
+XENBUS_KEY_ONLINE: Final = "online"
+
+
+def xenbus_strstate(state: int) -> str:
+    """The header name of a state (``xenbus_strstate``), "Unknown" for garbage."""
+    try:
+        return f"XenbusState{XenbusState(state).name}"
+    except ValueError:
+        return f"XenbusStateUnknown({state})"
+
+
+def xenbus_transition_legal(role: XenbusRole, cur: XenbusState, new: XenbusState) -> bool:
+    """Whether a ``role`` driver in state ``cur`` may move to ``new`` (same state: yes)."""
+    return cur == new or new in _TABLES[role][cur]
+
+
+def xenbus_frontend_path(fe_domid: int, devtype: str, devid: int) -> str:
+    """``/local/domain/<fe>/device/<type>/<devid>``."""
+    return f"/local/domain/{fe_domid}/device/{devtype}/{devid}"
+
+
+def xenbus_backend_path(be_domid: int, devtype: str, fe_domid: int, devid: int) -> str:
+    """``/local/domain/<be>/backend/<type>/<fe>/<devid>``."""
+    return f"/local/domain/{be_domid}/backend/{devtype}/{fe_domid}/{devid}"
+
+
+def _parse_state(raw: bytes) -> XenbusState:
+    text = raw.decode("latin-1").strip()
+    if not text.isdigit() or len(text) > 3:
+        return XenbusStateUnknown
+    try:
+        return XenbusState(int(text))
+    except ValueError:
+        return XenbusStateUnknown
+
+
+def _parse_domid(raw: bytes) -> int | None:
+    text = raw.decode("latin-1")
+    if not text.isdigit() or len(text) > 5:
+        return None
+    domid = int(text)
+    return domid if domid < 0x7FF0 else None
+
+
+def xenbus_read_driver_state(xs: XenStore, path: str) -> XenbusState:
+    """The state in ``path/state``; Unknown if it is missing or not a state."""
+    error, raw = xs.xs_read(XST_NIL, path, XENBUS_KEY_STATE)
+    if error != 0:
+        return XenbusStateUnknown
+    return _parse_state(raw)
+
+
+def xenbus_wait_state(xs: XenStore, path: str, states: Collection[XenbusState],
+                      timeout: float) -> tuple[int, XenbusState]:
+    """Sleep until ``path/state`` is one of ``states``: (0 or ETIMEDOUT, last state seen).
+
+    ``timeout`` is in seconds (0: no limit). Always a scheduling point.
+    """
+    sched = current_scheduler()
+    deadline = sched.now() + timeout if timeout > 0 else None
+    chan = object()
+    events = [0]
+
+    def changed(_path: str, _token: str) -> None:
+        events[0] += 1
+        wakeup(chan)
+
+    watch = XsWatch(xs_join(path, XENBUS_KEY_STATE), changed)
+    error = xs.xs_register_watch(watch)
+    if error != 0:
+        return error, xenbus_read_driver_state(xs, path)
+    try:
+        while True:
+            seen = events[0]
+            state = xenbus_read_driver_state(xs, path)
+            if state in states:
+                return 0, state
+            if deadline is None:
+                left = 0.0
+            else:
+                left = deadline - sched.now()
+                if left <= 0:
+                    return errno.ETIMEDOUT, state
+            if events[0] == seen:  # nothing changed while we read
+                tsleep(chan, "xbwait", left)
+    finally:
+        xs.xs_unregister_watch(watch)
+
+
+@final
+@dataclass(eq=False)
+class XenbusDevice:
+    """One end of a split device (FreeBSD's xenbus ivars)."""
+
+    xs: XenStore
+    role: XenbusRole
+    devtype: str
+    devid: int
+    #: our directory
+    nodename: str
+    #: the other end's directory, as our directory names it
+    otherend: str
+    otherend_id: int
+
+    def __repr__(self) -> str:
+        return f"<XenbusDevice {self.role.value} {self.nodename}>"
+
+
+def _read_otherend(xs: XenStore, nodename: str, path_key: str,
+                   id_key: str) -> tuple[int, str, int]:
+    error, raw_path = xs.xs_read(XST_NIL, nodename, path_key)
+    if error != 0:
+        return error, "", 0
+    error, raw_id = xs.xs_read(XST_NIL, nodename, id_key)
+    if error != 0:
+        return error, "", 0
+    otherend = raw_path.decode("latin-1")
+    otherend_id = _parse_domid(raw_id)
+    if otherend_id is None or not otherend.startswith(f"/local/domain/{otherend_id}/"):
+        return errno.EINVAL, "", 0
+    return 0, otherend, otherend_id
+
+
+def xenbus_frontend_device(xs: XenStore, devtype: str,
+                           devid: int) -> tuple[int, XenbusDevice | None]:
+    """The frontend of our device ``<type>/<devid>``: (error, device).
+
+    Reads ``backend`` and ``backend-id``; EINVAL if they do not agree.
+    """
+    nodename = xenbus_frontend_path(xs.domid, devtype, devid)
+    error, otherend, otherend_id = _read_otherend(xs, nodename, XENBUS_KEY_BACKEND,
+                                                  XENBUS_KEY_BACKEND_ID)
+    if error != 0:
+        return error, None
+    return 0, XenbusDevice(xs, XenbusRole.FRONTEND, devtype, devid, nodename, otherend,
+                           otherend_id)
+
+
+def xenbus_backend_device(xs: XenStore, devtype: str, fe_domid: int,
+                          devid: int) -> tuple[int, XenbusDevice | None]:
+    """The backend (in our domain) of ``fe_domid``'s device ``<type>/<devid>``."""
+    nodename = xenbus_backend_path(xs.domid, devtype, fe_domid, devid)
+    error, otherend, otherend_id = _read_otherend(xs, nodename, XENBUS_KEY_FRONTEND,
+                                                  XENBUS_KEY_FRONTEND_ID)
+    if error != 0:
+        return error, None
+    if otherend_id != fe_domid:
+        return errno.EINVAL, None
+    return 0, XenbusDevice(xs, XenbusRole.BACKEND, devtype, devid, nodename, otherend,
+                           otherend_id)
+
+
+def xenbus_get_state(dev: XenbusDevice) -> XenbusState:
+    """Our own state as stored."""
+    return xenbus_read_driver_state(dev.xs, dev.nodename)
+
+
+def xenbus_read_otherend_state(dev: XenbusDevice) -> XenbusState:
+    """The other end's state as stored."""
+    return xenbus_read_driver_state(dev.xs, dev.otherend)
+
+
+def xenbus_set_state(dev: XenbusDevice, state: XenbusState) -> int:
+    """Move our end to ``state``: 0, EINVAL (not a legal move), ENOENT (device gone).
+
+    In a transaction that reads the current state first, reran on EAGAIN.
+    """
+    xs = dev.xs
+
+    def switch(xbt: int) -> int:
+        error, raw = xs.xs_read(xbt, dev.nodename, XENBUS_KEY_STATE)
+        if error != 0:
+            return error
+        cur = _parse_state(raw)
+        if cur == state:
+            return 0
+        if not xenbus_transition_legal(dev.role, cur, state):
+            return errno.EINVAL
+        return xs.xs_write(xbt, dev.nodename, XENBUS_KEY_STATE, str(int(state)))
+
+    return xs.xs_transaction_run(switch)
+
+
+def xenbus_wait_otherend_state(dev: XenbusDevice, states: Collection[XenbusState],
+                               timeout: float) -> tuple[int, XenbusState]:
+    """Sleep until the other end is in one of ``states`` (ETIMEDOUT after ``timeout``)."""
+    return xenbus_wait_state(dev.xs, dev.otherend, states, timeout)

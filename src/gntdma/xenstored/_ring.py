@@ -1,0 +1,443 @@
+"""Per-domain xenstore rings: how a guest reaches xenstored, as on Xen.
+
+Rules (``io/xs_wire.h``, ``docs/misc/xenstore-ring.txt``, C xenstored ``domain.c``):
+
+- The store page starts with ``struct xenstore_domain_interface``: ``req`` (guest
+  to daemon) and ``rsp`` (daemon to guest), two 1024-byte byte rings with
+  free-running u32 indices masked with 1023, then ``server_features``,
+  ``connection`` and ``error``. The same xs_wire byte stream as on the Unix
+  socket runs over the two rings.
+- The daemon owns ``req_cons`` and ``rsp_prod``, the guest ``req_prod`` and
+  ``rsp_cons``; each side notifies the other over the store event channel after
+  moving an index.
+- A producer that runs more than 1024 bytes ahead of its consumer is garbage:
+  the daemon sets ``error`` (``XENSTORE_ERROR_RINGIDX``), drops the connection's
+  watches and transactions and ignores the ring. A message over
+  ``XENSTORE_PAYLOAD_MAX`` does the same with ``XENSTORE_ERROR_PROTO``.
+- Reconnection (``XENSTORE_SERVER_FEATURE_RECONNECTION``): the guest sets
+  ``connection`` to ``XENSTORE_RECONNECT`` and notifies; the daemon discards the
+  connection's state, sets every index to 0, clears ``error``, sets
+  ``connection`` back to ``XENSTORE_CONNECTED`` and notifies.
+
+Theory of operation
+-------------------
+A :class:`DomainRing` is made by the toolstack after it introduced the domain.
+It maps the guest's store page through the reserved grant reference
+``GNTTAB_RESERVED_XENSTORE`` (dom0's own store page is simply its own memory),
+binds the guest's unbound store port, and runs :meth:`DomainRing._intr` on an
+interrupt thread of the daemon's domain for every notification. The handler
+copies request bytes out of the ring (indices are read once, validated against
+our own shadow copies, then the bytes are copied before anything looks at
+them), feeds them to the domain's :class:`~gntdma.xenstored._core.Connection`,
+and writes the queued replies and watch events into the response ring as far
+as there is room. It stops taking requests while replies are waiting for room
+(the guest frees room, notifies, and the handler goes on).
+
+Output that the core queues on its own (a watch fired by another connection,
+perhaps from the socket server's OS thread) reaches the ring through the
+connection's ``on_output`` hook. That hook runs under the core lock: it only
+posts one callback into the scheduler (:meth:`Scheduler.post`, safe from any
+OS thread), which sets the daemon's port pending so the handler runs again.
+
+The core's lock is re-entrant and all kernel threads share one OS thread, so
+it must never be held across a scheduling point. Here the core is entered only
+through ``feed``, ``data_to_send``, ``has_output`` and ``close``, none of which
+schedules, and the hooks never schedule either; the barriers of the handler
+are outside every call into the core.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final, final
+
+from gntdma.abi.grant_table import (
+    GNTTAB_RESERVED_XENSTORE,
+    GNTMAP_host_map,
+    GNTST_okay,
+    GnttabMapGrantRef,
+    GNTTABOP_map_grant_ref,
+    GNTTABOP_unmap_grant_ref,
+    GnttabUnmapGrantRef,
+)
+from gntdma.errors import GntdmaError
+from gntdma.hv import Hypervisor
+from gntdma.sched import Scheduler, mb, rmb, wmb
+from gntdma.xenstored._core import Connection, Xenstored
+
+__all__ = [
+    "MASK_XENSTORE_IDX",
+    "XENSTORE_CONNECTED",
+    "XENSTORE_DOMAIN_INTERFACE_OFFSETS",
+    "XENSTORE_DOMAIN_INTERFACE_SIZE",
+    "XENSTORE_ERROR_COMM",
+    "XENSTORE_ERROR_NONE",
+    "XENSTORE_ERROR_PROTO",
+    "XENSTORE_ERROR_RINGIDX",
+    "XENSTORE_RECONNECT",
+    "XENSTORE_RING_SIZE",
+    "XENSTORE_SERVER_FEATURE_ERROR",
+    "XENSTORE_SERVER_FEATURE_RECONNECTION",
+    "DomainRing",
+    "RingError",
+    "RingStatistics",
+]
+
+log = logging.getLogger("gntdma.xenstored")
+
+#: Bytes in each of the two rings (``XENSTORE_RING_SIZE``).
+XENSTORE_RING_SIZE: Final = 1024
+#: ``MASK_XENSTORE_IDX(idx)`` is ``idx & MASK_XENSTORE_IDX``.
+MASK_XENSTORE_IDX: Final = XENSTORE_RING_SIZE - 1
+#: ``server_features`` bit: the ring can be reset with ``XENSTORE_RECONNECT``.
+XENSTORE_SERVER_FEATURE_RECONNECTION: Final = 1
+#: ``server_features`` bit: the ``error`` field is present.
+XENSTORE_SERVER_FEATURE_ERROR: Final = 2
+#: ``connection``: the steady state.
+XENSTORE_CONNECTED: Final = 0
+#: ``connection``: the guest asks for a reset.
+XENSTORE_RECONNECT: Final = 1
+#: ``error``: none.
+XENSTORE_ERROR_NONE: Final = 0
+#: ``error``: communication problem.
+XENSTORE_ERROR_COMM: Final = 1
+#: ``error``: invalid ring index.
+XENSTORE_ERROR_RINGIDX: Final = 2
+#: ``error``: protocol violation (payload too long).
+XENSTORE_ERROR_PROTO: Final = 3
+
+#: ``offsetof(struct xenstore_domain_interface, <field>)``.
+XENSTORE_DOMAIN_INTERFACE_OFFSETS: Final = {
+    "req": 0,
+    "rsp": 1024,
+    "req_cons": 2048,
+    "req_prod": 2052,
+    "rsp_cons": 2056,
+    "rsp_prod": 2060,
+    "server_features": 2064,
+    "connection": 2068,
+    "error": 2072,
+}
+#: ``sizeof(struct xenstore_domain_interface)``.
+XENSTORE_DOMAIN_INTERFACE_SIZE: Final = 2076
+
+_REQ: Final = XENSTORE_DOMAIN_INTERFACE_OFFSETS["req"]
+_RSP: Final = XENSTORE_DOMAIN_INTERFACE_OFFSETS["rsp"]
+_REQ_CONS: Final = XENSTORE_DOMAIN_INTERFACE_OFFSETS["req_cons"]
+_REQ_PROD: Final = XENSTORE_DOMAIN_INTERFACE_OFFSETS["req_prod"]
+_RSP_CONS: Final = XENSTORE_DOMAIN_INTERFACE_OFFSETS["rsp_cons"]
+_RSP_PROD: Final = XENSTORE_DOMAIN_INTERFACE_OFFSETS["rsp_prod"]
+_FEATURES: Final = XENSTORE_DOMAIN_INTERFACE_OFFSETS["server_features"]
+_CONNECTION: Final = XENSTORE_DOMAIN_INTERFACE_OFFSETS["connection"]
+_ERROR: Final = XENSTORE_DOMAIN_INTERFACE_OFFSETS["error"]
+_U32: Final = struct.Struct("=I")
+_M32: Final = 0xFFFFFFFF
+#: Features this daemon offers.
+_SERVER_FEATURES: Final = XENSTORE_SERVER_FEATURE_RECONNECTION | XENSTORE_SERVER_FEATURE_ERROR
+
+assert _ERROR + 4 == XENSTORE_DOMAIN_INTERFACE_SIZE
+
+
+class RingError(GntdmaError):
+    """The ring of a domain cannot be set up (grant map or event channel refused)."""
+
+
+def _closed(conn: Connection) -> bool:
+    return conn.closed
+
+
+class _Gone(Exception):
+    """The ring was closed while its handler was preempted at a barrier."""
+
+
+@dataclass(frozen=True, slots=True)
+class RingStatistics:
+    """What one domain's ring carried, and how often it was reset."""
+
+    domid: int
+    request_bytes: int
+    response_bytes: int
+    notifications: int
+    #: times the daemon found garbage and stopped serving the ring
+    errors: int
+    #: resets done on the guest's request (``XENSTORE_RECONNECT``)
+    reconnects: int
+    #: the page's ``error`` field as the daemon last set it
+    error: int
+
+
+@final
+class DomainRing:
+    """The daemon's end of one domain's xenstore ring.
+
+    ``gfn`` and ``port`` are what the toolstack passed to INTRODUCE: the guest's
+    store page and its unbound store port (allocated with ``server_domid`` as the
+    remote domain). A foreign guest's page is mapped through ``gref`` (grant ref
+    1 by default); the server domain's own page is used directly.
+    """
+
+    def __init__(
+        self,
+        xenstored: Xenstored,
+        hv: Hypervisor,
+        sched: Scheduler,
+        domid: int,
+        *,
+        gfn: int,
+        port: int,
+        server_domid: int = 0,
+        gref: int = GNTTAB_RESERVED_XENSTORE,
+    ) -> None:
+        self.xenstored = xenstored
+        self.domid = domid
+        self.server_domid = server_domid
+        self.gfn = gfn
+        self.remote_port = port
+        self._hv = hv
+        self._sched = sched
+        self._sched_ident = threading.get_ident()
+        self.closed = False
+        #: dom0's maptrack handle of the mapped page (None: the server's own page)
+        self.handle: int | None = None
+        self.local_port = 0
+        self.error = XENSTORE_ERROR_NONE
+        self._req_cons = 0
+        self._rsp_prod = 0
+        self._in_service = False
+        self._kick_posted = False
+        self._request_bytes = 0
+        self._response_bytes = 0
+        self._notifications = 0
+        self._errors = 0
+        self._reconnects = 0
+        self._page = self._map_page(gref)
+        try:
+            rc, lport = hv.evtchn_bind_interdomain(server_domid, domid, port)
+            if rc != 0:
+                raise RingError(f"dom{domid}: cannot bind store port {port} ({rc})")
+            self.local_port = lport
+            self._init_page()
+            self.conn = self._connect()
+            rc = hv.evtchn_bind_handler(server_domid, lport, self._intr,
+                                        name=f"xenstored/d{domid}")
+            if rc != 0:
+                raise RingError(f"dom{domid}: cannot bind the handler of port {lport} ({rc})")
+        except BaseException:
+            self.close()
+            raise
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"error {self.error}" if self.error else "up"
+        return f"<DomainRing dom{self.domid} port {self.local_port} {state}>"
+
+    # -- setup and teardown -----------------------------------------------------------
+
+    def _map_page(self, gref: int) -> memoryview:
+        if self.domid == self.server_domid:
+            return self._hv.domains[self.domid].memory.page(self.gfn)
+        op = GnttabMapGrantRef(flags=GNTMAP_host_map, ref=gref, dom=self.domid)
+        rc, res = self._hv.grant_table_op(self.server_domid, GNTTABOP_map_grant_ref, [op])
+        r = res[0] if rc == 0 and res else None
+        if not isinstance(r, GnttabMapGrantRef) or r.status != GNTST_okay:
+            status = r.status if isinstance(r, GnttabMapGrantRef) else rc
+            raise RingError(f"dom{self.domid}: cannot map store grant {gref} ({status})")
+        self.handle = r.handle
+        return self._hv.mapped_page(self.server_domid, r.handle)
+
+    def _init_page(self) -> None:
+        page = self._page
+        _U32.pack_into(page, _FEATURES, _SERVER_FEATURES)
+        _U32.pack_into(page, _ERROR, XENSTORE_ERROR_NONE)
+        self._req_cons = _U32.unpack_from(page, _REQ_CONS)[0]
+        self._rsp_prod = _U32.unpack_from(page, _RSP_PROD)[0]
+
+    def _connect(self) -> Connection:
+        conn = self.xenstored.connect(self.domid, name=f"ring{self.domid}")
+        conn.set_callbacks(on_output=self._on_output, on_close=self._on_close)
+        return conn
+
+    def close(self) -> None:
+        """Drop the connection, close the daemon's port, unmap the page. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        conn = getattr(self, "conn", None)
+        if conn is not None:
+            conn.set_callbacks(None, None)
+            conn.close()
+        if self.local_port != 0:
+            self._hv.evtchn_close(self.server_domid, self.local_port)
+            self.local_port = 0
+        if self.handle is not None:
+            op = GnttabUnmapGrantRef(handle=self.handle)
+            self._hv.grant_table_op(self.server_domid, GNTTABOP_unmap_grant_ref, [op])
+            self.handle = None
+        else:
+            self._page.release()
+
+    def statistics(self) -> RingStatistics:
+        return RingStatistics(self.domid, self._request_bytes, self._response_bytes,
+                              self._notifications, self._errors, self._reconnects,
+                              self.error)
+
+    # -- hooks from the core (core lock held, maybe another OS thread) ----------------
+
+    def _on_output(self) -> None:
+        if self._in_service and threading.get_ident() == self._sched_ident:
+            return  # the running handler pushes it before it returns
+        self._post_kick()
+
+    def _on_close(self, conn: Connection) -> None:
+        self._post_kick()
+
+    def _post_kick(self) -> None:
+        if self._kick_posted:
+            return
+        self._kick_posted = True
+        self._sched.post(self._kick)
+
+    def _kick(self) -> None:
+        """In the hub: make the handler run (set our own port pending)."""
+        self._kick_posted = False
+        if self.closed:
+            return
+        d = self._hv.domains.get(self.server_domid)
+        p = d.ports.get(self.local_port) if d is not None else None
+        if p is not None:
+            p.raise_()
+
+    # -- the handler (an interrupt thread of the daemon's domain) ---------------------
+
+    def _barrier(self, fn: Callable[[], None]) -> None:
+        fn()
+        if self.closed:
+            raise _Gone
+
+    def _intr(self, port: int) -> None:
+        if self.closed:
+            return
+        self._in_service = True
+        try:
+            self._service()
+        except _Gone:
+            pass
+        finally:
+            self._in_service = False
+
+    def _service(self) -> None:
+        page = self._page
+        if _U32.unpack_from(page, _CONNECTION)[0] == XENSTORE_RECONNECT:
+            self._reconnect()
+            return
+        if self.error != XENSTORE_ERROR_NONE:
+            return  # ignored until the guest asks for a reconnect
+        notify = False
+        while True:
+            moved = self._push_output()
+            if self.error == XENSTORE_ERROR_NONE:
+                moved = self._pull_input() or moved
+            if self.error != XENSTORE_ERROR_NONE:
+                notify = True
+                break
+            if not moved:
+                break
+            notify = True
+        if notify:
+            self._notify()
+
+    def _fail(self, code: int, why: str) -> None:
+        """Garbage from the guest: reset the connection and ignore the ring."""
+        log.warning("dom%d: xenstore ring reset: %s", self.domid, why)
+        self.error = code
+        self._errors += 1
+        _U32.pack_into(self._page, _ERROR, code)
+        self.conn.set_callbacks(None, None)
+        self.conn.close()
+
+    def _pull_input(self) -> bool:
+        """Take the request bytes the guest produced and feed them to the core."""
+        conn = self.conn
+        if conn.closed:
+            self._fail(XENSTORE_ERROR_PROTO, conn.close_reason or "connection closed")
+            return False
+        if conn.has_output:
+            return False  # replies first: the guest frees room and notifies
+        page = self._page
+        cons = self._req_cons
+        prod = _U32.unpack_from(page, _REQ_PROD)[0]
+        avail = (prod - cons) & _M32
+        if avail > XENSTORE_RING_SIZE:
+            self._fail(XENSTORE_ERROR_RINGIDX, f"req_prod {prod:#x} req_cons {cons:#x}")
+            return False
+        if avail == 0:
+            return False
+        self._barrier(rmb)  # see the bytes after the index
+        start = cons & MASK_XENSTORE_IDX
+        first = min(avail, XENSTORE_RING_SIZE - start)
+        data = bytes(page[_REQ + start : _REQ + start + first])
+        if first < avail:
+            data += bytes(page[_REQ : _REQ + avail - first])
+        self._barrier(mb)  # done reading before the room is given back
+        self._req_cons = (cons + avail) & _M32
+        _U32.pack_into(page, _REQ_CONS, self._req_cons)
+        self._request_bytes += avail
+        conn.feed(data)
+        if _closed(conn):  # a protocol error: the core dropped it
+            self._fail(XENSTORE_ERROR_PROTO, conn.close_reason or "protocol error")
+        return True
+
+    def _push_output(self) -> bool:
+        """Write queued replies and events into the response ring as room allows."""
+        conn = self.conn
+        if not conn.has_output:
+            return False
+        page = self._page
+        prod = self._rsp_prod
+        cons = _U32.unpack_from(page, _RSP_CONS)[0]
+        used = (prod - cons) & _M32
+        if used > XENSTORE_RING_SIZE:
+            self._fail(XENSTORE_ERROR_RINGIDX, f"rsp_cons {cons:#x} rsp_prod {prod:#x}")
+            return False
+        room = XENSTORE_RING_SIZE - used
+        if room == 0:
+            return False
+        data = conn.data_to_send(room)
+        if not data:
+            return False
+        n = len(data)
+        start = prod & MASK_XENSTORE_IDX
+        first = min(n, XENSTORE_RING_SIZE - start)
+        page[_RSP + start : _RSP + start + first] = data[:first]
+        if first < n:
+            page[_RSP : _RSP + n - first] = data[first:]
+        self._barrier(wmb)  # the bytes before the index
+        self._rsp_prod = (prod + n) & _M32
+        _U32.pack_into(page, _RSP_PROD, self._rsp_prod)
+        self._response_bytes += n
+        return True
+
+    def _reconnect(self) -> None:
+        """The guest asked for a reset: fresh connection, indices 0, CONNECTED."""
+        page = self._page
+        old = self.conn
+        old.set_callbacks(None, None)
+        old.close()
+        for off in (_REQ_CONS, _REQ_PROD, _RSP_CONS, _RSP_PROD):
+            _U32.pack_into(page, off, 0)
+        self._req_cons = self._rsp_prod = 0
+        self.error = XENSTORE_ERROR_NONE
+        _U32.pack_into(page, _ERROR, XENSTORE_ERROR_NONE)
+        _U32.pack_into(page, _FEATURES, _SERVER_FEATURES)
+        self.conn = self._connect()
+        self._reconnects += 1
+        self._barrier(wmb)
+        _U32.pack_into(page, _CONNECTION, XENSTORE_CONNECTED)
+        self._notify()
+
+    def _notify(self) -> None:
+        self._notifications += 1
+        self._hv.evtchn_send(self.server_domid, self.local_port)
