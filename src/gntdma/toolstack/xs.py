@@ -423,8 +423,12 @@ class HostXenstore:
         xs = self.toolstack
 
         def create(tx: int) -> None:
-            xs.rm(fe, tx)
-            xs.rm(be, tx)
+            for path in (fe, be):  # leftovers of an earlier device (missing: fine)
+                try:
+                    xs.rm(path, tx)
+                except XsError as e:
+                    if e.errno != errno.ENOENT:
+                        raise
             xs.mkdir(fe, tx)
             xs.set_perms(fe, [f"n{frontend}", f"r{backend}"], tx)
             xs.mkdir(be, tx)

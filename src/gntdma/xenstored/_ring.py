@@ -168,6 +168,8 @@ class RingStatistics:
     reconnects: int
     #: the page's ``error`` field as the daemon last set it
     error: int
+    #: the error of the last reset (``XENSTORE_ERROR_*``), 0 if none yet
+    last_error: int
 
 
 @final
@@ -205,6 +207,7 @@ class DomainRing:
         self.handle: int | None = None
         self.local_port = 0
         self.error = XENSTORE_ERROR_NONE
+        self.last_error = XENSTORE_ERROR_NONE
         self._req_cons = 0
         self._rsp_prod = 0
         self._in_service = False
@@ -282,7 +285,7 @@ class DomainRing:
     def statistics(self) -> RingStatistics:
         return RingStatistics(self.domid, self._request_bytes, self._response_bytes,
                               self._notifications, self._errors, self._reconnects,
-                              self.error)
+                              self.error, self.last_error)
 
     # -- hooks from the core (core lock held, maybe another OS thread) ----------------
 
@@ -352,7 +355,7 @@ class DomainRing:
     def _fail(self, code: int, why: str) -> None:
         """Garbage from the guest: reset the connection and ignore the ring."""
         log.warning("dom%d: xenstore ring reset: %s", self.domid, why)
-        self.error = code
+        self.error = self.last_error = code
         self._errors += 1
         _U32.pack_into(self._page, _ERROR, code)
         self.conn.set_callbacks(None, None)
