@@ -437,13 +437,15 @@ def bus_dmamap_load_uio(dmat: BusDmaTag, map: BusDmaMap, u: uio, callback: BusDm
 def busdma_replay_load(dmat: BusDmaTag, map: BusDmaMap) -> None:
     """Replay a deferred load (``bus_dmamap_load_mem(..., BUS_DMA_WAITOK)``); for impls.
 
+    The replay keeps the load's other flags (``map.load_flags``): an
+    implementation's load flags, such as ``BUS_DMA_XEN_RO``, must not be lost.
     Call it with the tag's lockfunc held. Does nothing if the load was cancelled.
     """
     mem, callback, arg = map.mem, map.callback, map.callback_arg
     if map.state is not MapState.LOADING or not map.deferred or mem is None or callback is None:
         return
     dmat.impl.map_waitok(dmat, map, mem, callback, arg)
-    error, segs = _run(dmat, map, mem, BUS_DMA_WAITOK)
+    error, segs = _run(dmat, map, mem, (map.load_flags & ~BUS_DMA_NOWAIT) | BUS_DMA_WAITOK)
     if error == errno.EINPROGRESS:
         return
     _call(callback, arg, segs, error)
