@@ -19,10 +19,12 @@ When the references run short:
 - a ``BUS_DMA_NOWAIT`` load fails with ENOMEM (the bus_dma contract for a
   resource shortage without sleeping) and keeps nothing;
 - a sleepable load builds all its segments first, then returns EINPROGRESS
-  and waits for a grant-table free callback for exactly the references it
-  still needs. The callback takes the tag's lockfunc, allocates, writes the
-  grants and runs the client callback once. If the references are gone again
-  by then, it registers itself again.
+  and waits for a grant-table free callback for the references it still needs
+  (less what the table can still grow by). The callback takes the tag's
+  lockfunc, allocates, writes the grants and runs the client callback once. If
+  the references are gone again by then, it registers itself again;
+- a sleepable load needing more references than the table can ever hold fails
+  with ENOSPC (through the callback, like EFBIG) instead of waiting forever.
 
 Grants are written when a load completes (``map_complete``); unload ends
 access and frees the references. Where the 2018 design was unsafe this one is
@@ -45,6 +47,7 @@ import errno
 from dataclasses import dataclass
 from typing import Any, Final, final
 
+from gntdma.abi.grant_table import GNTTAB_NR_RESERVED_ENTRIES, GREFS_PER_GRANT_FRAME
 from gntdma.abi.xen import PAGE_SHIFT, PAGE_SIZE
 from gntdma.sched import KernelPanic
 from gntdma.sys import (
@@ -274,12 +277,26 @@ class XenDmaImpl(BounceImpl):
             return 0  # more buffers to come: allocate once every segment is known
         if self._take_refs(m, len(segs)) == 0:
             return 0
-        need = len(segs) - len(m.refs)
+        gt = self.gnttab
+        if len(segs) > gt.max_frames * GREFS_PER_GRANT_FRAME - GNTTAB_NR_RESERVED_ENTRIES:
+            return errno.ENOSPC  # more than the table can ever hold: waiting never ends
         m.grant_wait = True
         m.pending_segs = segs
         self.grant_deferred += 1
-        self.gnttab.gnttab_request_free_callback(m.gnttab_cb, self._grant_callback, m, need)
+        gt.gnttab_request_free_callback(m.gnttab_cb, self._grant_callback, m,
+                                        self._wait_count(len(segs) - len(m.refs)))
         return errno.EINPROGRESS
+
+    def _wait_count(self, need: int) -> int:
+        """Free references to wait for before ``need`` can be allocated.
+
+        The table grows on allocation only, so the frames it may still add need not be
+        freed first: waiting for ``need`` free references would never end for a load
+        larger than the current frames (the allocation in the callback grows the table).
+        """
+        gt = self.gnttab
+        growable = max(0, gt.max_frames - gt.nr_frames) * GREFS_PER_GRANT_FRAME
+        return max(1, need - growable)
 
     def _take_refs(self, m: XenDmaMap, nsegs: int) -> int:
         need = nsegs - len(m.refs)
@@ -303,7 +320,7 @@ class XenDmaImpl(BounceImpl):
                     or not m.deferred):
                 return  # unloaded (or completed) meanwhile
             if self._take_refs(m, len(segs)) != 0:
-                need = len(segs) - len(m.refs)
+                need = self._wait_count(len(segs) - len(m.refs))
                 self.gnttab.gnttab_request_free_callback(m.gnttab_cb, self._grant_callback,
                                                          m, need)
                 return
