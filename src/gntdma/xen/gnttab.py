@@ -453,9 +453,16 @@ class GntTab:
                 avail -= cb.count
                 ready.append((cb, cb.gen))
         mtx_unlock(self.lock)
+        skipped = False
         for cb, gen in ready:
             if cb.gen == gen:  # not cancelled or re-requested meanwhile
                 self._run_callback(cb)
+            else:
+                skipped = True
+        if skipped:  # the references set aside for it may serve a callback left waiting
+            mtx_lock(self.lock)
+            self._check_free_callbacks()
+            mtx_unlock(self.lock)
 
     # -- inspection -------------------------------------------------------------------
 
