@@ -75,3 +75,116 @@ def backend_read(host: Host, g: Guest, ref: int, seg: bus_dma_segment_t,
                                           [GnttabUnmapGrantRef(handle=r.handle)])
     assert isinstance(u, GnttabUnmapGrantRef) and u.status == GNTST_okay
     return r.status, data
+
+
+# -- additions for the state machine, seed and hazard tests ---------------------------------
+
+FOUR_GIB = 1 << 32
+
+
+def xen_impl(g: Guest) -> Any:
+    """The guest kernel's busdma_xen implementation (a ``XenDmaImpl``)."""
+    from gntdma.sys import kernel_state
+    from gntdma.xen.busdma import XenDmaImpl
+
+    i = kernel_state(g.kernel).impls["xen"]
+    assert isinstance(i, XenDmaImpl)
+    return i
+
+
+def pattern(n: int, seed: int = 1) -> bytes:
+    return bytes((i * 31 + seed * 7 + (i >> 8)) & 0xFF for i in range(n))
+
+
+def peer_map(peer: Guest, g: Guest, ref: int, writable: bool) -> tuple[int, int]:
+    """``peer`` maps ``g``'s grant ``ref`` and keeps it: (GNTST status, handle)."""
+    flags = GNTMAP_host_map | (0 if writable else GNTMAP_readonly)
+    _, (r,) = peer.hc.grant_table_op(GNTTABOP_map_grant_ref,
+                                     [GnttabMapGrantRef(flags=flags, ref=ref, dom=g.domid)])
+    assert isinstance(r, GnttabMapGrantRef)
+    return r.status, r.handle
+
+
+def peer_unmap(peer: Guest, handle: int) -> None:
+    _, (u,) = peer.hc.grant_table_op(GNTTABOP_unmap_grant_ref,
+                                     [GnttabUnmapGrantRef(handle=handle)])
+    assert isinstance(u, GnttabUnmapGrantRef) and u.status == GNTST_okay
+
+
+def peer_read(peer: Guest, g: Guest, ref: int, seg: bus_dma_segment_t,
+              writable: bool = False) -> tuple[int, bytes]:
+    """Like :func:`backend_read`, with any domain as the backend."""
+    status, handle = peer_map(peer, g, ref, writable)
+    if status != GNTST_okay:
+        return status, b""
+    view = peer.hc.mapped_page(handle)
+    off = seg.ds_addr & (PAGE - 1)
+    data = bytes(view[off : off + seg.ds_len])
+    peer_unmap(peer, handle)
+    return status, data
+
+
+def check_map_grants(peer: Guest, g: Guest, map_: Any, data: bytes, ro: bool,
+                     others: tuple[Guest, ...] = ()) -> list[int]:
+    """Each ref of ``map_`` grants its segment's frame to ``peer`` with the right flag,
+    ``peer`` reads exactly ``data`` through them (and cannot map a read-only one
+    writable), and no domain of ``others`` can map them. Returns the refs."""
+    from gntdma.abi.grant_table import GTF_permit_access, GTF_readonly
+    from gntdma.xen.busdma import xen_dmamap_get_grefs
+
+    segs = list(map_.dm_segs)
+    refs = xen_dmamap_get_grefs(map_)
+    assert len(refs) == len(segs) and len(set(refs)) == len(refs), (refs, segs)
+    got = []
+    for ref, seg in zip(refs, segs, strict=True):
+        assert (seg.ds_addr & (PAGE - 1)) + seg.ds_len <= PAGE, seg  # never crosses a page
+        want = GTF_permit_access | (GTF_readonly if ro else 0)
+        assert g.gnttab.entry(ref) == (want, peer.domid, seg.ds_addr >> 12), (ref, seg)
+        status, chunk = peer_read(peer, g, ref, seg, writable=not ro)
+        assert status == GNTST_okay, (ref, status)
+        got.append(chunk)
+        if ro:
+            assert peer_map(peer, g, ref, writable=True)[0] != GNTST_okay
+        for other in others:
+            assert peer_map(other, g, ref, writable=False)[0] != GNTST_okay
+    assert b"".join(got) == data
+    return refs
+
+
+def hold_refs(g: Guest, leave: int) -> list[int]:
+    """Take every reference the table can ever have but ``leave``; the chain heads."""
+    gt = g.gnttab
+    heads: list[int] = []
+    while True:
+        error, h = gt.gnttab_alloc_grant_references(64)
+        if error != 0:
+            break
+        heads.append(h.head)
+    if gt.free_count > leave:
+        error, h = gt.gnttab_alloc_grant_references(gt.free_count - leave)
+        assert error == 0
+        heads.append(h.head)
+    assert gt.free_count == leave
+    return heads
+
+
+def release_refs(g: Guest, heads: list[int]) -> None:
+    for h in heads:
+        g.gnttab.gnttab_free_grant_references(h)
+    heads.clear()
+
+
+def high_kbuf(k: Kernel, npages: int) -> int:
+    """Kernel memory of ``npages`` pages, every one above 4 GiB (free with ``kmem_free``)."""
+    from gntdma.sys import BUS_SPACE_MAXADDR_ANY, M_WAITOK
+
+    va = k.kmem_alloc_attr(npages * PAGE, M_WAITOK, FOUR_GIB, BUS_SPACE_MAXADDR_ANY)
+    assert va != 0
+    assert all(k.pmap_kextract(va + i * PAGE) >= FOUR_GIB for i in range(npages))
+    return va
+
+
+def settle(host: Host) -> None:
+    """Let every runnable kernel thread (taskqueue_swi: deferred loads) run."""
+    for _ in range(4):
+        host.sched.yield_()
