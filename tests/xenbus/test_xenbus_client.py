@@ -6,9 +6,10 @@ import errno
 
 from xenbus_testlib import on_guest, xs
 
-from gntdma.sched import current_scheduler
+from gntdma.sched import ThreadState, current_scheduler
 from gntdma.toolstack.host import Host
-from gntdma.xen.xenbus import XST_NIL, XsWatch
+from gntdma.toolstack.xs import store_pfn
+from gntdma.xen.xenbus import XST_NIL, XsWatch, xs_attach
 
 
 def test_home_directory_and_basic_ops(host: Host) -> None:
@@ -220,3 +221,12 @@ def test_requests_in_flight_from_several_threads(host: Host) -> None:
     assert sorted(done) == list(range(5))
     assert c.statistics().pending == 0
     assert c.statistics().requests >= 200
+
+
+def test_xs_attach_reports_a_bad_port(host: Host) -> None:
+    g = host.create_guest("g1", memory_mb=4)
+    gfn = store_pfn(g.domain.memory)
+    assert xs_attach(g.hc, gfn, 999, name="g1-bad") == (errno.EINVAL, None)
+    host.sched.yield_()
+    assert all(t.state is ThreadState.DONE for t in host.sched.threads
+               if t.name == "g1-bad/xenwatch")

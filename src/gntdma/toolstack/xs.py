@@ -63,7 +63,7 @@ from gntdma.xen.xenbus import (
     xenbus_backend_path,
     xenbus_frontend_path,
 )
-from gntdma.xen.xenstore import XenStore
+from gntdma.xen.xenstore import XenStore, xs_attach
 from gntdma.xenstored import Message, MessageReader, Xenstored, XsdType, XsError, errno_from_name
 from gntdma.xenstored._ring import DomainRing
 from gntdma.xenstored._socket import XenstoredServer
@@ -358,7 +358,9 @@ class HostXenstore:
                 self.xenstored.set_perms(f"{home}/{key}", ["n0", f"r{domid}"])
             self.rings[domid] = DomainRing(self.xenstored, hv, self._sched, domid,
                                            gfn=gfn, port=port)
-            client = XenStore(g.hc, gfn, port, name=g.name, domain=g.kernel)
+            error, client = xs_attach(g.hc, gfn, port, name=g.name, domain=g.kernel)
+            if client is None:
+                raise XenstoreSetupError(f"dom{domid}: xenstore attach failed ({error})")
         except BaseException:
             self.domain_destroyed(g)
             raise

@@ -47,6 +47,7 @@ from gntdma.xen.xenstore import (
     XenStoreStatistics,
     XsWatch,
     XsWatchCallback,
+    xs_attach,
     xs_join,
 )
 
@@ -88,6 +89,7 @@ __all__ = [
     "xenbus_transition_legal",
     "xenbus_wait_otherend_state",
     "xenbus_wait_state",
+    "xs_attach",
     "xs_join",
 ]
 

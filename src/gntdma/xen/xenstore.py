@@ -85,6 +85,7 @@ __all__ = [
     "XsWatch",
     "XsWatchCallback",
     "XsdSockmsgType",
+    "xs_attach",
     "xs_join",
 ]
 
@@ -234,9 +235,6 @@ class _Request:
         self.error = 0
 
 
-#: An item of the xenwatch queue that asks for the watches to be registered again.
-_RESUME: Final = ("", "")
-
 
 @dataclass(frozen=True, slots=True)
 class XenStoreStatistics:
@@ -274,7 +272,8 @@ class XenStore:
         self._tokens = itertools.count(1)
         self._pending: dict[int, _Request] = {}
         self._watches: dict[str, XsWatch] = {}
-        self._events: deque[tuple[str, str]] = deque()
+        #: watch events for the xenwatch thread; None asks it to register the watches again
+        self._events: deque[tuple[str, str] | None] = deque()
         self._running: XsWatch | None = None
         self._ring_chan = object()  # writers waiting for room, or for the reconnect
         self._watch_chan = object()  # the xenwatch thread waiting for events
@@ -403,7 +402,7 @@ class XenStore:
         if error in (errno.ENOENT, errno.EIO):
             error = 0  # the daemon forgot it already (a reset)
         if self._events:
-            kept = [ev for ev in self._events if ev[1] != token]
+            kept = [ev for ev in self._events if ev is None or ev[1] != token]
             self._events.clear()
             self._events.extend(kept)
         me = current_scheduler().curthread
@@ -417,7 +416,10 @@ class XenStore:
         if self._detached:
             return
         self._detached = True
-        self.hc.evtchn_unbind_handler(self.store_port)
+        try:
+            self.hc.evtchn_unbind_handler(self.store_port)
+        except KeyError:
+            pass  # the domain is gone already, and its port with it
         for req in self._pending.values():
             req.error = errno.ENXIO
             wakeup(req)
@@ -592,6 +594,7 @@ class XenStore:
             if req.started and req.reply is None and req.error == 0:
                 req.error = errno.EIO
                 wakeup(req)
+        wakeup(self._ring_chan)  # a writer waiting for room fails its request now
         self._rbuf.clear()
         features = _U32.unpack_from(page, _FEATURES)[0]
         if not features & XENSTORE_SERVER_FEATURE_RECONNECTION:
@@ -611,7 +614,7 @@ class XenStore:
         self.connected = True
         wakeup(self._ring_chan)
         if self._watches:
-            self._events.append(_RESUME)
+            self._events.append(None)
             wakeup(self._watch_chan)
 
     # -- the xenwatch thread ------------------------------------------------------------
@@ -621,10 +624,11 @@ class XenStore:
             if not self._events:
                 tsleep(self._watch_chan, "xenwatch")
                 continue
-            path, token = self._events.popleft()
-            if (path, token) == _RESUME:
+            item = self._events.popleft()
+            if item is None:
                 self._reregister()
                 continue
+            path, token = item
             w = self._watches.get(token)
             if w is None:
                 continue
@@ -643,3 +647,12 @@ class XenStore:
             error, _ = self._talk(_T.XS_WATCH, XST_NIL, f"{w.node}\0{token}\0".encode())
             if error not in (0, errno.EEXIST):
                 log.warning("%s: watch %s lost in a reset (%d)", self.name, w.node, error)
+
+
+def xs_attach(hc: Hypercalls, store_gfn: int, store_port: int, *, name: str = "",
+              domain: object | None = None) -> tuple[int, XenStore | None]:
+    """Attach the kernel's xenstore client to its store page and port: (error, xs)."""
+    try:
+        return 0, XenStore(hc, store_gfn, store_port, name=name, domain=domain)
+    except OSError as e:
+        return e.errno if e.errno is not None else errno.ENXIO, None
