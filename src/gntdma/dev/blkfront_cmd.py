@@ -1,0 +1,310 @@
+"""blkfront: constants, the command (``struct xbd_command``), negotiation values.
+
+The pieces of FreeBSD's ``block.h`` that :mod:`gntdma.dev.blkfront` builds on:
+the softc flags (``XBDF_*``), the command flags and queues (``XBDCF_*``,
+``XBD_Q_*``), the size arithmetic (``XBD_SEGS_TO_SIZE``...), what the backend
+tells the frontend (:class:`XbdBackendFeatures`, parsed from xenstore strings)
+and the driver's counters (:class:`XbdStatistics`). ``xbd_mksegarray`` turns
+bus_dma segments and their grant references into ``blkif_request_segment``
+entries.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, final
+
+from gntdma.abi.blkif import (
+    BLKIF_MAX_INDIRECT_SEGMENTS,
+    BLKIF_SECTOR_SIZE,
+    BLKIF_SECTORS_PER_PAGE,
+    BlkifKey,
+    BlkifRequestSegment,
+)
+from gntdma.sched import KernelPanic
+from gntdma.sys import MAXPHYS, PAGE_MASK, PAGE_SIZE, BusDmaMap, bio, bus_dma_segment_t
+
+if TYPE_CHECKING:
+    from gntdma.dev.blkfront import xbd_softc
+
+__all__ = [
+    "XBDCF_ASYNC_MAPPING",
+    "XBDCF_FROZEN",
+    "XBDCF_INITIALIZER",
+    "XBDCF_Q_FREEZE",
+    "XBDCF_Q_MASK",
+    "XBDF_BARRIER",
+    "XBDF_BROKEN",
+    "XBDF_CM_SHORTAGE",
+    "XBDF_DETACHING",
+    "XBDF_DISCARD",
+    "XBDF_FLUSH",
+    "XBDF_FREED",
+    "XBDF_NONE",
+    "XBDF_READONLY",
+    "XBDF_WAIT_IDLE",
+    "XBD_DEFAULT_MAX_INDIRECT_SEGMENTS",
+    "XBD_DEFAULT_RING_PAGE_ORDER",
+    "XBD_MAX_INDIRECT_SEGMENTS",
+    "XBD_MAX_RING_PAGE_ORDER",
+    "XBD_MAX_RING_PAGES",
+    "XBD_Q_BUSY",
+    "XBD_Q_FREE",
+    "XBD_Q_NONE",
+    "XBD_Q_READY",
+    "XBD_STATE_CONNECTED",
+    "XBD_STATE_DISCONNECTED",
+    "XbdBackendFeatures",
+    "XbdStatistics",
+    "XBD_INDIRECT_SEGS_TO_PAGES",
+    "XBD_SEGS_TO_SIZE",
+    "XBD_SIZE_TO_SEGS",
+    "xbd_command",
+    "xbd_mksegarray",
+]
+
+# -- softc state and flags (block.h) ---------------------------------------------------
+
+XBD_STATE_DISCONNECTED: Final = 0  #: no I/O: before xbd_connect, or after xbd_closing
+XBD_STATE_CONNECTED: Final = 1  #: serving bios
+
+XBDF_NONE: Final = 0
+XBDF_BARRIER: Final = 1 << 1  #: backend supports BLKIF_OP_WRITE_BARRIER
+XBDF_FLUSH: Final = 1 << 2  #: backend supports BLKIF_OP_FLUSH_DISKCACHE
+XBDF_CM_SHORTAGE: Final = 1 << 4  #: frozen: no free command
+XBDF_WAIT_IDLE: Final = 1 << 6  #: frozen: an ordered request waits for the ring to drain
+XBDF_DISCARD: Final = 1 << 8  #: backend supports BLKIF_OP_DISCARD
+XBDF_READONLY: Final = 1 << 9  #: the backend's info says VDISK_READONLY
+XBDF_DETACHING: Final = 1 << 10  #: xbd_closing ran: new bios get ENXIO
+XBDF_BROKEN: Final = 1 << 11  #: the backend broke the ring protocol
+XBDF_FREED: Final = 1 << 12  #: xbd_free ran: every resource is gone
+
+# -- command flags and queues ------------------------------------------------------------
+
+XBDCF_Q_MASK: Final = 0xFF
+#: This command holds one count of xbd_qfrozen_cnt.
+XBDCF_FROZEN: Final = 1 << 8
+#: Its bus_dma load returned EINPROGRESS: the queue is frozen until the callback.
+XBDCF_ASYNC_MAPPING: Final = 1 << 10
+#: Freeze the queue from dispatch to completion (single-step an ordered request).
+XBDCF_Q_FREEZE: Final = 1 << 11
+
+XBD_Q_FREE: Final = 0
+XBD_Q_READY: Final = 1  #: built, waiting for dispatch (an ordered request waiting for idle)
+XBD_Q_BUSY: Final = 2  #: on the ring, owned by the backend
+XBD_Q_NONE: Final = XBDCF_Q_MASK  #: in no queue (being built or mapping)
+XBDCF_INITIALIZER: Final = XBD_Q_NONE
+
+# -- sizes ----------------------------------------------------------------------------------
+
+#: FreeBSD's XBD_MAX_RING_PAGES: 32 pages, order 5.
+XBD_MAX_RING_PAGES: Final = 32
+XBD_MAX_RING_PAGE_ORDER: Final = 5
+#: Ring order asked for when the backend allows it (4 pages, 128 requests).
+XBD_DEFAULT_RING_PAGE_ORDER: Final = 2
+#: Segments of the largest indirect request (8 pages of 512).
+XBD_MAX_INDIRECT_SEGMENTS: Final = BLKIF_MAX_INDIRECT_SEGMENTS
+
+
+def XBD_SEGS_TO_SIZE(segs: int) -> int:
+    """Bytes a request of ``segs`` segments always fits: one page less (any alignment)."""
+    return (segs - 1) * PAGE_SIZE
+
+
+def XBD_SIZE_TO_SEGS(size: int) -> int:
+    return size // PAGE_SIZE + 1
+
+
+def XBD_INDIRECT_SEGS_TO_PAGES(segs: int) -> int:
+    per_page = PAGE_SIZE // BlkifRequestSegment.STRUCT.size
+    return (segs + per_page - 1) // per_page
+
+
+#: Segments per request the frontend asks for by default: a MAXPHYS transfer.
+XBD_DEFAULT_MAX_INDIRECT_SEGMENTS: Final = XBD_SIZE_TO_SEGS(MAXPHYS)
+
+
+# -- what the backend says ---------------------------------------------------------------
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class XbdBackendFeatures:
+    """The backend's xenstore values the frontend uses (blkif.h section "backend").
+
+    ``sectors`` counts ``sector_size`` units; ``max_indirect_segments`` 0 means
+    no indirect requests; ``max_ring_page_order`` is read before the ring is
+    allocated (InitWait), the rest at Connected.
+    """
+
+    sectors: int = 0
+    sector_size: int = BLKIF_SECTOR_SIZE
+    info: int = 0
+    feature_flush_cache: bool = False
+    feature_barrier: bool = False
+    feature_discard: bool = False
+    max_indirect_segments: int = 0
+    max_ring_page_order: int = 0
+
+    @property
+    def media_size(self) -> int:
+        return self.sectors * self.sector_size
+
+    @staticmethod
+    def from_xenstore(read: Callable[[str], str | None]
+                      ) -> tuple[int, XbdBackendFeatures | None]:
+        """Parse the backend's keys; ``read(key)`` returns the value or None if absent.
+
+        Returns (0, features), (ENOENT, None) if ``sectors`` is missing, or
+        (EINVAL, None) for a value that is not a decimal number or a sector
+        size that is not a power of two of at least 512 (the backend is not
+        trusted: nothing it writes is used unchecked).
+        """
+        def num(key: str, default: int) -> int | None:
+            raw = read(key)
+            if raw is None or raw.strip() == "":
+                return default
+            raw = raw.strip()
+            if not raw.isdigit():
+                return None
+            return int(raw)
+
+        vals: dict[str, int] = {}
+        for key, default in ((BlkifKey.SECTORS, -1), (BlkifKey.SECTOR_SIZE, BLKIF_SECTOR_SIZE),
+                             (BlkifKey.INFO, 0), (BlkifKey.FEATURE_FLUSH_CACHE, 0),
+                             (BlkifKey.FEATURE_BARRIER, 0), (BlkifKey.FEATURE_DISCARD, 0),
+                             (BlkifKey.FEATURE_MAX_INDIRECT_SEGMENTS, 0),
+                             (BlkifKey.MAX_RING_PAGE_ORDER, -1), (BlkifKey.MAX_RING_PAGES, 0)):
+            v = num(key.value, default)
+            if v is None:
+                return errno.EINVAL, None
+            vals[key.value] = v
+        sectors = vals[BlkifKey.SECTORS.value]
+        if sectors < 0:
+            return errno.ENOENT, None
+        ssize = vals[BlkifKey.SECTOR_SIZE.value]
+        if ssize < BLKIF_SECTOR_SIZE or ssize & (ssize - 1) != 0:
+            return errno.EINVAL, None
+        order = vals[BlkifKey.MAX_RING_PAGE_ORDER.value]
+        if order < 0:  # the deprecated max-ring-pages, if any
+            pages = vals[BlkifKey.MAX_RING_PAGES.value]
+            order = pages.bit_length() - 1 if pages > 0 else 0
+        return 0, XbdBackendFeatures(
+            sectors=sectors,
+            sector_size=ssize,
+            info=vals[BlkifKey.INFO.value],
+            feature_flush_cache=vals[BlkifKey.FEATURE_FLUSH_CACHE.value] != 0,
+            feature_barrier=vals[BlkifKey.FEATURE_BARRIER.value] != 0,
+            feature_discard=vals[BlkifKey.FEATURE_DISCARD.value] != 0,
+            max_indirect_segments=vals[BlkifKey.FEATURE_MAX_INDIRECT_SEGMENTS.value],
+            max_ring_page_order=min(order, XBD_MAX_RING_PAGE_ORDER),
+        )
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class XbdStatistics:
+    """Counters of one xbd device (since :meth:`xbd_softc.xbd_connect`)."""
+
+    name: str
+    state: str  #: "disconnected", "connected", "closing", "broken", "freed"
+    bios: int  #: bios submitted to xbd_strategy (a split bio counts once)
+    requests: int  #: ring requests issued, every kind
+    direct_requests: int  #: reads and writes of at most 11 segments
+    indirect_requests: int  #: BLKIF_OP_INDIRECT requests
+    flushes: int
+    discards: int
+    bytes_read: int  #: by requests that completed OK
+    bytes_written: int
+    errors: int  #: bios completed with an error (backend status, load error, ENXIO...)
+    deferred_loads: int  #: bus_dma loads that returned EINPROGRESS (queue frozen)
+    in_flight: int  #: commands on the ring
+    ring_size: int  #: slots (= commands)
+    ring_pages: int
+    ring_occupancy: int  #: requests produced and not yet answered
+    ring_occupancy_peak: int
+    grant_refs_in_use: int  #: ring + indirect pages + loaded data maps
+    max_request_segments: int
+    max_request_size: int
+    protocol_error: str  #: why the backend's ring was declared broken ("" if never)
+
+
+# -- the command ------------------------------------------------------------------------------
+
+
+@final
+class xbd_command:
+    """``struct xbd_command``: one request slot's worth of driver state."""
+
+    __slots__ = (
+        "cm_bp",
+        "cm_bytes",
+        "cm_flags",
+        "cm_id",
+        "cm_indirect",
+        "cm_indirectionmap",
+        "cm_indirectionpages",
+        "cm_indirectionrefs",
+        "cm_map",
+        "cm_nr_sectors",
+        "cm_nseg",
+        "cm_operation",
+        "cm_sc",
+        "cm_sector_number",
+        "cm_status",
+    )
+
+    def __init__(self, sc: xbd_softc, cm_id: int) -> None:
+        self.cm_sc = sc
+        self.cm_id = cm_id
+        self.cm_flags = XBDCF_INITIALIZER
+        #: The data map (Xen tag, per-load references).
+        self.cm_map: BusDmaMap | None = None
+        self.cm_bp: bio | None = None
+        self.cm_operation = 0
+        self.cm_sector_number = 0
+        self.cm_nr_sectors = 0
+        self.cm_nseg = 0
+        self.cm_bytes = 0
+        self.cm_status = 0
+        #: True when the request on the ring is BLKIF_OP_INDIRECT.
+        self.cm_indirect = False
+        #: Kernel va of the indirect pages (0 without indirect requests).
+        self.cm_indirectionpages = 0
+        #: Their map, loaded read-only with references held for the map's life.
+        self.cm_indirectionmap: BusDmaMap | None = None
+        #: THE references of the indirect pages (what indirect_grefs must carry).
+        self.cm_indirectionrefs: list[int] = []
+
+    @property
+    def cm_queue(self) -> int:
+        return self.cm_flags & XBDCF_Q_MASK
+
+    def __repr__(self) -> str:
+        return f"<xbd_command {self.cm_id} q={self.cm_queue} flags={self.cm_flags:#x}>"
+
+
+def xbd_mksegarray(segs: list[bus_dma_segment_t], nsegs: int,
+                   refs: list[int]) -> list[BlkifRequestSegment]:
+    """One ``blkif_request_segment`` per bus_dma segment: ``refs[i]`` grants segment ``i``.
+
+    ``first_sect`` is the segment's 512-byte offset in its page, ``last_sect``
+    the last sector it covers (inclusive). The data tag guarantees what is
+    asserted: 512-aligned, never crossing a page.
+    """
+    if len(refs) < nsegs:
+        raise KernelPanic(f"xbd_mksegarray: {nsegs} segments but {len(refs)} grant refs")
+    out: list[BlkifRequestSegment] = []
+    for i in range(nsegs):
+        s = segs[i]
+        off = s.ds_addr & PAGE_MASK
+        if off % BLKIF_SECTOR_SIZE != 0 or s.ds_len % BLKIF_SECTOR_SIZE != 0 or s.ds_len <= 0:
+            raise KernelPanic(f"xbd_mksegarray: segment {i} {s} is not sector aligned")
+        fsect = off // BLKIF_SECTOR_SIZE
+        lsect = fsect + s.ds_len // BLKIF_SECTOR_SIZE - 1
+        if lsect >= BLKIF_SECTORS_PER_PAGE:
+            raise KernelPanic(f"xbd_mksegarray: segment {i} {s} crosses a page")
+        out.append(BlkifRequestSegment(gref=refs[i], first_sect=fsect, last_sect=lsect))
+    return out
