@@ -153,6 +153,22 @@ class XbdBackendFeatures:
         return self.sectors * self.sector_size
 
     @staticmethod
+    def max_ring_page_order_from_xenstore(read: Callable[[str], str | None]) -> int:
+        """The ring order the backend allows, read at InitWait (before ``sectors`` exists).
+
+        ``max-ring-page-order``, else the deprecated ``max-ring-pages``; 0 when
+        absent or not a decimal number; at most ``XBD_MAX_RING_PAGE_ORDER``.
+        """
+        for key, pages in ((BlkifKey.MAX_RING_PAGE_ORDER, False),
+                           (BlkifKey.MAX_RING_PAGES, True)):
+            raw = read(key.value)
+            if raw is not None and raw.strip().isdigit():
+                v = int(raw.strip())
+                order = v.bit_length() - 1 if pages and v > 0 else (0 if pages else v)
+                return min(order, XBD_MAX_RING_PAGE_ORDER)
+        return 0
+
+    @staticmethod
     def from_xenstore(read: Callable[[str], str | None]
                       ) -> tuple[int, XbdBackendFeatures | None]:
         """Parse the backend's keys; ``read(key)`` returns the value or None if absent.
