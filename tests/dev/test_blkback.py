@@ -257,7 +257,15 @@ def test_flush_with_and_without_data(host: Host, tmp_path: Path) -> None:
     rid = f.rw(BLKIF_OP_READ, 0, [(x, 0, 7)])
     f.push()
     assert f.status(rid) == BLKIF_RSP_ERROR
-    assert r.bb.statistics().io_errors == 3
+    assert f.data(x) == bytes(PAGE)
+    store.fail = {"discard"}
+    rid = f.new_id()
+    f.put(BlkifRequestDiscard(operation=BLKIF_OP_DISCARD, id=rid, sector_number=0,
+                              nr_sectors=8))
+    f.push()
+    assert f.status(rid) == BLKIF_RSP_ERROR
+    st = r.bb.statistics()
+    assert st.io_errors == 4 and st.sectors_discarded == 0
     f.release(x)
     f.release(b)
     assert r.mappings() == 1
@@ -516,6 +524,24 @@ def test_disconnect_drains_in_flight_requests(host: Host, tmp_path: Path) -> Non
     assert f.status(late) == BLKIF_RSP_OKAY
     assert r.disk(800 * SECT, PAGE) == pattern(99)
     assert r.bb.statistics().connects == 2
+    r.close()
+
+
+def test_concurrent_disconnects(host: Host, tmp_path: Path) -> None:
+    """Two threads disconnect at once (xenbus and a ring error): the second waits."""
+    r = make_rig(host, tmp_path, BLKIF_ABI_X86_64)
+    f = r.front
+    ids = [f.rw(BLKIF_OP_WRITE, i * 8, [(f.buf(True, pattern(i)), 0, 7)]) for i in range(6)]
+    f.push()
+    host.sched.run(until=lambda: r.bb.statistics().in_flight > 0)
+    rcs: list[int] = []
+    for i in range(2):
+        host.sched.spawn(lambda: rcs.append(r.bb.disconnect()), name=f"disc{i}",
+                         domain=host.dom0.kernel)
+    host.sched.run(until=lambda: len(rcs) == 2)
+    assert rcs == [0, 0] and r.bb.state == BlkbackState.DISCONNECTED
+    assert sorted(f.responses) == sorted(ids)
+    assert r.mappings() == 0
     r.close()
 
 

@@ -218,3 +218,22 @@ def test_repr_names_the_state(tmp_path: Path) -> None:
     assert "closed" in repr(img)
     with pytest.raises(ImageError):
         img.fileno()
+
+
+def test_typed_buffers_and_special_files(tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    with DiskImage.create(tmp_path / "d.img", 4096) as img:
+        words = memoryview(bytearray(512)).cast("I")  # not bytes: cast for the transfer
+        words[0] = 0x01020304
+        assert img.pwritev([words], 0) == 512
+        out = memoryview(bytearray(512)).cast("H")
+        assert img.preadv([out], 0) == 512
+        assert bytes(out[:2]) == b"\x04\x03\x02\x01"
+        assert img.fileno() >= 0
+        monkeypatch.setattr(os, "pwritev", lambda fd, bufs, off: 0)
+        with pytest.raises(ImageError) as ei:
+            img.pwritev([b"x" * 512], 0)
+        assert ei.value.errno == errno.EIO and "no progress" in str(ei.value)
+    if os.access("/dev/null", os.W_OK):
+        with pytest.raises(ImageError, match="not a regular file"):
+            DiskImage.create("/dev/null", 4096, exist_ok=True)
