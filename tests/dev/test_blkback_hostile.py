@@ -150,7 +150,7 @@ def specs(draw: st.DrawFn) -> Spec:
                        draw(st.one_of(st.integers(0, 40), st.integers(0, (1 << 64) - 1))))
     if kind == "indirect":
         if clean:
-            iop = draw(st.sampled_from([BLKIF_OP_READ, BLKIF_OP_WRITE]))
+            iop: int = draw(st.sampled_from([BLKIF_OP_READ, BLKIF_OP_WRITE]))
             segs = draw(seg_list(GOOD_READ if iop == BLKIF_OP_READ else GOOD_WRITE, 20,
                                  True))
             sector = draw(st.integers(0, DISK_SECTORS - _total(segs)))
@@ -159,7 +159,7 @@ def specs(draw: st.DrawFn) -> Spec:
             elif mode == "badseg":
                 segs = _bend(draw, segs)
             return Indirect(iop, len(segs), sector, segs, None, "ipage")
-        iop = draw(st.one_of(st.sampled_from([BLKIF_OP_READ, BLKIF_OP_WRITE]),
+        iop = draw(st.one_of(st.sampled_from([int(BLKIF_OP_READ), int(BLKIF_OP_WRITE)]),
                              st.integers(0, 255)))
         labels = READ_LABELS if iop == BLKIF_OP_READ else WRITE_LABELS
         segs = draw(seg_list(labels, 24, False))
@@ -394,12 +394,12 @@ def run_batch(w: World, abi: BlkifAbi, batch: list[Spec]) -> None:
             mask[first * SECT:(last + 1) * SECT] = b"\1" * ((last - first + 1) * SECT)
     for pfn, before in w.initial.items():
         now = bytes(f.page(pfn))
-        mask = allowed.get(pfn)
-        if mask is None:
+        allowed_here = allowed.get(pfn)
+        if allowed_here is None:
             assert now == before, f"page {pfn:#x} changed, no read was allowed into it"
         else:
             for i in range(0, PAGE, SECT):
-                if mask[i] == 0:
+                if allowed_here[i] == 0:
                     assert now[i:i + SECT] == before[i:i + SECT], f"page {pfn:#x}+{i}"
     # -- every disk sector is what it was, or what an OK write or discard made it
     disk = rig.disk(0, DISK_SECTORS * SECT)

@@ -633,7 +633,7 @@ class Blkback:
                                     nr_segments=req.nr_segments)
 
     def _check_discard(self, req: BlkifRequestDiscard) -> tuple[int, _Req | None]:
-        if not self.feature_discard or req.flag & BLKIF_DISCARD_SECURE:
+        if not self.feature_discard or (req.flag & BLKIF_DISCARD_SECURE) != 0:
             return BLKIF_RSP_EOPNOTSUPP, None
         if self.store.readonly:
             return BLKIF_RSP_ERROR, None

@@ -108,7 +108,8 @@ def _punch_hole(fd: int, offset: int, length: int) -> int:
     rc = _FALLOCATE(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
     if rc == 0:
         return 0
-    return ctypes.get_errno() or errno.EIO
+    err = ctypes.get_errno()
+    return err if err != 0 else errno.EIO
 
 
 def _byte_views(bufs: Sequence[Buffer]) -> list[memoryview]:
