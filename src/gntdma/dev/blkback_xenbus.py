@@ -1,0 +1,463 @@
+"""blkback's xenbus driver: one vbd's negotiation in the backend domain.
+
+What the xenbus half of Linux ``xen-blkback`` (``xenbus.c``) and FreeBSD
+``xbb`` do, around a :class:`~gntdma.dev.blkback.Blkback` that serves the disk.
+The sequence (``xen-abi.md`` 4.4, 4.5 and 6):
+
+1. Probe (our state Initialising, as the toolstack wrote it):
+   :meth:`~gntdma.dev.blkback.Blkback.probe_keys` (``max-ring-page-order``,
+   ``feature-max-indirect-segments``) in one transaction; state InitWait.
+2. Frontend Initialised (or Connected): ``xbb_collect_frontend_info`` reads
+   ``ring-page-order`` (absent: one page, ``ring-ref``), ``ring-ref`` or
+   ``ring-ref0..N-1``, ``event-channel`` and ``protocol`` and checks every
+   one (decimal, in range, present, a known ABI); then
+   :meth:`~gntdma.dev.blkback.Blkback.connect` (ring mapped, port bound,
+   workers started), :meth:`~gntdma.dev.blkback.Blkback.connect_keys`
+   (``sectors``, ``info``, ``sector-size``, ``feature-flush-cache``,
+   ``feature-discard``...) in one transaction; state Connected.
+3. Frontend Closing: :meth:`~gntdma.dev.blkback.Blkback.disconnect` (drains
+   the requests in flight, unbinds, unmaps); state Closing. Frontend Closed:
+   state Closed, and if ``online`` is 0 (or the frontend's directory is gone)
+   the driver ends; with ``online`` 1 a frontend that comes back to
+   Initialising gets a new InitWait (reconnect).
+4. The toolstack's unplug writes ``online`` = 0 and our ``state`` = Closing:
+   a connected device waits for the frontend to close (so that what is on the
+   ring completes); a device that is not connected goes Closed at once and
+   the driver ends. Our directory removed (libxl's forced removal after its
+   timeout): disconnect and end.
+
+Nothing the frontend writes can crash the backend: a value that does not
+parse, is out of range or missing, a ring that does not map, a port that does
+not bind, is ``xenbus_dev_fatal``: ``<our dir>/error`` gets
+``"<errno> <message>"`` and the state goes Closing, with nothing left mapped or
+bound. A frontend that breaks the ring while connected (``on_ring_error``) is
+treated the same way.
+
+Theory of operation
+-------------------
+One kernel thread per device (``blkback.<fe>.<devid>/xenbus``) in the backend
+domain runs the state machine. Watches on the frontend's ``state`` and on our
+own ``state`` and ``online`` only count events and wake it; the thread re-reads
+the three nodes after every event and acts on what it reads. It never holds a
+lock across a xenstore request; :meth:`Blkback.disconnect` sleeps only here,
+never on the device's own interrupt or worker threads.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable, Collection
+from typing import Final, final
+
+from gntdma.abi.blkif import BlkifKey, blkif_abi, blkif_ring_ref_key
+from gntdma.dev.blkback import Blkback, BlkbackState
+from gntdma.sched import KThread, current_scheduler, tsleep, wakeup
+from gntdma.sys import Kernel
+from gntdma.xen.xenbus import (
+    XENBUS_KEY_ONLINE,
+    XENBUS_KEY_STATE,
+    XST_NIL,
+    XenbusDevice,
+    XenbusState,
+    XenStore,
+    XsWatch,
+    xenbus_backend_device,
+    xenbus_set_state,
+    xenbus_strstate,
+    xs_join,
+)
+
+__all__ = [
+    "XBB_XENBUS_DEVTYPE",
+    "XBB_XENBUS_KEY_ERROR",
+    "BlkbackXenbus",
+    "XbbFrontendInfo",
+    "xbb_attach",
+    "xbb_parse_frontend_info",
+]
+
+#: The xenbus device type blkback serves.
+XBB_XENBUS_DEVTYPE: Final = "vbd"
+#: Where ``xenbus_dev_fatal`` writes its message, in the driver's own directory.
+XBB_XENBUS_KEY_ERROR: Final = "error"
+#: Seconds a driver waits for its thread to end in :meth:`BlkbackXenbus.wait_done`.
+XBB_STOP_TIMEOUT: Final = 10.0
+
+_U32_MAX: Final = 0xFFFFFFFF
+_S = XenbusState
+
+
+class XbbFrontendInfo:
+    """The frontend's transport keys, parsed and checked."""
+
+    __slots__ = ("evtchn", "protocol", "ring_refs")
+
+    def __init__(self, ring_refs: list[int], evtchn: int, protocol: str | None) -> None:
+        self.ring_refs = ring_refs
+        self.evtchn = evtchn
+        self.protocol = protocol
+
+    def __repr__(self) -> str:
+        return (f"<XbbFrontendInfo ring-refs={self.ring_refs} event-channel={self.evtchn} "
+                f"protocol={self.protocol!r}>")
+
+
+def _state(xs: XenStore, xbt: int, path: str) -> XenbusState:
+    """``path/state`` in transaction ``xbt``; Unknown if missing or not a state."""
+    error, raw = xs.xs_read(xbt, path, XENBUS_KEY_STATE)
+    text = raw.decode("latin-1").strip() if error == 0 else ""
+    if not text.isascii() or not text.isdigit() or len(text) > 3:
+        return _S.Unknown
+    try:
+        return XenbusState(int(text))
+    except ValueError:
+        return _S.Unknown
+
+
+def _u32(raw: str | None) -> int | None:
+    """A decimal u32 as a frontend writes it (no sign, no spaces), or None."""
+    if raw is None or not 1 <= len(raw) <= 10 or not raw.isascii() or not raw.isdigit():
+        return None
+    v = int(raw)
+    return v if v <= _U32_MAX else None
+
+
+def xbb_parse_frontend_info(read: Callable[[str], str | None], max_ring_page_order: int
+                            ) -> tuple[int, XbbFrontendInfo | None, str]:
+    """Parse a frontend's transport keys; ``read(key)`` is the value or None.
+
+    Returns (0, info, "") or (errno, None, why): EINVAL for a value that is
+    not a decimal u32, a ``ring-page-order`` over ``max_ring_page_order``;
+    ENOENT for a missing ``ring-ref``/``ring-ref%u``/``event-channel``; ENOSYS
+    for a ``protocol`` this backend does not speak. (Linux
+    ``connect_ring``/``read_per_ring_refs``.)
+    """
+    raw_order = read(BlkifKey.RING_PAGE_ORDER.value)
+    refs: list[int] = []
+    if raw_order is None:
+        raw = read(BlkifKey.RING_REF.value)
+        if raw is None:
+            return errno.ENOENT, None, "no ring-ref"
+        ref = _u32(raw)
+        if ref is None:
+            return errno.EINVAL, None, f"ring-ref {raw!r} is not a decimal u32"
+        refs.append(ref)
+    else:
+        order = _u32(raw_order)
+        if order is None or order > max_ring_page_order:
+            return errno.EINVAL, None, (f"ring-page-order {raw_order!r} is not a number "
+                                        f"in 0..{max_ring_page_order}")
+        for i in range(1 << order):
+            key = blkif_ring_ref_key(i)
+            raw = read(key)
+            if raw is None:
+                return errno.ENOENT, None, f"no {key} (ring-page-order {order})"
+            ref = _u32(raw)
+            if ref is None:
+                return errno.EINVAL, None, f"{key} {raw!r} is not a decimal u32"
+            refs.append(ref)
+    raw = read(BlkifKey.EVENT_CHANNEL.value)
+    if raw is None:
+        return errno.ENOENT, None, "no event-channel"
+    evtchn = _u32(raw)
+    if evtchn is None:
+        return errno.EINVAL, None, f"event-channel {raw!r} is not a decimal u32"
+    protocol = read(BlkifKey.PROTOCOL.value)
+    if protocol is not None and protocol != "" and blkif_abi(protocol) is None:
+        return errno.ENOSYS, None, f"unknown protocol {protocol!r}"
+    return 0, XbbFrontendInfo(refs, evtchn, protocol if protocol != "" else None), ""
+
+
+@final
+class BlkbackXenbus:
+    """The xenbus side of one blkback device: its thread and its states.
+
+    Create it with :func:`xbb_attach`. :attr:`state` is our end's state as
+    last read or written; :attr:`otherend_state` the frontend's, as last read;
+    :attr:`error` the last fatal error ("" if none); :attr:`online` the
+    toolstack's ``online`` as last read.
+    """
+
+    def __init__(self, kern: Kernel, dev: XenbusDevice, bb: Blkback) -> None:
+        self.kern = kern
+        self.dev = dev
+        self.bb = bb
+        self.name = bb.name
+        self.state = _S.Initialising
+        self.otherend_state = _S.Unknown
+        self.online = True
+        self.error = ""
+        #: Fatal errors so far (garbage from the frontend, a broken ring...).
+        self.errors = 0
+        self.thread: KThread | None = None
+        self.done = False
+        self._events = 0
+        self._stopping = False
+        self._ring_error = ""
+        self._chan = object()
+        self._state_chan = object()
+        self._watches: list[XsWatch] = []
+        self._chained_ring_error = bb.on_ring_error
+        bb.on_ring_error = self._on_ring_error
+
+    def __repr__(self) -> str:
+        return (f"<BlkbackXenbus {self.name} {self.dev.nodename} {self.state.name}"
+                f"/{self.otherend_state.name}>")
+
+    # -- control -------------------------------------------------------------------------
+
+    def start(self) -> int:
+        """Start the device's xenbus thread (once). Returns 0 or EALREADY."""
+        if self.thread is not None:
+            return errno.EALREADY
+        self.thread = current_scheduler().spawn(self._xbb_thread, name=f"{self.name}/xenbus",
+                                                daemon=True, domain=self.kern)
+        return 0
+
+    def stop(self) -> None:
+        """Ask the thread to disconnect, go Closed and exit (forced removal)."""
+        self._stopping = True
+        self._kick()
+
+    def wait_state(self, states: Collection[XenbusState],
+                   timeout: float) -> tuple[int, XenbusState]:
+        """Sleep until :attr:`state` is in ``states``: (0, state), (ENXIO, state) if
+        the thread ended first, (ETIMEDOUT, state) after ``timeout`` seconds."""
+        sched = current_scheduler()
+        deadline = sched.now() + timeout
+        while True:
+            if self.state in states:
+                return 0, self.state
+            if self.done:
+                return errno.ENXIO, self.state
+            left = deadline - sched.now()
+            if left <= 0:
+                return errno.ETIMEDOUT, self.state
+            tsleep(self._state_chan, "xbbwst", left)
+
+    def wait_done(self, timeout: float = XBB_STOP_TIMEOUT) -> int:
+        """Sleep until the thread has exited: 0, or ETIMEDOUT."""
+        sched = current_scheduler()
+        deadline = sched.now() + timeout
+        while not self.done:
+            if self.thread is None:
+                return 0
+            left = deadline - sched.now()
+            if left <= 0:
+                return errno.ETIMEDOUT
+            tsleep(self._state_chan, "xbbwdone", left)
+        return 0
+
+    # -- the thread -------------------------------------------------------------------------
+
+    def _kick(self) -> None:
+        self._events += 1
+        wakeup(self._chan)
+
+    def _changed(self, _path: str, _token: str) -> None:
+        """Watch callback (xenwatch thread): only note and wake."""
+        self._kick()
+
+    def _on_ring_error(self, reason: str) -> None:
+        """Blkback's ``on_ring_error`` (its interrupt thread): note and wake."""
+        self._ring_error = reason
+        self._kick()
+        if self._chained_ring_error is not None:
+            self._chained_ring_error(reason)
+
+    def _read_nodes(self) -> tuple[XenbusState, XenbusState, bool]:
+        """Our state, the frontend's, ``online``: one consistent snapshot.
+
+        Read in a transaction, so that the toolstack's unplug (``online`` and
+        ``state`` written together) is seen whole or not at all.
+        """
+        xs, dev = self.dev.xs, self.dev
+        out: list[tuple[XenbusState, XenbusState, bool]] = []
+
+        def snapshot(xbt: int) -> int:
+            out.clear()
+            me = _state(xs, xbt, dev.nodename)
+            fe = _state(xs, xbt, dev.otherend)
+            error, raw = xs.xs_read(xbt, dev.nodename, XENBUS_KEY_ONLINE)
+            out.append((me, fe, error == 0 and raw.strip() == b"1"))
+            return 0
+
+        if xs.xs_transaction_run(snapshot) != 0 or not out:
+            # No transaction (the connection is going): read without one.
+            snapshot(XST_NIL)
+        return out[0]
+
+    def _xbb_thread(self) -> None:
+        xs, dev = self.dev.xs, self.dev
+        for node in (xs_join(dev.otherend, "state"), xs_join(dev.nodename, "state"),
+                     xs_join(dev.nodename, XENBUS_KEY_ONLINE)):
+            w = XsWatch(node, self._changed)
+            if xs.xs_register_watch(w) == 0:
+                self._watches.append(w)
+        try:
+            while True:
+                seen = self._events
+                me, fe, self.online = self._read_nodes()
+                self.otherend_state = fe
+                if me != self.state:
+                    self._note_state(me)
+                if self._xbb_frontend_changed(me, fe, self.online):
+                    break
+                if self._events == seen:
+                    tsleep(self._chan, "xbbxb")
+        except BaseException:
+            # Killed (the host shuts down) or a panic: no sleeping cleanup here.
+            self.done = True
+            raise
+        for w in self._watches:
+            xs.xs_unregister_watch(w)
+        self._watches = []
+        self.bb.disconnect()
+        self.bb.on_ring_error = self._chained_ring_error
+        self.done = True
+        wakeup(self._state_chan)
+
+    def _note_state(self, state: XenbusState) -> None:
+        self.state = state
+        wakeup(self._state_chan)
+
+    def _connected(self) -> bool:
+        return self.bb.state != BlkbackState.DISCONNECTED
+
+    def _xbb_frontend_changed(self, me: XenbusState, fe: XenbusState, online: bool) -> bool:
+        """One step of the state machine (``frontend_changed``); True: exit."""
+        if me == _S.Unknown:  # our directory is gone: forced removal
+            self.bb.disconnect()
+            return True
+        if self._stopping:
+            self.bb.disconnect()
+            self._xbb_set_state(_S.Closed)
+            return True
+        if self._ring_error != "":
+            reason, self._ring_error = self._ring_error, ""
+            if me == _S.Connected:
+                self._xbb_fatal(errno.EIO, f"the frontend broke the ring: {reason}")
+                return False
+        if me == _S.Initialising:
+            if self._xbb_probe() != 0:
+                return False
+            me = self.state
+        if fe in (_S.Closed, _S.Unknown):
+            self.bb.disconnect()
+            if me not in (_S.Closed, _S.Initialising):
+                if me != _S.Closing:
+                    self._xbb_set_state(_S.Closing)
+                self._xbb_set_state(_S.Closed)
+            # Unregister when unplugged, or when the frontend vanished.
+            return not online or fe == _S.Unknown
+        if fe == _S.Closing:
+            self.bb.disconnect()
+            if me not in (_S.Closing, _S.Closed):
+                self._xbb_set_state(_S.Closing)
+            return False
+        if not online:
+            # Unplug: a connected device waits for the frontend to close, so
+            # that what is on the ring completes; anything else ends now.
+            if self._connected():
+                return False
+            self._xbb_set_state(_S.Closed)
+            return True
+        if me == _S.Closing:  # written by the toolstack or after an error
+            return False
+        if fe == _S.Initialising and me == _S.Closed:
+            self._xbb_reconnect()
+            return False
+        if fe in (_S.Initialised, _S.Connected) and me == _S.InitWait:
+            self._xbb_connect()
+        return False
+
+    # -- the steps ----------------------------------------------------------------------------
+
+    def _write_keys(self, keys: dict[str, str]) -> int:
+        xs, node = self.dev.xs, self.dev.nodename
+
+        def publish(xbt: int) -> int:
+            for key, value in keys.items():
+                err = xs.xs_write(xbt, node, key, value)
+                if err != 0:
+                    return err
+            return 0
+
+        return xs.xs_transaction_run(publish)
+
+    def _xbb_probe(self) -> int:
+        """Publish the limits, InitWait."""
+        error = self._write_keys(self.bb.probe_keys())
+        if error != 0:
+            self._xbb_fatal(error, "cannot write the backend's limits")
+            return error
+        return self._xbb_set_state(_S.InitWait)
+
+    def _xbb_reconnect(self) -> None:
+        """The frontend came back after a close while we stay online: InitWait again."""
+        self.dev.xs.xs_rm(XST_NIL, self.dev.nodename, XBB_XENBUS_KEY_ERROR)
+        self._xbb_probe()
+
+    def _read_otherend(self) -> Callable[[str], str | None]:
+        xs, otherend = self.dev.xs, self.dev.otherend
+
+        def read(key: str) -> str | None:
+            error, raw = xs.xs_read(XST_NIL, otherend, key)
+            return raw.decode("latin-1") if error == 0 else None
+
+        return read
+
+    def _xbb_connect(self) -> None:
+        """Read and check the frontend's keys, connect, publish the disk, Connected."""
+        error, info, why = xbb_parse_frontend_info(self._read_otherend(),
+                                                   self.bb.max_ring_page_order)
+        if error != 0 or info is None:
+            self._xbb_fatal(error, f"bad frontend keys: {why}")
+            return
+        error = self.bb.connect(info.ring_refs, info.evtchn, info.protocol)
+        if error != 0:
+            what = {errno.ENOENT: "a ring page does not map",
+                    errno.EINVAL: "the ring size is not a power of two within the limit",
+                    errno.ENOSYS: "unknown protocol",
+                    errno.EIO: "the shared ring's indices are impossible",
+                    errno.EISCONN: "already connected"}.get(error, "the event channel "
+                                                                   "does not bind")
+            self._xbb_fatal(error, f"cannot connect to {info!r}: {what}")
+            return
+        error = self._write_keys(self.bb.connect_keys())
+        if error != 0:
+            self.bb.disconnect()
+            self._xbb_fatal(error, "cannot write the disk's properties")
+            return
+        self._xbb_set_state(_S.Connected)
+
+    def _xbb_set_state(self, state: XenbusState) -> int:
+        error = xenbus_set_state(self.dev, state)
+        if error == 0:
+            self._note_state(state)
+        elif error != errno.ENOENT and self.error == "":  # ENOENT: the device is going
+            self.error = f"{error} cannot switch to {xenbus_strstate(state)}"
+        return error
+
+    def _xbb_fatal(self, error: int, message: str) -> None:
+        """``xenbus_dev_fatal``: publish the error, disconnect, Closing."""
+        text = f"{error} {message} ({os.strerror(error) if error > 0 else 'failed'})"
+        self.error = text
+        self.errors += 1
+        self.dev.xs.xs_write(XST_NIL, self.dev.nodename, XBB_XENBUS_KEY_ERROR, text)
+        self.bb.disconnect()
+        self._xbb_set_state(_S.Closing)
+
+
+def xbb_attach(xs: XenStore, kern: Kernel, bb: Blkback) -> tuple[int, BlkbackXenbus | None]:
+    """Attach the xenbus driver of ``bb`` (its ``frontend_domid`` and ``devid``) to
+    ``backend/vbd/<fe>/<devid>`` in our domain and start it: (0, driver) or
+    (error, None) when the directory's ``frontend``/``frontend-id`` are missing
+    (ENOENT) or disagree (EINVAL)."""
+    error, dev = xenbus_backend_device(xs, XBB_XENBUS_DEVTYPE, bb.frontend_domid, bb.devid)
+    if error != 0 or dev is None:
+        return error, None
+    drv = BlkbackXenbus(kern, dev, bb)
+    drv.start()
+    return 0, drv

@@ -1,0 +1,404 @@
+"""blkfront's xenbus driver: the negotiation of one vbd with its backend (FreeBSD xbd).
+
+What FreeBSD's ``xbd_probe``, ``xbd_attach`` and ``xbd_backend_changed`` do
+for ``sys/dev/xen/blkfront``, around the :class:`~gntdma.dev.blkfront.xbd_softc`
+that does the I/O. The sequence (``xen-abi.md`` 4.4, 4.5 and 6):
+
+1. :func:`xbd_attach` reads ``backend`` and ``backend-id`` of
+   ``device/vbd/<devid>`` (they must agree), creates the softc and starts the
+   device's xenbus thread; the state stays Initialising (the toolstack wrote it).
+2. Backend InitWait (or later): read ``max-ring-page-order`` (or the deprecated
+   ``max-ring-pages``), :meth:`~gntdma.dev.blkfront.xbd_softc.xbd_initialize`
+   (ring granted, unbound port allocated and bound), then the transport keys
+   (``ring-ref`` or ``ring-page-order`` + ``ring-ref%u``, ``event-channel``,
+   ``protocol``) written in ONE transaction, rerun on EAGAIN; state Initialised.
+3. Backend Connected: the backend's keys (``sectors``, ``sector-size``,
+   ``info``, ``feature-*``, parsed and checked by
+   :meth:`~gntdma.dev.blkfront_cmd.XbdBackendFeatures.from_xenstore`),
+   :meth:`~gntdma.dev.blkfront.xbd_softc.xbd_connect`; state Connected.
+4. Backend Closing (the toolstack's unplug, or the backend's error):
+   :meth:`~gntdma.dev.blkfront.xbd_softc.xbd_closing` (bios not on the ring
+   fail with ENXIO, those on it complete while the backend still serves), state
+   Closing (the backend then disconnects: unmaps the ring, unbinds the port),
+   :meth:`~gntdma.dev.blkfront.xbd_softc.xbd_detach` (everything freed, once,
+   after the backend let go of the ring), state Closed. A backend already
+   Closed (or whose directory vanished) is gone: requests on the ring fail
+   with ENXIO at once; so do they when the backend published an ``error``
+   (it disconnected before going Closing: nothing on the ring will be answered).
+5. Our directory removed (the toolstack's last step): the thread exits.
+
+A failure on the way (a step's errno, garbage in the backend's keys) is
+``xenbus_dev_fatal``: ``<our dir>/error`` gets ``"<errno> <message>"``, then
+the close of step 4.
+
+Theory of operation
+-------------------
+One kernel thread per device (``<name>/xenbus``) runs the state machine, so a
+step that sleeps (xenstore requests, ``xbd_closing`` waiting for in-flight
+bios, ``xbd_detach`` waiting for the backend) never holds up the guest's
+``xenwatch`` thread. The watch on the backend's ``state`` only counts events
+and wakes the thread; the thread re-reads both states after every event (a
+watch says only that something changed) and acts on what it reads, so missed
+intermediate states do not matter. The backend is not trusted: every value it
+wrote is parsed and range-checked before use, and a state it should not be in
+is ignored.
+
+Rules: functions and methods return errno ints (C contract). The driver takes
+no lock of its own; the softc's ``xbd_io_lock`` and the xenstore client's
+``xs_request`` are never held across each other here.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable, Collection
+from typing import Final, final
+
+from gntdma.dev.blkfront import XBD_CLOSE_TIMEOUT, xbd_softc
+from gntdma.dev.blkfront_cmd import (
+    XBD_DEFAULT_MAX_INDIRECT_SEGMENTS,
+    XBD_DEFAULT_RING_PAGE_ORDER,
+    XbdBackendFeatures,
+)
+from gntdma.sched import KThread, current_scheduler, tsleep, wakeup
+from gntdma.sys import Kernel
+from gntdma.xen.gnttab import GntTab
+from gntdma.xen.hypercall import Hypercalls
+from gntdma.xen.xenbus import (
+    XENBUS_KEY_STATE,
+    XST_NIL,
+    XenbusDevice,
+    XenbusState,
+    XenStore,
+    XsWatch,
+    xenbus_frontend_device,
+    xenbus_set_state,
+    xenbus_strstate,
+    xs_join,
+)
+
+__all__ = [
+    "XBD_XENBUS_DEVTYPE",
+    "XBD_XENBUS_KEY_ERROR",
+    "XbdXenbus",
+    "xbd_attach",
+    "xbd_probe",
+    "xbd_vdevice_to_unit",
+]
+
+#: The xenbus device type blkfront drives.
+XBD_XENBUS_DEVTYPE: Final = "vbd"
+#: Where ``xenbus_dev_fatal`` writes its message, in the driver's own directory.
+XBD_XENBUS_KEY_ERROR: Final = "error"
+
+_S = XenbusState
+
+
+def _state(xs: XenStore, xbt: int, path: str) -> XenbusState:
+    """``path/state`` in transaction ``xbt``; Unknown if missing or not a state."""
+    error, raw = xs.xs_read(xbt, path, XENBUS_KEY_STATE)
+    text = raw.decode("latin-1").strip() if error == 0 else ""
+    if not text.isascii() or not text.isdigit() or len(text) > 3:
+        return _S.Unknown
+    try:
+        return XenbusState(int(text))
+    except ValueError:
+        return _S.Unknown
+
+
+def xbd_vdevice_to_unit(devid: int) -> int:
+    """The disk number of a vbd id (``docs/misc/vbd-interface.txt``): xvda 0, xvdb 1...
+
+    xvd, sd and hd numbers give their disk index; the extended scheme
+    (``1 << 28``) its 20-bit disk; anything else is taken as it is.
+    """
+    if devid & (1 << 28):
+        return (devid >> 8) & 0xFFFFF
+    major = devid >> 8
+    if major in (202, 8):  # xvd, sd: 16 partitions per disk
+        return (devid >> 4) & 0xF
+    if major == 3:  # hd a, b
+        return (devid >> 6) & 0x3
+    if major == 22:  # hd c, d
+        return 2 + ((devid >> 6) & 0x3)
+    return devid
+
+
+def xbd_probe(xs: XenStore, devid: int) -> int:
+    """Whether ``device/vbd/<devid>`` is ours to drive: 0, or the error that says not."""
+    error, dev = xenbus_frontend_device(xs, XBD_XENBUS_DEVTYPE, devid)
+    if error != 0:
+        return error
+    assert dev is not None
+    return 0
+
+
+@final
+class XbdXenbus:
+    """The xenbus side of one blkfront disk: its thread, its states, its softc.
+
+    Create it with :func:`xbd_attach`. :attr:`state` is the state this driver
+    last read or wrote for its own end; :attr:`otherend_state` the backend's,
+    as last read; :attr:`error` the first fatal error ("" if none).
+    """
+
+    def __init__(self, kern: Kernel, dev: XenbusDevice, sc: xbd_softc, *,
+                 timeout: float = XBD_CLOSE_TIMEOUT) -> None:
+        self.kern = kern
+        self.dev = dev
+        self.sc = sc
+        self.name = sc.name
+        self.timeout = timeout
+        self.state = _S.Initialising
+        self.otherend_state = _S.Unknown
+        self.error = ""
+        self.thread: KThread | None = None
+        #: True once the thread has exited (the device is gone for this driver)
+        self.done = False
+        self._events = 0
+        self._stopping = False
+        self._chan = object()  # the thread's sleep
+        self._state_chan = object()  # waiters for a state or the end
+        self._watch: XsWatch | None = None
+
+    def __repr__(self) -> str:
+        return (f"<XbdXenbus {self.name} {self.dev.nodename} {self.state.name}"
+                f"/{self.otherend_state.name}>")
+
+    # -- control -------------------------------------------------------------------------
+
+    def start(self) -> int:
+        """Start the device's xenbus thread (once). Returns 0 or EALREADY."""
+        if self.thread is not None:
+            return errno.EALREADY
+        self.thread = current_scheduler().spawn(self._xbd_thread, name=f"{self.name}/xenbus",
+                                                daemon=True, domain=self.kern)
+        return 0
+
+    def stop(self) -> None:
+        """Ask the thread to close the device (frontend-initiated close) and exit."""
+        self._stopping = True
+        self._kick()
+
+    def wait_state(self, states: Collection[XenbusState],
+                   timeout: float) -> tuple[int, XenbusState]:
+        """Sleep until :attr:`state` is in ``states``: (0, state), or (ENXIO, state)
+        if the thread ended first, or (ETIMEDOUT, state) after ``timeout`` seconds."""
+        sched = current_scheduler()
+        deadline = sched.now() + timeout
+        while True:
+            if self.state in states:
+                return 0, self.state
+            if self.done:
+                return errno.ENXIO, self.state
+            left = deadline - sched.now()
+            if left <= 0:
+                return errno.ETIMEDOUT, self.state
+            tsleep(self._state_chan, "xbdwst", left)
+
+    def wait_done(self, timeout: float) -> int:
+        """Sleep until the thread has exited: 0, or ETIMEDOUT."""
+        sched = current_scheduler()
+        deadline = sched.now() + timeout
+        while not self.done:
+            if self.thread is None:
+                return 0
+            left = deadline - sched.now()
+            if left <= 0:
+                return errno.ETIMEDOUT
+            tsleep(self._state_chan, "xbdwdone", left)
+        return 0
+
+    # -- the thread ---------------------------------------------------------------------------
+
+    def _kick(self) -> None:
+        self._events += 1
+        wakeup(self._chan)
+
+    def _otherend_changed(self, _path: str, _token: str) -> None:
+        """Watch callback (xenwatch thread): only note and wake."""
+        self._kick()
+
+    def _xbd_thread(self) -> None:
+        xs = self.dev.xs
+        watch = XsWatch(xs_join(self.dev.otherend, "state"), self._otherend_changed)
+        error = xs.xs_register_watch(watch)
+        if error == 0:
+            self._watch = watch
+        else:
+            self._xbd_fatal(error, "cannot watch the backend's state")
+        try:
+            while True:
+                seen = self._events
+                me, be = self._read_states()
+                self.otherend_state = be
+                if me != self.state:
+                    self._note_state(me)
+                if self._xbd_backend_changed(me, be):
+                    break
+                if self._events == seen:
+                    tsleep(self._chan, "xbdxb")
+        except BaseException:
+            # Killed (the host shuts down) or a panic: no sleeping cleanup here.
+            self.done = True
+            raise
+        if self._watch is not None:
+            xs.xs_unregister_watch(self._watch)
+            self._watch = None
+        if self.sc.statistics().state != "freed":
+            self.sc.xbd_detach(backend_gone=True, timeout=self.timeout)
+        self.done = True
+        wakeup(self._state_chan)
+
+    def _read_states(self) -> tuple[XenbusState, XenbusState]:
+        """Our state and the backend's, as one consistent snapshot (a transaction)."""
+        xs, dev = self.dev.xs, self.dev
+        out: list[tuple[XenbusState, XenbusState]] = []
+
+        def snapshot(xbt: int) -> int:
+            out.clear()
+            out.append((_state(xs, xbt, dev.nodename), _state(xs, xbt, dev.otherend)))
+            return 0
+
+        if xs.xs_transaction_run(snapshot) != 0 or not out:
+            snapshot(XST_NIL)  # no transaction (the connection is going)
+        return out[0]
+
+    def _note_state(self, state: XenbusState) -> None:
+        self.state = state
+        wakeup(self._state_chan)
+
+    def _xbd_backend_changed(self, me: XenbusState, be: XenbusState) -> bool:
+        """One step of the state machine (``xbd_backend_changed``); True: exit."""
+        if me == _S.Unknown or be == _S.Unknown:
+            # A directory went away: the toolstack removed the device (or a
+            # backend that vanished). Whatever is left is freed on the way out.
+            if me != _S.Unknown and me not in (_S.Closing, _S.Closed):
+                self._xbd_close(backend_gone=True)
+            return True
+        if self._stopping:
+            if me not in (_S.Closing, _S.Closed):
+                self._xbd_close(backend_gone=be == _S.Closed)
+            return True
+        if be in (_S.Closing, _S.Closed):
+            if me not in (_S.Closing, _S.Closed):
+                self._xbd_close(backend_gone=be == _S.Closed or self._backend_failed())
+            return False
+        if me == _S.Initialising and be in (_S.InitWait, _S.Initialised, _S.Connected):
+            if self._xbd_initialize() != 0:
+                return False
+            me = self.state
+        if me == _S.Initialised and be == _S.Connected:
+            self._xbd_connect()
+        # Connected and Connected again: a capacity change, not supported (ignored).
+        return False
+
+    # -- the steps ------------------------------------------------------------------------------
+
+    def _read_otherend(self) -> Callable[[str], str | None]:
+        xs, otherend = self.dev.xs, self.dev.otherend
+
+        def read(key: str) -> str | None:
+            error, raw = xs.xs_read(XST_NIL, otherend, key)
+            return raw.decode("latin-1") if error == 0 else None
+
+        return read
+
+    def _backend_failed(self) -> bool:
+        """Whether the backend published an error: it disconnected before Closing, so
+        nothing on the ring will be answered (do not wait for it)."""
+        error, _ = self.dev.xs.xs_read(XST_NIL, self.dev.otherend, XBD_XENBUS_KEY_ERROR)
+        return error == 0
+
+    def _xbd_initialize(self) -> int:
+        """Ring, port, transport keys in one transaction, Initialised (backend InitWait)."""
+        order = XbdBackendFeatures.max_ring_page_order_from_xenstore(self._read_otherend())
+        error = self.sc.xbd_initialize(order)
+        if error != 0 and error != errno.EALREADY:
+            self._xbd_fatal(error, "cannot set up the ring and event channel")
+            return error
+        keys = self.sc.xbd_transport_keys()
+        xs, node = self.dev.xs, self.dev.nodename
+
+        def publish(xbt: int) -> int:
+            for key, value in keys.items():
+                err = xs.xs_write(xbt, node, key, value)
+                if err != 0:
+                    return err
+            return 0
+
+        error = xs.xs_transaction_run(publish)
+        if error != 0:
+            self._xbd_fatal(error, "cannot write the ring references and event channel")
+            return error
+        return self._xbd_set_state(_S.Initialised)
+
+    def _xbd_connect(self) -> int:
+        """Read the backend's features, open the disk, Connected (backend Connected)."""
+        error, feats = XbdBackendFeatures.from_xenstore(self._read_otherend())
+        if error != 0 or feats is None:
+            self._xbd_fatal(error, "bad or missing backend keys (sectors, sector-size, "
+                            "info, features)")
+            return error
+        error = self.sc.xbd_connect(feats)
+        if error != 0:
+            self._xbd_fatal(error, "cannot connect to the backend")
+            return error
+        return self._xbd_set_state(_S.Connected)
+
+    def _xbd_close(self, *, backend_gone: bool) -> None:
+        """Closing, free everything once the backend let go, Closed (``xbd_closing``)."""
+        sc = self.sc
+        sc.xbd_closing(backend_gone=backend_gone, timeout=self.timeout)
+        self._xbd_set_state(_S.Closing)  # the backend disconnects on this
+        error = sc.xbd_detach(backend_gone=backend_gone, timeout=self.timeout)
+        if error != 0 and self.error == "":
+            self.error = (f"{error} the backend still maps the ring after "
+                          f"{self.timeout} s: not freed")
+        self._xbd_set_state(_S.Closed)
+
+    def _xbd_set_state(self, state: XenbusState) -> int:
+        error = xenbus_set_state(self.dev, state)
+        if error == 0:
+            self._note_state(state)
+        elif error != errno.ENOENT and self.error == "":  # ENOENT: the device is going
+            self.error = f"{error} cannot switch to {xenbus_strstate(state)}"
+        return error
+
+    def _xbd_fatal(self, error: int, message: str) -> None:
+        """``xenbus_dev_fatal``: record and publish the error, then close."""
+        text = f"{error} {message}: {os.strerror(error) if error > 0 else 'failed'}"
+        if self.error == "":
+            self.error = text
+        self.dev.xs.xs_write(XST_NIL, self.dev.nodename, XBD_XENBUS_KEY_ERROR, text)
+        self._xbd_close(backend_gone=False)
+
+
+def xbd_attach(kern: Kernel, hc: Hypercalls, gnttab: GntTab, xs: XenStore, devid: int, *,
+               name: str | None = None,
+               ring_page_order: int = XBD_DEFAULT_RING_PAGE_ORDER,
+               max_indirect_segments: int = XBD_DEFAULT_MAX_INDIRECT_SEGMENTS,
+               timeout: float = XBD_CLOSE_TIMEOUT) -> tuple[int, XbdXenbus | None]:
+    """Attach blkfront to the guest's ``device/vbd/<devid>`` and start negotiating.
+
+    Returns (0, driver) with the driver's thread started, or (error, None):
+    the error of reading ``backend``/``backend-id`` (ENOENT, EINVAL when
+    they disagree), or EINVAL for a softc that cannot be built (bad ring order).
+    The softc's ``handle`` (vdev) is the low 16 bits of ``devid``, as on the
+    wire; ``name`` defaults to ``xbd<unit>``.
+    """
+    error, dev = xenbus_frontend_device(xs, XBD_XENBUS_DEVTYPE, devid)
+    if error != 0 or dev is None:
+        return error, None
+    if name is None:
+        name = f"xbd{xbd_vdevice_to_unit(devid)}"
+    try:
+        sc = xbd_softc(kern, hc, gnttab, dev.otherend_id, name=name, vdev=devid & 0xFFFF,
+                       ring_page_order=ring_page_order,
+                       max_indirect_segments=max_indirect_segments)
+    except ValueError:
+        return errno.EINVAL, None
+    drv = XbdXenbus(kern, dev, sc, timeout=timeout)
+    drv.start()
+    return 0, drv
