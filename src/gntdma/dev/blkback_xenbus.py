@@ -69,6 +69,7 @@ from gntdma.xen.xenbus import (
 )
 
 __all__ = [
+    "XBB_STOP_TIMEOUT",
     "XBB_XENBUS_DEVTYPE",
     "XBB_XENBUS_KEY_ERROR",
     "BlkbackXenbus",
