@@ -33,8 +33,8 @@ __all__ = ["DiskLoad", "file_copy", "flush_discard", "verified_random_io"]
 SECTOR: Final = 512
 MAGIC: Final = b"GNTDMAv1"
 _HDR: Final = struct.Struct("<8sQQQ")
-#: Sizes of the random runs, in sectors: 512 B .. 256 KiB.
-RUN_SECTORS: Final = (1, 8, 16, 64, 128, 512)
+#: Sizes of the random runs, in sectors: 512 B .. 1 MiB.
+RUN_SECTORS: Final = (1, 8, 16, 64, 128, 512, 2048)
 
 
 @dataclass(eq=False)
