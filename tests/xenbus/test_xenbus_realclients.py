@@ -118,7 +118,7 @@ def test_gntdma_run_hold_serves_xenstore_until_sigint(tmp_path: Path) -> None:
         assert re.search(rf'^  {domid} = ""$', listing, re.M), listing
         assert xst(path, "xenstore-read", f"/local/domain/{domid}/name") == "guest1\n"
         # its disks are there too, in the libxl layout
-        assert "vbd" in xst(path, "xenstore-ls", f"/local/domain/0/backend")
+        assert "vbd" in xst(path, "xenstore-ls", "/local/domain/0/backend")
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     finally:

@@ -1,7 +1,7 @@
 """Workloads of the main job, run by "user process" threads on blkfront disks.
 
 - **Verified random I/O**: each thread owns a region of each disk and writes
-  and reads random runs of several sizes (from one sector to 256 KiB, so both
+  and reads random runs of several sizes (from one sector to 1 MiB, so both
   direct and indirect requests). Every 512-byte sector written carries a
   header with its byte offset, a generation counter and the run's seed; every
   read checks each sector against the thread's model of its region (sectors
