@@ -24,14 +24,14 @@ from xenbus_testlib import (
     xs,
 )
 
-from gntdma.sched import WITNESS, RandomStrategy, ThreadState
-from gntdma.toolstack.host import Guest, Host
-from gntdma.xen.xenbus import XST_NIL, XsWatch
-from gntdma.xenstored._ring import (
+from gntdma.abi.xs_wire import (
     XENSTORE_ERROR_NONE,
     XENSTORE_ERROR_PROTO,
     XENSTORE_ERROR_RINGIDX,
 )
+from gntdma.sched import WITNESS, RandomStrategy, ThreadState
+from gntdma.toolstack.host import Guest, Host
+from gntdma.xen.xenbus import XST_NIL, XsWatch
 
 HDR = U32.size * 4
 

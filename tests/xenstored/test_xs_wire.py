@@ -10,20 +10,22 @@ from pathlib import Path
 import pytest
 from xs_helpers import HDR, Client, T, raw, z
 
-from gntdma.xenstored import (
+from gntdma.abi.xs_wire import (
     XENSTORE_ABS_PATH_MAX,
     XENSTORE_PAYLOAD_MAX,
     XENSTORE_REL_PATH_MAX,
     XS_TYPE_COUNT,
     XSD_ERRORS,
+    XsdSockmsg,
+    XsdType,
+    errno_from_name,
+    errno_name,
+)
+from gntdma.xenstored import (
     Message,
     MessageReader,
     Xenstored,
-    XsdSockmsg,
-    XsdType,
     XsProtocolError,
-    errno_from_name,
-    errno_name,
 )
 
 HEADER = Path("/usr/include/xen/io/xs_wire.h")

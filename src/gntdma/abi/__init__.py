@@ -8,6 +8,7 @@ here is defined in one of the submodules and re-exported unchanged:
 - :mod:`gntdma.abi.event_channel`
 - :mod:`gntdma.abi.ring`
 - :mod:`gntdma.abi.blkif`
+- :mod:`gntdma.abi.xs_wire`
 """
 from __future__ import annotations
 
@@ -204,6 +205,29 @@ from gntdma.abi.xen import (
     HYPERVISOR_sched_op,
     HYPERVISOR_xen_version,
 )
+from gntdma.abi.xs_wire import (
+    MASK_XENSTORE_IDX,
+    XENSTORE_ABS_PATH_MAX,
+    XENSTORE_CONNECTED,
+    XENSTORE_DOMAIN_INTERFACE_OFFSETS,
+    XENSTORE_DOMAIN_INTERFACE_SIZE,
+    XENSTORE_ERROR_COMM,
+    XENSTORE_ERROR_NONE,
+    XENSTORE_ERROR_PROTO,
+    XENSTORE_ERROR_RINGIDX,
+    XENSTORE_PAYLOAD_MAX,
+    XENSTORE_RECONNECT,
+    XENSTORE_REL_PATH_MAX,
+    XENSTORE_RING_SIZE,
+    XENSTORE_SERVER_FEATURE_ERROR,
+    XENSTORE_SERVER_FEATURE_RECONNECTION,
+    XS_TYPE_COUNT,
+    XSD_ERRORS,
+    XsdSockmsg,
+    XsdType,
+    errno_from_name,
+    errno_name,
+)
 
 __all__ = [
     "BLKIF_ABI_X86_32",
@@ -363,6 +387,7 @@ __all__ = [
     "HYPERVISOR_memory_op",
     "HYPERVISOR_sched_op",
     "HYPERVISOR_xen_version",
+    "MASK_XENSTORE_IDX",
     "NR_EVENT_CHANNELS",
     "NR_RESERVED_ENTRIES",
     "PAGE_MASK",
@@ -376,16 +401,36 @@ __all__ = [
     "VDISK_CDROM",
     "VDISK_READONLY",
     "VDISK_REMOVABLE",
+    "XENSTORE_ABS_PATH_MAX",
+    "XENSTORE_CONNECTED",
+    "XENSTORE_DOMAIN_INTERFACE_OFFSETS",
+    "XENSTORE_DOMAIN_INTERFACE_SIZE",
+    "XENSTORE_ERROR_COMM",
+    "XENSTORE_ERROR_NONE",
+    "XENSTORE_ERROR_PROTO",
+    "XENSTORE_ERROR_RINGIDX",
+    "XENSTORE_PAYLOAD_MAX",
+    "XENSTORE_RECONNECT",
+    "XENSTORE_REL_PATH_MAX",
+    "XENSTORE_RING_SIZE",
+    "XENSTORE_SERVER_FEATURE_ERROR",
+    "XENSTORE_SERVER_FEATURE_RECONNECTION",
     "XEN_IO_PROTO_ABI_ARM",
     "XEN_IO_PROTO_ABI_NATIVE",
     "XEN_IO_PROTO_ABI_X86_32",
     "XEN_IO_PROTO_ABI_X86_64",
     "XEN_PAGE_SHIFT",
     "XEN_PAGE_SIZE",
+    "XSD_ERRORS",
+    "XS_TYPE_COUNT",
+    "XsdSockmsg",
+    "XsdType",
     "blkif_abi",
     "blkif_indirect_pages",
     "blkif_queue_key",
     "blkif_ring_ref_key",
+    "errno_from_name",
+    "errno_name",
     "gntst_message",
     "ring_nr_ents",
     "sring_init",

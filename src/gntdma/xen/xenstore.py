@@ -15,6 +15,10 @@ Rules (``io/xs_wire.h``, ``docs/misc/xenstore-ring.txt``):
   (``connection`` = ``XENSTORE_RECONNECT``); once the daemon says
   ``XENSTORE_CONNECTED`` again the watches are registered anew.
 
+The header's definitions (message types, limits, the error table, the
+``xsd_sockmsg`` header and the page layout) come from :mod:`gntdma.abi.xs_wire`,
+shared with the daemon.
+
 Theory of operation
 -------------------
 :class:`XenStore` is the ``xs`` softc of one guest kernel. Any kernel thread
@@ -43,9 +47,21 @@ import struct
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import IntEnum
 from typing import Final, final
 
+from gntdma.abi.xs_wire import (
+    MASK_XENSTORE_IDX,
+    XENSTORE_CONNECTED,
+    XENSTORE_DOMAIN_INTERFACE_OFFSETS,
+    XENSTORE_ERROR_NONE,
+    XENSTORE_PAYLOAD_MAX,
+    XENSTORE_RECONNECT,
+    XENSTORE_RING_SIZE,
+    XENSTORE_SERVER_FEATURE_RECONNECTION,
+    XsdSockmsg,
+    XsdType,
+    errno_from_name,
+)
 from gntdma.sched import (
     MTX_DEF,
     KThread,
@@ -62,133 +78,30 @@ from gntdma.sched import (
 from gntdma.xen.hypercall import Hypercalls
 
 __all__ = [
-    "MASK_XENSTORE_IDX",
-    "XENSTORE_ABS_PATH_MAX",
-    "XENSTORE_CONNECTED",
-    "XENSTORE_DOMAIN_INTERFACE_OFFSETS",
-    "XENSTORE_DOMAIN_INTERFACE_SIZE",
-    "XENSTORE_ERROR_COMM",
-    "XENSTORE_ERROR_NONE",
-    "XENSTORE_ERROR_PROTO",
-    "XENSTORE_ERROR_RINGIDX",
-    "XENSTORE_PAYLOAD_MAX",
-    "XENSTORE_RECONNECT",
-    "XENSTORE_REL_PATH_MAX",
-    "XENSTORE_RING_SIZE",
-    "XENSTORE_SERVER_FEATURE_ERROR",
-    "XENSTORE_SERVER_FEATURE_RECONNECTION",
-    "XSD_ERRORS",
     "XST_NIL",
     "XS_TRANSACTION_RETRIES",
     "XenStore",
     "XenStoreStatistics",
     "XsWatch",
     "XsWatchCallback",
-    "XsdSockmsgType",
     "xs_attach",
     "xs_join",
 ]
 
 log = logging.getLogger("gntdma.xen.xenstore")
 
-# -- the wire, as io/xs_wire.h spells it ------------------------------------------
-
-
-class XsdSockmsgType(IntEnum):
-    """``enum xsd_sockmsg_type`` (``io/xs_wire.h``): the types a guest sends or receives."""
-
-    XS_CONTROL = 0  #: daemon control (alias XS_DEBUG)
-    XS_DIRECTORY = 1  #: list a node's children
-    XS_READ = 2  #: read a node's value
-    XS_GET_PERMS = 3  #: a node's permission list
-    XS_WATCH = 4  #: register a watch (path, token)
-    XS_UNWATCH = 5  #: unregister a watch
-    XS_TRANSACTION_START = 6  #: open a transaction; the reply is its id
-    XS_TRANSACTION_END = 7  #: "T" commits, "F" aborts
-    XS_INTRODUCE = 8  #: toolstack: introduce a domain
-    XS_RELEASE = 9  #: toolstack: release a domain
-    XS_GET_DOMAIN_PATH = 10  #: "/local/domain/<domid>"
-    XS_WRITE = 11  #: write a node's value
-    XS_MKDIR = 12  #: create a node
-    XS_RM = 13  #: remove a subtree
-    XS_SET_PERMS = 14  #: set a node's permission list
-    XS_WATCH_EVENT = 15  #: daemon to client: a watch fired
-    XS_ERROR = 16  #: daemon to client: the request failed
-    XS_IS_DOMAIN_INTRODUCED = 17  #: toolstack: is a domain known
-    XS_RESUME = 18  #: toolstack: a domain resumed
-    XS_SET_TARGET = 19  #: toolstack: device model target
-    XS_RESET_WATCHES = 21  #: drop every watch of the connection
-    XS_DIRECTORY_PART = 22  #: list children, in parts
-
-
-#: ``xsd_errors[]`` in header order: the only errno names that go on the wire.
-XSD_ERRORS: Final[tuple[str, ...]] = (
-    "EINVAL", "EACCES", "EEXIST", "EISDIR", "ENOENT", "ENOMEM", "ENOSPC", "EIO",
-    "ENOTEMPTY", "ENOSYS", "EROFS", "EBUSY", "EAGAIN", "EISCONN", "E2BIG", "EPERM",
-)
-_ERRNO_BY_NAME: Final = {name: int(getattr(errno, name)) for name in XSD_ERRORS}
-
-#: Largest payload in either direction.
-XENSTORE_PAYLOAD_MAX: Final = 4096
-#: Longest absolute path.
-XENSTORE_ABS_PATH_MAX: Final = 3072
-#: Longest relative path.
-XENSTORE_REL_PATH_MAX: Final = 2048
-
-#: Bytes in each of the two rings (``XENSTORE_RING_SIZE``).
-XENSTORE_RING_SIZE: Final = 1024
-#: ``MASK_XENSTORE_IDX(idx)`` is ``idx & MASK_XENSTORE_IDX``.
-MASK_XENSTORE_IDX: Final = XENSTORE_RING_SIZE - 1
-#: ``server_features`` bit: the ring can be reset with ``XENSTORE_RECONNECT``.
-XENSTORE_SERVER_FEATURE_RECONNECTION: Final = 1
-#: ``server_features`` bit: the ``error`` field is present.
-XENSTORE_SERVER_FEATURE_ERROR: Final = 2
-#: ``connection``: the steady state.
-XENSTORE_CONNECTED: Final = 0
-#: ``connection``: reconnection in progress.
-XENSTORE_RECONNECT: Final = 1
-#: ``error``: none.
-XENSTORE_ERROR_NONE: Final = 0
-#: ``error``: communication problem.
-XENSTORE_ERROR_COMM: Final = 1
-#: ``error``: invalid ring index.
-XENSTORE_ERROR_RINGIDX: Final = 2
-#: ``error``: protocol violation.
-XENSTORE_ERROR_PROTO: Final = 3
-
-#: ``offsetof(struct xenstore_domain_interface, <field>)``.
-XENSTORE_DOMAIN_INTERFACE_OFFSETS: Final = {
-    "req": 0,
-    "rsp": 1024,
-    "req_cons": 2048,
-    "req_prod": 2052,
-    "rsp_cons": 2056,
-    "rsp_prod": 2060,
-    "server_features": 2064,
-    "connection": 2068,
-    "error": 2072,
-}
-#: ``sizeof(struct xenstore_domain_interface)``.
-XENSTORE_DOMAIN_INTERFACE_SIZE: Final = 2076
-
 #: The null transaction (FreeBSD's ``XST_NIL``).
 XST_NIL: Final = 0
 #: Times :meth:`XenStore.xs_transaction_run` reruns a transaction that got EAGAIN.
 XS_TRANSACTION_RETRIES: Final = 64
 
-_REQ: Final = XENSTORE_DOMAIN_INTERFACE_OFFSETS["req"]
-_RSP: Final = XENSTORE_DOMAIN_INTERFACE_OFFSETS["rsp"]
-_REQ_CONS: Final = XENSTORE_DOMAIN_INTERFACE_OFFSETS["req_cons"]
-_REQ_PROD: Final = XENSTORE_DOMAIN_INTERFACE_OFFSETS["req_prod"]
-_RSP_CONS: Final = XENSTORE_DOMAIN_INTERFACE_OFFSETS["rsp_cons"]
-_RSP_PROD: Final = XENSTORE_DOMAIN_INTERFACE_OFFSETS["rsp_prod"]
-_FEATURES: Final = XENSTORE_DOMAIN_INTERFACE_OFFSETS["server_features"]
-_CONNECTION: Final = XENSTORE_DOMAIN_INTERFACE_OFFSETS["connection"]
-_ERROR: Final = XENSTORE_DOMAIN_INTERFACE_OFFSETS["error"]
+# The fields of the store page, in the header's order (which gntdma.abi.xs_wire checks).
+(_REQ, _RSP, _REQ_CONS, _REQ_PROD, _RSP_CONS, _RSP_PROD, _FEATURES, _CONNECTION,
+ _ERROR) = XENSTORE_DOMAIN_INTERFACE_OFFSETS.values()
 _U32: Final = struct.Struct("=I")
-_HDR: Final = struct.Struct("=IIII")  # struct xsd_sockmsg: type, req_id, tx_id, len
+_HDR: Final = XsdSockmsg.STRUCT  # struct xsd_sockmsg: type, req_id, tx_id, len
 _M32: Final = 0xFFFFFFFF
-_T = XsdSockmsgType
+_T = XsdType
 
 #: ``callback(path, token)``, run on the xenwatch thread.
 XsWatchCallback = Callable[[str, str], None]
@@ -467,7 +380,7 @@ class XenStore:
         rtype, data = req.reply
         if rtype == _T.XS_ERROR:
             name = data[:-1] if data.endswith(b"\0") else data
-            return _ERRNO_BY_NAME.get(name.decode("latin-1"), errno.EINVAL), b""
+            return errno_from_name(name.decode("latin-1")), b""
         if rtype != type_:
             log.warning("%s: reply of type %d to a request of type %d", self.name, rtype, type_)
             return errno.EIO, b""

@@ -19,6 +19,9 @@ Rules (``io/xs_wire.h``, ``docs/misc/xenstore-ring.txt``, C xenstored ``domain.c
   connection's state, sets every index to 0, clears ``error``, sets
   ``connection`` back to ``XENSTORE_CONNECTED`` and notifies.
 
+The header's constants and the page layout come from :mod:`gntdma.abi.xs_wire`,
+shared with the guest client.
+
 Theory of operation
 -------------------
 A :class:`DomainRing` is made by the toolstack after it introduced the domain.
@@ -64,24 +67,24 @@ from gntdma.abi.grant_table import (
     GNTTABOP_unmap_grant_ref,
     GnttabUnmapGrantRef,
 )
+from gntdma.abi.xs_wire import (
+    MASK_XENSTORE_IDX,
+    XENSTORE_CONNECTED,
+    XENSTORE_DOMAIN_INTERFACE_OFFSETS,
+    XENSTORE_ERROR_NONE,
+    XENSTORE_ERROR_PROTO,
+    XENSTORE_ERROR_RINGIDX,
+    XENSTORE_RECONNECT,
+    XENSTORE_RING_SIZE,
+    XENSTORE_SERVER_FEATURE_ERROR,
+    XENSTORE_SERVER_FEATURE_RECONNECTION,
+)
 from gntdma.errors import GntdmaError
 from gntdma.hv import Hypervisor
 from gntdma.sched import Scheduler, mb, rmb, wmb
 from gntdma.xenstored._core import Connection, Xenstored
 
 __all__ = [
-    "MASK_XENSTORE_IDX",
-    "XENSTORE_CONNECTED",
-    "XENSTORE_DOMAIN_INTERFACE_OFFSETS",
-    "XENSTORE_DOMAIN_INTERFACE_SIZE",
-    "XENSTORE_ERROR_COMM",
-    "XENSTORE_ERROR_NONE",
-    "XENSTORE_ERROR_PROTO",
-    "XENSTORE_ERROR_RINGIDX",
-    "XENSTORE_RECONNECT",
-    "XENSTORE_RING_SIZE",
-    "XENSTORE_SERVER_FEATURE_ERROR",
-    "XENSTORE_SERVER_FEATURE_RECONNECTION",
     "DomainRing",
     "RingError",
     "RingStatistics",
@@ -89,57 +92,13 @@ __all__ = [
 
 log = logging.getLogger("gntdma.xenstored")
 
-#: Bytes in each of the two rings (``XENSTORE_RING_SIZE``).
-XENSTORE_RING_SIZE: Final = 1024
-#: ``MASK_XENSTORE_IDX(idx)`` is ``idx & MASK_XENSTORE_IDX``.
-MASK_XENSTORE_IDX: Final = XENSTORE_RING_SIZE - 1
-#: ``server_features`` bit: the ring can be reset with ``XENSTORE_RECONNECT``.
-XENSTORE_SERVER_FEATURE_RECONNECTION: Final = 1
-#: ``server_features`` bit: the ``error`` field is present.
-XENSTORE_SERVER_FEATURE_ERROR: Final = 2
-#: ``connection``: the steady state.
-XENSTORE_CONNECTED: Final = 0
-#: ``connection``: the guest asks for a reset.
-XENSTORE_RECONNECT: Final = 1
-#: ``error``: none.
-XENSTORE_ERROR_NONE: Final = 0
-#: ``error``: communication problem.
-XENSTORE_ERROR_COMM: Final = 1
-#: ``error``: invalid ring index.
-XENSTORE_ERROR_RINGIDX: Final = 2
-#: ``error``: protocol violation (payload too long).
-XENSTORE_ERROR_PROTO: Final = 3
-
-#: ``offsetof(struct xenstore_domain_interface, <field>)``.
-XENSTORE_DOMAIN_INTERFACE_OFFSETS: Final = {
-    "req": 0,
-    "rsp": 1024,
-    "req_cons": 2048,
-    "req_prod": 2052,
-    "rsp_cons": 2056,
-    "rsp_prod": 2060,
-    "server_features": 2064,
-    "connection": 2068,
-    "error": 2072,
-}
-#: ``sizeof(struct xenstore_domain_interface)``.
-XENSTORE_DOMAIN_INTERFACE_SIZE: Final = 2076
-
-_REQ: Final = XENSTORE_DOMAIN_INTERFACE_OFFSETS["req"]
-_RSP: Final = XENSTORE_DOMAIN_INTERFACE_OFFSETS["rsp"]
-_REQ_CONS: Final = XENSTORE_DOMAIN_INTERFACE_OFFSETS["req_cons"]
-_REQ_PROD: Final = XENSTORE_DOMAIN_INTERFACE_OFFSETS["req_prod"]
-_RSP_CONS: Final = XENSTORE_DOMAIN_INTERFACE_OFFSETS["rsp_cons"]
-_RSP_PROD: Final = XENSTORE_DOMAIN_INTERFACE_OFFSETS["rsp_prod"]
-_FEATURES: Final = XENSTORE_DOMAIN_INTERFACE_OFFSETS["server_features"]
-_CONNECTION: Final = XENSTORE_DOMAIN_INTERFACE_OFFSETS["connection"]
-_ERROR: Final = XENSTORE_DOMAIN_INTERFACE_OFFSETS["error"]
+# The fields of the store page, in the header's order (which gntdma.abi.xs_wire checks).
+(_REQ, _RSP, _REQ_CONS, _REQ_PROD, _RSP_CONS, _RSP_PROD, _FEATURES, _CONNECTION,
+ _ERROR) = XENSTORE_DOMAIN_INTERFACE_OFFSETS.values()
 _U32: Final = struct.Struct("=I")
 _M32: Final = 0xFFFFFFFF
 #: Features this daemon offers.
 _SERVER_FEATURES: Final = XENSTORE_SERVER_FEATURE_RECONNECTION | XENSTORE_SERVER_FEATURE_ERROR
-
-assert _ERROR + 4 == XENSTORE_DOMAIN_INTERFACE_SIZE
 
 
 class RingError(GntdmaError):
