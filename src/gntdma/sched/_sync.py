@@ -77,12 +77,19 @@ MA_NOTRECURSED: Final = 0x08
 class Mutex:
     """A FreeBSD mutex. The lock class is its name (``type`` if given)."""
 
-    __slots__ = ("cls", "flags", "name", "owner", "recurse", "waiters")
+    __slots__ = ("_dupok", "_recurse_ok", "_spin", "_witness", "cls", "flags", "name", "owner",
+                 "recurse", "waiters")
 
     def __init__(self, name: str, flags: int = MTX_DEF, type: str | None = None) -> None:
         self.name = name
         self.cls = type if type is not None else name
         self.flags = MtxFlags(flags)
+        # The flag bits as plain bools: testing the IntFlag on every lock builds
+        # a flag object per test.
+        self._recurse_ok = bool(self.flags & MTX_RECURSE)
+        self._spin = bool(self.flags & MTX_SPIN)
+        self._dupok = bool(self.flags & MTX_DUPOK)
+        self._witness = not self.flags & MTX_NOWITNESS
         self.owner: KThread | None = None
         self.recurse = 0
         self.waiters: deque[KThread] = deque()
@@ -119,26 +126,25 @@ def mtx_lock(m: Mutex) -> None:
     s = current_scheduler()
     t = s.curthread
     if m.owner is t:
-        if not m.flags & MTX_RECURSE:
+        if not m._recurse_ok:
             raise _panic(t, f"recursing on non-recursive mutex {m.name} @ {caller_site()}")
         m.recurse += 1
         return
     site = caller_site()
-    if not m.flags & MTX_NOWITNESS:
+    if m._witness and t.held:  # holding nothing, there is no order to check
         s.witness.check_order(
             t.name, [(h.cls, h.site, h.dupok) for h in t.held], m.cls, site
         )
     s.point("mtx_lock")
     while m.owner is not None:
-        if m.flags & MTX_SPIN:
+        if m._spin:
             # A spin lock is never held across a scheduling point, so an owner here
             # is a thread that blocked with it: that panicked already.
             raise _panic(t, f"spin mutex {m.name} held by a sleeping thread")
         m.waiters.append(t)
         s.block(m, "mtx", 0.0)
     m.owner = t
-    t.held.append(HeldLock(m, m.cls, site, bool(m.flags & MTX_DUPOK),
-                           not m.flags & MTX_SPIN))
+    t.held.append(HeldLock(m, m.cls, site, m._dupok, not m._spin))
 
 
 def mtx_trylock(m: Mutex) -> int:
@@ -150,7 +156,7 @@ def mtx_trylock(m: Mutex) -> int:
     t = s.curthread
     s.point("mtx_trylock")
     if m.owner is t:
-        if not m.flags & MTX_RECURSE:
+        if not m._recurse_ok:
             raise _panic(t, f"recursing on non-recursive mutex {m.name} @ {caller_site()}")
         m.recurse += 1
         return 1
@@ -158,8 +164,7 @@ def mtx_trylock(m: Mutex) -> int:
         return 0
     m.owner = t
     # trylock never waits, so WITNESS records no order for it (as FreeBSD).
-    t.held.append(HeldLock(m, m.cls, caller_site(), bool(m.flags & MTX_DUPOK),
-                           not m.flags & MTX_SPIN))
+    t.held.append(HeldLock(m, m.cls, caller_site(), m._dupok, not m._spin))
     return 1
 
 

@@ -27,12 +27,21 @@ __all__ = ["WITNESS", "Witness", "WitnessReport", "caller_site"]
 _SCHED_DIR: Final = os.path.dirname(os.path.abspath(__file__))
 
 
+#: co_filename -> whether the file is in ``gntdma.sched`` (one dirname per file, not per call).
+_IN_SCHED: dict[str, bool] = {}
+
+
 def caller_site() -> str:
     """The file:line of the first frame outside ``gntdma.sched``."""
     f: FrameType | None = sys._getframe(1)
+    in_sched = _IN_SCHED
     while f is not None:
-        if os.path.dirname(f.f_code.co_filename) != _SCHED_DIR:
-            return f"{f.f_code.co_filename}:{f.f_lineno}"
+        filename = f.f_code.co_filename
+        inside = in_sched.get(filename)
+        if inside is None:
+            inside = in_sched[filename] = os.path.dirname(filename) == _SCHED_DIR
+        if not inside:
+            return f"{filename}:{f.f_lineno}"
         f = f.f_back
     return "?:0"
 
