@@ -36,6 +36,14 @@ MAPTRACK_PER_FRAME: Final = PAGE_SIZE // 16
 _HDR: Final = struct.Struct("<HH")
 _ENT: Final = struct.Struct("<HHI")
 
+# Plain ints: arithmetic on the IntFlag members builds a new flag object per
+# operation, which the map/unmap path does several times a page.
+_TYPE_MASK: Final = int(GTF_type_mask)
+_PERMIT_ACCESS: Final = int(GTF_permit_access)
+_READONLY: Final = int(GTF_readonly)
+_READING: Final = int(GTF_reading)
+_WRITING: Final = int(GTF_writing)
+
 
 @dataclass(slots=True)
 class ActiveEntry:
@@ -94,9 +102,9 @@ class GrantTable:
         valid permit_access grant to ``caller`` or is read-only for a write.
         """
         flags, domid, frame = self.read(ref)
-        if (flags & GTF_type_mask) != GTF_permit_access or domid != caller:
+        if (flags & _TYPE_MASK) != _PERMIT_ACCESS or domid != caller:
             return -1, 0
-        if write and flags & GTF_readonly:
+        if write and flags & _READONLY:
             return -1, 0
         act = self.active.get(ref)
         if act is None:
@@ -109,7 +117,7 @@ class GrantTable:
             act.writers += 1
         else:
             act.readers += 1
-        new = flags | GTF_reading | (GTF_writing if write else 0)
+        new = flags | _READING | (_WRITING if write else 0)
         self._set_flags(ref, new)
         return 0, frame
 
@@ -122,9 +130,9 @@ class GrantTable:
         assert act.readers >= 0 and act.writers >= 0
         flags, _, _ = self.read(ref)
         if act.writers == 0:
-            flags &= ~GTF_writing
+            flags &= ~_WRITING
         if act.readers == 0 and act.writers == 0:
-            flags &= ~GTF_reading
+            flags &= ~_READING
             del self.active[ref]
         self._set_flags(ref, flags)
 
@@ -133,7 +141,7 @@ class GrantTable:
         n = 0
         for f in self.frames:
             for i in range(GREFS_PER_GRANT_FRAME):
-                if _HDR.unpack_from(f, i * 8)[0] & GTF_type_mask:
+                if _HDR.unpack_from(f, i * 8)[0] & _TYPE_MASK:
                     n += 1
         return n
 

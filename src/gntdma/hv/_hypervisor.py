@@ -65,7 +65,34 @@ __all__ = ["Domain", "DomainStatistics", "HostStatistics", "Hypervisor"]
 DEFAULT_MAX_GRANT_FRAMES: Final = 64
 DEFAULT_MAX_MAPTRACK_FRAMES: Final = 1024
 
+# Plain ints: arithmetic on the IntFlag members builds a flag object per use.
+_MAP_HOST_OR_DEVICE: Final = int(GNTMAP_host_map | GNTMAP_device_map)
+_MAP_DEVICE: Final = int(GNTMAP_device_map)
+_MAP_READONLY: Final = int(GNTMAP_readonly)
+_COPY_SOURCE_GREF: Final = int(GNTCOPY_source_gref)
+_COPY_DEST_GREF: Final = int(GNTCOPY_dest_gref)
+
 GnttabOp = GnttabMapGrantRef | GnttabUnmapGrantRef | GnttabSetupTable | GnttabQuerySize | GnttabCopy
+
+#: cmd -> (Hypervisor method, the struct type every op of the call must be).
+_GNTTAB_HANDLERS: Final[dict[int, tuple[str, type]]] = {
+    GNTTABOP_map_grant_ref: ("_map", GnttabMapGrantRef),
+    GNTTABOP_unmap_grant_ref: ("_unmap", GnttabUnmapGrantRef),
+    GNTTABOP_setup_table: ("_setup_table", GnttabSetupTable),
+    GNTTABOP_query_size: ("_query_size", GnttabQuerySize),
+    GNTTABOP_copy: ("_copy", GnttabCopy),
+}
+
+
+# The per-op results of the hot ops, built directly: what ``replace(op, status=...)``
+# gives (the structs are final), without its per-call field walk.
+def _map_result(op: GnttabMapGrantRef, status: int) -> GnttabMapGrantRef:
+    return GnttabMapGrantRef(op.host_addr, op.flags, op.ref, op.dom, status, op.handle,
+                             op.dev_bus_addr)
+
+
+def _unmap_result(op: GnttabUnmapGrantRef, status: int) -> GnttabUnmapGrantRef:
+    return GnttabUnmapGrantRef(op.host_addr, op.dev_bus_addr, op.handle, status)
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,22 +231,14 @@ class Hypervisor:
         caller = self.domains.get(caller_id)
         if caller is None:
             return -errno.ESRCH, []
-        handlers: dict[int, Callable[[Domain, GnttabOp], GnttabOp]] = {
-            GNTTABOP_map_grant_ref: self._map,  # type: ignore[dict-item]
-            GNTTABOP_unmap_grant_ref: self._unmap,  # type: ignore[dict-item]
-            GNTTABOP_setup_table: self._setup_table,  # type: ignore[dict-item]
-            GNTTABOP_query_size: self._query_size,  # type: ignore[dict-item]
-            GNTTABOP_copy: self._copy,  # type: ignore[dict-item]
-        }
-        fn = handlers.get(cmd)
-        if fn is None:
+        handler = _GNTTAB_HANDLERS.get(cmd)
+        if handler is None:
             return -errno.ENOSYS, []
-        types: dict[int, type] = {GNTTABOP_map_grant_ref: GnttabMapGrantRef,
-                 GNTTABOP_unmap_grant_ref: GnttabUnmapGrantRef,
-                 GNTTABOP_setup_table: GnttabSetupTable,
-                 GNTTABOP_query_size: GnttabQuerySize, GNTTABOP_copy: GnttabCopy}
-        if not all(isinstance(op, types[cmd]) for op in ops):
-            return -errno.EFAULT, []
+        name, op_type = handler
+        for op in ops:
+            if not isinstance(op, op_type):
+                return -errno.EFAULT, []
+        fn: Callable[[Domain, GnttabOp], GnttabOp] = getattr(self, name)
         return 0, [fn(caller, op) for op in ops]
 
     def _setup_table(self, caller: Domain, op: GnttabSetupTable) -> GnttabSetupTable:
@@ -246,32 +265,34 @@ class Hypervisor:
         return list(self.domains[caller_id].gnttab.frames)
 
     def _map(self, caller: Domain, op: GnttabMapGrantRef) -> GnttabMapGrantRef:
-        if not op.flags & (GNTMAP_host_map | GNTMAP_device_map):
-            return replace(op, status=GNTST_bad_gntref)
+        flags = op.flags
+        if not flags & _MAP_HOST_OR_DEVICE:
+            return _map_result(op, GNTST_bad_gntref)
         granter = self.domains.get(op.dom)
         if granter is None or granter.dying:
-            return replace(op, status=GNTST_bad_domain)
+            return _map_result(op, GNTST_bad_domain)
         if op.ref >= granter.gnttab.nr_entries:
-            return replace(op, status=GNTST_bad_gntref)
+            return _map_result(op, GNTST_bad_gntref)
         handle = caller.maptrack.get()
         if handle is None:
-            return replace(op, status=GNTST_no_space)
-        write = not op.flags & GNTMAP_readonly
+            return _map_result(op, GNTST_no_space)
+        write = not flags & _MAP_READONLY
         status, frame = granter.gnttab.pin(op.ref, caller.domid, write)
         if status != GNTST_okay:
             caller.maptrack.put(handle)
-            return replace(op, status=status)
+            return _map_result(op, status)
         if not granter.memory.valid_pfn(frame):
             granter.gnttab.unpin(op.ref, write)
             caller.maptrack.put(handle)
-            return replace(op, status=GNTST_bad_page)
+            return _map_result(op, GNTST_bad_page)
         view = granter.memory.page(frame)
         if not write:
             view = view.toreadonly()
-        dev_bus_addr = frame << PAGE_SHIFT if op.flags & GNTMAP_device_map else 0
+        dev_bus_addr = frame << PAGE_SHIFT if flags & _MAP_DEVICE else 0
         caller.maptrack.add(handle, Mapping(granter.domid, op.ref, frame, not write,
                                             op.host_addr, dev_bus_addr, view))
-        return replace(op, status=GNTST_okay, handle=handle, dev_bus_addr=dev_bus_addr)
+        return GnttabMapGrantRef(op.host_addr, flags, op.ref, op.dom, GNTST_okay, handle,
+                                 dev_bus_addr)
 
     def mapped_page(self, caller_id: int, handle: int) -> memoryview:
         """The view of the page mapped under ``handle`` in the caller's maptrack."""
@@ -283,13 +304,13 @@ class Hypervisor:
     def _unmap(self, caller: Domain, op: GnttabUnmapGrantRef) -> GnttabUnmapGrantRef:
         m = caller.maptrack.entries.get(op.handle)
         if m is None:
-            return replace(op, status=GNTST_bad_handle)
+            return _unmap_result(op, GNTST_bad_handle)
         if op.host_addr != 0 and op.host_addr != m.host_addr:
-            return replace(op, status=GNTST_bad_virt_addr)
+            return _unmap_result(op, GNTST_bad_virt_addr)
         if op.dev_bus_addr != 0 and op.dev_bus_addr != m.dev_bus_addr:
-            return replace(op, status=GNTST_bad_dev_addr)
+            return _unmap_result(op, GNTST_bad_dev_addr)
         self._unmap_one(caller, op.handle)
-        return replace(op, status=GNTST_okay)
+        return _unmap_result(op, GNTST_okay)
 
     def _unmap_one(self, caller: Domain, handle: int) -> None:
         m = caller.maptrack.entries.pop(handle)
@@ -301,8 +322,8 @@ class Hypervisor:
 
     def _copy(self, caller: Domain, op: GnttabCopy) -> GnttabCopy:
         sides: list[tuple[GnttabCopyPtr, bool]] = [
-            (op.source, bool(op.flags & GNTCOPY_source_gref)),
-            (op.dest, bool(op.flags & GNTCOPY_dest_gref)),
+            (op.source, bool(op.flags & _COPY_SOURCE_GREF)),
+            (op.dest, bool(op.flags & _COPY_DEST_GREF)),
         ]
         doms: list[Domain] = []
         for ptr, is_gref in sides:

@@ -79,6 +79,11 @@ DEFAULT_MAX_NR_GRANT_FRAMES: Final = 4
 
 _FLAGS: Final = struct.Struct("<H")
 _ENTRY: Final = struct.Struct("<HHI")
+_DOMID_FRAME: Final = struct.Struct("<HI")
+# Plain ints: arithmetic on the IntFlag members builds a flag object per use.
+_PERMIT_ACCESS: Final = int(GTF_permit_access)
+_PERMIT_ACCESS_RO: Final = int(GTF_permit_access | GTF_readonly)
+_PINNED: Final = int(GTF_reading | GTF_writing)
 
 
 @final
@@ -294,10 +299,9 @@ class GntTab:
             self.reports.append(f"gnttab_grant_foreign_access_ref: invalid ref {ref:#x}")
             return
         page, off = self._entry_off(ref)
-        struct.pack_into("<HI", page, off + 2, domid, frame)
+        _DOMID_FRAME.pack_into(page, off + 2, domid, frame)
         wmb()
-        flags = GTF_permit_access | (GTF_readonly if readonly else 0)
-        _FLAGS.pack_into(page, off, flags)
+        _FLAGS.pack_into(page, off, _PERMIT_ACCESS_RO if readonly else _PERMIT_ACCESS)
 
     def gnttab_grant_foreign_access(self, domid: int, frame: int,
                                     readonly: bool) -> tuple[int, int]:
@@ -315,7 +319,7 @@ class GntTab:
         if not self._valid_ref(ref):
             return 0
         page, off = self._entry_off(ref)
-        return int(_FLAGS.unpack_from(page, off)[0]) & (GTF_reading | GTF_writing)
+        return int(_FLAGS.unpack_from(page, off)[0]) & _PINNED
 
     def gnttab_end_foreign_access_ref(self, ref: int) -> int:
         """Revoke the grant: 1 on success, 0 while the grantee still has it pinned.
@@ -328,7 +332,7 @@ class GntTab:
             return 0
         page, off = self._entry_off(ref)
         flags = int(_FLAGS.unpack_from(page, off)[0])
-        if flags & (GTF_reading | GTF_writing):
+        if flags & _PINNED:
             return 0
         _FLAGS.pack_into(page, off, 0)
         return 1
