@@ -165,6 +165,12 @@ BLKBACK_DEFAULT_WORKERS: Final = 4
 _SEG: Final = struct.Struct("<IBB2x")  # blkif_request_segment
 _SECTOR_SHIFT: Final = 9
 assert 1 << _SECTOR_SHIFT == BLKIF_SECTOR_SIZE
+# Map flags as plain ints: IntFlag arithmetic builds a flag object per use, and
+# the hypervisor tests each op's flags.
+_MAP_HOST: Final = int(GNTMAP_host_map)
+_MAP_HOST_RO: Final = int(GNTMAP_host_map | GNTMAP_readonly)
+#: Entries of a reused-op cache before it starts over.
+_OP_CACHE_MAX: Final = 1 << 16
 
 #: A segment as the workers use it: (gref, first_sect, last_sect).
 _Seg = tuple[int, int, int]
@@ -359,6 +365,11 @@ class Blkback:
         self._interrupts = 0
         self._notifications = 0
         self._ring_errors = 0
+        # Map and unmap ops are frozen structs: the same (flags, dom, ref) or handle
+        # gives the same op, so each is built once and reused (bounded: a frontend
+        # chooses its grefs).
+        self._map_ops: dict[tuple[int, int], dict[int, GnttabMapGrantRef]] = {}
+        self._unmap_ops: dict[int, GnttabUnmapGrantRef] = {}
 
     def __repr__(self) -> str:
         return f"<Blkback {self.name} {self.state.name}>"
@@ -743,10 +754,7 @@ class Blkback:
 
         Returns (0, segments) or (EFAULT, []) if a page does not map.
         """
-        flags = GNTMAP_host_map | GNTMAP_readonly
-        handles = self._map_batch([GnttabMapGrantRef(flags=flags, ref=g,
-                                                     dom=self.frontend_domid)
-                                   for g in grefs])
+        handles = self._map_batch(self._map_ops_for(_MAP_HOST_RO, self.frontend_domid, grefs))
         if handles is None:
             self._map_errors += 1
             return errno.EFAULT, []
@@ -764,10 +772,9 @@ class Blkback:
     def _transfer(self, req: _Req) -> int:
         """Map the data segments, one vectored read or write, unmap."""
         to_disk = req.op == BLKIF_OP_WRITE
-        flags = GNTMAP_host_map | (GNTMAP_readonly if to_disk else 0)
-        dom = self.frontend_domid
-        handles = self._map_batch([GnttabMapGrantRef(flags=flags, ref=gref, dom=dom)
-                                   for gref, _f, _l in req.segs])
+        flags = _MAP_HOST_RO if to_disk else _MAP_HOST
+        handles = self._map_batch(self._map_ops_for(flags, self.frontend_domid,
+                                                    [gref for gref, _f, _l in req.segs]))
         if handles is None:
             self._map_errors += 1
             return BLKIF_RSP_ERROR
@@ -794,6 +801,20 @@ class Blkback:
 
     # -- grant maps ----------------------------------------------------------------------
 
+    def _map_ops_for(self, flags: int, dom: int, grefs: Sequence[int]
+                     ) -> list[GnttabMapGrantRef]:
+        """``GnttabMapGrantRef(flags=flags, ref=g, dom=dom)`` for each gref, reused."""
+        cache = self._map_ops.get((flags, dom))
+        if cache is None or len(cache) > _OP_CACHE_MAX:
+            cache = self._map_ops[(flags, dom)] = {}
+        ops: list[GnttabMapGrantRef] = []
+        for g in grefs:
+            op = cache.get(g)
+            if op is None:
+                op = cache[g] = GnttabMapGrantRef(flags=flags, ref=g, dom=dom)
+            ops.append(op)
+        return ops
+
     def _map_batch(self, ops: list[GnttabMapGrantRef]) -> list[int] | None:
         """Map every op in one hypercall: the handles, or None (nothing left mapped)."""
         rc, res = self.hc.grant_table_op(GNTTABOP_map_grant_ref, ops)
@@ -813,8 +834,16 @@ class Blkback:
     def _unmap_batch(self, handles: list[int]) -> None:
         if not handles:
             return
-        rc, res = self.hc.grant_table_op(GNTTABOP_unmap_grant_ref,
-                                         [GnttabUnmapGrantRef(handle=h) for h in handles])
+        cache = self._unmap_ops
+        if len(cache) > _OP_CACHE_MAX:
+            cache.clear()
+        ops: list[GnttabUnmapGrantRef] = []
+        for h in handles:
+            op = cache.get(h)
+            if op is None:
+                op = cache[h] = GnttabUnmapGrantRef(handle=h)
+            ops.append(op)
+        rc, res = self.hc.grant_table_op(GNTTABOP_unmap_grant_ref, ops)
         bad = [r for r in res
                if not isinstance(r, GnttabUnmapGrantRef) or r.status != GNTST_okay]
         if rc != 0 or len(res) != len(handles) or bad:
