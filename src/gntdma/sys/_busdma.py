@@ -62,6 +62,7 @@ from gntdma.sys._busdma_types import (
     BusDmaMap,
     BusDmaTag,
     MapState,
+    MemBuffer,
     bus_dma_segment_t,
     kernel_state,
     ma_pieces,
@@ -78,7 +79,6 @@ from gntdma.sys._busdma_types import (
 from gntdma.sys._dmadebug import DmaDebugKind
 from gntdma.sys._kernel import Kernel
 from gntdma.sys._mbuf import mbuf
-from gntdma.sys._param import PAGE_MASK, PAGE_SIZE
 
 __all__ = [
     "bus_dma_tag_create",
@@ -334,6 +334,7 @@ def _reset(map: BusDmaMap) -> None:
     map.state = MapState.IDLE
     map.dm_segs = []
     map.dm_mem = None
+    map.dm_ranges = None
     map.dm_mapsize = 0
     map.mem = None
     map.callback = None
@@ -501,22 +502,31 @@ def bus_dmamap_unload(dmat: BusDmaTag, map: BusDmaMap) -> None:
     kern.dma_debug.drop(id(map))
 
 
-def _client_ranges(kern: Kernel, mem: memdesc | None) -> list[tuple[int, int]]:
+def _map_client_ranges(kern: Kernel, map: BusDmaMap) -> list[tuple[int, int]]:
+    """The client (CPU physical) ranges of the map's load, reused while neither the buffers the
+    descriptor names nor any kernel mapping changed since they were computed."""
+    mem = map.dm_mem
     if mem is None:
         return []
+    bufs = memdesc_buffers(mem)
+    gen = kern.pmap_gen
+    cached = map.dm_ranges
+    if cached is not None and cached[1] == gen and cached[0] == bufs:
+        return cached[2]
+    out = _buffer_ranges(kern, bufs)
+    map.dm_ranges = (bufs, gen, out)
+    return out
+
+
+def _buffer_ranges(kern: Kernel, bufs: list[MemBuffer]) -> list[tuple[int, int]]:
     out: list[tuple[int, int]] = []
-    for kind, a, n, ma in memdesc_buffers(mem):
+    for kind, a, n, ma in bufs:
         if kind == "phys":
             out.append((a, n))
         elif kind == "ma":
             out.extend(ma_pieces(ma, a, n))
         else:
-            va = a
-            end = a + n
-            while va < end:
-                ln = min(end - va, PAGE_SIZE - (va & PAGE_MASK))
-                out.append((kern.pmap_kextract(va), ln))
-                va += ln
+            out.extend(kern.pmap_kextract_pieces(a, n))
     return out
 
 
@@ -538,7 +548,7 @@ def bus_dmamap_sync(dmat: BusDmaTag, map: BusDmaMap, op: int) -> None:
     dmat.impl.map_sync(dmat, map, op)
     if dbg.enabled:
         if pre != 0:
-            dbg.own(id(map), map.desc(), _client_ranges(kern, map.dm_mem),
+            dbg.own(id(map), map.desc(), _map_client_ranges(kern, map),
                     read=bool(op & BUS_DMASYNC_PREREAD), write=bool(op & BUS_DMASYNC_PREWRITE))
         if post != 0:
             dbg.release(id(map), read=bool(op & BUS_DMASYNC_POSTREAD),

@@ -345,6 +345,9 @@ class BusDmaMap:
         self.dm_mapsize = 0
         #: The memory descriptor of the current load (for DMA-API debugging).
         self.dm_mem: memdesc | None = None
+        #: DMA-API debugging: the client ranges of ``dm_mem`` at the last PRE sync, with
+        #: what they were computed from (the buffers and the pmap generation).
+        self.dm_ranges: tuple[object, int, list[tuple[int, int]]] | None = None
         #: Saved by map_waitok for a load that may be deferred.
         self.mem: memdesc | None = None
         self.callback: BusDmaCallback | None = None

@@ -113,6 +113,9 @@ class Kernel:
         self.seed = seed if seed is not None else random_u64()
         self.vm = VmPhys(physmem, self.seed)
         self._ptes: dict[int, int] = {}
+        #: Bumped on every change to ``_ptes``: a va -> pa translation made while it
+        #: is unchanged is still valid (busdma caches its sync ranges on it).
+        self.pmap_gen = 0
         self._kva_next = KVA_BASE
         self._kva_ranges: dict[int, int] = {}  # va -> npages, for kva_free
         self._allocs: dict[int, tuple[int, MallocType, int]] = {}
@@ -201,18 +204,22 @@ class Kernel:
         if va & PAGE_MASK:
             raise KernelPanic(f"pmap_qenter: unaligned va {va:#x}")
         vpn = va >> PAGE_SHIFT
+        self.pmap_gen += 1
         for i, pfn in enumerate(pfns):
             self._ptes[vpn + i] = pfn
 
     def pmap_qremove(self, va: int, count: int) -> None:
         vpn = va >> PAGE_SHIFT
+        self.pmap_gen += 1
         for i in range(count):
             self._ptes.pop(vpn + i, None)
 
     def pmap_kenter(self, va: int, pa: int) -> None:
+        self.pmap_gen += 1
         self._ptes[va >> PAGE_SHIFT] = pa >> PAGE_SHIFT
 
     def pmap_kremove(self, va: int) -> None:
+        self.pmap_gen += 1
         self._ptes.pop(va >> PAGE_SHIFT, None)
 
     def pmap_kextract(self, va: int) -> int:
@@ -223,6 +230,31 @@ class Kernel:
         return (pfn << PAGE_SHIFT) | (va & PAGE_MASK)
 
     vtophys = pmap_kextract
+
+    def pmap_kextract_pieces(self, va: int, n: int) -> list[tuple[int, int]]:
+        """(pa, len) of each page piece of ``[va, va+n)``: ``pmap_kextract`` of each piece
+        (the same fault on the first unmapped one), one dict lookup per page."""
+        if n <= 0:
+            return []
+        end = va + n
+        ptes = self._ptes
+        try:
+            pfns = [ptes[vpn] for vpn in range(va >> PAGE_SHIFT, ((end - 1) >> PAGE_SHIFT) + 1)]
+        except KeyError:
+            pfns = []
+        if not pfns:  # a page is unmapped: fault at the first one, as piece by piece
+            out: list[tuple[int, int]] = []
+            while va < end:
+                ln = min(end - va, PAGE_SIZE - (va & PAGE_MASK))
+                out.append((self.pmap_kextract(va), ln))
+                va += ln
+            return out
+        out = [(pfn << PAGE_SHIFT, PAGE_SIZE) for pfn in pfns]
+        off = va & PAGE_MASK
+        out[0] = ((pfns[0] << PAGE_SHIFT) | off, min(n, PAGE_SIZE - off))
+        if len(out) > 1:
+            out[-1] = (pfns[-1] << PAGE_SHIFT, end - ((end - 1) & ~PAGE_MASK))
+        return out
 
     def kva_mapped(self, va: int) -> bool:
         return (va >> PAGE_SHIFT) in self._ptes
