@@ -35,6 +35,7 @@ MAPTRACK_PER_FRAME: Final = PAGE_SIZE // 16
 
 _HDR: Final = struct.Struct("<HH")
 _ENT: Final = struct.Struct("<HHI")
+_FLAGS: Final = struct.Struct("<H")
 
 # Plain ints: arithmetic on the IntFlag members builds a new flag object per
 # operation, which the map/unmap path does several times a page.
@@ -93,7 +94,7 @@ class GrantTable:
 
     def _set_flags(self, ref: int, flags: int) -> None:
         f, i = divmod(ref, GREFS_PER_GRANT_FRAME)
-        struct.pack_into("<H", self.frames[f], i * 8, flags)
+        _FLAGS.pack_into(self.frames[f], i * 8, flags)
 
     def pin(self, ref: int, caller: int, write: bool) -> tuple[int, int]:
         """Pin ``ref`` for ``caller``; returns (GNTST status, frame).
@@ -101,7 +102,9 @@ class GrantTable:
         Status is 0, or ``GNTST_general_error`` (-1) for an entry that is not a
         valid permit_access grant to ``caller`` or is read-only for a write.
         """
-        flags, domid, frame = self.read(ref)
+        f, i = divmod(ref, GREFS_PER_GRANT_FRAME)
+        page, off = self.frames[f], i * 8
+        flags, domid, frame = _ENT.unpack_from(page, off)
         if (flags & _TYPE_MASK) != _PERMIT_ACCESS or domid != caller:
             return -1, 0
         if write and flags & _READONLY:
@@ -118,7 +121,7 @@ class GrantTable:
         else:
             act.readers += 1
         new = flags | _READING | (_WRITING if write else 0)
-        self._set_flags(ref, new)
+        _FLAGS.pack_into(page, off, new)
         return 0, frame
 
     def unpin(self, ref: int, write: bool) -> None:
@@ -128,13 +131,15 @@ class GrantTable:
         else:
             act.readers -= 1
         assert act.readers >= 0 and act.writers >= 0
-        flags, _, _ = self.read(ref)
+        f, i = divmod(ref, GREFS_PER_GRANT_FRAME)
+        page, off = self.frames[f], i * 8
+        (flags,) = _FLAGS.unpack_from(page, off)
         if act.writers == 0:
             flags &= ~_WRITING
         if act.readers == 0 and act.writers == 0:
             flags &= ~_READING
             del self.active[ref]
-        self._set_flags(ref, flags)
+        _FLAGS.pack_into(page, off, flags)
 
     def entries_in_use(self) -> int:
         """Entries whose type is not GTF_invalid (reserved entries included)."""
