@@ -50,7 +50,14 @@ from gntdma.sched._errors import (
     StepLimitExceeded,
     WaitEdge,
 )
-from gntdma.sched._witness import WITNESS, Witness, caller_site
+from gntdma.sched._witness import (
+    WITNESS,
+    Site,
+    Witness,
+    caller_site,
+    caller_site_raw,
+    site_str,
+)
 
 __all__ = [
     "Clock",
@@ -156,9 +163,14 @@ class HeldLock:
 
     lock: Any
     cls: str
-    site: str
+    site_at: Site
     dupok: bool
     sleepable: bool
+
+    @property
+    def site(self) -> str:
+        """``file:line`` of the acquisition (formatted only when asked for)."""
+        return site_str(self.site_at)
 
 
 @final
@@ -176,7 +188,7 @@ class KThread:
         "state",
         "tid",
         "timer",
-        "wait_site",
+        "wait_site_at",
         "wake_result",
         "wchan",
         "wmesg",
@@ -190,13 +202,20 @@ class KThread:
         self.state = ThreadState.RUNNABLE
         self.wchan: object | None = None
         self.wmesg = ""
-        self.wait_site = ""
+        #: Where the thread last blocked, unformatted (see ``wait_site``).
+        self.wait_site_at: Site | None = None
         self.wake_result = 0
         self.timer: _Timer | None = None
         self.held: list[HeldLock] = []
         self.result: object = None
         self.exc: BaseException | None = None
         self._glet: greenlet.greenlet | None = None
+
+    @property
+    def wait_site(self) -> str:
+        """``file:line`` where the thread last blocked ("" if it never did)."""
+        at = self.wait_site_at
+        return "" if at is None else site_str(at)
 
     def __repr__(self) -> str:
         return f"<KThread {self.tid} {self.name} {self.state.value}>"
@@ -381,7 +400,7 @@ class Scheduler:
         t.state = ThreadState.BLOCKED
         t.wchan = wchan
         t.wmesg = wmesg
-        t.wait_site = caller_site()
+        t.wait_site_at = caller_site_raw()
         t.wake_result = 0
         if timeout > 0:
             tm = _Timer(self.clock.now() + timeout, next(self._timer_seq), t, None)

@@ -15,7 +15,7 @@ from typing import Final, final
 
 from gntdma.sched._core import HeldLock, KThread, ThreadState, current_scheduler
 from gntdma.sched._errors import KernelPanic
-from gntdma.sched._witness import caller_site
+from gntdma.sched._witness import caller_site, caller_site_raw
 
 __all__ = [
     "MA_NOTOWNED",
@@ -130,10 +130,10 @@ def mtx_lock(m: Mutex) -> None:
             raise _panic(t, f"recursing on non-recursive mutex {m.name} @ {caller_site()}")
         m.recurse += 1
         return
-    site = caller_site()
+    site = caller_site_raw()
     if m._witness and t.held:  # holding nothing, there is no order to check
         s.witness.check_order(
-            t.name, [(h.cls, h.site, h.dupok) for h in t.held], m.cls, site
+            t.name, [(h.cls, h.site_at, h.dupok) for h in t.held], m.cls, site
         )
     s.point("mtx_lock")
     while m.owner is not None:
@@ -164,7 +164,7 @@ def mtx_trylock(m: Mutex) -> int:
         return 0
     m.owner = t
     # trylock never waits, so WITNESS records no order for it (as FreeBSD).
-    t.held.append(HeldLock(m, m.cls, caller_site(), m._dupok, not m._spin))
+    t.held.append(HeldLock(m, m.cls, caller_site_raw(), m._dupok, not m._spin))
     return 1
 
 

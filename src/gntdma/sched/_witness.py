@@ -46,6 +46,31 @@ def caller_site() -> str:
     return "?:0"
 
 
+#: A site as (filename, line), formatted by ``site_str`` only when text is needed.
+Site = tuple[str, int]
+
+_NO_SITE: Final[Site] = ("?", 0)
+
+
+def caller_site_raw() -> Site:
+    """``caller_site`` unformatted: ``site_str(caller_site_raw()) == caller_site()``."""
+    f: FrameType | None = sys._getframe(1)
+    in_sched = _IN_SCHED
+    while f is not None:
+        filename = f.f_code.co_filename
+        inside = in_sched.get(filename)
+        if inside is None:
+            inside = in_sched[filename] = os.path.dirname(filename) == _SCHED_DIR
+        if not inside:
+            return filename, f.f_lineno
+        f = f.f_back
+    return _NO_SITE
+
+
+def site_str(site: Site) -> str:
+    return f"{site[0]}:{site[1]}"
+
+
 @dataclass(frozen=True, slots=True)
 class WitnessReport:
     """One WITNESS finding.
@@ -132,9 +157,9 @@ class Witness:
     def check_order(
         self,
         thread: str,
-        held: list[tuple[str, str, bool]],
+        held: list[tuple[str, Site, bool]],
         cls: str,
-        site: str,
+        site: Site,
     ) -> None:
         """Record that ``thread`` takes class ``cls`` at ``site`` while holding ``held``.
 
@@ -148,7 +173,8 @@ class Witness:
                 if not dupok and (cls, cls) not in self.reported:
                     self.reported.add((cls, cls))
                     self.reports.append(
-                        WitnessReport("duplicate", thread, hcls, hsite, cls, site)
+                        WitnessReport("duplicate", thread, hcls, site_str(hsite), cls,
+                                      site_str(site))
                     )
                 continue
             succ = self.order.setdefault(hcls, {})
@@ -165,14 +191,14 @@ class Witness:
                             "reversal",
                             thread,
                             hcls,
-                            hsite,
+                            site_str(hsite),
                             cls,
-                            site,
+                            site_str(site),
                             (first_edge.from_site, first_edge.to_site),
                         )
                     )
                 continue
-            succ[cls] = _Edge(hsite, site)
+            succ[cls] = _Edge(site_str(hsite), site_str(site))
 
     def record_panic(self, thread: str, message: str, site: str) -> None:
         self.reports.append(WitnessReport("panic", thread, "", "", "", site, None, message))
