@@ -188,3 +188,31 @@ def settle(host: Host) -> None:
     """Let every runnable kernel thread (taskqueue_swi: deferred loads) run."""
     for _ in range(4):
         host.sched.yield_()
+
+
+def page_array(k: Kernel, data: bytes, offset: int = 0, *, high: bool | None = None) -> list[int]:
+    """Physical pages (pfns, no kernel mapping) holding ``data`` from ``offset`` into the
+    first: an unmapped bio's ``bio_ma``. ``high``: all above 4 GiB (True), all below
+    (False), or wherever the allocator puts them (None). Free with ``free_pages``."""
+    from gntdma.sys import BUS_SPACE_MAXADDR_ANY, M_WAITOK
+
+    n = (offset + len(data) + PAGE - 1) // PAGE
+    low, top = ((FOUR_GIB, BUS_SPACE_MAXADDR_ANY) if high
+                else (0, FOUR_GIB - 1) if high is False else (0, BUS_SPACE_MAXADDR_ANY))
+    pfns = []
+    for _ in range(n):
+        pfn = k.vm_page_alloc(M_WAITOK, low, top)
+        assert pfn is not None
+        pfns.append(pfn)
+    pos, off = 0, offset
+    for pfn in pfns:
+        ln = min(len(data) - pos, PAGE - off)
+        k.phys_write((pfn << 12) + off, data[pos : pos + ln])
+        pos += ln
+        off = 0
+    return pfns
+
+
+def free_pages(k: Kernel, pfns: list[int]) -> None:
+    for pfn in pfns:
+        k.vm_page_free(pfn)
