@@ -31,7 +31,9 @@ cut at the boundary before the page is taken; a sleepable load counts and
 reserves the pages of its whole memory descriptor before its first buffer, so a
 deferral never leaves part of a load attached; each zone has its own FIFO of
 waiting maps; a zone no tag uses any more gives its pages back (this keeps
-leak accounting exact); unloading a waiting map cancels its deferral.
+leak accounting exact); unloading a waiting map cancels its deferral; pages
+added to a zone (map creation) serve its waiting maps at once, not at the
+zone's next unload.
 """
 
 from __future__ import annotations
@@ -270,7 +272,7 @@ class BounceImpl(BusDmaImpl):
             bz.total_bpages += 1
             bz.free_bpages += 1
             count += 1
-        self._update_counters()
+        self._serve_waiters(bz)  # new pages may complete a waiting map's reservation
         return count
 
     def _update_counters(self) -> None:
