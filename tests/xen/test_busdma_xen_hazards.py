@@ -445,10 +445,12 @@ def _lor_setup(host: Host, lock: Mutex) -> tuple[Guest, BusDmaTag, BusDmaMap, Bu
     return g, tag, a, b, va, rec, heads
 
 
-def _locked(lock: Mutex, fn: Any, *args: Any) -> None:
+def _locked(lock: Mutex, fn: Any, *args: Any) -> Any:
     mtx_lock(lock)
-    fn(*args)
-    mtx_unlock(lock)
+    try:
+        return fn(*args)
+    finally:
+        mtx_unlock(lock)
 
 
 def test_deferred_completion_has_no_lock_order_reversal(host: Host) -> None:
@@ -622,3 +624,31 @@ def test_cancelled_callback_does_not_starve_the_next_waiting_load(host: Host) ->
     release_refs(g, heads)
     _teardown(tag, *maps)
     g.kernel.free(va, M_DEVBUF)
+
+
+def test_bounce_pages_added_by_a_new_map_serve_a_waiting_load(host: Host) -> None:
+    """A load waits for bounce pages while another map of the zone holds them (a ring
+    that stays loaded, say). Creating a map adds pages to the zone: the waiting load
+    must get them. They used to sit free until some unload in that zone."""
+    g = _bounce_guest(host, bounce_pages=4)
+    lock = Mutex("drv")
+    tag = _bounce_tag(g, lock)
+    ring = _map(tag)  # the first map fills the zone with atop(maxsize) = 4 pages
+    va = high_kbuf(g.kernel, 4)
+    loads = Loads(lock)
+    assert _locked(lock, bus_dmamap_load, tag, ring, va, 3 * PAGE, loads.cb, None, 0) == 0
+    m = _map(tag)  # the zone is at bounce_max_pages: nothing added
+    assert _locked(lock, bus_dmamap_load, tag, m, va + 3 * PAGE, PAGE - 1, loads.cb, None,
+                   0) == 0
+    _locked(lock, bus_dmamap_unload, tag, m)
+    assert _locked(lock, bus_dmamap_load, tag, m, va, 2 * PAGE, loads.cb, None, 0) \
+        == errno.EINPROGRESS
+    g.kernel.bounce_max_pages = 8
+    extra = _map(tag)  # adds pages to the zone
+    settle(host)
+    assert [c[2] for c in loads.calls] == [0, 0, 0] and m.state is MapState.LOADED
+    g.kernel.kva_write(va, pattern(2 * PAGE, 14))
+    bus_dmamap_sync(tag, m, BUS_DMASYNC_PREWRITE)
+    check_map_grants(host.dom0, g, m, pattern(2 * PAGE, 14), ro=False)
+    _teardown(tag, ring, m, extra)
+    g.kernel.kmem_free(va, 4 * PAGE)

@@ -283,15 +283,19 @@ class BusDmaXenMachine(RuleBasedStateMachine):
     def _pick(self, i: int) -> MapModel:
         return self.maps[i % len(self.maps)]
 
-    def _pick_idle(self, i: int, busy: int) -> MapModel:
+    def _pick_idle(self, i: int, busy: int, dmamem: bool = True) -> MapModel | None:
         """Mostly a map with no load, unloading one if need be, as a driver reusing a
-        map does (busy == 0: any map, to try loading a busy one)."""
+        map does (busy == 0: any map, to try loading a busy one). ``dmamem``: whether
+        a ``bus_dmamem_alloc`` map will do (it only loads its own memory)."""
+        maps = [mm for mm in self.maps if dmamem or mm.kind != "dmamem"]
+        if not maps:
+            return None
         if busy == 0:
-            return self._pick(i)
-        idle = [mm for mm in self.maps if mm.load is None]
+            return maps[i % len(maps)]
+        idle = [mm for mm in maps if mm.load is None]
         if idle:
             return idle[i % len(idle)]
-        mm = self._pick(i)
+        mm = maps[i % len(maps)]
         self._unload(mm)
         return mm
 
@@ -538,6 +542,7 @@ class BusDmaXenMachine(RuleBasedStateMachine):
     def load_kbuf(self, i: int, busy: int, size: int, offset: int, nowait: bool, ro: bool,
                   seed: int) -> None:
         mm = self._pick_idle(i, busy)
+        assert mm is not None
         tm = mm.tm
         if mm.kind == "dmamem":
             n = min(self._size(tm, size), tm.maxsize)
@@ -566,8 +571,9 @@ class BusDmaXenMachine(RuleBasedStateMachine):
           sg=st.booleans(), ro=st.booleans(), seed=st.integers(0, 2**32))
     def load_mbuf(self, i: int, busy: int, size: int, cluster: int, lead: int, sg: bool,
                   ro: bool, seed: int) -> None:
-        mm = self._pick_idle(i, busy)
-        if mm.kind == "dmamem":
+        mm = self._pick_idle(i, busy, dmamem=False)
+        if mm is None:
+            self._step_end()
             return
         tm = mm.tm
         n = self._size(tm, size)
@@ -612,8 +618,9 @@ class BusDmaXenMachine(RuleBasedStateMachine):
           use_bio=st.booleans(), seed=st.integers(0, 2**32))
     def load_pages(self, i: int, busy: int, size: int, offset: int, nowait: bool, ro: bool,
                    use_bio: bool, seed: int) -> None:
-        mm = self._pick_idle(i, busy)
-        if mm.kind == "dmamem":
+        mm = self._pick_idle(i, busy, dmamem=False)
+        if mm is None:
+            self._step_end()
             return
         tm = mm.tm
         n = self._size(tm, size)
