@@ -47,24 +47,21 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from typing import Final, final
 
 from gntdma.abi.blkif import BlkifKey, blkif_abi, blkif_ring_ref_key
 from gntdma.dev.blkback import Blkback, BlkbackState
-from gntdma.sched import KThread, current_scheduler, tsleep, wakeup
 from gntdma.sys import Kernel
 from gntdma.xen.xenbus import (
     XENBUS_KEY_ONLINE,
     XENBUS_KEY_STATE,
     XST_NIL,
     XenbusDevice,
+    XenbusDriver,
     XenbusState,
     XenStore,
-    XsWatch,
     xenbus_backend_device,
-    xenbus_set_state,
-    xenbus_strstate,
     xs_join,
 )
 
@@ -102,18 +99,6 @@ class XbbFrontendInfo:
     def __repr__(self) -> str:
         return (f"<XbbFrontendInfo ring-refs={self.ring_refs} event-channel={self.evtchn} "
                 f"protocol={self.protocol!r}>")
-
-
-def _state(xs: XenStore, xbt: int, path: str) -> XenbusState:
-    """``path/state`` in transaction ``xbt``; Unknown if missing or not a state."""
-    error, raw = xs.xs_read(xbt, path, XENBUS_KEY_STATE)
-    text = raw.decode("latin-1").strip() if error == 0 else ""
-    if not text.isascii() or not text.isdigit() or len(text) > 3:
-        return _S.Unknown
-    try:
-        return XenbusState(int(text))
-    except ValueError:
-        return _S.Unknown
 
 
 def _u32(raw: str | None) -> int | None:
@@ -171,7 +156,7 @@ def xbb_parse_frontend_info(read: Callable[[str], str | None], max_ring_page_ord
 
 
 @final
-class BlkbackXenbus:
+class BlkbackXenbus(XenbusDriver):
     """The xenbus side of one blkback device: its thread and its states.
 
     Create it with :func:`xbb_attach`. :attr:`state` is our end's state as
@@ -180,85 +165,29 @@ class BlkbackXenbus:
     toolstack's ``online`` as last read.
     """
 
+    _wmesg = "xbb"
+
     def __init__(self, kern: Kernel, dev: XenbusDevice, bb: Blkback) -> None:
-        self.kern = kern
-        self.dev = dev
+        super().__init__(kern, dev, bb.name)
         self.bb = bb
-        self.name = bb.name
-        self.state = _S.Initialising
-        self.otherend_state = _S.Unknown
         self.online = True
-        self.error = ""
         #: Fatal errors so far (garbage from the frontend, a broken ring...).
         self.errors = 0
-        self.thread: KThread | None = None
-        self.done = False
-        self._events = 0
-        self._stopping = False
         self._ring_error = ""
-        self._chan = object()
-        self._state_chan = object()
-        self._watches: list[XsWatch] = []
         self._chained_ring_error = bb.on_ring_error
         bb.on_ring_error = self._on_ring_error
 
-    def __repr__(self) -> str:
-        return (f"<BlkbackXenbus {self.name} {self.dev.nodename} {self.state.name}"
-                f"/{self.otherend_state.name}>")
-
     # -- control -------------------------------------------------------------------------
-
-    def start(self) -> int:
-        """Start the device's xenbus thread (once). Returns 0 or EALREADY."""
-        if self.thread is not None:
-            return errno.EALREADY
-        self.thread = current_scheduler().spawn(self._xbb_thread, name=f"{self.name}/xenbus",
-                                                daemon=True, domain=self.kern)
-        return 0
 
     def stop(self) -> None:
         """Ask the thread to disconnect, go Closed and exit (forced removal)."""
-        self._stopping = True
-        self._kick()
-
-    def wait_state(self, states: Collection[XenbusState],
-                   timeout: float) -> tuple[int, XenbusState]:
-        """Sleep until :attr:`state` is in ``states``: (0, state), (ENXIO, state) if
-        the thread ended first, (ETIMEDOUT, state) after ``timeout`` seconds."""
-        sched = current_scheduler()
-        deadline = sched.now() + timeout
-        while True:
-            if self.state in states:
-                return 0, self.state
-            if self.done:
-                return errno.ENXIO, self.state
-            left = deadline - sched.now()
-            if left <= 0:
-                return errno.ETIMEDOUT, self.state
-            tsleep(self._state_chan, "xbbwst", left)
+        super().stop()
 
     def wait_done(self, timeout: float = XBB_STOP_TIMEOUT) -> int:
         """Sleep until the thread has exited: 0, or ETIMEDOUT."""
-        sched = current_scheduler()
-        deadline = sched.now() + timeout
-        while not self.done:
-            if self.thread is None:
-                return 0
-            left = deadline - sched.now()
-            if left <= 0:
-                return errno.ETIMEDOUT
-            tsleep(self._state_chan, "xbbwdone", left)
-        return 0
+        return super().wait_done(timeout)
 
     # -- the thread -------------------------------------------------------------------------
-
-    def _kick(self) -> None:
-        self._events += 1
-        wakeup(self._chan)
-
-    def _changed(self, _path: str, _token: str) -> None:
-        """Watch callback (xenwatch thread): only note and wake."""
-        self._kick()
 
     def _on_ring_error(self, reason: str) -> None:
         """Blkback's ``on_ring_error`` (its interrupt thread): note and wake."""
@@ -274,54 +203,32 @@ class BlkbackXenbus:
         ``state`` written together) is seen whole or not at all.
         """
         xs, dev = self.dev.xs, self.dev
-        out: list[tuple[XenbusState, XenbusState, bool]] = []
 
-        def snapshot(xbt: int) -> int:
-            out.clear()
-            me = _state(xs, xbt, dev.nodename)
-            fe = _state(xs, xbt, dev.otherend)
+        def snapshot(xbt: int) -> tuple[XenbusState, XenbusState, bool]:
+            me = self._xenbus_read_state(xbt, dev.nodename)
+            fe = self._xenbus_read_state(xbt, dev.otherend)
             error, raw = xs.xs_read(xbt, dev.nodename, XENBUS_KEY_ONLINE)
-            out.append((me, fe, error == 0 and raw.strip() == b"1"))
-            return 0
+            return me, fe, error == 0 and raw.strip() == b"1"
 
-        if xs.xs_transaction_run(snapshot) != 0 or not out:
-            # No transaction (the connection is going): read without one.
-            snapshot(XST_NIL)
-        return out[0]
+        return self._xenbus_snapshot(snapshot)
 
-    def _xbb_thread(self) -> None:
-        xs, dev = self.dev.xs, self.dev
-        for node in (xs_join(dev.otherend, "state"), xs_join(dev.nodename, "state"),
+    def _xenbus_attach(self) -> None:
+        dev = self.dev
+        for node in (xs_join(dev.otherend, XENBUS_KEY_STATE),
+                     xs_join(dev.nodename, XENBUS_KEY_STATE),
                      xs_join(dev.nodename, XENBUS_KEY_ONLINE)):
-            w = XsWatch(node, self._changed)
-            if xs.xs_register_watch(w) == 0:
-                self._watches.append(w)
-        try:
-            while True:
-                seen = self._events
-                me, fe, self.online = self._read_nodes()
-                self.otherend_state = fe
-                if me != self.state:
-                    self._note_state(me)
-                if self._xbb_frontend_changed(me, fe, self.online):
-                    break
-                if self._events == seen:
-                    tsleep(self._chan, "xbbxb")
-        except BaseException:
-            # Killed (the host shuts down) or a panic: no sleeping cleanup here.
-            self.done = True
-            raise
-        for w in self._watches:
-            xs.xs_unregister_watch(w)
-        self._watches = []
+            self._xenbus_watch(node)  # a missing watch: the next event still re-reads all
+
+    def _xenbus_step(self) -> bool:
+        me, fe, self.online = self._read_nodes()
+        self.otherend_state = fe
+        if me != self.state:
+            self._note_state(me)
+        return self._xbb_frontend_changed(me, fe, self.online)
+
+    def _xenbus_detach(self) -> None:
         self.bb.disconnect()
         self.bb.on_ring_error = self._chained_ring_error
-        self.done = True
-        wakeup(self._state_chan)
-
-    def _note_state(self, state: XenbusState) -> None:
-        self.state = state
-        wakeup(self._state_chan)
 
     def _connected(self) -> bool:
         return self.bb.state != BlkbackState.DISCONNECTED
@@ -333,7 +240,7 @@ class BlkbackXenbus:
             return True
         if self._stopping:
             self.bb.disconnect()
-            self._xbb_set_state(_S.Closed)
+            self._xenbus_set_state(_S.Closed)
             return True
         if self._ring_error != "":
             reason, self._ring_error = self._ring_error, ""
@@ -348,21 +255,21 @@ class BlkbackXenbus:
             self.bb.disconnect()
             if me not in (_S.Closed, _S.Initialising):
                 if me != _S.Closing:
-                    self._xbb_set_state(_S.Closing)
-                self._xbb_set_state(_S.Closed)
+                    self._xenbus_set_state(_S.Closing)
+                self._xenbus_set_state(_S.Closed)
             # Unregister when unplugged, or when the frontend vanished.
             return not online or fe == _S.Unknown
         if fe == _S.Closing:
             self.bb.disconnect()
             if me not in (_S.Closing, _S.Closed):
-                self._xbb_set_state(_S.Closing)
+                self._xenbus_set_state(_S.Closing)
             return False
         if not online:
             # Unplug: a connected device waits for the frontend to close, so
             # that what is on the ring completes; anything else ends now.
             if self._connected():
                 return False
-            self._xbb_set_state(_S.Closed)
+            self._xenbus_set_state(_S.Closed)
             return True
         if me == _S.Closing:  # written by the toolstack or after an error
             return False
@@ -375,43 +282,22 @@ class BlkbackXenbus:
 
     # -- the steps ----------------------------------------------------------------------------
 
-    def _write_keys(self, keys: dict[str, str]) -> int:
-        xs, node = self.dev.xs, self.dev.nodename
-
-        def publish(xbt: int) -> int:
-            for key, value in keys.items():
-                err = xs.xs_write(xbt, node, key, value)
-                if err != 0:
-                    return err
-            return 0
-
-        return xs.xs_transaction_run(publish)
-
     def _xbb_probe(self) -> int:
         """Publish the limits, InitWait."""
-        error = self._write_keys(self.bb.probe_keys())
+        error = self._xenbus_write_keys(self.bb.probe_keys())
         if error != 0:
             self._xbb_fatal(error, "cannot write the backend's limits")
             return error
-        return self._xbb_set_state(_S.InitWait)
+        return self._xenbus_set_state(_S.InitWait)
 
     def _xbb_reconnect(self) -> None:
         """The frontend came back after a close while we stay online: InitWait again."""
         self.dev.xs.xs_rm(XST_NIL, self.dev.nodename, XBB_XENBUS_KEY_ERROR)
         self._xbb_probe()
 
-    def _read_otherend(self) -> Callable[[str], str | None]:
-        xs, otherend = self.dev.xs, self.dev.otherend
-
-        def read(key: str) -> str | None:
-            error, raw = xs.xs_read(XST_NIL, otherend, key)
-            return raw.decode("latin-1") if error == 0 else None
-
-        return read
-
     def _xbb_connect(self) -> None:
         """Read and check the frontend's keys, connect, publish the disk, Connected."""
-        error, info, why = xbb_parse_frontend_info(self._read_otherend(),
+        error, info, why = xbb_parse_frontend_info(self._xenbus_otherend_reader(),
                                                    self.bb.max_ring_page_order)
         if error != 0 or info is None:
             self._xbb_fatal(error, f"bad frontend keys: {why}")
@@ -426,20 +312,12 @@ class BlkbackXenbus:
                                                                    "does not bind")
             self._xbb_fatal(error, f"cannot connect to {info!r}: {what}")
             return
-        error = self._write_keys(self.bb.connect_keys())
+        error = self._xenbus_write_keys(self.bb.connect_keys())
         if error != 0:
             self.bb.disconnect()
             self._xbb_fatal(error, "cannot write the disk's properties")
             return
-        self._xbb_set_state(_S.Connected)
-
-    def _xbb_set_state(self, state: XenbusState) -> int:
-        error = xenbus_set_state(self.dev, state)
-        if error == 0:
-            self._note_state(state)
-        elif error != errno.ENOENT and self.error == "":  # ENOENT: the device is going
-            self.error = f"{error} cannot switch to {xenbus_strstate(state)}"
-        return error
+        self._xenbus_set_state(_S.Connected)
 
     def _xbb_fatal(self, error: int, message: str) -> None:
         """``xenbus_dev_fatal``: publish the error, disconnect, Closing."""
@@ -448,7 +326,7 @@ class BlkbackXenbus:
         self.errors += 1
         self.dev.xs.xs_write(XST_NIL, self.dev.nodename, XBB_XENBUS_KEY_ERROR, text)
         self.bb.disconnect()
-        self._xbb_set_state(_S.Closing)
+        self._xenbus_set_state(_S.Closing)
 
 
 def xbb_attach(xs: XenStore, kern: Kernel, bb: Blkback) -> tuple[int, BlkbackXenbus | None]:

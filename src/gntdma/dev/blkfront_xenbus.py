@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable, Collection
 from typing import Final, final
 
 from gntdma.dev.blkfront import XBD_CLOSE_TIMEOUT, xbd_softc
@@ -61,7 +60,6 @@ from gntdma.dev.blkfront_cmd import (
     XBD_DEFAULT_RING_PAGE_ORDER,
     XbdBackendFeatures,
 )
-from gntdma.sched import KThread, current_scheduler, tsleep, wakeup
 from gntdma.sys import Kernel
 from gntdma.xen.gnttab import GntTab
 from gntdma.xen.hypercall import Hypercalls
@@ -69,12 +67,10 @@ from gntdma.xen.xenbus import (
     XENBUS_KEY_STATE,
     XST_NIL,
     XenbusDevice,
+    XenbusDriver,
     XenbusState,
     XenStore,
-    XsWatch,
     xenbus_frontend_device,
-    xenbus_set_state,
-    xenbus_strstate,
     xs_join,
 )
 
@@ -93,18 +89,6 @@ XBD_XENBUS_DEVTYPE: Final = "vbd"
 XBD_XENBUS_KEY_ERROR: Final = "error"
 
 _S = XenbusState
-
-
-def _state(xs: XenStore, xbt: int, path: str) -> XenbusState:
-    """``path/state`` in transaction ``xbt``; Unknown if missing or not a state."""
-    error, raw = xs.xs_read(xbt, path, XENBUS_KEY_STATE)
-    text = raw.decode("latin-1").strip() if error == 0 else ""
-    if not text.isascii() or not text.isdigit() or len(text) > 3:
-        return _S.Unknown
-    try:
-        return XenbusState(int(text))
-    except ValueError:
-        return _S.Unknown
 
 
 def xbd_vdevice_to_unit(devid: int) -> int:
@@ -135,7 +119,7 @@ def xbd_probe(xs: XenStore, devid: int) -> int:
 
 
 @final
-class XbdXenbus:
+class XbdXenbus(XenbusDriver):
     """The xenbus side of one blkfront disk: its thread, its states, its softc.
 
     Create it with :func:`xbd_attach`. :attr:`state` is the state this driver
@@ -143,131 +127,41 @@ class XbdXenbus:
     as last read; :attr:`error` the first fatal error ("" if none).
     """
 
+    _wmesg = "xbd"
+
     def __init__(self, kern: Kernel, dev: XenbusDevice, sc: xbd_softc, *,
                  timeout: float = XBD_CLOSE_TIMEOUT) -> None:
-        self.kern = kern
-        self.dev = dev
+        super().__init__(kern, dev, sc.name)
         self.sc = sc
-        self.name = sc.name
         self.timeout = timeout
-        self.state = _S.Initialising
-        self.otherend_state = _S.Unknown
-        self.error = ""
-        self.thread: KThread | None = None
-        #: True once the thread has exited (the device is gone for this driver)
-        self.done = False
-        self._events = 0
-        self._stopping = False
-        self._chan = object()  # the thread's sleep
-        self._state_chan = object()  # waiters for a state or the end
-        self._watch: XsWatch | None = None
-
-    def __repr__(self) -> str:
-        return (f"<XbdXenbus {self.name} {self.dev.nodename} {self.state.name}"
-                f"/{self.otherend_state.name}>")
-
-    # -- control -------------------------------------------------------------------------
-
-    def start(self) -> int:
-        """Start the device's xenbus thread (once). Returns 0 or EALREADY."""
-        if self.thread is not None:
-            return errno.EALREADY
-        self.thread = current_scheduler().spawn(self._xbd_thread, name=f"{self.name}/xenbus",
-                                                daemon=True, domain=self.kern)
-        return 0
 
     def stop(self) -> None:
         """Ask the thread to close the device (frontend-initiated close) and exit."""
-        self._stopping = True
-        self._kick()
-
-    def wait_state(self, states: Collection[XenbusState],
-                   timeout: float) -> tuple[int, XenbusState]:
-        """Sleep until :attr:`state` is in ``states``: (0, state), or (ENXIO, state)
-        if the thread ended first, or (ETIMEDOUT, state) after ``timeout`` seconds."""
-        sched = current_scheduler()
-        deadline = sched.now() + timeout
-        while True:
-            if self.state in states:
-                return 0, self.state
-            if self.done:
-                return errno.ENXIO, self.state
-            left = deadline - sched.now()
-            if left <= 0:
-                return errno.ETIMEDOUT, self.state
-            tsleep(self._state_chan, "xbdwst", left)
-
-    def wait_done(self, timeout: float) -> int:
-        """Sleep until the thread has exited: 0, or ETIMEDOUT."""
-        sched = current_scheduler()
-        deadline = sched.now() + timeout
-        while not self.done:
-            if self.thread is None:
-                return 0
-            left = deadline - sched.now()
-            if left <= 0:
-                return errno.ETIMEDOUT
-            tsleep(self._state_chan, "xbdwdone", left)
-        return 0
+        super().stop()
 
     # -- the thread ---------------------------------------------------------------------------
 
-    def _kick(self) -> None:
-        self._events += 1
-        wakeup(self._chan)
-
-    def _otherend_changed(self, _path: str, _token: str) -> None:
-        """Watch callback (xenwatch thread): only note and wake."""
-        self._kick()
-
-    def _xbd_thread(self) -> None:
-        xs = self.dev.xs
-        watch = XsWatch(xs_join(self.dev.otherend, "state"), self._otherend_changed)
-        error = xs.xs_register_watch(watch)
-        if error == 0:
-            self._watch = watch
-        else:
+    def _xenbus_attach(self) -> None:
+        error = self._xenbus_watch(xs_join(self.dev.otherend, XENBUS_KEY_STATE))
+        if error != 0:
             self._xbd_fatal(error, "cannot watch the backend's state")
-        try:
-            while True:
-                seen = self._events
-                me, be = self._read_states()
-                self.otherend_state = be
-                if me != self.state:
-                    self._note_state(me)
-                if self._xbd_backend_changed(me, be):
-                    break
-                if self._events == seen:
-                    tsleep(self._chan, "xbdxb")
-        except BaseException:
-            # Killed (the host shuts down) or a panic: no sleeping cleanup here.
-            self.done = True
-            raise
-        if self._watch is not None:
-            xs.xs_unregister_watch(self._watch)
-            self._watch = None
+
+    def _xenbus_step(self) -> bool:
+        me, be = self._read_states()
+        self.otherend_state = be
+        if me != self.state:
+            self._note_state(me)
+        return self._xbd_backend_changed(me, be)
+
+    def _xenbus_detach(self) -> None:
         if self.sc.statistics().state != "freed":
             self.sc.xbd_detach(backend_gone=True, timeout=self.timeout)
-        self.done = True
-        wakeup(self._state_chan)
 
     def _read_states(self) -> tuple[XenbusState, XenbusState]:
         """Our state and the backend's, as one consistent snapshot (a transaction)."""
-        xs, dev = self.dev.xs, self.dev
-        out: list[tuple[XenbusState, XenbusState]] = []
-
-        def snapshot(xbt: int) -> int:
-            out.clear()
-            out.append((_state(xs, xbt, dev.nodename), _state(xs, xbt, dev.otherend)))
-            return 0
-
-        if xs.xs_transaction_run(snapshot) != 0 or not out:
-            snapshot(XST_NIL)  # no transaction (the connection is going)
-        return out[0]
-
-    def _note_state(self, state: XenbusState) -> None:
-        self.state = state
-        wakeup(self._state_chan)
+        dev = self.dev
+        return self._xenbus_snapshot(lambda xbt: (self._xenbus_read_state(xbt, dev.nodename),
+                                                  self._xenbus_read_state(xbt, dev.otherend)))
 
     def _xbd_backend_changed(self, me: XenbusState, be: XenbusState) -> bool:
         """One step of the state machine (``xbd_backend_changed``); True: exit."""
@@ -296,15 +190,6 @@ class XbdXenbus:
 
     # -- the steps ------------------------------------------------------------------------------
 
-    def _read_otherend(self) -> Callable[[str], str | None]:
-        xs, otherend = self.dev.xs, self.dev.otherend
-
-        def read(key: str) -> str | None:
-            error, raw = xs.xs_read(XST_NIL, otherend, key)
-            return raw.decode("latin-1") if error == 0 else None
-
-        return read
-
     def _backend_failed(self) -> bool:
         """Whether the backend published an error: it disconnected before Closing, so
         nothing on the ring will be answered (do not wait for it)."""
@@ -313,30 +198,20 @@ class XbdXenbus:
 
     def _xbd_initialize(self) -> int:
         """Ring, port, transport keys in one transaction, Initialised (backend InitWait)."""
-        order = XbdBackendFeatures.max_ring_page_order_from_xenstore(self._read_otherend())
+        order = XbdBackendFeatures.max_ring_page_order_from_xenstore(self._xenbus_otherend_reader())
         error = self.sc.xbd_initialize(order)
         if error != 0 and error != errno.EALREADY:
             self._xbd_fatal(error, "cannot set up the ring and event channel")
             return error
-        keys = self.sc.xbd_transport_keys()
-        xs, node = self.dev.xs, self.dev.nodename
-
-        def publish(xbt: int) -> int:
-            for key, value in keys.items():
-                err = xs.xs_write(xbt, node, key, value)
-                if err != 0:
-                    return err
-            return 0
-
-        error = xs.xs_transaction_run(publish)
+        error = self._xenbus_write_keys(self.sc.xbd_transport_keys())
         if error != 0:
             self._xbd_fatal(error, "cannot write the ring references and event channel")
             return error
-        return self._xbd_set_state(_S.Initialised)
+        return self._xenbus_set_state(_S.Initialised)
 
     def _xbd_connect(self) -> int:
         """Read the backend's features, open the disk, Connected (backend Connected)."""
-        error, feats = XbdBackendFeatures.from_xenstore(self._read_otherend())
+        error, feats = XbdBackendFeatures.from_xenstore(self._xenbus_otherend_reader())
         if error != 0 or feats is None:
             self._xbd_fatal(error, "bad or missing backend keys (sectors, sector-size, "
                             "info, features)")
@@ -345,26 +220,18 @@ class XbdXenbus:
         if error != 0:
             self._xbd_fatal(error, "cannot connect to the backend")
             return error
-        return self._xbd_set_state(_S.Connected)
+        return self._xenbus_set_state(_S.Connected)
 
     def _xbd_close(self, *, backend_gone: bool) -> None:
         """Closing, free everything once the backend let go, Closed (``xbd_closing``)."""
         sc = self.sc
         sc.xbd_closing(backend_gone=backend_gone, timeout=self.timeout)
-        self._xbd_set_state(_S.Closing)  # the backend disconnects on this
+        self._xenbus_set_state(_S.Closing)  # the backend disconnects on this
         error = sc.xbd_detach(backend_gone=backend_gone, timeout=self.timeout)
         if error != 0 and self.error == "":
             self.error = (f"{error} the backend still maps the ring after "
                           f"{self.timeout} s: not freed")
-        self._xbd_set_state(_S.Closed)
-
-    def _xbd_set_state(self, state: XenbusState) -> int:
-        error = xenbus_set_state(self.dev, state)
-        if error == 0:
-            self._note_state(state)
-        elif error != errno.ENOENT and self.error == "":  # ENOENT: the device is going
-            self.error = f"{error} cannot switch to {xenbus_strstate(state)}"
-        return error
+        self._xenbus_set_state(_S.Closed)
 
     def _xbd_fatal(self, error: int, message: str) -> None:
         """``xenbus_dev_fatal``: record and publish the error, then close."""

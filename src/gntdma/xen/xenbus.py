@@ -28,6 +28,12 @@ Waiting for the other end (:func:`xenbus_wait_state`) registers a watch on its
 something changed) and sleeps until a wanted state shows or the timeout
 passes (ETIMEDOUT).
 
+A device driver's xenbus side (:class:`XenbusDriver`) is one kernel thread per
+device, ``<name>/xenbus``: watch callbacks and :meth:`XenbusDriver.stop` only
+count events and wake it; it re-reads the nodes after every event and runs one
+step of the driver's state machine on what it read, so a step that sleeps never
+holds up the ``xenwatch`` thread and missed intermediate states do not matter.
+
 The xenstore client itself (``xs_read``, ``xs_write``, transactions, watches)
 is :class:`~gntdma.xen.xenstore.XenStore`; its names are re-exported here.
 """
@@ -35,12 +41,12 @@ is :class:`~gntdma.xen.xenstore.XenStore`; its names are re-exported here.
 from __future__ import annotations
 
 import errno
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from enum import Enum, IntEnum
-from typing import Final, final
+from typing import TYPE_CHECKING, ClassVar, Final, TypeVar, final
 
-from gntdma.sched import current_scheduler, tsleep, wakeup
+from gntdma.sched import KThread, current_scheduler, tsleep, wakeup
 from gntdma.xen.xenstore import (
     XST_NIL,
     XenStore,
@@ -50,6 +56,9 @@ from gntdma.xen.xenstore import (
     xs_attach,
     xs_join,
 )
+
+if TYPE_CHECKING:
+    from gntdma.sys import Kernel
 
 __all__ = [
     "BACKEND_TRANSITIONS",
@@ -64,6 +73,7 @@ __all__ = [
     "XenStore",
     "XenStoreStatistics",
     "XenbusDevice",
+    "XenbusDriver",
     "XenbusRole",
     "XenbusState",
     "XenbusStateClosed",
@@ -352,3 +362,202 @@ def xenbus_wait_otherend_state(dev: XenbusDevice, states: Collection[XenbusState
                                timeout: float) -> tuple[int, XenbusState]:
     """Sleep until the other end is in one of ``states`` (ETIMEDOUT after ``timeout``)."""
     return xenbus_wait_state(dev.xs, dev.otherend, states, timeout)
+
+
+_T = TypeVar("_T")
+
+
+class XenbusDriver:
+    """The thread and states of one device's xenbus driver; subclasses add the protocol.
+
+    :meth:`start` spawns the thread ``<name>/xenbus``: it runs
+    :meth:`_xenbus_attach` (register the watches with :meth:`_xenbus_watch`),
+    then :meth:`_xenbus_step` after every event (a watch, :meth:`_kick`) until
+    a step returns True, then unregisters the watches, runs
+    :meth:`_xenbus_detach` and ends (:attr:`done`). :attr:`state` is our end's
+    state as last read or written; :attr:`otherend_state` the other end's, as
+    last read; :attr:`error` the driver's fatal error ("" if none).
+    """
+
+    #: Prefix of the sleep messages (``<p>xb`` thread, ``<p>wst``, ``<p>wdone``).
+    _wmesg: ClassVar[str] = "xb"
+
+    def __init__(self, kern: Kernel, dev: XenbusDevice, name: str) -> None:
+        self.kern = kern
+        self.dev = dev
+        self.name = name
+        self.state = XenbusState.Initialising
+        self.otherend_state = XenbusState.Unknown
+        self.error = ""
+        self.thread: KThread | None = None
+        #: True once the thread has exited (the device is gone for this driver)
+        self.done = False
+        self._events = 0
+        self._stopping = False
+        self._chan = object()  # the thread's sleep
+        self._state_chan = object()  # waiters for a state or the end
+        self._watches: list[XsWatch] = []
+
+    def __repr__(self) -> str:
+        return (f"<{type(self).__name__} {self.name} {self.dev.nodename} {self.state.name}"
+                f"/{self.otherend_state.name}>")
+
+    # -- control -------------------------------------------------------------------------
+
+    def start(self) -> int:
+        """Start the device's xenbus thread (once). Returns 0 or EALREADY."""
+        if self.thread is not None:
+            return errno.EALREADY
+        self.thread = current_scheduler().spawn(self._xenbus_thread, name=f"{self.name}/xenbus",
+                                                daemon=True, domain=self.kern)
+        return 0
+
+    def stop(self) -> None:
+        """Ask the thread to end (the driver's step sees ``_stopping``) and exit."""
+        self._stopping = True
+        self._kick()
+
+    def wait_state(self, states: Collection[XenbusState],
+                   timeout: float) -> tuple[int, XenbusState]:
+        """Sleep until :attr:`state` is in ``states``: (0, state), (ENXIO, state) if
+        the thread ended first, (ETIMEDOUT, state) after ``timeout`` seconds."""
+        sched = current_scheduler()
+        deadline = sched.now() + timeout
+        while True:
+            if self.state in states:
+                return 0, self.state
+            if self.done:
+                return errno.ENXIO, self.state
+            left = deadline - sched.now()
+            if left <= 0:
+                return errno.ETIMEDOUT, self.state
+            tsleep(self._state_chan, f"{self._wmesg}wst", left)
+
+    def wait_done(self, timeout: float) -> int:
+        """Sleep until the thread has exited: 0, or ETIMEDOUT."""
+        sched = current_scheduler()
+        deadline = sched.now() + timeout
+        while not self.done:
+            if self.thread is None:
+                return 0
+            left = deadline - sched.now()
+            if left <= 0:
+                return errno.ETIMEDOUT
+            tsleep(self._state_chan, f"{self._wmesg}wdone", left)
+        return 0
+
+    # -- the thread ---------------------------------------------------------------------------
+
+    def _kick(self) -> None:
+        self._events += 1
+        wakeup(self._chan)
+
+    def _xenbus_changed(self, _path: str, _token: str) -> None:
+        """Watch callback (xenwatch thread): only note and wake."""
+        self._kick()
+
+    def _xenbus_watch(self, node: str) -> int:
+        """Watch ``node`` until the thread ends (:meth:`_xenbus_changed`): 0 or errno."""
+        watch = XsWatch(node, self._xenbus_changed)
+        error = self.dev.xs.xs_register_watch(watch)
+        if error == 0:
+            self._watches.append(watch)
+        return error
+
+    def _xenbus_unwatch(self) -> None:
+        for watch in self._watches:
+            self.dev.xs.xs_unregister_watch(watch)
+        self._watches = []
+
+    def _xenbus_thread(self) -> None:
+        self._xenbus_attach()
+        try:
+            while True:
+                seen = self._events
+                if self._xenbus_step():
+                    break
+                if self._events == seen:
+                    tsleep(self._chan, f"{self._wmesg}xb")
+        except BaseException:
+            # Killed (the host shuts down) or a panic: no sleeping cleanup here.
+            self.done = True
+            raise
+        self._xenbus_unwatch()
+        self._xenbus_detach()
+        self.done = True
+        wakeup(self._state_chan)
+
+    def _xenbus_attach(self) -> None:
+        """First thing the thread does: register its watches."""
+
+    def _xenbus_step(self) -> bool:
+        """Read the nodes and run one step of the state machine; True: exit."""
+        raise NotImplementedError
+
+    def _xenbus_detach(self) -> None:
+        """Last thing the thread does (watches gone): free what is left."""
+
+    def _note_state(self, state: XenbusState) -> None:
+        self.state = state
+        wakeup(self._state_chan)
+
+    # -- xenstore helpers ---------------------------------------------------------------------
+
+    def _xenbus_read_state(self, xbt: int, path: str) -> XenbusState:
+        """``path/state`` in transaction ``xbt``; Unknown if missing or not a state."""
+        error, raw = self.dev.xs.xs_read(xbt, path, XENBUS_KEY_STATE)
+        text = raw.decode("latin-1").strip() if error == 0 else ""
+        if not text.isascii() or not text.isdigit() or len(text) > 3:
+            return XenbusState.Unknown
+        try:
+            return XenbusState(int(text))
+        except ValueError:
+            return XenbusState.Unknown
+
+    def _xenbus_snapshot(self, read: Callable[[int], _T]) -> _T:
+        """``read(xbt)`` in one transaction (a consistent snapshot); without one if
+        the transaction fails (the connection is going)."""
+        xs = self.dev.xs
+        out: list[_T] = []
+
+        def snapshot(xbt: int) -> int:
+            out.clear()
+            out.append(read(xbt))
+            return 0
+
+        if xs.xs_transaction_run(snapshot) != 0 or not out:
+            snapshot(XST_NIL)
+        return out[0]
+
+    def _xenbus_otherend_reader(self) -> Callable[[str], str | None]:
+        """``read(key)``: the other end's ``key``, or None if it cannot be read."""
+        xs, otherend = self.dev.xs, self.dev.otherend
+
+        def read(key: str) -> str | None:
+            error, raw = xs.xs_read(XST_NIL, otherend, key)
+            return raw.decode("latin-1") if error == 0 else None
+
+        return read
+
+    def _xenbus_write_keys(self, keys: Mapping[str, str]) -> int:
+        """Write ``keys`` in our directory, in one transaction (rerun on EAGAIN)."""
+        xs, node = self.dev.xs, self.dev.nodename
+
+        def publish(xbt: int) -> int:
+            for key, value in keys.items():
+                err = xs.xs_write(xbt, node, key, value)
+                if err != 0:
+                    return err
+            return 0
+
+        return xs.xs_transaction_run(publish)
+
+    def _xenbus_set_state(self, state: XenbusState) -> int:
+        """Move our end to ``state``; a failure other than ENOENT (the device is
+        going) is recorded in :attr:`error` if it is still empty."""
+        error = xenbus_set_state(self.dev, state)
+        if error == 0:
+            self._note_state(state)
+        elif error != errno.ENOENT and self.error == "":  # ENOENT: the device is going
+            self.error = f"{error} cannot switch to {xenbus_strstate(state)}"
+        return error
