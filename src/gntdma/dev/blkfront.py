@@ -312,9 +312,9 @@ class xbd_softc:
 
     def _xbd_unlock(self) -> None:
         """Drop xbd_io_lock, then complete the bios collected while it was held."""
-        done = self._xbd_done
-        if done:
-            self._xbd_done = []
+        # Always a fresh list: the unlock is a scheduling point, and bios another
+        # thread completes meanwhile must not land in the list this one drains.
+        done, self._xbd_done = self._xbd_done, []
         mtx_unlock(self.xbd_io_lock)
         for bp in done:
             biodone(bp)
