@@ -64,93 +64,45 @@ only the constructor raises (ValueError, for a bad configuration).
 from __future__ import annotations
 
 import errno
-from collections import deque
 from typing import Final, final
 
 from gntdma.abi.blkif import (
     BLKIF_MAX_SEGMENTS_PER_REQUEST,
-    BLKIF_OP_DISCARD,
-    BLKIF_OP_FLUSH_DISKCACHE,
-    BLKIF_OP_INDIRECT,
-    BLKIF_OP_READ,
-    BLKIF_OP_WRITE,
-    BLKIF_OP_WRITE_BARRIER,
-    BLKIF_RSP_EOPNOTSUPP,
-    BLKIF_RSP_OKAY,
     BLKIF_SECTOR_SIZE,
     VDISK_READONLY,
-    XEN_IO_PROTO_ABI_NATIVE,
-    BlkifAbi,
-    BlkifAnyRequest,
     BlkifKey,
-    BlkifRequest,
-    BlkifRequestDiscard,
-    BlkifRequestIndirect,
-    blkif_abi,
-    blkif_indirect_pages,
     blkif_ring_ref_key,
 )
-from gntdma.abi.ring import FrontRing, RingProtocolError, sring_init
+from gntdma.abi.ring import FrontRing, sring_init
 from gntdma.dev.blkfront_cmd import (
-    XBD_DEFAULT_MAX_INDIRECT_SEGMENTS,
-    XBD_DEFAULT_RING_PAGE_ORDER,
     XBD_INDIRECT_SEGS_TO_PAGES,
-    XBD_MAX_INDIRECT_SEGMENTS,
-    XBD_MAX_RING_PAGE_ORDER,
-    XBD_Q_BUSY,
     XBD_Q_FREE,
-    XBD_Q_NONE,
-    XBD_Q_READY,
     XBD_SEGS_TO_SIZE,
     XBD_STATE_CONNECTED,
     XBD_STATE_DISCONNECTED,
-    XBDCF_ASYNC_MAPPING,
-    XBDCF_FROZEN,
-    XBDCF_INITIALIZER,
-    XBDCF_Q_FREEZE,
-    XBDCF_Q_MASK,
     XBDF_BARRIER,
     XBDF_BROKEN,
-    XBDF_CM_SHORTAGE,
     XBDF_DETACHING,
     XBDF_DISCARD,
     XBDF_FLUSH,
     XBDF_FREED,
-    XBDF_NONE,
     XBDF_READONLY,
-    XBDF_WAIT_IDLE,
     XbdBackendFeatures,
     XbdStatistics,
     xbd_command,
-    xbd_mksegarray,
 )
+from gntdma.dev.blkfront_req import xbd_softc_req
 from gntdma.sched import (
-    MA_OWNED,
-    KernelPanic,
-    Mutex,
     current_scheduler,
     mb,
     msleep,
-    mtx_assert,
-    mtx_lock,
-    mtx_unlock,
     rmb,
     tsleep,
     wakeup,
     wmb,
 )
 from gntdma.sys import (
-    BIO_DELETE,
-    BIO_FLUSH,
-    BIO_ORDERED,
-    BIO_READ,
-    BIO_UNMAPPED,
-    BIO_WRITE,
     BUS_DMA_NOWAIT,
-    BUS_DMASYNC_POSTREAD,
-    BUS_DMASYNC_POSTWRITE,
-    BUS_DMASYNC_PREREAD,
-    BUS_DMASYNC_PREWRITE,
     BUS_SPACE_MAXADDR,
     M_WAITOK,
     M_XENBLOCKFRONT,
@@ -158,25 +110,17 @@ from gntdma.sys import (
     PAGE_MASK,
     PAGE_SHIFT,
     PAGE_SIZE,
-    BusDmaMap,
     BusDmaTag,
-    Kernel,
     MapState,
-    Task,
-    bio,
-    biodone,
     bus_dma_segment_t,
     bus_dma_tag_create,
     bus_dma_tag_destroy,
     bus_dmamap_create,
     bus_dmamap_destroy,
     bus_dmamap_load,
-    bus_dmamap_load_bio,
-    bus_dmamap_sync,
     bus_dmamap_unload,
     busdma_lock_mutex,
     taskqueue_drain,
-    taskqueue_enqueue,
 )
 from gntdma.xen.busdma import (
     BUS_DMA_XEN_DOMID_SHIFT,
@@ -185,8 +129,6 @@ from gntdma.xen.busdma import (
     xen_dmamap_get_grefs,
     xen_get_dma_tag,
 )
-from gntdma.xen.gnttab import GntTab
-from gntdma.xen.hypercall import Hypercalls
 
 __all__ = [
     "XBD_CLOSE_TIMEOUT",
@@ -200,221 +142,14 @@ __all__ = [
 XBD_CLOSE_TIMEOUT: Final = 10.0
 _FREE_POLL: Final = 0.001
 
-_RW_OPS: Final = (BLKIF_OP_READ, BLKIF_OP_WRITE)
-
-
-class _Split:
-    """A bio split into children: completes when the last child does."""
-
-    __slots__ = ("error", "parent", "remaining")
-
-    def __init__(self, parent: bio, remaining: int) -> None:
-        self.parent = parent
-        self.remaining = remaining
-        self.error = 0
 
 
 @final
-class xbd_softc:
-    """One Xen virtual block device, frontend side.
+class xbd_softc(xbd_softc_req):
+    """One Xen virtual block device, frontend side (FreeBSD ``struct xbd_softc``).
 
-    Args:
-        kern: the guest kernel.
-        hc: the guest's hypercalls (event channels).
-        gnttab: the guest's grant table (only to ask whether the backend still
-            maps a page before freeing it).
-        otherend_id: the backend's domid (``backend-id``).
-        name: device name ("xbd0"), for threads and messages.
-        vdev: the ``handle`` of every request (``virtual-device``).
-        protocol: the ring ABI to speak (native by default).
-        ring_page_order: the largest ring to use (the backend's limit also applies).
-        max_indirect_segments: segments per request to use at most; the
-            backend's ``feature-max-indirect-segments`` also applies; at most 11
-            means no indirect requests.
+    Constructor arguments: see :class:`gntdma.dev.blkfront_softc.xbd_softc_base`.
     """
-
-    def __init__(self, kern: Kernel, hc: Hypercalls, gnttab: GntTab, otherend_id: int, *,
-                 name: str = "xbd0", vdev: int = 0, protocol: str = XEN_IO_PROTO_ABI_NATIVE,
-                 ring_page_order: int = XBD_DEFAULT_RING_PAGE_ORDER,
-                 max_indirect_segments: int = XBD_DEFAULT_MAX_INDIRECT_SEGMENTS) -> None:
-        abi = blkif_abi(protocol)
-        if abi is None:
-            raise ValueError(f"{name}: unsupported blkif protocol {protocol!r}")
-        if not 0 <= ring_page_order <= XBD_MAX_RING_PAGE_ORDER:
-            raise ValueError(f"{name}: ring_page_order {ring_page_order} not in "
-                             f"0..{XBD_MAX_RING_PAGE_ORDER}")
-        if not 0 <= otherend_id <= 0xFFFF or not 0 <= vdev <= 0xFFFF:
-            raise ValueError(f"{name}: bad backend domid {otherend_id} or vdev {vdev}")
-        self.xbd_kern = kern
-        self.xbd_hc = hc
-        self.xbd_gnttab = gnttab
-        self.xbd_otherend_id = otherend_id
-        self.name = name
-        self.xbd_vdev = vdev
-        self.xbd_abi: BlkifAbi = abi
-        self.xbd_ring_page_order_max = ring_page_order
-        self.xbd_indirect_segments_max = min(max(max_indirect_segments, 0),
-                                             XBD_MAX_INDIRECT_SEGMENTS)
-        self.xbd_io_lock = Mutex(f"{name} io", type="xbd_io")
-        self.xbd_state = XBD_STATE_DISCONNECTED
-        self.xbd_flags = XBDF_NONE
-        self.xbd_qfrozen_cnt = 0
-        # the ring
-        self.xbd_ring_page_order = 0
-        self.xbd_ring_pages = 0
-        self.xbd_ring_va = 0
-        self.xbd_ring_dmat: BusDmaTag | None = None
-        self.xbd_ring_map: BusDmaMap | None = None
-        self.xbd_ring_refs: list[int] = []
-        self.xbd_ring: FrontRing | None = None
-        self.xbd_evtchn = 0
-        # negotiated at connect
-        self.xbd_features = XbdBackendFeatures()
-        self.xbd_sector_size = BLKIF_SECTOR_SIZE
-        self.xbd_media_size = 0
-        self.xbd_max_request_segments = BLKIF_MAX_SEGMENTS_PER_REQUEST
-        self.xbd_max_request_indirectpages = 0
-        self.xbd_max_request_size = XBD_SEGS_TO_SIZE(BLKIF_MAX_SEGMENTS_PER_REQUEST)
-        self.xbd_io_dmat: BusDmaTag | None = None
-        self.xbd_indirect_dmat: BusDmaTag | None = None
-        # commands and queues
-        self.xbd_shadow: list[xbd_command] = []
-        self.xbd_cm_free: deque[xbd_command] = deque()
-        self.xbd_cm_ready: deque[xbd_command] = deque()
-        self.xbd_cm_busy: dict[int, xbd_command] = {}
-        self.xbd_bioq: deque[bio] = deque()
-        # completion outside the lock
-        self._xbd_done: list[bio] = []
-        self._xbd_done_task = Task(self._xbd_done_task_fn)
-        self._xbd_idle_chan = object()
-        self._xbd_free_chan = object()
-        # statistics
-        self.xbd_protocol_error = ""
-        self._st_bios = 0
-        self._st_requests = 0
-        self._st_direct = 0
-        self._st_indirect = 0
-        self._st_flushes = 0
-        self._st_discards = 0
-        self._st_bytes_read = 0
-        self._st_bytes_written = 0
-        self._st_errors = 0
-        self._st_deferred = 0
-        self._st_occupancy_peak = 0
-
-    def __repr__(self) -> str:
-        return f"<xbd_softc {self.name} state={self.xbd_state} flags={self.xbd_flags:#x}>"
-
-    # -- locking and completion --------------------------------------------------------
-
-    def _xbd_lock(self) -> None:
-        mtx_lock(self.xbd_io_lock)
-
-    def _xbd_unlock(self) -> None:
-        """Drop xbd_io_lock, then complete the bios collected while it was held."""
-        # Always a fresh list: the unlock is a scheduling point, and bios another
-        # thread completes meanwhile must not land in the list this one drains.
-        done, self._xbd_done = self._xbd_done, []
-        mtx_unlock(self.xbd_io_lock)
-        for bp in done:
-            biodone(bp)
-
-    def _xbd_done_task_fn(self, _arg: object, _pending: int) -> None:
-        self._xbd_lock()
-        self._xbd_unlock()
-
-    def _xbd_kick_done(self) -> None:
-        """Completions collected where our unlock will not run them: a task will."""
-        if self._xbd_done:
-            taskqueue_enqueue(self.xbd_kern.taskqueue_thread, self._xbd_done_task)
-
-    def _xbd_bio_done(self, bp: bio, error: int) -> None:
-        """Complete ``bp`` with ``error`` once xbd_io_lock is dropped."""
-        if error != 0:
-            bp.bio_error = error
-            bp.bio_resid = bp.bio_bcount
-            self._st_errors += 1
-        else:
-            bp.bio_resid = 0
-        self._xbd_done.append(bp)
-
-    # -- freeze and thaw (block.h) -------------------------------------------------------
-
-    def xbd_freeze(self, xbd_flag: int) -> None:
-        if xbd_flag != XBDF_NONE and self.xbd_flags & xbd_flag:
-            return
-        self.xbd_flags |= xbd_flag
-        self.xbd_qfrozen_cnt += 1
-
-    def xbd_thaw(self, xbd_flag: int) -> None:
-        if xbd_flag != XBDF_NONE and not self.xbd_flags & xbd_flag:
-            return
-        if self.xbd_qfrozen_cnt == 0:
-            raise KernelPanic(f"{self.name}: thaw with flag {xbd_flag:#x} while not frozen")
-        self.xbd_flags &= ~xbd_flag
-        self.xbd_qfrozen_cnt -= 1
-
-    def xbd_cm_freeze(self, cm: xbd_command, cm_flag: int) -> None:
-        if cm.cm_flags & XBDCF_FROZEN:
-            return
-        cm.cm_flags |= XBDCF_FROZEN | cm_flag
-        self.xbd_freeze(XBDF_NONE)
-
-    def xbd_cm_thaw(self, cm: xbd_command) -> None:
-        if not cm.cm_flags & XBDCF_FROZEN:
-            return
-        cm.cm_flags &= ~XBDCF_FROZEN
-        self.xbd_thaw(XBDF_NONE)
-
-    # -- command queues ----------------------------------------------------------------------
-
-    def _xbd_enqueue_cm(self, cm: xbd_command, q: int) -> None:
-        if cm.cm_queue != XBD_Q_NONE:
-            raise KernelPanic(f"{self.name}: {cm!r} enqueued on {q} while on a queue")
-        cm.cm_flags = (cm.cm_flags & ~XBDCF_Q_MASK) | q
-        if q == XBD_Q_FREE:
-            self.xbd_cm_free.append(cm)
-        elif q == XBD_Q_READY:
-            self.xbd_cm_ready.append(cm)
-        elif q == XBD_Q_BUSY:
-            self.xbd_cm_busy[cm.cm_id] = cm
-        else:
-            raise KernelPanic(f"{self.name}: bad queue {q}")
-
-    def _xbd_requeue_ready(self, cm: xbd_command) -> None:
-        """Put ``cm`` back at the head of the ready queue (it keeps its turn)."""
-        if cm.cm_queue != XBD_Q_NONE:
-            raise KernelPanic(f"{self.name}: {cm!r} requeued while on a queue")
-        cm.cm_flags = (cm.cm_flags & ~XBDCF_Q_MASK) | XBD_Q_READY
-        self.xbd_cm_ready.appendleft(cm)
-
-    def _xbd_remove_busy(self, cm: xbd_command) -> None:
-        if cm.cm_queue != XBD_Q_BUSY or self.xbd_cm_busy.pop(cm.cm_id, None) is not cm:
-            raise KernelPanic(f"{self.name}: {cm!r} is not busy")
-        cm.cm_flags = (cm.cm_flags & ~XBDCF_Q_MASK) | XBD_Q_NONE
-
-    def _xbd_dequeue(self, q: deque[xbd_command]) -> xbd_command | None:
-        if not q:
-            return None
-        cm = q.popleft()
-        cm.cm_flags = (cm.cm_flags & ~XBDCF_Q_MASK) | XBD_Q_NONE
-        return cm
-
-    def xbd_free_command(self, cm: xbd_command) -> None:
-        """Back to the free pool (FreeBSD ``xbd_free_command``)."""
-        if cm.cm_flags & XBDCF_FROZEN:
-            raise KernelPanic(f"{self.name}: freeing frozen {cm!r}")
-        cm.cm_flags = XBDCF_INITIALIZER
-        cm.cm_bp = None
-        cm.cm_operation = 0
-        cm.cm_sector_number = 0
-        cm.cm_nr_sectors = 0
-        cm.cm_nseg = 0
-        cm.cm_bytes = 0
-        cm.cm_status = 0
-        cm.cm_indirect = False
-        self._xbd_enqueue_cm(cm, XBD_Q_FREE)
-        self.xbd_thaw(XBDF_CM_SHORTAGE)
 
     # -- setup: ring and event channel ---------------------------------------------------------
 
@@ -647,383 +382,6 @@ class xbd_softc:
         self.xbd_io_dmat = dmat
         return 0
 
-    # -- the block-device entry point -----------------------------------------------------------
-
-    def xbd_strategy(self, bp: bio) -> None:
-        """Submit ``bp`` (``d_strategy``); it completes through ``biodone``.
-
-        Errors reported in the bio: ENXIO (not connected, detached), EIO (the
-        backend broke the ring, a range past the end, a backend error),
-        EINVAL (offset or length not a multiple of the sector size), EROFS (a
-        write to a read-only disk), EOPNOTSUPP (flush or delete the backend
-        does not offer, or refused).
-        """
-        self._xbd_lock()
-        try:
-            self._st_bios += 1
-            error = self._xbd_check_bio(bp)
-            if error != 0:
-                self._xbd_bio_done(bp, error)
-                return
-            if (bp.bio_cmd in (BIO_READ, BIO_WRITE) and bp.bio_bcount == 0):
-                self._xbd_bio_done(bp, 0)
-                return
-            if bp.bio_cmd in (BIO_READ, BIO_WRITE) and bp.bio_bcount > self.xbd_max_request_size:
-                self.xbd_bioq.extend(self._xbd_split(bp))
-            else:
-                self.xbd_bioq.append(bp)
-            self.xbd_startio()
-        finally:
-            self._xbd_unlock()
-
-    def _xbd_check_bio(self, bp: bio) -> int:
-        if self.xbd_flags & (XBDF_DETACHING | XBDF_FREED) or self.xbd_state != XBD_STATE_CONNECTED:
-            return errno.ENXIO
-        if self.xbd_flags & XBDF_BROKEN:
-            return errno.EIO
-        cmd = bp.bio_cmd
-        if cmd == BIO_FLUSH:
-            return 0 if self.xbd_flags & (XBDF_FLUSH | XBDF_BARRIER) else errno.EOPNOTSUPP
-        if cmd not in (BIO_READ, BIO_WRITE, BIO_DELETE):
-            return errno.EOPNOTSUPP
-        if cmd != BIO_READ and self.xbd_flags & XBDF_READONLY:
-            return errno.EROFS
-        if cmd == BIO_DELETE and not self.xbd_flags & XBDF_DISCARD:
-            return errno.EOPNOTSUPP
-        ss = self.xbd_sector_size
-        if bp.bio_offset < 0 or bp.bio_bcount < 0 or bp.bio_offset % ss or bp.bio_bcount % ss:
-            return errno.EINVAL
-        if bp.bio_offset + bp.bio_bcount > self.xbd_media_size:
-            return errno.EIO
-        return 0
-
-    def _xbd_split(self, bp: bio) -> list[bio]:
-        """Children of at most one request each, completing ``bp`` when all are done."""
-        step = self.xbd_max_request_size
-        n = (bp.bio_bcount + step - 1) // step
-        split = _Split(bp, n)
-        children: list[bio] = []
-        for i in range(n):
-            off = i * step
-            ln = min(step, bp.bio_bcount - off)
-            child = bio(bio_cmd=bp.bio_cmd, bio_offset=bp.bio_offset + off, bio_bcount=ln,
-                        bio_done=self._xbd_child_done, bio_caller1=split)
-            if i == 0:
-                child.bio_flags |= bp.bio_flags & BIO_ORDERED
-            if bp.bio_flags & BIO_UNMAPPED:
-                at = bp.bio_ma_offset + off
-                first = at >> PAGE_SHIFT
-                child.bio_flags |= BIO_UNMAPPED
-                child.bio_ma_offset = at & PAGE_MASK
-                child.bio_ma_n = (child.bio_ma_offset + ln + PAGE_MASK) >> PAGE_SHIFT
-                child.bio_ma = bp.bio_ma[first:first + child.bio_ma_n]
-            else:
-                child.bio_data = bp.bio_data + off
-            children.append(child)
-        return children
-
-    def _xbd_child_done(self, child: bio) -> None:
-        split = child.bio_caller1
-        assert isinstance(split, _Split)
-        self._xbd_lock()
-        split.remaining -= 1
-        if child.bio_error != 0 and split.error == 0:
-            split.error = child.bio_error
-        last = split.remaining == 0
-        self._xbd_unlock()
-        if last:
-            parent = split.parent
-            if split.error != 0:
-                parent.bio_error = split.error
-                parent.bio_resid = parent.bio_bcount
-            else:
-                parent.bio_resid = 0
-            biodone(parent)
-
-    # -- dispatch ------------------------------------------------------------------------------
-
-    def xbd_startio(self) -> None:
-        """Put as many bios on the ring as it, the commands and the freezes allow."""
-        mtx_assert(self.xbd_io_lock, MA_OWNED)
-        ring = self.xbd_ring
-        if (ring is None or self.xbd_state != XBD_STATE_CONNECTED
-                or self.xbd_flags & (XBDF_DETACHING | XBDF_BROKEN)):
-            return
-        queued = 0
-        while not ring.full():
-            if self.xbd_qfrozen_cnt != 0:
-                break
-            cm = self._xbd_dequeue(self.xbd_cm_ready)
-            if cm is None:
-                cm = self.xbd_bio_command()
-            if cm is None:
-                break
-            if cm.cm_flags & XBDCF_Q_FREEZE:
-                # Freeze the queue until this command completes.
-                self.xbd_cm_freeze(cm, XBDCF_Q_FREEZE)
-            self.xbd_queue_request(cm)
-            queued += 1
-        if queued != 0:
-            self.xbd_flush_requests()
-
-    def xbd_bio_command(self) -> xbd_command | None:
-        """A command for the next queued bio (None: no bio, or must wait)."""
-        if not self.xbd_bioq:
-            return None
-        cm = self._xbd_dequeue(self.xbd_cm_free)
-        if cm is None:
-            self.xbd_freeze(XBDF_CM_SHORTAGE)
-            return None
-        bp = self.xbd_bioq.popleft()
-        cm.cm_bp = bp
-        cm.cm_sector_number = bp.bio_offset // BLKIF_SECTOR_SIZE
-        cm.cm_bytes = bp.bio_bcount
-        if bp.bio_cmd == BIO_READ:
-            cm.cm_operation = BLKIF_OP_READ
-        elif bp.bio_cmd == BIO_WRITE:
-            cm.cm_operation = BLKIF_OP_WRITE
-        elif bp.bio_cmd == BIO_DELETE:
-            cm.cm_operation = BLKIF_OP_DISCARD
-            cm.cm_nr_sectors = bp.bio_bcount // BLKIF_SECTOR_SIZE
-        elif self.xbd_flags & XBDF_FLUSH:
-            cm.cm_operation = BLKIF_OP_FLUSH_DISKCACHE
-        else:
-            cm.cm_operation = BLKIF_OP_WRITE_BARRIER
-        if bp.bio_cmd == BIO_FLUSH or bp.bio_flags & BIO_ORDERED:
-            # Single step: after everything on the ring, before anything later.
-            cm.cm_flags |= XBDCF_Q_FREEZE
-            if self.xbd_cm_busy:
-                self.xbd_freeze(XBDF_WAIT_IDLE)
-                self._xbd_requeue_ready(cm)
-                return None
-        return cm
-
-    def xbd_queue_request(self, cm: xbd_command) -> None:
-        """Load the command's data (if any); ``xbd_queue_cb`` puts it on the ring."""
-        if cm.cm_operation not in _RW_OPS:
-            self.xbd_queue_cb(cm, [], 0, 0)
-            return
-        bp = cm.cm_bp
-        assert bp is not None and self.xbd_io_dmat is not None and cm.cm_map is not None
-        flags = BUS_DMA_XEN_RO if cm.cm_operation == BLKIF_OP_WRITE else 0
-        error = bus_dmamap_load_bio(self.xbd_io_dmat, cm.cm_map, bp, self.xbd_queue_cb, cm,
-                                    flags)
-        if error == errno.EINPROGRESS:
-            # Keep the queue in order: the next bio may need fewer resources, so
-            # bus_dma would not make it wait for this one.
-            self._st_deferred += 1
-            cm.cm_flags |= XBDCF_ASYNC_MAPPING
-            self.xbd_cm_freeze(cm, XBDCF_ASYNC_MAPPING)
-        # Any other error was given to xbd_queue_cb, which completed the bio.
-
-    def _xbd_indirect_grefs(self, cm: xbd_command, npages: int) -> list[int]:
-        """The references of the command's indirect pages that the request uses."""
-        return cm.cm_indirectionrefs[:npages]
-
-    def xbd_queue_cb(self, arg: object, segs: list[bus_dma_segment_t], nsegs: int,
-                     error: int) -> None:
-        """Build the request from the loaded segments and put it on the ring."""
-        cm = arg
-        assert isinstance(cm, xbd_command)
-        mtx_assert(self.xbd_io_lock, MA_OWNED)
-        is_async = bool(cm.cm_flags & XBDCF_ASYNC_MAPPING)
-        cm.cm_flags &= ~XBDCF_ASYNC_MAPPING
-        ring = self.xbd_ring
-        bp = cm.cm_bp
-        assert bp is not None
-        if error == 0 and (ring is None or self.xbd_flags & (XBDF_DETACHING | XBDF_BROKEN)):
-            # The device went away while the load waited.
-            if cm.cm_map is not None and cm.cm_operation in _RW_OPS:
-                bus_dmamap_unload(self._xbd_io_dmat(), cm.cm_map)
-            error = errno.EIO if self.xbd_flags & XBDF_BROKEN else errno.ENXIO
-        elif error != 0:
-            error = errno.EIO  # the load failed (EFBIG...): FreeBSD reports EIO
-        if error != 0:
-            self.xbd_cm_thaw(cm)
-            self.xbd_free_command(cm)
-            self._xbd_bio_done(bp, error)
-            if is_async:
-                self.xbd_startio()
-                self._xbd_kick_done()
-            return
-        assert ring is not None
-        if nsegs > self.xbd_max_request_segments:
-            raise KernelPanic(f"{self.name}: {nsegs} segments, at most "
-                              f"{self.xbd_max_request_segments}")
-        req: BlkifAnyRequest
-        if cm.cm_operation == BLKIF_OP_DISCARD:
-            req = BlkifRequestDiscard(handle=self.xbd_vdev, id=cm.cm_id,
-                                      sector_number=cm.cm_sector_number,
-                                      nr_sectors=cm.cm_nr_sectors)
-            self._st_discards += 1
-        elif cm.cm_operation not in _RW_OPS:
-            req = BlkifRequest(operation=cm.cm_operation, nr_segments=0, handle=self.xbd_vdev,
-                               id=cm.cm_id, sector_number=cm.cm_sector_number)
-            self._st_flushes += 1
-        else:
-            assert cm.cm_map is not None
-            refs = xen_dmamap_get_grefs(cm.cm_map)
-            sg = xbd_mksegarray(segs, nsegs, refs)
-            if nsegs <= BLKIF_MAX_SEGMENTS_PER_REQUEST:
-                req = BlkifRequest(operation=cm.cm_operation, nr_segments=nsegs,
-                                   handle=self.xbd_vdev, id=cm.cm_id,
-                                   sector_number=cm.cm_sector_number, seg=tuple(sg))
-                self._st_direct += 1
-            else:
-                npages = blkif_indirect_pages(nsegs)
-                m = cm.cm_indirectionmap
-                assert m is not None and self.xbd_indirect_dmat is not None
-                self.xbd_kern.kva_write(cm.cm_indirectionpages, b"".join(s.pack() for s in sg))
-                bus_dmamap_sync(self.xbd_indirect_dmat, m, BUS_DMASYNC_PREWRITE)
-                req = BlkifRequestIndirect(indirect_op=cm.cm_operation, nr_segments=nsegs,
-                                           id=cm.cm_id, sector_number=cm.cm_sector_number,
-                                           handle=self.xbd_vdev,
-                                           indirect_grefs=tuple(self._xbd_indirect_grefs(
-                                               cm, npages)))
-                cm.cm_indirect = True
-                self._st_indirect += 1
-            op = BUS_DMASYNC_PREREAD if cm.cm_operation == BLKIF_OP_READ else BUS_DMASYNC_PREWRITE
-            bus_dmamap_sync(self._xbd_io_dmat(), cm.cm_map, op)
-        cm.cm_nseg = nsegs
-        ring.put_request(self.xbd_abi.pack_request(req))
-        self._st_requests += 1
-        occ = (ring.req_prod_pvt - ring.rsp_cons) & 0xFFFFFFFF
-        self._st_occupancy_peak = max(self._st_occupancy_peak, occ)
-        self._xbd_enqueue_cm(cm, XBD_Q_BUSY)
-        if is_async:
-            # Called back by bus_dma, not from xbd_startio: publish now, thaw, go on.
-            if not cm.cm_flags & XBDCF_Q_FREEZE:
-                self.xbd_cm_thaw(cm)
-            self.xbd_flush_requests()
-            self.xbd_startio()
-            self._xbd_kick_done()
-
-    def _xbd_io_dmat(self) -> BusDmaTag:
-        dmat = self.xbd_io_dmat
-        assert dmat is not None
-        return dmat
-
-    def xbd_flush_requests(self) -> None:
-        """Publish the requests; notify the backend if its event index asks for it."""
-        ring = self.xbd_ring
-        assert ring is not None
-        if ring.push_requests():
-            self.xbd_hc.evtchn_send(self.xbd_evtchn)
-
-    # -- completion -------------------------------------------------------------------------------
-
-    def xbd_int(self, _port: int) -> None:
-        """The event channel's handler (interrupt thread): consume the responses."""
-        self._xbd_lock()
-        try:
-            ring = self.xbd_ring
-            if (ring is None or self.xbd_state != XBD_STATE_CONNECTED
-                    or self.xbd_flags & XBDF_BROKEN):
-                return
-            try:
-                while True:
-                    n = ring.unconsumed_responses()
-                    for _ in range(n):
-                        if not self._xbd_response(ring.get_response()):
-                            return
-                    if not ring.final_check_for_responses():
-                        break
-            except RingProtocolError as e:
-                self._xbd_broken(str(e))
-                return
-            if not self.xbd_cm_busy:
-                self.xbd_thaw(XBDF_WAIT_IDLE)
-                wakeup(self._xbd_idle_chan)
-            self.xbd_startio()
-        finally:
-            self._xbd_unlock()
-
-    def _xbd_response(self, raw: bytes) -> bool:
-        """Complete the command a response answers; False if the response is bogus."""
-        rsp = self.xbd_abi.unpack_response(raw)
-        cid = rsp.id
-        cm = self.xbd_cm_busy.get(cid) if 0 <= cid < len(self.xbd_shadow) else None
-        if cm is None:
-            self._xbd_broken(f"response id {cid} is not a request in flight")
-            return False
-        if rsp.operation != cm.cm_operation and not (cm.cm_indirect
-                                                     and rsp.operation == BLKIF_OP_INDIRECT):
-            self._xbd_broken(f"response id {cid} has operation {rsp.operation}, "
-                             f"the request {cm.cm_operation}")
-            return False
-        self._xbd_remove_busy(cm)
-        self._xbd_cm_unload(cm)
-        # Release any hold this command has on future command dispatch.
-        self.xbd_cm_thaw(cm)
-        cm.cm_status = rsp.status
-        self.xbd_bio_complete(cm)
-        return True
-
-    def _xbd_cm_unload(self, cm: xbd_command) -> None:
-        """POST syncs and unload: ends grant access and frees the data references."""
-        if cm.cm_operation in _RW_OPS and cm.cm_map is not None:
-            dmat = self._xbd_io_dmat()
-            op = BUS_DMASYNC_POSTREAD if cm.cm_operation == BLKIF_OP_READ \
-                else BUS_DMASYNC_POSTWRITE
-            if cm.cm_map.state is MapState.LOADED:
-                bus_dmamap_sync(dmat, cm.cm_map, op)
-            bus_dmamap_unload(dmat, cm.cm_map)
-        if cm.cm_indirect and cm.cm_indirectionmap is not None:
-            assert self.xbd_indirect_dmat is not None
-            bus_dmamap_sync(self.xbd_indirect_dmat, cm.cm_indirectionmap,
-                            BUS_DMASYNC_POSTWRITE)
-
-    def xbd_bio_complete(self, cm: xbd_command) -> None:
-        bp = cm.cm_bp
-        assert bp is not None
-        status = cm.cm_status
-        if status == BLKIF_RSP_OKAY:
-            error = 0
-            if cm.cm_operation == BLKIF_OP_READ:
-                self._st_bytes_read += cm.cm_bytes
-            elif cm.cm_operation == BLKIF_OP_WRITE:
-                self._st_bytes_written += cm.cm_bytes
-        elif status == BLKIF_RSP_EOPNOTSUPP:
-            error = errno.EOPNOTSUPP
-        else:
-            error = errno.EIO
-        self.xbd_free_command(cm)
-        self._xbd_bio_done(bp, error)
-
-    def _xbd_fail_unissued(self, error: int) -> None:
-        """Fail every bio not on the ring: queued, ready, or waiting for its mapping."""
-        while self.xbd_bioq:
-            self._xbd_bio_done(self.xbd_bioq.popleft(), error)
-        while True:
-            cm = self._xbd_dequeue(self.xbd_cm_ready)
-            if cm is None:
-                break
-            self._xbd_abort_cm(cm, error)
-        for cm in self.xbd_shadow:
-            if cm.cm_flags & XBDCF_ASYNC_MAPPING:
-                cm.cm_flags &= ~XBDCF_ASYNC_MAPPING
-                if cm.cm_map is not None:
-                    bus_dmamap_unload(self._xbd_io_dmat(), cm.cm_map)  # cancels the wait
-                self._xbd_abort_cm(cm, error)
-        if self.xbd_flags & XBDF_WAIT_IDLE:
-            self.xbd_thaw(XBDF_WAIT_IDLE)
-
-    def _xbd_abort_cm(self, cm: xbd_command, error: int) -> None:
-        bp = cm.cm_bp
-        self.xbd_cm_thaw(cm)
-        self.xbd_free_command(cm)
-        if bp is not None:
-            self._xbd_bio_done(bp, error)
-
-    def _xbd_broken(self, reason: str) -> None:
-        """The backend broke the protocol: stop using the ring (the glue detaches)."""
-        if self.xbd_flags & XBDF_BROKEN:
-            return
-        self.xbd_flags |= XBDF_BROKEN
-        self.xbd_protocol_error = reason
-        self._xbd_fail_unissued(errno.EIO)
-        wakeup(self._xbd_idle_chan)
-
     # -- disconnect ---------------------------------------------------------------------------
 
     def xbd_closing(self, *, backend_gone: bool = False,
@@ -1126,49 +484,3 @@ class xbd_softc:
             if error != errno.EBUSY or current_scheduler().now() >= deadline:
                 return error
             tsleep(self._xbd_free_chan, "xbdfree", _FREE_POLL)
-
-    # -- statistics ----------------------------------------------------------------------------
-
-    def xbd_state_name(self) -> str:
-        if self.xbd_flags & XBDF_FREED:
-            return "freed"
-        if self.xbd_flags & XBDF_BROKEN:
-            return "broken"
-        if self.xbd_flags & XBDF_DETACHING:
-            return "closing"
-        return "connected" if self.xbd_state == XBD_STATE_CONNECTED else "disconnected"
-
-    def xbd_grant_refs_in_use(self) -> int:
-        n = len(self.xbd_ring_refs)
-        for cm in self.xbd_shadow:
-            n += len(cm.cm_indirectionrefs)
-            if cm.cm_map is not None:
-                n += len(xen_dmamap_get_grefs(cm.cm_map))
-        return n
-
-    def statistics(self) -> XbdStatistics:
-        ring = self.xbd_ring
-        occ = (ring.req_prod_pvt - ring.rsp_cons) & 0xFFFFFFFF if ring is not None else 0
-        return XbdStatistics(
-            name=self.name,
-            state=self.xbd_state_name(),
-            bios=self._st_bios,
-            requests=self._st_requests,
-            direct_requests=self._st_direct,
-            indirect_requests=self._st_indirect,
-            flushes=self._st_flushes,
-            discards=self._st_discards,
-            bytes_read=self._st_bytes_read,
-            bytes_written=self._st_bytes_written,
-            errors=self._st_errors,
-            deferred_loads=self._st_deferred,
-            in_flight=len(self.xbd_cm_busy),
-            ring_size=ring.nr_ents if ring is not None else 0,
-            ring_pages=self.xbd_ring_pages if ring is not None else 0,
-            ring_occupancy=occ,
-            ring_occupancy_peak=self._st_occupancy_peak,
-            grant_refs_in_use=self.xbd_grant_refs_in_use(),
-            max_request_segments=self.xbd_max_request_segments,
-            max_request_size=self.xbd_max_request_size,
-            protocol_error=self.xbd_protocol_error,
-        )

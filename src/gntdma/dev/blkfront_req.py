@@ -1,0 +1,478 @@
+"""blkfront: the request path of an xbd device (FreeBSD's xbd_strategy .. xbd_int).
+
+``xbd_strategy`` queues a bio (split into children when larger than one
+request), ``xbd_startio`` takes free commands for queued bios as long as the
+ring, the commands and the freezes allow, ``xbd_queue_request`` loads the data
+through busdma_xen (read-only when it goes to the disk) and ``xbd_queue_cb``
+builds the direct or indirect request and puts it on the ring. A load that
+returns EINPROGRESS freezes the queue (``XBDCF_ASYNC_MAPPING``) until its
+callback. ``xbd_int`` consumes the responses, unloads, completes the bios and
+restarts the queue. All of it runs with ``xbd_io_lock`` held.
+"""
+
+from __future__ import annotations
+
+import errno
+
+from gntdma.abi.blkif import (
+    BLKIF_MAX_SEGMENTS_PER_REQUEST,
+    BLKIF_OP_DISCARD,
+    BLKIF_OP_FLUSH_DISKCACHE,
+    BLKIF_OP_INDIRECT,
+    BLKIF_OP_READ,
+    BLKIF_OP_WRITE,
+    BLKIF_OP_WRITE_BARRIER,
+    BLKIF_RSP_EOPNOTSUPP,
+    BLKIF_RSP_OKAY,
+    BLKIF_SECTOR_SIZE,
+    BlkifAnyRequest,
+    BlkifRequest,
+    BlkifRequestDiscard,
+    BlkifRequestIndirect,
+    blkif_indirect_pages,
+)
+from gntdma.abi.ring import RingProtocolError
+from gntdma.dev.blkfront_cmd import (
+    XBD_Q_BUSY,
+    XBD_STATE_CONNECTED,
+    XBDCF_ASYNC_MAPPING,
+    XBDCF_Q_FREEZE,
+    XBDF_BARRIER,
+    XBDF_BROKEN,
+    XBDF_CM_SHORTAGE,
+    XBDF_DETACHING,
+    XBDF_DISCARD,
+    XBDF_FLUSH,
+    XBDF_FREED,
+    XBDF_READONLY,
+    XBDF_WAIT_IDLE,
+    xbd_command,
+    xbd_mksegarray,
+)
+from gntdma.dev.blkfront_softc import XBD_RW_OPS, xbd_softc_base
+from gntdma.sched import (
+    MA_OWNED,
+    KernelPanic,
+    mtx_assert,
+    wakeup,
+)
+from gntdma.sys import (
+    BIO_DELETE,
+    BIO_FLUSH,
+    BIO_ORDERED,
+    BIO_READ,
+    BIO_UNMAPPED,
+    BIO_WRITE,
+    BUS_DMASYNC_POSTREAD,
+    BUS_DMASYNC_POSTWRITE,
+    BUS_DMASYNC_PREREAD,
+    BUS_DMASYNC_PREWRITE,
+    PAGE_MASK,
+    PAGE_SHIFT,
+    BusDmaTag,
+    MapState,
+    bio,
+    biodone,
+    bus_dma_segment_t,
+    bus_dmamap_load_bio,
+    bus_dmamap_sync,
+    bus_dmamap_unload,
+)
+from gntdma.xen.busdma import (
+    BUS_DMA_XEN_RO,
+    xen_dmamap_get_grefs,
+)
+
+__all__ = ["xbd_softc_req"]
+
+
+class _Split:
+    """A bio split into children: completes when the last child does."""
+
+    __slots__ = ("error", "parent", "remaining")
+
+    def __init__(self, parent: bio, remaining: int) -> None:
+        self.parent = parent
+        self.remaining = remaining
+        self.error = 0
+
+
+class xbd_softc_req(xbd_softc_base):
+    """The request path of :class:`gntdma.dev.blkfront.xbd_softc`."""
+
+    # -- the block-device entry point -----------------------------------------------------------
+
+    def xbd_strategy(self, bp: bio) -> None:
+        """Submit ``bp`` (``d_strategy``); it completes through ``biodone``.
+
+        Errors reported in the bio: ENXIO (not connected, detached), EIO (the
+        backend broke the ring, a range past the end, a backend error),
+        EINVAL (offset or length not a multiple of the sector size), EROFS (a
+        write to a read-only disk), EOPNOTSUPP (flush or delete the backend
+        does not offer, or refused).
+        """
+        self._xbd_lock()
+        try:
+            self._st_bios += 1
+            error = self._xbd_check_bio(bp)
+            if error != 0:
+                self._xbd_bio_done(bp, error)
+                return
+            if (bp.bio_cmd in (BIO_READ, BIO_WRITE) and bp.bio_bcount == 0):
+                self._xbd_bio_done(bp, 0)
+                return
+            if bp.bio_cmd in (BIO_READ, BIO_WRITE) and bp.bio_bcount > self.xbd_max_request_size:
+                self.xbd_bioq.extend(self._xbd_split(bp))
+            else:
+                self.xbd_bioq.append(bp)
+            self.xbd_startio()
+        finally:
+            self._xbd_unlock()
+
+    def _xbd_check_bio(self, bp: bio) -> int:
+        if self.xbd_flags & (XBDF_DETACHING | XBDF_FREED) or self.xbd_state != XBD_STATE_CONNECTED:
+            return errno.ENXIO
+        if self.xbd_flags & XBDF_BROKEN:
+            return errno.EIO
+        cmd = bp.bio_cmd
+        if cmd == BIO_FLUSH:
+            return 0 if self.xbd_flags & (XBDF_FLUSH | XBDF_BARRIER) else errno.EOPNOTSUPP
+        if cmd not in (BIO_READ, BIO_WRITE, BIO_DELETE):
+            return errno.EOPNOTSUPP
+        if cmd != BIO_READ and self.xbd_flags & XBDF_READONLY:
+            return errno.EROFS
+        if cmd == BIO_DELETE and not self.xbd_flags & XBDF_DISCARD:
+            return errno.EOPNOTSUPP
+        ss = self.xbd_sector_size
+        if bp.bio_offset < 0 or bp.bio_bcount < 0 or bp.bio_offset % ss or bp.bio_bcount % ss:
+            return errno.EINVAL
+        if bp.bio_offset + bp.bio_bcount > self.xbd_media_size:
+            return errno.EIO
+        return 0
+
+    def _xbd_split(self, bp: bio) -> list[bio]:
+        """Children of at most one request each, completing ``bp`` when all are done."""
+        step = self.xbd_max_request_size
+        n = (bp.bio_bcount + step - 1) // step
+        split = _Split(bp, n)
+        children: list[bio] = []
+        for i in range(n):
+            off = i * step
+            ln = min(step, bp.bio_bcount - off)
+            child = bio(bio_cmd=bp.bio_cmd, bio_offset=bp.bio_offset + off, bio_bcount=ln,
+                        bio_done=self._xbd_child_done, bio_caller1=split)
+            if i == 0:
+                child.bio_flags |= bp.bio_flags & BIO_ORDERED
+            if bp.bio_flags & BIO_UNMAPPED:
+                at = bp.bio_ma_offset + off
+                first = at >> PAGE_SHIFT
+                child.bio_flags |= BIO_UNMAPPED
+                child.bio_ma_offset = at & PAGE_MASK
+                child.bio_ma_n = (child.bio_ma_offset + ln + PAGE_MASK) >> PAGE_SHIFT
+                child.bio_ma = bp.bio_ma[first:first + child.bio_ma_n]
+            else:
+                child.bio_data = bp.bio_data + off
+            children.append(child)
+        return children
+
+    def _xbd_child_done(self, child: bio) -> None:
+        split = child.bio_caller1
+        assert isinstance(split, _Split)
+        self._xbd_lock()
+        split.remaining -= 1
+        if child.bio_error != 0 and split.error == 0:
+            split.error = child.bio_error
+        last = split.remaining == 0
+        self._xbd_unlock()
+        if last:
+            parent = split.parent
+            if split.error != 0:
+                parent.bio_error = split.error
+                parent.bio_resid = parent.bio_bcount
+            else:
+                parent.bio_resid = 0
+            biodone(parent)
+
+    # -- dispatch ------------------------------------------------------------------------------
+
+    def xbd_startio(self) -> None:
+        """Put as many bios on the ring as it, the commands and the freezes allow."""
+        mtx_assert(self.xbd_io_lock, MA_OWNED)
+        ring = self.xbd_ring
+        if (ring is None or self.xbd_state != XBD_STATE_CONNECTED
+                or self.xbd_flags & (XBDF_DETACHING | XBDF_BROKEN)):
+            return
+        queued = 0
+        while not ring.full():
+            if self.xbd_qfrozen_cnt != 0:
+                break
+            cm = self._xbd_dequeue(self.xbd_cm_ready)
+            if cm is None:
+                cm = self.xbd_bio_command()
+            if cm is None:
+                break
+            if cm.cm_flags & XBDCF_Q_FREEZE:
+                # Freeze the queue until this command completes.
+                self.xbd_cm_freeze(cm, XBDCF_Q_FREEZE)
+            self.xbd_queue_request(cm)
+            queued += 1
+        if queued != 0:
+            self.xbd_flush_requests()
+
+    def xbd_bio_command(self) -> xbd_command | None:
+        """A command for the next queued bio (None: no bio, or must wait)."""
+        if not self.xbd_bioq:
+            return None
+        cm = self._xbd_dequeue(self.xbd_cm_free)
+        if cm is None:
+            self.xbd_freeze(XBDF_CM_SHORTAGE)
+            return None
+        bp = self.xbd_bioq.popleft()
+        cm.cm_bp = bp
+        cm.cm_sector_number = bp.bio_offset // BLKIF_SECTOR_SIZE
+        cm.cm_bytes = bp.bio_bcount
+        if bp.bio_cmd == BIO_READ:
+            cm.cm_operation = BLKIF_OP_READ
+        elif bp.bio_cmd == BIO_WRITE:
+            cm.cm_operation = BLKIF_OP_WRITE
+        elif bp.bio_cmd == BIO_DELETE:
+            cm.cm_operation = BLKIF_OP_DISCARD
+            cm.cm_nr_sectors = bp.bio_bcount // BLKIF_SECTOR_SIZE
+        elif self.xbd_flags & XBDF_FLUSH:
+            cm.cm_operation = BLKIF_OP_FLUSH_DISKCACHE
+        else:
+            cm.cm_operation = BLKIF_OP_WRITE_BARRIER
+        if bp.bio_cmd == BIO_FLUSH or bp.bio_flags & BIO_ORDERED:
+            # Single step: after everything on the ring, before anything later.
+            cm.cm_flags |= XBDCF_Q_FREEZE
+            if self.xbd_cm_busy:
+                self.xbd_freeze(XBDF_WAIT_IDLE)
+                self._xbd_requeue_ready(cm)
+                return None
+        return cm
+
+    def xbd_queue_request(self, cm: xbd_command) -> None:
+        """Load the command's data (if any); ``xbd_queue_cb`` puts it on the ring."""
+        if cm.cm_operation not in XBD_RW_OPS:
+            self.xbd_queue_cb(cm, [], 0, 0)
+            return
+        bp = cm.cm_bp
+        assert bp is not None and self.xbd_io_dmat is not None and cm.cm_map is not None
+        flags = BUS_DMA_XEN_RO if cm.cm_operation == BLKIF_OP_WRITE else 0
+        error = bus_dmamap_load_bio(self.xbd_io_dmat, cm.cm_map, bp, self.xbd_queue_cb, cm,
+                                    flags)
+        if error == errno.EINPROGRESS:
+            # Keep the queue in order: the next bio may need fewer resources, so
+            # bus_dma would not make it wait for this one.
+            self._st_deferred += 1
+            cm.cm_flags |= XBDCF_ASYNC_MAPPING
+            self.xbd_cm_freeze(cm, XBDCF_ASYNC_MAPPING)
+        # Any other error was given to xbd_queue_cb, which completed the bio.
+
+    def _xbd_indirect_grefs(self, cm: xbd_command, npages: int) -> list[int]:
+        """The references of the command's indirect pages that the request uses."""
+        return cm.cm_indirectionrefs[:npages]
+
+    def xbd_queue_cb(self, arg: object, segs: list[bus_dma_segment_t], nsegs: int,
+                     error: int) -> None:
+        """Build the request from the loaded segments and put it on the ring."""
+        cm = arg
+        assert isinstance(cm, xbd_command)
+        mtx_assert(self.xbd_io_lock, MA_OWNED)
+        is_async = bool(cm.cm_flags & XBDCF_ASYNC_MAPPING)
+        cm.cm_flags &= ~XBDCF_ASYNC_MAPPING
+        ring = self.xbd_ring
+        bp = cm.cm_bp
+        assert bp is not None
+        if error == 0 and (ring is None or self.xbd_flags & (XBDF_DETACHING | XBDF_BROKEN)):
+            # The device went away while the load waited.
+            if cm.cm_map is not None and cm.cm_operation in XBD_RW_OPS:
+                bus_dmamap_unload(self._xbd_io_dmat(), cm.cm_map)
+            error = errno.EIO if self.xbd_flags & XBDF_BROKEN else errno.ENXIO
+        elif error != 0:
+            error = errno.EIO  # the load failed (EFBIG...): FreeBSD reports EIO
+        if error != 0:
+            self.xbd_cm_thaw(cm)
+            self.xbd_free_command(cm)
+            self._xbd_bio_done(bp, error)
+            if is_async:
+                self.xbd_startio()
+                self._xbd_kick_done()
+            return
+        assert ring is not None
+        if nsegs > self.xbd_max_request_segments:
+            raise KernelPanic(f"{self.name}: {nsegs} segments, at most "
+                              f"{self.xbd_max_request_segments}")
+        req: BlkifAnyRequest
+        if cm.cm_operation == BLKIF_OP_DISCARD:
+            req = BlkifRequestDiscard(handle=self.xbd_vdev, id=cm.cm_id,
+                                      sector_number=cm.cm_sector_number,
+                                      nr_sectors=cm.cm_nr_sectors)
+            self._st_discards += 1
+        elif cm.cm_operation not in XBD_RW_OPS:
+            req = BlkifRequest(operation=cm.cm_operation, nr_segments=0, handle=self.xbd_vdev,
+                               id=cm.cm_id, sector_number=cm.cm_sector_number)
+            self._st_flushes += 1
+        else:
+            assert cm.cm_map is not None
+            refs = xen_dmamap_get_grefs(cm.cm_map)
+            sg = xbd_mksegarray(segs, nsegs, refs)
+            if nsegs <= BLKIF_MAX_SEGMENTS_PER_REQUEST:
+                req = BlkifRequest(operation=cm.cm_operation, nr_segments=nsegs,
+                                   handle=self.xbd_vdev, id=cm.cm_id,
+                                   sector_number=cm.cm_sector_number, seg=tuple(sg))
+                self._st_direct += 1
+            else:
+                npages = blkif_indirect_pages(nsegs)
+                m = cm.cm_indirectionmap
+                assert m is not None and self.xbd_indirect_dmat is not None
+                self.xbd_kern.kva_write(cm.cm_indirectionpages, b"".join(s.pack() for s in sg))
+                bus_dmamap_sync(self.xbd_indirect_dmat, m, BUS_DMASYNC_PREWRITE)
+                req = BlkifRequestIndirect(indirect_op=cm.cm_operation, nr_segments=nsegs,
+                                           id=cm.cm_id, sector_number=cm.cm_sector_number,
+                                           handle=self.xbd_vdev,
+                                           indirect_grefs=tuple(self._xbd_indirect_grefs(
+                                               cm, npages)))
+                cm.cm_indirect = True
+                self._st_indirect += 1
+            op = BUS_DMASYNC_PREREAD if cm.cm_operation == BLKIF_OP_READ else BUS_DMASYNC_PREWRITE
+            bus_dmamap_sync(self._xbd_io_dmat(), cm.cm_map, op)
+        cm.cm_nseg = nsegs
+        ring.put_request(self.xbd_abi.pack_request(req))
+        self._st_requests += 1
+        occ = (ring.req_prod_pvt - ring.rsp_cons) & 0xFFFFFFFF
+        self._st_occupancy_peak = max(self._st_occupancy_peak, occ)
+        self._xbd_enqueue_cm(cm, XBD_Q_BUSY)
+        if is_async:
+            # Called back by bus_dma, not from xbd_startio: publish now, thaw, go on.
+            if not cm.cm_flags & XBDCF_Q_FREEZE:
+                self.xbd_cm_thaw(cm)
+            self.xbd_flush_requests()
+            self.xbd_startio()
+            self._xbd_kick_done()
+
+    def _xbd_io_dmat(self) -> BusDmaTag:
+        dmat = self.xbd_io_dmat
+        assert dmat is not None
+        return dmat
+
+    def xbd_flush_requests(self) -> None:
+        """Publish the requests; notify the backend if its event index asks for it."""
+        ring = self.xbd_ring
+        assert ring is not None
+        if ring.push_requests():
+            self.xbd_hc.evtchn_send(self.xbd_evtchn)
+
+    # -- completion -------------------------------------------------------------------------------
+
+    def xbd_int(self, _port: int) -> None:
+        """The event channel's handler (interrupt thread): consume the responses."""
+        self._xbd_lock()
+        try:
+            ring = self.xbd_ring
+            if (ring is None or self.xbd_state != XBD_STATE_CONNECTED
+                    or self.xbd_flags & XBDF_BROKEN):
+                return
+            try:
+                while True:
+                    n = ring.unconsumed_responses()
+                    for _ in range(n):
+                        if not self._xbd_response(ring.get_response()):
+                            return
+                    if not ring.final_check_for_responses():
+                        break
+            except RingProtocolError as e:
+                self._xbd_broken(str(e))
+                return
+            if not self.xbd_cm_busy:
+                self.xbd_thaw(XBDF_WAIT_IDLE)
+                wakeup(self._xbd_idle_chan)
+            self.xbd_startio()
+        finally:
+            self._xbd_unlock()
+
+    def _xbd_response(self, raw: bytes) -> bool:
+        """Complete the command a response answers; False if the response is bogus."""
+        rsp = self.xbd_abi.unpack_response(raw)
+        cid = rsp.id
+        cm = self.xbd_cm_busy.get(cid) if 0 <= cid < len(self.xbd_shadow) else None
+        if cm is None:
+            self._xbd_broken(f"response id {cid} is not a request in flight")
+            return False
+        if rsp.operation != cm.cm_operation and not (cm.cm_indirect
+                                                     and rsp.operation == BLKIF_OP_INDIRECT):
+            self._xbd_broken(f"response id {cid} has operation {rsp.operation}, "
+                             f"the request {cm.cm_operation}")
+            return False
+        self._xbd_remove_busy(cm)
+        self._xbd_cm_unload(cm)
+        # Release any hold this command has on future command dispatch.
+        self.xbd_cm_thaw(cm)
+        cm.cm_status = rsp.status
+        self.xbd_bio_complete(cm)
+        return True
+
+    def _xbd_cm_unload(self, cm: xbd_command) -> None:
+        """POST syncs and unload: ends grant access and frees the data references."""
+        if cm.cm_operation in XBD_RW_OPS and cm.cm_map is not None:
+            dmat = self._xbd_io_dmat()
+            op = BUS_DMASYNC_POSTREAD if cm.cm_operation == BLKIF_OP_READ \
+                else BUS_DMASYNC_POSTWRITE
+            if cm.cm_map.state is MapState.LOADED:
+                bus_dmamap_sync(dmat, cm.cm_map, op)
+            bus_dmamap_unload(dmat, cm.cm_map)
+        if cm.cm_indirect and cm.cm_indirectionmap is not None:
+            assert self.xbd_indirect_dmat is not None
+            bus_dmamap_sync(self.xbd_indirect_dmat, cm.cm_indirectionmap,
+                            BUS_DMASYNC_POSTWRITE)
+
+    def xbd_bio_complete(self, cm: xbd_command) -> None:
+        bp = cm.cm_bp
+        assert bp is not None
+        status = cm.cm_status
+        if status == BLKIF_RSP_OKAY:
+            error = 0
+            if cm.cm_operation == BLKIF_OP_READ:
+                self._st_bytes_read += cm.cm_bytes
+            elif cm.cm_operation == BLKIF_OP_WRITE:
+                self._st_bytes_written += cm.cm_bytes
+        elif status == BLKIF_RSP_EOPNOTSUPP:
+            error = errno.EOPNOTSUPP
+        else:
+            error = errno.EIO
+        self.xbd_free_command(cm)
+        self._xbd_bio_done(bp, error)
+
+    def _xbd_fail_unissued(self, error: int) -> None:
+        """Fail every bio not on the ring: queued, ready, or waiting for its mapping."""
+        while self.xbd_bioq:
+            self._xbd_bio_done(self.xbd_bioq.popleft(), error)
+        while True:
+            cm = self._xbd_dequeue(self.xbd_cm_ready)
+            if cm is None:
+                break
+            self._xbd_abort_cm(cm, error)
+        for cm in self.xbd_shadow:
+            if cm.cm_flags & XBDCF_ASYNC_MAPPING:
+                cm.cm_flags &= ~XBDCF_ASYNC_MAPPING
+                if cm.cm_map is not None:
+                    bus_dmamap_unload(self._xbd_io_dmat(), cm.cm_map)  # cancels the wait
+                self._xbd_abort_cm(cm, error)
+        if self.xbd_flags & XBDF_WAIT_IDLE:
+            self.xbd_thaw(XBDF_WAIT_IDLE)
+
+    def _xbd_abort_cm(self, cm: xbd_command, error: int) -> None:
+        bp = cm.cm_bp
+        self.xbd_cm_thaw(cm)
+        self.xbd_free_command(cm)
+        if bp is not None:
+            self._xbd_bio_done(bp, error)
+
+    def _xbd_broken(self, reason: str) -> None:
+        """The backend broke the protocol: stop using the ring (the glue detaches)."""
+        if self.xbd_flags & XBDF_BROKEN:
+            return
+        self.xbd_flags |= XBDF_BROKEN
+        self.xbd_protocol_error = reason
+        self._xbd_fail_unissued(errno.EIO)
+        wakeup(self._xbd_idle_chan)
