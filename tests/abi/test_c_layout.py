@@ -105,6 +105,8 @@ NOT_IN_HEADERS: dict[str, str] = {
     "NR_RESERVED_ENTRIES": "GNTTAB_NR_RESERVED_ENTRIES",
     "GREFS_PER_GRANT_FRAME": "((1 << XEN_PAGE_SHIFT) / sizeof(grant_entry_v1_t))",
     "GRANT_REF_INVALID": "(grant_ref_t)~0U",
+    "GRANT_ENTRY_V1_SIZE": "sizeof(grant_entry_v1_t)",
+    "GRANT_ENTRY_V1_DOMID_OFFSET": "offsetof(grant_entry_v1_t, domid)",
     # legacy-interface only in xen.h (< 0x00040400)
     "NR_EVENT_CHANNELS": "EVTCHN_2L_NR_CHANNELS",
     "SRING_HEADER_SIZE": "offsetof(struct blkif_sring, ring)",

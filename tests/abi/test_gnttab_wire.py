@@ -170,3 +170,22 @@ def test_flags_compose_and_alias() -> None:
     assert gt.NR_RESERVED_ENTRIES == gt.GNTTAB_NR_RESERVED_ENTRIES == 8
     assert (gt.GNTTAB_RESERVED_CONSOLE, gt.GNTTAB_RESERVED_XENSTORE) == (0, 1)
     assert (gt.GNTCOPY_source_gref, gt.GNTCOPY_dest_gref) == (1, 2)
+
+
+def test_grant_entry_layout_defined_once_in_abi() -> None:
+    """The entry views the hypervisor and the guest use are GrantEntryV1's layout.
+
+    Xen: xen/common/grant_table.c shared_entry_v1(): entry e lives in frame
+    e / SHGNT_PER_PAGE_V1 at index e % SHGNT_PER_PAGE_V1.
+    """
+    buf = bytearray(16)
+    GrantEntryV1(flags=5, domid=0x0102, frame=0x0A0B0C0D).pack_into(buf, 8)
+    assert gt.GRANT_ENTRY_V1.unpack_from(buf, 8) == (5, 0x0102, 0x0A0B0C0D)
+    assert gt.GRANT_ENTRY_V1_FLAGS.unpack_from(buf, 8) == (5,)
+    assert gt.GRANT_ENTRY_V1_DOMID_FRAME.unpack_from(
+        buf, 8 + gt.GRANT_ENTRY_V1_DOMID_OFFSET) == (0x0102, 0x0A0B0C0D)
+    assert gt.GRANT_ENTRY_V1_SIZE == 8
+    assert gt.grant_entry_v1_slot(0) == (0, 0)
+    assert gt.grant_entry_v1_slot(511) == (0, 511 * 8)
+    assert gt.grant_entry_v1_slot(512) == (1, 0)
+    assert gt.grant_entry_v1_slot(1027) == (2, 3 * 8)

@@ -94,6 +94,12 @@ __all__ = [
     "GnttabTransfer",
     "GnttabUnmapGrantRef",
     "GrantEntryV1",
+    "GRANT_ENTRY_V1",
+    "GRANT_ENTRY_V1_DOMID_FRAME",
+    "GRANT_ENTRY_V1_DOMID_OFFSET",
+    "GRANT_ENTRY_V1_FLAGS",
+    "GRANT_ENTRY_V1_SIZE",
+    "grant_entry_v1_slot",
     "gntst_message",
 ]
 
@@ -539,3 +545,29 @@ class GnttabCopy(WireStruct):
         source, dest, length, flags, status = values
         return cls(GnttabCopyPtr.unpack(source), GnttabCopyPtr.unpack(dest), length, flags,
                    status)
+
+
+# --- where an entry lives ---------------------------------------------------------
+# The hypervisor and the guest both reach entries in the table frames with these
+# precompiled views of :class:`GrantEntryV1` (one definition of the layout).
+
+#: sizeof(grant_entry_v1_t).
+GRANT_ENTRY_V1_SIZE: Final = GrantEntryV1.STRUCT.size
+#: The whole entry: (flags, domid, frame).
+GRANT_ENTRY_V1: Final = GrantEntryV1.STRUCT
+#: ``flags`` alone, at the entry's offset (the u16 Xen and the guest update).
+GRANT_ENTRY_V1_FLAGS: Final = struct.Struct("<" + GrantEntryV1.LAYOUT.codes[0])
+#: Offset of ``domid`` in the entry; ``domid`` and ``frame`` follow each other.
+GRANT_ENTRY_V1_DOMID_OFFSET: Final = GrantEntryV1.FIELDS[1][1]
+#: (domid, frame), at the entry's offset + :data:`GRANT_ENTRY_V1_DOMID_OFFSET`.
+GRANT_ENTRY_V1_DOMID_FRAME: Final = struct.Struct("<" + "".join(GrantEntryV1.LAYOUT.codes[1:]))
+
+
+def grant_entry_v1_slot(ref: int) -> tuple[int, int]:
+    """(index of the table frame, byte offset in it) of v1 entry ``ref``.
+
+    Xen's ``shared_entry_v1(t, e)``: frame ``e / GREFS_PER_GRANT_FRAME``, entry
+    ``e % GREFS_PER_GRANT_FRAME`` of that frame.
+    """
+    f, i = divmod(ref, GREFS_PER_GRANT_FRAME)
+    return f, i * GRANT_ENTRY_V1_SIZE

@@ -32,13 +32,16 @@ from __future__ import annotations
 
 import errno
 import itertools
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, final
 
 from gntdma.abi.grant_table import (
     GNTTAB_NR_RESERVED_ENTRIES,
+    GRANT_ENTRY_V1,
+    GRANT_ENTRY_V1_DOMID_FRAME,
+    GRANT_ENTRY_V1_DOMID_OFFSET,
+    GRANT_ENTRY_V1_FLAGS,
     GRANT_REF_INVALID,
     GREFS_PER_GRANT_FRAME,
     GNTST_okay,
@@ -50,6 +53,7 @@ from gntdma.abi.grant_table import (
     GTF_reading,
     GTF_readonly,
     GTF_writing,
+    grant_entry_v1_slot,
 )
 from gntdma.abi.xen import DOMID_SELF
 from gntdma.sched import (
@@ -77,9 +81,9 @@ GNTTAB_REF_INVALID: Final[int] = GRANT_REF_INVALID
 #: Frames assumed when GNTTABOP_query_size fails (FreeBSD's fallback).
 DEFAULT_MAX_NR_GRANT_FRAMES: Final = 4
 
-_FLAGS: Final = struct.Struct("<H")
-_ENTRY: Final = struct.Struct("<HHI")
-_DOMID_FRAME: Final = struct.Struct("<HI")
+_FLAGS: Final = GRANT_ENTRY_V1_FLAGS
+_ENTRY: Final = GRANT_ENTRY_V1
+_DOMID_FRAME: Final = GRANT_ENTRY_V1_DOMID_FRAME
 # Plain ints: arithmetic on the IntFlag members builds a flag object per use.
 _PERMIT_ACCESS: Final = int(GTF_permit_access)
 _PERMIT_ACCESS_RO: Final = int(GTF_permit_access | GTF_readonly)
@@ -289,8 +293,8 @@ class GntTab:
     # -- granting ----------------------------------------------------------------
 
     def _entry_off(self, ref: int) -> tuple[memoryview, int]:
-        f, i = divmod(ref, GREFS_PER_GRANT_FRAME)
-        return self._frames[f], i * 8
+        f, off = grant_entry_v1_slot(ref)
+        return self._frames[f], off
 
     def gnttab_grant_foreign_access_ref(self, ref: int, domid: int, frame: int,
                                         readonly: bool) -> None:
@@ -299,7 +303,7 @@ class GntTab:
             self.reports.append(f"gnttab_grant_foreign_access_ref: invalid ref {ref:#x}")
             return
         page, off = self._entry_off(ref)
-        _DOMID_FRAME.pack_into(page, off + 2, domid, frame)
+        _DOMID_FRAME.pack_into(page, off + GRANT_ENTRY_V1_DOMID_OFFSET, domid, frame)
         wmb()
         _FLAGS.pack_into(page, off, _PERMIT_ACCESS_RO if readonly else _PERMIT_ACCESS)
 
