@@ -4,12 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEBS := libxen-dev xenstore-utils gcc
 
-.PHONY: run test venv venv-test debs lint typecheck pytest clean
+.PHONY: run test venv venv-test debs xen-utils lint typecheck pytest clean
 
 run: venv
 	$(BIN)/gntdma run
 
-test: debs venv-test lint typecheck pytest
+test: debs xen-utils venv-test lint typecheck pytest
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,21 @@ debs:
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
+
+# Xen's own xenstore test program (test-xenstore), from Debian's xen-utils-4.17,
+# downloaded and unpacked under .cache/ (never installed: it pulls in systemd
+# and udev). tests/xenstored/test_xs_test_xenstore.py runs it.
+XEN_UTILS := .cache/xen-utils-4.17
+TEST_XENSTORE := $(XEN_UTILS)/usr/lib/xen-4.17/bin/test-xenstore
+
+xen-utils: $(TEST_XENSTORE)
+
+$(TEST_XENSTORE):
+	rm -rf .cache/debs $(XEN_UTILS)
+	mkdir -p .cache/debs
+	cd .cache/debs && apt-get download -q xen-utils-4.17
+	dpkg -x .cache/debs/xen-utils-4.17_*.deb $(XEN_UTILS)
+	test -x $@ && touch $@
 
 lint:
 	$(BIN)/ruff check src tests benchmarks
