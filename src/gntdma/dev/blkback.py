@@ -12,6 +12,16 @@ InitWait and :meth:`Blkback.connect_keys` before Connected, and calls
 satisfies :class:`BackingStore` (``gntdma.host.image.DiskImage`` does), so this
 layer never imports the host layer.
 
+The device is three modules, by concern:
+
+- :mod:`gntdma.dev.blkback_req`: the sans-IO step from a raw slot (bytes
+  copied out of the ring) to a validated request or an error status, and the
+  list of checks;
+- :mod:`gntdma.dev.blkback_io`: the grant maps of the ring, indirect and data
+  pages, and the disk I/O (:class:`~gntdma.dev.blkback_io.BlkbackIO`);
+- this module: the life cycle (its states as a table), the interrupt handler,
+  the workers, the responses and the statistics.
+
 Connect maps the frontend's ring pages (one ``GNTTABOP_map_grant_ref`` batch,
 writable), attaches a :class:`~gntdma.abi.ring.BackRing` at the shared
 ``rsp_prod`` (``BACK_RING_ATTACH``, as Linux does), binds the frontend's
@@ -24,39 +34,19 @@ The request path:
 1. The interrupt handler (the port's interrupt thread) takes the device lock,
    reads and validates ``req_prod``, copies each request slot out of the
    shared page (``RING_COPY_REQUEST``: nothing is read twice from shared
-   memory) and decodes it in the frontend's ABI. It validates everything it
-   can from the slot; a bad request is answered at once, a good one is queued
-   for the workers. It loops until ``RING_FINAL_CHECK_FOR_REQUESTS`` finds
-   nothing more. In-flight requests are bounded by the ring size, because a
-   frontend may not have more than ``RING_SIZE`` requests without responses
-   (an index that says otherwise breaks the ring).
+   memory) and checks it (:func:`~gntdma.dev.blkback_req.blkback_check_request`).
+   A bad request is answered at once, a good one is queued for the workers. It
+   loops until ``RING_FINAL_CHECK_FOR_REQUESTS`` finds nothing more. In-flight
+   requests are bounded by the ring size, because a frontend may not have more
+   than ``RING_SIZE`` requests without responses (an index that says otherwise
+   breaks the ring).
 2. A worker thread (``workers`` of them, default 4, so requests overlap)
-   takes a request. For an indirect request it first maps the indirect pages
-   read-only, copies the segment descriptors out, unmaps them, and validates
-   the descriptors as it would direct ones. It maps every data segment in one
-   ``GNTTABOP_map_grant_ref`` batch (read-only when the data goes to the disk,
-   writable when it comes from the disk); if any element fails, the ones that
-   succeeded are unmapped and the request fails (XSA-361). Then ONE vectored
-   ``preadv``/``pwritev`` on the store through :func:`gntdma.sched.blocking_io`,
-   straight into or out of the mapped pages (slices ``first_sect * 512`` ..
-   ``(last_sect + 1) * 512``), then the batch unmap, and only then the
-   response: a frontend that sees the response may end its grants at once.
+   takes a request and executes it with no lock held
+   (:meth:`~gntdma.dev.blkback_io.BlkbackIO.execute`: map, one vectored
+   transfer, unmap).
 3. The response is written under the device lock, pushed, and the frontend
    notified only if the ring's hold-off asks for it
    (``RING_PUSH_RESPONSES_AND_CHECK_NOTIFY``).
-
-Validation (the frontend is never trusted; Linux ``xen-blkback`` behaviour):
-
-- unknown operations, ``BLKIF_OP_RESERVED_1``, ``BLKIF_OP_WRITE_BARRIER`` (no
-  ``feature-barrier``), ``BLKIF_OP_DISCARD`` when discard is off, secure
-  discard, ``BLKIF_OP_INDIRECT`` when indirect is off: ``BLKIF_RSP_EOPNOTSUPP``;
-- ``nr_segments`` 0 (except for a flush) or over 11 in a direct request, 0 or
-  over the advertised maximum in an indirect one, an ``indirect_op`` that is
-  neither read nor write: ``BLKIF_RSP_ERROR``;
-- a segment with ``last_sect < first_sect`` or ``last_sect > 7``, a transfer
-  or discard that ends past the last sector, a write or discard to a
-  read-only disk, a grant reference that fails to map (data or indirect page),
-  an I/O error: ``BLKIF_RSP_ERROR``.
 
 The response echoes the request's ``id`` and its operation (the
 ``indirect_op`` for an indirect request). A ``BLKIF_OP_FLUSH_DISKCACHE`` with
@@ -64,6 +54,11 @@ segments is a write followed by ``fdatasync`` (what Linux blkfront sends for
 ``REQ_FUA``/``REQ_PREFLUSH`` writes); without segments it is ``fdatasync``.
 A flush makes durable every write already completed; writes still in flight
 when it arrives are not ordered against it (the blkif flush contract).
+
+Life cycle (:data:`BLKBACK_TRANSITIONS`)::
+
+    DISCONNECTED --connect--> CONNECTED --disconnect--> CLOSING --drained--> DISCONNECTED
+                              CONNECTED --ring_error--> BROKEN --disconnect--> CLOSING
 
 A broken ring (a ``req_prod`` that is impossible: ``RingProtocolError``) stops
 the consumption of requests at once; the state becomes ``BROKEN``, the reason
@@ -86,52 +81,38 @@ the backend domain except the device's own interrupt and worker threads.
 from __future__ import annotations
 
 import errno
-import struct
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Final, Protocol, final
+from typing import Final, final
 
 from gntdma.abi.blkif import (
-    BLKIF_DISCARD_SECURE,
     BLKIF_MAX_INDIRECT_SEGMENTS,
-    BLKIF_MAX_SEGMENTS_PER_REQUEST,
     BLKIF_OP_DISCARD,
-    BLKIF_OP_FLUSH_DISKCACHE,
     BLKIF_OP_READ,
     BLKIF_OP_WRITE,
     BLKIF_RSP_EOPNOTSUPP,
     BLKIF_RSP_ERROR,
     BLKIF_RSP_OKAY,
     BLKIF_SECTOR_SIZE,
-    BLKIF_SECTORS_PER_PAGE,
     VDISK_READONLY,
     BlkifAbi,
     BlkifKey,
-    BlkifOp,
-    BlkifRequestDiscard,
-    BlkifRequestIndirect,
     BlkifResponse,
     blkif_abi,
-    blkif_indirect_pages,
-)
-from gntdma.abi.grant_table import (
-    GNTMAP_host_map,
-    GNTMAP_readonly,
-    GNTST_okay,
-    GnttabMapGrantRef,
-    GNTTABOP_map_grant_ref,
-    GNTTABOP_unmap_grant_ref,
-    GnttabUnmapGrantRef,
 )
 from gntdma.abi.ring import BackRing, RingProtocolError, SringHeader
-from gntdma.abi.xen import PAGE_SIZE
+from gntdma.dev.blkback_io import SECTOR_SHIFT, BackingStore, BlkbackIO
+from gntdma.dev.blkback_req import (
+    BLKBACK_OP_NAMES,
+    BlkbackLimits,
+    BlkbackReq,
+    blkback_check_request,
+)
 from gntdma.sched import (
     Condvar,
-    KernelPanic,
     Mutex,
-    blocking_io,
     current_scheduler,
     cv_broadcast,
     cv_signal,
@@ -149,8 +130,10 @@ __all__ = [
     "BLKBACK_DEFAULT_MAX_INDIRECT_SEGMENTS",
     "BLKBACK_DEFAULT_MAX_RING_PAGE_ORDER",
     "BLKBACK_DEFAULT_WORKERS",
+    "BLKBACK_TRANSITIONS",
     "BackingStore",
     "Blkback",
+    "BlkbackEvent",
     "BlkbackState",
     "BlkbackStatistics",
 ]
@@ -162,56 +145,6 @@ BLKBACK_DEFAULT_MAX_RING_PAGE_ORDER: Final = 4
 #: Worker threads per device by default.
 BLKBACK_DEFAULT_WORKERS: Final = 4
 
-_SEG: Final = struct.Struct("<IBB2x")  # blkif_request_segment
-_SECTOR_SHIFT: Final = 9
-assert 1 << _SECTOR_SHIFT == BLKIF_SECTOR_SIZE
-# Map flags as plain ints: IntFlag arithmetic builds a flag object per use, and
-# the hypervisor tests each op's flags.
-_MAP_HOST: Final = int(GNTMAP_host_map)
-_MAP_HOST_RO: Final = int(GNTMAP_host_map | GNTMAP_readonly)
-#: Entries of a reused-op cache before it starts over.
-_OP_CACHE_MAX: Final = 1 << 16
-
-#: A segment as the workers use it: (gref, first_sect, last_sect).
-_Seg = tuple[int, int, int]
-
-
-class BackingStore(Protocol):
-    """What blkback serves a disk from (``gntdma.host.image.DiskImage`` is one).
-
-    Offsets and lengths are in bytes. A transfer moves every byte or raises
-    :class:`OSError`: that is the only exception blkback expects from a store,
-    and it becomes ``BLKIF_RSP_ERROR``. Methods are called from worker
-    threads through :func:`gntdma.sched.blocking_io`, possibly on an OS thread
-    of the I/O pool, possibly several at once.
-    """
-
-    @property
-    def size(self) -> int:
-        """Bytes on the disk (a whole number of 512-byte sectors)."""
-        ...
-
-    @property
-    def readonly(self) -> bool:
-        """Whether writes and discards are refused."""
-        ...
-
-    def preadv(self, bufs: Sequence[memoryview], offset: int) -> int:
-        """Read into ``bufs`` in order from ``offset``; returns the byte count."""
-        ...
-
-    def pwritev(self, bufs: Sequence[memoryview], offset: int) -> int:
-        """Write ``bufs`` in order at ``offset``; returns the byte count."""
-        ...
-
-    def flush(self) -> None:
-        """Make every completed write durable."""
-        ...
-
-    def discard(self, offset: int, length: int) -> None:
-        """Forget ``length`` bytes at ``offset``: they read back as zeros."""
-        ...
-
 
 class BlkbackState(IntEnum):
     """Where a :class:`Blkback` is in its life."""
@@ -220,6 +153,28 @@ class BlkbackState(IntEnum):
     CONNECTED = 1  #: serving requests
     CLOSING = 2  #: disconnect under way: draining in-flight requests
     BROKEN = 3  #: the frontend broke the ring; a disconnect is queued
+
+
+class BlkbackEvent(IntEnum):
+    """What moves a :class:`Blkback` from one state to another."""
+
+    CONNECT = 0  #: the ring is mapped and the port bound
+    RING_ERROR = 1  #: the frontend broke the ring
+    DISCONNECT = 2  #: a disconnect starts draining
+    DRAINED = 3  #: nothing in flight, workers gone, ring unmapped
+
+
+_S = BlkbackState
+_E = BlkbackEvent
+#: (state, event) -> next state. A pair missing from the table cannot happen
+#: (KASSERT), except CONNECT, which :meth:`Blkback.connect` refuses with EISCONN.
+BLKBACK_TRANSITIONS: Final[Mapping[tuple[BlkbackState, BlkbackEvent], BlkbackState]] = {
+    (_S.DISCONNECTED, _E.CONNECT): _S.CONNECTED,
+    (_S.CONNECTED, _E.RING_ERROR): _S.BROKEN,
+    (_S.CONNECTED, _E.DISCONNECT): _S.CLOSING,
+    (_S.BROKEN, _E.DISCONNECT): _S.CLOSING,
+    (_S.CLOSING, _E.DRAINED): _S.DISCONNECTED,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,25 +210,6 @@ class BlkbackStatistics:
     notifications: int  #: events sent to the frontend
     ring_errors: int  #: times the frontend broke the ring
     error: str  #: why the ring last broke ("" if it never did)
-
-
-_OP_NAMES: Final = {int(op): op.name.lower() for op in BlkifOp}
-
-
-@dataclass(slots=True)
-class _Req:
-    """A request that passed the handler's checks, as the workers see it."""
-
-    id: int
-    operation: int  #: echoed in the response
-    op: int  #: READ, WRITE, FLUSH_DISKCACHE (no data) or DISCARD
-    sector_number: int
-    segs: list[_Seg]  #: data segments (direct), or filled from the indirect pages
-    indirect_grefs: tuple[int, ...] = ()
-    nr_segments: int = 0  #: of an indirect request
-    nr_sectors: int = 0  #: of a discard
-    flush: bool = False  #: fdatasync after the data
-    nbytes: int = 0  #: moved, for statistics
 
 
 @final
@@ -320,7 +256,6 @@ class Blkback:
         self.hc = hc
         self.kernel = kernel
         self.frontend_domid = frontend_domid
-        self.store = store
         self.devid = devid
         self.nworkers = workers
         self.max_indirect_segments = max_indirect_segments
@@ -339,7 +274,7 @@ class Blkback:
         self._ring: BackRing | None = None
         self._ring_handles: list[int] = []
         self._port = 0
-        self._queue: deque[_Req] = deque()
+        self._queue: deque[BlkbackReq] = deque()
         self._stop_workers = False
         self._workers_alive = 0
         self._in_intr = False
@@ -351,28 +286,33 @@ class Blkback:
         self._bytes_read = 0
         self._bytes_written = 0
         self._sectors_discarded = 0
-        self._flushes = 0
         self._responses = 0
         self._errors = 0
         self._eopnotsupp = 0
-        self._map_errors = 0
-        self._io_errors = 0
         self._in_flight = 0
         self._in_flight_peak = 0
-        self._segments_mapped = 0
-        self._mapped_now = 0
-        self._mapped_peak = 0
         self._interrupts = 0
         self._notifications = 0
         self._ring_errors = 0
-        # Map and unmap ops are frozen structs: the same (flags, dom, ref) or handle
-        # gives the same op, so each is built once and reused (bounded: a frontend
-        # chooses its grefs).
-        self._map_ops: dict[tuple[int, int], dict[int, GnttabMapGrantRef]] = {}
-        self._unmap_ops: dict[int, GnttabUnmapGrantRef] = {}
+        self._io = BlkbackIO(hc, frontend_domid, store, self.name)
 
     def __repr__(self) -> str:
         return f"<Blkback {self.name} {self.state.name}>"
+
+    @property
+    def store(self) -> BackingStore:
+        """The disk (it may be replaced while no request is in flight)."""
+        return self._io.store
+
+    @store.setter
+    def store(self, store: BackingStore) -> None:
+        self._io.store = store
+
+    def _step(self, event: BlkbackEvent) -> None:
+        """Move to the state :data:`BLKBACK_TRANSITIONS` gives. Lock held."""
+        nxt = BLKBACK_TRANSITIONS.get((self.state, event))
+        assert nxt is not None, f"{self.name}: {event.name} in state {self.state.name}"
+        self.state = nxt
 
     # -- xenstore values ---------------------------------------------------------
 
@@ -389,7 +329,7 @@ class Blkback:
         info = int(VDISK_READONLY) if self.store.readonly else 0
         discard = self.feature_discard and not self.store.readonly
         keys = {
-            BlkifKey.SECTORS.value: str(self.store.size >> _SECTOR_SHIFT),
+            BlkifKey.SECTORS.value: str(self.store.size >> SECTOR_SHIFT),
             BlkifKey.INFO.value: str(info),
             BlkifKey.SECTOR_SIZE.value: str(BLKIF_SECTOR_SIZE),
             BlkifKey.PHYSICAL_SECTOR_SIZE.value: str(BLKIF_SECTOR_SIZE),
@@ -423,7 +363,7 @@ class Blkback:
             does not map; ``EIO`` if the shared indices are already impossible;
             the negated hypercall error if the port does not bind.
         """
-        if self.state != BlkbackState.DISCONNECTED:
+        if (self.state, BlkbackEvent.CONNECT) not in BLKBACK_TRANSITIONS:
             return errno.EISCONN
         abi = blkif_abi(protocol)
         if abi is None:
@@ -431,21 +371,19 @@ class Blkback:
         n = len(ring_refs)
         if n < 1 or n > 1 << self.max_ring_page_order or n & (n - 1) != 0:
             return errno.EINVAL
-        ops = [GnttabMapGrantRef(flags=GNTMAP_host_map, ref=ref, dom=self.frontend_domid)
-               for ref in ring_refs]
-        handles = self._map_batch(ops)
-        if handles is None:
+        mapped = self._io.map_ring(ring_refs)
+        if mapped is None:
             return errno.ENOENT
-        pages = [self.hc.mapped_page(h) for h in handles]
+        handles, pages = mapped
         # BACK_RING_ATTACH at the shared rsp_prod, refusing impossible indices.
         hdr = SringHeader.unpack_from(pages[0], 0)
         ring = BackRing(pages, abi.entry_size, start=hdr.rsp_prod, wmb=wmb, rmb=rmb, mb=mb)
         if (hdr.req_prod - hdr.rsp_prod) & 0xFFFFFFFF > ring.nr_ents:
-            self._unmap_batch(handles)
+            self._io.unmap_batch(handles)
             return errno.EIO
         rc, port = self.hc.evtchn_bind_interdomain(self.frontend_domid, evtchn)
         if rc != 0:
-            self._unmap_batch(handles)
+            self._io.unmap_batch(handles)
             return -rc
         mtx_lock(self.lock)
         self._generation += 1
@@ -456,7 +394,7 @@ class Blkback:
         self._protocol = abi.protocol
         self._connects += 1
         self._stop_workers = False
-        self.state = BlkbackState.CONNECTED
+        self._step(BlkbackEvent.CONNECT)
         sched = current_scheduler()
         for i in range(self.nworkers):
             self._workers_alive += 1
@@ -482,7 +420,7 @@ class Blkback:
         if self.state == BlkbackState.DISCONNECTED:
             mtx_unlock(self.lock)
             return 0
-        self.state = BlkbackState.CLOSING
+        self._step(BlkbackEvent.DISCONNECT)
         port = self._port
         mtx_unlock(self.lock)
         # No new interrupt runs; one already running sees CLOSING and stops.
@@ -501,9 +439,9 @@ class Blkback:
         mtx_unlock(self.lock)
         # Responses to drained requests are out and notified; now let go.
         self.hc.evtchn_close(port)
-        self._unmap_batch(handles)
+        self._io.unmap_batch(handles)
         mtx_lock(self.lock)
-        self.state = BlkbackState.DISCONNECTED
+        self._step(BlkbackEvent.DRAINED)
         cv_broadcast(self._drain_cv)
         mtx_unlock(self.lock)
         return 0
@@ -512,6 +450,7 @@ class Blkback:
 
     def statistics(self) -> BlkbackStatistics:
         ring = self._ring
+        io = self._io
         return BlkbackStatistics(
             state=self.state.name.lower(),
             protocol=self._protocol,
@@ -525,17 +464,17 @@ class Blkback:
             bytes_read=self._bytes_read,
             bytes_written=self._bytes_written,
             sectors_discarded=self._sectors_discarded,
-            flushes=self._flushes,
+            flushes=io.flushes,
             responses=self._responses,
             errors=self._errors,
             eopnotsupp=self._eopnotsupp,
-            map_errors=self._map_errors,
-            io_errors=self._io_errors,
+            map_errors=io.map_errors,
+            io_errors=io.io_errors,
             in_flight=self._in_flight,
             in_flight_peak=self._in_flight_peak,
-            segments_mapped=self._segments_mapped,
-            mapped_now=self._mapped_now,
-            mapped_peak=self._mapped_peak,
+            segments_mapped=io.segments_mapped,
+            mapped_now=io.mapped_now,
+            mapped_peak=io.mapped_peak,
             interrupts=self._interrupts,
             notifications=self._notifications,
             ring_errors=self._ring_errors,
@@ -571,7 +510,7 @@ class Blkback:
 
     def _ring_broken(self, reason: str) -> None:
         """The frontend broke the ring: stop consuming, queue the disconnect. Lock held."""
-        self.state = BlkbackState.BROKEN
+        self._step(BlkbackEvent.RING_ERROR)
         self.error = reason
         self._ring_errors += 1
         gen = self._generation
@@ -583,88 +522,25 @@ class Blkback:
         self.kernel.taskqueue_thread.enqueue_call(disconnect_task)
 
     def _dispatch(self, raw: bytes) -> None:
-        """Decode and check one copied-out request slot; answer or queue it. Lock held."""
-        assert self._abi is not None
-        req = self._abi.unpack_request(raw)
-        name = _OP_NAMES.get(req.operation, "unknown")
-        self._by_op[name] = self._by_op.get(name, 0) + 1
-        if isinstance(req, BlkifRequestDiscard):
-            status, work = self._check_discard(req)
-            operation = req.operation
-        elif isinstance(req, BlkifRequestIndirect):
-            status, work = self._check_indirect(req)
-            operation = req.indirect_op
-        else:
-            operation = req.operation
-            segs = [(s.gref, s.first_sect, s.last_sect) for s in req.seg]
-            status, work = self._check_rw(req.id, operation, req.nr_segments,
-                                          req.sector_number, segs)
+        """Check one copied-out request slot; answer or queue it. Lock held."""
+        abi = self._abi
+        assert abi is not None
+        op_name = BLKBACK_OP_NAMES.get(raw[0], "unknown")
+        self._by_op[op_name] = self._by_op.get(op_name, 0) + 1
+        id_, operation, status, work = blkback_check_request(abi, raw, self._limits())
         if work is None:
-            self._respond(req.id, operation, status)
+            self._respond(id_, operation, status)
             return
         self._queue.append(work)
         self._in_flight += 1
         self._in_flight_peak = max(self._in_flight_peak, self._in_flight)
         cv_signal(self._work_cv)
 
-    def _check_rw(self, id_: int, operation: int, nr_segments: int, sector_number: int,
-                  segs: list[_Seg]) -> tuple[int, _Req | None]:
-        if operation == BLKIF_OP_READ or operation == BLKIF_OP_WRITE:
-            if nr_segments == 0 or nr_segments > BLKIF_MAX_SEGMENTS_PER_REQUEST:
-                return BLKIF_RSP_ERROR, None
-            op = operation
-            flush = False
-        elif operation == BLKIF_OP_FLUSH_DISKCACHE:
-            if nr_segments > BLKIF_MAX_SEGMENTS_PER_REQUEST:
-                return BLKIF_RSP_ERROR, None
-            op = BLKIF_OP_WRITE if nr_segments > 0 else BLKIF_OP_FLUSH_DISKCACHE
-            flush = True
-        else:  # WRITE_BARRIER (not advertised), RESERVED_1, anything else
-            return BLKIF_RSP_EOPNOTSUPP, None
-        if op == BLKIF_OP_WRITE and self.store.readonly:
-            return BLKIF_RSP_ERROR, None
-        if self._check_segs(segs, sector_number) != 0:
-            return BLKIF_RSP_ERROR, None
-        return BLKIF_RSP_OKAY, _Req(id_, operation, op, sector_number, segs, flush=flush)
-
-    def _check_indirect(self, req: BlkifRequestIndirect) -> tuple[int, _Req | None]:
-        if self.max_indirect_segments == 0:
-            return BLKIF_RSP_EOPNOTSUPP, None
-        iop = req.indirect_op
-        if iop != BLKIF_OP_READ and iop != BLKIF_OP_WRITE:
-            return BLKIF_RSP_ERROR, None
-        if req.nr_segments == 0 or req.nr_segments > self.max_indirect_segments:
-            return BLKIF_RSP_ERROR, None
-        if iop == BLKIF_OP_WRITE and self.store.readonly:
-            return BLKIF_RSP_ERROR, None
-        if len(req.indirect_grefs) != blkif_indirect_pages(req.nr_segments):
-            return BLKIF_RSP_ERROR, None  # cannot happen with the limits above
-        return BLKIF_RSP_OKAY, _Req(req.id, iop, iop, req.sector_number, [],
-                                    indirect_grefs=req.indirect_grefs,
-                                    nr_segments=req.nr_segments)
-
-    def _check_discard(self, req: BlkifRequestDiscard) -> tuple[int, _Req | None]:
-        if not self.feature_discard or (req.flag & BLKIF_DISCARD_SECURE) != 0:
-            return BLKIF_RSP_EOPNOTSUPP, None
-        if self.store.readonly:
-            return BLKIF_RSP_ERROR, None
-        if req.sector_number + req.nr_sectors > self.store.size >> _SECTOR_SHIFT:
-            return BLKIF_RSP_ERROR, None
-        if req.nr_sectors == 0:
-            return BLKIF_RSP_OKAY, None
-        return BLKIF_RSP_OKAY, _Req(req.id, req.operation, BLKIF_OP_DISCARD,
-                                    req.sector_number, [], nr_sectors=req.nr_sectors)
-
-    def _check_segs(self, segs: Sequence[_Seg], sector_number: int) -> int:
-        """0 if every segment is well formed and the transfer fits the disk, else EINVAL."""
-        total = 0
-        for _gref, first, last in segs:
-            if last >= BLKIF_SECTORS_PER_PAGE or last < first:
-                return errno.EINVAL
-            total += last - first + 1
-        if total > 0 and sector_number + total > self.store.size >> _SECTOR_SHIFT:
-            return errno.EINVAL
-        return 0
+    def _limits(self) -> BlkbackLimits:
+        store = self.store
+        return BlkbackLimits(nr_sectors=store.size >> SECTOR_SHIFT, readonly=store.readonly,
+                             feature_discard=self.feature_discard,
+                             max_indirect_segments=self.max_indirect_segments)
 
     def _respond(self, id_: int, operation: int, status: int) -> None:
         """Write, push and (if the hold-off asks) notify one response. Lock held."""
@@ -690,7 +566,7 @@ class Blkback:
             if self._queue:
                 req = self._queue.popleft()
                 mtx_unlock(self.lock)
-                status = self._execute(req)
+                status = self._io.execute(req)
                 mtx_lock(self.lock)
                 self._complete(req, status)
                 continue
@@ -701,7 +577,7 @@ class Blkback:
         cv_broadcast(self._drain_cv)
         mtx_unlock(self.lock)
 
-    def _complete(self, req: _Req, status: int) -> None:
+    def _complete(self, req: BlkbackReq, status: int) -> None:
         """Account for and answer a request a worker finished. Lock held."""
         if status == BLKIF_RSP_OKAY:
             if req.op == BLKIF_OP_READ:
@@ -716,137 +592,3 @@ class Blkback:
         self._in_flight -= 1
         if self._in_flight == 0:
             cv_broadcast(self._drain_cv)
-
-    def _execute(self, req: _Req) -> int:
-        """Do one request (no lock held); returns the response status."""
-        if req.op == BLKIF_OP_DISCARD:
-            try:
-                blocking_io(self.store.discard, req.sector_number << _SECTOR_SHIFT,
-                            req.nr_sectors << _SECTOR_SHIFT)
-            except OSError:
-                self._io_errors += 1
-                return BLKIF_RSP_ERROR
-            return BLKIF_RSP_OKAY
-        if req.op == BLKIF_OP_FLUSH_DISKCACHE:
-            return self._flush()
-        if req.indirect_grefs:
-            error, segs = self._read_indirect(req.indirect_grefs, req.nr_segments)
-            if error != 0 or self._check_segs(segs, req.sector_number) != 0:
-                return BLKIF_RSP_ERROR
-            req.segs = segs
-        status = self._transfer(req)
-        if status == BLKIF_RSP_OKAY and req.flush:
-            status = self._flush()
-        return status
-
-    def _flush(self) -> int:
-        self._flushes += 1
-        try:
-            blocking_io(self.store.flush)
-        except OSError:
-            self._io_errors += 1
-            return BLKIF_RSP_ERROR
-        return BLKIF_RSP_OKAY
-
-    def _read_indirect(self, grefs: tuple[int, ...], nr_segments: int
-                       ) -> tuple[int, list[_Seg]]:
-        """Map the indirect pages read-only, copy the descriptors out, unmap.
-
-        Returns (0, segments) or (EFAULT, []) if a page does not map.
-        """
-        handles = self._map_batch(self._map_ops_for(_MAP_HOST_RO, self.frontend_domid, grefs))
-        if handles is None:
-            self._map_errors += 1
-            return errno.EFAULT, []
-        chunks: list[bytes] = []
-        left = nr_segments * _SEG.size
-        for h in handles:
-            n = min(left, PAGE_SIZE)
-            with self.hc.mapped_page(h)[:n] as v:
-                chunks.append(bytes(v))  # one copy: each descriptor is read once
-            left -= n
-        self._unmap_batch(handles)
-        raw = b"".join(chunks)
-        return 0, list(_SEG.iter_unpack(raw))
-
-    def _transfer(self, req: _Req) -> int:
-        """Map the data segments, one vectored read or write, unmap."""
-        to_disk = req.op == BLKIF_OP_WRITE
-        flags = _MAP_HOST_RO if to_disk else _MAP_HOST
-        handles = self._map_batch(self._map_ops_for(flags, self.frontend_domid,
-                                                    [gref for gref, _f, _l in req.segs]))
-        if handles is None:
-            self._map_errors += 1
-            return BLKIF_RSP_ERROR
-        views: list[memoryview] = []
-        status = BLKIF_RSP_OKAY
-        try:
-            for h, (_gref, first, last) in zip(handles, req.segs, strict=True):
-                views.append(self.hc.mapped_page(h)[first << _SECTOR_SHIFT:
-                                                    (last + 1) << _SECTOR_SHIFT])
-            offset = req.sector_number << _SECTOR_SHIFT
-            try:
-                if to_disk:
-                    req.nbytes = blocking_io(self.store.pwritev, views, offset)
-                else:
-                    req.nbytes = blocking_io(self.store.preadv, views, offset)
-            except OSError:
-                self._io_errors += 1
-                status = BLKIF_RSP_ERROR
-        finally:
-            for v in views:
-                v.release()
-            self._unmap_batch(handles)
-        return status
-
-    # -- grant maps ----------------------------------------------------------------------
-
-    def _map_ops_for(self, flags: int, dom: int, grefs: Sequence[int]
-                     ) -> list[GnttabMapGrantRef]:
-        """``GnttabMapGrantRef(flags=flags, ref=g, dom=dom)`` for each gref, reused."""
-        cache = self._map_ops.get((flags, dom))
-        if cache is None or len(cache) > _OP_CACHE_MAX:
-            cache = self._map_ops[(flags, dom)] = {}
-        ops: list[GnttabMapGrantRef] = []
-        for g in grefs:
-            op = cache.get(g)
-            if op is None:
-                op = cache[g] = GnttabMapGrantRef(flags=flags, ref=g, dom=dom)
-            ops.append(op)
-        return ops
-
-    def _map_batch(self, ops: list[GnttabMapGrantRef]) -> list[int] | None:
-        """Map every op in one hypercall: the handles, or None (nothing left mapped)."""
-        rc, res = self.hc.grant_table_op(GNTTABOP_map_grant_ref, ops)
-        handles = [r.handle for r in res
-                   if isinstance(r, GnttabMapGrantRef) and r.status == GNTST_okay]
-        self._note_mapped(len(handles))
-        if rc != 0 or len(handles) != len(ops):
-            self._unmap_batch(handles)  # XSA-361: undo the elements that worked
-            return None
-        return handles
-
-    def _note_mapped(self, n: int) -> None:
-        self._segments_mapped += n
-        self._mapped_now += n
-        self._mapped_peak = max(self._mapped_peak, self._mapped_now)
-
-    def _unmap_batch(self, handles: list[int]) -> None:
-        if not handles:
-            return
-        cache = self._unmap_ops
-        if len(cache) > _OP_CACHE_MAX:
-            cache.clear()
-        ops: list[GnttabUnmapGrantRef] = []
-        for h in handles:
-            op = cache.get(h)
-            if op is None:
-                op = cache[h] = GnttabUnmapGrantRef(handle=h)
-            ops.append(op)
-        rc, res = self.hc.grant_table_op(GNTTABOP_unmap_grant_ref, ops)
-        bad = [r for r in res
-               if not isinstance(r, GnttabUnmapGrantRef) or r.status != GNTST_okay]
-        if rc != 0 or len(res) != len(handles) or bad:
-            raise KernelPanic(f"{self.name}: unmap of our own handles failed: rc {rc}, "
-                              f"{bad}")
-        self._mapped_now -= len(handles)

@@ -1,0 +1,281 @@
+"""blkback's map and I/O path: grant maps of the frontend's pages, and the disk.
+
+One :class:`BlkbackIO` per device does, with no lock held, everything that
+touches the frontend's grants or the backing store:
+
+- the ring pages: one ``GNTTABOP_map_grant_ref`` batch, writable
+  (:meth:`BlkbackIO.map_ring`), unmapped at disconnect;
+- an indirect request: its indirect pages mapped read-only, the segment
+  descriptors copied out once, the pages unmapped, the descriptors checked as
+  direct ones would be;
+- the data: every segment mapped in one batch (read-only when the data goes
+  to the disk, writable when it comes from the disk); if any element fails,
+  the ones that succeeded are unmapped and the request fails (XSA-361). Then
+  ONE vectored ``preadv``/``pwritev`` through :func:`gntdma.sched.blocking_io`,
+  straight into or out of the mapped pages (slices ``first_sect * 512`` ..
+  ``(last_sect + 1) * 512``), then the batch unmap. The caller answers only
+  after that: a frontend that sees the response may end its grants at once.
+- flush (``fdatasync``) and discard.
+
+Every ``GnttabMapGrantRef`` and ``GnttabUnmapGrantRef`` blkback builds is built
+by :meth:`BlkbackIO._map_ops` and :meth:`BlkbackIO._unmap_ops`, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Sequence
+from typing import Final, Protocol, final
+
+from gntdma.abi.blkif import (
+    BLKIF_OP_DISCARD,
+    BLKIF_OP_FLUSH_DISKCACHE,
+    BLKIF_OP_WRITE,
+    BLKIF_RSP_ERROR,
+    BLKIF_RSP_OKAY,
+    BLKIF_SECTOR_SIZE,
+)
+from gntdma.abi.grant_table import (
+    GNTMAP_host_map,
+    GNTMAP_readonly,
+    GNTST_okay,
+    GnttabMapGrantRef,
+    GNTTABOP_map_grant_ref,
+    GNTTABOP_unmap_grant_ref,
+    GnttabUnmapGrantRef,
+)
+from gntdma.abi.xen import PAGE_SIZE
+from gntdma.dev.blkback_req import (
+    BLKBACK_SEG_SIZE,
+    BlkbackReq,
+    BlkbackSeg,
+    blkback_check_segs,
+    blkback_unpack_segs,
+)
+from gntdma.sched import KernelPanic, blocking_io
+from gntdma.xen.hypercall import Hypercalls
+
+__all__ = ["BackingStore", "BlkbackIO"]
+
+SECTOR_SHIFT: Final = 9
+assert 1 << SECTOR_SHIFT == BLKIF_SECTOR_SIZE
+# Map flags as plain ints: IntFlag arithmetic builds a flag object per use, and
+# the hypervisor tests each op's flags.
+_MAP_HOST: Final = int(GNTMAP_host_map)
+_MAP_HOST_RO: Final = int(GNTMAP_host_map | GNTMAP_readonly)
+#: Entries of a reused-op cache before it starts over.
+_OP_CACHE_MAX: Final = 1 << 16
+
+
+class BackingStore(Protocol):
+    """What blkback serves a disk from (``gntdma.host.image.DiskImage`` is one).
+
+    Offsets and lengths are in bytes. A transfer moves every byte or raises
+    :class:`OSError`: that is the only exception blkback expects from a store,
+    and it becomes ``BLKIF_RSP_ERROR``. Methods are called from worker
+    threads through :func:`gntdma.sched.blocking_io`, possibly on an OS thread
+    of the I/O pool, possibly several at once.
+    """
+
+    @property
+    def size(self) -> int:
+        """Bytes on the disk (a whole number of 512-byte sectors)."""
+        ...
+
+    @property
+    def readonly(self) -> bool:
+        """Whether writes and discards are refused."""
+        ...
+
+    def preadv(self, bufs: Sequence[memoryview], offset: int) -> int:
+        """Read into ``bufs`` in order from ``offset``; returns the byte count."""
+        ...
+
+    def pwritev(self, bufs: Sequence[memoryview], offset: int) -> int:
+        """Write ``bufs`` in order at ``offset``; returns the byte count."""
+        ...
+
+    def flush(self) -> None:
+        """Make every completed write durable."""
+        ...
+
+    def discard(self, offset: int, length: int) -> None:
+        """Forget ``length`` bytes at ``offset``: they read back as zeros."""
+        ...
+
+
+@final
+class BlkbackIO:
+    """The grant maps and disk I/O of one device, with their counters.
+
+    Args:
+        hc: the backend domain's hypercalls.
+        frontend_domid: the domain whose grants are mapped.
+        store: the disk.
+        name: the device's name, for messages.
+    """
+
+    def __init__(self, hc: Hypercalls, frontend_domid: int, store: BackingStore,
+                 name: str) -> None:
+        self.hc = hc
+        self.frontend_domid = frontend_domid
+        self.store = store
+        self.name = name
+        self.flushes = 0
+        self.map_errors = 0
+        self.io_errors = 0
+        self.segments_mapped = 0
+        self.mapped_now = 0
+        self.mapped_peak = 0
+        # Map and unmap ops are frozen structs: the same (flags, dom, ref) or handle
+        # gives the same op, so each is built once and reused (bounded: a frontend
+        # chooses its grefs).
+        self._map_op_cache: dict[tuple[int, int], dict[int, GnttabMapGrantRef]] = {}
+        self._unmap_op_cache: dict[int, GnttabUnmapGrantRef] = {}
+
+    # -- the ring ----------------------------------------------------------------------
+
+    def map_ring(self, ring_refs: Sequence[int]) -> tuple[list[int], list[memoryview]] | None:
+        """Map the ring pages writable: (handles, pages), or None (nothing left mapped)."""
+        handles = self._map_batch(_MAP_HOST, ring_refs)
+        if handles is None:
+            return None
+        return handles, [self.hc.mapped_page(h) for h in handles]
+
+    # -- requests ----------------------------------------------------------------------
+
+    def execute(self, req: BlkbackReq) -> int:
+        """Do one request (no lock held); returns the response status."""
+        if req.op == BLKIF_OP_DISCARD:
+            try:
+                blocking_io(self.store.discard, req.sector_number << SECTOR_SHIFT,
+                            req.nr_sectors << SECTOR_SHIFT)
+            except OSError:
+                self.io_errors += 1
+                return BLKIF_RSP_ERROR
+            return BLKIF_RSP_OKAY
+        if req.op == BLKIF_OP_FLUSH_DISKCACHE:
+            return self._flush()
+        if req.indirect_grefs:
+            error, segs = self._read_indirect(req.indirect_grefs, req.nr_segments)
+            if error != 0 or blkback_check_segs(
+                    segs, req.sector_number, self.store.size >> SECTOR_SHIFT) != 0:
+                return BLKIF_RSP_ERROR
+            req.segs = segs
+        status = self._transfer(req)
+        if status == BLKIF_RSP_OKAY and req.flush:
+            status = self._flush()
+        return status
+
+    def _flush(self) -> int:
+        self.flushes += 1
+        try:
+            blocking_io(self.store.flush)
+        except OSError:
+            self.io_errors += 1
+            return BLKIF_RSP_ERROR
+        return BLKIF_RSP_OKAY
+
+    def _read_indirect(self, grefs: tuple[int, ...], nr_segments: int
+                       ) -> tuple[int, list[BlkbackSeg]]:
+        """Map the indirect pages read-only, copy the descriptors out, unmap.
+
+        Returns (0, segments) or (EFAULT, []) if a page does not map.
+        """
+        handles = self._map_batch(_MAP_HOST_RO, grefs)
+        if handles is None:
+            self.map_errors += 1
+            return errno.EFAULT, []
+        chunks: list[bytes] = []
+        left = nr_segments * BLKBACK_SEG_SIZE
+        for h in handles:
+            n = min(left, PAGE_SIZE)
+            with self.hc.mapped_page(h)[:n] as v:
+                chunks.append(bytes(v))  # one copy: each descriptor is read once
+            left -= n
+        self.unmap_batch(handles)
+        return 0, blkback_unpack_segs(b"".join(chunks))
+
+    def _transfer(self, req: BlkbackReq) -> int:
+        """Map the data segments, one vectored read or write, unmap."""
+        to_disk = req.op == BLKIF_OP_WRITE
+        flags = _MAP_HOST_RO if to_disk else _MAP_HOST
+        handles = self._map_batch(flags, [gref for gref, _f, _l in req.segs])
+        if handles is None:
+            self.map_errors += 1
+            return BLKIF_RSP_ERROR
+        views: list[memoryview] = []
+        status = BLKIF_RSP_OKAY
+        try:
+            for h, (_gref, first, last) in zip(handles, req.segs, strict=True):
+                views.append(self.hc.mapped_page(h)[first << SECTOR_SHIFT:
+                                                    (last + 1) << SECTOR_SHIFT])
+            offset = req.sector_number << SECTOR_SHIFT
+            try:
+                if to_disk:
+                    req.nbytes = blocking_io(self.store.pwritev, views, offset)
+                else:
+                    req.nbytes = blocking_io(self.store.preadv, views, offset)
+            except OSError:
+                self.io_errors += 1
+                status = BLKIF_RSP_ERROR
+        finally:
+            for v in views:
+                v.release()
+            self.unmap_batch(handles)
+        return status
+
+    # -- grant maps ----------------------------------------------------------------------
+
+    def _map_ops(self, flags: int, grefs: Sequence[int]) -> list[GnttabMapGrantRef]:
+        """``GnttabMapGrantRef(flags=flags, ref=g, dom=frontend)`` for each gref, reused."""
+        dom = self.frontend_domid
+        cache = self._map_op_cache.get((flags, dom))
+        if cache is None or len(cache) > _OP_CACHE_MAX:
+            cache = self._map_op_cache[(flags, dom)] = {}
+        ops: list[GnttabMapGrantRef] = []
+        for g in grefs:
+            op = cache.get(g)
+            if op is None:
+                op = cache[g] = GnttabMapGrantRef(flags=flags, ref=g, dom=dom)
+            ops.append(op)
+        return ops
+
+    def _unmap_ops(self, handles: Sequence[int]) -> list[GnttabUnmapGrantRef]:
+        """``GnttabUnmapGrantRef(handle=h)`` for each handle, reused."""
+        cache = self._unmap_op_cache
+        if len(cache) > _OP_CACHE_MAX:
+            cache.clear()
+        ops: list[GnttabUnmapGrantRef] = []
+        for h in handles:
+            op = cache.get(h)
+            if op is None:
+                op = cache[h] = GnttabUnmapGrantRef(handle=h)
+            ops.append(op)
+        return ops
+
+    def _map_batch(self, flags: int, grefs: Sequence[int]) -> list[int] | None:
+        """Map every gref in one hypercall: the handles, or None (nothing left mapped)."""
+        ops = self._map_ops(flags, grefs)
+        rc, res = self.hc.grant_table_op(GNTTABOP_map_grant_ref, ops)
+        handles = [r.handle for r in res
+                   if isinstance(r, GnttabMapGrantRef) and r.status == GNTST_okay]
+        self.segments_mapped += len(handles)
+        self.mapped_now += len(handles)
+        self.mapped_peak = max(self.mapped_peak, self.mapped_now)
+        if rc != 0 or len(handles) != len(ops):
+            self.unmap_batch(handles)  # XSA-361: undo the elements that worked
+            return None
+        return handles
+
+    def unmap_batch(self, handles: list[int]) -> None:
+        """Unmap our own handles in one hypercall; a failure is a kernel panic."""
+        if not handles:
+            return
+        rc, res = self.hc.grant_table_op(GNTTABOP_unmap_grant_ref, self._unmap_ops(handles))
+        bad = [r for r in res
+               if not isinstance(r, GnttabUnmapGrantRef) or r.status != GNTST_okay]
+        if rc != 0 or len(res) != len(handles) or bad:
+            raise KernelPanic(f"{self.name}: unmap of our own handles failed: rc {rc}, "
+                              f"{bad}")
+        self.mapped_now -= len(handles)
