@@ -84,9 +84,12 @@ class _Domain:
 class Connection:
     """One client of the daemon, whatever carries its bytes."""
 
-    def __init__(self, xenstored: Xenstored, domid: int, conn_id: int, name: str) -> None:
+    def __init__(self, xenstored: Xenstored, domid: int, conn_id: int, name: str,
+                 ring: bool = False) -> None:
         self._xsd = xenstored
         self.domid = domid
+        #: the domain's own connection (its store ring), not a socket client
+        self.ring = ring
         self.id = conn_id
         self.name = name or f"conn{conn_id}"
         self.watches: list[Watch] = []
@@ -194,12 +197,15 @@ class Xenstored:
 
     # Connections.
 
-    def connect(self, domid: int = 0, *, name: str = "") -> Connection:
-        """A new connection for ``domid`` (0: privileged, like the Unix socket)."""
+    def connect(self, domid: int = 0, *, name: str = "", ring: bool = False) -> Connection:
+        """A new connection for ``domid`` (0: privileged, like the Unix socket).
+
+        ``ring``: the domain's own connection, over its store ring.
+        """
         if not 0 <= domid < DOMID_FIRST_RESERVED:
             raise XsError(errno.EINVAL, f"bad domid {domid}")
         with self.lock:
-            conn = Connection(self, domid, next(self._conn_ids), name)
+            conn = Connection(self, domid, next(self._conn_ids), name, ring)
             self._connections[conn.id] = conn
             return conn
 
@@ -313,6 +319,16 @@ class Xenstored:
     def _check_guest(self, domid: int) -> None:
         if not 0 < domid < DOMID_FIRST_RESERVED:
             raise XsError(errno.EINVAL, f"domain {domid} cannot be introduced")
+
+    def _introduce_master(self) -> None:
+        """INTRODUCE of domain 0: ``introduce_domain`` finds the master domain
+        introduced already (``dom0_init``), so nothing is created and no
+        ``@introduceDomain`` fires; ``do_introduce`` then resets its connection
+        (``domain_conn_reset``: watches and transactions of dom0's ring, not
+        of the socket clients)."""
+        for conn in self._connections.values():
+            if conn.domid == 0 and conn.ring:
+                self._reset(conn)
 
     def _introduce(self, domid: int, gfn: int, port: int) -> None:
         dom = self._domains.get(domid)

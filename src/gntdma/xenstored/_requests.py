@@ -158,7 +158,9 @@ def _watch(xsd: Xenstored, conn: Connection, msg: Message, txn: Transaction | No
         raise XsError(errno.EINVAL, f"invalid watch path {path!r}")
     if any(w.path == path and w.token == token for w in conn.watches):
         raise XsError(errno.EEXIST, "watch exists")
-    if not conn.privileged and xsd.domain_watches(conn.domid) >= xsd.quotas.watches:
+    # do_watch: "domain_watch(conn) > quota_nb_watch_per_domain", so a domain
+    # may hold one watch more than the quota, as in C.
+    if not conn.privileged and xsd.domain_watches(conn.domid) > xsd.quotas.watches:
         raise XsError(errno.E2BIG, "too many watches")
     watch = Watch(path, token, domain_path(conn.domid) if relative else None)
     conn.watches.append(watch)
@@ -193,7 +195,9 @@ def _transaction_start(
 ) -> bytes:
     if txn is not None:
         raise XsError(errno.EBUSY, "no nested transactions")
-    if not conn.privileged and len(conn.transactions) >= xsd.quotas.transactions:
+    # do_transaction_start: "conn->transaction_started > quota_max_transaction",
+    # so a connection may hold one transaction more than the quota, as in C.
+    if not conn.privileged and len(conn.transactions) > xsd.quotas.transactions:
         raise XsError(errno.ENOSPC, "too many transactions")
     while conn._next_txid == 0 or conn._next_txid in conn.transactions:
         conn._next_txid = (conn._next_txid + 1) & 0xFFFFFFFF
@@ -227,6 +231,11 @@ def _introduce(xsd: Xenstored, conn: Connection, msg: Message, txn: Transaction 
     domid, gfn, port = _atoi(strings[0]), _atoi(strings[1]), _atoi(strings[2])
     if port == 0:
         raise XsError(errno.EINVAL, "bad event channel")
+    if domid == 0:
+        # do_introduce -> introduce_domain: dom0 (the master domain) is
+        # introduced at start-up, so this only resets its own connection.
+        xsd._introduce_master()
+        return _OK
     xsd._check_guest(domid)
     xsd._introduce(domid, gfn, port)
     return _OK

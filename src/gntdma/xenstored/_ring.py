@@ -218,7 +218,7 @@ class DomainRing:
         self._rsp_prod = _U32.unpack_from(page, _RSP_PROD)[0]
 
     def _connect(self) -> Connection:
-        conn = self.xenstored.connect(self.domid, name=f"ring{self.domid}")
+        conn = self.xenstored.connect(self.domid, name=f"ring{self.domid}", ring=True)
         conn.set_callbacks(on_output=self._on_output, on_close=self._on_close)
         return conn
 

@@ -85,9 +85,10 @@ _DEFAULT_PERMS: Final = (Perm(0, XsPerm.XS_PERM_NONE),)
 class Quotas:
     """Per-domain limits; they apply to unprivileged callers only.
 
-    Each is an exact maximum (C xenstored 4.17 lets a domain go one over for
-    watches and transactions). ``node_size`` is exclusive, as in C: a node
-    record of ``node_size`` bytes or more is refused.
+    As in C xenstored 4.17, ``watches`` and ``transactions`` may be exceeded
+    by one (``do_watch`` and ``do_transaction_start`` refuse only when the
+    count already held is *greater* than the quota), ``node_size`` is
+    exclusive: a node record of ``node_size`` bytes or more is refused.
     """
 
     nodes: int = QUOTA_NB_ENTRY_PER_DOMAIN  #: nodes owned per domain
