@@ -376,9 +376,9 @@ def test_config_errors_leave_nothing_behind(host: Host, tmp_path: Path) -> None:
     with pytest.raises(VbdError, match="exists"):
         attach_disk(host, g, parse_disk_spec("vdev=xvda,size=4M,target=b.img"),
                     image_dir=tmp_path)
-    # An image of the wrong size.
+    # An image of the wrong size (b.img was made at 4M by the attach above).
     with pytest.raises(VbdError, match="not the"):
-        attach_disk(host, g, parse_disk_spec("vdev=xvdb,size=8M,target=a.img"),
+        attach_disk(host, g, parse_disk_spec("vdev=xvdb,size=8M,target=b.img"),
                     image_dir=tmp_path)
     assert vbd.statistics().frontend.state == "connected"
     assert destroy_guest(host, g, [vbd]) is True

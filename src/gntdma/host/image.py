@@ -41,6 +41,8 @@ from types import TracebackType
 from typing import Final, cast, final
 
 from gntdma.errors import GntdmaError
+from gntdma.host.imagelock import lock_image
+from gntdma.host.overlay import Overlay
 
 __all__ = [
     "FALLOC_FL_KEEP_SIZE",
@@ -142,11 +144,14 @@ class DiskImage:
     :meth:`close` (or a ``with`` block).
     """
 
-    def __init__(self, path: Path, fd: int, size: int, readonly: bool) -> None:
+    def __init__(self, path: Path, fd: int, size: int, readonly: bool,
+                 cow: Overlay | None = None) -> None:
         self.path = path
         self._fd = fd
         self._size = size
         self._readonly = readonly
+        #: The temporary overlay of a snapshot disk (:meth:`snapshot`), or None.
+        self._cow = cow
         #: Discards done by writing zeros because holes could not be punched.
         self.discards_zeroed = 0
         #: Discards done by punching a hole.
@@ -179,6 +184,7 @@ class DiskImage:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise ImageError(errno.EINVAL, "disk image is not a regular file", p)
+            lock_image(fd, str(p), write=True)
             if st.st_size == 0:
                 os.ftruncate(fd, size)  # sparse: no block is written
             elif st.st_size != size:
@@ -205,10 +211,31 @@ class DiskImage:
             if not stat.S_ISREG(st.st_mode):
                 raise ImageError(errno.EINVAL, "disk image is not a regular file", p)
             _check_size(p, st.st_size)
+            lock_image(fd, str(p), write=not readonly)
         except BaseException:
             os.close(fd)
             raise
         return cls(p, fd, st.st_size, readonly)
+
+    @classmethod
+    def snapshot(cls, path: str | os.PathLike[str], overlay_dir: str | os.PathLike[str]
+                 ) -> DiskImage:
+        """Open an existing image as a writable disk whose writes never reach it.
+
+        QEMU's ``-snapshot``: the image is opened read-only (and locked as a
+        reader, so nobody writes it meanwhile); writes and discards go to a
+        temporary overlay in ``overlay_dir``, removed by :meth:`close`.
+
+        Raises:
+            ImageError, OSError: as :meth:`open`.
+        """
+        base = cls.open(path, readonly=True)
+        try:
+            cow = Overlay(base._fd, base.size, overlay_dir)
+        except BaseException:
+            base.close()
+            raise
+        return cls(base.path, base._fd, base.size, False, cow)
 
     # -- properties ---------------------------------------------------------------
 
@@ -234,9 +261,17 @@ class DiskImage:
         self._check_open()
         return self._fd
 
+    @property
+    def snapshotted(self) -> bool:
+        """Whether writes go to a temporary overlay (:meth:`snapshot`)."""
+        return self._cow is not None
+
     def allocated_bytes(self) -> int:
-        """Bytes of the file actually allocated on the host (``st_blocks * 512``)."""
+        """Bytes of the file actually allocated on the host (``st_blocks * 512``);
+        of the overlay for a snapshot disk."""
         self._check_open()
+        if self._cow is not None:
+            return self._cow.allocated_bytes()
         return os.fstat(self._fd).st_blocks * 512
 
     def __repr__(self) -> str:
@@ -257,6 +292,8 @@ class DiskImage:
             OSError: the read failed.
         """
         views = self._check_range(bufs, offset)
+        if self._cow is not None:
+            return self._cow.preadv(views, offset)
         total = sum(len(v) for v in views)
         done = 0
         while views:
@@ -277,6 +314,8 @@ class DiskImage:
         """
         self._check_writable("write")
         views = self._check_range(bufs, offset)
+        if self._cow is not None:
+            return self._cow.pwritev(views, offset)
         total = sum(len(v) for v in views)
         done = 0
         while views:
@@ -291,6 +330,9 @@ class DiskImage:
     def flush(self) -> None:
         """Make every completed write durable (``fdatasync``)."""
         self._check_open()
+        if self._cow is not None:
+            self._cow.flush()
+            return
         os.fdatasync(self._fd)
 
     def discard(self, offset: int, length: int) -> None:
@@ -308,6 +350,9 @@ class DiskImage:
                              f"inside the {self._size}-byte disk", self.path)
         if length == 0:
             return
+        if self._cow is not None:
+            self._cow.discard(offset, length)
+            return
         err = _punch_hole(self._fd, offset, length)
         if err == 0:
             self.discards_punched += 1
@@ -323,7 +368,9 @@ class DiskImage:
         self.discards_zeroed += 1
 
     def close(self) -> None:
-        """Close the file (idempotent)."""
+        """Close the file (idempotent); a snapshot's overlay is removed."""
+        if self._cow is not None:
+            self._cow.close()
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             os.close(fd)

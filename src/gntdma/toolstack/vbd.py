@@ -198,7 +198,8 @@ def attach_disk(host: Host, guest: Guest, spec: DiskSpec, *, image_dir: str | Pa
                 timeout: float = VBD_CONNECT_TIMEOUT,
                 workers: int = BLKBACK_DEFAULT_WORKERS,
                 ring_page_order: int = XBD_DEFAULT_RING_PAGE_ORDER,
-                max_indirect_segments: int = XBD_DEFAULT_MAX_INDIRECT_SEGMENTS) -> Vbd:
+                max_indirect_segments: int = XBD_DEFAULT_MAX_INDIRECT_SEGMENTS,
+                image: DiskImage | None = None) -> Vbd:
     """Give ``guest`` the disk ``spec`` describes and wait until it is connected.
 
     Args:
@@ -207,6 +208,8 @@ def attach_disk(host: Host, guest: Guest, spec: DiskSpec, *, image_dir: str | Pa
         workers: blkback worker threads.
         ring_page_order: the largest ring blkfront asks for (``2 ** order`` pages).
         max_indirect_segments: segments per request blkfront uses at most.
+        image: the image, already opened by the caller (``gntdma run`` opens
+            existing images as snapshots); the disk owns it from then on.
 
     Raises:
         VbdError: the image cannot be opened or created, the device exists, a
@@ -218,10 +221,11 @@ def attach_disk(host: Host, guest: Guest, spec: DiskSpec, *, image_dir: str | Pa
         raise VbdError(f"{guest.name}: no xenstore (the domain is being destroyed)")
     path = spec.path(image_dir)
     what = f"{guest.name} {spec.vdev} ({path})"
-    try:
-        image = open_image(path, size=spec.size, readonly=spec.readonly)
-    except OSError as e:
-        raise VbdError(f"{what}: {e}") from e
+    if image is None:
+        try:
+            image = open_image(path, size=spec.size, readonly=spec.readonly)
+        except OSError as e:
+            raise VbdError(f"{what}: {e}") from e
     dirs: DeviceDirs | None = None
     back: BlkbackXenbus | None = None
     front: XbdXenbus | None = None
