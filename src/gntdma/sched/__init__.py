@@ -4,6 +4,7 @@ The only scheduling points of kernel code live here (DESIGN section 3). This
 package imports the standard library and greenlet only.
 """
 
+from gntdma.sched import rules
 from gntdma.sched._core import (
     Clock,
     FifoStrategy,
@@ -23,6 +24,7 @@ from gntdma.sched._core import (
 from gntdma.sched._errors import (
     Deadlock,
     DeadlockReport,
+    HungTask,
     KernelPanic,
     StepLimitExceeded,
     WaitEdge,
@@ -47,6 +49,31 @@ from gntdma.sched._strategies import (
     ReplayStrategy,
     Schedule,
 )
+from gntdma.sched._sx import (
+    SA_LOCKED,
+    SA_NOTRECURSED,
+    SA_RECURSED,
+    SA_SLOCKED,
+    SA_UNLOCKED,
+    SA_XLOCKED,
+    SX_DUPOK,
+    SX_NOWITNESS,
+    SX_RECURSE,
+    Sx,
+    sx_assert,
+    sx_destroy,
+    sx_downgrade,
+    sx_init,
+    sx_slock,
+    sx_sunlock,
+    sx_try_slock,
+    sx_try_upgrade,
+    sx_try_xlock,
+    sx_unlock,
+    sx_xlock,
+    sx_xlocked,
+    sx_xunlock,
+)
 from gntdma.sched._sync import (
     MA_NOTOWNED,
     MA_NOTRECURSED,
@@ -57,6 +84,7 @@ from gntdma.sched._sync import (
     MTX_NOWITNESS,
     MTX_RECURSE,
     MTX_SPIN,
+    PIDLE,
     Condvar,
     Mutex,
     cv_broadcast,
@@ -65,6 +93,7 @@ from gntdma.sched._sync import (
     cv_wait,
     mb,
     msleep,
+    msleep_spin,
     mtx_assert,
     mtx_destroy,
     mtx_init,
@@ -81,7 +110,34 @@ from gntdma.sched._sync import (
 from gntdma.sched._witness import WITNESS, Witness, WitnessReport, caller_site
 
 __all__ = [
+    "PIDLE",
+    "SA_LOCKED",
+    "SA_NOTRECURSED",
+    "SA_RECURSED",
+    "SA_SLOCKED",
+    "SA_UNLOCKED",
+    "SA_XLOCKED",
     "STRATEGIES",
+    "SX_DUPOK",
+    "SX_NOWITNESS",
+    "SX_RECURSE",
+    "HungTask",
+    "Sx",
+    "msleep_spin",
+    "rules",
+    "sx_assert",
+    "sx_destroy",
+    "sx_downgrade",
+    "sx_init",
+    "sx_slock",
+    "sx_sunlock",
+    "sx_try_slock",
+    "sx_try_upgrade",
+    "sx_try_xlock",
+    "sx_unlock",
+    "sx_xlock",
+    "sx_xlocked",
+    "sx_xunlock",
     "DfsStrategy",
     "ExploreResult",
     "HypothesisStrategy",

@@ -23,7 +23,13 @@ Blocking I/O runs inline, or on a small pool of OS threads whose completions
 come back through the scheduler's event queue; the reactor thread delivers
 external events (sockets) through the same queue. Deadlock: no thread runnable,
 no timer, no I/O in flight, no external source registered, and a non-daemon
-thread (or thread0) still waiting.
+thread (or thread0) still waiting. A cycle of threads waiting for locks the
+others hold is a deadlock too, reported as soon as it closes whatever else is
+pending; the hung-task watchdog reports a thread blocked too long (see
+``_deadlock``).
+
+A thread holding a spin mutex is in a critical section (``critnest`` > 0): no
+scheduling point preempts it, and blocking panics, as on FreeBSD.
 """
 
 from __future__ import annotations
@@ -32,36 +38,46 @@ import errno
 import heapq
 import itertools
 import queue
-import random
-import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from enum import Enum
-from typing import Any, Protocol, TypeVar, final
+from typing import Any, TypeVar, final
 
 import greenlet
 
+from gntdma.sched import rules as _rules
+from gntdma.sched._deadlock import (
+    cycle_report,
+    global_report,
+    hung_deadline,
+    hung_report,
+    lock_cycle,
+)
 from gntdma.sched._errors import (
     Deadlock,
     DeadlockReport,
+    HungTask,
     KernelPanic,
     StepLimitExceeded,
-    WaitEdge,
 )
-from gntdma.sched._witness import (
-    WITNESS,
-    Site,
-    Witness,
-    caller_site,
-    caller_site_raw,
-    site_str,
+from gntdma.sched._kthread import (
+    Clock,
+    FifoStrategy,
+    HeldLock,
+    KThread,
+    RealClock,
+    Strategy,
+    ThreadState,
+    VirtualClock,
+    _Timer,
 )
+from gntdma.sched._witness import WITNESS, Witness, caller_site, caller_site_raw
 
 __all__ = [
     "Clock",
     "FifoStrategy",
+    "HeldLock",
     "KThread",
     "RealClock",
     "Scheduler",
@@ -77,157 +93,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-
-
-class ThreadState(Enum):
-    RUNNABLE = "runnable"
-    RUNNING = "running"
-    BLOCKED = "blocked"
-    DONE = "done"
-
-
-class Clock(Protocol):
-    """Where time comes from: the real monotonic clock, or a virtual one."""
-
-    virtual: bool
-
-    def now(self) -> float: ...
-
-    def advance_to(self, deadline: float) -> None: ...
-
-
-@final
-class RealClock:
-    virtual = False
-
-    def now(self) -> float:
-        return time.monotonic()
-
-    def advance_to(self, deadline: float) -> None:
-        pass
-
-
-@final
-class VirtualClock:
-    """A clock that only moves when the scheduler jumps it to the next timeout."""
-
-    virtual = True
-
-    def __init__(self, start: float = 0.0) -> None:
-        self._now = start
-
-    def now(self) -> float:
-        return self._now
-
-    def advance_to(self, deadline: float) -> None:
-        if deadline > self._now:
-            self._now = deadline
-
-
-class Strategy(Protocol):
-    """Chooses which thread runs next, and every random value.
-
-    ``preemptive`` strategies are consulted at every scheduling point (a lock, a
-    barrier, a checkpoint); non-preemptive ones only when the running thread
-    blocks or yields.
-    """
-
-    preemptive: bool
-
-    def pick(self, runnable: Sequence[KThread], current: KThread | None, point: str) -> int:
-        """Index into ``runnable`` of the thread to run next."""
-        ...
-
-    def next_u64(self) -> int: ...
-
-
-@final
-class FifoStrategy:
-    """The ``run`` strategy: fair FIFO, no preemption, seeded randomness."""
-
-    preemptive = False
-
-    def __init__(self, seed: int = 0) -> None:
-        self._rng = random.Random(seed)
-
-    def pick(self, runnable: Sequence[KThread], current: KThread | None, point: str) -> int:
-        return 0
-
-    def next_u64(self) -> int:
-        return self._rng.getrandbits(64)
-
-
-@dataclass(slots=True)
-class HeldLock:
-    """A lock a thread holds: the lock, its class, and where it was taken."""
-
-    lock: Any
-    cls: str
-    site_at: Site
-    dupok: bool
-    sleepable: bool
-
-    @property
-    def site(self) -> str:
-        """``file:line`` of the acquisition (formatted only when asked for)."""
-        return site_str(self.site_at)
-
-
-@final
-class KThread:
-    """A simulated kernel thread."""
-
-    __slots__ = (
-        "_glet",
-        "daemon",
-        "domain",
-        "exc",
-        "held",
-        "name",
-        "result",
-        "state",
-        "tid",
-        "timer",
-        "wait_site_at",
-        "wake_result",
-        "wchan",
-        "wmesg",
-    )
-
-    def __init__(self, tid: int, name: str, daemon: bool, domain: object | None) -> None:
-        self.tid = tid
-        self.name = name
-        self.daemon = daemon
-        self.domain = domain
-        self.state = ThreadState.RUNNABLE
-        self.wchan: object | None = None
-        self.wmesg = ""
-        #: Where the thread last blocked, unformatted (see ``wait_site``).
-        self.wait_site_at: Site | None = None
-        self.wake_result = 0
-        self.timer: _Timer | None = None
-        self.held: list[HeldLock] = []
-        self.result: object = None
-        self.exc: BaseException | None = None
-        self._glet: greenlet.greenlet | None = None
-
-    @property
-    def wait_site(self) -> str:
-        """``file:line`` where the thread last blocked ("" if it never did)."""
-        at = self.wait_site_at
-        return "" if at is None else site_str(at)
-
-    def __repr__(self) -> str:
-        return f"<KThread {self.tid} {self.name} {self.state.value}>"
-
-
-@dataclass(order=True, slots=True)
-class _Timer:
-    deadline: float
-    seq: int
-    thread: KThread | None
-    fn: Callable[[], None] | None
-    cancelled: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,6 +148,7 @@ class Scheduler:
         io_workers: int = 4,
         witness: Witness | None = None,
         max_steps: int = 0,
+        hung_timeout: float | None = None,
     ) -> None:
         if io_mode not in ("inline", "pool"):
             raise ValueError(f"io_mode must be 'inline' or 'pool', not {io_mode!r}")
@@ -309,7 +175,11 @@ class Scheduler:
         #: Hub decisions so far; a run past ``max_steps`` (if non-zero) is a livelock.
         self.steps = 0
         self.max_steps = max_steps
+        #: Hung-task threshold in seconds; None follows ``rules`` (off unless strict).
+        self.hung_timeout = hung_timeout
+        self._deadlock: DeadlockReport | None = None
         self._last: KThread | None = None
+        self._last_point = "switch"
         self.failures: list[tuple[KThread, BaseException]] = []
         #: Called with (thread, exception) when a thread dies of an exception;
         #: returns True if it handled it (a domain crash), False to stop run().
@@ -383,25 +253,38 @@ class Scheduler:
 
     # -- scheduling points (called on the current thread) ----------------------
 
-    def block(self, wchan: object, wmesg: str, timeout: float = 0.0) -> int:
+    def block(self, wchan: object, wmesg: str, timeout: float = 0.0, *,
+              onlock: bool = False, idle: bool = False) -> int:
         """Block the current thread on ``wchan`` until woken or ``timeout`` seconds.
 
         Returns the waker's result (0) or ``EWOULDBLOCK`` on timeout. A timeout of
         0 waits forever (FreeBSD's ``timo`` of 0). Always a scheduling point.
+        ``onlock``: ``wchan`` is a lock the thread waits for (a wait-for edge,
+        checked for a cycle now). ``idle``: a service thread idling for work,
+        which the hung-task watchdog does not count (like Linux's TASK_IDLE).
+        Blocking inside a spin mutex's critical section panics.
         """
         t = self.curthread
         if t.state is not ThreadState.RUNNING:
             raise KernelPanic(f"{t.name} blocks while {t.state.value}")
-        for h in t.held:
-            if not h.sleepable:
-                msg = f"sleeping thread {t.name} with non-sleepable lock {h.cls} held"
-                self.witness.record_panic(t.name, msg, caller_site())
-                raise KernelPanic(msg)
+        if t.critnest > 0:
+            names = ", ".join(h.cls for h in t.held if h.spin)
+            msg = (f"mi_switch: switch in a critical section "
+                   f"(thread {t.name} blocks on {wmesg!r} holding spin mutex {names})")
+            self.witness.record_panic(t.name, msg, caller_site())
+            raise KernelPanic(msg)
         t.state = ThreadState.BLOCKED
         t.wchan = wchan
         t.wmesg = wmesg
         t.wait_site_at = caller_site_raw()
         t.wake_result = 0
+        t.lockwait = onlock
+        t.wait_counted = onlock or (timeout <= 0 and not idle)
+        t.blocked_at = self.clock.now()
+        if onlock and self._deadlock is None:
+            cycle = lock_cycle(t)
+            if cycle is not None:
+                self._deadlock = cycle_report(cycle)
         if timeout > 0:
             tm = _Timer(self.clock.now() + timeout, next(self._timer_seq), t, None)
             t.timer = tm
@@ -418,6 +301,8 @@ class Scheduler:
             t.timer = None
         t.state = ThreadState.RUNNABLE
         t.wchan = None
+        t.lockwait = False
+        t.wait_counted = False
         t.wake_result = result
         if t is not self.thread0:
             self._runq.append(t)
@@ -425,6 +310,8 @@ class Scheduler:
     def yield_(self, point: str = "yield") -> None:
         """Let other runnable threads run before the current one continues."""
         t = self.curthread
+        if t.critnest > 0:  # a spin mutex holder is never preempted
+            return
         if t is self.thread0:
             if self._runq and not self._in_loop:
                 target = self.switches + len(self._runq)
@@ -437,11 +324,15 @@ class Scheduler:
         t.state = ThreadState.RUNNABLE
         self._runq.append(t)
         self._last = t
+        self._last_point = point
         self._switch_out(point)
 
     def point(self, point: str) -> None:
-        """A scheduling point that preempts only under a preemptive strategy."""
-        if self.strategy.preemptive:
+        """A scheduling point that preempts only under a preemptive strategy.
+
+        Never inside a spin mutex's critical section.
+        """
+        if self.strategy.preemptive and self.curthread.critnest == 0:
             self.yield_(point)
 
     def _switch_out(self, point: str = "block") -> None:
@@ -521,6 +412,9 @@ class Scheduler:
         self._hub = greenlet.getcurrent()
         try:
             while True:
+                if self._deadlock is not None:
+                    report, self._deadlock = self._deadlock, None
+                    raise Deadlock(report)
                 self._drain_events()
                 self._fire_timers()
                 if until():
@@ -539,8 +433,13 @@ class Scheduler:
         self.steps += 1
         if self.max_steps and self.steps > self.max_steps:
             raise StepLimitExceeded(f"no end after {self.max_steps} scheduling steps")
+        if self.steps & 1023 == 0 and not self.clock.virtual:
+            self._check_hung(self.clock.now())
         last, self._last = self._last, None
-        idx = self.strategy.pick(self._runq, last, "switch") if len(self._runq) > 1 else 0
+        point, self._last_point = self._last_point, "switch"
+        # ``point`` is where ``last`` yielded ("checkpoint" for an explicit yield);
+        # "switch" when the previous thread blocked.
+        idx = self.strategy.pick(self._runq, last, point) if len(self._runq) > 1 else 0
         if idx == 0:
             t = self._runq.popleft()
         else:
@@ -599,40 +498,51 @@ class Scheduler:
         outside = self._io_in_flight > 0 or self._external > 0
         if deadline is None and not outside:
             return False
+        limit = self.hung_limit()
+        hung_at = hung_deadline(self._blocked(), limit) if limit > 0 else None
+        if hung_at is not None and (deadline is None or hung_at < deadline):
+            deadline = hung_at
         if self.clock.virtual and not outside:
             assert deadline is not None
             self.clock.advance_to(deadline)
+            if hung_at is not None:
+                self._check_hung(self.clock.now())
             return True
         timeout = None if deadline is None else max(0.0, deadline - self.clock.now())
         try:
             fn = self._events.get(timeout=timeout)
         except queue.Empty:
+            if hung_at is not None:
+                self._check_hung(self.clock.now())
             return True
         fn()
         return True
+
+    def hung_limit(self) -> float:
+        """The hung-task threshold in seconds now (0: the watchdog is off)."""
+        if self.hung_timeout is not None:
+            return self.hung_timeout
+        return _rules.hung_task_timeout if _rules.strict else 0.0
+
+    def _blocked(self) -> list[KThread]:
+        out = [t for t in self.threads if t.state is ThreadState.BLOCKED]
+        if self.thread0.state is ThreadState.BLOCKED:
+            out.insert(0, self.thread0)
+        return out
+
+    def _check_hung(self, now: float) -> None:
+        limit = self.hung_limit()
+        if limit <= 0:
+            return
+        report = hung_report(self._blocked(), limit, now)
+        if report is not None:
+            raise HungTask(report)
 
     # -- reports and teardown ------------------------------------------------------
 
     def deadlock_report(self) -> DeadlockReport:
         """Who waits for what, who holds it, and the wait-for cycle if any."""
-        edges: list[WaitEdge] = []
-        waits: dict[str, str] = {}
-        candidates = [t for t in self.threads if t.state is ThreadState.BLOCKED]
-        if self.thread0.state is ThreadState.BLOCKED:
-            candidates.insert(0, self.thread0)
-        for t in candidates:
-            owner = getattr(t.wchan, "owner", None)
-            holder: str | None = None
-            holder_site: str | None = None
-            if isinstance(owner, KThread):
-                holder = owner.name
-                waits[t.name] = owner.name
-                for h in owner.held:
-                    if h.lock is t.wchan:
-                        holder_site = h.site
-            edges.append(WaitEdge(t.name, _describe(t.wchan, t.wmesg), t.wait_site,
-                                  holder, holder_site))
-        return DeadlockReport(tuple(edges), _find_cycle(waits))
+        return global_report(self._blocked())
 
     def shutdown(self) -> None:
         """Kill every thread still alive (daemons idle in their loops) and the I/O pool."""
@@ -649,24 +559,4 @@ class Scheduler:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-
-
-def _describe(wchan: object, wmesg: str) -> str:
-    name = getattr(wchan, "name", None)
-    kind = type(wchan).__name__
-    if isinstance(name, str):
-        return f"{kind} \"{name}\" ({wmesg})"
-    return f"{wmesg or kind}"
-
-
-def _find_cycle(waits: dict[str, str]) -> tuple[str, ...]:
-    for start in waits:
-        path = [start]
-        node = start
-        while node in waits:
-            node = waits[node]
-            if node in path:
-                return (*path[path.index(node):], node)
-            path.append(node)
-    return ()
 

@@ -6,7 +6,14 @@ from dataclasses import dataclass
 
 from gntdma.errors import GntdmaError
 
-__all__ = ["Deadlock", "DeadlockReport", "KernelPanic", "StepLimitExceeded", "WaitEdge"]
+__all__ = [
+    "Deadlock",
+    "DeadlockReport",
+    "HungTask",
+    "KernelPanic",
+    "StepLimitExceeded",
+    "WaitEdge",
+]
 
 
 class KernelPanic(GntdmaError):
@@ -30,13 +37,18 @@ class WaitEdge:
 
 @dataclass(frozen=True, slots=True)
 class DeadlockReport:
-    """Every blocked thread, and the wait-for cycle when there is one."""
+    """Every blocked thread, and the wait-for cycle when there is one.
+
+    ``header`` is the first line; empty for a global deadlock (every thread
+    blocked, nothing pending).
+    """
 
     edges: tuple[WaitEdge, ...]
     cycle: tuple[str, ...]
+    header: str = ""
 
     def format(self) -> str:
-        lines = ["deadlock: every thread is blocked and nothing is pending"]
+        lines = [self.header or "deadlock: every thread is blocked and nothing is pending"]
         if self.cycle:
             lines.append("wait-for cycle: " + " -> ".join(self.cycle))
         for e in self.edges:
@@ -49,6 +61,15 @@ class DeadlockReport:
 
 class Deadlock(GntdmaError):
     """Every live thread is blocked and no timeout, I/O or external event is pending."""
+
+    def __init__(self, report: DeadlockReport) -> None:
+        super().__init__(report.format())
+        self.report = report
+
+
+class HungTask(GntdmaError):
+    """A kernel thread stayed blocked on a lock, or in an uninterruptible wait,
+    longer than the hung-task threshold (FreeBSD deadlkres, Linux hung_task)."""
 
     def __init__(self, report: DeadlockReport) -> None:
         super().__init__(report.format())

@@ -4,8 +4,10 @@ A scenario is a function that builds what it needs on the scheduler it is given
 (threads, locks, a whole host), lets it run, tears it down, and returns the
 leaks it found (an empty list when clean). One run ends in an :class:`Outcome`
 whose ``kind`` is None for success, or one of ``deadlock``, ``panic``,
-``reversal`` (a WITNESS lock-order reversal), ``leak``, ``livelock`` (the step
-limit) and ``error`` (any other exception: a bug in the scenario or the model).
+``reversal`` (a WITNESS lock-order reversal), ``sleep`` (WITNESS: a sleep with
+a non-sleepable lock held), ``hung`` (the hung-task watchdog), ``leak``,
+``livelock`` (the step limit) and ``error`` (any other exception: a bug in the
+scenario or the model).
 
 Every run gets a fresh WITNESS graph and a virtual clock, and blocking I/O runs
 inline, so that the schedule alone decides what happens.
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from gntdma.sched._core import Scheduler, Strategy, VirtualClock
-from gntdma.sched._errors import Deadlock, KernelPanic, StepLimitExceeded
+from gntdma.sched._errors import Deadlock, HungTask, KernelPanic, StepLimitExceeded
 from gntdma.sched._strategies import (
     DfsStrategy,
     PctStrategy,
@@ -79,6 +81,8 @@ def run_once(scenario: Scenario, strategy: RecordingStrategy, *,
             kind, report = "leak", "\n".join(leaks)
     except Deadlock as e:
         kind, report = "deadlock", e.report.format()
+    except HungTask as e:
+        kind, report = "hung", e.report.format()
     except KernelPanic as e:
         kind, report = "panic", f"panic: {e}"
     except StepLimitExceeded as e:
@@ -98,6 +102,8 @@ def run_once(scenario: Scenario, strategy: RecordingStrategy, *,
             kind, report = "reversal", "\n".join(r.format() for r in revs)
         elif kind is None and witness.panics():
             kind, report = "panic", "\n".join(r.format() for r in witness.panics())
+        elif kind is None and witness.sleeps():
+            kind, report = "sleep", "\n".join(r.format() for r in witness.sleeps())
     if kind in ("deadlock", "panic") and witness.reversals():
         report += "\n" + "\n".join(r.format() for r in witness.reversals())
     return Outcome(kind, report, strategy.schedule, s.steps)
@@ -152,7 +158,8 @@ def strategy_stream(name: str, seed: int, *, pct_depth: int = 3, pct_steps: int 
             i += 1
     elif name == "pct":
         # k, the number of steps change points are drawn from, is learnt from the
-        # runs so far (as Coyote does), starting small; pct_steps caps it.
+        # runs so far (as Coyote and shuttle do: PctStrategy.finished reports
+        # the real choices of the run), starting small; pct_steps caps it.
         est = {"k": 16}
 
         def seen(steps: int) -> None:
@@ -164,6 +171,7 @@ def strategy_stream(name: str, seed: int, *, pct_depth: int = 3, pct_steps: int 
             i += 1
     elif name == "dfs":
         d = DfsStrategy(seed, max_preemptions)
+        # new_execution raises the preemption bound 0, 1, 2, ... as each is exhausted.
         while d.new_execution():
             yield d
     else:

@@ -107,8 +107,15 @@ class PctStrategy(_Recording):
 
     Each thread gets a random priority when first seen; ``depth - 1`` change
     points are drawn in ``[1, max_steps]``; the highest-priority runnable thread
-    runs, and at the i-th change point the running thread drops to priority i.
-    A bug of depth d is found with probability at least 1/(n * k^(d-1)).
+    runs, and at a change point the running thread drops below every priority
+    so far. A bug of depth d is found with probability at least 1/(n * k^(d-1)).
+
+    As shuttle (``shuttle/src/scheduler/pct.rs``, ``PctScheduler::next_task``)
+    and Coyote: steps count only real choices (the hub asks only when more than
+    one thread can run), ``finished`` reports that count so the next runs draw
+    their change points among choices (k), and a thread that yields
+    (``checkpoint()``) is deprioritised, so a polling loop lets the thread it
+    waits for run.
     """
 
     def __init__(self, seed: int, depth: int = 3, max_steps: int = 2000,
@@ -119,24 +126,33 @@ class PctStrategy(_Recording):
         self.depth = depth
         self._on_finish = on_finish
         self._prio: dict[int, int] = {}
-        self._changes = {self._rng.randint(1, max_steps): i for i in range(1, depth)}
+        #: The k change points are drawn from.
+        self.k = max_steps
+        self._changes = {self._rng.randint(1, max_steps) for _ in range(1, depth)}
         self._step = 0
+        # Demoted threads get ever lower priorities, below every initial one (>= depth).
+        self._low = 0
+
+    @property
+    def choices(self) -> int:
+        """The choices made so far (steps where more than one thread could run)."""
+        return self._step
 
     def pick(self, runnable: Sequence[KThread], current: KThread | None, point: str) -> int:
         self._step += 1
         for t in runnable:
             if t.tid not in self._prio:
                 self._prio[t.tid] = self.depth + self._rng.randrange(1 << 30)
-        low = self._changes.get(self._step)
-        if low is not None and current is not None:
-            self._prio[current.tid] = low
+        if current is not None and (self._step in self._changes or point == "checkpoint"):
+            self._prio[current.tid] = self._low
+            self._low -= 1
         best = max(range(len(runnable)), key=lambda i: self._prio[runnable[i].tid])
         return self._record(runnable, best)
 
     def finished(self, steps: int) -> None:
-        """Told the length of the run, to size the next runs' change points."""
+        """The run ended after ``steps`` scheduler steps; reports its choices as k."""
         if self._on_finish is not None:
-            self._on_finish(steps)
+            self._on_finish(self._step)
 
 
 @final
@@ -191,7 +207,13 @@ class DfsStrategy(_Recording):
     Call :meth:`new_execution` before each run: it sets up the next schedule
     and returns False when the bounded space is exhausted. A choice is a rank:
     0 continues the current thread (or the first runnable one when the current
-    thread blocked), rank j > 0 switches to the j-th other thread.
+    thread blocked; after an explicit yield, ``checkpoint()``, the first other
+    thread, the yielder coming last), rank j > 0 takes the j-th other thread.
+
+    The preemption bound is iterated, 0, 1, 2, ... up to ``max_preemptions``
+    (iterative context bounding, Musuvathi and Qadeer, PLDI 2007): every
+    schedule with b preemptions is tried before any with b + 1, so a shallow
+    bug is found before the search goes deep.
     """
 
     def __init__(self, seed: int = 0, max_preemptions: int = 2,
@@ -203,12 +225,17 @@ class DfsStrategy(_Recording):
         self._trail: list[_Choice] = []
         self._started = False
         self.executions = 0
+        #: The preemption bound of the current pass.
+        self.bound = 0
 
     def new_execution(self) -> bool:
         if self._started:
             nxt = self._backtrack()
             if nxt is None:
-                return False
+                if self.bound >= self.max_preemptions:
+                    return False
+                self.bound += 1
+                nxt = []
             self._prefix = nxt
         self._started = True
         self._trail = []
@@ -225,21 +252,25 @@ class DfsStrategy(_Recording):
             c = self._trail[i]
             if c.rank + 1 >= c.n:
                 continue
-            if c.preempting and used[i] + 1 > self.max_preemptions:
+            if c.preempting and used[i] + 1 > self.bound:
                 continue
             return [t.rank for t in self._trail[:i]] + [c.rank + 1]
         return None
 
     def pick(self, runnable: Sequence[KThread], current: KThread | None, point: str) -> int:
         cur = _current_index(runnable, current)
-        default = cur if cur is not None else 0
+        n = len(runnable)
+        if cur is not None and point == "checkpoint":
+            order = [i for i in range(n) if i != cur] + [cur]
+        else:
+            default = cur if cur is not None else 0
+            order = [default] + [i for i in range(n) if i != default]
         step = len(self._trail)
         rank = self._prefix[step] if step < len(self._prefix) else 0
-        if rank >= len(runnable):
-            raise ReplayDivergence(f"DFS step {step}: rank {rank} of {len(runnable)} threads")
-        others = [i for i in range(len(runnable)) if i != default]
-        idx = default if rank == 0 else others[rank - 1]
-        self._trail.append(_Choice(len(runnable), default, rank, cur is not None))
+        if rank >= n:
+            raise ReplayDivergence(f"DFS step {step}: rank {rank} of {n} threads")
+        idx = order[rank]
+        self._trail.append(_Choice(n, order[0], rank, cur is not None))
         return self._record(runnable, idx)
 
 

@@ -5,6 +5,13 @@ ones always are; the others are scheduling points only under a preemptive
 (exploration) strategy, so the run strategy pays nothing for them.
 
 Timeouts (``timo``) are in seconds; 0 means wait forever, as FreeBSD's 0 ticks.
+
+Lock classes follow FreeBSD (mutex(9), sleep(9)): an ``MTX_DEF`` mutex is not
+sleepable, so sleeping with one held other than the sleep's interlock is
+reported by WITNESS (when ``rules.strict``), while blocking on a contested one
+is allowed (a turnstile wait, not a sleep). An ``MTX_SPIN`` mutex is a critical
+section: no scheduling point inside, no sleep mutex taken inside (panic), and
+``msleep``/``cv_wait`` refuse it as an interlock (``msleep_spin`` takes it).
 """
 
 from __future__ import annotations
@@ -13,9 +20,10 @@ from collections import deque
 from enum import IntFlag
 from typing import Final, final
 
-from gntdma.sched._core import HeldLock, KThread, ThreadState, current_scheduler
+from gntdma.sched import rules as _rules
+from gntdma.sched._core import HeldLock, KThread, Scheduler, ThreadState, current_scheduler
 from gntdma.sched._errors import KernelPanic
-from gntdma.sched._witness import caller_site, caller_site_raw
+from gntdma.sched._witness import Site, caller_site, caller_site_raw, site_str
 
 __all__ = [
     "MA_NOTOWNED",
@@ -27,6 +35,7 @@ __all__ = [
     "MTX_NOWITNESS",
     "MTX_RECURSE",
     "MTX_SPIN",
+    "PIDLE",
     "Condvar",
     "Mutex",
     "cv_broadcast",
@@ -35,6 +44,7 @@ __all__ = [
     "cv_wait",
     "mb",
     "msleep",
+    "msleep_spin",
     "mtx_assert",
     "mtx_destroy",
     "mtx_init",
@@ -65,6 +75,12 @@ MTX_SPIN: Final = MtxFlags.MTX_SPIN
 MTX_RECURSE: Final = MtxFlags.MTX_RECURSE
 MTX_NOWITNESS: Final = MtxFlags.MTX_NOWITNESS
 MTX_DUPOK: Final = MtxFlags.MTX_DUPOK
+
+#: A sleep priority flag: a service thread idling for work (a taskqueue thread
+#: waiting for tasks). The hung-task watchdog does not count such a sleep, like
+#: Linux's TASK_IDLE; FreeBSD's deadlkres ignores plain sleeps altogether. The
+#: value is clear of FreeBSD's PRIMASK, PCATCH, PDROP and PNOLOCK bits.
+PIDLE: Final = 0x1000
 
 #: mtx_assert(9) what values.
 MA_OWNED: Final = 0x01
@@ -131,10 +147,12 @@ def mtx_lock(m: Mutex) -> None:
         m.recurse += 1
         return
     site = caller_site_raw()
+    if not m._spin and t.critnest > 0:
+        # sys/kern/subr_witness.c, witness_checkorder: sleep locks before spin locks.
+        raise _panic(t, "acquiring blockable sleep lock with spinlock or critical "
+                        f"section held (sleep mutex) {m.name} @ {site_str(site)}")
     if m._witness and t.held:  # holding nothing, there is no order to check
-        s.witness.check_order(
-            t.name, [(h.cls, h.site_at, h.dupok) for h in t.held], m.cls, site
-        )
+        check_order(s, t, m.cls, site, m._spin, False)
     s.point("mtx_lock")
     while m.owner is not None:
         if m._spin:
@@ -142,9 +160,24 @@ def mtx_lock(m: Mutex) -> None:
             # is a thread that blocked with it: that panicked already.
             raise _panic(t, f"spin mutex {m.name} held by a sleeping thread")
         m.waiters.append(t)
-        s.block(m, "mtx", 0.0)
+        s.block(m, "mtx", 0.0, onlock=True)
     m.owner = t
-    t.held.append(HeldLock(m, m.cls, site, m._dupok, not m._spin))
+    t.held.append(HeldLock(m, m.cls, site, m._dupok, False, m._spin))
+    if m._spin:
+        t.critnest += 1
+
+
+def check_order(s: Scheduler, t: KThread, cls: str, site: Site, spin: bool,
+                sleepable: bool) -> None:
+    """WITNESS order check of taking class ``cls``; spin and sleep locks apart.
+
+    As FreeBSD (``witness_checkorder``), spin locks are ordered among spin
+    locks and sleep locks among sleep locks (every sleep lock comes before every
+    spin lock, enforced by the critical-section panic).
+    """
+    held = [(h.cls, h.site_at, h.dupok, h.sleepable) for h in t.held if h.spin == spin]
+    if held:
+        s.witness.check_order(t.name, held, cls, site, sleepable)
 
 
 def mtx_trylock(m: Mutex) -> int:
@@ -164,7 +197,9 @@ def mtx_trylock(m: Mutex) -> int:
         return 0
     m.owner = t
     # trylock never waits, so WITNESS records no order for it (as FreeBSD).
-    t.held.append(HeldLock(m, m.cls, caller_site_raw(), m._dupok, not m._spin))
+    t.held.append(HeldLock(m, m.cls, caller_site_raw(), m._dupok, False, m._spin))
+    if m._spin:
+        t.critnest += 1
     return 1
 
 
@@ -193,6 +228,8 @@ def _release(m: Mutex) -> None:
             del t.held[i]
             break
     m.owner = None
+    if m._spin:
+        t.critnest -= 1
     while m.waiters:
         w = m.waiters.popleft()
         if w.wchan is m and w.state is ThreadState.BLOCKED:
@@ -260,8 +297,12 @@ def cv_timedwait(cv: Condvar, m: Mutex, timo: float) -> int:
     """As cv_wait, with a timeout; returns 0 or EWOULDBLOCK. Always a scheduling point."""
     s = current_scheduler()
     t = s.curthread
+    if m._spin:
+        # sys/kern/kern_mutex.c, unlock_spin (the lock class's lc_unlock).
+        raise _panic(t, "spin locks can only use msleep_spin")
     if m.owner is not t:
         raise _panic(t, f"cv_wait on {cv.name} without holding {m.name}")
+    sleep_check(s, t, cv.name, m)
     cv.waiters.append(t)
     depth = _drop_for_sleep(m)
     try:
@@ -310,24 +351,54 @@ class _Channel:
 _channels: dict[int, _Channel] = {}
 
 
-def msleep(chan: object, m: Mutex | None, wmesg: str, timo: float = 0.0) -> int:
-    """Sleep on ``chan``, releasing ``m`` while asleep; 0 or EWOULDBLOCK. Always a point."""
+def msleep(chan: object, m: Mutex | None, wmesg: str, timo: float = 0.0,
+           pri: int = 0) -> int:
+    """Sleep on ``chan``, releasing ``m`` while asleep; 0 or EWOULDBLOCK. Always a point.
+
+    ``m`` may not be a spin mutex (``msleep_spin``). ``pri`` may carry ``PIDLE``.
+    With no interlock (``tsleep``) and ``rules.strict``, the sleep is a
+    scheduling point before the sleeper is queued: on SMP a wakeup can come in
+    between and be lost, so the explorer lets it.
+    """
     s = current_scheduler()
     t = s.curthread
+    if m is not None:
+        if m._spin:
+            # sys/kern/kern_synch.c, _sleep: KASSERT "spin locks can only use msleep_spin".
+            raise _panic(t, "spin locks can only use msleep_spin")
+        if m.owner is not t:
+            raise _panic(t, f"msleep on {wmesg} without holding {m.name}")
+    sleep_check(s, t, wmesg, m)
+    if m is None and _rules.strict:
+        s.point("tsleep")
+    return _sleep(s, t, chan, m, wmesg, timo, pri)
+
+
+def msleep_spin(chan: object, m: Mutex, wmesg: str, timo: float = 0.0, pri: int = 0) -> int:
+    """msleep(9) with a spin mutex as interlock; 0 or EWOULDBLOCK. Always a point."""
+    s = current_scheduler()
+    t = s.curthread
+    if not m._spin:
+        raise _panic(t, f"msleep_spin on {wmesg} with sleep mutex {m.name}")
+    if m.owner is not t:
+        raise _panic(t, f"msleep_spin on {wmesg} without holding {m.name}")
+    sleep_check(s, t, wmesg, m)
+    return _sleep(s, t, chan, m, wmesg, timo, pri)
+
+
+def _sleep(s: Scheduler, t: KThread, chan: object, m: Mutex | None, wmesg: str,
+           timo: float, pri: int) -> int:
     key = id(chan)
     ch = _channels.get(key)
     if ch is None or ch.chan is not chan:
         ch = _Channel(chan, wmesg)
         _channels[key] = ch
     depth = 0
-    if m is not None:
-        if m.owner is not t:
-            raise _panic(t, f"msleep on {wmesg} without holding {m.name}")
     ch.waiters.append(t)
     if m is not None:
         depth = _drop_for_sleep(m)
     try:
-        rv = s.block(ch, wmesg, timo)
+        rv = s.block(ch, wmesg, timo, idle=(pri & PIDLE) != 0)
     finally:
         if t in ch.waiters:
             ch.waiters.remove(t)
@@ -338,9 +409,43 @@ def msleep(chan: object, m: Mutex | None, wmesg: str, timo: float = 0.0) -> int:
     return rv
 
 
-def tsleep(chan: object, wmesg: str, timo: float = 0.0) -> int:
+def sleep_check(s: Scheduler, t: KThread, wmesg: str, interlock: object | None) -> None:
+    """WITNESS_WARN of a sleep: non-sleepable locks held other than ``interlock``.
+
+    sys/kern/kern_synch.c, _sleep: ``WITNESS_WARN(WARN_GIANTOK | WARN_SLEEPOK,
+    lock, "Sleeping on \"%s\"", wmesg)``; sys/kern/subr_witness.c, witness_warn
+    and witness_list_lock word it. A spin mutex held makes it a panic (a switch
+    in a critical section); a sleep mutex, a report when ``rules.strict``.
+    """
+    if not t.held:
+        return
+    bad = [h for h in t.held if h.lock is not interlock and not h.sleepable]
+    if not bad:
+        return
+    text = (f'Sleeping on "{wmesg}" with the following non-sleepable locks held:'
+            + "".join("\n" + list_lock(h) for h in bad))
+    if any(h.spin for h in bad):
+        text += "\nmi_switch: switch in a critical section"
+        s.witness.record_panic(t.name, text, caller_site())
+        raise KernelPanic(text)
+    if _rules.strict:
+        s.witness.record_sleep(t.name, text, caller_site())
+
+
+def list_lock(h: HeldLock) -> str:
+    """One line of WITNESS's lock list (witness_list_lock), without the address."""
+    lock = h.lock
+    name = getattr(lock, "name", h.cls)
+    cls = "spin mutex" if h.spin else ("sx" if h.sleepable else "sleep mutex")
+    mode = "shared" if h.shared else "exclusive"
+    typ = f" ({h.cls})" if h.cls != name else ""
+    r = getattr(lock, "recurse", 0)
+    return f"{mode} {cls} {name}{typ} r = {r} locked @ {h.site}"
+
+
+def tsleep(chan: object, wmesg: str, timo: float = 0.0, pri: int = 0) -> int:
     """Sleep on ``chan`` with no interlock. Always a scheduling point."""
-    return msleep(chan, None, wmesg, timo)
+    return msleep(chan, None, wmesg, timo, pri)
 
 
 def wakeup(chan: object) -> None:

@@ -9,6 +9,12 @@ reversal, reported once per pair of classes with both sites of the new
 acquisition and the sites where the established order was first seen. Nothing
 blocks and nothing is raised for a reversal; it is a report.
 
+Taking a sleepable lock (an sx) while holding a non-sleepable one (a mutex) is
+reported as a reversal at once, as FreeBSD's ``witness_checkorder`` does ("lock
+order reversal: (sleepable after non-sleepable)"), and adds no edge. Sleeping
+with a non-sleepable lock held is reported as ``witness_warn`` words it
+(``record_sleep``).
+
 Recursion on a non-recursive lock, unlock by a thread that does not own the
 lock, and sleeping with a lock that forbids it are panics, raised by the lock
 code itself; they are recorded here too so that tests and the CLI see them.
@@ -76,7 +82,9 @@ class WitnessReport:
     """One WITNESS finding.
 
     ``kind`` is ``"reversal"``, ``"duplicate"`` (two locks of one class without
-    DUPOK) or ``"panic"``. For a reversal, ``first`` and ``second`` are the
+    DUPOK), ``"sleep"`` (a sleep with non-sleepable locks held; ``message`` is
+    the whole text) or ``"panic"``. ``note`` qualifies a reversal, as FreeBSD
+    does ("sleepable after non-sleepable"). For a reversal, ``first`` and ``second`` are the
     classes in the order this acquisition took them, with their sites, and
     ``established`` names the sites where the opposite order was first seen.
     """
@@ -89,8 +97,11 @@ class WitnessReport:
     second_site: str
     established: tuple[str, str] | None = None
     message: str = ""
+    note: str = ""
 
     def format(self) -> str:
+        if self.kind == "sleep":
+            return self.message
         if self.kind == "panic":
             return f"panic: {self.message} (thread {self.thread}, at {self.second_site})"
         if self.kind == "duplicate":
@@ -99,8 +110,9 @@ class WitnessReport:
                 f" 1st {self.first} @ {self.first_site}\n"
                 f" 2nd {self.second} @ {self.second_site}"
             )
+        head = f"lock order reversal: ({self.note})" if self.note else "lock order reversal:"
         text = (
-            "lock order reversal:\n"
+            f"{head}\n"
             f" 1st {self.first} @ {self.first_site}\n"
             f" 2nd {self.second} @ {self.second_site}"
         )
@@ -137,6 +149,10 @@ class Witness:
     def reversals(self) -> list[WitnessReport]:
         return [r for r in self.reports if r.kind == "reversal"]
 
+    def sleeps(self) -> list[WitnessReport]:
+        """The reports of sleeps with non-sleepable locks held."""
+        return [r for r in self.reports if r.kind == "sleep"]
+
     def panics(self) -> list[WitnessReport]:
         return [r for r in self.reports if r.kind == "panic"]
 
@@ -157,18 +173,29 @@ class Witness:
     def check_order(
         self,
         thread: str,
-        held: list[tuple[str, Site, bool]],
+        held: list[tuple[str, Site, bool, bool]],
         cls: str,
         site: Site,
+        sleepable: bool = False,
     ) -> None:
         """Record that ``thread`` takes class ``cls`` at ``site`` while holding ``held``.
 
-        ``held`` lists (class, site, dupok) of the locks the thread holds, oldest
-        first.
+        ``held`` lists (class, site, dupok, sleepable) of the locks the thread
+        holds, oldest first; ``sleepable`` says whether ``cls`` is.
         """
         if not self.enabled:
             return
-        for hcls, hsite, dupok in held:
+        for hcls, hsite, dupok, hsleepable in held:
+            if sleepable and not hsleepable and hcls != cls:
+                # sys/kern/subr_witness.c, witness_checkorder: a sleepable lock
+                # after a non-sleepable one is a reversal whatever the graph says.
+                key = (hcls, cls) if hcls < cls else (cls, hcls)
+                if key not in self.reported:
+                    self.reported.add(key)
+                    self.reports.append(WitnessReport(
+                        "reversal", thread, hcls, site_str(hsite), cls, site_str(site),
+                        None, "", "sleepable after non-sleepable"))
+                continue
             if hcls == cls:
                 if not dupok and (cls, cls) not in self.reported:
                     self.reported.add((cls, cls))
@@ -199,6 +226,11 @@ class Witness:
                     )
                 continue
             succ[cls] = _Edge(site_str(hsite), site_str(site))
+
+    def record_sleep(self, thread: str, message: str, site: str) -> None:
+        """A sleep with non-sleepable locks held (``witness_warn``); not fatal."""
+        if self.enabled:
+            self.reports.append(WitnessReport("sleep", thread, "", "", "", site, None, message))
 
     def record_panic(self, thread: str, message: str, site: str) -> None:
         self.reports.append(WitnessReport("panic", thread, "", "", "", site, None, message))

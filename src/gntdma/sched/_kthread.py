@@ -1,0 +1,199 @@
+"""Kernel threads and what the scheduler needs to know about them.
+
+A :class:`KThread` is the state of one simulated kernel thread (its greenlet,
+its wait channel, the locks it holds); :class:`HeldLock` one lock it holds.
+Clocks, the :class:`Strategy` protocol and the run strategy live here too.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Protocol, final
+
+import greenlet
+
+from gntdma.sched._witness import Site, site_str
+
+__all__ = [
+    "Clock",
+    "FifoStrategy",
+    "HeldLock",
+    "KThread",
+    "RealClock",
+    "Strategy",
+    "ThreadState",
+    "VirtualClock",
+]
+
+
+class ThreadState(Enum):
+    RUNNABLE = "runnable"
+    RUNNING = "running"
+    BLOCKED = "blocked"
+    DONE = "done"
+
+
+class Clock(Protocol):
+    """Where time comes from: the real monotonic clock, or a virtual one."""
+
+    virtual: bool
+
+    def now(self) -> float: ...
+
+    def advance_to(self, deadline: float) -> None: ...
+
+
+@final
+class RealClock:
+    virtual = False
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def advance_to(self, deadline: float) -> None:
+        pass
+
+
+@final
+class VirtualClock:
+    """A clock that only moves when the scheduler jumps it to the next timeout."""
+
+    virtual = True
+
+    def __init__(self, start: float = 0.0) -> None:
+        self._now = start
+
+    def now(self) -> float:
+        return self._now
+
+    def advance_to(self, deadline: float) -> None:
+        if deadline > self._now:
+            self._now = deadline
+
+
+class Strategy(Protocol):
+    """Chooses which thread runs next, and every random value.
+
+    ``preemptive`` strategies are consulted at every scheduling point (a lock, a
+    barrier, a checkpoint); non-preemptive ones only when the running thread
+    blocks or yields.
+    """
+
+    preemptive: bool
+
+    def pick(self, runnable: Sequence[KThread], current: KThread | None, point: str) -> int:
+        """Index into ``runnable`` of the thread to run next."""
+        ...
+
+    def next_u64(self) -> int: ...
+
+
+@final
+class FifoStrategy:
+    """The ``run`` strategy: fair FIFO, no preemption, seeded randomness."""
+
+    preemptive = False
+
+    def __init__(self, seed: int = 0) -> None:
+        self._rng = random.Random(seed)
+
+    def pick(self, runnable: Sequence[KThread], current: KThread | None, point: str) -> int:
+        return 0
+
+    def next_u64(self) -> int:
+        return self._rng.getrandbits(64)
+
+
+@dataclass(slots=True)
+class HeldLock:
+    """A lock a thread holds: the lock, its class, and where it was taken.
+
+    ``sleepable`` is FreeBSD's LO_SLEEPABLE (an sx; not a mutex), ``spin`` an
+    MTX_SPIN mutex, ``shared`` a shared hold of an sx.
+    """
+
+    lock: Any
+    cls: str
+    site_at: Site
+    dupok: bool
+    sleepable: bool
+    spin: bool = False
+    shared: bool = False
+
+    @property
+    def site(self) -> str:
+        """``file:line`` of the acquisition (formatted only when asked for)."""
+        return site_str(self.site_at)
+
+
+@final
+class KThread:
+    """A simulated kernel thread."""
+
+    __slots__ = (
+        "_glet",
+        "blocked_at",
+        "critnest",
+        "daemon",
+        "domain",
+        "exc",
+        "held",
+        "lockwait",
+        "name",
+        "result",
+        "state",
+        "tid",
+        "timer",
+        "wait_counted",
+        "wait_site_at",
+        "wake_result",
+        "wchan",
+        "wmesg",
+    )
+
+    def __init__(self, tid: int, name: str, daemon: bool, domain: object | None) -> None:
+        self.tid = tid
+        self.name = name
+        self.daemon = daemon
+        self.domain = domain
+        self.state = ThreadState.RUNNABLE
+        self.wchan: object | None = None
+        self.wmesg = ""
+        #: Where the thread last blocked, unformatted (see ``wait_site``).
+        self.wait_site_at: Site | None = None
+        self.wake_result = 0
+        self.timer: _Timer | None = None
+        self.held: list[HeldLock] = []
+        #: Spin mutexes held: a critical section while > 0.
+        self.critnest = 0
+        #: When the thread last blocked, on the run's clock.
+        self.blocked_at = 0.0
+        #: Whether the hung-task watchdog counts the current wait.
+        self.wait_counted = False
+        #: Whether the current wait is for a lock (an edge of the wait-for graph).
+        self.lockwait = False
+        self.result: object = None
+        self.exc: BaseException | None = None
+        self._glet: greenlet.greenlet | None = None
+
+    @property
+    def wait_site(self) -> str:
+        """``file:line`` where the thread last blocked ("" if it never did)."""
+        at = self.wait_site_at
+        return "" if at is None else site_str(at)
+
+    def __repr__(self) -> str:
+        return f"<KThread {self.tid} {self.name} {self.state.value}>"
+
+
+@dataclass(order=True, slots=True)
+class _Timer:
+    deadline: float
+    seq: int
+    thread: KThread | None
+    fn: Callable[[], None] | None
+    cancelled: bool = False
