@@ -2,16 +2,21 @@
 
 The model is written from the protocol rules, not from the implementation:
 a tree is a dict from path to a frozen entry (value, permission strings,
-children); every change replaces the entry. A transaction works on a copy of
-the dict taken at its start and remembers the paths its operations depend on
-(the node itself, the ancestors consulted for an error or for creation, the
-subtree of an RM); its commit fails with EAGAIN when any of them holds a
-different entry in the live tree than in its start copy.
+children); every change replaces the entry. A transaction works as C
+xenstored 4.17's (``tools/xenstore/xenstored_transaction.c``, the header
+comment, ``access_node`` and ``finalize_transaction``): it copies nothing at its
+start; the first time one of its operations touches a path (the node itself,
+an ancestor consulted for an error or for creation, the subtree of an RM) it
+takes the live entry of that moment as its own copy, and later operations in
+the transaction see that copy. Its commit fails with EAGAIN when a path whose
+first access was a read holds a different entry in the live tree than the one
+copied; otherwise its changed copies go live.
 """
 
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field, replace
 
 from hypothesis import settings
@@ -70,11 +75,52 @@ def access(domid: int, perms: tuple[str, ...]) -> set[str]:
     return {x for x in "rw" if letter in (x, "b")}
 
 
+class TxnView(MutableMapping[str, E]):
+    """A transaction's tree: its copies, each taken from the live tree on first access.
+
+    ``first_read`` maps each path whose first access was a read to the live
+    entry it saw then (None: absent); ``copies`` holds the transaction's
+    version of every path it touched (None: absent or removed).
+    """
+
+    def __init__(self, live: Tree) -> None:
+        self.live = live
+        self.copies: dict[str, E | None] = {}
+        self.first_read: dict[str, E | None] = {}
+
+    def _copy(self, path: str) -> E | None:
+        if path not in self.copies:
+            e = self.live.get(path)
+            self.copies[path] = e
+            self.first_read[path] = e
+        return self.copies[path]
+
+    def __getitem__(self, path: str) -> E:
+        e = self._copy(path)
+        if e is None:
+            raise KeyError(path)
+        return e
+
+    def __setitem__(self, path: str, e: E) -> None:
+        self.copies[path] = e
+
+    def __delitem__(self, path: str) -> None:
+        if self._copy(path) is None:
+            raise KeyError(path)
+        self.copies[path] = None
+
+    def __iter__(self) -> Iterator[str]:
+        raise NotImplementedError("a transaction never lists the whole tree")
+
+    def __len__(self) -> int:
+        raise NotImplementedError("a transaction never counts the whole tree")
+
+
 @dataclass
 class Ops:
     """The operations on one tree, by one domain, noting what they depend on."""
 
-    tree: Tree
+    tree: MutableMapping[str, E]
     domid: int
     touched: set[str] = field(default_factory=set)
     modified: set[str] = field(default_factory=set)
@@ -175,8 +221,7 @@ class Ops:
 @dataclass
 class ModelTxn:
     wire_id: int
-    start: Tree
-    view: Tree
+    view: TxnView
     touched: set[str] = field(default_factory=set)
     modified: set[str] = field(default_factory=set)
 
@@ -249,7 +294,7 @@ class StoreMachine(RuleBasedStateMachine):
     @rule(domid=st.sampled_from(DOMIDS))
     def start(self, domid: int) -> None:
         wire_id = self.clients[domid].start()
-        self.txns[domid].append(ModelTxn(wire_id, dict(self.live), dict(self.live)))
+        self.txns[domid].append(ModelTxn(wire_id, TxnView(self.live)))
 
     @precondition(lambda self: any(self.txns.values()))
     @rule(data=st.data(), commit=st.booleans())
@@ -258,12 +303,14 @@ class StoreMachine(RuleBasedStateMachine):
         txn = self.txns[domid].pop(data.draw(st.integers(0, len(self.txns[domid]) - 1)))
         expected: object = None
         if commit:
-            if any(self.live.get(p) is not txn.start.get(p) for p in txn.touched):
+            first_read = txn.view.first_read
+            if any(self.live.get(p) is not e for p, e in first_read.items()):
                 expected = ("error", errno.EAGAIN)
             else:
                 for p in txn.modified:
-                    if p in txn.view:
-                        self.live[p] = replace(txn.view[p])  # a new object, as a commit makes
+                    e = txn.view.copies[p]
+                    if e is not None:
+                        self.live[p] = replace(e)  # a new object, as a commit makes
                     else:
                         self.live.pop(p, None)
         got: object = None

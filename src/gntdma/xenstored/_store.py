@@ -7,13 +7,18 @@ as C xenstored keeps it in a TDB keyed by path. A change replaces the node
 object and stamps it with the next value of one global generation counter
 (reported by DIRECTORY_PART).
 
-A :class:`Transaction` works on a snapshot: a shallow copy of that dict taken
-at TRANSACTION_START (the nodes themselves are shared, being immutable), plus
-an overlay of the nodes it changed. It records every path it looks at. At
-commit it fails with EAGAIN if any of those paths holds a different node object
-in the live tree than in the snapshot, that is, if anything the transaction
-read or wrote was changed by someone else since it started; otherwise the
-overlay is copied into the live tree.
+A :class:`Transaction` works as C xenstored 4.17's (``xenstored_transaction.c``):
+nothing is copied at TRANSACTION_START. The first time the transaction touches
+a node it reads the node from the live tree *at that moment* and keeps its own
+copy (an :class:`AccessedNode`: the node, or None if absent, with the live
+generation it had); every later access in the transaction sees that copy, and
+changes go to the copy. At commit only the nodes whose first access was a read
+(``check_gen``) are compared with the live tree's generation; one that differs
+(changed, created or deleted since) fails the commit with EAGAIN. Every
+operation reads a node before it changes it, and creating a node reads (then
+changes) its parent, so two transactions creating siblings conflict, as in C.
+The copies the transaction modified are then written to the live tree. Start
+and commit cost O(nodes touched), never a copy of the tree.
 
 :class:`Access` is one caller's view (inside a transaction or not) and carries
 the operations with the error rules of C xenstored 4.17: EINVAL for a bad path,
@@ -56,7 +61,9 @@ __all__ = [
     "QUOTA_NB_WATCH_PER_DOMAIN",
     "QUOTA_TRANS_NODES",
     "SPECIAL_PATHS",
+    "NO_GENERATION",
     "Access",
+    "AccessedNode",
     "Change",
     "Quotas",
     "Store",
@@ -74,6 +81,9 @@ QUOTA_MAX_PATH_LEN: Final = XENSTORE_REL_PATH_MAX
 
 #: Watch paths of the events xenstored invents, whose permissions SET_PERMS can set.
 SPECIAL_PATHS: Final = ("@introduceDomain", "@releaseDomain")
+
+#: The generation of an absent node (C's ``NO_GENERATION``, ~0).
+NO_GENERATION: Final = -1
 
 _R = XsPerm.XS_PERM_READ
 _W = XsPerm.XS_PERM_WRITE
@@ -117,17 +127,31 @@ class Change:
     old_perms: tuple[Perm, ...] | None = None
 
 
+@dataclass(slots=True)
+class AccessedNode:
+    """``struct accessed_node``: one node a transaction touched, and its copy of it."""
+
+    #: the transaction's copy (None: absent, or removed in the transaction)
+    node: Node | None
+    #: generation of the live node at the first access (NO_GENERATION: absent)
+    generation: int
+    #: permissions of the live node at the first access (None: absent)
+    perms: tuple[Perm, ...] | None
+    #: the first access was a read: check the generation at commit
+    check_gen: bool
+    #: changed in the transaction: written to the live tree at commit
+    modified: bool = False
+
+
 @dataclass(eq=False)
 class Transaction:
-    """An open transaction: what it touched, what it changed, what it will fire."""
+    """An open transaction: the nodes it touched (in order), what it will fire."""
 
     id: int
-    #: the live tree at TRANSACTION_START
-    snapshot: dict[str, Node]
-    #: path -> permissions of the node when first touched (None: absent)
-    accessed: dict[str, tuple[Perm, ...] | None] = field(default_factory=dict)
-    #: path -> node as changed in this transaction (None: removed)
-    overlay: dict[str, Node | None] = field(default_factory=dict)
+    #: the global generation count at TRANSACTION_START
+    generation: int
+    #: path -> the transaction's record of that node, in first-access order
+    accessed: dict[str, AccessedNode] = field(default_factory=dict)
     #: path -> exact flag of the queued watch event
     events: dict[str, bool] = field(default_factory=dict)
     #: owner domid -> change in the number of nodes it owns
@@ -170,25 +194,36 @@ class Store:
     # Transactions.
 
     def begin(self, txid: int) -> Transaction:
-        return Transaction(txid, dict(self.nodes))
+        """``do_transaction_start``: nothing but a new generation count."""
+        return Transaction(txid, self.next_generation())
 
     def commit(self, txn: Transaction, caller: Caller, quotas: Quotas) -> list[Change]:
-        """Apply ``txn`` or raise EAGAIN (conflict) / ENOSPC (node quota)."""
-        live, snap = self.nodes, txn.snapshot
-        for path in txn.accessed:
-            if live.get(path) is not snap.get(path):
-                raise XsError(errno.EAGAIN, f"{path} changed during transaction {txn.id}")
+        """Apply ``txn`` or raise ENOSPC (node quota) / EAGAIN (conflict).
+
+        ``do_transaction_end``: the node quota (``transaction_fix_domains``)
+        first, then ``finalize_transaction``: the generation check of the
+        nodes first read, then the modified copies go live with new generations.
+        """
         if txn.node_created and not caller.privileged:
             for domid, delta in txn.entry_delta.items():
                 if domid != 0 and delta > 0 and self.owner_counts[domid] + delta > quotas.nodes:
                     raise XsError(errno.ENOSPC, f"domain {domid} node quota")
-        for path, node in txn.overlay.items():
-            if node is None:
+        live = self.nodes
+        for path, a in txn.accessed.items():
+            if a.check_gen:
+                node = live.get(path)
+                gen = NO_GENERATION if node is None else node.generation
+                if gen != a.generation:
+                    raise XsError(errno.EAGAIN, f"{path} changed during transaction {txn.id}")
+        for path, a in txn.accessed.items():
+            if not a.modified:
+                continue
+            if a.node is None:
                 self._delete(path)
             else:
-                self._set(path, replace(node, generation=self.next_generation()))
+                self._set(path, replace(a.node, generation=self.next_generation()))
         return [
-            Change(path, exact, old_perms=txn.accessed.get(path))
+            Change(path, exact, old_perms=txn.accessed[path].perms)
             for path, exact in txn.events.items()
         ]
 
@@ -220,38 +255,53 @@ class Access:
     # Low level: node I/O through the transaction.
 
     def get(self, path: str) -> Node | None:
+        """``read_node``: the node (the transaction's copy, made on first access)."""
         txn = self.txn
         if txn is None:
             return self.store.nodes.get(path)
-        if path in txn.overlay:
-            return txn.overlay[path]
-        node = txn.snapshot.get(path)
-        if path not in txn.accessed:
-            if not self.caller.privileged and len(txn.accessed) >= self.quotas.transaction_nodes:
-                raise XsError(errno.ENOSPC, "transaction touches too many nodes")
-            txn.accessed[path] = None if node is None else node.perms
-        return node
+        a = txn.accessed.get(path)
+        if a is None:
+            a = self._first_access(txn, path, check_gen=True)
+        return a.node
+
+    def _first_access(self, txn: Transaction, path: str, *, check_gen: bool) -> AccessedNode:
+        """``access_node`` on a node the transaction has not touched yet."""
+        if not self.caller.privileged and len(txn.accessed) >= self.quotas.transaction_nodes:
+            raise XsError(errno.ENOSPC, "transaction touches too many nodes")
+        node = self.store.nodes.get(path)
+        if node is None:
+            a = AccessedNode(None, NO_GENERATION, None, check_gen)
+        else:
+            a = AccessedNode(node, node.generation, node.perms, check_gen)
+        txn.accessed[path] = a
+        return a
+
+    def _accessed(self, txn: Transaction, path: str) -> AccessedNode:
+        a = txn.accessed.get(path)
+        return a if a is not None else self._first_access(txn, path, check_gen=False)
 
     def _put(self, path: str, node: Node) -> None:
         txn = self.txn
         if txn is None:
             self.store._set(path, replace(node, generation=self.store.next_generation()))
             return
-        old = self.get(path)
-        if old is not None:
-            txn.entry_delta[old.owner] -= 1
+        a = self._accessed(txn, path)
+        if a.node is not None:
+            txn.entry_delta[a.node.owner] -= 1
         txn.entry_delta[node.owner] += 1
-        txn.overlay[path] = replace(node, generation=self.store.next_generation())
+        a.node = replace(node, generation=self.store.next_generation())
+        a.modified = True
 
     def _remove(self, path: str) -> None:
         txn = self.txn
         if txn is None:
             self.store._delete(path)
             return
-        old = self.get(path)
-        if old is not None:
-            txn.entry_delta[old.owner] -= 1
-        txn.overlay[path] = None
+        a = self._accessed(txn, path)
+        if a.node is not None:
+            txn.entry_delta[a.node.owner] -= 1
+        a.node = None
+        a.modified = True
 
     def _changed(self, change: Change) -> None:
         txn = self.txn
