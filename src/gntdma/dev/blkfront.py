@@ -89,9 +89,9 @@ from gntdma.dev.blkfront_cmd import (
     XBDF_READONLY,
     XbdBackendFeatures,
     XbdStatistics,
-    xbd_command,
 )
 from gntdma.dev.blkfront_req import xbd_softc_req
+from gntdma.dev.blkfront_softc import xbd_command
 from gntdma.sched import (
     current_scheduler,
     mb,

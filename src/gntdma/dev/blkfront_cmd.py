@@ -1,4 +1,4 @@
-"""blkfront: constants, the command (``struct xbd_command``), negotiation values.
+"""blkfront: constants, command flags and queues, negotiation values.
 
 The pieces of FreeBSD's ``block.h`` that :mod:`gntdma.dev.blkfront` builds on:
 the softc flags (``XBDF_*``), the command flags and queues (``XBDCF_*``,
@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, final
+from typing import Final, final
 
 from gntdma.abi.blkif import (
     BLKIF_MAX_INDIRECT_SEGMENTS,
@@ -24,10 +24,7 @@ from gntdma.abi.blkif import (
     BlkifRequestSegment,
 )
 from gntdma.sched import KernelPanic
-from gntdma.sys import MAXPHYS, PAGE_MASK, PAGE_SIZE, BusDmaMap, bio, bus_dma_segment_t
-
-if TYPE_CHECKING:
-    from gntdma.dev.blkfront import xbd_softc
+from gntdma.sys import MAXPHYS, PAGE_MASK, PAGE_SIZE, bus_dma_segment_t
 
 __all__ = [
     "XBDCF_ASYNC_MAPPING",
@@ -61,7 +58,6 @@ __all__ = [
     "XBD_INDIRECT_SEGS_TO_PAGES",
     "XBD_SEGS_TO_SIZE",
     "XBD_SIZE_TO_SEGS",
-    "xbd_command",
     "xbd_mksegarray",
 ]
 
@@ -245,61 +241,6 @@ class XbdStatistics:
     max_request_segments: int
     max_request_size: int
     protocol_error: str  #: why the backend's ring was declared broken ("" if never)
-
-
-# -- the command ------------------------------------------------------------------------------
-
-
-@final
-class xbd_command:
-    """``struct xbd_command``: one request slot's worth of driver state."""
-
-    __slots__ = (
-        "cm_bp",
-        "cm_bytes",
-        "cm_flags",
-        "cm_id",
-        "cm_indirect",
-        "cm_indirectionmap",
-        "cm_indirectionpages",
-        "cm_indirectionrefs",
-        "cm_map",
-        "cm_nr_sectors",
-        "cm_nseg",
-        "cm_operation",
-        "cm_sc",
-        "cm_sector_number",
-        "cm_status",
-    )
-
-    def __init__(self, sc: xbd_softc, cm_id: int) -> None:
-        self.cm_sc = sc
-        self.cm_id = cm_id
-        self.cm_flags = XBDCF_INITIALIZER
-        #: The data map (Xen tag, per-load references).
-        self.cm_map: BusDmaMap | None = None
-        self.cm_bp: bio | None = None
-        self.cm_operation = 0
-        self.cm_sector_number = 0
-        self.cm_nr_sectors = 0
-        self.cm_nseg = 0
-        self.cm_bytes = 0
-        self.cm_status = 0
-        #: True when the request on the ring is BLKIF_OP_INDIRECT.
-        self.cm_indirect = False
-        #: Kernel va of the indirect pages (0 without indirect requests).
-        self.cm_indirectionpages = 0
-        #: Their map, loaded read-only with references held for the map's life.
-        self.cm_indirectionmap: BusDmaMap | None = None
-        #: THE references of the indirect pages (what indirect_grefs must carry).
-        self.cm_indirectionrefs: list[int] = []
-
-    @property
-    def cm_queue(self) -> int:
-        return self.cm_flags & XBDCF_Q_MASK
-
-    def __repr__(self) -> str:
-        return f"<xbd_command {self.cm_id} q={self.cm_queue} flags={self.cm_flags:#x}>"
 
 
 def xbd_mksegarray(segs: list[bus_dma_segment_t], nsegs: int,

@@ -46,10 +46,9 @@ from gntdma.dev.blkfront_cmd import (
     XBDF_FREED,
     XBDF_READONLY,
     XBDF_WAIT_IDLE,
-    xbd_command,
     xbd_mksegarray,
 )
-from gntdma.dev.blkfront_softc import XBD_RW_OPS, xbd_softc_base
+from gntdma.dev.blkfront_softc import XBD_RW_OPS, xbd_command, xbd_softc_base
 from gntdma.sched import (
     MA_OWNED,
     KernelPanic,

@@ -1,7 +1,8 @@
 """blkfront: the state of an xbd device, its lock, freezes, command queues, statistics.
 
 The base of :class:`gntdma.dev.blkfront.xbd_softc` (see that module for the
-theory of operation): everything both the request path
+theory of operation) and the command (``struct xbd_command``), which refer to
+each other and so live together: everything both the request path
 (:mod:`gntdma.dev.blkfront_req`) and the life cycle use. ``biodone`` is never
 called with ``xbd_io_lock`` held: completed bios are collected by
 ``_xbd_bio_done`` and completed by ``_xbd_unlock`` after the unlock (or by a
@@ -12,7 +13,7 @@ does not run, inside a busdma callback).
 from __future__ import annotations
 
 from collections import deque
-from typing import Final
+from typing import Final, final
 
 from gntdma.abi.blkif import (
     BLKIF_MAX_SEGMENTS_PER_REQUEST,
@@ -46,7 +47,6 @@ from gntdma.dev.blkfront_cmd import (
     XBDF_NONE,
     XbdBackendFeatures,
     XbdStatistics,
-    xbd_command,
 )
 from gntdma.sched import (
     KernelPanic,
@@ -69,10 +69,65 @@ from gntdma.xen.busdma import (
 from gntdma.xen.gnttab import GntTab
 from gntdma.xen.hypercall import Hypercalls
 
-__all__ = ["XBD_RW_OPS", "xbd_softc_base"]
+__all__ = ["XBD_RW_OPS", "xbd_command", "xbd_softc_base"]
 
 #: Operations that carry data (and a loaded data map).
 XBD_RW_OPS: Final = (BLKIF_OP_READ, BLKIF_OP_WRITE)
+
+
+# -- the command ------------------------------------------------------------------------------
+
+
+@final
+class xbd_command:
+    """``struct xbd_command``: one request slot's worth of driver state."""
+
+    __slots__ = (
+        "cm_bp",
+        "cm_bytes",
+        "cm_flags",
+        "cm_id",
+        "cm_indirect",
+        "cm_indirectionmap",
+        "cm_indirectionpages",
+        "cm_indirectionrefs",
+        "cm_map",
+        "cm_nr_sectors",
+        "cm_nseg",
+        "cm_operation",
+        "cm_sc",
+        "cm_sector_number",
+        "cm_status",
+    )
+
+    def __init__(self, sc: xbd_softc_base, cm_id: int) -> None:
+        self.cm_sc = sc
+        self.cm_id = cm_id
+        self.cm_flags = XBDCF_INITIALIZER
+        #: The data map (Xen tag, per-load references).
+        self.cm_map: BusDmaMap | None = None
+        self.cm_bp: bio | None = None
+        self.cm_operation = 0
+        self.cm_sector_number = 0
+        self.cm_nr_sectors = 0
+        self.cm_nseg = 0
+        self.cm_bytes = 0
+        self.cm_status = 0
+        #: True when the request on the ring is BLKIF_OP_INDIRECT.
+        self.cm_indirect = False
+        #: Kernel va of the indirect pages (0 without indirect requests).
+        self.cm_indirectionpages = 0
+        #: Their map, loaded read-only with references held for the map's life.
+        self.cm_indirectionmap: BusDmaMap | None = None
+        #: THE references of the indirect pages (what indirect_grefs must carry).
+        self.cm_indirectionrefs: list[int] = []
+
+    @property
+    def cm_queue(self) -> int:
+        return self.cm_flags & XBDCF_Q_MASK
+
+    def __repr__(self) -> str:
+        return f"<xbd_command {self.cm_id} q={self.cm_queue} flags={self.cm_flags:#x}>"
 
 
 class xbd_softc_base:
