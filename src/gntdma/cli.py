@@ -1,85 +1,168 @@
-"""The ``gntdma`` command."""
+"""The ``gntdma`` command.
+
+Exit statuses (DESIGN section 11): 0 every check passed, 1 a check failed, 2
+bad usage or a bad config (found before anything ran), 130 and 143
+interrupted by SIGINT and SIGTERM.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from pathlib import Path
 
+import gntdma
 from gntdma import cli_xenstored
 
 __all__ = ["main"]
 
 
+class _Output:
+    """Lines to stdout that survive a reader going away (``gntdma run | head``).
+
+    Once the pipe is broken, stdout is pointed at /dev/null and the run goes
+    on quietly to its end (and its exit status).
+    """
+
+    def __init__(self) -> None:
+        self.broken = False
+
+    def say(self, line: str) -> None:
+        if self.broken:
+            return
+        try:
+            print(line, flush=True)
+        except BrokenPipeError:
+            self.broken = True
+            with contextlib.suppress(OSError, ValueError):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
+
+
+def _positive_int(text: str) -> int:
+    return int(text, 10)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gntdma",
                                      description="Xen grant-table DMA on an emulated Xen host")
+    parser.add_argument("--version", action="version", version=f"gntdma {gntdma.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="build a host, run the main job, report")
-    run.add_argument("config", nargs="?", type=Path, metavar="CONFIG",
-                     help="xl.cfg-style guest config (default: the built-in one guest, "
-                     "two disks, small grant table)")
+    run.add_argument("configs", nargs="*", type=Path, metavar="CONFIG",
+                     help="xl.cfg-style guest configs, one guest each (default: the "
+                     "built-in one guest, two disks, small grant table)")
     run.add_argument("--duration", type=float, default=5.0,
                      help="seconds of verified random I/O (default 5)")
-    run.add_argument("--threads", type=int, default=4, help="I/O threads per disk (default 4)")
-    run.add_argument("--seed", type=int, default=0, help="seed of every random choice")
+    run.add_argument("--threads", type=_positive_int, default=4,
+                     help="I/O threads per disk (default 4, at most 64)")
+    run.add_argument("--seed", type=_positive_int, default=0,
+                     help="seed of every random choice (0 to 2**64-1)")
     run.add_argument("--json", type=Path, metavar="PATH", help="write a JSON report")
+    run.add_argument("--overwrite", action="store_true",
+                     help="write existing images directly (their data is lost); by default "
+                     "writes to an existing image go to a temporary overlay")
     run.add_argument("--hold", action="store_true",
                      help="after the job, keep the host and its xenstored socket up "
                      "until SIGINT/SIGTERM")
     cli_xenstored.add_parser(sub)
     ex = sub.add_parser("explore", help="explore the interleavings of a scenario")
-    ex.add_argument("scenario", help="scenario name (gnttab-shortage-blkfront, "
-                    "busdma-deferred-unload)")
+    ex.add_argument("scenario", nargs="?", help="scenario name (see --list)")
+    ex.add_argument("--list", action="store_true", help="list the scenarios and exit")
     ex.add_argument("--strategy", default="random", help="random, pct or dfs")
-    ex.add_argument("--schedules", type=int, default=1000, help="schedules to explore")
-    ex.add_argument("--seed", type=int, default=0)
+    ex.add_argument("--schedules", type=_positive_int, default=1000,
+                    help="schedules to explore")
+    ex.add_argument("--seed", type=_positive_int, default=0)
     ex.add_argument("--callback-delivery", choices=("taskqueue", "inline"),
                     default="taskqueue", help="grant free callbacks: gntdma's taskqueue "
                     "delivery, or FreeBSD's inline delivery under the lock")
-    ex.add_argument("--pct-depth", type=int, default=3)
-    ex.add_argument("--max-preemptions", type=int, default=2, help="bound for dfs")
+    ex.add_argument("--pct-depth", type=_positive_int, default=3, help="at least 1")
+    ex.add_argument("--max-preemptions", type=_positive_int, default=2,
+                    help="bound for dfs (0 or more)")
     ex.add_argument("--out", type=Path, metavar="FILE", help="replay file of the first failure")
     rp = sub.add_parser("replay", help="rerun a replay file written by explore")
     rp.add_argument("file", type=Path)
+    rp.add_argument("--scenario", help="the scenario the file must be a replay of")
     return parser
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from gntdma.errors import ConfigError
+def cmd_run(args: argparse.Namespace, out: _Output) -> int:
+    from gntdma.errors import ConfigError, GntdmaError
+    from gntdma.toolstack.interrupt import Interrupted, InterruptGuard
     from gntdma.toolstack.run import run_main_job
 
-    try:
-        report = run_main_job(args.config, seed=args.seed, json_path=args.json,
-                              duration=args.duration, threads=args.threads, hold=args.hold)
-    except (ConfigError, OSError) as e:
-        print(f"gntdma run: {e}", file=sys.stderr)
-        return 2
-    print(report.format())
+    with InterruptGuard() as guard:
+        try:
+            report = run_main_job(args.configs, seed=args.seed, json_path=args.json,
+                                  duration=args.duration, threads=args.threads,
+                                  hold=args.hold, overwrite=args.overwrite, log=out.say,
+                                  guard=guard)
+            out.say(report.format())
+        except Interrupted as e:
+            print(f"gntdma run: interrupted by {e.name} while {e.phase}; what it made for "
+                  "itself is removed", file=sys.stderr)
+            return e.status
+        except ConfigError as e:
+            print(f"gntdma run: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:
+            print(f"gntdma run: {e}", file=sys.stderr)
+            return 2
+        except GntdmaError as e:
+            print(f"gntdma run: failed: {e}", file=sys.stderr)
+            return 1
     return 0 if report.ok else 1
+
+
+def _explore(args: argparse.Namespace, out: _Output) -> int:
+    from gntdma.errors import ConfigError
+    from gntdma.toolstack.explorecmd import explore_command, list_scenarios
+    from gntdma.toolstack.preflight import check_output
+
+    if args.list:
+        for line in list_scenarios():
+            out.say(line)
+        return 0
+    if args.scenario is None:
+        raise ConfigError("give a scenario name (gntdma explore --list shows them)")
+    if args.pct_depth < 1:
+        raise ConfigError(f"--pct-depth must be at least 1, not {args.pct_depth}")
+    if args.max_preemptions < 0:
+        raise ConfigError(f"--max-preemptions must be 0 or more, not {args.max_preemptions}")
+    if not 0 <= args.seed < 1 << 64:
+        raise ConfigError(f"--seed must be from 0 to 2**64-1, not {args.seed}")
+    check_output(args.out, "--out")
+    return explore_command(args.scenario, strategy=args.strategy,
+                           schedules=args.schedules, seed=args.seed,
+                           callback_delivery=args.callback_delivery, out=args.out,
+                           pct_depth=args.pct_depth,
+                           max_preemptions=args.max_preemptions, say=out.say)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    out = _Output()
     if args.command == "run":
-        return cmd_run(args)
+        return cmd_run(args, out)
     if args.command == "xenstored":
         return cli_xenstored.run(args)
     from gntdma.errors import ConfigError
-    from gntdma.toolstack.explorecmd import explore_command, replay_command
+    from gntdma.toolstack.explorecmd import replay_command
 
     try:
         if args.command == "explore":
-            return explore_command(args.scenario, strategy=args.strategy,
-                                   schedules=args.schedules, seed=args.seed,
-                                   callback_delivery=args.callback_delivery, out=args.out,
-                                   pct_depth=args.pct_depth,
-                                   max_preemptions=args.max_preemptions)
+            return _explore(args, out)
         if args.command == "replay":
-            return replay_command(args.file)
+            return replay_command(args.file, say=out.say, scenario=args.scenario)
     except ConfigError as e:
         print(f"gntdma {args.command}: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"gntdma {args.command}: interrupted by SIGINT", file=sys.stderr)
+        return 130
     return 2
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from gntdma.host.image import DiskImage
 from gntdma.toolstack.host import Guest, Host
 from gntdma.toolstack.vbd import VBD_CONNECT_TIMEOUT, Vbd, attach_disk, detach_disk
 from gntdma.toolstack.xlcfg import GuestConfig
@@ -24,12 +25,15 @@ __all__ = ["create_guest_from_config", "destroy_guest"]
 
 
 def create_guest_from_config(host: Host, cfg: GuestConfig, image_dir: str | Path | None = None,
-                             *, timeout: float = VBD_CONNECT_TIMEOUT
+                             *, timeout: float = VBD_CONNECT_TIMEOUT,
+                             images: Sequence[DiskImage] | None = None
                              ) -> tuple[Guest, list[Vbd]]:
     """Create the guest ``cfg`` describes with its disks attached and connected.
 
     Relative disk targets are taken from ``image_dir`` (default: the config
-    file's folder). Returns the guest and its disks in config order.
+    file's folder). ``images``, one per disk, are images the caller opened
+    (``gntdma run`` opens them all before it builds the host). Returns the
+    guest and its disks in config order.
     """
     base = Path(image_dir) if image_dir is not None else cfg.base_dir
     guest = host.create_guest(cfg.name, memory_mb=cfg.memory,
@@ -37,8 +41,9 @@ def create_guest_from_config(host: Host, cfg: GuestConfig, image_dir: str | Path
                               max_maptrack_frames=cfg.max_maptrack_frames)
     vbds: list[Vbd] = []
     try:
-        for spec in cfg.disks:
-            vbds.append(attach_disk(host, guest, spec, image_dir=base, timeout=timeout))
+        for i, spec in enumerate(cfg.disks):
+            vbds.append(attach_disk(host, guest, spec, image_dir=base, timeout=timeout,
+                                    image=images[i] if images is not None else None))
     except BaseException:
         destroy_guest(host, guest, vbds)
         raise

@@ -19,9 +19,34 @@ from gntdma.sched import (
 )
 from gntdma.toolstack.scenarios import SCENARIOS, make_scenario
 
-__all__ = ["explore_command", "replay_command"]
+__all__ = ["explore_command", "list_scenarios", "replay_command"]
 
 REPLAY_FORMAT = "gntdma-replay-1"
+
+#: One line on each scenario, for ``gntdma explore --list``.
+SCENARIO_SUMMARIES = {
+    "gnttab-shortage-blkfront": "the seed's blkfront on a small grant table: loads defer, "
+                                "free callbacks complete them (inline delivery: the "
+                                "recursion panic)",
+    "gnttab-shortage-blkfront-recursive": "the same with a recursive driver lock (inline "
+                                          "delivery: the gnttab_list/xbd_io lock-order "
+                                          "reversal)",
+    "busdma-deferred-unload": "a map unloaded while its grant-deferred load is pending: "
+                              "cancelled, nothing leaked",
+}
+
+
+def list_scenarios() -> list[str]:
+    """``name  summary``, a line each, for every scenario."""
+    width = max(len(n) for n in SCENARIOS)
+    out = []
+    for name, factory in SCENARIOS.items():
+        summary = SCENARIO_SUMMARIES.get(name)
+        if summary is None:
+            doc = (factory.__doc__ or "").strip().splitlines()
+            summary = doc[0] if doc else "(no description)"
+        out.append(f"{name:<{width}}  {summary}")
+    return out
 
 
 def _describe(out: Outcome) -> str:
@@ -71,14 +96,26 @@ def explore_command(scenario: str, *, strategy: str = "random", schedules: int =
     return 1
 
 
-def replay_command(path: Path, say: Any = print) -> int:
-    """Rerun a recorded schedule: 1 if it fails as recorded, 0 if it passes, 2 if it diverges."""
+def replay_command(path: Path, say: Any = print, scenario: str | None = None) -> int:
+    """Rerun a recorded schedule: 1 if it fails as recorded, 0 if it passes, 2 if it diverges.
+
+    With ``scenario``, the file must be a replay of that scenario.
+    """
     try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: cannot read a replay file: {e}") from e
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read a replay file: {e.strerror or e}") from None
+    except ValueError as e:
+        raise ConfigError(f"{path}: not a gntdma replay file (not JSON: {e})") from None
     if not isinstance(doc, dict) or doc.get("format") != REPLAY_FORMAT:
         raise ConfigError(f"{path}: not a gntdma replay file")
+    recorded_scenario = doc.get("scenario")
+    if scenario is not None and recorded_scenario != scenario:
+        raise ConfigError(f"{path}: a replay of scenario {recorded_scenario!r}, not of "
+                          f"{scenario!r}")
+    if recorded_scenario not in SCENARIOS:
+        raise ConfigError(f"{path}: a replay of scenario {recorded_scenario!r}, which this "
+                          f"gntdma does not have (known: {', '.join(SCENARIOS)})")
     try:
         fn = make_scenario(str(doc["scenario"]), str(doc["callback_delivery"]))
         schedule = Schedule.from_json(doc["schedule"])

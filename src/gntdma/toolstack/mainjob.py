@@ -1,29 +1,38 @@
-"""The block part of ``gntdma run``: a guest from a config, its disks, the workloads.
+"""The block part of ``gntdma run``: guests from configs, their disks, the workloads.
 
-The guest is created from an xl.cfg-style config (the built-in default has one
-guest with two disks and a grant table small enough that loads defer), its
-disks attach through xenstore with blkfront on the Xen bus_dma handlers and
-blkback on image files, and the workloads run on them while a progress line
-shows requests, throughput, grant entries in use and deferred loads. Then the
-disks detach with the libxl sequence and the guest is destroyed.
+Each config makes one guest, as ``xl create`` does (the built-in default has
+one guest with two disks and a grant table small enough that loads defer).
+:func:`open_images` opens every image the way :mod:`~gntdma.toolstack.preflight`
+planned (new ones created, existing ones as snapshots unless ``--overwrite``,
+read-only ones read-only), each locked as QEMU locks images, before any host
+exists. The disks attach through xenstore with blkfront on the Xen bus_dma
+handlers and blkback on the images, and the workloads run on all of them at
+once while a progress line shows requests, throughput, grant entries in use
+and deferred loads. Then the disks detach with the libxl sequence and the
+guests are destroyed.
 """
 
 from __future__ import annotations
 
-import tempfile
-from collections.abc import Callable
+import contextlib
+import errno
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from gntdma.host.image import DiskImage, open_image
 from gntdma.toolstack.domains import create_guest_from_config
 from gntdma.toolstack.host import Guest, Host
+from gntdma.toolstack.preflight import DiskPlan, GuestPlan, RunPlan
 from gntdma.toolstack.report import Report
 from gntdma.toolstack.vbd import Vbd, detach_disk
 from gntdma.toolstack.workload import DiskLoad, file_copy, flush_discard, verified_random_io
-from gntdma.toolstack.xlcfg import GuestConfig, parse_config
+from gntdma.toolstack.xlcfg import GuestConfig, XlConfigError, parse_config
 from gntdma.xen.busdma import XenDmaImpl
 
-__all__ = ["DEFAULT_CONFIG", "load_config", "run_block_job"]
+__all__ = ["DEFAULT_CONFIG", "OpenImages", "default_config", "open_images", "run_block_job"]
 
 #: The built-in default of ``gntdma run``.
 DEFAULT_CONFIG: Final = """\
@@ -38,13 +47,87 @@ disk = [ 'format=raw, vdev=xvda, access=rw, size=64M, target=guest1-xvda.img',
 """
 
 SECTOR: Final = 512
+#: A thread's region must hold this many sectors for a large run (indirect requests).
+_INDIRECT_SECTORS: Final = 128
 
 
-def load_config(path: Path | None) -> tuple[GuestConfig, bool]:
-    """The config at ``path``, or the built-in default; (config, is_default)."""
-    if path is None:
-        return parse_config(DEFAULT_CONFIG, "<built-in default>"), True
-    return parse_config(path.read_text(), str(path)), False
+def default_config() -> GuestConfig:
+    """The built-in default config."""
+    return parse_config(DEFAULT_CONFIG, "<built-in default>")
+
+
+@dataclass(eq=False)
+class OpenImage:
+    """An image opened for a run, and a plain descriptor the verifier reads it by."""
+
+    plan: DiskPlan
+    image: DiskImage
+    base_fd: int
+    created: bool  #: made by this run (removed again if the run is refused)
+
+    def base(self, offset: int, nbytes: int) -> bytes:
+        """The image's own bytes (a snapshot's base; sectors the run never wrote)."""
+        return os.pread(self.base_fd, nbytes, offset)
+
+
+class OpenImages:
+    """Every image of a run, by (guest index, disk index); :meth:`close` closes them."""
+
+    def __init__(self) -> None:
+        self.by_disk: dict[tuple[int, int], OpenImage] = {}
+
+    def close(self, *, refused: bool = False) -> None:
+        """Close everything; ``refused``: also remove the images this run created."""
+        for oi in self.by_disk.values():
+            oi.image.close()
+            with contextlib.suppress(OSError):
+                os.close(oi.base_fd)
+            if refused and oi.created:
+                with contextlib.suppress(OSError):
+                    os.unlink(oi.plan.path)
+        self.by_disk.clear()
+
+
+def _open(d: DiskPlan, overlay_dir: Path) -> tuple[DiskImage, bool]:
+    if d.mode == "snapshot":
+        return DiskImage.snapshot(d.path, overlay_dir), False
+    if d.mode == "overwrite":
+        return DiskImage.open(d.path), False
+    if d.mode == "readonly":
+        return open_image(d.path, size=d.spec.size, readonly=True), not d.exists
+    assert d.spec.size is not None
+    return DiskImage.create(d.path, d.spec.size), True
+
+
+def open_images(plan: RunPlan, overlay_dir: Path) -> OpenImages:
+    """Open (and lock) every image of ``plan``: existing ones first, then new ones.
+
+    Raises:
+        XlConfigError: an image cannot be opened (in use by another process, it
+            changed since it was checked, ...), at its config line; nothing
+            stays open and no image this run created is left.
+    """
+    out = OpenImages()
+    order = sorted(((gi, di, d) for gi, g in enumerate(plan.guests)
+                    for di, d in enumerate(g.disks)), key=lambda t: t[2].exists is False)
+    try:
+        for gi, di, d in order:
+            try:
+                image, created = _open(d, overlay_dir)
+            except OSError as e:
+                why = e.strerror if e.errno != errno.EEXIST else "it appeared meanwhile"
+                raise XlConfigError(plan.guests[gi].config.source, d.spec.line,
+                                    f"disk {d.spec.vdev}: {d.path}: {why}") from None
+            try:
+                fd = os.open(d.path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                image.close()
+                raise
+            out.by_disk[gi, di] = OpenImage(d, image, fd, created)
+    except BaseException:
+        out.close(refused=True)
+        raise
+    return out
 
 
 def _impl(g: Guest) -> XenDmaImpl:
@@ -58,9 +141,9 @@ def _impl(g: Guest) -> XenDmaImpl:
 class _Progress:
     """A progress line a second, from a hub timer (it never blocks)."""
 
-    def __init__(self, host: Host, guest: Guest, vbds: list[Vbd],
+    def __init__(self, host: Host, guests: Sequence[Guest], vbds: list[Vbd],
                  log: Callable[[str], None]) -> None:
-        self.host, self.guest, self.vbds, self.log = host, guest, vbds, log
+        self.host, self.guests, self.vbds, self.log = host, guests, vbds, log
         self.t0 = host.sched.now()
         self.last_bytes = 0
         self.last_t = self.t0
@@ -73,10 +156,12 @@ class _Progress:
         total = sum(s.bytes_read + s.bytes_written for s in fr)
         rate = (total - self.last_bytes) / max(now - self.last_t, 1e-6) / (1 << 20)
         self.last_bytes, self.last_t = total, now
-        gst = self.guest.gnttab.statistics()
+        use = []
+        for g in self.guests:
+            gst = g.gnttab.statistics()
+            use.append(f"{gst.allocated:4d}/{gst.nr_frames * 512 - 8}")
         self.log(f"  [{now - self.t0:5.1f}s] requests {sum(s.requests for s in fr):7d}  "
-                 f"{rate:7.1f} MiB/s  grant entries in use {gst.allocated:4d}/"
-                 f"{gst.nr_frames * 512 - 8}  deferred loads "
+                 f"{rate:7.1f} MiB/s  grant entries in use {' '.join(use)}  deferred loads "
                  f"{sum(s.deferred_loads for s in fr):5d}")
         self.cancel = self.host.sched.call_later(1.0, self.tick)
 
@@ -86,110 +171,181 @@ class _Progress:
             self.cancel = None
 
 
-def run_block_job(host: Host, report: Report, cfg: GuestConfig, *, is_default: bool,
-                  duration: float, threads: int, seed: int, image_dir: Path | None,
-                  log: Callable[[str], None] = print,
-                  pause: Callable[[], None] | None = None) -> dict[str, Any]:
-    """Create the guest and disks of ``cfg``, run the workloads, detach; the guest's figures.
+@dataclass(eq=False)
+class _Disk:
+    """A disk of the job: its vbd, its image, and how the workload uses it."""
 
-    ``pause`` runs after the workloads, while the guest and its disks are still
-    up (``gntdma run --hold``).
-    """
-    tmp: tempfile.TemporaryDirectory[str] | None = None
-    if image_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="gntdma-images-")
-        image_dir = Path(tmp.name)
-    try:
-        return _run(host, report, cfg, is_default, duration, threads, seed, image_dir, log,
-                    pause)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+    vbd: Vbd
+    image: OpenImage
+    load: DiskLoad
+    threads: int = 0  #: threads of random I/O
+    region: int = 0  #: sectors each thread owns
+
+    @property
+    def rio_sectors(self) -> int:
+        """Sectors of the random I/O area: the first half, or all of a 1-sector disk."""
+        sectors = self.vbd.sc.xbd_media_size // SECTOR
+        return sectors // 2 if sectors >= 2 else sectors
 
 
-def _run(host: Host, report: Report, cfg: GuestConfig, is_default: bool, duration: float,
-         threads: int, seed: int, image_dir: Path, log: Callable[[str], None],
-         pause: Callable[[], None] | None) -> dict[str, Any]:
-    guest, vbds = create_guest_from_config(host, cfg, image_dir)
+def _attach(host: Host, gp: GuestPlan, gi: int, images: OpenImages,
+            log: Callable[[str], None]) -> tuple[Guest, list[_Disk]]:
+    cfg = gp.config
+    guest, vbds = create_guest_from_config(
+        host, cfg, None, images=[images.by_disk[gi, di].image for di in range(len(gp.disks))])
+    disks = []
+    for di, v in enumerate(vbds):
+        oi = images.by_disk[gi, di]
+        load = DiskLoad(f"{guest.name}/{v.vdev}", v.sc, base=oi.base, readonly=v.readonly)
+        disks.append(_Disk(v, oi, load))
     log(f"{guest.name}: domid {guest.domid}, {cfg.memory} MiB, max_grant_frames "
         f"{cfg.max_grant_frames}, disks "
-        + ", ".join(f"{v.vdev} ({v.sc.xbd_media_size >> 20} MiB, {v.spec.access})"
-                    for v in vbds))
-    report.check("guest created and its disks connected through xenstore",
-                 all(v.statistics().frontend_state == "Connected" for v in vbds),
-                 f"{len(vbds)} disks: " + ", ".join(
-                     f"{v.vdev} {v.statistics().frontend_state}" for v in vbds))
-    rw = [v for v in vbds if not v.readonly]
-    loads = [DiskLoad(v.vdev, v.sc) for v in rw]
-    progress = _Progress(host, guest, vbds, log)
+        + (", ".join(f"{d.vbd.vdev} ({_size(d.vbd.sc.xbd_media_size)}, {d.vbd.spec.access}, "
+                     f"{d.image.plan.mode})" for d in disks) or "none"))
+    return guest, disks
+
+
+def _size(n: int) -> str:
+    return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n} bytes"
+
+
+def run_block_job(host: Host, report: Report, plan: RunPlan, images: OpenImages, *,
+                  duration: float, threads: int, seed: int,
+                  log: Callable[[str], None] = print,
+                  pause: Callable[[], None] | None = None,
+                  phase: Callable[[str], None] = lambda _p: None) -> list[dict[str, Any]]:
+    """Create the guests and disks of ``plan``, run the workloads, detach; their figures.
+
+    ``pause`` runs after the workloads, while the guests and disks are still up
+    (``gntdma run --hold``); ``phase`` is told what the job is doing.
+    """
+    guests: list[Guest] = []
+    disks_of: list[list[_Disk]] = []
+    phase("attaching the disks")
+    for gi, gp in enumerate(plan.guests):
+        guest, disks = _attach(host, gp, gi, images, log)
+        guests.append(guest)
+        disks_of.append(disks)
+    every = [d for ds in disks_of for d in ds]
+    report.check("guests created and their disks connected through xenstore",
+                 all(d.vbd.statistics().frontend_state == "Connected" for d in every),
+                 f"{len(guests)} guest{'s' if len(guests) != 1 else ''}, {len(every)} disks"
+                 + "".join(f", {d.load.name} {d.vbd.statistics().frontend_state}"
+                           for d in every))
+    phase("running the workloads")
+    _workloads(host, report, plan, guests, every, duration, threads, seed, log)
+    figures = [_figures(g, gp, ds) for g, gp, ds in zip(guests, plan.guests, disks_of,
+                                                          strict=True)]
+    if pause is not None:
+        pause()
+    phase("detaching the disks")
+    for g, ds, fig in zip(guests, disks_of, figures, strict=True):
+        detached = all([detach_disk(host, d.vbd) for d in reversed(ds)])
+        left = g.gnttab.statistics()
+        fig["leaked_grant_refs"] = left.allocated
+        report.check(f"{g.name}: no grant reference left after the disks detached",
+                     left.allocated == 0 and left.granted == 0,
+                     f"{left.allocated} allocated, {left.granted} granted")
+        host.destroy_guest(g)
+        report.check(f"{g.name}: disks detached with the libxl sequence and the guest "
+                     "destroyed", detached,
+                     "unplug: online=0 + Closing, backend Closed, directories removed")
+    return figures
+
+
+def _workloads(host: Host, report: Report, plan: RunPlan, guests: Sequence[Guest],
+               disks: Sequence[_Disk], duration: float, threads: int, seed: int,
+               log: Callable[[str], None]) -> None:
+    for d in disks:
+        d.threads = max(1, min(threads, d.rio_sectors))
+        d.region = d.rio_sectors // d.threads
+    progress = _Progress(host, guests, [d.vbd for d in disks], log)
     try:
-        if loads:
-            region = min(v.sc.xbd_media_size for v in rw) // 2 // threads // SECTOR
-            log(f"verified random I/O: {threads} threads per disk for {duration:g} s")
-            verified_random_io(host.sched, loads, threads=threads, duration=duration,
-                               seed=seed, region_sectors=region)
+        if disks:
+            ro = sum(1 for d in disks if d.load.readonly)
+            log(f"verified random I/O: up to {threads} threads per disk for {duration:g} s"
+                + (f" ({ro} read-only disk{'s' if ro != 1 else ''}: reads checked against "
+                   "the image)" if ro else ""))
+            verified_random_io(host.sched, [d.load for d in disks],
+                               threads=[d.threads for d in disks], duration=duration,
+                               seed=seed, region_sectors=[d.region for d in disks])
     finally:
         progress.stop()
+    loads = [d.load for d in disks]
     errors = [e for ld in loads for e in ld.errors]
     verified = sum(ld.bytes_verified for ld in loads)
-    report.check("verified random I/O: every sector read back as written",
-                 bool(loads) and not errors and verified > 0,
-                 "; ".join(errors[:3]) or f"{verified >> 20} MiB verified, "
-                 f"{sum(ld.writes for ld in loads)} writes, {sum(ld.reads for ld in loads)} "
-                 "reads")
-    fr = [v.statistics().frontend for v in vbds]
-    direct = sum(s.direct_requests for s in fr)
-    indirect = sum(s.indirect_requests for s in fr)
-    report.check("direct and indirect requests both used", direct > 0 and indirect > 0,
-                 f"{direct} direct, {indirect} indirect")
-    deferred = sum(s.deferred_loads for s in fr)
-    if is_default:
+    if not disks:
+        report.check("verified random I/O: no disks, nothing to do", True, "no disk in "
+                     "the config(s)")
+    else:
+        report.check("verified random I/O: every sector read back as written (or as the "
+                     "image held it)", not errors and all(ld.bytes_verified > 0 for ld in loads),
+                     "; ".join(errors[:3]) or f"{_size(verified)} verified, "
+                     f"{sum(ld.writes for ld in loads)} writes, "
+                     f"{sum(ld.reads for ld in loads)} reads")
+    big = [d for d in disks if d.region >= _INDIRECT_SECTORS]
+    fr = [d.vbd.statistics().frontend for d in big]
+    if big:
+        direct = sum(s.direct_requests for s in fr)
+        indirect = sum(s.indirect_requests for s in fr)
+        report.check("direct and indirect requests both used", direct > 0 and indirect > 0,
+                     f"{direct} direct, {indirect} indirect")
+    if any(g.is_default for g in plan.guests):
+        deferred = sum(d.vbd.statistics().frontend.deferred_loads for d in disks)
         report.check("loads deferred on the small grant table, and all completed",
                      deferred > 0 and not errors,
                      f"{deferred} deferred loads, peak "
-                     f"{guest.gnttab.statistics().peak_allocated} grant references")
-    if rw:
-        v = rw[0]
-        half = v.sc.xbd_media_size // 2
-        nbytes = min(16 << 20, half // 2) // (1 << 20) * (1 << 20)
-        ok, detail = file_copy(v.file, half, nbytes, seed)
-        report.check(f"large file copied onto {v.vdev} and back: equal SHA-256", ok, detail)
-        ok, detail = flush_discard(host.sched, v.sc, half + nbytes, 1 << 20,
+                     f"{max(g.gnttab.statistics().peak_allocated for g in guests)} grant "
+                     "references")
+    for d in disks:
+        if not d.load.readonly:
+            _copy_and_discard(host, report, d, seed)
+            break
+
+
+def _copy_and_discard(host: Host, report: Report, d: _Disk, seed: int) -> None:
+    v = d.vbd
+    start = d.rio_sectors * SECTOR
+    room = v.sc.xbd_media_size - start
+    nbytes = min(16 << 20, room // 2) // SECTOR * SECTOR
+    if nbytes > 1 << 20:
+        nbytes = nbytes // (1 << 20) * (1 << 20)
+    if nbytes > 0:
+        ok, detail = file_copy(v.file, start, nbytes, seed)
+        report.check(f"a file copied onto {d.load.name} and back: equal SHA-256", ok, detail)
+    length = min(1 << 20, room - nbytes) // 4096 * 4096
+    if length >= 3 * 4096:
+        ok, detail = flush_discard(host.sched, v.sc, start + nbytes, length,
                                    lambda fn: host.sched.call(fn, name=f"{v.vdev}/flush"))
-        report.check(f"flush and discard on {v.vdev}", ok, detail)
-    fr = [v.statistics().frontend for v in vbds]
-    disks = []
-    for v, s in zip(vbds, fr, strict=True):
-        load = next((ld for ld in loads if ld.name == v.vdev), None)
-        disks.append({
-            "vdev": v.vdev,
+        report.check(f"flush and discard on {d.load.name}", ok, detail)
+
+
+def _figures(guest: Guest, gp: GuestPlan, disks: Sequence[_Disk]) -> dict[str, Any]:
+    fr = [d.vbd.statistics().frontend for d in disks]
+    out = []
+    for d, s in zip(disks, fr, strict=True):
+        out.append({
+            "vdev": d.vbd.vdev,
+            "image": str(d.image.plan.path) if not gp.is_default else None,
+            "mode": d.image.plan.mode,
+            "size": d.vbd.sc.xbd_media_size,
             "requests": s.requests,
             "indirect_requests": s.indirect_requests,
             "bytes_read": s.bytes_read,
             "bytes_written": s.bytes_written,
-            "bytes_verified": load.bytes_verified if load is not None else 0,
+            "bytes_verified": d.load.bytes_verified,
             "errors": s.errors,
             "deferred_loads": s.deferred_loads,
         })
     gst = guest.gnttab.statistics()
-    figures: dict[str, Any] = {
+    return {
         "name": guest.name,
+        "config": gp.config.source,
         "domid": guest.domid,
-        "max_grant_frames": cfg.max_grant_frames,
+        "memory": gp.config.memory,
+        "max_grant_frames": gp.config.max_grant_frames,
         "grant_entries_peak": gst.peak_allocated,
         "deferred_loads": sum(s.deferred_loads for s in fr),
         "busdma_grant_deferred": _impl(guest).statistics().grant_deferred,
-        "disks": disks,
+        "disks": out,
     }
-    if pause is not None:
-        pause()
-    detached = all([detach_disk(host, v) for v in reversed(vbds)])
-    left = guest.gnttab.statistics()
-    figures["leaked_grant_refs"] = left.allocated
-    report.check("no grant reference left after the disks detached",
-                 left.allocated == 0 and left.granted == 0,
-                 f"{left.allocated} allocated, {left.granted} granted")
-    host.destroy_guest(guest)
-    report.check("disks detached with the libxl sequence and the guest destroyed", detached,
-                 "unplug: online=0 + Closing, backend Closed, directories removed")
-    return figures

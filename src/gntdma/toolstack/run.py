@@ -1,71 +1,135 @@
-"""``gntdma run [CONFIG]``: build a host, run the workloads, check everything, report.
+"""``gntdma run [CONFIG...]``: build a host, run the workloads, check everything, report.
 
-Two phases. A self-test guest shows the grant table and the Xen bus_dma
-handlers at work (grants mapped and copied by dom0, read-only refused, ENOSPC
-and a free callback, a load deferred on a full table). Then the main job: the
-guest of CONFIG (or the built-in default) with its disks, the verified
-workloads, detach. The host's xenstored is served on a Unix socket meanwhile.
+First everything that can be checked is checked (options, configs, disks,
+budgets: :mod:`~gntdma.toolstack.preflight`) and every image is opened and
+locked; a problem there is a :class:`~gntdma.errors.ConfigError` and nothing
+was built. Then two phases. A self-test guest shows the grant table and the
+Xen bus_dma handlers at work (grants mapped and copied by dom0, read-only
+refused, ENOSPC and a free callback, a load deferred on a full table). Then
+the main job: a guest per config (or the built-in default) with its disks,
+the verified workloads, detach. The host's xenstored is served on a Unix
+socket meanwhile.
+
+Whatever ends the run (its end, an error, SIGINT or SIGTERM through
+:class:`~gntdma.toolstack.interrupt.InterruptGuard`), everything gntdma made
+for itself goes: the temporary directory (default images, snapshot
+overlays), the xenstored socket and its directory. Images a config names stay.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import gntdma
 from gntdma.sched import WITNESS, Deadlock, KernelPanic
 from gntdma.toolstack.busdmademo import run_deferred_load_demo
 from gntdma.toolstack.grantdemo import run_grant_demo
 from gntdma.toolstack.host import Host
-from gntdma.toolstack.mainjob import load_config, run_block_job
+from gntdma.toolstack.interrupt import InterruptGuard
+from gntdma.toolstack.mainjob import OpenImages, default_config, open_images, run_block_job
+from gntdma.toolstack.preflight import RunPlan, check_options, check_output, plan_run
 from gntdma.toolstack.report import Report
 from gntdma.toolstack.xs import hold_until_signal, serve_host_xenstored
 
 __all__ = ["run_main_job"]
 
 
-def run_main_job(config: Path | None = None, *, seed: int = 0, json_path: Path | None = None,
-                 duration: float = 5.0, threads: int = 4, image_dir: Path | None = None,
-                 log: Callable[[str], None] = print, hold: bool = False) -> Report:
+def run_main_job(configs: Sequence[Path] | Path | None = None, *, seed: int = 0,
+                 json_path: Path | None = None, duration: float = 5.0, threads: int = 4,
+                 log: Callable[[str], None] = print, hold: bool = False,
+                 overwrite: bool = False, guard: InterruptGuard | None = None) -> Report:
     """Run the job; the report says whether every check held.
 
     With ``hold`` the host stays up after the job until SIGINT or SIGTERM.
-    Raises :class:`~gntdma.errors.ConfigError` for a bad config or option.
-    """
-    from gntdma.errors import ConfigError
 
-    if duration <= 0 or threads < 1:
-        raise ConfigError("--duration must be positive and --threads at least 1")
-    cfg, is_default = load_config(config)
+    Raises:
+        ConfigError: a bad config, disk or option, found before anything ran.
+        Interrupted: SIGINT or SIGTERM (with ``guard`` installed); everything
+            the run made for itself is removed first.
+    """
+    if configs is None:
+        configs = []
+    elif isinstance(configs, Path):
+        configs = [configs]
+    guard = guard if guard is not None else InterruptGuard()
+    guard.phase = "checking the configs"
+    threads, notes = check_options(duration=duration, threads=threads, seed=seed)
+    check_output(json_path, "--json")
+    tmp = Path(tempfile.mkdtemp(prefix="gntdma-run-"))
+    try:
+        plan = plan_run(configs, overwrite=overwrite, default=default_config(),
+                        default_image_dir=tmp)
+        for note in notes + plan.notes:
+            log(note)
+        guard.phase = "opening the images"
+        images = open_images(plan, tmp)
+        try:
+            report = _run(plan, images, seed, duration, threads, log, hold, guard)
+        finally:
+            guard.disarm()
+            images.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    report.figures = {
+        "version": gntdma.__version__,
+        "configs": [str(p) for p in configs] or ["<built-in default>"],
+        "seed": seed,
+        "duration": duration,
+        "threads": threads,
+        "overwrite": overwrite,
+        "notes": notes + plan.notes,
+        **report.figures,
+    }
+    return _finish(report, json_path)
+
+
+def _run(plan: RunPlan, images: OpenImages, seed: int, duration: float, threads: int,
+         log: Callable[[str], None], hold: bool, guard: InterruptGuard) -> Report:
     WITNESS.reset()
     report = Report()
+    guard.phase = "building the host"
     host = Host(seed=seed)
-    xs_socket = serve_host_xenstored(host.xenstored, log)
+    guard.arm(host.sched.call_later)
+    xs_socket = None
+    done = False
     try:
+        xs_socket = serve_host_xenstored(host.xenstored, log)
+        guard.phase = "running the self-test"
         probe = host.create_guest("selftest", memory_mb=16, max_grant_frames=2)
         log(f"self-test: {probe.name} (domid {probe.domid}, max_grant_frames "
             f"{probe.gnttab.max_frames})")
         run_grant_demo(host, probe, report, log=log)
         run_deferred_load_demo(host, probe, report, log=log)
         host.destroy_guest(probe)
+
         def pause() -> None:
-            log(f"job done: {report.format().splitlines()[-1]}; "
-                f"{cfg.name} and its disks stay up")
+            log(f"job done: {report.format().splitlines()[-1]}; the guests and their disks "
+                "stay up")
+            guard.disarm()
             hold_until_signal(log)
+            guard.arm(host.sched.call_later)
+
+        def phase(p: str) -> None:
+            guard.phase = p
 
         try:
-            guest = run_block_job(host, report, cfg, is_default=is_default,
-                                  duration=duration, threads=threads, seed=seed,
-                                  image_dir=image_dir if image_dir is not None else
-                                  (None if is_default else cfg.base_dir), log=log,
-                                  pause=pause if hold else None)
+            figures = run_block_job(host, report, plan, images, duration=duration,
+                                    threads=threads, seed=seed, log=log,
+                                    pause=pause if hold else None, phase=phase)
         except (Deadlock, KernelPanic) as e:
             # The host is wedged: say why, skip the rest, tear down what can be.
             report.check("the job ran to its end (no deadlock, no panic)", False, str(e))
             report.figures["witness"] = {"reversals": len(WITNESS.reversals()),
                                          "panics": len(WITNESS.panics())}
-            return _finish(report, json_path)
-        report.figures["guests"] = [guest]
+            done = True
+            return report
+        report.figures["guests"] = figures
+        guard.phase = "checking the teardown"
         host.sched.yield_()
         leaks = host.leaks()
         report.check("teardown: nothing leaked", not leaks, "; ".join(leaks) or
@@ -76,10 +140,22 @@ def run_main_job(config: Path | None = None, *, seed: int = 0, json_path: Path |
             "reversals": len(WITNESS.reversals()),
             "panics": len(WITNESS.panics()),
         }
+        done = True
     finally:
-        xs_socket.close()
-        host.close()
-    return _finish(report, json_path)
+        guard.disarm()
+        # On the way out of an interruption or an error, the host may be half
+        # way through anything: tear down what can be, and let the first
+        # exception be the one that is reported.
+        try:
+            if xs_socket is not None:
+                xs_socket.close()
+        finally:
+            if done:
+                host.close()
+            else:
+                with contextlib.suppress(Exception):
+                    host.close()
+    return report
 
 
 def _finish(report: Report, json_path: Path | None) -> Report:

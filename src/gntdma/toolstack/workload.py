@@ -5,7 +5,11 @@
   direct and indirect requests). Every 512-byte sector written carries a
   header with its byte offset, a generation counter and the run's seed; every
   read checks each sector against the thread's model of its region (sectors
-  never written must read as zeros).
+  never written must read as the image held them before the run: zeros on an
+  image gntdma created, the image's own bytes on an existing one). Whatever
+  the duration, each thread writes a large run (indirect requests) and one
+  sector (a direct request) and reads both back. On a read-only disk the
+  threads only read, and check every byte against the image.
 - **File copy**: a large file of seeded random bytes is written through the
   disk's file view and read back; the SHA-256 of both must be equal.
 - **Flush and discard**: a flush, then a discarded range must read as zeros
@@ -37,12 +41,20 @@ _HDR: Final = struct.Struct("<8sQQQ")
 RUN_SECTORS: Final = (1, 8, 16, 64, 128, 512, 2048)
 
 
+def _zeros(offset: int, nbytes: int) -> bytes:
+    return bytes(nbytes)
+
+
 @dataclass(eq=False)
 class DiskLoad:
     """What the workload did to one disk."""
 
     name: str
     sc: xbd_softc
+    #: what ``nbytes`` at ``offset`` held before the run (the verifier's oracle for
+    #: sectors never written in the run)
+    base: Callable[[int, int], bytes] = _zeros
+    readonly: bool = False  #: read-only disk: the threads only read
     bytes_verified: int = 0
     reads: int = 0
     writes: int = 0
@@ -54,7 +66,16 @@ def _sector(offset: int, gen: int, seed: int) -> bytes:
     return _HDR.pack(MAGIC, offset, gen, seed) + fill * ((SECTOR - _HDR.size) // 8)
 
 
-_ZERO_SECTOR: Final = bytes(SECTOR)
+def _pick(rng: random.Random, ops: int, nsect: int, last: tuple[int, int],
+          readonly: bool) -> tuple[bool, int, int]:
+    """(write?, start, run) of the next operation of a thread."""
+    if ops < 4:  # first a large run, then one sector: each written, then read back
+        run = max((r for r in RUN_SECTORS if r <= nsect), default=1) if ops < 2 else 1
+        if ops % 2 == 1:
+            return False, last[0], last[1]
+        return not readonly, rng.randrange(0, nsect - run + 1), run
+    run = min(rng.choice(RUN_SECTORS), nsect)
+    return (not readonly and rng.random() < 0.5), rng.randrange(0, nsect - run + 1), run
 
 
 def _worker(sched: Scheduler, load: DiskLoad, first: int, nsect: int, seed: int,
@@ -63,17 +84,19 @@ def _worker(sched: Scheduler, load: DiskLoad, first: int, nsect: int, seed: int,
     model = [0] * nsect  # generation of each sector of my region (0: never written)
     gen = 0
     ops = 0
-    while sched.now() < deadline and ops < max_ops and not load.errors:
+    last = (0, 1)
+    while (ops < 4 or sched.now() < deadline) and ops < max_ops and not load.errors:
+        write, start, run = _pick(rng, ops, nsect, last, load.readonly)
         ops += 1
-        run = min(rng.choice(RUN_SECTORS), nsect)
-        start = rng.randrange(0, nsect - run + 1)
+        last = (start, run)
         offset = (first + start) * SECTOR
-        if rng.random() < 0.5:
+        if write:
             gen += 1
             data = b"".join(_sector(offset + i * SECTOR, gen, seed) for i in range(run))
             error = xbd_write(load.sc, offset, data)
             if error != 0:
-                load.errors.append(f"write of {run} sectors at {offset:#x}: error {error}")
+                load.errors.append(f"{load.name}: write of {run} sectors at {offset:#x}: "
+                                   f"error {error}")
                 return
             for i in range(run):
                 model[start + i] = gen
@@ -81,33 +104,49 @@ def _worker(sched: Scheduler, load: DiskLoad, first: int, nsect: int, seed: int,
             continue
         error, got = xbd_read(load.sc, offset, run * SECTOR)
         if error != 0:
-            load.errors.append(f"read of {run} sectors at {offset:#x}: error {error}")
+            load.errors.append(f"{load.name}: read of {run} sectors at {offset:#x}: "
+                               f"error {error}")
             return
         load.reads += 1
+        base = b""
+        if any(model[start + i] == 0 for i in range(run)):
+            base = load.base(offset, run * SECTOR)
         for i in range(run):
             g = model[start + i]
-            want = _ZERO_SECTOR if g == 0 else _sector(offset + i * SECTOR, g, seed)
+            want = (base[i * SECTOR:(i + 1) * SECTOR] if g == 0
+                    else _sector(offset + i * SECTOR, g, seed))
             have = got[i * SECTOR : (i + 1) * SECTOR]
             if have != want:
                 hdr = _HDR.unpack_from(have) if have[:8] == MAGIC else None
                 load.errors.append(
-                    f"sector at {offset + i * SECTOR:#x}: expected generation {g}, found "
+                    f"{load.name}: sector at {offset + i * SECTOR:#x}: expected "
+                    + (f"generation {g}" if g != 0 else "the image's own bytes") + ", found "
                     + (f"offset {hdr[1]:#x} generation {hdr[2]}" if hdr else "other bytes"))
                 return
         load.bytes_verified += run * SECTOR
 
 
-def verified_random_io(sched: Scheduler, loads: Sequence[DiskLoad], *, threads: int,
-                       duration: float, seed: int, region_sectors: int,
+def verified_random_io(sched: Scheduler, loads: Sequence[DiskLoad], *,
+                       threads: int | Sequence[int],
+                       duration: float, seed: int, region_sectors: int | Sequence[int],
                        max_ops: int = 1 << 30) -> None:
-    """Run ``threads`` verifying threads per disk for ``duration`` seconds; sleeps."""
+    """Run ``threads`` verifying threads per disk for ``duration`` seconds; sleeps.
+
+    ``threads`` and ``region_sectors`` (each thread's region) are for every
+    disk or one per disk; a disk whose region is 0 sectors gets no thread.
+    """
     deadline = sched.now() + duration
+    regions = ([region_sectors] * len(loads) if isinstance(region_sectors, int)
+               else list(region_sectors))
+    counts = [threads] * len(loads) if isinstance(threads, int) else list(threads)
     spawned = []
-    for d, load in enumerate(loads):
-        for t in range(threads):
-            first = t * region_sectors
+    for d, (load, region, count) in enumerate(zip(loads, regions, counts, strict=True)):
+        if region <= 0:
+            continue
+        for t in range(count):
+            first = t * region
             spawned.append(sched.spawn(
-                _worker, sched, load, first, region_sectors, seed * 1000 + d * 100 + t,
+                _worker, sched, load, first, region, seed * 1000 + d * 100 + t,
                 deadline, max_ops, name=f"{load.name}/io{t}"))
     sched.run(until=lambda: all(t.state is ThreadState.DONE for t in spawned))
 

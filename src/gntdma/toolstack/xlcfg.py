@@ -11,11 +11,20 @@ key                   type    meaning
 ===================== ======= ========================================================
 ``name``              string  the domain's name (required)
 ``memory``            integer MiB of guest memory (default 64)
-``max_grant_frames``  integer grant-table frames the guest may grow to (default 64)
-``max_maptrack_frames`` integer maptrack frames (default 1024)
+``max_grant_frames``  integer grant-table frames the guest may grow to, 1 to 64 (default 64)
+``max_maptrack_frames`` integer maptrack frames, 0 to 1024 (default 1024)
 ``disk``              list    disk specifications (below)
-``vif``               list    network interfaces, kept as written for the network code
+``vif``               list    network interfaces: not supported yet; kept as written,
+                              with a note that they are ignored
 ===================== ======= ========================================================
+
+The limits of the two grant-table keys are Xen 4.17's: ``grant_table_init``
+(``xen/common/grant_table.c``) refuses a domain with fewer than one or more
+than ``gnttab_max_frames`` (64) grant frames, or more than
+``gnttab_max_maptrack_frames`` (1024) maptrack frames. Other keys ``xl``
+knows (``builder``, ``vcpus``, ``on_crash``, ...) are accepted, as ``xl``
+would, with a note that gntdma does not use them; an unknown key is an error
+(most often a misspelling).
 
 A disk specification is the xl disk syntax (``xl-disk-configuration(5)``): a
 comma-separated mix of positional parameters ``target, format, vdev, access``
@@ -38,7 +47,7 @@ naming the file and line, and what is wrong there.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, final
 
@@ -48,6 +57,9 @@ __all__ = [
     "DEFAULT_MAX_GRANT_FRAMES",
     "DEFAULT_MAX_MAPTRACK_FRAMES",
     "DEFAULT_MEMORY_MB",
+    "XEN_MAX_GRANT_FRAMES",
+    "XEN_MAX_MAPTRACK_FRAMES",
+    "XL_UNUSED_KEYS",
     "DiskSpec",
     "GuestConfig",
     "XlConfigError",
@@ -61,6 +73,28 @@ __all__ = [
 DEFAULT_MEMORY_MB: Final = 64
 DEFAULT_MAX_GRANT_FRAMES: Final = 64
 DEFAULT_MAX_MAPTRACK_FRAMES: Final = 1024
+#: Xen 4.17's ``opt_max_grant_frames`` and ``opt_max_maptrack_frames`` defaults.
+XEN_MAX_GRANT_FRAMES: Final = 64
+XEN_MAX_MAPTRACK_FRAMES: Final = 1024
+#: Keys of xl.cfg(5) that gntdma accepts and does not use.
+XL_UNUSED_KEYS: Final = frozenset({
+    "builder", "type", "vcpus", "maxvcpus", "cpus", "cpus_soft", "cpu_weight", "cap",
+    "maxmem", "vnuma", "on_poweroff", "on_reboot", "on_watchdog", "on_crash",
+    "on_soft_reset", "kernel", "ramdisk", "cmdline", "root", "extra", "bootloader",
+    "bootloader_args", "uuid", "pool", "seclabel", "init_seclabel", "driver_domain",
+    "device_model_version", "device_model_override", "device_model_stubdomain_override",
+    "vfb", "vkb", "vtpm", "p9", "pvcalls", "channel", "pci", "dtdev", "usbctrl", "usbdev",
+    "serial", "boot", "acpi", "apic", "pae", "hap", "nestedhvm", "viridian", "localtime",
+    "rtc_timeoffset", "videoram", "vga", "stdvga", "sdl", "vnc", "vnclisten", "vncdisplay",
+    "vncpasswd", "keymap", "soundhw", "usb", "usbdevice", "shadow_memory", "tsc_mode",
+    "gfx_passthru", "iomem", "ioports", "irqs", "max_event_channels", "e820_host",
+    "claim_mode", "nomigrate", "altp2m", "xen_platform_pci", "passthrough", "timer_mode",
+    "vdispl", "vsnd", "trap_unmapped_accesses", "device_tree", "gic_version", "nr_spis",
+    "event_channels", "max_grant_version", "vcpu_hard_affinity", "vcpu_soft_affinity",
+    "firmware", "bios", "hdtype", "device_model_args", "device_model_user", "pvshim",
+    "pvshim_path", "pvshim_cmdline", "pvshim_extra", "rdm", "rdm_mem_boundary",
+    "mca_caps", "msitranslate", "pci_permissive", "pci_power_mgmt", "vif2", "vscsi",
+})
 _SECTOR: Final = 512
 
 
@@ -111,6 +145,14 @@ class GuestConfig:
     disks: tuple[DiskSpec, ...] = ()
     vifs: tuple[str, ...] = ()  #: as written
     source: str = "<string>"  #: the file it came from
+    #: ``file:line: note: ...`` for what is accepted and ignored (xl keys, vif)
+    notes: tuple[str, ...] = ()
+    #: (key, line) of every setting
+    lines: tuple[tuple[str, int], ...] = field(default=(), compare=False)
+
+    def line_of(self, key: str) -> int:
+        """The line ``key`` is set on, or 0 (not set: its default)."""
+        return next((line for k, line in self.lines if k == key), 0)
 
     @property
     def base_dir(self) -> Path:
@@ -469,7 +511,8 @@ def _parse(text: str, source: str) -> list[tuple[str, int, Value]]:
         out.append((key, t.line, value))
 
 
-def _int_value(source: str, key: str, line: int, value: Value, minimum: int) -> int:
+def _int_value(source: str, key: str, line: int, value: Value, minimum: int,
+               maximum: int | None = None) -> int:
     if isinstance(value, str):  # libxlu keeps every value as a string: '512' is 512
         try:
             value = int(value.strip(), 0)
@@ -480,6 +523,9 @@ def _int_value(source: str, key: str, line: int, value: Value, minimum: int) -> 
         raise XlConfigError(source, line, f"{key} must be an integer, not a list")
     if value < minimum:
         raise XlConfigError(source, line, f"{key} must be at least {minimum}, not {value}")
+    if maximum is not None and value > maximum:
+        raise XlConfigError(source, line, f"{key} must be at most {maximum} (Xen's limit), "
+                            f"not {value}")
     return value
 
 
@@ -505,6 +551,7 @@ def parse_config(text: str, source: str = "<string>") -> GuestConfig:
         XlConfigError: at the first problem, naming ``source:line``.
     """
     seen: dict[str, int] = {}
+    notes: list[str] = []
     name: str | None = None
     memory = DEFAULT_MEMORY_MB
     grant_frames = DEFAULT_MAX_GRANT_FRAMES
@@ -512,12 +559,16 @@ def parse_config(text: str, source: str = "<string>") -> GuestConfig:
     disks: list[DiskSpec] = []
     vifs: list[str] = []
     for key, line, value in _parse(text, source):
-        if key not in _KEYS:
-            raise XlConfigError(source, line, f"unknown key {key!r} (gntdma knows "
-                                f"{', '.join(_KEYS)})")
         if key in seen:
             raise XlConfigError(source, line, f"{key} is already set on line {seen[key]}")
         seen[key] = line
+        if key in XL_UNUSED_KEYS:
+            notes.append(f"{source}:{line}: note: {key} is an xl key gntdma does not use "
+                         "(ignored)")
+            continue
+        if key not in _KEYS:
+            raise XlConfigError(source, line, f"unknown key {key!r} (gntdma knows "
+                                f"{', '.join(_KEYS)}, and ignores the other xl keys)")
         if key == "name":
             if not isinstance(value, str):
                 raise XlConfigError(source, line, "name must be a quoted string")
@@ -527,9 +578,10 @@ def parse_config(text: str, source: str = "<string>") -> GuestConfig:
         elif key == "memory":
             memory = _int_value(source, key, line, value, 1)
         elif key == "max_grant_frames":
-            grant_frames = _int_value(source, key, line, value, 1)
+            grant_frames = _int_value(source, key, line, value, 1, XEN_MAX_GRANT_FRAMES)
         elif key == "max_maptrack_frames":
-            maptrack_frames = _int_value(source, key, line, value, 0)
+            maptrack_frames = _int_value(source, key, line, value, 0,
+                                         XEN_MAX_MAPTRACK_FRAMES)
         elif key == "disk":
             by_vdev: dict[int, DiskSpec] = {}
             by_target: dict[str, DiskSpec] = {}
@@ -549,11 +601,16 @@ def parse_config(text: str, source: str = "<string>") -> GuestConfig:
                 disks.append(d)
         else:  # vif
             vifs.extend(item for item, _l in _str_list(source, key, line, value))
+            if vifs:
+                notes.append(f"{source}:{line}: note: network devices are not supported "
+                             f"yet: vif ignored ({len(vifs)} interface"
+                             f"{'s' if len(vifs) != 1 else ''})")
     if name is None:
         raise XlConfigError(source, 0, "no name: every guest needs name = '...'")
     return GuestConfig(name=name, memory=memory, max_grant_frames=grant_frames,
                        max_maptrack_frames=maptrack_frames, disks=tuple(disks),
-                       vifs=tuple(vifs), source=source)
+                       vifs=tuple(vifs), source=source, notes=tuple(notes),
+                       lines=tuple(seen.items()))
 
 
 def load_config(path: str | Path) -> GuestConfig:

@@ -1,0 +1,94 @@
+"""SIGINT and SIGTERM during ``gntdma run``: stop at once, clean up, say so in one line.
+
+:class:`InterruptGuard` installs handlers for both signals for the length of
+a run. A signal raises :class:`Interrupted` (a :class:`BaseException`, like
+:class:`KeyboardInterrupt`, so that nothing on the way catches it as an
+error) in the code the main program runs. When it arrives while a simulated
+kernel thread runs, raising it there would kill that thread half-way and leave
+the others waiting for it (a deadlock report instead of "interrupted"), so
+the guard has the scheduler's hub raise it instead, at its next turn; and it
+keeps raising it at every later turn, so that no wait of a teardown on the
+way out (a detach, a disk's release) lingers. :meth:`InterruptGuard.disarm`
+stops that before the host's own teardown. A second signal while the run
+stops is ignored: the cleanup is already under way.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable
+from types import FrameType, TracebackType
+from typing import Any
+
+import greenlet
+
+__all__ = ["InterruptGuard", "Interrupted"]
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(BaseException):
+    """The run was interrupted by a signal; :attr:`status` is the exit status."""
+
+    def __init__(self, signum: int, phase: str = "") -> None:
+        self.signum = signum
+        self.phase = phase
+        super().__init__(signal.Signals(signum).name)
+
+    @property
+    def status(self) -> int:
+        """128 + the signal number: 130 for SIGINT, 143 for SIGTERM."""
+        return 128 + self.signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+
+class InterruptGuard:
+    """SIGINT/SIGTERM handlers for a run (installed only in the main thread)."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        #: what the run was doing; the message names it
+        self.phase = "starting"
+        self._call_later: Callable[[float, Callable[[], None]], Any] | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> InterruptGuard:
+        if threading.current_thread() is threading.main_thread():
+            for sig in _SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.disarm()
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+    def arm(self, call_later: Callable[[float, Callable[[], None]], Any]) -> None:
+        """A host is up: signals are raised by its scheduler's hub from now on."""
+        self._call_later = call_later
+
+    def disarm(self) -> None:
+        """The host is being torn down: no more raising from its scheduler."""
+        self._call_later = None
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum != 0:
+            return  # already stopping
+        self.signum = signum
+        in_main = greenlet.getcurrent().parent is None
+        if self._call_later is None or in_main:
+            if self._call_later is not None:
+                self._call_later(0.0, self._fire)  # later waits end at once too
+            raise Interrupted(signum, self.phase)
+        self._call_later(0.0, self._fire)
+
+    def _fire(self) -> None:
+        if self._call_later is not None:
+            self._call_later(0.0, self._fire)
+        raise Interrupted(self.signum, self.phase)

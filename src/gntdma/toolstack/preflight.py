@@ -1,0 +1,243 @@
+"""Everything ``gntdma run`` checks before it builds anything.
+
+:func:`check_options` and :func:`check_output` take the command line's values;
+:func:`plan_run` reads every config, looks at every disk image and decides what
+the run will do to it (:class:`DiskPlan`). Any problem raises
+:class:`~gntdma.errors.ConfigError` with ``file:line: message``, so that a run
+that starts has everything it needs and a refused one has touched nothing.
+
+What happens to images (the README's "Images" section says the same):
+
+- a target that does not exist is created sparse at its ``size=`` and written
+  directly; it stays after the run (the config names it);
+- an existing target of a read-write disk is opened as a snapshot (QEMU's
+  ``-snapshot``): the guest's writes go to a temporary overlay, removed at the
+  end, and the image is never modified; ``--overwrite`` writes it directly
+  instead (its data is lost, as with fio on a device);
+- a read-only disk gets a read-only workload that checks what the guest reads
+  against the image's own bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from gntdma.errors import ConfigError
+from gntdma.toolstack.xlcfg import DiskSpec, GuestConfig, XlConfigError, load_config
+
+__all__ = [
+    "DOM0_MEMORY_MB",
+    "MAX_THREADS",
+    "MIN_MEMORY_MB",
+    "DiskPlan",
+    "GuestPlan",
+    "RunPlan",
+    "check_options",
+    "check_output",
+    "plan_run",
+]
+
+#: Threads per disk at most; more are capped with a note.
+MAX_THREADS: Final = 64
+#: The least guest memory a run accepts (rings, bounce pages, request buffers).
+MIN_MEMORY_MB: Final = 8
+#: dom0's and the self-test guest's memory, counted against the machine.
+DOM0_MEMORY_MB: Final = 64
+SELFTEST_MEMORY_MB: Final = 16
+#: Handles in dom0's maptrack: 1024 frames of 256 (``struct grant_mapping``).
+DOM0_MAPTRACK_HANDLES: Final = 1024 * 256
+#: Grant references a frame holds (v1: 512 entries of 8 bytes).
+REFS_PER_FRAME: Final = 512
+_SECTOR: Final = 512
+
+
+@dataclass(frozen=True, slots=True)
+class DiskPlan:
+    """One disk of one guest and what the run does to its image."""
+
+    spec: DiskSpec
+    path: Path
+    #: ``create`` (new, written directly), ``snapshot`` (existing, writes to a
+    #: temporary overlay), ``overwrite`` (existing, written: ``--overwrite``),
+    #: ``readonly`` (read-only disk, read-only workload)
+    mode: str
+    exists: bool  #: whether the image existed when the run was planned
+
+
+@dataclass(frozen=True, slots=True)
+class GuestPlan:
+    config: GuestConfig
+    disks: tuple[DiskPlan, ...]
+    is_default: bool = False
+
+
+@dataclass(slots=True)
+class RunPlan:
+    guests: list[GuestPlan]
+    notes: list[str] = field(default_factory=list)
+
+
+def _phys_memory_mb() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 20
+    except (ValueError, OSError, AttributeError):
+        return 1 << 30
+
+
+def check_options(*, duration: float, threads: int, seed: int) -> tuple[int, list[str]]:
+    """The threads per disk to use, and notes; raises ConfigError for an absurd value."""
+    if not math.isfinite(duration) or duration <= 0:
+        raise ConfigError(f"--duration must be a positive number of seconds, not {duration}")
+    if duration > 1e7:
+        raise ConfigError(f"--duration {duration:g} is more than 10^7 seconds")
+    if threads < 1:
+        raise ConfigError(f"--threads must be at least 1, not {threads}")
+    if not 0 <= seed < 1 << 64:
+        raise ConfigError(f"--seed must be from 0 to 2**64-1, not {seed}")
+    if threads > MAX_THREADS:
+        return MAX_THREADS, [f"note: --threads {threads} capped at {MAX_THREADS} per disk"]
+    return threads, []
+
+
+def check_output(path: Path | None, option: str) -> None:
+    """A file the run will write must be writable before the run starts."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise ConfigError(f"{option} {path}: is a directory")
+    parent = path.parent if str(path.parent) != "" else Path(".")
+    if not parent.is_dir():
+        raise ConfigError(f"{option} {path}: no such directory {parent}")
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise ConfigError(f"{option} {path}: not writable")
+    elif not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {path}: cannot create a file in {parent}")
+
+
+def _where(cfg: GuestConfig, spec: DiskSpec) -> str:
+    return f"{cfg.source}:{spec.line}"
+
+
+def _plan_disk(cfg: GuestConfig, spec: DiskSpec, base: Path, overwrite: bool) -> DiskPlan:
+    path = spec.path(base)
+
+    def fail(msg: str) -> ConfigError:
+        return XlConfigError(cfg.source, spec.line, f"disk {spec.vdev}: {msg}")
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise fail(f"cannot look at {path}: {e.strerror}") from None
+    if st is None:
+        if os.path.lexists(path):
+            raise fail(f"{path} is a symbolic link to nothing")
+        if spec.size is None:
+            raise fail(f"{path} does not exist (give size= to create it)")
+        parent = path.parent
+        if not parent.is_dir():
+            raise fail(f"cannot create {path}: no such directory {parent}")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise fail(f"cannot create {path}: {parent} is not writable")
+        vfs = os.statvfs(parent)
+        free = vfs.f_bavail * vfs.f_frsize
+        if spec.size > free:
+            raise fail(f"size={spec.size >> 20} MiB is more than the {free >> 20} MiB free "
+                       f"on the file system of {parent}")
+        return DiskPlan(spec, path, "readonly" if spec.readonly else "create", False)
+    if stat.S_ISDIR(st.st_mode):
+        raise fail(f"{path} is a directory, not a disk image")
+    if not stat.S_ISREG(st.st_mode):
+        raise fail(f"{path} is not a regular file")
+    if st.st_size == 0 or st.st_size % _SECTOR != 0:
+        raise fail(f"{path} has {st.st_size} bytes, not a positive multiple of {_SECTOR}")
+    if spec.size is not None and spec.size != st.st_size:
+        raise fail(f"{path} exists with {st.st_size} bytes, not the size={spec.size} "
+                   "of the config")
+    if not os.access(path, os.R_OK):
+        raise fail(f"{path} is not readable")
+    if spec.readonly:
+        return DiskPlan(spec, path, "readonly", True)
+    if overwrite:
+        if not os.access(path, os.W_OK):
+            raise fail(f"{path} is not writable (--overwrite)")
+        return DiskPlan(spec, path, "overwrite", True)
+    return DiskPlan(spec, path, "snapshot", True)
+
+
+def _identity(path: Path) -> tuple[object, ...]:
+    """The same file has the same identity however it is named."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ("path", os.path.realpath(path))
+    return ("inode", st.st_dev, st.st_ino)
+
+
+def plan_run(configs: Sequence[Path], *, overwrite: bool = False,
+             default: GuestConfig | None = None, default_image_dir: Path | None = None
+             ) -> RunPlan:
+    """Read and check every config and disk; raises ConfigError at the first problem.
+
+    With no ``configs``, ``default`` (its images in ``default_image_dir``,
+    gntdma's own) is the one guest.
+    """
+    cfgs: list[tuple[GuestConfig, Path, bool]] = []
+    if configs:
+        for p in configs:
+            if p.is_dir():
+                raise ConfigError(f"{p}: is a directory, not a config file")
+            c = load_config(p)
+            cfgs.append((c, c.base_dir, False))
+    else:
+        assert default is not None and default_image_dir is not None
+        cfgs.append((default, default_image_dir, True))
+    plan = RunPlan([])
+    names: dict[str, str] = {}
+    files: dict[tuple[object, ...], str] = {}
+    phys = _phys_memory_mb()
+    total_memory = DOM0_MEMORY_MB + SELFTEST_MEMORY_MB
+    total_refs = 0
+    for cfg, base, is_default in cfgs:
+        plan.notes.extend(cfg.notes)
+        if cfg.name in names:
+            raise XlConfigError(cfg.source, cfg.line_of("name"), f"guest name "
+                                f"{cfg.name!r} is already the name of the guest of "
+                                f"{names[cfg.name]}")
+        names[cfg.name] = cfg.source
+        if cfg.memory < MIN_MEMORY_MB:
+            raise XlConfigError(cfg.source, cfg.line_of("memory"), f"memory = "
+                                f"{cfg.memory} MiB is too small: a guest needs at least "
+                                f"{MIN_MEMORY_MB} MiB")
+        if cfg.memory > phys:
+            raise XlConfigError(cfg.source, cfg.line_of("memory"), f"memory = "
+                                f"{cfg.memory} MiB is more than this machine has "
+                                f"({phys} MiB)")
+        total_memory += cfg.memory
+        total_refs += cfg.max_grant_frames * REFS_PER_FRAME
+        disks: list[DiskPlan] = []
+        for spec in cfg.disks:
+            d = _plan_disk(cfg, spec, base, overwrite)
+            key = _identity(d.path)
+            other = files.get(key)
+            if other is not None:
+                raise XlConfigError(cfg.source, spec.line, f"disk {spec.vdev}: {d.path} is "
+                                    f"the same file as the disk on {other}")
+            files[key] = _where(cfg, spec)
+            disks.append(d)
+        plan.guests.append(GuestPlan(cfg, tuple(disks), is_default))
+    if total_memory > phys:
+        raise ConfigError(f"the guests need {total_memory} MiB with dom0's, more than this "
+                          f"machine has ({phys} MiB)")
+    if total_refs > DOM0_MAPTRACK_HANDLES:
+        raise ConfigError(f"the guests may grant {total_refs} references together, more "
+                          f"than dom0's maptrack can map ({DOM0_MAPTRACK_HANDLES} handles)")
+    return plan
