@@ -178,6 +178,10 @@ class Scheduler:
         #: Hung-task threshold in seconds; None follows ``rules`` (off unless strict).
         self.hung_timeout = hung_timeout
         self._deadlock: DeadlockReport | None = None
+        #: Set by a lock or sleep primitive just before it calls ``block`` (the same
+        #: as passing ``onlock``/``idle``, and kept when ``block`` is wrapped).
+        self.wait_onlock = False
+        self.wait_idle = False
         self._last: KThread | None = None
         self._last_point = "switch"
         self.failures: list[tuple[KThread, BaseException]] = []
@@ -278,6 +282,9 @@ class Scheduler:
         t.wmesg = wmesg
         t.wait_site_at = caller_site_raw()
         t.wake_result = 0
+        onlock = onlock or self.wait_onlock
+        idle = idle or self.wait_idle
+        self.wait_onlock = self.wait_idle = False
         t.lockwait = onlock
         t.wait_counted = onlock or (timeout <= 0 and not idle)
         t.blocked_at = self.clock.now()

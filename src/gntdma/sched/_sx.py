@@ -141,7 +141,8 @@ def sx_xlock(sx: Sx) -> None:
     _enter(s, t, sx, site, "sx_xlock")
     while sx.owner is not None or sx.sharers:
         sx.xwaiters.append(t)
-        s.block(sx, "sx_xlock", 0.0, onlock=True)
+        s.wait_onlock = True
+        s.block(sx, "sx_xlock", 0.0)
     sx.owner = t
     _hold(t, sx, site, False)
 
@@ -161,7 +162,8 @@ def sx_slock(sx: Sx) -> None:
     _enter(s, t, sx, site, "sx_slock")
     while sx.owner is not None or (sx.xwaiters and not _holds_shared(t)):
         sx.swaiters.append(t)
-        s.block(sx, "sx_slock", 0.0, onlock=True)
+        s.wait_onlock = True
+        s.block(sx, "sx_slock", 0.0)
     sx.sharers[t] = 1
     _hold(t, sx, site, True)
 

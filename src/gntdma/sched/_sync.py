@@ -160,7 +160,8 @@ def mtx_lock(m: Mutex) -> None:
             # is a thread that blocked with it: that panicked already.
             raise _panic(t, f"spin mutex {m.name} held by a sleeping thread")
         m.waiters.append(t)
-        s.block(m, "mtx", 0.0, onlock=True)
+        s.wait_onlock = True
+        s.block(m, "mtx", 0.0)
     m.owner = t
     t.held.append(HeldLock(m, m.cls, site, m._dupok, False, m._spin))
     if m._spin:
@@ -398,7 +399,8 @@ def _sleep(s: Scheduler, t: KThread, chan: object, m: Mutex | None, wmesg: str,
     if m is not None:
         depth = _drop_for_sleep(m)
     try:
-        rv = s.block(ch, wmesg, timo, idle=(pri & PIDLE) != 0)
+        s.wait_idle = (pri & PIDLE) != 0
+        rv = s.block(ch, wmesg, timo)
     finally:
         if t in ch.waiters:
             ch.waiters.remove(t)
