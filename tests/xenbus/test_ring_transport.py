@@ -262,10 +262,10 @@ def preemptive_host(request: pytest.FixtureRequest) -> Iterator[Host]:
             held_at.append(point)
         real_yield(point)
 
-    def block(wchan: object, wmesg: str, timeout: float = 0.0) -> int:
+    def block(wchan: object, wmesg: str, timeout: float = 0.0, **kw: bool) -> int:
         if lock._is_owned():  # type: ignore[attr-defined]
             held_at.append(wmesg)
-        return real_block(wchan, wmesg, timeout)
+        return real_block(wchan, wmesg, timeout, **kw)
 
     sched.yield_ = yield_  # type: ignore[method-assign]
     sched.block = block  # type: ignore[method-assign]

@@ -229,7 +229,7 @@ class ModelTxn:
 class StoreMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.xsd = Xenstored()
+        self.xsd = Xenstored(domain_exists=lambda domid: True)  # domains 1 and 2 exist
         self.clients = {d: Client(self.xsd, d) for d in DOMIDS}
         self.clients[0].mkdir("/t")
         root = E(b"", ("n0",), ("tool", "t"))

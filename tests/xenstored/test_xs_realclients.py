@@ -103,6 +103,10 @@ def test_chmod_and_permissions(daemon: str) -> None:
     shown = xs(daemon, "xenstore-ls", "-p", "/perm").stdout.splitlines()
     assert shown[0].startswith('a = ""') and shown[0].endswith("(n0)")
     assert shown[1].startswith(' b = "v"') and shown[1].endswith("(n0,r5,b7)")
+    # Owner 3 must exist (do_set_perms: ENOENT for an owner that does not, XSA-322).
+    assert xs(daemon, "xenstore-chmod", "-r", "/perm", "b3", check=False).returncode == 1
+    with SockClient(daemon) as c:
+        c.call(T.XS_INTRODUCE, z("3", "0", "1"))
     xs(daemon, "xenstore-chmod", "-r", "/perm", "b3")
     with SockClient(daemon) as c:
         assert c.get_perms("/perm") == c.get_perms("/perm/a/b") == ["b3"]

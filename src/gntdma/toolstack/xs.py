@@ -321,7 +321,8 @@ class HostXenstore:
     def __init__(self, hv: Hypervisor, sched: Scheduler) -> None:
         self._hv = hv
         self._sched = sched
-        self.xenstored = Xenstored()
+        # A domain exists for xenstored from its creation by the host (XSA-322).
+        self.xenstored = Xenstored(domain_exists=lambda domid: domid in hv.domains)
         self.toolstack = ToolstackXs(self.xenstored, sched)
         self.rings: dict[int, DomainRing] = {}
         self.clients: dict[int, XenStore] = {}

@@ -39,6 +39,7 @@ from gntdma.xenstored._tree import (
     Caller,
     Perm,
     XsPerm,
+    adjust_perms,
     domain_path,
     parent_path,
     perm_for,
@@ -187,13 +188,20 @@ class Connection:
 class Xenstored:
     """The xenstore daemon: the store, its connections, domains and watches."""
 
-    def __init__(self, quotas: Quotas | None = None) -> None:
+    def __init__(self, quotas: Quotas | None = None, *,
+                 domain_exists: Callable[[int], bool] | None = None) -> None:
+        """``domain_exists(domid)``: does the host have that domain (C's
+        ``get_domain_info``)? Without it only dom0 and introduced domains exist."""
         self.lock = threading.RLock()
         self.store = Store()
         self.quotas = quotas if quotas is not None else Quotas()
         self._connections: dict[int, Connection] = {}
         self._conn_ids = itertools.count(1)
         self._domains: dict[int, _Domain] = {}
+        self._domain_exists = domain_exists
+        #: domid -> generation count when xenstored learnt of the domain
+        #: (``struct domain`` ``generation``); dom0 always exists
+        self._domain_gen: dict[int, int] = {0: 0}
 
     # Connections.
 
@@ -256,7 +264,39 @@ class Xenstored:
 
     def access(self, conn: Connection | None, txn: Transaction | None = None) -> Access:
         caller = SYSTEM if conn is None else self.caller(conn)
-        return Access(self.store, caller, self.quotas, txn)
+        return Access(self.store, caller, self.quotas, txn, self)
+
+    # The domains that exist (XSA-322), for the store (DomainTable).
+
+    def _known(self, domid: int) -> int | None:
+        """The generation of ``domid`` if it exists; forgets a domain that was
+        only created by the host once the host has destroyed it (``check_domains``)."""
+        gen = self._domain_gen.get(domid)
+        if (gen is not None and domid != 0 and domid not in self._domains
+                and self._domain_exists is not None and not self._domain_exists(domid)):
+            del self._domain_gen[domid]
+            return None
+        return gen
+
+    def older(self, domid: int, generation: int) -> bool:
+        """``chk_domain_generation``."""
+        gen = self._known(domid)
+        return gen is not None and gen <= generation
+
+    def alloc_permref(self, domid: int) -> bool:
+        """``domain_alloc_permrefs`` for one entry."""
+        if self._known(domid) is not None:
+            return True
+        if (self._domain_exists is not None and 0 <= domid < DOMID_FIRST_RESERVED
+                and self._domain_exists(domid)):
+            self._domain_gen[domid] = self.store.generation  # alloc_domain
+            return True
+        return False
+
+    def domain_exists(self, domid: int) -> bool:
+        """Does ``domid`` exist for xenstored (dom0, introduced, or created by the host)?"""
+        with self.lock:
+            return self._known(domid) is not None
 
     # Watches.
 
@@ -272,20 +312,25 @@ class Xenstored:
     def _may_see(self, conn: Connection, change: Change) -> bool:
         """``watch_permitted`` / ``check_perms_special`` of C xenstored."""
         caller = self.caller(conn)
+        now = self.store.generation
         if change.path.startswith("@"):
             perms = self.store.special_perms.get(change.path)
-            return perms is not None and bool(perm_for(caller, perms) & _READ)
-        if change.old_perms is not None and perm_for(caller, change.old_perms) & _READ:
+            return perms is not None and self._readable(caller, perms, now)
+        if change.old_perms is not None and self._readable(caller, change.old_perms, now):
             return True
         node = change.node if change.node is not None else self.store.nodes.get(change.path)
         if node is None:
             return False
-        if perm_for(caller, node.perms) & _READ:
+        if self._readable(caller, node.perms, node.generation):
             return True
         parent = change.parent
         if parent is None:
             parent = self.store.nodes.get(parent_path(change.path))
-        return parent is not None and bool(perm_for(caller, parent.perms) & _READ)
+        return parent is not None and self._readable(caller, parent.perms, parent.generation)
+
+    def _readable(self, caller: Caller, perms: tuple[Perm, ...], generation: int) -> bool:
+        perms = adjust_perms(perms, generation, self.older)
+        return bool(perm_for(caller, perms) & _READ)
 
     def domain_watches(self, domid: int) -> int:
         return sum(len(c.watches) for c in self._connections.values() if c.domid == domid)
@@ -306,6 +351,7 @@ class Xenstored:
         """
         with self.lock:
             self._check_guest(domid)
+            self._domain_gen.setdefault(domid, self.store.generation)
             home = domain_path(domid)
             acc = self.access(None)
             acc.mkdir(home)
@@ -339,6 +385,7 @@ class Xenstored:
                     self._reset(conn)
             return
         self._domains[domid] = _Domain(domid, gfn, port)
+        self._domain_gen.setdefault(domid, self.store.generation)  # find_or_alloc_domain
         self._fire([Change("@introduceDomain", exact=True)])
 
     def release_domain(self, domid: int) -> None:
@@ -351,6 +398,9 @@ class Xenstored:
             if domid not in self._domains:
                 raise XsError(errno.ENOENT, f"domain {domid} is not introduced")
             del self._domains[domid]
+            # destroy_domain: the struct domain goes, and with it every
+            # permission entry naming it (a later domain with this domid is younger).
+            self._domain_gen.pop(domid, None)
             for conn in list(self._connections.values()):
                 if conn.domid == domid:
                     self._kill(conn, f"domain {domid} released")

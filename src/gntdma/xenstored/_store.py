@@ -35,13 +35,14 @@ import errno
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import Final
+from typing import Final, Protocol
 
 from gntdma.xenstored._tree import (
     Caller,
     Node,
     Perm,
     XsPerm,
+    adjust_perms,
     basename,
     child_path,
     domain_path,
@@ -65,6 +66,7 @@ __all__ = [
     "Access",
     "AccessedNode",
     "Change",
+    "DomainTable",
     "Quotas",
     "Store",
     "Transaction",
@@ -108,6 +110,33 @@ class Quotas:
     permissions: int = QUOTA_NB_PERMS_PER_NODE  #: entries of a permission list
     transaction_nodes: int = QUOTA_TRANS_NODES  #: nodes touched by one transaction
     path_max: int = QUOTA_MAX_PATH_LEN  #: path length (below /local/domain/N/)
+
+
+class DomainTable(Protocol):
+    """The domains xenstored knows of (C's list of ``struct domain``)."""
+
+    def older(self, domid: int, generation: int) -> bool:
+        """``chk_domain_generation``: ``domid`` exists and is not younger than
+        a node of ``generation``."""
+        ...
+
+    def alloc_permref(self, domid: int) -> bool:
+        """``domain_alloc_permrefs`` for one entry: True if ``domid`` exists
+        (known, or created by the host: then it is known from now on)."""
+        ...
+
+
+class _Everyone:
+    """The table of a bare store: every domain exists, since always."""
+
+    def older(self, domid: int, generation: int) -> bool:
+        return True
+
+    def alloc_permref(self, domid: int) -> bool:
+        return True
+
+
+_EVERYONE: Final = _Everyone()
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,26 +272,34 @@ class Access:
     """One caller's view of the store, outside or inside a transaction."""
 
     def __init__(
-        self, store: Store, caller: Caller, quotas: Quotas, txn: Transaction | None = None
+        self, store: Store, caller: Caller, quotas: Quotas, txn: Transaction | None = None,
+        domains: DomainTable | None = None,
     ) -> None:
         self.store = store
         self.caller = caller
         self.quotas = quotas
         self.txn = txn
+        self.domains: DomainTable = domains if domains is not None else _EVERYONE
         #: changes made outside a transaction, for the caller to fire
         self.changes: list[Change] = []
 
     # Low level: node I/O through the transaction.
 
     def get(self, path: str) -> Node | None:
-        """``read_node``: the node (the transaction's copy, made on first access)."""
+        """``read_node``: the node (the transaction's copy, made on first access),
+        its permission entries for gone or younger domains marked ignored."""
         txn = self.txn
         if txn is None:
-            return self.store.nodes.get(path)
-        a = txn.accessed.get(path)
-        if a is None:
-            a = self._first_access(txn, path, check_gen=True)
-        return a.node
+            node = self.store.nodes.get(path)
+        else:
+            a = txn.accessed.get(path)
+            if a is None:
+                a = self._first_access(txn, path, check_gen=True)
+            node = a.node
+        if node is None or len(node.perms) == 1:
+            return node
+        perms = adjust_perms(node.perms, node.generation, self.domains.older)
+        return node if perms is node.perms else replace(node, perms=perms)
 
     def _first_access(self, txn: Transaction, path: str, *, check_gen: bool) -> AccessedNode:
         """``access_node`` on a node the transaction has not touched yet."""
@@ -467,6 +504,12 @@ class Access:
         perms = tuple(p for p in parsed if p is not None)
         if len(perms) != len(parsed):
             raise XsError(errno.EINVAL, f"bad permissions {perm_strings!r}")
+        # domain_alloc_permrefs: entries naming no existing domain are ignored;
+        # a non-existent owner is ENOENT (do_set_perms, before any node check).
+        perms = tuple(p if self.domains.alloc_permref(p.domid) else replace(p, ignore=True)
+                      for p in perms)
+        if perms[0].ignore:
+            raise XsError(errno.ENOENT, f"owner domain {perms[0].domid} does not exist")
         if name.startswith("@"):
             self._set_special_perms(name, perms)
             return

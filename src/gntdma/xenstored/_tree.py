@@ -10,11 +10,18 @@ Rules follow C xenstored 4.17 (``xenstored_core.c``, ``xs_lib.c``):
   the access of every domain not listed later; the owner (and a domain whose
   target is the owner) always has read, write and owner rights; privileged
   callers (domid 0) bypass all checks.
+* XSA-322 (``xenstored_domain.c``: ``domain_alloc_permrefs``,
+  ``domain_adjust_node_perms``, ``chk_domain_generation``): an entry after the
+  first that names a domain which does not exist, or which came into being
+  after the node was last written (a new domain reusing the domid), is marked
+  ignored (C's ``XS_PERM_IGNORE``) and grants nothing; the mark is kept when
+  the node is written again. GET_PERMS still lists the entry.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntFlag
 from typing import Final
@@ -26,9 +33,11 @@ __all__ = [
     "DOMID_SELF",
     "NODE_HEADER_SIZE",
     "Caller",
+    "DomainOlder",
     "Node",
     "Perm",
     "XsPerm",
+    "adjust_perms",
     "basename",
     "child_path",
     "domain_path",
@@ -77,6 +86,8 @@ class Perm:
 
     domid: int  #: u32 as stored by C xenstored
     access: XsPerm  #: NONE, READ, WRITE or READ|WRITE
+    #: C's ``XS_PERM_IGNORE``: the entry names a domain that is gone (or newer)
+    ignore: bool = False
 
     def __str__(self) -> str:
         signed = self.domid - (1 << 32) if self.domid >= 1 << 31 else self.domid
@@ -160,9 +171,30 @@ def perm_for(caller: Caller, perms: tuple[Perm, ...]) -> XsPerm:
     ):
         return _ALL
     for p in perms[1:]:
+        if p.ignore:
+            continue
         if p.domid == caller.domid or (caller.target is not None and p.domid == caller.target):
             return p.access
     return perms[0].access
+
+
+#: ``older(domid, generation)``: the domain exists and is not younger than a
+#: node of that generation (``chk_domain_generation`` returning 1).
+DomainOlder = Callable[[int, int], bool]
+
+
+def adjust_perms(perms: tuple[Perm, ...], generation: int,
+                 older: DomainOlder) -> tuple[Perm, ...]:
+    """``domain_adjust_node_perms``: mark the entries after the first whose
+    domain is gone or younger than the node (``generation``) as ignored."""
+    out: list[Perm] | None = None
+    for i in range(1, len(perms)):
+        p = perms[i]
+        if not p.ignore and not older(p.domid, generation):
+            if out is None:
+                out = list(perms)
+            out[i] = Perm(p.domid, p.access, True)
+    return perms if out is None else tuple(out)
 
 
 def domain_path(domid: int) -> str:
