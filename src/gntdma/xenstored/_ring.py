@@ -85,7 +85,9 @@ from gntdma.sched import Scheduler, mb, rmb, wmb
 from gntdma.xenstored._core import Connection, Xenstored
 
 __all__ = [
+    "MAP_ADDRESSES",
     "DomainRing",
+    "MapAddresses",
     "RingError",
     "RingStatistics",
 ]
@@ -99,6 +101,47 @@ _U32: Final = struct.Struct("=I")
 _M32: Final = 0xFFFFFFFF
 #: Features this daemon offers.
 _SERVER_FEATURES: Final = XENSTORE_SERVER_FEATURE_RECONNECTION | XENSTORE_SERVER_FEATURE_ERROR
+
+
+#: xenstored's own address range for the store pages it maps (a dom0 user
+#: process picks the address of a grant map itself; gntdma's is private to it).
+XENSTORED_MAP_BASE: Final = 0x7F00_0000_0000
+XENSTORED_MAP_PAGES: Final = 0x8000  # one page per domain: DOMID_FIRST_RESERVED
+_PAGE_SIZE: Final = 4096
+
+
+class MapAddresses:
+    """Page-aligned, non-zero host addresses for grant maps, from a private range."""
+
+    def __init__(self, base: int = XENSTORED_MAP_BASE, pages: int = XENSTORED_MAP_PAGES) -> None:
+        assert base != 0 and base % _PAGE_SIZE == 0
+        self._base = base
+        self._pages = pages
+        self._next = 0
+        self._free: list[int] = []
+        self.in_use: set[int] = set()
+        self._lock = threading.Lock()
+
+    def alloc(self) -> int:
+        with self._lock:
+            if self._free:
+                addr = self._free.pop()
+            elif self._next < self._pages:
+                addr = self._base + self._next * _PAGE_SIZE
+                self._next += 1
+            else:
+                raise RingError("xenstored: no free address to map a store page at")
+            self.in_use.add(addr)
+            return addr
+
+    def free(self, addr: int) -> None:
+        with self._lock:
+            self.in_use.remove(addr)
+            self._free.append(addr)
+
+
+#: The addresses of the one xenstored process of the emulated host.
+MAP_ADDRESSES: Final = MapAddresses()
 
 
 class RingError(GntdmaError):
@@ -164,6 +207,8 @@ class DomainRing:
         self.closed = False
         #: dom0's maptrack handle of the mapped page (None: the server's own page)
         self.handle: int | None = None
+        #: the host address the page is mapped at (0: the server's own page)
+        self.host_addr = 0
         self.local_port = 0
         self.error = XENSTORE_ERROR_NONE
         self.last_error = XENSTORE_ERROR_NONE
@@ -201,13 +246,16 @@ class DomainRing:
     def _map_page(self, gref: int) -> memoryview:
         if self.domid == self.server_domid:
             return self._hv.domains[self.domid].memory.page(self.gfn)
-        op = GnttabMapGrantRef(flags=GNTMAP_host_map, ref=gref, dom=self.domid)
+        addr = MAP_ADDRESSES.alloc()
+        op = GnttabMapGrantRef(host_addr=addr, flags=GNTMAP_host_map, ref=gref, dom=self.domid)
         rc, res = self._hv.grant_table_op(self.server_domid, GNTTABOP_map_grant_ref, [op])
         r = res[0] if rc == 0 and res else None
         if not isinstance(r, GnttabMapGrantRef) or r.status != GNTST_okay:
+            MAP_ADDRESSES.free(addr)
             status = r.status if isinstance(r, GnttabMapGrantRef) else rc
             raise RingError(f"dom{self.domid}: cannot map store grant {gref} ({status})")
         self.handle = r.handle
+        self.host_addr = addr
         return self._hv.mapped_page(self.server_domid, r.handle)
 
     def _init_page(self) -> None:
@@ -235,9 +283,16 @@ class DomainRing:
             self._hv.evtchn_close(self.server_domid, self.local_port)
             self.local_port = 0
         if self.handle is not None:
-            op = GnttabUnmapGrantRef(handle=self.handle)
-            self._hv.grant_table_op(self.server_domid, GNTTABOP_unmap_grant_ref, [op])
+            op = GnttabUnmapGrantRef(host_addr=self.host_addr, handle=self.handle)
+            rc, res = self._hv.grant_table_op(self.server_domid, GNTTABOP_unmap_grant_ref, [op])
+            r = res[0] if rc == 0 and res else None
+            if isinstance(r, GnttabUnmapGrantRef) and r.status == GNTST_okay:
+                MAP_ADDRESSES.free(self.host_addr)  # else leaked: never reused while mapped
+            else:
+                log.warning("dom%d: unmap of the store page failed (%s)", self.domid,
+                            r.status if isinstance(r, GnttabUnmapGrantRef) else rc)
             self.handle = None
+            self.host_addr = 0
         else:
             self._page.release()
 
