@@ -89,6 +89,7 @@ from gntdma.dev.blkfront_cmd import (
     XBDF_READONLY,
     XbdBackendFeatures,
     XbdStatistics,
+    xbd_discard_limits,
 )
 from gntdma.dev.blkfront_req import xbd_softc_req
 from gntdma.dev.blkfront_softc import xbd_command
@@ -286,7 +287,11 @@ class xbd_softc(xbd_softc_req):
         self._xbd_lock()
         self.xbd_features = features
         self.xbd_sector_size = ssize
-        self.xbd_media_size = features.sectors * ssize
+        # Sector quantities are 512-byte units: we do not advertise
+        # feature-large-sector-size (blkif.h); ssize is the logical block size.
+        self.xbd_media_size = features.media_size
+        (self.xbd_discard_max_sectors, self.xbd_discard_granularity,
+         self.xbd_discard_alignment) = xbd_discard_limits(features)
         self.xbd_max_request_segments = segs
         self.xbd_max_request_indirectpages = (XBD_INDIRECT_SEGS_TO_PAGES(segs)
                                               if indirect_dmat is not None else 0)

@@ -58,6 +58,8 @@ __all__ = [
     "XBD_INDIRECT_SEGS_TO_PAGES",
     "XBD_SEGS_TO_SIZE",
     "XBD_SIZE_TO_SEGS",
+    "xbd_discard_limits",
+    "xbd_discard_pieces",
     "xbd_mksegarray",
 ]
 
@@ -130,9 +132,14 @@ XBD_DEFAULT_MAX_INDIRECT_SEGMENTS: Final = XBD_SIZE_TO_SEGS(MAXPHYS)
 class XbdBackendFeatures:
     """The backend's xenstore values the frontend uses (blkif.h section "backend").
 
-    ``sectors`` counts ``sector_size`` units; ``max_indirect_segments`` 0 means
-    no indirect requests; ``max_ring_page_order`` is read before the ring is
-    allocated (InitWait), the rest at Connected.
+    ``sectors`` counts 512-byte units: blkfront does not advertise
+    ``feature-large-sector-size``, so every sector quantity on the wire is in
+    512-byte units (blkif.h, ``sector-size``), and a larger ``sector_size`` is
+    the disk's logical block size only, as Linux xen-blkfront takes it.
+    ``max_indirect_segments`` 0 means no indirect requests;
+    ``discard_granularity`` and ``discard_alignment`` are bytes, 0 when absent;
+    ``max_ring_page_order`` is read before the ring is allocated (InitWait),
+    the rest at Connected.
     """
 
     sectors: int = 0
@@ -141,12 +148,15 @@ class XbdBackendFeatures:
     feature_flush_cache: bool = False
     feature_barrier: bool = False
     feature_discard: bool = False
+    discard_granularity: int = 0
+    discard_alignment: int = 0
     max_indirect_segments: int = 0
     max_ring_page_order: int = 0
 
     @property
     def media_size(self) -> int:
-        return self.sectors * self.sector_size
+        """Bytes on the disk: ``sectors`` are 512-byte units (see the class)."""
+        return self.sectors * BLKIF_SECTOR_SIZE
 
     @staticmethod
     def max_ring_page_order_from_xenstore(read: Callable[[str], str | None]) -> int:
@@ -187,6 +197,8 @@ class XbdBackendFeatures:
         for key, default in ((BlkifKey.SECTORS, -1), (BlkifKey.SECTOR_SIZE, BLKIF_SECTOR_SIZE),
                              (BlkifKey.INFO, 0), (BlkifKey.FEATURE_FLUSH_CACHE, 0),
                              (BlkifKey.FEATURE_BARRIER, 0), (BlkifKey.FEATURE_DISCARD, 0),
+                             (BlkifKey.DISCARD_GRANULARITY, 0),
+                             (BlkifKey.DISCARD_ALIGNMENT, 0),
                              (BlkifKey.FEATURE_MAX_INDIRECT_SEGMENTS, 0),
                              (BlkifKey.MAX_RING_PAGE_ORDER, -1), (BlkifKey.MAX_RING_PAGES, 0)):
             v = num(key.value, default)
@@ -210,6 +222,8 @@ class XbdBackendFeatures:
             feature_flush_cache=vals[BlkifKey.FEATURE_FLUSH_CACHE.value] != 0,
             feature_barrier=vals[BlkifKey.FEATURE_BARRIER.value] != 0,
             feature_discard=vals[BlkifKey.FEATURE_DISCARD.value] != 0,
+            discard_granularity=vals[BlkifKey.DISCARD_GRANULARITY.value],
+            discard_alignment=vals[BlkifKey.DISCARD_ALIGNMENT.value],
             max_indirect_segments=vals[BlkifKey.FEATURE_MAX_INDIRECT_SEGMENTS.value],
             max_ring_page_order=min(order, XBD_MAX_RING_PAGE_ORDER),
         )
@@ -265,3 +279,49 @@ def xbd_mksegarray(segs: list[bus_dma_segment_t], nsegs: int,
             raise KernelPanic(f"xbd_mksegarray: segment {i} {s} crosses a page")
         out.append(BlkifRequestSegment(gref=refs[i], first_sect=fsect, last_sect=lsect))
     return out
+
+
+# -- discard limits -----------------------------------------------------------------------------
+
+
+def xbd_discard_limits(features: XbdBackendFeatures) -> tuple[int, int, int]:
+    """(max_sectors, granularity, alignment) of discards, in 512-byte sectors.
+
+    As Linux sets them (xen-blkfront ``blkif_set_queue_limits``, then the block
+    layer's ``__blkdev_issue_discard``): the granularity is
+    ``discard-granularity`` (the sector size when absent, blkif.h note 4), at
+    least one sector; the alignment is ``discard-alignment`` modulo the
+    granularity; the largest discard is the capacity rounded down to the
+    granularity (0: the disk is smaller than one granule).
+    """
+    gran_bytes = features.discard_granularity
+    if gran_bytes == 0:
+        gran_bytes = features.sector_size
+    gran = max(gran_bytes // BLKIF_SECTOR_SIZE, 1)
+    align = (features.discard_alignment // BLKIF_SECTOR_SIZE) % gran
+    max_sectors = features.sectors - features.sectors % gran
+    return max_sectors, gran, align
+
+
+def xbd_discard_pieces(sector: int, nr_sectors: int, max_sectors: int, gran: int,
+                       align: int) -> list[tuple[int, int]]:
+    """(sector, nr_sectors) of each discard request for one delete, in order.
+
+    Each is at most ``max_sectors``; where a delete is split, the split point
+    is moved back to the last sector that is ``align`` modulo ``gran`` (Linux
+    ``__blkdev_issue_discard``). Empty when ``max_sectors`` is 0 (Linux
+    refuses such a discard with ``EOPNOTSUPP``).
+    """
+    if max_sectors <= 0:
+        return []
+    pieces: list[tuple[int, int]] = []
+    while nr_sectors > 0:
+        req = min(nr_sectors, max_sectors)
+        end = sector + req
+        if req < nr_sectors and end % gran != align:
+            end = (end - align) // gran * gran + align
+            req = end - sector
+        pieces.append((sector, req))
+        sector += req
+        nr_sectors -= req
+    return pieces

@@ -46,6 +46,7 @@ from gntdma.dev.blkfront_cmd import (
     XBDF_FREED,
     XBDF_READONLY,
     XBDF_WAIT_IDLE,
+    xbd_discard_pieces,
     xbd_mksegarray,
 )
 from gntdma.dev.blkfront_softc import XBD_RW_OPS, xbd_command, xbd_softc_base
@@ -122,6 +123,20 @@ class xbd_softc_req(xbd_softc_base):
                 return
             if bp.bio_cmd in (BIO_READ, BIO_WRITE) and bp.bio_bcount > self.xbd_max_request_size:
                 self.xbd_bioq.extend(self._xbd_split(bp))
+            elif bp.bio_cmd == BIO_DELETE:
+                pieces = xbd_discard_pieces(
+                    bp.bio_offset // BLKIF_SECTOR_SIZE, bp.bio_bcount // BLKIF_SECTOR_SIZE,
+                    self.xbd_discard_max_sectors, self.xbd_discard_granularity,
+                    self.xbd_discard_alignment)
+                if not pieces:
+                    self._xbd_bio_done(bp, errno.EOPNOTSUPP if bp.bio_bcount > 0 else 0)
+                    return
+                if len(pieces) > 1:
+                    self.xbd_bioq.extend(self._xbd_split_at(
+                        bp, [(s * BLKIF_SECTOR_SIZE - bp.bio_offset, n * BLKIF_SECTOR_SIZE)
+                             for s, n in pieces]))
+                else:
+                    self.xbd_bioq.append(bp)
             else:
                 self.xbd_bioq.append(bp)
             self.xbd_startio()
@@ -152,12 +167,14 @@ class xbd_softc_req(xbd_softc_base):
     def _xbd_split(self, bp: bio) -> list[bio]:
         """Children of at most one request each, completing ``bp`` when all are done."""
         step = self.xbd_max_request_size
-        n = (bp.bio_bcount + step - 1) // step
-        split = _Split(bp, n)
+        return self._xbd_split_at(bp, [(off, min(step, bp.bio_bcount - off))
+                                       for off in range(0, bp.bio_bcount, step)])
+
+    def _xbd_split_at(self, bp: bio, pieces: list[tuple[int, int]]) -> list[bio]:
+        """Children for ``pieces`` ((offset in ``bp``, length) each), completing ``bp``."""
+        split = _Split(bp, len(pieces))
         children: list[bio] = []
-        for i in range(n):
-            off = i * step
-            ln = min(step, bp.bio_bcount - off)
+        for i, (off, ln) in enumerate(pieces):
             child = bio(bio_cmd=bp.bio_cmd, bio_offset=bp.bio_offset + off, bio_bcount=ln,
                         bio_done=self._xbd_child_done, bio_caller1=split)
             if i == 0:
@@ -220,7 +237,14 @@ class xbd_softc_req(xbd_softc_base):
 
     def xbd_bio_command(self) -> xbd_command | None:
         """A command for the next queued bio (None: no bio, or must wait)."""
-        if not self.xbd_bioq:
+        bioq = self.xbd_bioq
+        while bioq and ((bioq[0].bio_cmd == BIO_FLUSH
+                         and self.xbd_flags & (XBDF_FLUSH | XBDF_BARRIER) == 0)
+                        or (bioq[0].bio_cmd == BIO_DELETE
+                            and self.xbd_flags & XBDF_DISCARD == 0)):
+            # The backend answered EOPNOTSUPP to one since this was queued.
+            self._xbd_bio_done(bioq.popleft(), errno.EOPNOTSUPP)
+        if not bioq:
             return None
         cm = self._xbd_dequeue(self.xbd_cm_free)
         if cm is None:
@@ -436,7 +460,15 @@ class xbd_softc_req(xbd_softc_base):
             elif cm.cm_operation == BLKIF_OP_WRITE:
                 self._st_bytes_written += cm.cm_bytes
         elif status == BLKIF_RSP_EOPNOTSUPP:
+            # Linux xen-blkfront (blkif_interrupt): the backend no longer offers
+            # the operation; nothing of the kind is sent again. The bio gets
+            # EOPNOTSUPP, as every later flush or delete does at submission.
             error = errno.EOPNOTSUPP
+            op = cm.cm_operation
+            if op == BLKIF_OP_FLUSH_DISKCACHE or op == BLKIF_OP_WRITE_BARRIER:
+                self.xbd_flags &= ~(XBDF_FLUSH | XBDF_BARRIER)
+            elif op == BLKIF_OP_DISCARD:
+                self.xbd_flags &= ~XBDF_DISCARD
         else:
             error = errno.EIO
         self.xbd_free_command(cm)

@@ -187,6 +187,10 @@ class xbd_softc_base:
         self.xbd_features = XbdBackendFeatures()
         self.xbd_sector_size = BLKIF_SECTOR_SIZE
         self.xbd_media_size = 0
+        #: Discard limits in 512-byte sectors (``xbd_discard_limits``).
+        self.xbd_discard_max_sectors = 0
+        self.xbd_discard_granularity = 1
+        self.xbd_discard_alignment = 0
         self.xbd_max_request_segments = BLKIF_MAX_SEGMENTS_PER_REQUEST
         self.xbd_max_request_indirectpages = 0
         self.xbd_max_request_size = XBD_SEGS_TO_SIZE(BLKIF_MAX_SEGMENTS_PER_REQUEST)
