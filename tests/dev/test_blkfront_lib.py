@@ -100,6 +100,8 @@ class MiniBack:
     ring: BackRing | None = None
     ring_handles: list[int] = field(default_factory=list)
     port: int = 0
+    #: handle -> the host address its map was given.
+    _addrs: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.disk = bytearray(self.size)
@@ -151,13 +153,26 @@ class MiniBack:
     # -- grants ----------------------------------------------------------------------
 
     def _map(self, refs: Sequence[tuple[int, bool]]) -> list[int] | None:
-        """Map (ref, readonly) pairs in one batch; None (nothing kept) if any fails."""
-        ops = [GnttabMapGrantRef(flags=GNTMAP_host_map | (GNTMAP_readonly if ro else 0),
-                                 ref=ref, dom=self.g.domid) for ref, ro in refs]
+        """Map (ref, readonly) pairs in one batch, each at a host address of this
+        domain's foreign-page range; None (nothing kept) if any fails."""
+        addrs = []
+        for _ in refs:
+            error, addr = self.hc.foreign.alloc()
+            assert error == 0
+            addrs.append(addr)
+        ops = [GnttabMapGrantRef(host_addr=addr,
+                                 flags=GNTMAP_host_map | (GNTMAP_readonly if ro else 0),
+                                 ref=ref, dom=self.g.domid)
+               for (ref, ro), addr in zip(refs, addrs, strict=True)]
         rc, res = self.hc.grant_table_op(GNTTABOP_map_grant_ref, ops)
         assert rc == 0
-        ok = [r.handle for r in res
-              if isinstance(r, GnttabMapGrantRef) and r.status == GNTST_okay]
+        ok = []
+        for r, addr in zip(res, addrs, strict=True):
+            if isinstance(r, GnttabMapGrantRef) and r.status == GNTST_okay:
+                ok.append(r.handle)
+                self._addrs[r.handle] = addr
+            else:
+                self.hc.foreign.free(addr)
         if len(ok) != len(ops):
             self._unmap(ok)
             return None
@@ -166,10 +181,15 @@ class MiniBack:
     def _unmap(self, handles: Sequence[int]) -> None:
         if not handles:
             return
-        rc, res = self.hc.grant_table_op(GNTTABOP_unmap_grant_ref,
-                                         [GnttabUnmapGrantRef(handle=h) for h in handles])
+        addrs = [self._addrs.pop(h) for h in handles]
+        rc, res = self.hc.grant_table_op(
+            GNTTABOP_unmap_grant_ref,
+            [GnttabUnmapGrantRef(host_addr=a, handle=h) for h, a in zip(handles, addrs,
+                                                                        strict=True)])
         assert rc == 0 and all(isinstance(r, GnttabUnmapGrantRef) and r.status == GNTST_okay
                                for r in res)
+        for a in addrs:
+            self.hc.foreign.free(a)
 
     def _writable_too(self, ref: int) -> bool:
         h = self._map([(ref, False)])

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import struct
-
 import pytest
+from hv_grant_helpers import copy, entry_flags, grant, map_, setup, unmap
 
 from gntdma.abi.grant_table import (
     GNTCOPY_dest_gref,
@@ -21,17 +20,9 @@ from gntdma.abi.grant_table import (
     GNTST_no_space,
     GNTST_okay,
     GNTST_permission_denied,
-    GnttabCopy,
-    GnttabCopyPtr,
-    GnttabMapGrantRef,
-    GNTTABOP_copy,
     GNTTABOP_map_grant_ref,
     GNTTABOP_query_size,
-    GNTTABOP_setup_table,
-    GNTTABOP_unmap_grant_ref,
     GnttabQuerySize,
-    GnttabSetupTable,
-    GnttabUnmapGrantRef,
     GTF_permit_access,
     GTF_reading,
     GTF_readonly,
@@ -39,51 +30,6 @@ from gntdma.abi.grant_table import (
 )
 from gntdma.abi.xen import DOMID_SELF
 from gntdma.hv import MAPTRACK_PER_FRAME, Domain, Hypervisor
-
-
-def setup(hv: Hypervisor, d: Domain, frames: int = 1) -> int:
-    op = GnttabSetupTable(dom=DOMID_SELF, nr_frames=frames, status=0, frame_list=0)
-    rc, (res,) = hv.grant_table_op(d.domid, GNTTABOP_setup_table, [op])
-    assert rc == 0
-    assert isinstance(res, GnttabSetupTable)
-    return res.status
-
-
-def grant(hv: Hypervisor, d: Domain, ref: int, domid: int, frame: int, flags: int) -> None:
-    frames = hv.grant_frames(d.domid)
-    f, i = divmod(ref, 512)
-    struct.pack_into("<HHI", frames[f], i * 8, flags, domid, frame)
-
-
-def entry_flags(hv: Hypervisor, d: Domain, ref: int) -> int:
-    f, i = divmod(ref, 512)
-    return int(struct.unpack_from("<H", hv.grant_frames(d.domid)[f], i * 8)[0])
-
-
-def map_(hv: Hypervisor, caller: Domain, dom: int, ref: int,
-         flags: int = GNTMAP_host_map) -> GnttabMapGrantRef:
-    op = GnttabMapGrantRef(host_addr=0, flags=flags, ref=ref, dom=dom, status=0, handle=0,
-                           dev_bus_addr=0)
-    rc, (res,) = hv.grant_table_op(caller.domid, GNTTABOP_map_grant_ref, [op])
-    assert rc == 0 and isinstance(res, GnttabMapGrantRef)
-    return res
-
-
-def unmap(hv: Hypervisor, caller: Domain, handle: int) -> int:
-    op = GnttabUnmapGrantRef(host_addr=0, dev_bus_addr=0, handle=handle, status=0)
-    rc, (res,) = hv.grant_table_op(caller.domid, GNTTABOP_unmap_grant_ref, [op])
-    assert rc == 0 and isinstance(res, GnttabUnmapGrantRef)
-    return res.status
-
-
-def copy(hv: Hypervisor, caller: Domain, src: tuple[int, int, int], dst: tuple[int, int, int],
-         length: int, flags: int) -> int:
-    op = GnttabCopy(source=GnttabCopyPtr(u=src[0], domid=src[1], offset=src[2]),
-                    dest=GnttabCopyPtr(u=dst[0], domid=dst[1], offset=dst[2]),
-                    len=length, flags=flags, status=0)
-    rc, (res,) = hv.grant_table_op(caller.domid, GNTTABOP_copy, [op])
-    assert rc == 0 and isinstance(res, GnttabCopy)
-    return res.status
 
 
 def test_setup_and_query_size(hv: Hypervisor, guest: Domain) -> None:
@@ -113,12 +59,12 @@ def test_map_sets_pin_flags_and_gives_one_page(hv: Hypervisor, dom0: Domain,
     ro = map_(hv, dom0, guest.domid, 8, GNTMAP_host_map | GNTMAP_readonly)
     assert ro.status == GNTST_okay
     assert hv.mapped_page(0, ro.handle).readonly
-    assert unmap(hv, dom0, r.handle) == GNTST_okay
+    assert unmap(hv, dom0, r) == GNTST_okay
     assert entry_flags(hv, guest, 8) == GTF_permit_access | GTF_reading
     assert _released(view)
-    assert unmap(hv, dom0, ro.handle) == GNTST_okay
+    assert unmap(hv, dom0, ro) == GNTST_okay
     assert entry_flags(hv, guest, 8) == GTF_permit_access
-    assert unmap(hv, dom0, ro.handle) == GNTST_bad_handle
+    assert unmap(hv, dom0, ro) == GNTST_bad_handle
 
 
 def _released(v: memoryview) -> bool:
@@ -134,7 +80,7 @@ def test_device_map_returns_bus_address(hv: Hypervisor, dom0: Domain, guest: Dom
     grant(hv, guest, 9, 0, 7, GTF_permit_access)
     r = map_(hv, dom0, guest.domid, 9, GNTMAP_host_map | GNTMAP_device_map)
     assert r.status == GNTST_okay and r.dev_bus_addr == 7 << 12
-    assert unmap(hv, dom0, r.handle) == GNTST_okay
+    assert unmap(hv, dom0, r, dev_bus_addr=r.dev_bus_addr) == GNTST_okay
 
 
 @pytest.mark.parametrize(
@@ -180,21 +126,23 @@ def test_ro_grant_maps_read_only(hv: Hypervisor, dom0: Domain, guest: Domain) ->
     view = hv.mapped_page(0, r.handle)
     with pytest.raises(TypeError):
         view[0:1] = b"x"
-    assert unmap(hv, dom0, r.handle) == GNTST_okay
+    assert unmap(hv, dom0, r) == GNTST_okay
 
 
 def test_maptrack_exhaustion(hv: Hypervisor, dom0: Domain, guest: Domain) -> None:
     setup(hv, dom0)
-    grant(hv, dom0, 8, guest.domid, 1, GTF_permit_access)
-    handles = []
-    for _ in range(MAPTRACK_PER_FRAME):  # the guest has max_maptrack_frames=1
-        r = map_(hv, guest, 0, 8, GNTMAP_host_map | GNTMAP_readonly)
+    n = MAPTRACK_PER_FRAME - 1  # the guest has max_maptrack_frames=1; one is the sentinel
+    for ref in range(8, 8 + n + 1):
+        grant(hv, dom0, ref, guest.domid, 1, GTF_permit_access)
+    mapped = []
+    for ref in range(8, 8 + n):
+        r = map_(hv, guest, 0, ref, GNTMAP_host_map | GNTMAP_readonly)
         assert r.status == GNTST_okay
-        handles.append(r.handle)
-    r = map_(hv, guest, 0, 8, GNTMAP_host_map | GNTMAP_readonly)
+        mapped.append(r)
+    r = map_(hv, guest, 0, 8 + n, GNTMAP_host_map | GNTMAP_readonly)
     assert r.status == GNTST_no_space
-    for h in handles:
-        assert unmap(hv, guest, h) == GNTST_okay
+    for r in mapped:
+        assert unmap(hv, guest, r) == GNTST_okay
     assert entry_flags(hv, dom0, 8) == GTF_permit_access
 
 

@@ -25,8 +25,39 @@ from gntdma.sys import (
 )
 from gntdma.toolstack.host import Guest, Host
 from gntdma.xen.busdma import BUS_DMA_XEN_DOMID_SHIFT, xen_get_dma_tag
+from gntdma.xen.hypercall import Hypercalls
 
 PAGE = 4096
+
+#: (mapping domain, handle) -> the host address its map was given.
+_HOST_ADDRS: dict[tuple[int, int], int] = {}
+
+
+def hc_map(hc: Hypercalls, dom: int, ref: int, flags: int) -> GnttabMapGrantRef:
+    """Map ``dom``'s ``ref`` at a host address from the mapper's foreign-page range."""
+    error, addr = hc.foreign.alloc()
+    assert error == 0
+    _, (r,) = hc.grant_table_op(GNTTABOP_map_grant_ref,
+                                [GnttabMapGrantRef(host_addr=addr, flags=flags, ref=ref,
+                                                   dom=dom)])
+    assert isinstance(r, GnttabMapGrantRef)
+    if r.status == GNTST_okay:
+        _HOST_ADDRS[hc.domid, r.handle] = addr
+    else:
+        hc.foreign.free(addr)
+    return r
+
+
+def hc_unmap(hc: Hypercalls, handle: int) -> int:
+    """Unmap ``handle`` at the address :func:`hc_map` gave it, and free the address."""
+    addr = _HOST_ADDRS.get((hc.domid, handle), 0)
+    _, (u,) = hc.grant_table_op(GNTTABOP_unmap_grant_ref,
+                                [GnttabUnmapGrantRef(host_addr=addr, handle=handle)])
+    assert isinstance(u, GnttabUnmapGrantRef)
+    if u.status == GNTST_okay:
+        del _HOST_ADDRS[hc.domid, handle]
+        hc.foreign.free(addr)
+    return u.status
 
 
 @dataclass
@@ -63,17 +94,13 @@ def backend_read(host: Host, g: Guest, ref: int, seg: bus_dma_segment_t,
                  writable: bool = False) -> tuple[int, bytes]:
     """dom0 maps ``ref`` and reads the segment's bytes; (GNTST status, bytes)."""
     flags = GNTMAP_host_map | (0 if writable else GNTMAP_readonly)
-    _, (r,) = host.dom0.hc.grant_table_op(GNTTABOP_map_grant_ref,
-                                          [GnttabMapGrantRef(flags=flags, ref=ref, dom=g.domid)])
-    assert isinstance(r, GnttabMapGrantRef)
+    r = hc_map(host.dom0.hc, g.domid, ref, flags)
     if r.status != GNTST_okay:
         return r.status, b""
     view = host.dom0.hc.mapped_page(r.handle)
     off = seg.ds_addr & (PAGE - 1)
     data = bytes(view[off : off + seg.ds_len])
-    _, (u,) = host.dom0.hc.grant_table_op(GNTTABOP_unmap_grant_ref,
-                                          [GnttabUnmapGrantRef(handle=r.handle)])
-    assert isinstance(u, GnttabUnmapGrantRef) and u.status == GNTST_okay
+    assert hc_unmap(host.dom0.hc, r.handle) == GNTST_okay
     return r.status, data
 
 
@@ -99,16 +126,12 @@ def pattern(n: int, seed: int = 1) -> bytes:
 def peer_map(peer: Guest, g: Guest, ref: int, writable: bool) -> tuple[int, int]:
     """``peer`` maps ``g``'s grant ``ref`` and keeps it: (GNTST status, handle)."""
     flags = GNTMAP_host_map | (0 if writable else GNTMAP_readonly)
-    _, (r,) = peer.hc.grant_table_op(GNTTABOP_map_grant_ref,
-                                     [GnttabMapGrantRef(flags=flags, ref=ref, dom=g.domid)])
-    assert isinstance(r, GnttabMapGrantRef)
+    r = hc_map(peer.hc, g.domid, ref, flags)
     return r.status, r.handle
 
 
 def peer_unmap(peer: Guest, handle: int) -> None:
-    _, (u,) = peer.hc.grant_table_op(GNTTABOP_unmap_grant_ref,
-                                     [GnttabUnmapGrantRef(handle=handle)])
-    assert isinstance(u, GnttabUnmapGrantRef) and u.status == GNTST_okay
+    assert hc_unmap(peer.hc, handle) == GNTST_okay
 
 
 def peer_read(peer: Guest, g: Guest, ref: int, seg: bus_dma_segment_t,

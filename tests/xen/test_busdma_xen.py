@@ -241,13 +241,9 @@ def test_reload_of_loaded_map_is_refused(host: Host) -> None:
 
 
 def test_grant_still_mapped_by_backend_at_unload_is_reported_and_reclaimed(host: Host) -> None:
-    from gntdma.abi.grant_table import (
-        GNTMAP_host_map,
-        GnttabMapGrantRef,
-        GNTTABOP_map_grant_ref,
-        GNTTABOP_unmap_grant_ref,
-        GnttabUnmapGrantRef,
-    )
+    from busdma_helpers import hc_map, hc_unmap
+
+    from gntdma.abi.grant_table import GNTMAP_host_map
 
     g = host.create_guest("g")
     lock = Mutex("drv")
@@ -258,10 +254,8 @@ def test_grant_still_mapped_by_backend_at_unload_is_reported_and_reclaimed(host:
     loads = Loads(lock)
     assert bus_dmamap_load(tag, m, va, PAGE, loads.cb, None, 0) == 0
     (ref,) = xen_dmamap_get_grefs(m)
-    _, (r,) = host.dom0.hc.grant_table_op(GNTTABOP_map_grant_ref,
-                                          [GnttabMapGrantRef(flags=GNTMAP_host_map, ref=ref,
-                                                             dom=g.domid)])
-    assert isinstance(r, GnttabMapGrantRef) and r.status == GNTST_okay
+    r = hc_map(host.dom0.hc, g.domid, ref, GNTMAP_host_map)
+    assert r.status == GNTST_okay
     free_before = g.gnttab.free_count
     bus_dmamap_unload(tag, m)
     kinds = [rep.kind for rep in g.kernel.dma_debug.reports()]
@@ -271,7 +265,7 @@ def test_grant_still_mapped_by_backend_at_unload_is_reported_and_reclaimed(host:
     assert bus_dmamap_load(tag, m, va, PAGE, loads.cb, None, 0) == 0
     assert xen_dmamap_get_grefs(m) != [ref]
     bus_dmamap_unload(tag, m)
-    host.dom0.hc.grant_table_op(GNTTABOP_unmap_grant_ref, [GnttabUnmapGrantRef(handle=r.handle)])
+    assert hc_unmap(host.dom0.hc, r.handle) == GNTST_okay
     host.sched.run(until=lambda: g.gnttab.statistics().reclaim_pending == 0)
     assert g.gnttab.free_count == free_before + 1
     g.kernel.dma_debug.reset()

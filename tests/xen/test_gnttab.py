@@ -5,16 +5,13 @@ from __future__ import annotations
 import errno
 
 import pytest
+from busdma_helpers import hc_map, hc_unmap
 
 from gntdma.abi.grant_table import (
     GNTMAP_host_map,
     GNTMAP_readonly,
     GNTST_general_error,
     GNTST_okay,
-    GnttabMapGrantRef,
-    GNTTABOP_map_grant_ref,
-    GNTTABOP_unmap_grant_ref,
-    GnttabUnmapGrantRef,
     GTF_permit_access,
     GTF_readonly,
 )
@@ -29,17 +26,12 @@ from gntdma.xen.gnttab import (
 
 def map_ref(host: Host, g: Guest, ref: int, readonly: bool = False) -> tuple[int, int]:
     flags = GNTMAP_host_map | (GNTMAP_readonly if readonly else 0)
-    op = GnttabMapGrantRef(flags=flags, ref=ref, dom=g.domid)
-    _, (r,) = host.dom0.hc.grant_table_op(GNTTABOP_map_grant_ref, [op])
-    assert isinstance(r, GnttabMapGrantRef)
+    r = hc_map(host.dom0.hc, g.domid, ref, flags)
     return r.status, r.handle
 
 
 def unmap(host: Host, handle: int) -> int:
-    _, (r,) = host.dom0.hc.grant_table_op(GNTTABOP_unmap_grant_ref,
-                                          [GnttabUnmapGrantRef(handle=handle)])
-    assert isinstance(r, GnttabUnmapGrantRef)
-    return r.status
+    return hc_unmap(host.dom0.hc, handle)
 
 
 def test_first_frame_has_504_free(host: Host) -> None:

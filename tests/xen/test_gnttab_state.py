@@ -48,15 +48,15 @@ class GnttabMachine(RuleBasedStateMachine):
         self.chain_refs: dict[int, list[int]] = {}  # id(head) -> refs in the chain
         self.heads: dict[int, GrantRefHead] = {}
         self.owned: set[int] = set()  # claimed refs held by the test
-        self.granted: dict[int, tuple[int, bool]] = {}  # ref -> (frame, ro)
-        self.mapped: dict[int, int] = {}  # ref -> handle
+        self.granted: dict[int, tuple[int, bool, int]] = {}  # ref -> (frame, ro, grantee)
+        self.mapped: dict[int, tuple[int, int]] = {}  # ref -> (dom0 handle, host address)
         self.queued: dict[int, tuple[GnttabFreeCallback, int]] = {}
         self.fired: list[tuple[int, int, int]] = []  # (cb id, count, free at run)
 
     def teardown(self) -> None:
         try:
-            for handle in list(self.mapped.values()):
-                self._unmap(handle)
+            for handle, addr in list(self.mapped.values()):
+                assert self._unmap(handle, addr) == GNTST_okay
             for cb, _ in self.queued.values():
                 self.gt.gnttab_cancel_free_callback(cb)
             for ref in list(self.owned):
@@ -78,10 +78,13 @@ class GnttabMachine(RuleBasedStateMachine):
         held = sum(len(r) for r in self.chain_refs.values()) + len(self.owned)
         return self.frames * 512 - 8 - held
 
-    def _unmap(self, handle: int) -> None:
-        _, (r,) = self.host.dom0.hc.grant_table_op(GNTTABOP_unmap_grant_ref,
-                                                   [GnttabUnmapGrantRef(handle=handle)])
-        assert isinstance(r, GnttabUnmapGrantRef) and r.status == GNTST_okay
+    def _unmap(self, handle: int, addr: int) -> int:
+        op = GnttabUnmapGrantRef(host_addr=addr, handle=handle)
+        _, (r,) = self.host.dom0.hc.grant_table_op(GNTTABOP_unmap_grant_ref, [op])
+        assert isinstance(r, GnttabUnmapGrantRef)
+        if r.status == GNTST_okay and addr != 0:
+            assert self.host.dom0.hc.foreign.free(addr) == 0
+        return r.status
 
     # -- rules ---------------------------------------------------------------------
 
@@ -150,7 +153,7 @@ class GnttabMachine(RuleBasedStateMachine):
         if ref not in self.owned or ref in self.mapped:
             return
         self.gt.gnttab_grant_foreign_access_ref(ref, 0, frame, ro)
-        self.granted[ref] = (frame, ro)
+        self.granted[ref] = (frame, ro, 0)
         flags = GTF_permit_access | (GTF_readonly if ro else 0)
         assert self.gt.entry(ref) == (flags, 0, frame)
 
@@ -159,21 +162,58 @@ class GnttabMachine(RuleBasedStateMachine):
         if ref not in self.owned or ref in self.mapped:
             return
         flags = GNTMAP_host_map | (GNTMAP_readonly if ro_map else 0)
-        op = GnttabMapGrantRef(flags=flags, ref=ref, dom=self.g.domid)
-        _, (r,) = self.host.dom0.hc.grant_table_op(GNTTABOP_map_grant_ref, [op])
+        hc = self.host.dom0.hc
+        error, addr = hc.foreign.alloc()
+        assert error == 0
+        op = GnttabMapGrantRef(host_addr=addr, flags=flags, ref=ref, dom=self.g.domid)
+        _, (r,) = hc.grant_table_op(GNTTABOP_map_grant_ref, [op])
         assert isinstance(r, GnttabMapGrantRef)
         g = self.granted.get(ref)
-        if g is None or (g[1] and not ro_map):
+        if g is None or (g[1] and not ro_map) or g[2] != 0:
             assert r.status == GNTST_general_error
+            assert hc.foreign.free(addr) == 0
             return
         assert r.status == GNTST_okay
-        self.mapped[ref] = r.handle
+        assert r.dev_bus_addr == g[0] << 12  # map_grant_ref reports it on every map
+        self.mapped[ref] = (r.handle, addr)
 
     @rule(ref=claimed)
     def backend_unmap(self, ref: int) -> None:
-        handle = self.mapped.pop(ref, None)
-        if handle is not None:
-            self._unmap(handle)
+        m = self.mapped.pop(ref, None)
+        if m is not None:
+            assert self._unmap(*m) == GNTST_okay
+
+    @rule(ref=claimed, wrong=st.booleans())
+    def backend_unmap_at_wrong_address(self, ref: int, wrong: bool) -> None:
+        # unmap_common: with host_addr 0 (and no dev_bus_addr) nothing is done
+        # (GNTST_okay); at another address replace_grant_p2m_mapping fails
+        # (GNTST_general_error). Either way the mapping stays.
+        m = self.mapped.get(ref)
+        if m is None:
+            return
+        addr = m[1] + (1 << 30) if wrong else 0
+        assert self._unmap(m[0], addr) == (GNTST_general_error if wrong else GNTST_okay)
+
+    @rule(ref=claimed)
+    def regrant_pinned_entry_to_self_and_map(self, ref: int) -> None:
+        # A hostile granter rewrites the domid of an entry dom0 has mapped, to
+        # itself, and maps it: map_grant_ref refuses a pinned entry whose active
+        # domid is another domain's (GNTST_general_error).
+        if ref not in self.mapped or ref not in self.owned:
+            return
+        frame, ro, _ = self.granted[ref]
+        table = self.g.domain.gnttab
+        flags, _, _ = table.read(ref)
+        table.write(ref, flags, self.g.domid, frame)
+        self.granted[ref] = (frame, ro, self.g.domid)
+        hc = self.g.hc
+        error, addr = hc.foreign.alloc()
+        assert error == 0
+        op = GnttabMapGrantRef(host_addr=addr, flags=GNTMAP_host_map | GNTMAP_readonly,
+                               ref=ref, dom=self.g.domid)
+        _, (r,) = hc.grant_table_op(GNTTABOP_map_grant_ref, [op])
+        assert isinstance(r, GnttabMapGrantRef) and r.status == GNTST_general_error
+        assert hc.foreign.free(addr) == 0
 
     @rule(ref=claimed)
     def end_access(self, ref: int) -> None:

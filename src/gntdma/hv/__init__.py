@@ -1,7 +1,13 @@
 """The emulated Xen hypervisor: domains, memory, grant tables, maptrack, event channels."""
 
 from gntdma.hv._evtchn import EventPort, PortHandler
-from gntdma.hv._gnttab import MAPTRACK_PER_FRAME, GrantTable, Mapping, Maptrack
+from gntdma.hv._gnttab import (
+    INITIAL_NR_GRANT_FRAMES,
+    MAPTRACK_PER_FRAME,
+    GrantTable,
+    Mapping,
+    Maptrack,
+)
 from gntdma.hv._hypervisor import (
     DEFAULT_MAX_GRANT_FRAMES,
     DEFAULT_MAX_MAPTRACK_FRAMES,
@@ -16,6 +22,7 @@ __all__ = [
     "DEFAULT_MAX_GRANT_FRAMES",
     "DEFAULT_MAX_MAPTRACK_FRAMES",
     "HIGHMEM_START_PFN",
+    "INITIAL_NR_GRANT_FRAMES",
     "MAPTRACK_PER_FRAME",
     "Domain",
     "DomainMemory",

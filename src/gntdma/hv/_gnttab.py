@@ -1,57 +1,101 @@
 """The hypervisor side of grant tables: v1 entries, active pins, maptrack.
 
-Rules (``xen/common/grant_table.c``, v1):
+Rules (Xen 4.17 ``xen/common/grant_table.c``, v1):
 - A domain's grant table is a list of frames owned by the hypervisor and
-  writable by the domain; each holds 512 ``grant_entry_v1`` (8 bytes). The
+  writable by the domain; each holds 512 ``grant_entry_v1`` (8 bytes, layout in
+  :mod:`gntdma.abi.grant_table`). A new domain has one frame
+  (``grant_table_init`` grows to ``INITIAL_NR_GRANT_FRAMES``, 1 on x86). The
   domain writes ``domid`` and ``frame``, then ``flags`` last; the hypervisor
   reads them at map or copy time, and writes ``GTF_reading``/``GTF_writing``
   while the entry is pinned.
-- An entry is pinned by each mapping and for the duration of each copy. Pin
-  counts live in a private active entry; the flag bits clear with the last pin.
-- Every mapping gets a handle in the *mapping* domain's maptrack table, limited
-  by ``max_maptrack_frames`` (256 handles a frame, as ``struct grant_mapping`` is
-  16 bytes).
+- Pins live in an active entry (``struct active_grant_entry``): ``pin`` packs
+  four 8-bit counters (``GNTPIN_hstw/hstr/devw/devr``), with the domain and
+  frame the first pin took. While pinned, the guest's entry is not read again
+  except to add the first write pin; a second domain cannot pin it, and a pin
+  that would set the top bit of its counter (the 129th of one kind) is refused
+  (``map_grant_ref`` / ``acquire_grant_for_copy``: ``GNTPIN_incr2oflow_mask``).
+- Every mapping gets a handle in the *mapping* domain's maptrack table:
+  ``MAPTRACK_PER_PAGE`` = 4096 / sizeof(struct grant_mapping) = 256 a frame, up
+  to ``max_maptrack_frames``; one entry of the free list always stays behind as
+  its tail sentinel (``_get_maptrack_handle``), one per vCPU, and our domains
+  have one vCPU, so ``256 * max_maptrack_frames - 1`` handles can be live.
 """
 
 from __future__ import annotations
 
-import struct
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, final
 
 from gntdma.abi.grant_table import (
+    GRANT_ENTRY_V1,
+    GRANT_ENTRY_V1_FLAGS,
     GREFS_PER_GRANT_FRAME,
     GTF_permit_access,
     GTF_reading,
     GTF_readonly,
+    GTF_sub_page,
     GTF_type_mask,
     GTF_writing,
+    grant_entry_v1_slot,
 )
 from gntdma.abi.xen import PAGE_SIZE
 
-__all__ = ["MAPTRACK_PER_FRAME", "ActiveEntry", "GrantTable", "Mapping", "Maptrack"]
+__all__ = [
+    "GNTPIN_devr_inc",
+    "GNTPIN_devw_inc",
+    "GNTPIN_hstr_inc",
+    "GNTPIN_hstw_inc",
+    "INITIAL_NR_GRANT_FRAMES",
+    "MAPTRACK_PER_FRAME",
+    "ActiveEntry",
+    "GrantTable",
+    "Mapping",
+    "Maptrack",
+]
 
+#: ``MAPTRACK_PER_PAGE``: PAGE_SIZE / sizeof(struct grant_mapping) (16 bytes).
 MAPTRACK_PER_FRAME: Final = PAGE_SIZE // 16
+#: Frames a new domain's grant table has (x86 ``INITIAL_NR_GRANT_FRAMES``).
+INITIAL_NR_GRANT_FRAMES: Final = 1
 
-_HDR: Final = struct.Struct("<HH")
-_ENT: Final = struct.Struct("<HHI")
-_FLAGS: Final = struct.Struct("<H")
+# The pin counters of an active entry (grant_table.c ``GNTPIN_*``): 8 bits each.
+_GNTPIN_cntr_width: Final = 8
+GNTPIN_hstw_inc: Final = 1 << 0
+GNTPIN_hstr_inc: Final = 1 << 8
+GNTPIN_devw_inc: Final = 1 << 16
+GNTPIN_devr_inc: Final = 1 << 24
+_GNTPIN_cntr_mask: Final = (1 << _GNTPIN_cntr_width) - 1
+_WRITE_PINS: Final = _GNTPIN_cntr_mask * (GNTPIN_hstw_inc | GNTPIN_devw_inc)
+
+_ENT: Final = GRANT_ENTRY_V1
+_FLAGS: Final = GRANT_ENTRY_V1_FLAGS
 
 # Plain ints: arithmetic on the IntFlag members builds a new flag object per
 # operation, which the map/unmap path does several times a page.
 _TYPE_MASK: Final = int(GTF_type_mask)
+_MAP_TYPE_MASK: Final = int(GTF_type_mask | GTF_sub_page)
 _PERMIT_ACCESS: Final = int(GTF_permit_access)
 _READONLY: Final = int(GTF_readonly)
 _READING: Final = int(GTF_reading)
 _WRITING: Final = int(GTF_writing)
+
+_OKAY: Final = 0
+_GENERAL_ERROR: Final = -1
+_BAD_PAGE: Final = -9
+
+
+def gntpin_oflow(pin: int, incr: int) -> bool:
+    """``act->pin & GNTPIN_incr2oflow_mask(incr)``: adding ``incr`` risks overflow."""
+    return pin & (incr << (_GNTPIN_cntr_width - 1)) != 0
 
 
 @dataclass(slots=True)
 class ActiveEntry:
     """Pins on one grant entry (Xen's ``struct active_grant_entry``)."""
 
-    readers: int = 0
-    writers: int = 0
+    pin: int = 0
     frame: int = 0
     domid: int = 0
 
@@ -61,12 +105,13 @@ class GrantTable:
     """One domain's v1 grant table."""
 
     def __init__(self, max_frames: int) -> None:
-        if max_frames < 1:
+        if max_frames < INITIAL_NR_GRANT_FRAMES:
             raise ValueError("max_grant_frames must be at least 1")
         self.max_frames = max_frames
         self.frames: list[memoryview] = []
         self._buffers: list[bytearray] = []
         self.active: dict[int, ActiveEntry] = {}
+        self.grow(INITIAL_NR_GRANT_FRAMES)
 
     @property
     def nr_frames(self) -> int:
@@ -88,65 +133,75 @@ class GrantTable:
 
     def read(self, ref: int) -> tuple[int, int, int]:
         """(flags, domid, frame) of entry ``ref``, as the hypervisor sees it now."""
-        f, i = divmod(ref, GREFS_PER_GRANT_FRAME)
-        flags, domid, frame = _ENT.unpack_from(self.frames[f], i * 8)
+        f, off = grant_entry_v1_slot(ref)
+        flags, domid, frame = _ENT.unpack_from(self.frames[f], off)
         return flags, domid, frame
 
-    def _set_flags(self, ref: int, flags: int) -> None:
-        f, i = divmod(ref, GREFS_PER_GRANT_FRAME)
-        _FLAGS.pack_into(self.frames[f], i * 8, flags)
+    def write(self, ref: int, flags: int, domid: int, frame: int) -> None:
+        """Write entry ``ref`` as a granting guest does: domid and frame, then flags."""
+        f, off = grant_entry_v1_slot(ref)
+        _ENT.pack_into(self.frames[f], off, 0, domid, frame)
+        _FLAGS.pack_into(self.frames[f], off, flags)
 
-    def pin(self, ref: int, caller: int, write: bool) -> tuple[int, int]:
-        """Pin ``ref`` for ``caller``; returns (GNTST status, frame).
+    def pin(self, ref: int, caller: int, incr: int, readonly: bool, mapflag: bool,
+            valid_frame: Callable[[int], bool]) -> tuple[int, int]:
+        """Pin ``ref`` for ``caller`` by ``incr`` (``GNTPIN_*_inc``): (GNTST, frame).
 
-        Status is 0, or ``GNTST_general_error`` (-1) for an entry that is not a
-        valid permit_access grant to ``caller`` or is read-only for a write.
+        Xen's ``map_grant_ref`` / ``acquire_grant_for_copy`` with
+        ``_set_status_v1`` and ``get_paged_frame``: a pinned entry may only be
+        pinned again by the same domain and below the counter's top bit
+        (``GNTST_general_error``); an unpinned one must be a ``permit_access``
+        grant to ``caller`` (``GTF_sub_page`` clear for a map) and, for a write
+        pin, not read-only (``GNTST_general_error``); a first pin of a frame the
+        granter does not have is ``GNTST_bad_page``, leaving the flags as they were.
         """
-        f, i = divmod(ref, GREFS_PER_GRANT_FRAME)
-        page, off = self.frames[f], i * 8
-        flags, domid, frame = _ENT.unpack_from(page, off)
-        if (flags & _TYPE_MASK) != _PERMIT_ACCESS or domid != caller:
-            return -1, 0
-        if write and flags & _READONLY:
-            return -1, 0
+        f, off = grant_entry_v1_slot(ref)
+        page = self.frames[f]
         act = self.active.get(ref)
-        if act is None:
-            act = ActiveEntry(frame=frame, domid=domid)
-            self.active[ref] = act
-        elif act.frame != frame or act.domid != domid:
-            # The guest rewrote a pinned entry: Xen keeps the pinned frame.
-            frame = act.frame
-        if write:
-            act.writers += 1
-        else:
-            act.readers += 1
-        new = flags | _READING | (_WRITING if write else 0)
-        _FLAGS.pack_into(page, off, new)
-        return 0, frame
+        if act is not None:
+            if act.domid != caller or gntpin_oflow(act.pin, incr):
+                return _GENERAL_ERROR, 0
+            if not readonly and act.pin & _WRITE_PINS == 0:
+                (flags,) = _FLAGS.unpack_from(page, off)
+                if flags & _READONLY:
+                    return _GENERAL_ERROR, 0
+                _FLAGS.pack_into(page, off, flags | _READING | _WRITING)
+            act.pin += incr
+            return _OKAY, act.frame
+        flags, domid, frame = _ENT.unpack_from(page, off)
+        mask = _MAP_TYPE_MASK if mapflag else _TYPE_MASK
+        if (flags & mask) != _PERMIT_ACCESS or domid != caller:
+            return _GENERAL_ERROR, 0
+        if not readonly and flags & _READONLY:
+            return _GENERAL_ERROR, 0
+        if not valid_frame(frame):
+            return _BAD_PAGE, 0
+        self.active[ref] = ActiveEntry(incr, frame, domid)
+        _FLAGS.pack_into(page, off, flags | _READING | (0 if readonly else _WRITING))
+        return _OKAY, frame
 
-    def unpin(self, ref: int, write: bool) -> None:
+    def unpin(self, ref: int, decr: int, readonly: bool) -> None:
+        """Drop a pin; ``reduce_status_for_pin`` clears the flags it no longer needs."""
         act = self.active[ref]
-        if write:
-            act.writers -= 1
-        else:
-            act.readers -= 1
-        assert act.readers >= 0 and act.writers >= 0
-        f, i = divmod(ref, GREFS_PER_GRANT_FRAME)
-        page, off = self.frames[f], i * 8
-        (flags,) = _FLAGS.unpack_from(page, off)
-        if act.writers == 0:
-            flags &= ~_WRITING
-        if act.readers == 0 and act.writers == 0:
-            flags &= ~_READING
+        assert act.pin & (decr * _GNTPIN_cntr_mask) != 0, "unpin of a kind not pinned"
+        act.pin -= decr
+        clear = _READING if act.pin == 0 else 0
+        if not readonly and act.pin & _WRITE_PINS == 0:
+            clear |= _WRITING
+        if act.pin == 0:
             del self.active[ref]
-        _FLAGS.pack_into(page, off, flags)
+        if clear != 0:
+            f, off = grant_entry_v1_slot(ref)
+            page = self.frames[f]
+            (flags,) = _FLAGS.unpack_from(page, off)
+            _FLAGS.pack_into(page, off, flags & ~clear)
 
     def entries_in_use(self) -> int:
         """Entries whose type is not GTF_invalid (reserved entries included)."""
         n = 0
         for f in self.frames:
             for i in range(GREFS_PER_GRANT_FRAME):
-                if _HDR.unpack_from(f, i * 8)[0] & _TYPE_MASK:
+                if _FLAGS.unpack_from(f, i * 8)[0] & _TYPE_MASK:
                     n += 1
         return n
 
@@ -159,39 +214,59 @@ class GrantTable:
 
 @dataclass(slots=True)
 class Mapping:
-    """One maptrack entry: a page of ``granter`` mapped by the table's domain."""
+    """One maptrack entry: a page of ``granter`` mapped by the table's domain.
+
+    ``flags`` are the ``GNTMAP_*`` halves still mapped (host and/or device, and
+    readonly); the host half is at ``host_addr`` in the mapper's physmap, and
+    ``view`` is the mapper's direct view of it (None once the host half is gone).
+    """
 
     granter: int
     ref: int
     frame: int
-    readonly: bool
+    flags: int
     host_addr: int
     dev_bus_addr: int
-    view: memoryview
+    view: memoryview | None
 
 
 @final
 class Maptrack:
-    """The maptrack table of a mapping domain."""
+    """The maptrack table of a mapping domain (one vCPU).
+
+    Handles come as from Xen's per-vCPU free list: a new frame's first entry is
+    handed out and the rest go to the head of the list, a freed handle goes to
+    the tail, and the last entry of the list is never handed out.
+    """
 
     def __init__(self, max_frames: int) -> None:
+        self.max_frames = max_frames
+        #: Handles in ``max_frames`` frames (what ``maptrack_limit`` can grow to).
         self.limit = max_frames * MAPTRACK_PER_FRAME
+        #: ``maptrack_limit``: handles of the frames allocated so far.
+        self.allocated = 0
         self.entries: dict[int, Mapping] = {}
-        self._free: list[int] = []
-        self._next = 0
+        self._free: deque[int] = deque()
         self.peak = 0
 
+    @property
+    def capacity(self) -> int:
+        """How many handles can be live at once."""
+        return max(0, self.max_frames * MAPTRACK_PER_FRAME - 1)
+
     def get(self) -> int | None:
-        """A free handle, or None when the table is full."""
-        if self._free:
-            return self._free.pop()
-        if self._next >= self.limit:
+        """A free handle, or None when the table is full (``get_maptrack_handle``)."""
+        if len(self._free) > 1:
+            return self._free.popleft()
+        if self.allocated >= self.limit:
             return None
-        h = self._next
-        self._next += 1
+        h = self.allocated
+        self._free.extendleft(reversed(range(h + 1, h + MAPTRACK_PER_FRAME)))
+        self.allocated += MAPTRACK_PER_FRAME
         return h
 
     def put(self, handle: int) -> None:
+        """``put_maptrack_handle``: back to the tail of the free list."""
         self._free.append(handle)
 
     def add(self, handle: int, m: Mapping) -> None:

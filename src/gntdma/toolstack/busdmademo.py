@@ -124,18 +124,23 @@ def run_deferred_load_demo(host: Host, guest: Guest, report: Report,
     bus_dmamap_sync(tag, dmamap, BUS_DMASYNC_PREWRITE)
     mtx_unlock(lock)
     ok_maps = 0
+    hc = host.dom0.hc
     for ref, seg in zip(refs, dmamap.dm_segs, strict=True):
-        op = GnttabMapGrantRef(flags=GNTMAP_host_map | GNTMAP_readonly, ref=ref,
-                               dom=guest.domid)
-        _, (r,) = host.dom0.hc.grant_table_op(GNTTABOP_map_grant_ref, [op])
+        error, addr = hc.foreign.alloc()
+        assert error == 0
+        op = GnttabMapGrantRef(host_addr=addr, flags=GNTMAP_host_map | GNTMAP_readonly,
+                               ref=ref, dom=guest.domid)
+        _, (r,) = hc.grant_table_op(GNTTABOP_map_grant_ref, [op])
         assert isinstance(r, GnttabMapGrantRef)
         if r.status != GNTST_okay:
+            hc.foreign.free(addr)
             continue
         ok_maps += 1
         off = seg.ds_addr & PAGE_MASK
-        seen += bytes(host.dom0.hc.mapped_page(r.handle)[off : off + seg.ds_len])
-        host.dom0.hc.grant_table_op(GNTTABOP_unmap_grant_ref,
-                                    [GnttabUnmapGrantRef(handle=r.handle)])
+        seen += bytes(hc.mapped_page(r.handle)[off : off + seg.ds_len])
+        hc.grant_table_op(GNTTABOP_unmap_grant_ref,
+                          [GnttabUnmapGrantRef(host_addr=addr, handle=r.handle)])
+        hc.foreign.free(addr)
     report.check("the backend reads the granted bytes", seen == data and ok_maps == len(refs),
                  f"{len(refs)} grant refs, {len(seen)} bytes, "
                  f"{'equal' if seen == data else 'DIFFERENT'}")

@@ -43,19 +43,31 @@ def _pattern(pfn: int, seed: int) -> bytes:
 
 
 def _map(host: Host, g: Guest, ref: int, readonly: bool) -> GnttabMapGrantRef:
+    """Map ``ref`` in dom0 at a host address from dom0's foreign-page range."""
+    hc = host.dom0.hc
+    error, addr = hc.foreign.alloc()
+    assert error == 0
     flags = GNTMAP_host_map | (GNTMAP_readonly if readonly else 0)
-    _, res = host.dom0.hc.grant_table_op(GNTTABOP_map_grant_ref,
-                                         [GnttabMapGrantRef(flags=flags, ref=ref, dom=g.domid)])
+    _, res = hc.grant_table_op(GNTTABOP_map_grant_ref,
+                               [GnttabMapGrantRef(host_addr=addr, flags=flags, ref=ref,
+                                                  dom=g.domid)])
     r = res[0]
     assert isinstance(r, GnttabMapGrantRef)
+    if r.status != GNTST_okay:
+        hc.foreign.free(addr)
     return r
 
 
-def _unmap(host: Host, handle: int) -> int:
-    _, res = host.dom0.hc.grant_table_op(GNTTABOP_unmap_grant_ref,
-                                         [GnttabUnmapGrantRef(handle=handle)])
+def _unmap(host: Host, mapped: GnttabMapGrantRef) -> int:
+    """Unmap what :func:`_map` mapped, at its address, and free the address."""
+    hc = host.dom0.hc
+    _, res = hc.grant_table_op(GNTTABOP_unmap_grant_ref,
+                               [GnttabUnmapGrantRef(host_addr=mapped.host_addr,
+                                                    handle=mapped.handle)])
     r = res[0]
     assert isinstance(r, GnttabUnmapGrantRef)
+    if r.status == GNTST_okay:
+        hc.foreign.free(mapped.host_addr)
     return r.status
 
 
@@ -81,14 +93,14 @@ def run_grant_demo(host: Host, guest: Guest, report: Report, npages: int = 32,
 
     # dom0 maps the first half and checks every byte.
     half = npages // 2
-    handles: list[int] = []
+    handles: list[GnttabMapGrantRef] = []
     bad = 0
     for i in range(half):
         r = _map(host, guest, refs[i], readonly=True)
         if r.status != GNTST_okay:
             bad += 1
             continue
-        handles.append(r.handle)
+        handles.append(r)
         if bytes(host.dom0.hc.mapped_page(r.handle)) != _pattern(pfns[i], seed):
             bad += 1
     report.check("dom0 maps and reads every byte", bad == 0,
@@ -124,7 +136,7 @@ def run_grant_demo(host: Host, guest: Guest, report: Report, npages: int = 32,
         host.dom0.hc.mapped_page(r.handle)[0:1] = b"X"
     except TypeError:
         view_refused = True
-    _unmap(host, r.handle)
+    _unmap(host, r)
     report.check(
         "writes through a read-only grant are refused",
         rw_map.status == GNTST_general_error and cp.status == GNTST_general_error

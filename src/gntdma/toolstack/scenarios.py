@@ -224,17 +224,22 @@ def _backend(d: _Driver, total: int) -> None:
         c = d.to_backend.pop(0)
         seen = b""
         for ref, seg in zip(c.refs, c.segs, strict=True):
-            op = GnttabMapGrantRef(flags=GNTMAP_host_map | GNTMAP_readonly, ref=ref,
-                                   dom=d.guest.domid)
+            error, addr = hc.foreign.alloc()
+            assert error == 0
+            op = GnttabMapGrantRef(host_addr=addr, flags=GNTMAP_host_map | GNTMAP_readonly,
+                                   ref=ref, dom=d.guest.domid)
             _, (r,) = hc.grant_table_op(GNTTABOP_map_grant_ref, [op])
             assert isinstance(r, GnttabMapGrantRef)
             if r.status != GNTST_okay:
+                hc.foreign.free(addr)
                 d.errors.append(f"cmd {c.idx}: backend map of ref {ref} failed: {r.status}")
                 continue
             off = seg.ds_addr & PAGE_MASK
             seen += bytes(hc.mapped_page(r.handle)[off : off + seg.ds_len])
             checkpoint()
-            hc.grant_table_op(GNTTABOP_unmap_grant_ref, [GnttabUnmapGrantRef(handle=r.handle)])
+            hc.grant_table_op(GNTTABOP_unmap_grant_ref,
+                              [GnttabUnmapGrantRef(host_addr=addr, handle=r.handle)])
+            hc.foreign.free(addr)
         c.ok = seen == c.data
         if not c.ok:
             d.errors.append(f"cmd {c.idx}: backend read the wrong bytes")

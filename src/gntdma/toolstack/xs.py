@@ -47,7 +47,7 @@ from dataclasses import dataclass, replace
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Final, TypeVar, final
 
-from gntdma.abi.grant_table import GNTTAB_RESERVED_XENSTORE, GrantEntryV1, GTF_permit_access
+from gntdma.abi.grant_table import GNTTAB_RESERVED_XENSTORE, GTF_permit_access
 from gntdma.abi.xen import PAGE_SIZE
 from gntdma.errors import GntdmaError
 from gntdma.hv import DomainMemory, DomainStatistics, Hypervisor
@@ -345,11 +345,11 @@ class HostXenstore:
         self.store_ports[domid] = port
         try:
             if domid != 0:
-                entry = GrantEntryV1(flags=0, domid=0, frame=gfn).pack()
-                off = GNTTAB_RESERVED_XENSTORE * len(entry)
-                frame0 = g.domain.gnttab.frames[0]
-                frame0[off : off + len(entry)] = entry
-                frame0[off : off + 2] = GTF_permit_access.to_bytes(2, "little")
+                # xc_dom_gnttab_seed: the toolstack fills in the reserved xenstore entry.
+                rc = hv.gnttab_seed(0, domid, GNTTAB_RESERVED_XENSTORE, 0, gfn,
+                                    GTF_permit_access)
+                if rc != 0:
+                    raise XenstoreSetupError(f"dom{domid}: grant table not seeded ({rc})")
                 home = self.xenstored.introduce_domain(domid, gfn=gfn, port=port)
             else:
                 home = "/local/domain/0"
@@ -388,9 +388,8 @@ class HostXenstore:
             self.xenstored.release_domain(domid)
         d = self._hv.domains.get(domid)
         if d is not None:
-            if domid != 0 and d.gnttab.nr_frames > 0:
-                off = GNTTAB_RESERVED_XENSTORE * 8
-                d.gnttab.frames[0][off : off + 8] = bytes(8)
+            if domid != 0:
+                self._hv.gnttab_seed(0, domid, GNTTAB_RESERVED_XENSTORE, 0, 0, 0)
             port = self.store_ports.pop(domid, None)
             if port is not None and port in d.ports:
                 self._hv.evtchn_close(domid, port)

@@ -2,7 +2,9 @@
 
 Everything in :mod:`gntdma.xen` and the drivers above talks to the emulated Xen
 through a :class:`Hypercalls` object bound to its own domain id, exactly as a
-guest's ``HYPERVISOR_*`` calls trap with the caller known to Xen.
+guest's ``HYPERVISOR_*`` calls trap with the caller known to Xen. It also
+holds the kernel's range of addresses for foreign pages (:attr:`Hypercalls.foreign`),
+where grant maps are placed.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import final
 
 from gntdma.hv import Hypervisor
 from gntdma.hv._hypervisor import GnttabOp
+from gntdma.xen.foreign import ForeignPages
 
 __all__ = ["GnttabOp", "Hypercalls"]
 
@@ -23,6 +26,8 @@ class Hypercalls:
     def __init__(self, hv: Hypervisor, domid: int) -> None:
         self._hv = hv
         self.domid = domid
+        #: Host addresses for the grants this kernel maps (one allocator per kernel).
+        self.foreign = ForeignPages()
 
     def grant_table_op(self, cmd: int, ops: Sequence[GnttabOp]) -> tuple[int, list[GnttabOp]]:
         """HYPERVISOR_grant_table_op: (rc, results)."""
