@@ -53,3 +53,8 @@ def write_cfg(path: Path, text: str) -> Path:
 def spawn(tmp: Path, *args: str, cwd: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(gntdma_cmd(*args), cwd=cwd, env=subprocess_env(tmp),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def phys_memory_mb() -> int:
+    """This machine's memory, in MiB."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 20

@@ -7,10 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from run_helpers import run_cli, run_json, write_cfg
+from run_helpers import phys_memory_mb, run_cli, run_json, write_cfg
 
 import gntdma
-from gntdma.toolstack.preflight import _phys_memory_mb
 from gntdma.toolstack.scenarios import SCENARIOS
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -52,7 +51,7 @@ def test_combined_budgets_are_checked_before_anything_runs(
     rc, out, err = run_cli(capsys, "run", *cfgs)
     assert rc == 2 and "maptrack" in err and "xenstored:" not in out
     # Two guests each within the machine's memory, together beyond it.
-    half = _phys_memory_mb() // 2 + 1
+    half = phys_memory_mb() // 2 + 1
     cfgs = [str(write_cfg(tmp_path / f"m{i}.cfg", f"name='m{i}'\nmemory={half}\n"))
             for i in range(2)]
     rc, out, err = run_cli(capsys, "run", *cfgs)

@@ -12,9 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from run_helpers import gntdma_cmd, run_cli, run_json, subprocess_env, write_cfg
-
-from gntdma.toolstack.preflight import _phys_memory_mb
+from run_helpers import gntdma_cmd, phys_memory_mb, run_cli, run_json, subprocess_env, write_cfg
 
 
 def _refused(capsys: pytest.CaptureFixture[str], tmp_path: Path, text: bytes | str,
@@ -56,7 +54,7 @@ def test_a_disk_problem_is_refused_before_anything_runs(
 
 @pytest.mark.parametrize(("text", "where", "message"), [
     ("name='g'\nmemory=2\n", "bad.cfg:2", "too small"),
-    (f"name='g'\nmemory={(_phys_memory_mb() + 1)}\n", "bad.cfg:2", "more than this machine"),
+    (f"name='g'\nmemory={(phys_memory_mb() + 1)}\n", "bad.cfg:2", "more than this machine"),
     ("name='g'\nmax_grant_frames=65\n", "bad.cfg:2", "at most 64"),
     ("name='g'\nmax_grant_frames=0\n", "bad.cfg:2", "at least 1"),
     ("name='g'\nmax_maptrack_frames=1025\n", "bad.cfg:2", "at most 1024"),
