@@ -371,7 +371,8 @@ def test_netfront_rebuild_reload_of_prealloc_map_is_refused(host: Host) -> None:
 def test_grant_deferred_completion_keeps_refs_already_held(host: Host) -> None:
     """V5 path B claimed ``refs[0..nrefs)`` from scratch and so overwrote (leaked) the
     references a map already held. A prealloc map that lost one reference (the backend
-    still mapped it at unload) must wait for the one it lacks and keep the others."""
+    still mapped it at unload) while the table was exhausted (so no replacement could
+    be taken then) must wait for the one it lacks and keep the others."""
     g = host.create_guest("g", max_grant_frames=1)
     lock = Mutex("drv")
     tag = driver_tag(g, lock, nsegments=3, maxsize=3 * PAGE, alignment=1)
@@ -383,13 +384,13 @@ def test_grant_deferred_completion_keeps_refs_already_held(host: Host) -> None:
     assert bus_dmamap_load(tag, m, va, len(data), loads.cb, None, BUS_DMA_NOWAIT) == 0
     status, handle = peer_map(host.dom0, g, held[1], writable=False)
     assert status == GNTST_okay
+    heads = hold_refs(g, leave=0)
     bus_dmamap_unload(tag, m)  # held[1] is still mapped: it leaves the map for reclaim
     assert [r.kind for r in g.kernel.dma_debug.reports()] == \
         [DmaDebugKind.STILL_MAPPED_AT_UNLOAD]
     g.kernel.dma_debug.reset()
     g.gnttab.reports.clear()
     assert m.refs == [held[0], held[2]]  # type: ignore[attr-defined]
-    heads = hold_refs(g, leave=0)
     mtx_lock(lock)
     assert bus_dmamap_load(tag, m, va, len(data), loads.cb, None, 0) == errno.EINPROGRESS
     mtx_unlock(lock)

@@ -408,27 +408,29 @@ def test_memory_leaks_accounting_back_to_zero(host: Host) -> None:
 def test_child_tag_of_xen_tag_no_infinite_recursion(host: Host) -> None:
     """July 6: ``xen_bus_dma_tag_create`` called ``bus_dma_tag_create(parent, ...)``,
     which dispatched to the parent's (Xen) tag_create again, forever. A deep chain of
-    Xen tags, each created by a driver from the one above with its own backend domid:
-    each is a Xen tag with the root's page boundary, and grants go to its own domid.
-    The root is built once, whoever asks (V5 built and leaked one per call)."""
+    Xen tags, each created by a driver from the one above, naming the backend domid
+    or (zero bits) inheriting it: each is a Xen tag with the root's page boundary, and
+    grants go to that domid (a child may not name another backend: DESIGN section 7,
+    ``test_child_tag_naming_another_backend_is_einval``). The root is built once,
+    whoever asks (V5 built and leaked one per call)."""
     backends = [host.create_guest(f"backend{i}", memory_mb=4) for i in range(3)]
     g = host.create_guest("g")
     root = xen_get_dma_tag(g.kernel)
     assert all(xen_get_dma_tag(g.kernel) is root for _ in range(3))
     tags: list[BusDmaTag] = []
     parent: BusDmaTag = root
+    peer = backends[1]
     for depth in range(40):
-        peer = backends[depth % 3]
+        bits = peer.domid << BUS_DMA_XEN_DOMID_SHIFT if depth % 3 != 1 else 0
         error, tag = bus_dma_tag_create(parent, 1, 0, BUS_SPACE_MAXADDR, BUS_SPACE_MAXADDR,
-                                        2 * PAGE, 2, PAGE, peer.domid << BUS_DMA_XEN_DOMID_SHIFT,
-                                        None, None)
+                                        2 * PAGE, 2, PAGE, bits, None, None)
         assert error == 0 and tag is not None
         assert tag.impl is root.impl and tag.boundary == PAGE and tag.maxsegsz == PAGE
         assert tag.domid == peer.domid  # type: ignore[attr-defined]
         tags.append(tag)
         parent = tag
     for depth in (0, 1, 39):
-        tag, peer = tags[depth], backends[depth % 3]
+        tag = tags[depth]
         others = tuple(b for b in (*backends, host.dom0) if b is not peer)
         m = _map(tag)
         data = pattern(PAGE + 500, depth)

@@ -259,7 +259,8 @@ class BusDmaXenMachine(RuleBasedStateMachine):
         return max(0, self.gt.max_frames - self.gt.nr_frames) * GREFS_PER_FRAME
 
     def _available(self) -> int:
-        return self.gt.free_count + self._growable()
+        # References kept for a starving load are not available to the others.
+        return self.gt.free_count - self.gt.kept + self._growable()
 
     def _hold(self, n: int) -> None:
         while n > 0:

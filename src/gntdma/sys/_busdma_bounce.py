@@ -34,6 +34,12 @@ waiting maps; a zone no tag uses any more gives its pages back (this keeps
 leak accounting exact); unloading a waiting map cancels its deferral; pages
 added to a zone (map creation) serve its waiting maps at once, not at the
 zone's next unload.
+
+A bounce page that is wired when its map is unloaded (the grant layer wires
+the page behind a grant another domain still maps; DESIGN section 4) is not
+returned to the zone: it is held until its wire count drops to zero, then
+joins the zone's free pages and serves the waiting maps. A zone with held
+pages is not freed; the last page coming back frees a zone no tag uses.
 """
 
 from __future__ import annotations
@@ -46,7 +52,13 @@ from typing import TYPE_CHECKING, Any, Final
 
 from gntdma.sched import KernelPanic
 from gntdma.sys._busdma import busdma_replay_load
-from gntdma.sys._busdma_impl import BusDmaImpl, bus_dmamap_addseg, vm_addr_bound_ok
+from gntdma.sys._busdma_impl import (
+    AddrAt,
+    BusDmaImpl,
+    buffer_accessors,
+    bus_dmamap_addseg,
+    vm_addr_bound_ok,
+)
 from gntdma.sys._busdma_types import (
     BUS_DMA_ALLOCNOW,
     BUS_DMA_KEEP_PG_OFFSET,
@@ -63,7 +75,6 @@ from gntdma.sys._busdma_types import (
     bus_dma_segment_t,
     common_bus_dma_tag_create,
     kernel_state,
-    ma_pieces,
     memdesc,
     memdesc_buffers,
 )
@@ -109,6 +120,8 @@ class BounceZone:
     free_bpages: int = 0
     reserved_bpages: int = 0
     active_bpages: int = 0
+    #: pages back from an unload but wired (a grant of them is still mapped)
+    held_bpages: int = 0
     total_bounced: int = 0
     total_deferred: int = 0
     map_count: int = 0
@@ -156,10 +169,6 @@ def bounce_impl(kern: Kernel) -> BounceImpl:
         impl = st.impls["bounce"] = BounceImpl(kern)
     assert isinstance(impl, BounceImpl)
     return impl
-
-
-_AddrAt = Callable[[int], int]
-_PiecesAt = Callable[[int, int], list[tuple[int, int]]]
 
 
 class BounceImpl(BusDmaImpl):
@@ -219,13 +228,16 @@ class BounceImpl(BusDmaImpl):
         bz = t.bounce_zone
         t.bounce_zone = None
         bz.tag_refs -= 1
+        self._free_zone_if_idle(bz)
+
+    def _free_zone_if_idle(self, bz: BounceZone) -> None:
         if (bz.tag_refs == 0 and bz.active_bpages == 0 and bz.reserved_bpages == 0
-                and not bz.waiting):
+                and bz.held_bpages == 0 and not bz.waiting and bz in self.state.zones):
             while bz.pages:
                 bp = bz.pages.popleft()
                 self.kern.contigfree(bp.vaddr, PAGE_SIZE, M_BUSDMA)
             self.state.zones.remove(bz)
-            self._update_counters()
+        self._update_counters()
 
     def must_bounce(self, t: BounceTag, paddr: int) -> bool:
         if not t.bounce_flags & BUS_DMA_COULD_BOUNCE:
@@ -334,9 +346,14 @@ class BounceImpl(BusDmaImpl):
             bp.src = []
             bp.datacount = 0
             bp.offset = 0
-            bz.pages.appendleft(bp)
-            bz.free_bpages += 1
             bz.active_bpages -= 1
+            pfn = bp.busaddr >> PAGE_SHIFT
+            if self.kern.vm.is_wired(pfn):
+                bz.held_bpages += 1
+                self.kern.vm.on_unwired(pfn, self._unholder(bz, bp))
+            else:
+                bz.pages.appendleft(bp)
+                bz.free_bpages += 1
         m.bpages.clear()
         if m.pagesreserved != 0:
             bz.free_bpages += m.pagesreserved
@@ -350,6 +367,19 @@ class BounceImpl(BusDmaImpl):
         if m in self.state.callbacks:
             self.state.callbacks.remove(m)
         self._serve_waiters(bz)
+
+    def _unholder(self, bz: BounceZone, bp: BouncePage) -> Callable[[], None]:
+        return lambda: self._unhold_bounce_page(bz, bp)
+
+    def _unhold_bounce_page(self, bz: BounceZone, bp: BouncePage) -> None:
+        """A held bounce page is no longer wired: back to its zone."""
+        bz.held_bpages -= 1
+        bz.pages.appendleft(bp)
+        bz.free_bpages += 1
+        if bz.tag_refs == 0:
+            self._free_zone_if_idle(bz)
+        else:
+            self._serve_waiters(bz)
 
     def _serve_waiters(self, bz: BounceZone) -> None:
         ready = False
@@ -458,7 +488,7 @@ class BounceImpl(BusDmaImpl):
             sg = ((cur + b) & ~(b - 1)) - cur
         return sg
 
-    def _count(self, t: BounceTag, addr_at: _AddrAt, buflen: int) -> int:
+    def _count(self, t: BounceTag, addr_at: AddrAt, buflen: int) -> int:
         off = 0
         n = 0
         while off < buflen:
@@ -471,42 +501,16 @@ class BounceImpl(BusDmaImpl):
     def _count_memdesc(self, t: BounceTag, mem: memdesc) -> int:
         n = 0
         for kind, a, ln, ma in memdesc_buffers(mem):
-            addr_at, _ = self._accessors(kind, a, ma)
+            addr_at, _ = buffer_accessors(self.kern, kind, a, ma)
             n += self._count(t, addr_at, ln)
         return n
-
-    def _accessors(self, kind: str, a: int, ma: Sequence[int]) -> tuple[_AddrAt, _PiecesAt]:
-        kern = self.kern
-        if kind == "vaddr":
-            def v_addr(off: int) -> int:
-                return kern.pmap_kextract(a + off)
-
-            def v_pieces(off: int, n: int) -> list[tuple[int, int]]:
-                out = []
-                va = a + off
-                while n > 0:
-                    ln = min(n, PAGE_SIZE - (va & PAGE_MASK))
-                    out.append((kern.pmap_kextract(va), ln))
-                    va += ln
-                    n -= ln
-                return out
-
-            return v_addr, v_pieces
-        if kind == "phys":
-            return (lambda off: a + off), (lambda off, n: [(a + off, n)])
-
-        def m_addr(off: int) -> int:
-            o = a + off
-            return (ma[o >> PAGE_SHIFT] << PAGE_SHIFT) | (o & PAGE_MASK)
-
-        return m_addr, (lambda off, n: ma_pieces(ma, a + off, n))
 
     def _load(self, dmat: BusDmaTag, map: BusDmaMap, kind: str, a: int, ma: Sequence[int],
               buflen: int, flags: int, segs: list[bus_dma_segment_t]) -> int:
         t, m = _btag(dmat), _bmap(map)
         if buflen < 0:
             return errno.EINVAL
-        addr_at, pieces_at = self._accessors(kind, a, ma)
+        addr_at, pieces_at = buffer_accessors(self.kern, kind, a, ma)
         # bus_dmamem_alloc memory satisfies the tag: FreeBSD loads it with the
         # "nobounce" map, so it is never bounced.
         could_bounce = bool(t.bounce_flags & BUS_DMA_COULD_BOUNCE) and not m.dmamem

@@ -113,7 +113,7 @@ Recipe: a grant-table implementation
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from gntdma.sys._busdma_types import (
@@ -122,13 +122,56 @@ from gntdma.sys._busdma_types import (
     BusDmaMap,
     BusDmaTag,
     bus_dma_segment_t,
+    ma_pieces,
     memdesc,
 )
+from gntdma.sys._param import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
     from gntdma.sys._kernel import Kernel
 
-__all__ = ["BusDmaImpl", "bus_dmamap_addseg", "vm_addr_bound_ok"]
+__all__ = [
+    "AddrAt",
+    "BusDmaImpl",
+    "PiecesAt",
+    "buffer_accessors",
+    "bus_dmamap_addseg",
+    "vm_addr_bound_ok",
+]
+
+#: The physical address at an offset into a buffer.
+AddrAt = Callable[[int], int]
+#: The (pa, len) pieces of ``n`` bytes at an offset into a buffer.
+PiecesAt = Callable[[int, int], list[tuple[int, int]]]
+
+
+def buffer_accessors(kern: Kernel, kind: str, a: int,
+                     ma: Sequence[int]) -> tuple[AddrAt, PiecesAt]:
+    """Address and piece functions of one buffer of a memory descriptor: a kernel
+    virtual address (``vaddr``), a physical address (``phys``) or a page array (``ma``)."""
+    if kind == "vaddr":
+        def v_addr(off: int) -> int:
+            return kern.pmap_kextract(a + off)
+
+        def v_pieces(off: int, n: int) -> list[tuple[int, int]]:
+            out = []
+            va = a + off
+            while n > 0:
+                ln = min(n, PAGE_SIZE - (va & PAGE_MASK))
+                out.append((kern.pmap_kextract(va), ln))
+                va += ln
+                n -= ln
+            return out
+
+        return v_addr, v_pieces
+    if kind == "phys":
+        return (lambda off: a + off), (lambda off, n: [(a + off, n)])
+
+    def m_addr(off: int) -> int:
+        o = a + off
+        return (ma[o >> PAGE_SHIFT] << PAGE_SHIFT) | (o & PAGE_MASK)
+
+    return m_addr, (lambda off, n: ma_pieces(ma, a + off, n))
 
 
 def vm_addr_bound_ok(pa: int, size: int, boundary: int) -> bool:

@@ -172,6 +172,11 @@ class DmaDebug:
                 if not keys:
                     del self._by_pfn[pfn]
 
+    @property
+    def watching(self) -> bool:
+        """Whether any device-owned range exists (the CPU access check has work to do)."""
+        return bool(self._by_pfn)
+
     def owned(self) -> int:
         """How many maps currently have device-owned ranges."""
         return len(self._owners)

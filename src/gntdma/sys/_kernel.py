@@ -10,12 +10,11 @@ pseudo-physical memory (:class:`PhysMem`); pages are handed out by
 page after its range and kernel virtual space is never reused, so an overrun or
 a use after free faults (``KernelPanic``) instead of reading someone else's data.
 
-malloc(9): sizes up to ``PAGE_SIZE`` come from power-of-two buckets (16 bytes
-to 4 KiB), carved from one-page slabs shared by all types; an item is aligned
-to its bucket size and never crosses a page. Larger sizes get whole pages,
-physically scattered, page aligned. A slab whose items are all free gives its
-page back, so a kernel whose allocations are all freed holds no pages: that is
-what :meth:`Kernel.assert_no_leaks` checks. Freed memory is filled with
+malloc(9): sizes up to ``PAGE_SIZE`` come from the slabs of ``_uma``; larger
+sizes get whole pages, physically scattered, page aligned. A kernel whose
+allocations are all freed holds no pages: :meth:`Kernel.assert_no_leaks`
+checks it. A wired page (``vm_page_wire``) freed by its owner is not reused
+until it is unwired (DESIGN section 4). Freed memory is filled with
 ``0xdeadc0de`` (FreeBSD INVARIANTS). ``M_WAITOK`` sleeps until pages are freed
 (``vm_wait``); ``M_NOWAIT`` returns 0 on shortage, and failures can be injected
 per type with :meth:`Kernel.inject_malloc_failure`.
@@ -52,10 +51,11 @@ from gntdma.sys._malloc import (
     M_ZERO,
     MallocType,
     MallocTypeStats,
-    _TypeCounters,
+    TypeCounters,
 )
 from gntdma.sys._param import KVA_BASE, PAGE_MASK, PAGE_SHIFT, PAGE_SIZE
 from gntdma.sys._taskqueue import TaskQueue
+from gntdma.sys._uma import SlabAllocator
 from gntdma.sys._vm import PhysMem, VmPhys
 
 __all__ = ["BUS_SPACE_MAXADDR_ANY", "Kernel", "KernelStatistics"]
@@ -68,15 +68,6 @@ _ZEROS: Final = bytes(PAGE_SIZE)
 _KIND_SLAB: Final = 0
 _KIND_PAGES: Final = 1
 _KIND_CONTIG: Final = 2
-
-
-@dataclass(slots=True)
-class _Slab:
-    va: int
-    pfn: int
-    size: int
-    nitems: int
-    free: list[int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,9 +110,8 @@ class Kernel:
         self._kva_next = KVA_BASE
         self._kva_ranges: dict[int, int] = {}  # va -> npages, for kva_free
         self._allocs: dict[int, tuple[int, MallocType, int]] = {}
-        self._zones: dict[int, list[_Slab]] = {}
-        self._slabs: dict[int, _Slab] = {}  # vpn -> slab
-        self._types: dict[MallocType, _TypeCounters] = {}
+        self._slab = SlabAllocator(self)
+        self._types: dict[MallocType, TypeCounters] = {}
         self._inject: dict[MallocType | None, int] = {}
         self._vm_wait = object()
         self._vm_waiters = 0
@@ -162,6 +152,14 @@ class Kernel:
     def vm_page_free(self, pfn: int) -> None:
         self.vm.free(pfn)
         if self._vm_waiters > 0:
+            wakeup(self._vm_wait)
+
+    def vm_page_wire(self, pfn: int) -> None:
+        self.vm.wire(pfn)  # freed or not, the page is not reused until unwired
+
+    def vm_page_unwire(self, pfn: int) -> None:
+        self.vm.unwire(pfn)  # a page freed while wired becomes free now
+        if self._vm_waiters > 0 and self.vm.is_free(pfn):
             wakeup(self._vm_wait)
 
     def vm_page_alloc_contig(self, npages: int, flags: int, low: int, high: int,
@@ -281,7 +279,7 @@ class Kernel:
         dbg = self.dma_debug
         out = []
         for pfn, off, ln in pieces:
-            if dbg._by_pfn:
+            if dbg.watching:
                 dbg.check_cpu_access((pfn << PAGE_SHIFT) | off, ln, False, va)
             out.append(bytes(self.physmem.page(pfn)[off : off + ln]))
             va += ln
@@ -293,7 +291,7 @@ class Kernel:
         dbg = self.dma_debug
         pos = 0
         for pfn, off, ln in self._pieces(va, len(mv)):
-            if dbg._by_pfn:
+            if dbg.watching:
                 dbg.check_cpu_access((pfn << PAGE_SHIFT) | off, ln, True, va + pos)
             self.physmem.page(pfn)[off : off + ln] = mv[pos : pos + ln]
             pos += ln
@@ -345,10 +343,10 @@ class Kernel:
 
     # -- malloc(9) ----------------------------------------------------------------------
 
-    def _counters(self, mtype: MallocType) -> _TypeCounters:
+    def _counters(self, mtype: MallocType) -> TypeCounters:
         c = self._types.get(mtype)
         if c is None:
-            c = self._types[mtype] = _TypeCounters()
+            c = self._types[mtype] = TypeCounters()
         return c
 
     def inject_malloc_failure(self, mtype: MallocType | None = None, count: int = 1) -> None:
@@ -382,7 +380,7 @@ class Kernel:
         while True:
             if size <= PAGE_SIZE:
                 bucket = max(16, 1 << max(0, size - 1).bit_length())
-                va = self._zone_alloc(bucket)
+                va = self._slab.alloc(bucket)
                 kind = _KIND_SLAB
                 alloc_size = bucket
             else:
@@ -416,7 +414,7 @@ class Kernel:
         self._unaccount(va, size, mt)
         self._fill(va, size, _JUNK)
         if kind == _KIND_SLAB:
-            self._zone_free(va)
+            self._slab.free(va)
         else:
             self._pages_free(va, size >> PAGE_SHIFT)
         if self._vm_waiters > 0:
@@ -514,39 +512,6 @@ class Kernel:
     def _fill(self, va: int, size: int, pattern: bytes) -> None:
         for pfn, off, ln in self._pieces(va, size):
             self.physmem.page(pfn)[off : off + ln] = pattern[:ln]
-
-    def _zone_alloc(self, bucket: int) -> int:
-        partial = self._zones.setdefault(bucket, [])
-        if not partial:
-            pfn = self.vm.alloc()
-            if pfn is None:
-                return 0
-            va = self.kva_alloc(1)
-            self.pmap_qenter(va, [pfn])
-            n = PAGE_SIZE // bucket
-            slab = _Slab(va, pfn, bucket, n, [va + i * bucket for i in range(n - 1, -1, -1)])
-            self._slabs[va >> PAGE_SHIFT] = slab
-            partial.append(slab)
-        slab = partial[-1]
-        item = slab.free.pop()
-        if not slab.free:
-            partial.pop()
-        return item
-
-    def _zone_free(self, va: int) -> None:
-        slab = self._slabs[va >> PAGE_SHIFT]
-        was_full = not slab.free
-        slab.free.append(va)
-        partial = self._zones[slab.size]
-        if len(slab.free) == slab.nitems:
-            if not was_full:
-                partial.remove(slab)
-            del self._slabs[va >> PAGE_SHIFT]
-            self.pmap_qremove(slab.va, 1)
-            self.kva_free(slab.va, 1)
-            self.vm.free(slab.pfn)
-        elif was_full:
-            partial.append(slab)
 
     def _pages_alloc(self, npages: int, low: int, high: int) -> int:
         pfns: list[int] = []

@@ -32,6 +32,7 @@ __all__ = [
     "M_ZERO",
     "MallocType",
     "MallocTypeStats",
+    "TypeCounters",
 ]
 
 #: malloc(9) flags (``sys/malloc.h``).
@@ -83,7 +84,9 @@ class MallocTypeStats:
 
 
 @dataclass(slots=True)
-class _TypeCounters:
+class TypeCounters:
+    """Per-type counters a kernel keeps (what :class:`MallocTypeStats` snapshots)."""
+
     memuse: int = 0
     inuse: int = 0
     requests: int = 0

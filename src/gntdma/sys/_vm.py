@@ -21,12 +21,21 @@ allocation stay in the queue as stale entries that are skipped.
 
 The scatter order comes from a SplitMix64 generator seeded by the kernel's
 seed: deterministic per seed, and independent of the scheduler's randomness.
+
+Wired pages (FreeBSD's ``vm_page_wire``/``vm_page_unwire``): a page can be
+held by a wire count, which the grant layer takes for a page another domain
+still maps (a grant it could not end). Freeing a wired page does not make it
+free: it stays out of every free list until the last hold is dropped, and only
+then joins the free pages (DESIGN section 4). Wiring a page that is already
+free takes it out of circulation too. :meth:`VmPhys.on_unwired` runs a function
+when a page's wire count drops to zero (the bounce zone takes its page back
+that way).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final, Protocol, final
 
 from gntdma.sched import KernelPanic
@@ -136,6 +145,11 @@ class VmPhys:
         self._order: deque[int] = deque()
         for pfn, ln in runs:
             self._order.extend(range(pfn, pfn + ln))
+        #: pfn -> wire count (only wired pages appear).
+        self.wired: dict[int, int] = {}
+        #: Wired pages that were freed (or free when wired): free once unwired.
+        self.free_deferred: set[int] = set()
+        self._unwired_waiters: dict[int, list[Callable[[], None]]] = {}
 
     def exists(self, pfn: int) -> bool:
         return any(f <= pfn < f + n for f, n in self.ranges)
@@ -205,10 +219,54 @@ class VmPhys:
         self.nfree -= n
 
     def free(self, pfn: int) -> None:
+        """Give a page back; a wired page is kept out of circulation until unwired."""
         if not (0 <= pfn < self.maxmem) or not self.exists(pfn):
             raise KernelPanic(f"vm_page_free: pfn {pfn:#x} does not exist")
-        if self.free_map[pfn] == 1:
+        if self.free_map[pfn] == 1 or pfn in self.free_deferred:
             raise KernelPanic(f"vm_page_free: pfn {pfn:#x} is already free")
+        if pfn in self.wired:
+            self.free_deferred.add(pfn)
+            return
+        self._release(pfn)
+
+    def _release(self, pfn: int) -> None:
         self.free_map[pfn] = 1
         self.nfree += 1
         self._order.appendleft(pfn)
+
+    # -- wiring ----------------------------------------------------------------------
+
+    def wire(self, pfn: int) -> None:
+        """``vm_page_wire``: one more hold on ``pfn``; a free page leaves circulation."""
+        if not (0 <= pfn < self.maxmem) or not self.exists(pfn):
+            raise KernelPanic(f"vm_page_wire: pfn {pfn:#x} does not exist")
+        count = self.wired.get(pfn, 0)
+        if count == 0 and self.free_map[pfn] == 1:
+            self._take(pfn, 1)
+            self.free_deferred.add(pfn)
+        self.wired[pfn] = count + 1
+
+    def unwire(self, pfn: int) -> None:
+        """``vm_page_unwire``: drop one hold; at zero a freed page becomes free."""
+        count = self.wired.get(pfn, 0)
+        if count <= 0:
+            raise KernelPanic(f"vm_page_unwire: pfn {pfn:#x} is not wired")
+        if count > 1:
+            self.wired[pfn] = count - 1
+            return
+        del self.wired[pfn]
+        if pfn in self.free_deferred:
+            self.free_deferred.discard(pfn)
+            self._release(pfn)
+        for fn in self._unwired_waiters.pop(pfn, []):
+            fn()
+
+    def is_wired(self, pfn: int) -> bool:
+        return pfn in self.wired
+
+    def on_unwired(self, pfn: int, fn: Callable[[], None]) -> None:
+        """Run ``fn()`` when ``pfn``'s wire count drops to zero (now if not wired)."""
+        if pfn not in self.wired:
+            fn()
+            return
+        self._unwired_waiters.setdefault(pfn, []).append(fn)

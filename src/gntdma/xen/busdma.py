@@ -11,7 +11,11 @@ segment, in order. A segment never crosses a page: the root Xen tag has
 ``boundary`` and ``maxsegsz`` of PAGE_SIZE, which every child inherits.
 
 ``xen_get_dma_tag(kern)`` builds the root; a driver creates its tag as a
-child, with the backend's domid in the flags (``domid << 16``). References are
+child, with the backend's domid in the flags (``domid << 16``). The root has
+no backend domid (``XenDmaTag.domid`` is None): only a child of the root
+with zero domid bits means dom0. A child of a tag that has a backend domid
+inherits it when its own bits are zero, and may not name another (EINVAL).
+Loads on the root itself grant to dom0. References are
 allocated per load by default; ``BUS_DMA_XEN_PREALLOC_REFS`` at map create
 holds ``nsegments`` references for the map's life, which loads re-grant.
 
@@ -32,7 +36,11 @@ safe: unloading a map whose load is still waiting for references cancels the
 callback and frees what it held; unloading a never-loaded map does nothing;
 loading a loaded map is refused with EINVAL (and reported by DMA-API
 debugging); a grant the backend still maps at unload is reported, kept out of
-the free list and reclaimed by the grant table when the backend lets go; a
+the free list and reclaimed by the grant table when the backend lets go,
+and the page behind it is wired (``vm_page_wire``) until then, so that
+neither the bounce zone nor the page allocator hands it out again (DESIGN
+section 4); a prealloc map gets a replacement reference at once (or from a
+free callback when none is free), so it keeps ``nsegments``; a
 chained load (mbuf chain, uio) allocates its references when all its
 segments are known, so it never runs short mid-way.
 
@@ -44,6 +52,7 @@ not aligned to the tag, which would bounce every sub-page buffer.
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, final
 
@@ -105,7 +114,8 @@ BUSDMA_XEN_TAG_INIT: Final = BUS_DMA_BUS1
 class XenDmaTag(BounceTag):
     def __init__(self, kern: Kernel, impl: Any) -> None:
         super().__init__(kern, impl)
-        self.domid = 0
+        #: The backend domain the loads grant to; None for a root Xen tag.
+        self.domid: int | None = None
 
 
 class XenDmaMap(BounceMap):
@@ -122,6 +132,8 @@ class XenDmaMap(BounceMap):
         self.pending_segs: list[bus_dma_segment_t] | None = None
         self.pass_gen = -1
         self.pass_bytes = 0
+        #: A prealloc map waits (free callback) for replacements of still-mapped refs.
+        self.topup_wait = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,9 +192,17 @@ class XenDmaImpl(BounceImpl):
                    lockfuncarg: Any) -> tuple[int, BusDmaTag | None]:
         if maxsegsz > PAGE_SIZE:
             return errno.EINVAL, None  # one grant covers one page
-        domid = (flags >> BUS_DMA_XEN_DOMID_SHIFT) & 0xFFFF
+        bits = (flags >> BUS_DMA_XEN_DOMID_SHIFT) & 0xFFFF
         flags &= 0xFFFF
-        if parent is not None and not isinstance(parent, XenDmaTag):
+        domid: int | None = None if bits == 0 else bits  # a root Xen tag
+        if isinstance(parent, XenDmaTag):
+            if parent.domid is None:
+                domid = bits  # a child of the root: zero bits mean dom0
+            elif bits == 0:
+                domid = parent.domid  # inherited
+            elif bits != parent.domid:
+                return errno.EINVAL, None  # a child may not change the backend
+        elif parent is not None:
             if not flags & BUSDMA_XEN_TAG_INIT:
                 return errno.EINVAL, None
             parent = None if parent.is_root else parent
@@ -280,6 +300,7 @@ class XenDmaImpl(BounceImpl):
         gt = self.gnttab
         if len(segs) > gt.max_frames * GREFS_PER_GRANT_FRAME - GNTTAB_NR_RESERVED_ENTRIES:
             return errno.ENOSPC  # more than the table can ever hold: waiting never ends
+        self._cancel_topup(m)  # the load's wait covers the map's missing refs
         m.grant_wait = True
         m.pending_segs = segs
         self.grant_deferred += 1
@@ -309,12 +330,18 @@ class XenDmaImpl(BounceImpl):
         return 0
 
     def _grant_callback(self, arg: object) -> None:
-        """Grant free callback of a deferred load: finish it under the lockfunc."""
+        """Grant free callback of a deferred load: finish it under the lockfunc.
+        For a prealloc map with no load waiting: its replacement references."""
         m = arg
         assert isinstance(m, XenDmaMap)
         dmat = m.dmat
         dmat.lockfunc(dmat.lockfuncarg, BUS_DMA_LOCK)
         try:
+            if m.topup_wait:
+                m.topup_wait = False
+                if not m.destroyed:
+                    self._replace_prealloc(m)
+                return
             segs = m.pending_segs
             if (not m.grant_wait or segs is None or m.state is not MapState.LOADING
                     or not m.deferred):
@@ -338,11 +365,12 @@ class XenDmaImpl(BounceImpl):
         if error != 0:
             return segs
         t, m = _xtag(dmat), _xmap(map)
+        domid = 0 if t.domid is None else t.domid  # the root tag grants to dom0
         if len(m.refs) < len(segs):
             raise KernelPanic(f"busdma_xen: {len(segs)} segments but {len(m.refs)} refs")
         for i, s in enumerate(segs):
             assert (s.ds_addr & (PAGE_SIZE - 1)) + s.ds_len <= PAGE_SIZE
-            self.gnttab.gnttab_grant_foreign_access_ref(m.refs[i], t.domid,
+            self.gnttab.gnttab_grant_foreign_access_ref(m.refs[i], domid,
                                                         s.ds_addr >> PAGE_SHIFT, m.readonly)
         m.granted = len(segs)
         return segs
@@ -363,11 +391,14 @@ class XenDmaImpl(BounceImpl):
         m.pass_gen = -1
         super().map_unload(dmat, m)
 
-    def _end_grants(self, dmat: BusDmaTag, m: XenDmaMap) -> None:
-        """End access to every granted ref; those the backend still maps go to reclaim."""
+    def _end_grants(self, dmat: BusDmaTag, m: XenDmaMap, replace: bool = True) -> None:
+        """End access to every granted ref; those the backend still maps go to reclaim,
+        with the page behind each wired until the backend lets go (DESIGN section 4).
+        A prealloc map gets replacements (``replace``)."""
         busy: list[int] = []
+        gt = self.gnttab
         for ref in m.refs[: m.granted]:
-            if self.gnttab.gnttab_end_foreign_access_ref(ref) == 0:
+            if gt.gnttab_end_foreign_access_ref(ref) == 0:
                 busy.append(ref)
         m.granted = 0
         if not busy:
@@ -378,9 +409,33 @@ class XenDmaImpl(BounceImpl):
             f"unload of {m.desc()}: grant refs {busy} still mapped by domain "
             f"{_xtag(dmat).domid}; reclaimed when the backend unmaps them",
             tag=dmat.desc(), map=m.desc())
+        kern = self.kern
         for ref in busy:
             m.refs.remove(ref)
-            self.gnttab.gnttab_end_foreign_access(ref)
+            pfn = gt.entry(ref)[2]  # the frame the grant points at
+            kern.vm_page_wire(pfn)
+            gt.gnttab_end_foreign_access(ref, self._unwirer(pfn))
+        if m.prealloc and replace:
+            self._replace_prealloc(m)
+
+    def _unwirer(self, pfn: int) -> Callable[[], None]:
+        return lambda: self.kern.vm_page_unwire(pfn)
+
+    def _replace_prealloc(self, m: XenDmaMap) -> None:
+        """Give a prealloc map back its ``nsegments`` refs: now, or from a free callback."""
+        need = m.dmat.nsegments - len(m.refs)
+        if need <= 0 or m.grant_wait or m.topup_wait:
+            return
+        if self._take_refs(m, m.dmat.nsegments) == 0:
+            return
+        m.topup_wait = True
+        self.gnttab.gnttab_request_free_callback(m.gnttab_cb, self._grant_callback, m,
+                                                 self._wait_count(need))
+
+    def _cancel_topup(self, m: XenDmaMap) -> None:
+        if m.topup_wait:
+            self.gnttab.gnttab_cancel_free_callback(m.gnttab_cb)
+            m.topup_wait = False
 
     def _free_refs(self, refs: list[int]) -> None:
         """Give the map's refs back as one private chain (one gnttab lock round).
@@ -393,7 +448,7 @@ class XenDmaImpl(BounceImpl):
         if not refs:
             return
         gt = self.gnttab
-        if len(set(refs)) != len(refs) or not all(gt._valid_ref(ref) for ref in refs):
+        if len(set(refs)) != len(refs) or not all(gt.ref_is_valid(ref) for ref in refs):
             for ref in refs:
                 gt.gnttab_free_grant_reference(ref)
             return
@@ -403,7 +458,8 @@ class XenDmaImpl(BounceImpl):
         gt.gnttab_free_grant_references(head.head)
 
     def _release_refs(self, m: XenDmaMap) -> None:
-        self._end_grants(m.dmat, m)
+        self._cancel_topup(m)
+        self._end_grants(m.dmat, m, replace=False)
         self._free_refs(m.refs)
         m.refs = []
 

@@ -22,10 +22,25 @@ non-recursive mutex, and the only lock order is "driver locks before
 callbacks run synchronously from whatever frees references (or requests the
 callback), with the recursive ``gnttab_list`` lock held.
 
+Callbacks are delivered as FreeBSD's ``do_free_callbacks`` delivers them:
+each queued callback is visited once per delivery, in order, and runs if the
+free references satisfy its count *at that moment* (so a callback that takes
+nothing does not hold back the next). A later, smaller request may be served
+before an earlier, larger one, but not forever: a callback that has waited
+through ``max_overtakings`` allocations by others is *starving*, and the
+references freed from then on are kept for it (nobody else may take the
+``count`` it waits for) until it has run (DESIGN section 7).
+
+A grant still mapped when it is ended (``gnttab_end_foreign_access``) goes to
+the reclaim list, polled from ``taskqueue_swi``; the caller may pass a function
+that releases the memory behind the grant (busdma unwires the page), run
+once the grantee has let go and the reference is free again.
+
 Misuse that FreeBSD turns into a page fault (freeing a ``GNTTAB_LIST_END``
 head, ending access on ``GNTTAB_REF_INVALID``, claiming from an empty chain,
-requesting a queued callback twice, cancelling one that is not queued) is
-handled without touching the free list and recorded in :attr:`GntTab.reports`.
+requesting a queued callback twice, cancelling one that is not queued,
+freeing a reference that is already free) is handled without touching the free
+list and recorded in :attr:`GntTab.reports`.
 """
 
 from __future__ import annotations
@@ -33,7 +48,6 @@ from __future__ import annotations
 import errno
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Final, final
 
 from gntdma.abi.grant_table import (
@@ -61,14 +75,22 @@ from gntdma.sched import (
     MTX_RECURSE,
     Mutex,
     current_scheduler,
+    curthread,
     mtx_lock,
     mtx_unlock,
     wmb,
+)
+from gntdma.xen.gnttab_types import (
+    GNTTAB_LIST_END,
+    GnttabFreeCallback,
+    GntTabStatistics,
+    GrantRefHead,
 )
 from gntdma.xen.hypercall import Hypercalls
 
 __all__ = [
     "GNTTAB_LIST_END",
+    "GNTTAB_MAX_OVERTAKINGS",
     "GNTTAB_REF_INVALID",
     "GntTab",
     "GntTabStatistics",
@@ -76,10 +98,11 @@ __all__ = [
     "GrantRefHead",
 ]
 
-GNTTAB_LIST_END: Final[int] = GRANT_REF_INVALID
 GNTTAB_REF_INVALID: Final[int] = GRANT_REF_INVALID
 #: Frames assumed when GNTTABOP_query_size fails (FreeBSD's fallback).
 DEFAULT_MAX_NR_GRANT_FRAMES: Final = 4
+#: Allocations by others a waiting free callback lets pass before refs are kept for it.
+GNTTAB_MAX_OVERTAKINGS: Final = 8
 
 _FLAGS: Final = GRANT_ENTRY_V1_FLAGS
 _ENTRY: Final = GRANT_ENTRY_V1
@@ -88,45 +111,6 @@ _DOMID_FRAME: Final = GRANT_ENTRY_V1_DOMID_FRAME
 _PERMIT_ACCESS: Final = int(GTF_permit_access)
 _PERMIT_ACCESS_RO: Final = int(GTF_permit_access | GTF_readonly)
 _PINNED: Final = int(GTF_reading | GTF_writing)
-
-
-@final
-class GrantRefHead:
-    """A private chain head (``grant_ref_t`` passed by pointer in C)."""
-
-    __slots__ = ("head",)
-
-    def __init__(self, head: int = GNTTAB_LIST_END) -> None:
-        self.head = head
-
-
-@final
-class GnttabFreeCallback:
-    """``struct gnttab_free_callback``: run ``fn(arg)`` once ``count`` refs are free."""
-
-    __slots__ = ("arg", "count", "fn", "gen", "queued", "runs")
-
-    def __init__(self) -> None:
-        self.fn: Callable[[object], None] | None = None
-        self.arg: object = None
-        self.count = 0
-        self.queued = False
-        self.runs = 0
-        #: Bumped by every request and cancel: a run picked before a cancel is dropped.
-        self.gen = 0
-
-
-@dataclass(frozen=True, slots=True)
-class GntTabStatistics:
-    nr_frames: int
-    max_frames: int
-    free: int
-    allocated: int
-    granted: int
-    callbacks_queued: int
-    callbacks_run: int
-    reclaim_pending: int
-    peak_allocated: int
 
 
 @final
@@ -148,12 +132,21 @@ class GntTab:
         flags = MTX_DEF | MTX_RECURSE if callback_delivery == "inline" else MTX_DEF
         self.lock = Mutex("gnttab_list", flags)
         self.next: list[int] = []
+        #: 1 for each ref on the free list (detects a double free).
+        self.is_free = bytearray()
         self.free_head = GNTTAB_LIST_END
         self.free_count = 0
         self.callbacks: list[GnttabFreeCallback] = []
         self.callbacks_run = 0
         self._task_queued = False
         self.reclaim: list[int] = []
+        self._reclaim_release: dict[int, Callable[[], None]] = {}
+        self.max_overtakings = GNTTAB_MAX_OVERTAKINGS
+        #: The starving callback being run, and the thread running it.
+        self._reserved_for: GnttabFreeCallback | None = None
+        self._reserve_thread: object = None
+        self._running: GnttabFreeCallback | None = None
+        self.double_frees = 0
         self.reports: list[str] = []
         self._frames: list[memoryview] = []
         self.peak_allocated = 0
@@ -188,6 +181,8 @@ class GntTab:
         new = len(self._frames) * GREFS_PER_GRANT_FRAME
         first = max(old, GNTTAB_NR_RESERVED_ENTRIES)
         self.next.extend([GNTTAB_LIST_END] * (new - old))
+        self.is_free.extend(bytes(new - old))
+        self.is_free[first:new] = b"\x01" * (new - first)
         for ref in range(first, new - 1):
             self.next[ref] = ref + 1
         self.next[new - 1] = self.free_head
@@ -203,28 +198,40 @@ class GntTab:
         """Detach ``count`` refs as a chain; (error, head). Lock held."""
         if count <= 0:
             return errno.EINVAL, GNTTAB_LIST_END
-        if self.free_count < count:
-            error = self._expand(count - self.free_count)
+        avail = self.free_count - self._kept()
+        if avail < count:
+            error = self._expand(count - avail)
             if error != 0:
                 return error, GNTTAB_LIST_END
             self._check_free_callbacks()
-            if self.free_count < count:  # an inline callback took them: re-check
+            if self.free_count - self._kept() < count:  # an inline callback took them
                 return errno.ENOSPC, GNTTAB_LIST_END
         head = ref = self.free_head
+        is_free = self.is_free
+        is_free[ref] = 0
         for _ in range(count - 1):
             ref = self.next[ref]
+            is_free[ref] = 0
         self.free_head = self.next[ref]
         self.next[ref] = GNTTAB_LIST_END
         self.free_count -= count
         self._note_peak()
+        if self._reserved_for is None or curthread() is not self._reserve_thread:
+            for cb in self.callbacks:  # each waiting callback was overtaken once more
+                cb.overtaken += 1
         return 0, head
 
     def _note_peak(self) -> None:
         usable = self.nr_frames * GREFS_PER_GRANT_FRAME - GNTTAB_NR_RESERVED_ENTRIES
         self.peak_allocated = max(self.peak_allocated, usable - self.free_count)
 
-    def _valid_ref(self, ref: int) -> bool:
+    def ref_is_valid(self, ref: int) -> bool:
+        """Whether ``ref`` is a reference of the table (not reserved, not past its end)."""
         return GNTTAB_NR_RESERVED_ENTRIES <= ref < len(self.next)
+
+    def _double_free(self, fn: str, ref: int) -> None:
+        self.double_frees += 1
+        self.reports.append(f"{fn}: double free of ref {ref:#x} (left as it was)")
 
     # -- allocation -------------------------------------------------------------
 
@@ -249,7 +256,7 @@ class GntTab:
 
     def gnttab_release_grant_reference(self, head: GrantRefHead, ref: int) -> None:
         """Push ``ref`` back onto a private chain."""
-        if not self._valid_ref(ref):
+        if not self.ref_is_valid(ref):
             self.reports.append(f"gnttab_release_grant_reference: invalid ref {ref:#x}")
             return
         self.next[ref] = head.head
@@ -264,14 +271,25 @@ class GntTab:
         if head == GNTTAB_LIST_END:
             self.reports.append("gnttab_free_grant_references: LIST_END head (no-op)")
             return
-        if not self._valid_ref(head):
+        if not self.ref_is_valid(head):
             self.reports.append(f"gnttab_free_grant_references: invalid head {head:#x}")
             return
         count, tail = 1, head
-        while self.next[tail] != GNTTAB_LIST_END:
+        limit = len(self.next)
+        is_free = self.is_free
+        while True:
+            if is_free[tail] == 1 or count > limit:  # already free, or a chain that loops
+                self._double_free("gnttab_free_grant_references", tail)
+                return
+            if self.next[tail] == GNTTAB_LIST_END:
+                break
             tail = self.next[tail]
             count += 1
         mtx_lock(self.lock)
+        ref = head
+        while ref != GNTTAB_LIST_END:
+            is_free[ref] = 1
+            ref = self.next[ref]
         self.next[tail] = self.free_head
         self.free_head = head
         self.free_count += count
@@ -280,10 +298,14 @@ class GntTab:
 
     def gnttab_free_grant_reference(self, ref: int) -> None:
         """Give one ref back to the free list."""
-        if not self._valid_ref(ref):
+        if not self.ref_is_valid(ref):
             self.reports.append(f"gnttab_free_grant_reference: invalid ref {ref:#x}")
             return
+        if self.is_free[ref] == 1:
+            self._double_free("gnttab_free_grant_reference", ref)
+            return
         mtx_lock(self.lock)
+        self.is_free[ref] = 1
         self.next[ref] = self.free_head
         self.free_head = ref
         self.free_count += 1
@@ -299,7 +321,7 @@ class GntTab:
     def gnttab_grant_foreign_access_ref(self, ref: int, domid: int, frame: int,
                                         readonly: bool) -> None:
         """Write the grant: domid and frame, a write barrier, then flags."""
-        if not self._valid_ref(ref):
+        if not self.ref_is_valid(ref):
             self.reports.append(f"gnttab_grant_foreign_access_ref: invalid ref {ref:#x}")
             return
         page, off = self._entry_off(ref)
@@ -320,7 +342,7 @@ class GntTab:
 
     def gnttab_query_foreign_access(self, ref: int) -> int:
         """The GTF_reading|GTF_writing bits of ``ref`` (0 when not pinned)."""
-        if not self._valid_ref(ref):
+        if not self.ref_is_valid(ref):
             return 0
         page, off = self._entry_off(ref)
         return int(_FLAGS.unpack_from(page, off)[0]) & _PINNED
@@ -331,7 +353,7 @@ class GntTab:
         The read of the flags and the write of 0 happen with no scheduling point
         between them, which is the compare-and-swap of the C code.
         """
-        if not self._valid_ref(ref):
+        if not self.ref_is_valid(ref):
             self.reports.append(f"gnttab_end_foreign_access_ref: invalid ref {ref:#x}")
             return 0
         page, off = self._entry_off(ref)
@@ -341,18 +363,26 @@ class GntTab:
         _FLAGS.pack_into(page, off, 0)
         return 1
 
-    def gnttab_end_foreign_access(self, ref: int) -> int:
+    def gnttab_end_foreign_access(self, ref: int,
+                                  release: Callable[[], None] | None = None) -> int:
         """End access and free ``ref``; if still in use, free it once the grantee lets go.
 
-        Returns 1 if freed now, 0 if deferred (FreeBSD leaks it instead).
+        ``release()`` gives back the memory behind the grant (Linux's
+        ``gnttab_end_foreign_access(ref, page)``): run now if access ended, else once
+        the grantee has let go. Returns 1 if freed now, 0 if deferred (FreeBSD leaks
+        the ref instead).
         """
         if self.gnttab_end_foreign_access_ref(ref) == 1:
             self.gnttab_free_grant_reference(ref)
+            if release is not None:
+                release()
             return 1
-        if self._valid_ref(ref):
+        if self.ref_is_valid(ref):
             self.reports.append(f"gnttab_end_foreign_access: g.e. {ref} still in use, "
                                 "reclaim deferred")
             self.reclaim.append(ref)
+            if release is not None:
+                self._reclaim_release[ref] = release
             current_scheduler().call_later(0.001, self._schedule_reclaim)
         return 0
 
@@ -366,7 +396,7 @@ class GntTab:
         for ref in refs:
             if self.gnttab_end_foreign_access_ref(ref) == 1:
                 done.append(ref)
-            elif self._valid_ref(ref):
+            elif self.ref_is_valid(ref):
                 self.reclaim.append(ref)
         if len(done) < len(refs) and self.reclaim:
             current_scheduler().call_later(0.001, self._schedule_reclaim)
@@ -392,6 +422,9 @@ class GntTab:
         self.reclaim = still
         for ref in freed:
             self.gnttab_free_grant_reference(ref)
+            release = self._reclaim_release.pop(ref, None)
+            if release is not None:
+                release()
         if still:
             current_scheduler().call_later(0.01, self._schedule_reclaim)
 
@@ -402,7 +435,8 @@ class GntTab:
                                      count: int) -> None:
         """Run ``fn(arg)`` once ``count`` references are free.
 
-        A callback that is already queued is left as it is (and reported).
+        A callback that is already queued is left as it is (and reported). A
+        callback re-requested from its own run keeps the overtakings it waited through.
         """
         mtx_lock(self.lock)
         if cb.queued:
@@ -411,6 +445,8 @@ class GntTab:
             return
         cb.fn, cb.arg, cb.count, cb.queued = fn, arg, count, True
         cb.gen += 1
+        if cb is not self._running:
+            cb.overtaken = 0
         self.callbacks.append(cb)
         self._check_free_callbacks()
         mtx_unlock(self.lock)
@@ -422,55 +458,88 @@ class GntTab:
             self.callbacks.remove(cb)
             cb.queued = False
         cb.gen += 1  # a run already picked by the task is dropped too
+        cb.overtaken = 0
         mtx_unlock(self.lock)
+
+    def _starving(self) -> GnttabFreeCallback | None:
+        """The callback the free references are kept for, if any (lock held)."""
+        if self._reserved_for is not None:
+            return self._reserved_for
+        for cb in self.callbacks:
+            if cb.overtaken >= self.max_overtakings:
+                return cb
+        return None
+
+    def _kept(self) -> int:
+        """Free references an allocation by the current thread may not take."""
+        w = self._starving()
+        if w is None or (w is self._reserved_for and curthread() is self._reserve_thread):
+            return 0
+        return min(w.count, self.free_count)
+
+    def _avail_for(self, cb: GnttabFreeCallback) -> int:
+        w = self._starving()
+        if w is None or w is cb:
+            return self.free_count
+        return self.free_count - min(w.count, self.free_count)
 
     def _check_free_callbacks(self) -> None:
         """Lock held. Inline: run ready callbacks now; taskqueue: queue the task."""
         if not self.callbacks:
             return
         if self.delivery == "inline":
+            # FreeBSD's do_free_callbacks: each one once, against the count at that moment.
             for cb in list(self.callbacks):
-                if cb.queued and self.free_count >= cb.count:
+                if cb.queued and self._avail_for(cb) >= cb.count:
                     self.callbacks.remove(cb)
                     cb.queued = False
                     self._run_callback(cb)
             return
         if self._task_queued:
             return
-        if any(self.free_count >= cb.count for cb in self.callbacks):
+        if any(self._avail_for(cb) >= cb.count for cb in self.callbacks):
             self._task_queued = True
             self._enqueue_swi(self._callback_task)
 
     def _run_callback(self, cb: GnttabFreeCallback) -> None:
+        """Run ``cb`` (dequeued); a starving one may use the references kept for it."""
+        saved = self._reserved_for, self._reserve_thread, self._running
+        starving = cb.overtaken >= self.max_overtakings
+        if starving:
+            self._reserved_for, self._reserve_thread = cb, curthread()
+        self._running = cb
         cb.runs += 1
         self.callbacks_run += 1
         fn = cb.fn
         assert fn is not None
-        fn(cb.arg)
+        try:
+            fn(cb.arg)
+        finally:
+            self._reserved_for, self._reserve_thread, self._running = saved
+            if starving:  # what was kept for it may now serve the others
+                self._check_free_callbacks_locked()
+
+    def _check_free_callbacks_locked(self) -> None:
+        mtx_lock(self.lock)
+        self._check_free_callbacks()
+        mtx_unlock(self.lock)
 
     def _callback_task(self) -> None:
-        """On taskqueue_swi: run every callback whose count is free, no lock held."""
+        """On taskqueue_swi: visit each queued callback once, as do_free_callbacks does,
+        running it (no lock held) if the free references satisfy its count now."""
         mtx_lock(self.lock)
         self._task_queued = False
-        ready: list[tuple[GnttabFreeCallback, int]] = []
-        avail = self.free_count
-        for cb in list(self.callbacks):
-            if avail >= cb.count:
+        visit = [(cb, cb.gen) for cb in self.callbacks]
+        mtx_unlock(self.lock)
+        for cb, gen in visit:
+            mtx_lock(self.lock)
+            ready = cb.queued and cb.gen == gen and self._avail_for(cb) >= cb.count
+            if ready:
                 self.callbacks.remove(cb)
                 cb.queued = False
-                avail -= cb.count
-                ready.append((cb, cb.gen))
-        mtx_unlock(self.lock)
-        skipped = False
-        for cb, gen in ready:
-            if cb.gen == gen:  # not cancelled or re-requested meanwhile
-                self._run_callback(cb)
-            else:
-                skipped = True
-        if skipped:  # the references set aside for it may serve a callback left waiting
-            mtx_lock(self.lock)
-            self._check_free_callbacks()
             mtx_unlock(self.lock)
+            if ready:
+                self._run_callback(cb)
 
     # -- inspection -------------------------------------------------------------------
 
@@ -496,4 +565,15 @@ class GntTab:
             self.callbacks_run,
             len(self.reclaim),
             self.peak_allocated,
+            self._kept_for_others(),
+            self.double_frees,
         )
+
+    def _kept_for_others(self) -> int:
+        w = self._starving()
+        return 0 if w is None else min(w.count, self.free_count)
+
+    @property
+    def kept(self) -> int:
+        """Free references kept for a starving callback: no one else can take them."""
+        return self._kept_for_others()
