@@ -205,7 +205,13 @@ class Ops:
         todo = [path]
         while todo:
             p = todo.pop()
-            todo += [f"{p}/{c}" for c in self.tree[p].children]
+            e = self.tree.get(p)
+            if e is None:
+                # Only in a transaction: its copy of the parent lists a child that
+                # was removed outside after the copy. Skipped; the commit fails
+                # anyway (the parent was read first and changed).
+                continue
+            todo += [f"{p}/{c}" for c in e.children]
             self._set(p, None)
         par = self.tree[parent(path)]
         kept = tuple(c for c in par.children if c != base(path))

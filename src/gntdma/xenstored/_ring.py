@@ -29,9 +29,11 @@ It maps the guest's store page through the reserved grant reference
 ``GNTTAB_RESERVED_XENSTORE`` (dom0's own store page is simply its own memory),
 binds the guest's unbound store port, and runs :meth:`DomainRing._intr` on an
 interrupt thread of the daemon's domain for every notification. The handler
-copies request bytes out of the ring (indices are read once, validated against
-our own shadow copies, then the bytes are copied before anything looks at
-them), feeds them to the domain's :class:`~gntdma.xenstored._core.Connection`,
+copies request bytes out of the ring with the sans-IO
+:class:`~gntdma.abi.xs_ring.XsByteRing` shared with the guest client (indices
+are read once, validated against our own shadow copies, then the bytes are
+copied before anything looks at them), feeds them to the domain's
+:class:`~gntdma.xenstored._core.Connection`,
 and writes the queued replies and watch events into the response ring as far
 as there is room. It stops taking requests while replies are waiting for room
 (the guest frees room, notifies, and the handler goes on).
@@ -67,15 +69,13 @@ from gntdma.abi.grant_table import (
     GNTTABOP_unmap_grant_ref,
     GnttabUnmapGrantRef,
 )
+from gntdma.abi.xs_ring import XsByteRing
 from gntdma.abi.xs_wire import (
-    MASK_XENSTORE_IDX,
     XENSTORE_CONNECTED,
     XENSTORE_DOMAIN_INTERFACE_OFFSETS,
     XENSTORE_ERROR_NONE,
     XENSTORE_ERROR_PROTO,
-    XENSTORE_ERROR_RINGIDX,
     XENSTORE_RECONNECT,
-    XENSTORE_RING_SIZE,
     XENSTORE_SERVER_FEATURE_ERROR,
     XENSTORE_SERVER_FEATURE_RECONNECTION,
 )
@@ -95,10 +95,10 @@ __all__ = [
 log = logging.getLogger("gntdma.xenstored")
 
 # The fields of the store page, in the header's order (which gntdma.abi.xs_wire checks).
-(_REQ, _RSP, _REQ_CONS, _REQ_PROD, _RSP_CONS, _RSP_PROD, _FEATURES, _CONNECTION,
- _ERROR) = XENSTORE_DOMAIN_INTERFACE_OFFSETS.values()
+_FEATURES = XENSTORE_DOMAIN_INTERFACE_OFFSETS["server_features"]
+_CONNECTION = XENSTORE_DOMAIN_INTERFACE_OFFSETS["connection"]
+_ERROR = XENSTORE_DOMAIN_INTERFACE_OFFSETS["error"]
 _U32: Final = struct.Struct("=I")
-_M32: Final = 0xFFFFFFFF
 #: Features this daemon offers.
 _SERVER_FEATURES: Final = XENSTORE_SERVER_FEATURE_RECONNECTION | XENSTORE_SERVER_FEATURE_ERROR
 
@@ -212,8 +212,6 @@ class DomainRing:
         self.local_port = 0
         self.error = XENSTORE_ERROR_NONE
         self.last_error = XENSTORE_ERROR_NONE
-        self._req_cons = 0
-        self._rsp_prod = 0
         self._in_service = False
         self._kick_posted = False
         self._request_bytes = 0
@@ -262,8 +260,8 @@ class DomainRing:
         page = self._page
         _U32.pack_into(page, _FEATURES, _SERVER_FEATURES)
         _U32.pack_into(page, _ERROR, XENSTORE_ERROR_NONE)
-        self._req_cons = _U32.unpack_from(page, _REQ_CONS)[0]
-        self._rsp_prod = _U32.unpack_from(page, _RSP_PROD)[0]
+        self._ring = XsByteRing(page, server=True, wmb=lambda: self._barrier(wmb),
+                                rmb=lambda: self._barrier(rmb), mb=lambda: self._barrier(mb))
 
     def _connect(self) -> Connection:
         conn = self.xenstored.connect(self.domid, name=f"ring{self.domid}", ring=True)
@@ -383,25 +381,13 @@ class DomainRing:
             return False
         if conn.has_output:
             return False  # replies first: the guest frees room and notifies
-        page = self._page
-        cons = self._req_cons
-        prod = _U32.unpack_from(page, _REQ_PROD)[0]
-        avail = (prod - cons) & _M32
-        if avail > XENSTORE_RING_SIZE:
-            self._fail(XENSTORE_ERROR_RINGIDX, f"req_prod {prod:#x} req_cons {cons:#x}")
+        res, data = self._ring.read()
+        if res.error != 0:
+            self._fail(res.error, res.detail)
             return False
-        if avail == 0:
+        if res.moved == 0:
             return False
-        self._barrier(rmb)  # see the bytes after the index
-        start = cons & MASK_XENSTORE_IDX
-        first = min(avail, XENSTORE_RING_SIZE - start)
-        data = bytes(page[_REQ + start : _REQ + start + first])
-        if first < avail:
-            data += bytes(page[_REQ : _REQ + avail - first])
-        self._barrier(mb)  # done reading before the room is given back
-        self._req_cons = (cons + avail) & _M32
-        _U32.pack_into(page, _REQ_CONS, self._req_cons)
-        self._request_bytes += avail
+        self._request_bytes += res.moved
         conn.feed(data)
         if _closed(conn):  # a protocol error: the core dropped it
             self._fail(XENSTORE_ERROR_PROTO, conn.close_reason or "protocol error")
@@ -412,30 +398,18 @@ class DomainRing:
         conn = self.conn
         if not conn.has_output:
             return False
-        page = self._page
-        prod = self._rsp_prod
-        cons = _U32.unpack_from(page, _RSP_CONS)[0]
-        used = (prod - cons) & _M32
-        if used > XENSTORE_RING_SIZE:
-            self._fail(XENSTORE_ERROR_RINGIDX, f"rsp_cons {cons:#x} rsp_prod {prod:#x}")
+        res, room, cons = self._ring.room()
+        if res.error != 0:
+            self._fail(res.error, res.detail)
             return False
-        room = XENSTORE_RING_SIZE - used
         if room == 0:
             return False
         data = conn.data_to_send(room)
         if not data:
             return False
-        n = len(data)
-        start = prod & MASK_XENSTORE_IDX
-        first = min(n, XENSTORE_RING_SIZE - start)
-        page[_RSP + start : _RSP + start + first] = data[:first]
-        if first < n:
-            page[_RSP : _RSP + n - first] = data[first:]
-        self._barrier(wmb)  # the bytes before the index
-        self._rsp_prod = (prod + n) & _M32
-        _U32.pack_into(page, _RSP_PROD, self._rsp_prod)
-        self._response_bytes += n
-        return True
+        res = self._ring.write(data, cons)
+        self._response_bytes += res.moved
+        return res.moved > 0
 
     def _reconnect(self) -> None:
         """The guest asked for a reset: fresh connection, indices 0, CONNECTED."""
@@ -443,9 +417,7 @@ class DomainRing:
         old = self.conn
         old.set_callbacks(None, None)
         old.close()
-        for off in (_REQ_CONS, _REQ_PROD, _RSP_CONS, _RSP_PROD):
-            _U32.pack_into(page, off, 0)
-        self._req_cons = self._rsp_prod = 0
+        self._ring.reset()
         self.error = XENSTORE_ERROR_NONE
         _U32.pack_into(page, _ERROR, XENSTORE_ERROR_NONE)
         _U32.pack_into(page, _FEATURES, _SERVER_FEATURES)
