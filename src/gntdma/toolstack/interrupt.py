@@ -15,15 +15,16 @@ stops is ignored: the cleanup is already under way.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FrameType, TracebackType
 from typing import Any
 
 import greenlet
 
-__all__ = ["InterruptGuard", "Interrupted"]
+__all__ = ["InterruptGuard", "Interrupted", "signals_deferred"]
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -44,6 +45,24 @@ class Interrupted(BaseException):
     @property
     def name(self) -> str:
         return signal.Signals(self.signum).name
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back while a resource is made and recorded.
+
+    Between creating a temporary directory or socket and keeping the name that
+    removes it, a signal would leave it behind; blocked, it is delivered (and
+    raised) once the block ends, with the resource recorded.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class InterruptGuard:

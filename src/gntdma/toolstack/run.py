@@ -30,7 +30,7 @@ from gntdma.sched import WITNESS, Deadlock, KernelPanic
 from gntdma.toolstack.busdmademo import run_deferred_load_demo
 from gntdma.toolstack.grantdemo import run_grant_demo
 from gntdma.toolstack.host import Host
-from gntdma.toolstack.interrupt import InterruptGuard
+from gntdma.toolstack.interrupt import InterruptGuard, signals_deferred
 from gntdma.toolstack.mainjob import OpenImages, default_config, open_images, run_block_job
 from gntdma.toolstack.preflight import RunPlan, check_options, check_output, plan_run
 from gntdma.toolstack.report import Report
@@ -60,14 +60,16 @@ def run_main_job(configs: Sequence[Path] | Path | None = None, *, seed: int = 0,
     guard.phase = "checking the configs"
     threads, notes = check_options(duration=duration, threads=threads, seed=seed)
     check_output(json_path, "--json")
-    tmp = Path(tempfile.mkdtemp(prefix="gntdma-run-"))
+    with signals_deferred():
+        tmp = Path(tempfile.mkdtemp(prefix="gntdma-run-"))
     try:
         plan = plan_run(configs, overwrite=overwrite, default=default_config(),
                         default_image_dir=tmp)
         for note in notes + plan.notes:
             log(note)
         guard.phase = "opening the images"
-        images = open_images(plan, tmp)
+        with signals_deferred():
+            images = open_images(plan, tmp)
         try:
             report = _run(plan, images, seed, duration, threads, log, hold, guard)
         finally:
@@ -98,7 +100,8 @@ def _run(plan: RunPlan, images: OpenImages, seed: int, duration: float, threads:
     xs_socket = None
     done = False
     try:
-        xs_socket = serve_host_xenstored(host.xenstored, log)
+        with signals_deferred():
+            xs_socket = serve_host_xenstored(host.xenstored, log)
         guard.phase = "running the self-test"
         probe = host.create_guest("selftest", memory_mb=16, max_grant_frames=2)
         log(f"self-test: {probe.name} (domid {probe.domid}, max_grant_frames "
