@@ -24,6 +24,7 @@ from test_blkback_lib import PAGE, SECT, Rig, make_rig, pattern
 
 from gntdma.abi.blkif import (
     BLKIF_ABI_X86_64,
+    BLKIF_DISCARD_SECURE,
     BLKIF_OP_DISCARD,
     BLKIF_OP_FLUSH_DISKCACHE,
     BLKIF_OP_READ,
@@ -31,6 +32,7 @@ from gntdma.abi.blkif import (
     BLKIF_RSP_EOPNOTSUPP,
     BLKIF_RSP_ERROR,
     BLKIF_RSP_OKAY,
+    BlkifKey,
     BlkifRequest,
     BlkifRequestDiscard,
     BlkifRequestSegment,
@@ -197,3 +199,19 @@ def test_the_request_step_refuses_discard_on_read_only_and_past_the_end() -> Non
     off = BlkbackLimits(nr_sectors=NSECT, readonly=False, feature_discard=False,
                         max_indirect_segments=0)
     assert check(off, 0, 8) == BLKIF_RSP_EOPNOTSUPP
+
+
+def test_the_secure_discard_flag_is_ignored_when_discard_secure_is_0(
+        host: Host, tmp_path: Path) -> None:
+    # blkif.h, struct blkif_request_discard: BLKIF_DISCARD_SECURE is "ignored if
+    # discard-secure=0"; Linux dispatch_discard_io issues a plain discard then.
+    r, store = _rig(host, tmp_path, readonly=False)
+    assert r.bb.connect_keys()[BlkifKey.DISCARD_SECURE.value] == "0"
+    rid = r.front.new_id()
+    r.front.put(BlkifRequestDiscard(operation=BLKIF_OP_DISCARD, flag=BLKIF_DISCARD_SECURE,
+                                    id=rid, sector_number=8, nr_sectors=8))
+    r.front.push()
+    (rsp,) = r.front.wait(rid)
+    assert rsp.status == BLKIF_RSP_OKAY
+    assert store.calls == [("discard", 8 * SECT, 8 * SECT)]
+    r.close()

@@ -284,10 +284,9 @@ def _data(op: int, sector: int, segs: list[tuple[int, int, int]]) -> Outcome:
 
 def expect(req: BlkifAnyRequest, refs: dict[int, str],
            ipages: dict[int, bytes]) -> Outcome:
-    """What the backend must answer (the rules in gntdma.dev.blkback's docstring)."""
+    """What the backend must answer (the rules in gntdma.dev.blkback_req's docstring)."""
     if isinstance(req, BlkifRequestDiscard):
-        if req.flag & 1:
-            return Outcome(req.operation, BLKIF_RSP_EOPNOTSUPP)
+        # BLKIF_DISCARD_SECURE is ignored: blkback publishes discard-secure 0
         if req.sector_number + req.nr_sectors > DISK_SECTORS:
             return Outcome(req.operation, BLKIF_RSP_ERROR)
         o = Outcome(req.operation, BLKIF_RSP_OKAY)

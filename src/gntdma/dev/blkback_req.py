@@ -13,8 +13,10 @@ Validation (the frontend is never trusted; Linux ``xen-blkback`` behaviour,
 ``drivers/block/xen-blkback/blkback.c``):
 
 - unknown operations, ``BLKIF_OP_RESERVED_1``, ``BLKIF_OP_WRITE_BARRIER`` (no
-  ``feature-barrier``), ``BLKIF_OP_DISCARD`` when discard is off, secure
-  discard, ``BLKIF_OP_INDIRECT`` when indirect is off: ``BLKIF_RSP_EOPNOTSUPP``;
+  ``feature-barrier``), ``BLKIF_OP_DISCARD`` when discard is off,
+  ``BLKIF_OP_INDIRECT`` when indirect is off: ``BLKIF_RSP_EOPNOTSUPP``;
+- ``BLKIF_DISCARD_SECURE`` is ignored (we publish ``discard-secure`` 0; blkif.h
+  says the flag is then ignored, and Linux issues a plain discard);
 - ``nr_segments`` 0 (except for a flush) or over 11 in a direct request, 0 or
   over the advertised maximum in an indirect one, an ``indirect_op`` that is
   neither read nor write: ``BLKIF_RSP_ERROR``;
@@ -35,7 +37,6 @@ from dataclasses import dataclass
 from typing import Final
 
 from gntdma.abi.blkif import (
-    BLKIF_DISCARD_SECURE,
     BLKIF_MAX_SEGMENTS_PER_REQUEST,
     BLKIF_OP_DISCARD,
     BLKIF_OP_FLUSH_DISKCACHE,
@@ -162,8 +163,9 @@ def _check_indirect(req: BlkifRequestIndirect, lim: BlkbackLimits
 
 def _check_discard(req: BlkifRequestDiscard, lim: BlkbackLimits
                    ) -> tuple[int, BlkbackReq | None]:
-    if not lim.feature_discard or (req.flag & BLKIF_DISCARD_SECURE) != 0:
+    if not lim.feature_discard:
         return BLKIF_RSP_EOPNOTSUPP, None
+    # req.flag: BLKIF_DISCARD_SECURE is ignored with discard-secure 0 (blkif.h).
     if lim.readonly:
         return BLKIF_RSP_ERROR, None
     if req.sector_number + req.nr_sectors > lim.nr_sectors:
