@@ -33,6 +33,51 @@ not bind, is ``xenbus_dev_fatal``: ``<our dir>/error`` gets
 bound. A frontend that breaks the ring while connected (``on_ring_error``) is
 treated the same way.
 
+Differences from Linux xen-blkback
+----------------------------------
+Keys (Linux: ``xen_blkbk_probe`` and ``connect`` in ``xen-blkback/xenbus.c``):
+
+- ``feature-persistent``: we write 0 and never keep grants mapped between
+  requests; Linux writes 1 and, when the frontend agrees, keeps them.
+- ``multi-queue-max-queues``: not written (one ring); Linux writes its queue
+  count and reads ``multi-queue-num-queues`` and ``queue-N/`` directories.
+- ``feature-barrier``: we write 0 and answer ``BLKIF_OP_WRITE_BARRIER`` with
+  ``EOPNOTSUPP``; Linux writes its flush support there and serves a barrier
+  as a drain of the ring followed by a flushed write.
+- ``feature-flush-cache``: always 1 here (``fdatasync`` of the image); Linux
+  writes 1 only when the device has a volatile write cache.
+- ``feature-max-indirect-segments``: 256 by default, as Linux, but
+  configurable and left out when 0 (indirect requests get ``EOPNOTSUPP``).
+- ``max-ring-page-order``: 4 by default, as Linux's module parameter.
+- ``sector-size``, ``physical-sector-size``: always 512 (our stores have
+  512-byte blocks), as blkif.h asks of a frontend without
+  ``feature-large-sector-size``; Linux writes the device's logical and
+  physical block sizes whatever the frontend advertises.
+- ``info``: only ``VDISK_READONLY``; Linux adds ``VDISK_CDROM`` and
+  ``VDISK_REMOVABLE`` from the vbd type.
+- ``feature-discard``: from the toolstack's choice and 0 on a read-only disk;
+  Linux from the device's discard support and ``discard-enable``, read-only
+  or not. ``discard-granularity`` 512 and ``discard-alignment`` 0 here, the
+  device's limits in Linux; ``discard-secure`` always 0.
+- the store comes from the toolstack, not from ``physical-device``/``mode``
+  written by hotplug scripts.
+
+Behaviours (``xen-blkback/blkback.c``):
+
+- a ``BLKIF_OP_FLUSH_DISKCACHE`` with data is the write then ``fdatasync``
+  (this write durable too); Linux issues the write with ``REQ_PREFLUSH``
+  (earlier writes durable before it).
+- I/O is one synchronous vectored call per request on one of several worker
+  threads, data pages mapped and unmapped around it; Linux submits bios from
+  one thread per ring and answers in their completion.
+- a disconnect drains what is in flight; Linux fails the state change with
+  "pending I/O" while requests are out.
+- the same answers as Linux otherwise: unknown operations ``EOPNOTSUPP``,
+  bad segment counts and segments, read-only writes and discards and
+  ranges past the end ``BLKIF_RSP_ERROR`` (``dispatch_rw_block_io``,
+  ``xen_vbd_translate``), ``BLKIF_DISCARD_SECURE`` ignored when
+  ``discard-secure`` is 0 (``dispatch_discard_io``).
+
 Theory of operation
 -------------------
 One kernel thread per device (``blkback.<fe>.<devid>/xenbus``) in the backend
