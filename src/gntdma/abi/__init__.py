@@ -8,6 +8,7 @@ here is defined in one of the submodules and re-exported unchanged:
 - :mod:`gntdma.abi.event_channel`
 - :mod:`gntdma.abi.ring`
 - :mod:`gntdma.abi.blkif`
+- :mod:`gntdma.abi.xs_ring`
 - :mod:`gntdma.abi.xs_wire`
 """
 from __future__ import annotations
@@ -211,6 +212,7 @@ from gntdma.abi.xen import (
     HYPERVISOR_sched_op,
     HYPERVISOR_xen_version,
 )
+from gntdma.abi.xs_ring import XsByteRing, XsRingResult
 from gntdma.abi.xs_wire import (
     MASK_XENSTORE_IDX,
     XENSTORE_ABS_PATH_MAX,
@@ -435,6 +437,8 @@ __all__ = [
     "XSD_ERRORS",
     "XS_TYPE_COUNT",
     "XsdSockmsg",
+    "XsByteRing",
+    "XsRingResult",
     "XsdType",
     "blkif_abi",
     "blkif_indirect_pages",
