@@ -158,7 +158,7 @@ def test_host_map_at_an_address_already_mapped_refused(hv: Hypervisor, dom0: Dom
     assert unmap(hv, dom0, r) == GNTST_okay
 
 
-@pytest.mark.parametrize("pfn", [5, 63])
+@pytest.mark.parametrize("pfn", [0, 5, 63])
 def test_host_map_over_own_ram_refused(hv: Hypervisor, dom0: Domain, guest: Domain,
                                        pfn: int) -> None:
     # gntdma's address rule (hv/_grantops.py): a translated mapper maps at a gfn

@@ -63,8 +63,6 @@ assert 1 << SECTOR_SHIFT == BLKIF_SECTOR_SIZE
 # the hypervisor tests each op's flags.
 _MAP_HOST: Final = int(GNTMAP_host_map)
 _MAP_HOST_RO: Final = int(GNTMAP_host_map | GNTMAP_readonly)
-#: Entries of a reused-op cache before it starts over.
-_OP_CACHE_MAX: Final = 1 << 16
 
 
 class BackingStore(Protocol):
@@ -127,11 +125,8 @@ class BlkbackIO:
         self.segments_mapped = 0
         self.mapped_now = 0
         self.mapped_peak = 0
-        # Map and unmap ops are frozen structs: the same (flags, dom, ref) or handle
-        # gives the same op, so each is built once and reused (bounded: a frontend
-        # chooses its grefs).
-        self._map_op_cache: dict[tuple[int, int], dict[int, GnttabMapGrantRef]] = {}
-        self._unmap_op_cache: dict[int, GnttabUnmapGrantRef] = {}
+        #: handle -> the host address (from the kernel's foreign-page range) it is mapped at.
+        self._host_addrs: dict[int, int] = {}
 
     # -- the ring ----------------------------------------------------------------------
 
@@ -228,31 +223,24 @@ class BlkbackIO:
     # -- grant maps ----------------------------------------------------------------------
 
     def _map_ops(self, flags: int, grefs: Sequence[int]) -> list[GnttabMapGrantRef]:
-        """``GnttabMapGrantRef(flags=flags, ref=g, dom=frontend)`` for each gref, reused."""
+        """``GnttabMapGrantRef(host_addr, flags, g, frontend)`` for each gref, each at
+        its own address from the kernel's foreign-page range (Linux's blkback takes
+        its pages from ``gnttab_alloc_pages``); the addresses go back in
+        :meth:`_map_batch` or :meth:`unmap_batch`."""
         dom = self.frontend_domid
-        cache = self._map_op_cache.get((flags, dom))
-        if cache is None or len(cache) > _OP_CACHE_MAX:
-            cache = self._map_op_cache[(flags, dom)] = {}
+        foreign = self.hc.foreign
         ops: list[GnttabMapGrantRef] = []
         for g in grefs:
-            op = cache.get(g)
-            if op is None:
-                op = cache[g] = GnttabMapGrantRef(flags=flags, ref=g, dom=dom)
-            ops.append(op)
+            error, addr = foreign.alloc()
+            if error != 0:
+                raise KernelPanic(f"{self.name}: no address for a foreign page ({error})")
+            ops.append(GnttabMapGrantRef(host_addr=addr, flags=flags, ref=g, dom=dom))
         return ops
 
     def _unmap_ops(self, handles: Sequence[int]) -> list[GnttabUnmapGrantRef]:
-        """``GnttabUnmapGrantRef(handle=h)`` for each handle, reused."""
-        cache = self._unmap_op_cache
-        if len(cache) > _OP_CACHE_MAX:
-            cache.clear()
-        ops: list[GnttabUnmapGrantRef] = []
-        for h in handles:
-            op = cache.get(h)
-            if op is None:
-                op = cache[h] = GnttabUnmapGrantRef(handle=h)
-            ops.append(op)
-        return ops
+        """``GnttabUnmapGrantRef(host_addr, handle=h)``: each at the address it was mapped at."""
+        addrs = self._host_addrs
+        return [GnttabUnmapGrantRef(host_addr=addrs[h], handle=h) for h in handles]
 
     def _map_batch(self, flags: int, grefs: Sequence[int]) -> list[int] | None:
         """Map every gref in one hypercall: the handles, or None (nothing left mapped)."""
@@ -260,6 +248,13 @@ class BlkbackIO:
         rc, res = self.hc.grant_table_op(GNTTABOP_map_grant_ref, ops)
         handles = [r.handle for r in res
                    if isinstance(r, GnttabMapGrantRef) and r.status == GNTST_okay]
+        for op, r in zip(ops, res, strict=False):
+            if isinstance(r, GnttabMapGrantRef) and r.status == GNTST_okay:
+                self._host_addrs[r.handle] = op.host_addr
+            else:
+                self.hc.foreign.free(op.host_addr)
+        for op in ops[len(res):]:
+            self.hc.foreign.free(op.host_addr)
         self.segments_mapped += len(handles)
         self.mapped_now += len(handles)
         self.mapped_peak = max(self.mapped_peak, self.mapped_now)
@@ -278,4 +273,6 @@ class BlkbackIO:
         if rc != 0 or len(res) != len(handles) or bad:
             raise KernelPanic(f"{self.name}: unmap of our own handles failed: rc {rc}, "
                               f"{bad}")
+        for h in handles:
+            self.hc.foreign.free(self._host_addrs.pop(h))
         self.mapped_now -= len(handles)

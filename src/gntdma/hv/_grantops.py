@@ -84,11 +84,6 @@ _PV_ONLY: Final = int(GNTMAP_application_map | GNTMAP_contains_pte)
 _COPY_SOURCE_GREF: Final = int(GNTCOPY_source_gref)
 _COPY_DEST_GREF: Final = int(GNTCOPY_dest_gref)
 
-#: Transition: a host map at address 0 from a caller not yet passing its own
-#: address is kept, and unmapped by an unmap at address 0. Off once every caller
-#: passes addresses.
-ZERO_HOST_ADDR_COMPAT: bool = True
-
 GnttabOp = GnttabMapGrantRef | GnttabUnmapGrantRef | GnttabSetupTable | GnttabQuerySize | GnttabCopy
 
 #: cmd -> (method, the struct every op must be, whether the call takes exactly one op:
@@ -220,9 +215,7 @@ class GrantOps:
         view = None
         if flags & _HOST:
             gfn = op.host_addr >> PAGE_SHIFT
-            if op.host_addr == 0 and ZERO_HOST_ADDR_COMPAT:
-                gfn = -1 - handle
-            elif gfn in caller.grant_p2m or caller.memory.valid_pfn(gfn):
+            if gfn in caller.grant_p2m or caller.memory.valid_pfn(gfn):
                 granter.gnttab.unpin(op.ref, incr, readonly)
                 caller.maptrack.put(handle)
                 return _map_result(op, GNTST_general_error)
@@ -254,9 +247,6 @@ class GrantOps:
         if dev and op.dev_bus_addr != m.dev_bus_addr:
             return _unmap_result(op, GNTST_bad_dev_addr)
         done = 0
-        if ZERO_HOST_ADDR_COMPAT and m.host_addr == 0 and op.host_addr == 0 and m.flags & _HOST:
-            caller.grant_p2m.pop(-1 - op.handle, None)
-            done |= _HOST
         if op.host_addr != 0 and m.flags & _HOST:
             gfn = op.host_addr >> PAGE_SHIFT
             if caller.grant_p2m.get(gfn) != (m.granter, m.frame):
@@ -288,8 +278,6 @@ class GrantOps:
         m = caller.maptrack.entries[handle]
         if m.flags & _HOST:
             gfn = m.host_addr >> PAGE_SHIFT
-            if ZERO_HOST_ADDR_COMPAT and m.host_addr == 0:
-                gfn = -1 - handle
             if caller.grant_p2m.get(gfn) == (m.granter, m.frame):
                 del caller.grant_p2m[gfn]
         self._unmap_halves(caller, handle, m, m.flags & _HALVES)
