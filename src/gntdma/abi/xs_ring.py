@@ -27,9 +27,11 @@ Rules
 - Barriers are the caller's, callables given at construction (no-ops by
   default), called where ``docs/misc/xenstore-ring.txt`` and both C ends put
   them: ``rmb`` after reading the peer's producer index and before reading the
-  bytes, ``mb`` after reading them and before giving the room back, ``wmb``
-  after writing the bytes and before publishing our producer index. A barrier
-  may raise to abandon the operation: nothing is published before the last one.
+  bytes, ``mb`` after reading them and before giving the room back; ``mb``
+  after reading the peer's consumer index and before writing the bytes (Linux
+  ``xb_write``, C xenstored ``writechn``), ``wmb`` after writing them and
+  before publishing our producer index. A barrier may raise to abandon the
+  operation: nothing is published before the last one.
 - Bytes are copied out (``bytes``) before the caller sees them.
 """
 
@@ -170,6 +172,7 @@ class XsByteRing:
         n = min(room, len(data))
         if n == 0:
             return _NOTHING
+        self._mb()  # the consumer index before the bytes it frees
         prod = self.prod
         start = prod & MASK_XENSTORE_IDX
         first = min(n, XENSTORE_RING_SIZE - start)
