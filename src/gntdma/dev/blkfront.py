@@ -90,6 +90,7 @@ from gntdma.dev.blkfront_cmd import (
     XbdBackendFeatures,
     XbdStatistics,
     xbd_discard_limits,
+    xbd_size_requests,
 )
 from gntdma.dev.blkfront_req import xbd_softc_req
 from gntdma.dev.blkfront_softc import xbd_command
@@ -178,7 +179,8 @@ class xbd_softc(xbd_softc_req):
             kern.free(va, M_XENBLOCKFRONT)
             return error
         dmat.name = f"{self.name} ring"
-        error, map_ = bus_dmamap_create(dmat, 0)
+        # The ring's references are held for the disk's life (a prealloc map).
+        error, map_ = bus_dmamap_create(dmat, BUS_DMA_XEN_PREALLOC_REFS)
         if error != 0 or map_ is None:
             bus_dma_tag_destroy(dmat)
             kern.free(va, M_XENBLOCKFRONT)
@@ -270,16 +272,32 @@ class xbd_softc(xbd_softc_req):
         if (ring is None or features.sectors < 0 or ssize < BLKIF_SECTOR_SIZE
                 or ssize & (ssize - 1) != 0 or ssize > PAGE_SIZE):
             return errno.EINVAL
-        segs = min(features.max_indirect_segments, self.xbd_indirect_segments_max)
-        if segs <= BLKIF_MAX_SEGMENTS_PER_REQUEST:
-            segs = BLKIF_MAX_SEGMENTS_PER_REQUEST
+        wanted = max(min(features.max_indirect_segments, self.xbd_indirect_segments_max),
+                     BLKIF_MAX_SEGMENTS_PER_REQUEST)
         ncmds = ring.nr_ents
+        budget = self.xbd_gnttab.gnttab_ever_available() // max(1, self.xbd_grant_share)
+        segs = xbd_size_requests(wanted, ncmds, budget)
+        if segs < 2:
+            return errno.ENOSPC  # not even a one-page request beside what is held
         shadow = [xbd_command(self, i) for i in range(ncmds)]
         indirect_dmat: BusDmaTag | None = None
         if segs > BLKIF_MAX_SEGMENTS_PER_REQUEST:
             indirect_dmat = self._xbd_alloc_indirect(shadow, XBD_INDIRECT_SEGS_TO_PAGES(segs))
             if indirect_dmat is None:
-                segs = BLKIF_MAX_SEGMENTS_PER_REQUEST
+                segs = min(BLKIF_MAX_SEGMENTS_PER_REQUEST, budget)
+        # What the indirect pages hold for life is gone: never ask for more than the rest.
+        segs = min(segs, self.xbd_gnttab.gnttab_ever_available())
+        if segs < 2:
+            self._xbd_free_indirect(shadow, indirect_dmat)
+            return errno.ENOSPC
+        self.xbd_sizing_note = "" if segs >= wanted else (
+            f"{self.name}: {budget} grant references for this disk "
+            f"({self.xbd_gnttab.capacity} in the table, shared by the {self.xbd_grant_share} "
+            f"disk(s) still to connect beside what is held for life): requests limited "
+            f"to {segs} segments "
+            f"({XBD_SEGS_TO_SIZE(segs) >> 10} KiB), "
+            + ("indirect" if segs > BLKIF_MAX_SEGMENTS_PER_REQUEST else "no indirect")
+            + f" requests (it would use {wanted})")
         error = self._xbd_alloc_data_maps(shadow, segs)
         if error != 0:
             self._xbd_free_indirect(shadow, indirect_dmat)

@@ -18,6 +18,7 @@ from typing import Final, final
 
 from gntdma.abi.blkif import (
     BLKIF_MAX_INDIRECT_SEGMENTS,
+    BLKIF_MAX_SEGMENTS_PER_REQUEST,
     BLKIF_SECTOR_SIZE,
     BLKIF_SECTORS_PER_PAGE,
     BlkifKey,
@@ -61,6 +62,7 @@ __all__ = [
     "xbd_discard_limits",
     "xbd_discard_pieces",
     "xbd_mksegarray",
+    "xbd_size_requests",
 ]
 
 # -- softc state and flags (block.h) ---------------------------------------------------
@@ -122,6 +124,25 @@ def XBD_INDIRECT_SEGS_TO_PAGES(segs: int) -> int:
 
 #: Segments per request the frontend asks for by default: a MAXPHYS transfer.
 XBD_DEFAULT_MAX_INDIRECT_SEGMENTS: Final = XBD_SIZE_TO_SEGS(MAXPHYS)
+
+
+def xbd_size_requests(wanted: int, ncmds: int, budget: int) -> int:
+    """Segments per request for a disk allowed ``budget`` grant references.
+
+    The budget pays for what the disk holds for life beyond its ring (one set of
+    indirect pages per command) and for one request of the largest size, so that
+    a request never needs more references than can ever be free (DESIGN section
+    7). Indirect requests are kept while they fit, with as many segments as
+    fit; else direct requests of at most 11 segments (fewer if the budget is
+    smaller). Less than 2 means not even a one-page request fits.
+    """
+    segs = wanted
+    while segs > BLKIF_MAX_SEGMENTS_PER_REQUEST:
+        held = ncmds * XBD_INDIRECT_SEGS_TO_PAGES(segs)
+        if held + segs <= budget:
+            return segs
+        segs = min(segs - 1, budget - held)
+    return max(0, min(wanted, BLKIF_MAX_SEGMENTS_PER_REQUEST, budget))
 
 
 # -- what the backend says ---------------------------------------------------------------

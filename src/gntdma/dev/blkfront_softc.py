@@ -146,12 +146,17 @@ class xbd_softc_base:
         max_indirect_segments: segments per request to use at most; the
             backend's ``feature-max-indirect-segments`` also applies; at most 11
             means no indirect requests.
+        grant_share: how many disks (this one included) still to connect share
+            the grant references not held for life: at connect this disk takes
+            at most that share for its indirect pages and its largest request
+            (see :func:`gntdma.dev.blkfront_cmd.xbd_size_requests`).
     """
 
     def __init__(self, kern: Kernel, hc: Hypercalls, gnttab: GntTab, otherend_id: int, *,
                  name: str = "xbd0", vdev: int = 0, protocol: str = XEN_IO_PROTO_ABI_NATIVE,
                  ring_page_order: int = XBD_DEFAULT_RING_PAGE_ORDER,
-                 max_indirect_segments: int = XBD_DEFAULT_MAX_INDIRECT_SEGMENTS) -> None:
+                 max_indirect_segments: int = XBD_DEFAULT_MAX_INDIRECT_SEGMENTS,
+                 grant_share: int = 1) -> None:
         abi = blkif_abi(protocol)
         if abi is None:
             raise ValueError(f"{name}: unsupported blkif protocol {protocol!r}")
@@ -170,6 +175,9 @@ class xbd_softc_base:
         self.xbd_ring_page_order_max = ring_page_order
         self.xbd_indirect_segments_max = min(max(max_indirect_segments, 0),
                                              XBD_MAX_INDIRECT_SEGMENTS)
+        self.xbd_grant_share = max(1, grant_share)
+        #: Why requests are smaller than asked for ("" if they are not): a warning.
+        self.xbd_sizing_note = ""
         self.xbd_io_lock = Mutex(f"{name} io", type="xbd_io")
         self.xbd_state = XBD_STATE_DISCONNECTED
         self.xbd_flags = XBDF_NONE

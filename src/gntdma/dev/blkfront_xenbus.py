@@ -246,6 +246,7 @@ def xbd_attach(kern: Kernel, hc: Hypercalls, gnttab: GntTab, xs: XenStore, devid
                name: str | None = None,
                ring_page_order: int = XBD_DEFAULT_RING_PAGE_ORDER,
                max_indirect_segments: int = XBD_DEFAULT_MAX_INDIRECT_SEGMENTS,
+               grant_share: int = 1,
                timeout: float = XBD_CLOSE_TIMEOUT) -> tuple[int, XbdXenbus | None]:
     """Attach blkfront to the guest's ``device/vbd/<devid>`` and start negotiating.
 
@@ -263,7 +264,8 @@ def xbd_attach(kern: Kernel, hc: Hypercalls, gnttab: GntTab, xs: XenStore, devid
     try:
         sc = xbd_softc(kern, hc, gnttab, dev.otherend_id, name=name, vdev=devid & 0xFFFF,
                        ring_page_order=ring_page_order,
-                       max_indirect_segments=max_indirect_segments)
+                       max_indirect_segments=max_indirect_segments,
+                       grant_share=grant_share)
     except ValueError:
         return errno.EINVAL, None
     drv = XbdXenbus(kern, dev, sc, timeout=timeout)

@@ -42,8 +42,10 @@ def create_guest_from_config(host: Host, cfg: GuestConfig, image_dir: str | Path
     vbds: list[Vbd] = []
     try:
         for i, spec in enumerate(cfg.disks):
+            # The disks share the grant table: each takes its share of what is left.
             vbds.append(attach_disk(host, guest, spec, image_dir=base, timeout=timeout,
-                                    image=images[i] if images is not None else None))
+                                    image=images[i] if images is not None else None,
+                                    grant_share=len(cfg.disks) - i))
     except BaseException:
         destroy_guest(host, guest, vbds)
         raise

@@ -227,6 +227,11 @@ def run_block_job(host: Host, report: Report, plan: RunPlan, images: OpenImages,
         guests.append(guest)
         disks_of.append(disks)
     every = [d for ds in disks_of for d in ds]
+    warnings = [f"warning: {d.load.name}: the config can only just run: "
+                f"{d.vbd.sc.xbd_sizing_note}" for d in every if d.vbd.sc.xbd_sizing_note]
+    for w in warnings:
+        log(w)
+    report.figures["warnings"] = warnings
     report.check("guests created and their disks connected through xenstore",
                  all(d.vbd.statistics().frontend_state == "Connected" for d in every),
                  f"{len(guests)} guest{'s' if len(guests) != 1 else ''}, {len(every)} disks"

@@ -199,7 +199,7 @@ def attach_disk(host: Host, guest: Guest, spec: DiskSpec, *, image_dir: str | Pa
                 workers: int = BLKBACK_DEFAULT_WORKERS,
                 ring_page_order: int = XBD_DEFAULT_RING_PAGE_ORDER,
                 max_indirect_segments: int = XBD_DEFAULT_MAX_INDIRECT_SEGMENTS,
-                image: DiskImage | None = None) -> Vbd:
+                image: DiskImage | None = None, grant_share: int = 1) -> Vbd:
     """Give ``guest`` the disk ``spec`` describes and wait until it is connected.
 
     Args:
@@ -210,6 +210,9 @@ def attach_disk(host: Host, guest: Guest, spec: DiskSpec, *, image_dir: str | Pa
         max_indirect_segments: segments per request blkfront uses at most.
         image: the image, already opened by the caller (``gntdma run`` opens
             existing images as snapshots); the disk owns it from then on.
+        grant_share: disks of the guest still to attach, this one included:
+            blkfront takes at most that share of the grant references not held
+            for life (``xbd_softc``'s ``grant_share``).
 
     Raises:
         VbdError: the image cannot be opened or created, the device exists, a
@@ -246,7 +249,8 @@ def attach_disk(host: Host, guest: Guest, spec: DiskSpec, *, image_dir: str | Pa
                            f"{os.strerror(error)}")
         error, front = xbd_attach(guest.kernel, guest.hc, guest.gnttab, guest.xenstore,
                                   spec.devid, ring_page_order=ring_page_order,
-                                  max_indirect_segments=max_indirect_segments)
+                                  max_indirect_segments=max_indirect_segments,
+                                  grant_share=grant_share)
         if front is None:
             raise VbdError(f"{what}: blkfront's xenbus driver did not attach: "
                            f"{os.strerror(error)}")

@@ -27,8 +27,12 @@ When the references run short:
   (less what the table can still grow by). The callback takes the tag's
   lockfunc, allocates, writes the grants and runs the client callback once. If
   the references are gone again by then, it registers itself again;
-- a sleepable load needing more references than the table can ever hold fails
-  with ENOSPC (through the callback, like EFBIG) instead of waiting forever.
+- a sleepable load needing more references than can ever be free fails with
+  ENOSPC (through the callback, like EFBIG) instead of waiting forever: the
+  table's capacity less the references held for life (a prealloc map's, and
+  so a ring's, count as held while the map exists: ``GntTab.held_for_life``).
+  A load already waiting when more is held for life fails the same way from
+  its callback.
 
 Grants are written when a load completes (``map_complete``); unload ends
 access and frees the references. Where the 2018 design was unsafe this one is
@@ -56,7 +60,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, final
 
-from gntdma.abi.grant_table import GNTTAB_NR_RESERVED_ENTRIES, GREFS_PER_GRANT_FRAME
+from gntdma.abi.grant_table import GREFS_PER_GRANT_FRAME
 from gntdma.abi.xen import PAGE_SHIFT, PAGE_SIZE
 from gntdma.sched import KernelPanic
 from gntdma.sys import (
@@ -233,6 +237,7 @@ class XenDmaImpl(BounceImpl):
             m.refs = [self.gnttab.gnttab_claim_grant_reference(head)
                       for _ in range(dmat.nsegments)]
             m.prealloc = True
+            self.gnttab.gnttab_hold_for_life(dmat.nsegments)
         self.maps[id(m)] = m
         return 0, m
 
@@ -297,9 +302,9 @@ class XenDmaImpl(BounceImpl):
             return 0  # more buffers to come: allocate once every segment is known
         if self._take_refs(m, len(segs)) == 0:
             return 0
+        if self._never_served(m, len(segs)):
+            return errno.ENOSPC  # more than can ever be free: waiting would never end
         gt = self.gnttab
-        if len(segs) > gt.max_frames * GREFS_PER_GRANT_FRAME - GNTTAB_NR_RESERVED_ENTRIES:
-            return errno.ENOSPC  # more than the table can ever hold: waiting never ends
         self._cancel_topup(m)  # the load's wait covers the map's missing refs
         m.grant_wait = True
         m.pending_segs = segs
@@ -307,6 +312,13 @@ class XenDmaImpl(BounceImpl):
         gt.gnttab_request_free_callback(m.gnttab_cb, self._grant_callback, m,
                                         self._wait_count(len(segs) - len(m.refs)))
         return errno.EINPROGRESS
+
+    def _never_served(self, m: XenDmaMap, nsegs: int) -> bool:
+        """Whether a load of ``nsegs`` segments on ``m`` can never get its references:
+        more than the table can ever hold beside those held for life (rings and
+        prealloc maps, this map's own excepted), which never come back."""
+        own = len(m.refs) if m.prealloc else 0
+        return nsegs > self.gnttab.gnttab_ever_available() + own
 
     def _wait_count(self, need: int) -> int:
         """Free references to wait for before ``need`` can be allocated.
@@ -347,6 +359,11 @@ class XenDmaImpl(BounceImpl):
                     or not m.deferred):
                 return  # unloaded (or completed) meanwhile
             if self._take_refs(m, len(segs)) != 0:
+                if self._never_served(m, len(segs)):  # more is held for life now
+                    m.grant_wait = False
+                    m.pending_segs = None
+                    bus_dmamap_complete_deferred(dmat, m, segs, errno.ENOSPC, locked=True)
+                    return
                 need = self._wait_count(len(segs) - len(m.refs))
                 self.gnttab.gnttab_request_free_callback(m.gnttab_cb, self._grant_callback,
                                                          m, need)
@@ -459,6 +476,9 @@ class XenDmaImpl(BounceImpl):
 
     def _release_refs(self, m: XenDmaMap) -> None:
         self._cancel_topup(m)
+        if m.prealloc:
+            m.prealloc = False
+            self.gnttab.gnttab_hold_for_life(-m.dmat.nsegments)
         self._end_grants(m.dmat, m, replace=False)
         self._free_refs(m.refs)
         m.refs = []

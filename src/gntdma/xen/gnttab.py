@@ -150,6 +150,9 @@ class GntTab:
         self.reports: list[str] = []
         self._frames: list[memoryview] = []
         self.peak_allocated = 0
+        #: References allocated for a holder's whole life (rings, prealloc maps):
+        #: a waiting allocation may not count on them coming back (DESIGN section 7).
+        self.held_for_life = 0
         rc, res = hc.grant_table_op(GNTTABOP_query_size, [GnttabQuerySize(dom=DOMID_SELF)])
         q = res[0] if rc == 0 else None
         if isinstance(q, GnttabQuerySize) and q.status == GNTST_okay:
@@ -166,6 +169,21 @@ class GntTab:
     @property
     def nr_frames(self) -> int:
         return len(self._frames)
+
+    @property
+    def capacity(self) -> int:
+        """References the table can ever hold: every frame it may grow to, less reserved."""
+        return self.max_frames * GREFS_PER_GRANT_FRAME - GNTTAB_NR_RESERVED_ENTRIES
+
+    def gnttab_ever_available(self) -> int:
+        """References a waiting allocation can ever get: the capacity less those held
+        for life (they never come back while their holder lives)."""
+        return self.capacity - self.held_for_life
+
+    def gnttab_hold_for_life(self, count: int) -> None:
+        """Count ``count`` allocated references as held for their holder's life
+        (negative when the holder gives them back)."""
+        self.held_for_life = max(0, self.held_for_life + count)
 
     def _grow_to(self, nr_frames: int) -> int:
         """setup_table up to ``nr_frames`` and thread the new refs onto the free list."""
@@ -567,6 +585,7 @@ class GntTab:
             self.peak_allocated,
             self._kept_for_others(),
             self.double_frees,
+            self.held_for_life,
         )
 
     def _kept_for_others(self) -> int:

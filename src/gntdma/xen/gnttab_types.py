@@ -58,3 +58,5 @@ class GntTabStatistics:
     #: free references kept for a starving callback (nobody else may take them)
     kept: int = 0
     double_frees: int = 0
+    #: references held for their holder's life (rings, prealloc maps)
+    held_for_life: int = 0
