@@ -104,6 +104,7 @@ class Connection:
         self.close_reason: str | None = None
         self._on_output: Callable[[], None] | None = None
         self._on_close: Callable[[Connection], None] | None = None
+        self._on_reset: Callable[[Connection], None] | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
@@ -117,11 +118,17 @@ class Connection:
         self,
         on_output: Callable[[], None] | None = None,
         on_close: Callable[[Connection], None] | None = None,
+        on_reset: Callable[[Connection], None] | None = None,
     ) -> None:
-        """Install the transport's hooks (run under the core lock; must not block)."""
+        """Install the transport's hooks (run under the core lock; must not block).
+
+        ``on_reset``: an INTRODUCE reset the connection (``domain_conn_reset``);
+        the ring transport zeroes the ring's indices.
+        """
         with self._xsd.lock:
             self._on_output = on_output
             self._on_close = on_close
+            self._on_reset = on_reset
 
     # Transport side.
 
@@ -347,7 +354,7 @@ class Xenstored:
 
         Creates ``/local/domain/<domid>`` owned by the domain (perms
         ``n<domid>``) if needed, then fires ``@introduceDomain``. Introducing
-        a domain again resets the watches and transactions of its connections.
+        a domain again resets its ring connection (``domain_conn_reset``).
         """
         with self.lock:
             self._check_guest(domid)
@@ -370,19 +377,30 @@ class Xenstored:
         """INTRODUCE of domain 0: ``introduce_domain`` finds the master domain
         introduced already (``dom0_init``), so nothing is created and no
         ``@introduceDomain`` fires; ``do_introduce`` then resets its connection
-        (``domain_conn_reset``: watches and transactions of dom0's ring, not
-        of the socket clients)."""
-        for conn in self._connections.values():
-            if conn.domid == 0 and conn.ring:
-                self._reset(conn)
+        (``domain_conn_reset`` of dom0's ring, not of the socket clients)."""
+        self._conn_reset(0)
+
+    def _conn_reset(self, domid: int) -> None:
+        """C 4.17 ``domain_conn_reset`` of the domain's own (ring) connection:
+        its watches and transactions go, its buffered output
+        (``conn_free_buffered_data``) and partly read input (``conn->in``) are
+        dropped, and the transport zeroes the ring's four indices."""
+        for conn in list(self._connections.values()):
+            if conn.domid != domid or not conn.ring:
+                continue
+            self._reset(conn)
+            conn._out.clear()
+            conn._partial = b""
+            conn._deferred.clear()
+            conn._reader = MessageReader()
+            if conn._on_reset is not None:
+                conn._on_reset(conn)
 
     def _introduce(self, domid: int, gfn: int, port: int) -> None:
         dom = self._domains.get(domid)
         if dom is not None:
             dom.gfn, dom.port = gfn, port
-            for conn in self._connections.values():
-                if conn.domid == domid:
-                    self._reset(conn)
+            self._conn_reset(domid)
             return
         self._domains[domid] = _Domain(domid, gfn, port)
         self._domain_gen.setdefault(domid, self.store.generation)  # find_or_alloc_domain

@@ -18,6 +18,12 @@ Rules (``io/xs_wire.h``, ``docs/misc/xenstore-ring.txt``, C xenstored ``domain.c
   ``connection`` to ``XENSTORE_RECONNECT`` and notifies; the daemon discards the
   connection's state, sets every index to 0, clears ``error``, sets
   ``connection`` back to ``XENSTORE_CONNECTED`` and notifies.
+- INTRODUCE of a domain already introduced (dom0 included) resets its ring as
+  C xenstored 4.17's ``do_introduce`` does: ``domain_conn_reset`` drops the
+  connection's watches, transactions, buffered output and partial input and
+  sets the four indices to 0 (then ``xen_wmb``); if the guest had asked for a
+  reconnect, ``connection`` becomes ``XENSTORE_CONNECTED`` and the guest is
+  notified. ``error`` is left as it was, as in C.
 
 The header's constants and the page layout come from :mod:`gntdma.abi.xs_wire`,
 shared with the guest client.
@@ -214,6 +220,11 @@ class DomainRing:
         self.last_error = XENSTORE_ERROR_NONE
         self._in_service = False
         self._kick_posted = False
+        #: an INTRODUCE reset the connection: the handler zeroes the ring first
+        self._reset_pending = False
+        #: counts those resets; a ring operation begun before one is abandoned
+        self._epoch = 0
+        self._op_epoch = 0
         self._request_bytes = 0
         self._response_bytes = 0
         self._notifications = 0
@@ -265,7 +276,8 @@ class DomainRing:
 
     def _connect(self) -> Connection:
         conn = self.xenstored.connect(self.domid, name=f"ring{self.domid}", ring=True)
-        conn.set_callbacks(on_output=self._on_output, on_close=self._on_close)
+        conn.set_callbacks(on_output=self._on_output, on_close=self._on_close,
+                           on_reset=self._on_reset)
         return conn
 
     def close(self) -> None:
@@ -309,6 +321,17 @@ class DomainRing:
     def _on_close(self, conn: Connection) -> None:
         self._post_kick()
 
+    def _on_reset(self, conn: Connection) -> None:
+        """INTRODUCE reset the connection: the ring is zeroed before anything else.
+
+        Under the core lock, maybe on another OS thread: only note it and make
+        the handler run; an operation of the handler under way is abandoned at
+        its next barrier.
+        """
+        self._reset_pending = True
+        self._epoch += 1
+        self._post_kick()
+
     def _post_kick(self) -> None:
         if self._kick_posted:
             return
@@ -329,7 +352,7 @@ class DomainRing:
 
     def _barrier(self, fn: Callable[[], None]) -> None:
         fn()
-        if self.closed:
+        if self.closed or self._epoch != self._op_epoch:
             raise _Gone
 
     def _intr(self, port: int) -> None:
@@ -345,6 +368,8 @@ class DomainRing:
 
     def _service(self) -> None:
         page = self._page
+        if self._reset_pending:
+            self._conn_reset()
         if _U32.unpack_from(page, _CONNECTION)[0] == XENSTORE_RECONNECT:
             self._reconnect()
             return
@@ -352,6 +377,8 @@ class DomainRing:
             return  # ignored until the guest asks for a reconnect
         notify = False
         while True:
+            if self._reset_pending:  # an INTRODUCE this ring just carried
+                self._conn_reset()
             moved = self._push_output()
             if self.error == XENSTORE_ERROR_NONE:
                 moved = self._pull_input() or moved
@@ -381,6 +408,7 @@ class DomainRing:
             return False
         if conn.has_output:
             return False  # replies first: the guest frees room and notifies
+        self._op_epoch = self._epoch
         res, data = self._ring.read()
         if res.error != 0:
             self._fail(res.error, res.detail)
@@ -398,6 +426,7 @@ class DomainRing:
         conn = self.conn
         if not conn.has_output:
             return False
+        self._op_epoch = self._epoch
         res, room, cons = self._ring.room()
         if res.error != 0:
             self._fail(res.error, res.detail)
@@ -411,6 +440,17 @@ class DomainRing:
         self._response_bytes += res.moved
         return res.moved > 0
 
+    def _conn_reset(self) -> None:
+        """The ring half of ``domain_conn_reset``, then ``do_introduce``'s reconnect."""
+        self._reset_pending = False
+        page = self._page
+        self._ring.reset()
+        self._op_epoch = self._epoch
+        self._barrier(wmb)  # xen_wmb()
+        if _U32.unpack_from(page, _CONNECTION)[0] == XENSTORE_RECONNECT:
+            _U32.pack_into(page, _CONNECTION, XENSTORE_CONNECTED)
+            self._notify()
+
     def _reconnect(self) -> None:
         """The guest asked for a reset: fresh connection, indices 0, CONNECTED."""
         page = self._page
@@ -423,6 +463,8 @@ class DomainRing:
         _U32.pack_into(page, _FEATURES, _SERVER_FEATURES)
         self.conn = self._connect()
         self._reconnects += 1
+        self._reset_pending = False  # the connection and the ring are new anyway
+        self._op_epoch = self._epoch
         self._barrier(wmb)
         _U32.pack_into(page, _CONNECTION, XENSTORE_CONNECTED)
         self._notify()
