@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true",
                      help="write existing images directly (their data is lost); by default "
                      "writes to an existing image go to a temporary overlay")
+    run.add_argument("--stall-timeout", type=float, default=5.0, metavar="SECONDS",
+                     help="end the run with a failed check when no I/O completes for this "
+                     "long (default 5)")
     run.add_argument("--hold", action="store_true",
                      help="after the job, keep the host and its xenstored socket up "
                      "until SIGINT/SIGTERM")
@@ -99,7 +102,7 @@ def cmd_run(args: argparse.Namespace, out: _Output) -> int:
             report = run_main_job(args.configs, seed=args.seed, json_path=args.json,
                                   duration=args.duration, threads=args.threads,
                                   hold=args.hold, overwrite=args.overwrite, log=out.say,
-                                  guard=guard)
+                                  guard=guard, stall_timeout=args.stall_timeout)
             out.say(report.format())
         except Interrupted as e:
             print(f"gntdma run: interrupted by {e.name} while {e.phase}; what it made for "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 
 from busdma_helpers import PAGE, Loads, driver_tag, kbuf, pattern
+
 from gntdma.sched import Mutex, mtx_lock, mtx_unlock
 from gntdma.sys import (
     BUS_DMA_WAITOK,

@@ -106,6 +106,7 @@ from gntdma.sched import (
 from gntdma.sys import (
     BUS_DMA_NOWAIT,
     BUS_SPACE_MAXADDR,
+    M_NOWAIT,
     M_WAITOK,
     M_XENBLOCKFRONT,
     M_ZERO,
@@ -354,7 +355,13 @@ class xbd_softc(xbd_softc_req):
                 break
             map_.name = f"{self.name} indirect {cm.cm_id}"
             cm.cm_indirectionmap = map_
-            cm.cm_indirectionpages = kern.malloc(size, M_XENBLOCKFRONT, M_WAITOK | M_ZERO)
+            # No sleep for memory that may never come (a small guest): without it
+            # the disk uses direct requests (FreeBSD's xbd_connect: M_NOWAIT, and
+            # xbd_max_request_indirectpages = 0 on failure).
+            cm.cm_indirectionpages = kern.malloc(size, M_XENBLOCKFRONT, M_NOWAIT | M_ZERO)
+            if cm.cm_indirectionpages == 0:
+                error = errno.ENOMEM
+                break
             got: list[int] = []
             bus_dmamap_load(dmat, map_, cm.cm_indirectionpages, size, indirect_cb, got,
                             BUS_DMA_NOWAIT | BUS_DMA_XEN_RO)

@@ -22,17 +22,35 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from gntdma.abi.blkif import BLKIF_MAX_SEGMENTS_PER_REQUEST
+from gntdma.dev.blkfront_io import XbdFile
+from gntdma.errors import GntdmaError
 from gntdma.host.image import DiskImage, open_image
+from gntdma.sched import ThreadState
 from gntdma.toolstack.domains import create_guest_from_config
 from gntdma.toolstack.host import Guest, Host
 from gntdma.toolstack.preflight import DiskPlan, GuestPlan, RunPlan
 from gntdma.toolstack.report import Report
 from gntdma.toolstack.vbd import Vbd, detach_disk
-from gntdma.toolstack.workload import DiskLoad, file_copy, flush_discard, verified_random_io
+from gntdma.toolstack.workload import (
+    RUN_SECTORS,
+    DiskLoad,
+    file_copy,
+    flush_discard,
+    verified_random_io,
+)
 from gntdma.toolstack.xlcfg import GuestConfig, XlConfigError, parse_config
 from gntdma.xen.busdma import XenDmaImpl
 
-__all__ = ["DEFAULT_CONFIG", "OpenImages", "default_config", "open_images", "run_block_job"]
+__all__ = [
+    "DEFAULT_CONFIG",
+    "DEFAULT_STALL_TIMEOUT",
+    "OpenImages",
+    "Stalled",
+    "default_config",
+    "open_images",
+    "run_block_job",
+]
 
 #: The built-in default of ``gntdma run``.
 DEFAULT_CONFIG: Final = """\
@@ -138,6 +156,62 @@ def _impl(g: Guest) -> XenDmaImpl:
     return impl
 
 
+#: Seconds without a completed I/O after which the workloads count as stalled.
+DEFAULT_STALL_TIMEOUT: Final = 5.0
+
+
+class Stalled(GntdmaError):
+    """The workloads stopped making progress; the message says who waits for what."""
+
+
+class _StallWatchdog:
+    """A hub timer: if no I/O of the workloads completes for ``timeout`` seconds, it
+    raises :class:`Stalled` out of the scheduler loop with what every thread in an
+    uninterruptible or lock wait waits for (the scheduler's wait-for report)."""
+
+    def __init__(self, host: Host, guests: Sequence[Guest], disks: Sequence[_Disk],
+                 timeout: float) -> None:
+        self.host, self.guests, self.disks, self.timeout = host, guests, disks, timeout
+        self.last = -1
+        self.since = host.sched.now()
+        self.cancel: Callable[[], None] | None = None
+        if disks:
+            self.cancel = host.sched.call_later(min(0.25, timeout), self.tick)
+
+    def _done(self) -> int:
+        return sum(d.load.reads + d.load.writes for d in self.disks) + sum(
+            d.vbd.statistics().frontend.requests for d in self.disks)
+
+    def tick(self) -> None:
+        now = self.host.sched.now()
+        done = self._done()
+        if done != self.last:
+            self.last, self.since = done, now
+        elif now - self.since >= self.timeout:
+            self.cancel = None
+            raise Stalled(self.describe(now - self.since))
+        self.cancel = self.host.sched.call_later(min(0.25, self.timeout), self.tick)
+
+    def describe(self, idle: float) -> str:
+        sched = self.host.sched
+        counted = {t.name for t in sched.threads
+                   if t.state is ThreadState.BLOCKED and t.wait_counted}
+        waits = [f"{e.thread} waits for {e.waits_for} at {e.site}"
+                 + (f" (held by {e.holder})" if e.holder else "")
+                 for e in sched.deadlock_report().edges if e.thread in counted]
+        grants = [f"{g.name}: {g.gnttab.statistics().allocated} grant references in use of "
+                  f"{g.gnttab.capacity} ({g.gnttab.held_for_life} held for life), "
+                  f"{g.gnttab.statistics().callbacks_queued} loads waiting for references"
+                  for g in self.guests]
+        return (f"no I/O completed for {idle:.1f} s (--stall-timeout {self.timeout:g}): "
+                + "; ".join(waits + grants))
+
+    def stop(self) -> None:
+        if self.cancel is not None:
+            self.cancel()
+            self.cancel = None
+
+
 class _Progress:
     """A progress line a second, from a hub timer (it never blocks)."""
 
@@ -213,11 +287,15 @@ def run_block_job(host: Host, report: Report, plan: RunPlan, images: OpenImages,
                   duration: float, threads: int, seed: int,
                   log: Callable[[str], None] = print,
                   pause: Callable[[], None] | None = None,
-                  phase: Callable[[str], None] = lambda _p: None) -> list[dict[str, Any]]:
+                  phase: Callable[[str], None] = lambda _p: None,
+                  stall_timeout: float = DEFAULT_STALL_TIMEOUT) -> list[dict[str, Any]]:
     """Create the guests and disks of ``plan``, run the workloads, detach; their figures.
 
     ``pause`` runs after the workloads, while the guests and disks are still up
     (``gntdma run --hold``); ``phase`` is told what the job is doing.
+
+    Raises:
+        Stalled: no I/O completed for ``stall_timeout`` seconds of the workloads.
     """
     guests: list[Guest] = []
     disks_of: list[list[_Disk]] = []
@@ -238,7 +316,7 @@ def run_block_job(host: Host, report: Report, plan: RunPlan, images: OpenImages,
                  + "".join(f", {d.load.name} {d.vbd.statistics().frontend_state}"
                            for d in every))
     phase("running the workloads")
-    _workloads(host, report, plan, guests, every, duration, threads, seed, log)
+    _workloads(host, report, plan, guests, every, duration, threads, seed, log, stall_timeout)
     figures = [_figures(g, gp, ds) for g, gp, ds in zip(guests, plan.guests, disks_of,
                                                           strict=True)]
     if pause is not None:
@@ -260,11 +338,13 @@ def run_block_job(host: Host, report: Report, plan: RunPlan, images: OpenImages,
 
 def _workloads(host: Host, report: Report, plan: RunPlan, guests: Sequence[Guest],
                disks: Sequence[_Disk], duration: float, threads: int, seed: int,
-               log: Callable[[str], None]) -> None:
+               log: Callable[[str], None], stall_timeout: float) -> None:
     for d in disks:
         d.threads = max(1, min(threads, d.rio_sectors))
         d.region = d.rio_sectors // d.threads
+    _size_runs(disks, log)
     progress = _Progress(host, guests, [d.vbd for d in disks], log)
+    watchdog = _StallWatchdog(host, guests, disks, stall_timeout)
     try:
         if disks:
             ro = sum(1 for d in disks if d.load.readonly)
@@ -276,6 +356,14 @@ def _workloads(host: Host, report: Report, plan: RunPlan, guests: Sequence[Guest
                                seed=seed, region_sectors=[d.region for d in disks])
     finally:
         progress.stop()
+    try:
+        _check_workloads(host, report, plan, guests, disks, seed)
+    finally:
+        watchdog.stop()
+
+
+def _check_workloads(host: Host, report: Report, plan: RunPlan, guests: Sequence[Guest],
+                     disks: Sequence[_Disk], seed: int) -> None:
     loads = [d.load for d in disks]
     errors = [e for ld in loads for e in ld.errors]
     verified = sum(ld.bytes_verified for ld in loads)
@@ -288,7 +376,8 @@ def _workloads(host: Host, report: Report, plan: RunPlan, guests: Sequence[Guest
                      "; ".join(errors[:3]) or f"{_size(verified)} verified, "
                      f"{sum(ld.writes for ld in loads)} writes, "
                      f"{sum(ld.reads for ld in loads)} reads")
-    big = [d for d in disks if d.region >= _INDIRECT_SECTORS]
+    big = [d for d in disks if min(d.region, d.load.max_run) >= _INDIRECT_SECTORS
+           and d.vbd.sc.xbd_max_request_segments > BLKIF_MAX_SEGMENTS_PER_REQUEST]
     fr = [d.vbd.statistics().frontend for d in big]
     if big:
         direct = sum(s.direct_requests for s in fr)
@@ -308,6 +397,26 @@ def _workloads(host: Host, report: Report, plan: RunPlan, guests: Sequence[Guest
             break
 
 
+def _size_runs(disks: Sequence[_Disk], log: Callable[[str], None]) -> None:
+    """Bound each thread's largest run so that every thread's buffer fits at once in
+    half the memory its guest has free (the rest is for the kernel): a thread never
+    waits for memory that can never be free (issue 11)."""
+    by_kernel: dict[int, list[_Disk]] = {}
+    for d in disks:
+        by_kernel.setdefault(id(d.vbd.sc.xbd_kern), []).append(d)
+    for ds in by_kernel.values():
+        kern = ds[0].vbd.sc.xbd_kern
+        nthreads = sum(d.threads for d in ds)
+        per_thread = kern.vm.nfree * 4096 // (2 * nthreads) // SECTOR
+        max_run = max((r for r in RUN_SECTORS if r <= per_thread), default=1)
+        for d in ds:
+            d.load.max_run = max_run
+        if max_run < RUN_SECTORS[-1]:
+            log(f"warning: {kern.name}: the config can only just run: {kern.vm.nfree * 4} "
+                f"KiB free for {nthreads} I/O threads: runs of at most {max_run * SECTOR >> 10}"
+                " KiB")
+
+
 def _copy_and_discard(host: Host, report: Report, d: _Disk, seed: int) -> None:
     v = d.vbd
     start = d.rio_sectors * SECTOR
@@ -315,10 +424,11 @@ def _copy_and_discard(host: Host, report: Report, d: _Disk, seed: int) -> None:
     nbytes = min(16 << 20, room // 2) // SECTOR * SECTOR
     if nbytes > 1 << 20:
         nbytes = nbytes // (1 << 20) * (1 << 20)
+    chunk = d.load.max_run * SECTOR  # what a buffer of the guest may hold
     if nbytes > 0:
-        ok, detail = file_copy(v.file, start, nbytes, seed)
+        ok, detail = file_copy(XbdFile(v.sc, chunk=chunk), start, nbytes, seed, chunk=chunk)
         report.check(f"a file copied onto {d.load.name} and back: equal SHA-256", ok, detail)
-    length = min(1 << 20, room - nbytes) // 4096 * 4096
+    length = min(1 << 20, chunk, room - nbytes) // 4096 * 4096
     if length >= 3 * 4096:
         ok, detail = flush_discard(host.sched, v.sc, start + nbytes, length,
                                    lambda fn: host.sched.call(fn, name=f"{v.vdev}/flush"))

@@ -45,8 +45,9 @@ __all__ = [
 
 #: Threads per disk at most; more are capped with a note.
 MAX_THREADS: Final = 64
-#: The least guest memory a run accepts (rings, bounce pages, request buffers).
-MIN_MEMORY_MB: Final = 8
+#: The least guest memory a run accepts: with less, blkfront cannot connect a disk
+#: (ring and command pool); from 3 MiB the I/O runs are sized to what is free.
+MIN_MEMORY_MB: Final = 3
 #: dom0's and the self-test guest's memory, counted against the machine.
 DOM0_MEMORY_MB: Final = 64
 SELFTEST_MEMORY_MB: Final = 16

@@ -20,18 +20,27 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import gntdma
+from gntdma.errors import ConfigError
 from gntdma.sched import WITNESS, Deadlock, KernelPanic
 from gntdma.toolstack.busdmademo import run_deferred_load_demo
 from gntdma.toolstack.grantdemo import run_grant_demo
 from gntdma.toolstack.host import Host
 from gntdma.toolstack.interrupt import InterruptGuard, signals_deferred
-from gntdma.toolstack.mainjob import OpenImages, default_config, open_images, run_block_job
+from gntdma.toolstack.mainjob import (
+    DEFAULT_STALL_TIMEOUT,
+    OpenImages,
+    Stalled,
+    default_config,
+    open_images,
+    run_block_job,
+)
 from gntdma.toolstack.preflight import RunPlan, check_options, check_output, plan_run
 from gntdma.toolstack.report import Report
 from gntdma.toolstack.xs import hold_until_signal, serve_host_xenstored
@@ -42,10 +51,13 @@ __all__ = ["run_main_job"]
 def run_main_job(configs: Sequence[Path] | Path | None = None, *, seed: int = 0,
                  json_path: Path | None = None, duration: float = 5.0, threads: int = 4,
                  log: Callable[[str], None] = print, hold: bool = False,
-                 overwrite: bool = False, guard: InterruptGuard | None = None) -> Report:
+                 overwrite: bool = False, guard: InterruptGuard | None = None,
+                 stall_timeout: float = DEFAULT_STALL_TIMEOUT) -> Report:
     """Run the job; the report says whether every check held.
 
-    With ``hold`` the host stays up after the job until SIGINT or SIGTERM.
+    With ``hold`` the host stays up after the job until SIGINT or SIGTERM. A
+    workload that completes no I/O for ``stall_timeout`` seconds ends the job
+    with a failed check saying what waits for what.
 
     Raises:
         ConfigError: a bad config, disk or option, found before anything ran.
@@ -59,6 +71,9 @@ def run_main_job(configs: Sequence[Path] | Path | None = None, *, seed: int = 0,
     guard = guard if guard is not None else InterruptGuard()
     guard.phase = "checking the configs"
     threads, notes = check_options(duration=duration, threads=threads, seed=seed)
+    if not math.isfinite(stall_timeout) or stall_timeout <= 0:
+        raise ConfigError(f"--stall-timeout must be a positive number of seconds, "
+                          f"not {stall_timeout}")
     check_output(json_path, "--json")
     with signals_deferred():
         tmp = Path(tempfile.mkdtemp(prefix="gntdma-run-"))
@@ -71,7 +86,8 @@ def run_main_job(configs: Sequence[Path] | Path | None = None, *, seed: int = 0,
         with signals_deferred():
             images = open_images(plan, tmp)
         try:
-            report = _run(plan, images, seed, duration, threads, log, hold, guard)
+            report = _run(plan, images, seed, duration, threads, log, hold, guard,
+                          stall_timeout)
         finally:
             guard.disarm()
             images.close()
@@ -91,7 +107,8 @@ def run_main_job(configs: Sequence[Path] | Path | None = None, *, seed: int = 0,
 
 
 def _run(plan: RunPlan, images: OpenImages, seed: int, duration: float, threads: int,
-         log: Callable[[str], None], hold: bool, guard: InterruptGuard) -> Report:
+         log: Callable[[str], None], hold: bool, guard: InterruptGuard,
+         stall_timeout: float) -> Report:
     WITNESS.reset()
     report = Report()
     guard.phase = "building the host"
@@ -123,7 +140,14 @@ def _run(plan: RunPlan, images: OpenImages, seed: int, duration: float, threads:
         try:
             figures = run_block_job(host, report, plan, images, duration=duration,
                                     threads=threads, seed=seed, log=log,
-                                    pause=pause if hold else None, phase=phase)
+                                    pause=pause if hold else None, phase=phase,
+                                    stall_timeout=stall_timeout)
+        except Stalled as e:
+            # The workloads wait for something that does not come: say what, stop.
+            report.check("the workloads made progress (no stall)", False, str(e))
+            report.figures["stalled"] = str(e)
+            done = True
+            return report
         except (Deadlock, KernelPanic) as e:
             # The host is wedged: say why, skip the rest, tear down what can be.
             report.check("the job ran to its end (no deadlock, no panic)", False, str(e))

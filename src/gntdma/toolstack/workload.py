@@ -55,6 +55,8 @@ class DiskLoad:
     #: sectors never written in the run)
     base: Callable[[int, int], bytes] = _zeros
     readonly: bool = False  #: read-only disk: the threads only read
+    #: the largest run in sectors (a thread's buffer must fit the guest's memory)
+    max_run: int = RUN_SECTORS[-1]
     bytes_verified: int = 0
     reads: int = 0
     writes: int = 0
@@ -67,15 +69,16 @@ def _sector(offset: int, gen: int, seed: int) -> bytes:
 
 
 def _pick(rng: random.Random, ops: int, nsect: int, last: tuple[int, int],
-          readonly: bool) -> tuple[bool, int, int]:
+          readonly: bool, max_run: int) -> tuple[bool, int, int]:
     """(write?, start, run) of the next operation of a thread."""
+    nsect_all, nsect = nsect, max(1, min(nsect, max_run))
     if ops < 4:  # first a large run, then one sector: each written, then read back
         run = max((r for r in RUN_SECTORS if r <= nsect), default=1) if ops < 2 else 1
         if ops % 2 == 1:
             return False, last[0], last[1]
-        return not readonly, rng.randrange(0, nsect - run + 1), run
+        return not readonly, rng.randrange(0, nsect_all - run + 1), run
     run = min(rng.choice(RUN_SECTORS), nsect)
-    return (not readonly and rng.random() < 0.5), rng.randrange(0, nsect - run + 1), run
+    return (not readonly and rng.random() < 0.5), rng.randrange(0, nsect_all - run + 1), run
 
 
 def _worker(sched: Scheduler, load: DiskLoad, first: int, nsect: int, seed: int,
@@ -86,7 +89,7 @@ def _worker(sched: Scheduler, load: DiskLoad, first: int, nsect: int, seed: int,
     ops = 0
     last = (0, 1)
     while (ops < 4 or sched.now() < deadline) and ops < max_ops and not load.errors:
-        write, start, run = _pick(rng, ops, nsect, last, load.readonly)
+        write, start, run = _pick(rng, ops, nsect, last, load.readonly, load.max_run)
         ops += 1
         last = (start, run)
         offset = (first + start) * SECTOR
