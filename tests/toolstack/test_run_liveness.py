@@ -58,3 +58,33 @@ def test_stalled_workload_ends_with_a_failed_check_saying_what_waits(
     (stall,) = [c for c in rep["checks"] if not c["ok"]]
     assert stall["name"] == "the workloads made progress (no stall)"
     assert "no I/O completed" in stall["detail"] and "g/xvda/io0 waits for" in stall["detail"]
+
+
+def test_panic_in_a_guest_thread_crashes_that_guest_only_and_is_reported(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """DESIGN 3: a KernelPanic in a guest's kernel thread (here blkfront's interrupt
+    thread) crashes that domain only: the host goes on, the run ends with a report
+    and a failed check naming the guest and the panic."""
+    from gntdma.dev.blkfront import xbd_softc
+    from gntdma.sched import KernelPanic
+
+    real = xbd_softc.xbd_int
+
+    def panicking(self: xbd_softc, port: int) -> None:
+        if self.xbd_kern.name == "victim":
+            raise KernelPanic("injected: xbd_int")
+        real(self, port)
+
+    monkeypatch.setattr(xbd_softc, "xbd_int", panicking)
+    cfg = write_cfg(tmp_path / "v.cfg", f"name='victim'\nmemory=64\n"
+                    f"disk=[{_disks(tmp_path, 1)}]\n")
+    rc, rep, err = run_json(capsys, tmp_path, "--duration", "2", "--stall-timeout", "1",
+                            str(cfg))
+    assert rc == 1 and rep["ok"] is False, err
+    assert "Traceback" not in err
+    assert "injected: xbd_int" in rep["crashed"]["victim"]
+    crash = [c for c in rep["checks"] if c["name"] == "victim: no guest crashed"]
+    assert crash and not crash[0]["ok"] and "injected: xbd_int" in crash[0]["detail"]
+    # The self-test guest and dom0 went on: their checks passed.
+    assert all(c["ok"] for c in rep["checks"] if c["name"].startswith("dom0"))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Final, final
 
 from gntdma.hv import Domain, Hypervisor
-from gntdma.sched import WITNESS, Clock, Scheduler, Strategy
+from gntdma.sched import WITNESS, Clock, KernelPanic, KThread, Scheduler, Strategy
 from gntdma.sys import Kernel
 from gntdma.toolstack.xs import GUEST_SPECIAL_PAGES, GuestPhysMem, HostXenstore
 from gntdma.xen.busdma import xen_busdma_attach
@@ -67,6 +67,9 @@ class Host:
         self.sched = sched.install()
         self.hv = Hypervisor()
         self.guests: dict[int, Guest] = {}
+        #: Guests whose kernel panicked, by name: the panic message (DESIGN 3).
+        self.crashed: dict[str, str] = {}
+        self.sched.on_thread_exception = self._on_thread_exception
         self.closed = False
         # xenstore (issue 4): one daemon per host, a ring per domain.
         self.xenstore = HostXenstore(self.hv, self.sched)
@@ -102,6 +105,23 @@ class Host:
         self.guests[d.domid] = g
         self.xenstore.domain_created(g)
         return g
+
+    def _on_thread_exception(self, t: KThread, exc: BaseException) -> bool:
+        """A kernel thread died: a guest's panic crashes that guest only (DESIGN 3).
+
+        The guest is marked crashed (``crashed``) and the scheduler goes on with
+        every other domain; its event channels are closed so that nothing is
+        delivered to it any more. A panic of dom0, or of a thread of no domain,
+        stops the host (the exception goes on up).
+        """
+        if not isinstance(exc, KernelPanic):
+            return False
+        for g in self.guests.values():
+            if (t.domain is g.kernel or t.domain is g.domain) and g.domid != 0:
+                if g.name not in self.crashed:
+                    self.crashed[g.name] = f"panic in {t.name}: {exc}"
+                return True
+        return False
 
     def destroy_guest(self, g: Guest) -> None:
         """Shut the guest's kernel down and destroy its domain."""

@@ -144,6 +144,7 @@ def _run(plan: RunPlan, images: OpenImages, seed: int, duration: float, threads:
                                     stall_timeout=stall_timeout)
         except Stalled as e:
             # The workloads wait for something that does not come: say what, stop.
+            _report_crashes(host, report)
             report.check("the workloads made progress (no stall)", False, str(e))
             report.figures["stalled"] = str(e)
             done = True
@@ -156,6 +157,7 @@ def _run(plan: RunPlan, images: OpenImages, seed: int, duration: float, threads:
             done = True
             return report
         report.figures["guests"] = figures
+        _report_crashes(host, report)
         guard.phase = "checking the teardown"
         host.sched.yield_()
         leaks = host.leaks()
@@ -183,6 +185,13 @@ def _run(plan: RunPlan, images: OpenImages, seed: int, duration: float, threads:
                 with contextlib.suppress(Exception):
                     host.close()
     return report
+
+
+def _report_crashes(host: Host, report: Report) -> None:
+    """A failed check per guest whose kernel panicked (the host went on without it)."""
+    for name, why in host.crashed.items():
+        report.check(f"{name}: no guest crashed", False, f"{name} crashed: {why}")
+    report.figures["crashed"] = dict(host.crashed)
 
 
 def _finish(report: Report, json_path: Path | None) -> Report:
