@@ -18,6 +18,7 @@ Sources:
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Iterator
 
@@ -138,3 +139,35 @@ def test_xenwatch_idle_wait_is_not_counted_by_the_hung_task_watchdog(host: Host)
     t = xs(g).xenwatch
     assert t.state is ThreadState.BLOCKED
     assert t.wait_counted is False  # PIDLE: idling for work, like TASK_IDLE
+
+
+def test_a_reset_while_a_request_is_at_its_write_barrier_publishes_nothing(host: Host) -> None:
+    """The bytes are copied with ring_lock dropped (xs_write_store); a reset meanwhile
+    makes the ring's barrier abandon the copy: req_prod never covers the stale bytes."""
+    g = host.create_guest("g1", memory_mb=4)
+    c = xs(g)
+    page = store_page(g)
+    sched = host.sched
+    real_point = sched.point
+    seen: list[int] = []
+
+    def point(name: str) -> None:
+        if name == "wmb" and not seen and sched.curthread.name == "g1/test":
+            seen.append(u32(page, 2052))  # req_prod at the barrier
+            c._broken("reset under test")
+        real_point(name)
+
+    ring = host.xenstore.rings[g.domid]
+    before = ring.statistics().request_bytes
+    sched.point = point  # type: ignore[method-assign]
+    try:
+        assert on_guest(host, g, lambda: c.xs_read(XST_NIL, "name")) == (errno.EIO, b"")
+    finally:
+        sched.point = real_point  # type: ignore[method-assign]
+    assert len(seen) == 1
+    host.sched.run(until=lambda: c.connected)
+    assert c.statistics().reconnects == 1
+    st = ring.statistics()
+    assert st.request_bytes == before and st.errors == 0  # the daemon saw none of it
+    assert on_guest(host, g, lambda: c.xs_read(XST_NIL, "name")) == (0, b"g1")
+    page.release()
