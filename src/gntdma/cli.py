@@ -71,6 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--hold", action="store_true",
                      help="after the job, keep the host and its xenstored socket up "
                      "until SIGINT/SIGTERM")
+    sv = sub.add_parser("serve", help="build a host and export its guests' disks over NBD "
+                        "until SIGINT/SIGTERM")
+    sv.add_argument("configs", nargs="*", type=Path, metavar="CONFIG",
+                    help="xl.cfg-style guest configs, one guest each (default: the built-in one)")
+    sv.add_argument("--nbd", type=Path, metavar="PATH", help="serve on this Unix socket")
+    sv.add_argument("--nbd-listen", metavar="HOST:PORT",
+                    help="serve on TCP instead (loopback only, unless --allow-remote)")
+    sv.add_argument("--allow-remote", action="store_true",
+                    help="allow --nbd-listen on an address other than loopback (NBD has no "
+                    "authentication)")
+    sv.add_argument("--seed", type=_positive_int, default=0)
+    sv.add_argument("--json", type=Path, metavar="PATH", help="write a JSON report")
+    sv.add_argument("--overwrite", action="store_true",
+                    help="write existing images directly (by default writes go to a "
+                    "temporary overlay)")
     cli_xenstored.add_parser(sub)
     ex = sub.add_parser("explore", help="explore the interleavings of a scenario")
     ex.add_argument("scenario", nargs="?", help="scenario name (see --list)")
@@ -120,6 +135,31 @@ def cmd_run(args: argparse.Namespace, out: _Output) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_serve(args: argparse.Namespace, out: _Output) -> int:
+    from gntdma.errors import ConfigError, GntdmaError
+    from gntdma.toolstack.interrupt import Interrupted, InterruptGuard
+    from gntdma.toolstack.serve import serve_main
+
+    with InterruptGuard() as guard:
+        try:
+            report = serve_main(args.configs, nbd_path=args.nbd, nbd_listen=args.nbd_listen,
+                                allow_remote=args.allow_remote, seed=args.seed,
+                                json_path=args.json, overwrite=args.overwrite, log=out.say,
+                                guard=guard)
+            out.say(report.format())
+        except Interrupted as e:
+            print(f"gntdma serve: interrupted by {e.name} while {e.phase}; what it made for "
+                  "itself is removed", file=sys.stderr)
+            return e.status
+        except (ConfigError, OSError) as e:
+            print(f"gntdma serve: {e}", file=sys.stderr)
+            return 2
+        except GntdmaError as e:
+            print(f"gntdma serve: failed: {e}", file=sys.stderr)
+            return 1
+    return 0 if report.ok else 1
+
+
 def _explore(args: argparse.Namespace, out: _Output) -> int:
     from gntdma.errors import ConfigError
     from gntdma.toolstack.explorecmd import explore_command, list_scenarios
@@ -150,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     out = _Output()
     if args.command == "run":
         return cmd_run(args, out)
+    if args.command == "serve":
+        return cmd_serve(args, out)
     if args.command == "xenstored":
         return cli_xenstored.run(args)
     from gntdma.errors import ConfigError

@@ -1,0 +1,365 @@
+"""``gntdma serve [CONFIG ...] --nbd PATH``: a guest's disks exported over NBD.
+
+The host and its guests are built exactly as ``gntdma run`` builds them (the
+same config checks, images opened and locked the same way, the same disks
+attached through xenstore with blkfront on the Xen bus_dma handlers), then
+every disk is exported by :class:`~gntdma.host.nbd.NbdServer` as
+``<guest>/<vdev>`` (the default export is the first disk of the first guest)
+on a Unix socket, or on TCP with ``--nbd-listen HOST:PORT`` (an address
+other than loopback only with ``--allow-remote``: NBD has no
+authentication). Every byte a client reads or writes goes through blkfront,
+the grant tables, the ring and blkback.
+
+SIGINT and SIGTERM are the normal end (DESIGN 11): the connections close
+(requests in flight complete), the disks detach, the host is checked for
+leaks, the report is printed (``--json`` as for ``run``), and the exit
+status is 0, or 1 if a check failed. A signal while the host is still being
+built interrupts as ``run`` does (130, 143). Images stay; what gntdma made
+for itself (temporary directory, default images, the socket) goes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import shutil
+import signal
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import gntdma
+from gntdma.dev.blkfront_cmd import XBDF_BARRIER, XBDF_DISCARD, XBDF_FLUSH
+from gntdma.errors import ConfigError
+from gntdma.host.nbd import NbdDisk, NbdServer, listen_tcp, listen_unix, remove_socket
+from gntdma.host.nbd_proto import NbdExport
+from gntdma.sched import WITNESS, Deadlock, KernelPanic
+from gntdma.sys import MAXPHYS
+from gntdma.toolstack.domains import create_guest_from_config
+from gntdma.toolstack.host import Guest, Host
+from gntdma.toolstack.interrupt import InterruptGuard, signals_deferred
+from gntdma.toolstack.mainjob import OpenImages, default_config, open_images
+from gntdma.toolstack.preflight import RunPlan, check_output, plan_run
+from gntdma.toolstack.report import Report
+from gntdma.toolstack.vbd import Vbd, detach_disk
+from gntdma.toolstack.xs import serve_host_xenstored
+
+__all__ = ["parse_listen", "serve_main"]
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def parse_listen(text: str, allow_remote: bool) -> tuple[str, int, str | None]:
+    """``HOST:PORT`` of ``--nbd-listen``: (host, port, warning or None).
+
+    Raises:
+        ConfigError: not HOST:PORT, or not loopback without ``allow_remote``.
+    """
+    host, sep, port_s = text.rpartition(":")
+    host = host.strip("[]")
+    if sep == "" or host == "" or not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+        raise ConfigError(f"--nbd-listen {text}: expected HOST:PORT")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback:
+        return host, int(port_s), None
+    if not allow_remote:
+        raise ConfigError(f"--nbd-listen {text}: not a loopback address; NBD has no "
+                          "authentication, so anyone who reaches it reads and writes the "
+                          "disks (say --allow-remote to do it anyway)")
+    return host, int(port_s), (f"warning: serving NBD on {text}: NBD has no authentication, "
+                               "anyone who can reach this address can read and write the disks")
+
+
+def _chunk(vbds: Sequence[Vbd]) -> int:
+    """The largest piece of a request one bio carries: every worker of a connection
+    per disk holds one at once in half the guest's free memory (issue 11)."""
+    from gntdma.host.nbd import WORKERS
+
+    kern = vbds[0].sc.xbd_kern
+    budget = kern.vm.nfree * 4096 // (2 * WORKERS * len(vbds))
+    chunk = 4096
+    while chunk * 2 <= min(budget, MAXPHYS):
+        chunk *= 2
+    return chunk
+
+
+def _disks(guests: Sequence[tuple[Guest, list[Vbd]]]) -> list[NbdDisk]:
+    out = []
+    for guest, vbds in guests:
+        if not vbds:
+            continue
+        chunk = _chunk(vbds)
+        for v in vbds:
+            flags = v.sc.xbd_flags
+            ex = NbdExport(f"{guest.name}/{v.vdev}", v.sc.xbd_media_size,
+                           readonly=v.readonly,
+                           flush=flags & (XBDF_FLUSH | XBDF_BARRIER) != 0,
+                           trim=flags & XBDF_DISCARD != 0,
+                           description=f"gntdma guest {guest.name} (domid {guest.domid}) "
+                           f"disk {v.vdev}",
+                           min_block=v.sc.xbd_sector_size)
+            out.append(NbdDisk(ex, v.sc, chunk=chunk))
+    return out
+
+
+def serve_main(configs: Sequence[Path], *, nbd_path: Path | None = None,
+               nbd_listen: str | None = None, allow_remote: bool = False, seed: int = 0,
+               json_path: Path | None = None, overwrite: bool = False,
+               log: Callable[[str], None] = print, guard: InterruptGuard | None = None,
+               stop: threading.Event | None = None) -> Report:
+    """Serve until SIGINT/SIGTERM (or ``stop``); the report says whether every check held.
+
+    Raises:
+        ConfigError: a bad config, disk or option, found before anything ran.
+        Interrupted: SIGINT or SIGTERM before the disks were served.
+    """
+    guard = guard if guard is not None else InterruptGuard()
+    guard.phase = "checking the configs"
+    if (nbd_path is None) == (nbd_listen is None):
+        raise ConfigError("give exactly one of --nbd PATH and --nbd-listen HOST:PORT")
+    if not 0 <= seed < 1 << 64:
+        raise ConfigError(f"--seed must be from 0 to 2**64-1, not {seed}")
+    tcp = parse_listen(nbd_listen, allow_remote) if nbd_listen is not None else None
+    if nbd_path is not None:
+        if nbd_path.exists() or nbd_path.is_symlink():
+            raise ConfigError(f"--nbd {nbd_path}: exists (remove it, or name another path)")
+        if not nbd_path.parent.is_dir():
+            raise ConfigError(f"--nbd {nbd_path}: no such directory {nbd_path.parent}")
+        if len(str(nbd_path).encode()) > 107:
+            raise ConfigError(f"--nbd {nbd_path}: a Unix socket path is at most 107 bytes")
+    check_output(json_path, "--json")
+    with signals_deferred():
+        tmp = Path(tempfile.mkdtemp(prefix="gntdma-serve-"))
+    try:
+        plan = plan_run(configs, overwrite=overwrite, default=default_config(),
+                        default_image_dir=tmp)
+        for note in plan.notes:
+            log(note)
+        if tcp is not None and tcp[2] is not None:
+            log(tcp[2])
+        guard.phase = "opening the images"
+        with signals_deferred():
+            images = open_images(plan, tmp)
+        try:
+            report = _serve(plan, images, seed, nbd_path, tcp, log, guard, stop)
+        finally:
+            guard.disarm()
+            images.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    report.figures = {"version": gntdma.__version__,
+                      "configs": [str(p) for p in configs] or ["<built-in default>"],
+                      "seed": seed, "overwrite": overwrite, "notes": plan.notes,
+                      **report.figures}
+    if json_path is not None:
+        json_path.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    return report
+
+
+def _listen(nbd_path: Path | None, tcp: tuple[str, int, str | None] | None) -> Any:
+    if nbd_path is not None:
+        return listen_unix(str(nbd_path))
+    assert tcp is not None
+    return listen_tcp(tcp[0], tcp[1])
+
+
+def _uris(disks: Sequence[NbdDisk], nbd_path: Path | None, addr: Any) -> list[str]:
+    if nbd_path is not None:
+        return [f"nbd+unix:///{d.export.name}?socket={nbd_path}" for d in disks]
+    host, port = addr[0], addr[1]
+    host = f"[{host}]" if ":" in host else host
+    return [f"nbd://{host}:{port}/{d.export.name}" for d in disks]
+
+
+class _Progress:
+    """A live line a second, from a hub timer: requests, MiB/s, grant entries, deferred loads."""
+
+    def __init__(self, host: Host, guests: Sequence[tuple[Guest, list[Vbd]]],
+                 server: NbdServer, log: Callable[[str], None]) -> None:
+        self.host, self.guests, self.server, self.log = host, guests, server, log
+        self.t0 = self.last_t = host.sched.now()
+        self.last_bytes = 0
+        self.cancel: Callable[[], None] | None = host.sched.call_later(1.0, self.tick)
+
+    def tick(self) -> None:
+        now = self.host.sched.now()
+        st = self.server.statistics()
+        total = st.bytes_read + st.bytes_written
+        rate = (total - self.last_bytes) / max(now - self.last_t, 1e-6) / (1 << 20)
+        self.last_bytes, self.last_t = total, now
+        use = " ".join(f"{g.gnttab.statistics().allocated:4d}/{g.gnttab.capacity}"
+                       for g, _v in self.guests)
+        deferred = sum(v.statistics().frontend.deferred_loads for _g, vs in self.guests
+                       for v in vs)
+        self.log(f"  [{now - self.t0:6.1f}s] connections {st.connections:3d}  requests "
+                 f"{st.requests:8d}  {rate:7.1f} MiB/s  grant entries in use {use}  "
+                 f"deferred loads {deferred:6d}")
+        self.cancel = self.host.sched.call_later(1.0, self.tick)
+
+    def stop(self) -> None:
+        if self.cancel is not None:
+            self.cancel()
+            self.cancel = None
+
+
+class _StopSignals:
+    """While serving, SIGINT and SIGTERM end the serving (the first one; later ones
+    are ignored: the teardown is under way)."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in _SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum == 0:
+            self.signum = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _serve(plan: RunPlan, images: OpenImages, seed: int, nbd_path: Path | None,
+           tcp: tuple[str, int, str | None] | None, log: Callable[[str], None],
+           guard: InterruptGuard, stop: threading.Event | None) -> Report:
+    WITNESS.reset()
+    report = Report()
+    guard.phase = "building the host"
+    host = Host(seed=seed)
+    guard.arm(host.sched.call_later)
+    xs_socket = None
+    listener = None
+    server: NbdServer | None = None
+    guests: list[tuple[Guest, list[Vbd]]] = []
+    done = False
+    try:
+        with signals_deferred():
+            xs_socket = serve_host_xenstored(host.xenstored, log)
+        guard.phase = "attaching the disks"
+        for gi, gp in enumerate(plan.guests):
+            guest, vbds = create_guest_from_config(
+                host, gp.config, None,
+                images=[images.by_disk[gi, di].image for di in range(len(gp.disks))])
+            guests.append((guest, vbds))
+            log(f"{guest.name}: domid {guest.domid}, {gp.config.memory} MiB, "
+                f"max_grant_frames {gp.config.max_grant_frames}, disks "
+                + (", ".join(f"{v.vdev} ({v.sc.xbd_media_size >> 20} MiB, {v.spec.access})"
+                             for v in vbds) or "none"))
+        disks = _disks(guests)
+        report.check("guests created and their disks connected through xenstore",
+                     all(v.statistics().frontend_state == "Connected"
+                         for _g, vs in guests for v in vs),
+                     f"{len(guests)} guest(s), {len(disks)} disk(s)")
+        with signals_deferred():
+            listener = _listen(nbd_path, tcp)
+        addr = listener.getsockname()
+        server = NbdServer(host.sched, disks, listener,
+                           default=disks[0].export.name if disks else None)
+        for uri in _uris(disks, nbd_path, addr):
+            log(f"export: {uri}")
+        guard.phase = "serving"
+        guard.disarm()
+        with _StopSignals() as sigs:
+            log("serving until SIGINT or SIGTERM (Ctrl-C)")
+            progress = _Progress(host, guests, server, log)
+            stopped = [False]
+
+            def poll() -> None:
+                if sigs.signum != 0 or (stop is not None and stop.is_set()):
+                    stopped[0] = True
+                else:
+                    host.sched.call_later(0.1, poll)
+
+            host.sched.call_later(0.1, poll)
+            try:
+                host.sched.run(until=lambda: stopped[0])
+                why = (signal.Signals(sigs.signum).name if sigs.signum != 0 else "stop")
+                log(f"{why}: closing the connections, detaching the disks")
+                progress.stop()
+                server.close()
+            except (Deadlock, KernelPanic) as e:
+                report.check("the host served to its end (no deadlock, no panic)", False,
+                             str(e))
+                return report
+            _finish(host, report, server, guests)
+            done = True
+    finally:
+        guard.disarm()
+        try:
+            if xs_socket is not None:
+                xs_socket.close()
+        finally:
+            if listener is not None:
+                with contextlib.suppress(OSError):
+                    listener.close()
+            if nbd_path is not None and listener is not None:
+                remove_socket(str(nbd_path))
+            if done:
+                host.close()
+            else:
+                with contextlib.suppress(Exception):
+                    host.close()
+    return report
+
+
+def _finish(host: Host, report: Report, server: NbdServer,
+            guests: Sequence[tuple[Guest, list[Vbd]]]) -> None:
+    st = server.statistics()
+    report.check("NBD: every connection closed", st.connections == 0,
+                 f"{st.accepted} accepted, {st.dropped} dropped for breaking the protocol "
+                 f"or their socket, {st.requests} requests, {st.refused} refused, "
+                 f"{st.bytes_read >> 20} MiB read, {st.bytes_written >> 20} MiB written")
+    figures: list[dict[str, Any]] = []
+    for (guest, vbds) in guests:
+        disks: list[dict[str, Any]] = []
+        for v in vbds:
+            nd = server.disks[f"{guest.name}/{v.vdev}"]
+            fr = v.statistics().frontend
+            disks.append({"export": nd.export.name, "size": nd.export.size,
+                          "readonly": nd.export.readonly, "nbd_requests": nd.requests,
+                          "bytes_read": nd.bytes_read, "bytes_written": nd.bytes_written,
+                          "io_errors": nd.errors, "requests": fr.requests,
+                          "indirect_requests": fr.indirect_requests,
+                          "deferred_loads": fr.deferred_loads})
+        gst = guest.gnttab.statistics()
+        figures.append({"name": guest.name, "domid": guest.domid,
+                        "grant_entries_peak": gst.peak_allocated,
+                        "deferred_loads": sum(d["deferred_loads"] for d in disks),
+                        "disks": disks})
+        for d in disks:
+            report.check(f"{d['export']}: served", True,
+                         f"{d['nbd_requests']} NBD requests, {d['requests']} ring requests, "
+                         f"{d['io_errors']} I/O errors, {d['deferred_loads']} deferred loads")
+        detached = all([detach_disk(host, v) for v in reversed(vbds)])
+        left = guest.gnttab.statistics()
+        report.check(f"{guest.name}: no grant reference left after the disks detached",
+                     left.allocated == 0 and left.granted == 0,
+                     f"{left.allocated} allocated, {left.granted} granted")
+        host.destroy_guest(guest)
+        report.check(f"{guest.name}: disks detached with the libxl sequence and the guest "
+                     "destroyed", detached, "")
+    report.figures["guests"] = figures
+    report.figures["nbd"] = {"accepted": st.accepted, "dropped": st.dropped,
+                             "requests": st.requests, "refused": st.refused,
+                             "bytes_read": st.bytes_read, "bytes_written": st.bytes_written}
+    for name, why in host.crashed.items():
+        report.check(f"{name}: no guest crashed", False, f"{name} crashed: {why}")
+    host.sched.yield_()
+    leaks = host.leaks()
+    report.check("teardown: nothing leaked", not leaks, "; ".join(leaks) or
+                 "no grants, mappings, ports, memory, maps or xenstore nodes left")
+    report.check("WITNESS: no lock-order reversal or panic", not WITNESS.reports,
+                 "; ".join(r.format() for r in WITNESS.reports))
