@@ -43,6 +43,15 @@ def test_duplicate_guest_names_are_refused(tmp_path: Path,
     assert rc == 2 and f"{b}:2: guest name 'same'" in err and "xenstored:" not in out
 
 
+def test_a_guest_may_not_take_dom0s_name(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    # xl: dom0 is "Domain-0", and libxl refuses a domain name already in use.
+    cfg = write_cfg(tmp_path / "d.cfg", "memory=16\nname='Domain-0'\n")
+    rc, out, err = run_cli(capsys, "run", str(cfg))
+    assert rc == 2 and f"{cfg}:2: guest name 'Domain-0' is already in use" in err
+    assert "xenstored:" not in out
+
+
 def test_combined_budgets_are_checked_before_anything_runs(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # Nine guests of 64 grant frames may grant more than dom0's maptrack maps.

@@ -50,6 +50,9 @@ MAX_THREADS: Final = 64
 MIN_MEMORY_MB: Final = 3
 #: dom0's and the self-test guest's memory, counted against the machine.
 DOM0_MEMORY_MB: Final = 64
+#: The name the host's dom0 carries, as in xl: no guest may take it (libxl refuses
+#: a name already in use, ``libxl__domain_rename``).
+DOM0_NAME: Final = "Domain-0"
 SELFTEST_MEMORY_MB: Final = 16
 #: Handles in dom0's maptrack: 1024 frames of 256 (``struct grant_mapping``).
 DOM0_MAPTRACK_HANDLES: Final = 1024 * 256
@@ -209,6 +212,9 @@ def plan_run(configs: Sequence[Path], *, overwrite: bool = False,
     total_refs = 0
     for cfg, base, is_default in cfgs:
         plan.notes.extend(cfg.notes)
+        if cfg.name == DOM0_NAME:
+            raise XlConfigError(cfg.source, cfg.line_of("name"), f"guest name "
+                                f"{cfg.name!r} is already in use by dom0")
         if cfg.name in names:
             raise XlConfigError(cfg.source, cfg.line_of("name"), f"guest name "
                                 f"{cfg.name!r} is already the name of the guest of "
