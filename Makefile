@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEBS := libxen-dev xenstore-utils gcc qemu-utils libnbd-bin fio e2fsprogs fuse3
+DEBS := libxen-dev xenstore-utils gcc qemu-utils libnbd-bin fio e2fsprogs fuse3 iproute2 iputils-ping iperf3
 
 .PHONY: run test venv venv-test debs xen-utils lint typecheck pytest clean
 
