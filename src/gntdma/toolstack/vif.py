@@ -1,0 +1,201 @@
+"""Virtual network interfaces: what ``xl network-attach`` and ``network-detach`` do.
+
+:func:`attach_vif` gives a guest a NIC on a :class:`~gntdma.dev.netbridge.Bridge`:
+a :class:`~gntdma.dev.netback.Netback` in dom0 (a port of the bridge once
+connected), both device directories in one transaction as libxl lays them out
+(backend ``/local/domain/0/backend/vif/<domid>/<devid>`` with ``mac``,
+``bridge``, ``handle``, ``type``, ``script``; frontend
+``/local/domain/<domid>/device/vif/<devid>`` with ``mac`` and ``handle``),
+both xenbus drivers, and a wait until both ends are Connected.
+:func:`detach_vif` is libxl's unplug (``online`` 0 and Closing, wait for
+Closed, remove the directories). Errors raise :class:`VifError`.
+
+The guest's interface is ``Vif.netfront`` (``if_transmit``, ``if_input``,
+``if_mac``, ``if_mtu``, ``statistics()``); the bridge port is ``Vif.port``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+from typing import Final, final
+
+from gntdma.dev.netback import NETBACK_MAX_QUEUES, Netback, NetbackStatistics
+from gntdma.dev.netback_xenbus import NetbackXenbus, netback_attach
+from gntdma.dev.netbridge import Bridge
+from gntdma.dev.netfront import NetfrontStatistics, netfront_info
+from gntdma.dev.netfront_xenbus import XN_DEFAULT_QUEUES, XnXenbus, xn_attach
+from gntdma.dev.netif_common import format_mac, parse_mac
+from gntdma.errors import GntdmaError
+from gntdma.sched import current_scheduler
+from gntdma.toolstack.host import Guest, Host
+from gntdma.toolstack.xs import LIBXL_DESTROY_TIMEOUT, DeviceDirs, XenstoreSetupError
+from gntdma.xen.xenbus import XenbusState
+
+__all__ = ["VIF_CONNECT_TIMEOUT", "VIF_DEVTYPE", "Vif", "VifError", "VifStatistics",
+           "attach_vif", "default_mac", "detach_vif"]
+
+VIF_DEVTYPE: Final = "vif"
+VIF_CONNECT_TIMEOUT: Final = 10.0
+_S = XenbusState
+
+
+class VifError(GntdmaError):
+    """A NIC cannot be attached (or detached)."""
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class VifStatistics:
+    vif: str
+    devid: int
+    mac: str
+    attached: bool
+    frontend_state: str
+    backend_state: str
+    frontend: NetfrontStatistics
+    backend: NetbackStatistics
+
+
+@final
+@dataclass(eq=False)
+class Vif:
+    """A NIC attached to a guest, both ends connected."""
+
+    guest: Guest
+    devid: int
+    mac: str
+    bridge: Bridge
+    dirs: DeviceDirs
+    netback: Netback
+    backend: NetbackXenbus
+    frontend: XnXenbus
+    attached: bool = True
+
+    @property
+    def netfront(self) -> netfront_info:
+        """The guest's interface (the seam: if_transmit, if_input, if_mac, if_mtu)."""
+        return self.frontend.sc
+
+    @property
+    def port(self) -> Netback:
+        """The dom0 end: a port of :attr:`bridge`."""
+        return self.netback
+
+    @property
+    def name(self) -> str:
+        return self.netback.name
+
+    def statistics(self) -> VifStatistics:
+        return VifStatistics(self.name, self.devid, self.mac, self.attached,
+                             self.frontend.state.name, self.backend.state.name,
+                             self.netfront.statistics(), self.netback.statistics())
+
+
+def default_mac(domid: int, devid: int) -> str:
+    """A Xen-OUI (00:16:3e) address that depends only on the domain and device."""
+    return format_mac(bytes([0x00, 0x16, 0x3E, (domid >> 8) & 0x7F, domid & 0xFF, devid & 0xFF]))
+
+
+def _release(host: Host, dirs: DeviceDirs | None, front: XnXenbus | None,
+             back: NetbackXenbus | None, nb: Netback, timeout: float) -> bool:
+    clean = True
+    if dirs is not None:
+        clean = host.xenstore.remove_device(dirs, timeout)
+    for drv in (back, front):
+        if drv is None:
+            continue
+        before = drv.error
+        if drv.wait_done(timeout + 2.0) != 0:
+            clean = False
+            drv.stop()
+            drv.wait_done(timeout + 2.0)
+        if drv.error != before:
+            clean = False
+    nb.disconnect()
+    return clean
+
+
+def attach_vif(host: Host, guest: Guest, *, mac: str | None, bridge: Bridge,
+               devid: int | None = None, queues: int = XN_DEFAULT_QUEUES,
+               split_event_channels: bool = True, max_queues: int = NETBACK_MAX_QUEUES,
+               rx_pool_size: int | None = None, mtu: int | None = None,
+               timeout: float = VIF_CONNECT_TIMEOUT) -> Vif:
+    """Give ``guest`` a NIC on ``bridge`` and wait until both ends are connected.
+
+    Args:
+        mac: ``aa:bb:cc:dd:ee:ff``, or None for :func:`default_mac`.
+        devid: the vif number (default: the next free one of the guest).
+        queues: queues netfront asks for; ``max_queues`` what netback allows.
+        split_event_channels: whether netfront asks for two ports per queue.
+        rx_pool_size: maps per netfront rx pool (default ring size + 1).
+
+    Raises:
+        VifError: a bad MAC, the device exists, a driver does not attach, or
+            the ends do not connect in time; nothing is left attached.
+    """
+    dom0 = host.dom0
+    if guest.xenstore is None or dom0.xenstore is None:
+        raise VifError(f"{guest.name}: no xenstore (the domain is being destroyed)")
+    if devid is None:
+        used = {d.devid for d in host.xenstore.devices
+                if d.devtype == VIF_DEVTYPE and d.frontend_id == guest.domid}
+        devid = next(i for i in range(len(used) + 1) if i not in used)
+    mac = default_mac(guest.domid, devid) if mac is None else mac
+    if parse_mac(mac) is None:
+        raise VifError(f"{guest.name}: bad mac {mac!r}")
+    what = f"{guest.name} vif {devid}"
+    nb = Netback(dom0.hc, dom0.kernel, guest.domid, devid=devid, bridge=bridge,
+                 max_queues=max_queues)
+    dirs: DeviceDirs | None = None
+    back: NetbackXenbus | None = None
+    front: XnXenbus | None = None
+    ok = False
+    try:
+        fkeys = {"mac": mac, "handle": str(devid)}
+        if mtu is not None:
+            fkeys["mtu"] = str(mtu)
+        try:
+            dirs = host.xenstore.add_device(
+                guest.domid, dom0.domid, VIF_DEVTYPE, devid, front=fkeys,
+                back={"mac": mac, "bridge": bridge.name, "handle": str(devid), "type": "vif",
+                      "script": ""})
+        except XenstoreSetupError as e:
+            raise VifError(f"{what}: {e}") from e
+        error, back = netback_attach(dom0.xenstore, dom0.kernel, nb)
+        if back is None:
+            raise VifError(f"{what}: netback's xenbus driver did not attach: "
+                           f"{os.strerror(error)}")
+        error, front = xn_attach(guest.kernel, guest.hc, guest.gnttab, guest.xenstore, devid,
+                                 queues=queues, split=split_event_channels,
+                                 rx_pool_size=rx_pool_size)
+        if front is None:
+            raise VifError(f"{what}: netfront's xenbus driver did not attach: "
+                           f"{os.strerror(error)}")
+        sched = current_scheduler()
+        deadline = sched.now() + timeout
+        end = {_S.Connected, _S.Closing, _S.Closed}
+        ferr, fst = front.wait_state(end, timeout)
+        berr, bst = back.wait_state(end, max(0.0, deadline - sched.now()))
+        if ferr != 0 or berr != 0 or fst != _S.Connected or bst != _S.Connected:
+            timed_out = errno.ETIMEDOUT in (ferr, berr)
+            raise VifError(f"{what}: did not connect{' in time' if timed_out else ''} "
+                           f"(frontend {fst.name} {front.error}; backend {bst.name} "
+                           f"{back.error})")
+        ok = True
+        return Vif(guest, devid, mac, bridge, dirs, nb, back, front)
+    finally:
+        if not ok:
+            _release(host, dirs, front, back, nb, min(timeout, LIBXL_DESTROY_TIMEOUT))
+
+
+def detach_vif(host: Host, vif: Vif, timeout: float = LIBXL_DESTROY_TIMEOUT) -> bool:
+    """Unplug ``vif`` (libxl's sequence) and free both ends; True if it went cleanly.
+
+    A second call does nothing and returns True. Sleeps.
+    """
+    if not vif.attached:
+        return True
+    vif.attached = False
+    return _release(host, vif.dirs, vif.frontend, vif.backend, vif.netback, timeout)
