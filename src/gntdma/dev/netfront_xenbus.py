@@ -17,7 +17,8 @@ The sequence (``xen-abi.md`` 5.4 and 6):
 3. Backend Closing or Closed: stop the queues, Closing, wait until the backend
    unmapped the rings, free them, Closed (rx buffers are kept). A backend that
    then comes back to InitWait gets us Initialising again: reconnect, with
-   the kept rx buffers posted as they are.
+   the kept rx buffers posted as they are. :meth:`XnXenbus.reconnect` (Linux
+   ``netfront_resume``) closes and goes Initialising itself.
 4. Our directory removed, or :meth:`stop`: close and free everything.
 
 A failure is ``xenbus_dev_fatal``: ``<our dir>/error`` and Closing.
@@ -73,7 +74,13 @@ class XnXenbus(XenbusDriver):
         self.timeout = timeout
         self.connects = 0
         self._ring_error = ""
+        self._reconnect = False
         sc.on_ring_error = self._on_ring_error
+
+    def reconnect(self) -> None:
+        """Close and connect again (Linux ``netfront_resume``): the rx buffers kept."""
+        self._reconnect = True
+        self._kick()
 
     def _on_ring_error(self, why: str) -> None:
         self._ring_error = why
@@ -98,8 +105,14 @@ class XnXenbus(XenbusDriver):
             why, self._ring_error = self._ring_error, ""
             self._xn_fatal(errno.EIO, f"the backend broke a ring: {why}")
             return False
-        if be in (_S.Closing, _S.Closed):
+        if self._reconnect:
             if me not in (_S.Closing, _S.Closed):
+                self._xn_close()
+            self._reconnect = False
+            self._xenbus_set_state(_S.Initialising)
+            return False
+        if be in (_S.Closing, _S.Closed):
+            if me not in (_S.Closing, _S.Closed, _S.Initialising):
                 self._xn_close()
             return False
         if me == _S.Closed and be in (_S.InitWait, _S.Initialised):
