@@ -14,7 +14,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_net_lib import Sink, frame, to_mbuf
 
-from gntdma.abi.netif import XEN_NETIF_GSO_TYPE_TCPV4
 from gntdma.dev.netbridge import Bridge
 from gntdma.dev.netif_common import CSUM_DATA_VALID, CSUM_TCP, CSUM_TSO
 from gntdma.sched import WITNESS

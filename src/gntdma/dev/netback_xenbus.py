@@ -148,11 +148,16 @@ class NetbackXenbus(XenbusDriver):
                 return False
             self._xenbus_set_state(_S.Closed)
             return True
-        if me == _S.Closing:
-            return False
-        if fe == _S.Initialising and me == _S.Closed:
+        if fe == _S.Initialising and me in (_S.Closing, _S.Closed):
+            # "prepare for reconnect" (a frontend that closed and came back, even
+            # before we saw its Closed)
+            nb.disconnect()
+            if me == _S.Closing:
+                self._xenbus_set_state(_S.Closed)
             self.dev.xs.xs_rm(XST_NIL, self.dev.nodename, "error")
             self._probe()
+            return False
+        if me == _S.Closing:
             return False
         if fe == _S.Connected and me == _S.InitWait:
             self._connect()

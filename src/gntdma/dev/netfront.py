@@ -162,8 +162,9 @@ class netfront_info(xn_softc_rx, xn_softc_tx):
         sring_init(rxr.pages)
         q.tx = FrontRing(txr.pages, NETIF_TX_ENTRY_SIZE, wmb=wmb, rmb=rmb, mb=mb)
         q.rx = FrontRing(rxr.pages, NETIF_RX_ENTRY_SIZE, wmb=wmb, rmb=rmb, mb=mb)
-        q.rx_mbufs = [None] * q.rx.nr_ents
-        q.rx_maps = [None] * q.rx.nr_ents
+        if len(q.rx_mbufs) != q.rx.nr_ents:  # a reconnect keeps the buffers it holds
+            q.rx_mbufs = [None] * q.rx.nr_ents
+            q.rx_maps = [None] * q.rx.nr_ents
         q.tx_free_ids = list(range(q.tx.nr_ents - 1, -1, -1))
         ports: list[int] = []
         handlers: list[tuple[str, Callable[[xn_queue], None]]] = (
@@ -239,6 +240,8 @@ class netfront_info(xn_softc_rx, xn_softc_tx):
                 m_freem(q.tx_pending.popleft())
                 self._count("drops")
             q.rx_partial = []
+            for key in list(q.rx_held):
+                self._xn_rx_recycle(q, key)  # not connected: back to the pool
             mtx_unlock(q.lock)
         if self.state == "connected":
             self.state = "initialised"

@@ -185,7 +185,11 @@ class xn_queue:
         self.rx_maps: list[BusDmaMap | None] = []
         self.rx_callout = callout(sc.kern)
         callout_init_mtx(self.rx_callout, self.lock, 0)
+        #: responses of packets not yet complete: (key in rx_held, raw slot)
         self.rx_partial: list[tuple[int, bytes]] = []
+        #: buffers of consumed responses, by key, until their packet is parsed
+        self.rx_held: dict[int, tuple[mbuf, BusDmaMap]] = {}
+        self.rx_seq = 0
         # tx
         self.tx_dmat: BusDmaTag | None = None
         self.tx_maps_free: list[BusDmaMap] = []

@@ -138,7 +138,13 @@ class xn_softc_rx(xn_softc_base):
             while True:
                 for _ in range(ring.unconsumed_responses()):
                     idx = ring.rsp_cons & (ring.nr_ents - 1)
-                    q.rx_partial.append((idx, ring.get_response()))
+                    m, mp = q.rx_mbufs[idx], q.rx_maps[idx]
+                    q.rx_mbufs[idx] = q.rx_maps[idx] = None
+                    key = q.rx_seq
+                    q.rx_seq += 1
+                    if m is not None and mp is not None:
+                        q.rx_held[key] = (m, mp)
+                    q.rx_partial.append((key, ring.get_response()))
                 self._xn_rx_packets(q, out)
                 if not ring.final_check_for_responses():
                     break
@@ -153,12 +159,20 @@ class xn_softc_rx(xn_softc_base):
             else:
                 cb(m)
 
-    def _xn_rx_recycle(self, q: xn_queue, idx: int) -> None:
-        """``xn_move_rx_slot``: post the buffer of slot ``idx`` again, unchanged."""
-        m, mp = q.rx_mbufs[idx], q.rx_maps[idx]
-        q.rx_mbufs[idx] = q.rx_maps[idx] = None
-        if m is not None and mp is not None:
+    def _xn_rx_recycle(self, q: xn_queue, key: int) -> None:
+        """``xn_move_rx_slot``: post a consumed slot's buffer again, unchanged (or give
+        it back to the pool if the ring has no room)."""
+        held = q.rx_held.pop(key, None)
+        ring, dmat = q.rx, q.rx_dmat
+        if held is None or dmat is None:
+            return
+        m, mp = held
+        if ring is not None and q.connected and ring.free_requests() > 0:
             self._xn_post(q, m, mp)
+            return
+        bus_dmamap_unload(dmat, mp)
+        q.rx_pool.append(mp)
+        m_freem(m)
 
     def _xn_rx_packets(self, q: xn_queue, out: list[mbuf]) -> None:
         """Parse the complete packets at the head of ``rx_partial``. Lock held."""
@@ -200,7 +214,7 @@ class xn_softc_rx(xn_softc_base):
                         or e.gso_size == 0):
                     ok = False
             for idx, r in data:
-                if r.status <= 0 or r.offset + r.status > PAGE_SIZE or q.rx_mbufs[idx] is None:
+                if r.status <= 0 or r.offset + r.status > PAGE_SIZE or idx not in q.rx_held:
                     ok = False
             if not ok:
                 self._count("rx_errors")
@@ -219,9 +233,7 @@ class xn_softc_rx(xn_softc_base):
         tail: mbuf | None = None
         total = 0
         for idx, r in data:
-            m, mp = q.rx_mbufs[idx], q.rx_maps[idx]
-            assert m is not None and mp is not None
-            q.rx_mbufs[idx] = q.rx_maps[idx] = None
+            m, mp = q.rx_held.pop(idx)
             bus_dmamap_sync(dmat, mp, BUS_DMASYNC_POSTREAD)
             bus_dmamap_unload(dmat, mp)
             q.rx_pool.append(mp)
