@@ -31,6 +31,15 @@ extra on the other):
   ``TCPV6`` with the same segment size; ECN is dropped from the type (the
   segments keep their TCP flags); UDP fragmentation offload is never
   negotiated;
+- towards Linux, a validated checksum (``data_validated`` without
+  ``csum_blank``: FreeBSD's netfront folds ``NETRXF_csum_blank`` into
+  ``CSUM_DATA_VALID``, so a blank one may hide there) is written as a partial
+  one too: ``tun_get_user`` takes only ``VIRTIO_NET_HDR_F_NEEDS_CSUM`` from the
+  header (``virtio_net_hdr_to_skb`` ignores ``DATA_VALID``, so a frame marked
+  so would have its checksum verified, and a blank one dropped), and a
+  ``CHECKSUM_PARTIAL`` frame is delivered to a local socket unchecked
+  (``skb_csum_unnecessary``). The namespaces are endpoints: nothing forwards
+  such a frame on;
 - towards Linux, a blank checksum needs ``csum_start``/``csum_offset``: they
   are found by parsing the Ethernet, IPv4/IPv6 and TCP/UDP headers, as Linux
   netback's ``skb_checksum_setup`` does for a frame from a guest; a frame
@@ -214,12 +223,14 @@ def csum_location(frame: bytes | memoryview) -> tuple[int, int, int] | None:
 
 def vnet_hdr_from_meta(frame: bytes | memoryview, meta: TapMeta) -> bytes | None:
     """The ``virtio_net_hdr`` for writing ``frame`` to Linux; None if it cannot be made."""
-    if meta.gso_type == XEN_NETIF_GSO_TYPE_NONE and not meta.csum_blank:
-        flags = VIRTIO_NET_HDR_F_DATA_VALID if meta.data_validated else 0
-        return VIRTIO_NET_HDR.pack(flags, VIRTIO_NET_HDR_GSO_NONE, 0, 0, 0, 0)
+    plain = VIRTIO_NET_HDR.pack(0, VIRTIO_NET_HDR_GSO_NONE, 0, 0, 0, 0)
+    if meta.gso_type == XEN_NETIF_GSO_TYPE_NONE and not meta.csum_blank \
+            and not meta.data_validated:
+        return plain
     loc = csum_location(frame)
     if loc is None:
-        return None
+        # Validated but no TCP/UDP header: nothing for Linux to skip.
+        return None if meta.csum_blank or meta.gso_type != XEN_NETIF_GSO_TYPE_NONE else plain
     start, offset, hdr_len = loc
     if meta.gso_type == XEN_NETIF_GSO_TYPE_TCPV4:
         gso = VIRTIO_NET_HDR_GSO_TCPV4
@@ -285,6 +296,7 @@ class Tap:
         self._txq: collections.deque[tuple[bytes, bytes]] = collections.deque()
         self._rxbuf = bytearray(_RX_BUF)
         self.closed = False
+        self.paused = False
 
     # -- reading (the hub) ----------------------------------------------------------
 
@@ -294,6 +306,17 @@ class Tap:
         self.sink = sink
         reactor.add_reader(self.fd, self._readable)
 
+    def pause(self) -> None:
+        """Stop reading (the consumer is behind); Linux queues meanwhile."""
+        if not self.paused and not self.closed and self._reactor is not None:
+            self.paused = True
+            self._reactor.remove_reader(self.fd)
+
+    def resume(self) -> None:
+        if self.paused and not self.closed and self._reactor is not None:
+            self.paused = False
+            self._reactor.add_reader(self.fd, self._readable)
+
     def _readable(self) -> None:
         if self.closed or self.sink is None:
             return
@@ -302,6 +325,8 @@ class Tap:
         hsz = VIRTIO_NET_HDR.size
         st = self.stats
         for _ in range(RX_BUDGET):
+            if self.paused:
+                return
             try:
                 n = os.readv(self.fd, [buf])
             except BlockingIOError:
