@@ -109,7 +109,11 @@ class XbdFile(io.RawIOBase):
     Reads stop at the end of the disk (they return fewer bytes, then 0);
     a write that starts at the end fails with ENOSPC, one that crosses it is
     cut short. ``flush`` sends BIO_FLUSH when the backend supports it.
+    ``close`` flushes a connected disk; :meth:`abandon` and the finalizer never
+    do I/O.
     """
+
+    _abandoned = False
 
     def __init__(self, sc: xbd_softc, *, chunk: int = MAXPHYS) -> None:
         super().__init__()
@@ -218,7 +222,7 @@ class XbdFile(io.RawIOBase):
         return done
 
     def flush(self) -> None:
-        if self.closed:
+        if self.closed or self._abandoned:
             return
         super().flush()
         if self.sc.xbd_flags & (XBDF_FLUSH | XBDF_BARRIER):
@@ -232,6 +236,17 @@ class XbdFile(io.RawIOBase):
                 self.flush()
         finally:
             super().close()
+
+    def abandon(self) -> None:
+        """Close without any I/O: the disk's domain is gone, or its host is."""
+        self._abandoned = True
+        self.close()
+
+    def __del__(self) -> None:
+        # A finalizer runs whenever the collector does, under whatever scheduler
+        # is current then (another host's, or none): it must never sleep on I/O.
+        self._abandoned = True
+        super().__del__()
 
     def discard(self, offset: int, length: int) -> None:
         """Discard whole sectors in ``[offset, offset + length)`` (an extension of the file API)."""

@@ -347,8 +347,16 @@ class Scheduler:
         if t is self.thread0:
             if self._in_loop:
                 raise KernelPanic("thread0 would block from inside the scheduler loop")
-            self._loop(until=lambda: t.state is not ThreadState.BLOCKED)
-            t.state = ThreadState.RUNNING
+            try:
+                self._loop(until=lambda: t.state is not ThreadState.BLOCKED)
+            finally:
+                # Woken, or an exception out of the loop (a stall, a deadlock) ends
+                # the wait: thread0 runs on either way and may block again.
+                if t.timer is not None:
+                    t.timer.cancelled = True
+                    t.timer = None
+                t.wchan = None
+                t.state = ThreadState.RUNNING
             return
         assert self._hub is not None
         self._hub.switch()
@@ -551,16 +559,37 @@ class Scheduler:
         """Who waits for what, who holds it, and the wait-for cycle if any."""
         return global_report(self._blocked())
 
+    def kill(self, t: KThread) -> None:
+        """End ``t`` where it waits (its domain is gone): it never runs again.
+
+        Called from thread0 or the hub, never by ``t``. The thread unwinds (no
+        lock is handed back: its domain's locks die with it). Never a
+        scheduling point for anyone else.
+        """
+        if t.state is ThreadState.DONE or t is self.curthread or t is self.thread0:
+            return
+        if t.timer is not None:
+            t.timer.cancelled = True
+            t.timer = None
+        t.held.clear()
+        t.critnest = 0
+        glet = t._glet
+        prev = self.curthread
+        for _ in range(3):  # an unwinding that blocks again is thrown at again
+            if glet is None or glet.dead or not glet:  # ended, or never started
+                break
+            t.state = ThreadState.RUNNING
+            self.curthread = t
+            try:
+                glet.throw(greenlet.GreenletExit)
+            finally:
+                self.curthread = prev
+        t.state = ThreadState.DONE
+
     def shutdown(self) -> None:
         """Kill every thread still alive (daemons idle in their loops) and the I/O pool."""
         for t in self.threads:
-            if t.state is not ThreadState.DONE and t._glet is not None:
-                if t.timer is not None:
-                    t.timer.cancelled = True
-                    t.timer = None
-                t.held.clear()
-                t._glet.throw(greenlet.GreenletExit)
-                t.state = ThreadState.DONE
+            self.kill(t)
         self.curthread = self.thread0
         self._runq.clear()
         if self._pool is not None:

@@ -4,16 +4,35 @@ What ``xl create`` and the boot of a guest kernel do, in one object: create the
 domain, attach a FreeBSD-style kernel to its memory, set up its grant table.
 :meth:`Host.leaks` lists everything still held (grant entries, mappings,
 maptrack handles, ports, malloc bytes, bus_dma maps), and :meth:`Host.close`
-tears it all down.
+tears it all down (devices still attached are abandoned without I/O first).
+
+A panic in a guest crashes that guest only (DESIGN 3), as ``xl`` with its
+default ``on_crash = "destroy"`` handles it: the guest's threads stop where
+they are (its vcpus never run again), and a toolstack thread destroys the
+domain at once, as libxl's ``libxl__destroy_domid`` does: every device the
+toolstack attached is removed by force (``libxl__devices_destroy``: frontend
+directory gone, backend ``online`` 0 and Closing, a wait for the backend to
+close, which disconnects, unmaps and frees its ring), then the domain's
+xenstore and the domain itself (its event channels closed, its grant table
+released). No code of the dead guest runs in any of this.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Final, final
 
 from gntdma.hv import Domain, Hypervisor
-from gntdma.sched import WITNESS, Clock, KernelPanic, KThread, Scheduler, Strategy
+from gntdma.sched import (
+    WITNESS,
+    Clock,
+    KernelPanic,
+    KThread,
+    Scheduler,
+    Strategy,
+    ThreadState,
+)
 from gntdma.sys import Kernel
 from gntdma.toolstack.xs import GUEST_SPECIAL_PAGES, GuestPhysMem, HostXenstore
 from gntdma.xen.busdma import xen_busdma_attach
@@ -21,7 +40,7 @@ from gntdma.xen.gnttab import GntTab
 from gntdma.xen.hypercall import Hypercalls
 from gntdma.xen.xenstore import XenStore
 
-__all__ = ["Guest", "Host"]
+__all__ = ["CrashTeardown", "Guest", "GuestDevice", "Host"]
 
 PAGES_PER_MIB: Final = 256
 
@@ -42,6 +61,32 @@ class Guest:
     @property
     def domid(self) -> int:
         return self.domain.domid
+
+
+@final
+@dataclass(eq=False)
+class GuestDevice:
+    """A device the toolstack attached to a guest (a vbd), as the host tears it down."""
+
+    name: str
+    #: Forced removal after the guest crashed (``libxl__devices_destroy``): sleeps on
+    #: a toolstack thread; True if the backend closed cleanly.
+    destroy: Callable[[], bool]
+    #: The host goes away with the device still attached: drop it, no I/O, no sleep.
+    abandon: Callable[[], None]
+
+
+@final
+@dataclass(eq=False)
+class CrashTeardown:
+    """A guest that crashed, and its destruction by the toolstack."""
+
+    name: str
+    why: str  #: the panic
+    at: float  #: when it crashed (the run's clock)
+    devices: list[str] = field(default_factory=list)  #: what was torn down
+    done_at: float | None = None  #: when the domain was destroyed
+    clean: bool = False  #: every backend closed in time
 
 
 @final
@@ -69,6 +114,11 @@ class Host:
         self.guests: dict[int, Guest] = {}
         #: Guests whose kernel panicked, by name: the panic message (DESIGN 3).
         self.crashed: dict[str, str] = {}
+        #: Their destruction, by name.
+        self.crashes: dict[str, CrashTeardown] = {}
+        #: Devices the toolstack attached, by frontend domid, in attach order.
+        self.devices: dict[int, list[GuestDevice]] = {}
+        self._destroyers: list[KThread] = []
         self.sched.on_thread_exception = self._on_thread_exception
         self.closed = False
         # xenstore (issue 4): one daemon per host, a ring per domain.
@@ -106,27 +156,79 @@ class Host:
         self.xenstore.domain_created(g)
         return g
 
+    def add_device(self, g: Guest, dev: GuestDevice) -> None:
+        """Record a device attached to ``g`` (torn down with it if it crashes)."""
+        self.devices.setdefault(g.domid, []).append(dev)
+
+    def remove_device(self, g: Guest, dev: GuestDevice) -> None:
+        """Forget a device that was detached."""
+        devs = self.devices.get(g.domid, [])
+        if dev in devs:
+            devs.remove(dev)
+        if not devs:
+            self.devices.pop(g.domid, None)
+
     def _on_thread_exception(self, t: KThread, exc: BaseException) -> bool:
         """A kernel thread died: a guest's panic crashes that guest only (DESIGN 3).
 
-        The guest is marked crashed (``crashed``) and the scheduler goes on with
-        every other domain; its event channels are closed so that nothing is
-        delivered to it any more. A panic of dom0, or of a thread of no domain,
-        stops the host (the exception goes on up).
+        Runs in the scheduler's hub. A panic of dom0, or of a thread of no
+        domain, stops the host (the exception goes on up).
         """
         if not isinstance(exc, KernelPanic):
             return False
         for g in self.guests.values():
-            if (t.domain is g.kernel or t.domain is g.domain) and g.domid != 0:
-                if g.name not in self.crashed:
-                    self.crashed[g.name] = f"panic in {t.name}: {exc}"
+            if self._owns(g, t) and g.domid != 0:
+                self.crash_guest(g, f"panic in {t.name}: {exc}")
                 return True
         return False
 
+    @staticmethod
+    def _owns(g: Guest, t: KThread) -> bool:
+        return t.domain is g.kernel or t.domain is g.domain
+
+    def crash_guest(self, g: Guest, why: str) -> None:
+        """``g`` crashed: stop its threads and destroy it on a toolstack thread.
+
+        Never sleeps (it runs in the hub or on thread0); :meth:`wait_crashes`
+        waits for the destruction.
+        """
+        if g.name in self.crashed or g.domid == 0:
+            return
+        self.crashed[g.name] = why
+        crash = CrashTeardown(g.name, why, self.sched.now())
+        self.crashes[g.name] = crash
+        for t in list(self.sched.threads):
+            if self._owns(g, t):
+                self.sched.kill(t)
+        self._destroyers.append(self.sched.spawn(
+            self._destroy_crashed, g, crash, name=f"xl/{g.name}/destroy"))
+
+    def _destroy_crashed(self, g: Guest, crash: CrashTeardown) -> None:
+        """libxl__destroy_domid for a dead guest: its devices by force, then the domain."""
+        clean = True
+        for dev in reversed(self.devices.pop(g.domid, [])):
+            crash.devices.append(dev.name)
+            clean = dev.destroy() and clean
+        self._destroy_domain(g, crashed=True)
+        crash.clean = clean
+        crash.done_at = self.sched.now()
+
+    def wait_crashes(self) -> None:
+        """Sleep until every crashed guest has been destroyed (thread0 only)."""
+        self.sched.run(until=lambda: all(t.state is ThreadState.DONE
+                                         for t in self._destroyers))
+
     def destroy_guest(self, g: Guest) -> None:
         """Shut the guest's kernel down and destroy its domain."""
-        self.xenstore.domain_destroyed(g)
-        g.kernel.shutdown()
+        self._destroy_domain(g, crashed=g.name in self.crashed)
+
+    def _destroy_domain(self, g: Guest, *, crashed: bool) -> None:
+        if g.domid not in self.guests:
+            return
+        # A crashed guest's kernel never runs again: none of its code is called.
+        self.xenstore.domain_destroyed(g, crashed=crashed)
+        if not crashed:
+            g.kernel.shutdown()
         self.hv.destroy_domain(g.domid)
         del self.guests[g.domid]
 
@@ -158,9 +260,14 @@ class Host:
         if self.closed:
             return
         self.closed = True
-        self.xenstore.close(self.guests.values())
+        for devs in self.devices.values():
+            for dev in devs:
+                dev.abandon()
+        self.devices.clear()
+        self.xenstore.close(self.guests.values(), crashed=set(self.crashed))
         for g in sorted(self.guests.values(), key=lambda g: -g.domid):
-            g.kernel.shutdown()
+            if g.name not in self.crashed:
+                g.kernel.shutdown()
         self.sched.shutdown()
         for domid in sorted(self.hv.domains, reverse=True):
             self.hv.destroy_domain(domid)

@@ -28,7 +28,7 @@ from gntdma.errors import GntdmaError
 from gntdma.host.image import DiskImage, open_image
 from gntdma.sched import ThreadState
 from gntdma.toolstack.domains import create_guest_from_config
-from gntdma.toolstack.host import Guest, Host
+from gntdma.toolstack.host import CrashTeardown, Guest, Host
 from gntdma.toolstack.preflight import DiskPlan, GuestPlan, RunPlan
 from gntdma.toolstack.report import Report
 from gntdma.toolstack.vbd import Vbd, detach_disk
@@ -202,7 +202,7 @@ class _StallWatchdog:
         grants = [f"{g.name}: {g.gnttab.statistics().allocated} grant references in use of "
                   f"{g.gnttab.capacity} ({g.gnttab.held_for_life} held for life), "
                   f"{g.gnttab.statistics().callbacks_queued} loads waiting for references"
-                  for g in self.guests]
+                  for g in self.guests if g.name not in self.host.crashed]
         return (f"no I/O completed for {idle:.1f} s (--stall-timeout {self.timeout:g}): "
                 + "; ".join(waits + grants))
 
@@ -232,6 +232,9 @@ class _Progress:
         self.last_bytes, self.last_t = total, now
         use = []
         for g in self.guests:
+            if g.name in self.host.crashed:  # destroyed: its table is gone
+                use.append("crashed")
+                continue
             gst = g.gnttab.statistics()
             use.append(f"{gst.allocated:4d}/{gst.nr_frames * 512 - 8}")
         self.log(f"  [{now - self.t0:5.1f}s] requests {sum(s.requests for s in fr):7d}  "
@@ -317,12 +320,17 @@ def run_block_job(host: Host, report: Report, plan: RunPlan, images: OpenImages,
                            for d in every))
     phase("running the workloads")
     _workloads(host, report, plan, guests, every, duration, threads, seed, log, stall_timeout)
-    figures = [_figures(g, gp, ds) for g, gp, ds in zip(guests, plan.guests, disks_of,
+    figures = [_figures(host, g, gp, ds) for g, gp, ds in zip(guests, plan.guests, disks_of,
                                                           strict=True)]
     if pause is not None:
         pause()
     phase("detaching the disks")
     for g, ds, fig in zip(guests, disks_of, figures, strict=True):
+        crash = host.crashes.get(g.name)
+        if crash is not None:  # the toolstack destroyed it when it crashed
+            fig["crashed"] = crash.why
+            _check_crash_teardown(report, crash)
+            continue
         detached = all([detach_disk(host, d.vbd) for d in reversed(ds)])
         left = g.gnttab.statistics()
         fig["leaked_grant_refs"] = left.allocated
@@ -334,6 +342,16 @@ def run_block_job(host: Host, report: Report, plan: RunPlan, images: OpenImages,
                      "destroyed", detached,
                      "unplug: online=0 + Closing, backend Closed, directories removed")
     return figures
+
+
+def _check_crash_teardown(report: Report, crash: CrashTeardown) -> None:
+    done = crash.done_at is not None
+    took = f"{crash.done_at - crash.at:.2f} s" if crash.done_at is not None else "not done"
+    report.check(f"{crash.name}: crashed guest destroyed, its disks torn down in dom0 "
+                 "(on_crash=destroy)", done and crash.clean,
+                 f"{', '.join(crash.devices) or 'no disks'}: frontend directories removed, "
+                 f"backends {'closed' if crash.clean else 'did not close in time'}, "
+                 f"domain destroyed ({took} after the crash)")
 
 
 def _workloads(host: Host, report: Report, plan: RunPlan, guests: Sequence[Guest],
@@ -354,28 +372,37 @@ def _workloads(host: Host, report: Report, plan: RunPlan, guests: Sequence[Guest
             verified_random_io(host.sched, [d.load for d in disks],
                                threads=[d.threads for d in disks], duration=duration,
                                seed=seed, region_sectors=[d.region for d in disks])
+        # A guest that crashed meanwhile is destroyed by then (its threads are gone).
+        host.wait_crashes()
     finally:
         progress.stop()
     try:
-        _check_workloads(host, report, plan, guests, disks, seed)
+        live = [d for d in disks if d.vbd.guest.name not in host.crashed]
+        _check_workloads(host, report, plan, guests, live, seed,
+                         crashed=len(disks) - len(live))
     finally:
         watchdog.stop()
 
 
 def _check_workloads(host: Host, report: Report, plan: RunPlan, guests: Sequence[Guest],
-                     disks: Sequence[_Disk], seed: int) -> None:
+                     disks: Sequence[_Disk], seed: int, crashed: int = 0) -> None:
+    """The checks of the workloads on ``disks`` (those of guests that did not crash:
+    ``crashed`` more were lost with their guest, whose crash is a check of its own)."""
     loads = [d.load for d in disks]
     errors = [e for ld in loads for e in ld.errors]
     verified = sum(ld.bytes_verified for ld in loads)
     if not disks:
-        report.check("verified random I/O: no disks, nothing to do", True, "no disk in "
-                     "the config(s)")
+        report.check("verified random I/O: no disks" + (" of a running guest" if crashed
+                     else "") + ", nothing to do", True,
+                     f"every disk's guest crashed ({crashed} disks)" if crashed
+                     else "no disk in the config(s)")
     else:
         report.check("verified random I/O: every sector read back as written (or as the "
                      "image held it)", not errors and all(ld.bytes_verified > 0 for ld in loads),
                      "; ".join(errors[:3]) or f"{_size(verified)} verified, "
                      f"{sum(ld.writes for ld in loads)} writes, "
-                     f"{sum(ld.reads for ld in loads)} reads")
+                     f"{sum(ld.reads for ld in loads)} reads"
+                     + (f" ({crashed} disks of crashed guests not counted)" if crashed else ""))
     big = [d for d in disks if min(d.region, d.load.max_run) >= _INDIRECT_SECTORS
            and d.vbd.sc.xbd_max_request_segments > BLKIF_MAX_SEGMENTS_PER_REQUEST]
     fr = [d.vbd.statistics().frontend for d in big]
@@ -386,10 +413,12 @@ def _check_workloads(host: Host, report: Report, plan: RunPlan, guests: Sequence
                      f"{direct} direct, {indirect} indirect")
     if any(g.is_default for g in plan.guests):
         deferred = sum(d.vbd.statistics().frontend.deferred_loads for d in disks)
+        peak = max((g.gnttab.statistics().peak_allocated for g in guests
+                    if g.name not in host.crashed), default=0)
         report.check("loads deferred on the small grant table, and all completed",
                      deferred > 0 and not errors,
                      f"{deferred} deferred loads, peak "
-                     f"{max(g.gnttab.statistics().peak_allocated for g in guests)} grant "
+                     f"{peak} grant "
                      "references")
     for d in disks:
         if not d.load.readonly:
@@ -435,7 +464,8 @@ def _copy_and_discard(host: Host, report: Report, d: _Disk, seed: int) -> None:
         report.check(f"flush and discard on {d.load.name}", ok, detail)
 
 
-def _figures(guest: Guest, gp: GuestPlan, disks: Sequence[_Disk]) -> dict[str, Any]:
+def _figures(host: Host, guest: Guest, gp: GuestPlan, disks: Sequence[_Disk]
+             ) -> dict[str, Any]:
     fr = [d.vbd.statistics().frontend for d in disks]
     out = []
     for d, s in zip(disks, fr, strict=True):
@@ -452,14 +482,16 @@ def _figures(guest: Guest, gp: GuestPlan, disks: Sequence[_Disk]) -> dict[str, A
             "errors": s.errors,
             "deferred_loads": s.deferred_loads,
         })
-    gst = guest.gnttab.statistics()
+    # A crashed guest was destroyed: its grant table is gone with its memory.
+    peak = (guest.gnttab.statistics().peak_allocated if guest.name not in host.crashed
+            else None)
     return {
         "name": guest.name,
         "config": gp.config.source,
         "domid": guest.domid,
         "memory": gp.config.memory,
         "max_grant_frames": gp.config.max_grant_frames,
-        "grant_entries_peak": gst.peak_allocated,
+        "grant_entries_peak": peak,
         "deferred_loads": sum(s.deferred_loads for s in fr),
         "busdma_grant_deferred": _impl(guest).statistics().grant_deferred,
         "disks": out,

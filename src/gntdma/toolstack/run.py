@@ -151,6 +151,7 @@ def _run(plan: RunPlan, images: OpenImages, seed: int, duration: float, threads:
             return report
         except (Deadlock, KernelPanic) as e:
             # The host is wedged: say why, skip the rest, tear down what can be.
+            _report_crashes(host, report)
             report.check("the job ran to its end (no deadlock, no panic)", False, str(e))
             report.figures["witness"] = {"reversals": len(WITNESS.reversals()),
                                          "panics": len(WITNESS.panics())}

@@ -51,7 +51,7 @@ from gntdma.dev.blkfront_xenbus import XbdXenbus, xbd_attach
 from gntdma.errors import GntdmaError
 from gntdma.host.image import DiskImage, open_image
 from gntdma.sched import current_scheduler
-from gntdma.toolstack.host import Guest, Host
+from gntdma.toolstack.host import Guest, GuestDevice, Host
 from gntdma.toolstack.xlcfg import DiskSpec
 from gntdma.toolstack.xs import LIBXL_DESTROY_TIMEOUT, DeviceDirs, XenstoreSetupError
 from gntdma.xen.xenbus import XenbusState
@@ -63,6 +63,7 @@ __all__ = [
     "VbdError",
     "VbdStatistics",
     "attach_disk",
+    "destroy_disk",
     "detach_disk",
 ]
 
@@ -111,6 +112,8 @@ class Vbd:
     #: A file view of the disk for workloads (:class:`io.RawIOBase`).
     file: XbdFile
     attached: bool = True
+    #: How the host tears it down if the guest crashes or the host goes.
+    device: GuestDevice | None = None
 
     @property
     def vdev(self) -> str:
@@ -268,6 +271,9 @@ def attach_disk(host: Host, guest: Guest, spec: DiskSpec, *, image_dir: str | Pa
             raise VbdError(f"{what}: did not connect{' in time' if timed_out else ''} "
                            f"({why})")
         vbd = Vbd(guest, spec, path, image, dirs, bb, back, front, XbdFile(front.sc))
+        vbd.device = GuestDevice(spec.vdev, lambda: destroy_disk(host, vbd),
+                                 lambda: _abandon(vbd))
+        host.add_device(guest, vbd.device)
         ok = True
         return vbd
     finally:
@@ -288,9 +294,43 @@ def detach_disk(host: Host, vbd: Vbd, timeout: float = LIBXL_DESTROY_TIMEOUT) ->
     if not vbd.attached:
         return True
     vbd.attached = False
+    if vbd.device is not None:
+        host.remove_device(vbd.guest, vbd.device)
     clean = _release(host, vbd.dirs, vbd.frontend, vbd.backend, vbd.blkback, vbd.image,
                      timeout)
     # The disk is gone: XbdFile.close() still tries a flush (ENXIO), ignored.
     with contextlib.suppress(XbdIOError):
         vbd.file.close()
     return clean
+
+
+def destroy_disk(host: Host, vbd: Vbd, timeout: float = LIBXL_DESTROY_TIMEOUT) -> bool:
+    """Remove ``vbd`` of a crashed guest by force; True if the backend closed in time.
+
+    libxl_device.c, ``libxl__initiate_device_generic_remove`` with
+    ``LIBXL__FORCE_ON`` (``libxl__devices_destroy`` of ``libxl__destroy_domid``):
+    the frontend directory is removed and the backend's ``online`` 0 and
+    Closing written in one transaction; blkback sees its frontend gone,
+    disconnects (unmaps every grant, frees its ring, unbinds its event
+    channel) and closes; then the backend directory goes. Nothing of the
+    guest's blkfront runs: it is dead. Sleeps (a toolstack thread).
+    """
+    if not vbd.attached:
+        return True
+    vbd.attached = False
+    vbd.file.abandon()
+    clean = host.xenstore.remove_device(vbd.dirs, timeout, force=True)
+    if vbd.backend.wait_done(timeout + _THREAD_GRACE) != 0:
+        clean = False
+        vbd.backend.stop()
+        vbd.backend.wait_done(timeout + _THREAD_GRACE)
+    vbd.blkback.disconnect()  # a no-op once its driver ended
+    if not vbd.image.closed:
+        vbd.image.close()
+    return clean
+
+
+def _abandon(vbd: Vbd) -> None:
+    """The host goes away with ``vbd`` attached: no I/O (its threads are killed)."""
+    vbd.attached = False
+    vbd.file.abandon()

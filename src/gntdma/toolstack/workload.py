@@ -15,8 +15,9 @@
 - **Flush and discard**: a flush, then a discarded range must read as zeros
   while the data around it is intact.
 
-Workload threads are user processes: they may use Python's ``random`` with a
-seed, and they reach the disk only through blkfront.
+Workload threads are user processes of the disk's guest (they die with it if
+it crashes): they may use Python's ``random`` with a seed, and they reach the
+disk only through blkfront.
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ def verified_random_io(sched: Scheduler, loads: Sequence[DiskLoad], *,
             first = t * region
             spawned.append(sched.spawn(
                 _worker, sched, load, first, region, seed * 1000 + d * 100 + t,
-                deadline, max_ops, name=f"{load.name}/io{t}"))
+                deadline, max_ops, name=f"{load.name}/io{t}", domain=load.sc.xbd_kern))
     sched.run(until=lambda: all(t.state is ThreadState.DONE for t in spawned))
 
 

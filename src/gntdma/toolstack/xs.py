@@ -42,7 +42,7 @@ import stat
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Final, TypeVar, final
@@ -372,13 +372,16 @@ class HostXenstore:
         """The xenstore client of a live domain's kernel."""
         return self.clients[domid]
 
-    def domain_destroyed(self, g: Guest) -> None:
-        """Tear down a domain's xenstore: devices, client, ring, home, grant, port."""
+    def domain_destroyed(self, g: Guest, *, crashed: bool = False) -> None:
+        """Tear down a domain's xenstore: devices, client, ring, home, grant, port.
+
+        ``crashed``: the guest's kernel is dead, its client is dropped unrun.
+        """
         domid = g.domid
         for dev in [d for d in self.devices if domid in (d.frontend_id, d.backend_id)]:
             self._remove_dirs(dev)
         client = self.clients.pop(domid, None)
-        if client is not None:
+        if client is not None and not crashed:
             client.xs_detach()
         g.xenstore = None
         ring = self.rings.pop(domid, None)
@@ -394,13 +397,16 @@ class HostXenstore:
             if port is not None and port in d.ports:
                 self._hv.evtchn_close(domid, port)
 
-    def close(self, guests: Iterable[Guest]) -> None:
-        """Host teardown: every domain's xenstore, then the daemon's connections."""
+    def close(self, guests: Iterable[Guest], crashed: Collection[str] = ()) -> None:
+        """Host teardown: every domain's xenstore, then the daemon's connections.
+
+        ``crashed``: names of guests whose kernel is dead.
+        """
         if self.closed:
             return
         self.closed = True
         for g in sorted(guests, key=lambda g: -g.domid):
-            self.domain_destroyed(g)
+            self.domain_destroyed(g, crashed=g.name in crashed)
         self.toolstack.close()
         self.xenstored.close()
 
@@ -444,17 +450,23 @@ class HostXenstore:
         self.devices.append(dev)
         return dev
 
-    def remove_device(self, dev: DeviceDirs, timeout: float = LIBXL_DESTROY_TIMEOUT) -> bool:
+    def remove_device(self, dev: DeviceDirs, timeout: float = LIBXL_DESTROY_TIMEOUT, *,
+                      force: bool = False) -> bool:
         """Unplug: online 0 and state Closing, wait for Closed, remove both directories.
 
         True if the backend reached Closed; False if it did not in ``timeout``
         seconds (the directories are removed anyway, as libxl's forced remove).
+        ``force`` (the frontend's domain is dead): the frontend directory goes in
+        the same transaction, so the backend sees its frontend gone
+        (``libxl__initiate_device_generic_remove`` with ``LIBXL__FORCE_ON``).
         Sleeps on the scheduler.
         """
         xs = self.toolstack
         be = dev.backend_path
 
         def unplug(tx: int) -> bool:
+            if force:
+                self._path_cleanup(dev.frontend_path, tx)
             if not xs.exists(f"{be}/{XENBUS_KEY_STATE}", tx):
                 return False
             xs.write(f"{be}/{XENBUS_KEY_ONLINE}", "0", tx)
