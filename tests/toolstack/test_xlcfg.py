@@ -17,6 +17,7 @@ from gntdma.toolstack.xlcfg import (
     parse_size,
     vdev_to_devid,
 )
+from gntdma.toolstack.xlvif import VifSpec
 
 FULL = """\
 # a guest for gntdma
@@ -44,9 +45,8 @@ def test_golden_full_config() -> None:
             DiskSpec(target="c.img", vdev="xvdc", devid=51744, format="raw", access="rw",
                      size=None, discard=False, line=8),
         ),
-        vifs=("mac=00:16:3e:00:00:01,bridge=br0",), source="guest1.cfg",
-        notes=("guest1.cfg:10: note: network devices are not supported yet: vif "
-               "ignored (1 interface)",))
+        vifs=(VifSpec(mac="00:16:3e:00:00:01", bridge="br0", line=10,
+                      text="mac=00:16:3e:00:00:01,bridge=br0"),), source="guest1.cfg")
     assert cfg.disks[1].readonly and not cfg.disks[0].readonly
     assert cfg.base_dir == Path(".")
     assert cfg.disks[0].path("/etc/gntdma") == Path("/var/lib/gntdma/a.img")

@@ -14,8 +14,7 @@ key                   type    meaning
 ``max_grant_frames``  integer grant-table frames the guest may grow to, 1 to 64 (default 64)
 ``max_maptrack_frames`` integer maptrack frames, 0 to 1024 (default 1024)
 ``disk``              list    disk specifications (below)
-``vif``               list    network interfaces: not supported yet; kept as written,
-                              with a note that they are ignored
+``vif``               list    network interfaces (:mod:`gntdma.toolstack.xlvif`)
 ===================== ======= ========================================================
 
 The limits of the two grant-table keys are Xen 4.17's: ``grant_table_init``
@@ -52,6 +51,7 @@ from pathlib import Path
 from typing import Final, final
 
 from gntdma.errors import ConfigError
+from gntdma.toolstack.xlvif import VifSpec, VifSpecError, parse_vif_spec, vif_clash
 
 __all__ = [
     "DEFAULT_MAX_GRANT_FRAMES",
@@ -143,7 +143,7 @@ class GuestConfig:
     max_grant_frames: int = DEFAULT_MAX_GRANT_FRAMES
     max_maptrack_frames: int = DEFAULT_MAX_MAPTRACK_FRAMES
     disks: tuple[DiskSpec, ...] = ()
-    vifs: tuple[str, ...] = ()  #: as written
+    vifs: tuple[VifSpec, ...] = ()
     source: str = "<string>"  #: the file it came from
     #: ``file:line: note: ...`` for what is accepted and ignored (xl keys, vif)
     notes: tuple[str, ...] = ()
@@ -557,7 +557,7 @@ def parse_config(text: str, source: str = "<string>") -> GuestConfig:
     grant_frames = DEFAULT_MAX_GRANT_FRAMES
     maptrack_frames = DEFAULT_MAX_MAPTRACK_FRAMES
     disks: list[DiskSpec] = []
-    vifs: list[str] = []
+    vifs: list[VifSpec] = []
     for key, line, value in _parse(text, source):
         if key in seen:
             raise XlConfigError(source, line, f"{key} is already set on line {seen[key]}")
@@ -600,11 +600,16 @@ def parse_config(text: str, source: str = "<string>") -> GuestConfig:
                 by_vdev[d.devid] = by_target[d.target] = d
                 disks.append(d)
         else:  # vif
-            vifs.extend(item for item, _l in _str_list(source, key, line, value))
-            if vifs:
-                notes.append(f"{source}:{line}: note: network devices are not supported "
-                             f"yet: vif ignored ({len(vifs)} interface"
-                             f"{'s' if len(vifs) != 1 else ''})")
+            for item, item_line in _str_list(source, key, line, value):
+                try:
+                    v = parse_vif_spec(item, line=item_line)
+                except VifSpecError as e:
+                    raise XlConfigError(source, item_line, f"vif {item!r}: {e}") from None
+                clash = vif_clash(v, vifs)
+                if clash is not None:
+                    raise XlConfigError(source, item_line, f"vif {item!r}: {clash}")
+                notes.extend(f"{source}:{item_line}: note: vif: {n}" for n in v.notes)
+                vifs.append(v)
     if name is None:
         raise XlConfigError(source, 0, "no name: every guest needs name = '...'")
     return GuestConfig(name=name, memory=memory, max_grant_frames=grant_frames,
