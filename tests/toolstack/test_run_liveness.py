@@ -146,3 +146,89 @@ def test_two_runs_in_one_process_the_second_behaves_as_the_first(
                             str(second))
     assert rc == 0 and rep["ok"] is True, (err, [c for c in rep.get("checks", [])
                                                  if not c["ok"]])
+
+
+def test_a_guest_panic_mid_workload_destroys_it_at_once_and_the_other_guest_completes(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """DESIGN 3 / issue 11 item 3, as Xen and xl do it: xl's default
+    ``on_crash = "destroy"`` (docs/man/xl.cfg.5.pod.in) destroys the crashed domain:
+    libxl_domain.c ``libxl__destroy_domid`` -> ``libxl__devices_destroy`` with
+    ``LIBXL__FORCE_ON`` -> libxl_device.c ``libxl__initiate_device_generic_remove``
+    (frontend directory removed, backend online 0 and Closing in one transaction,
+    wait for the backend to close), then ``xc_domain_destroy`` (the domain's event
+    channels closed). Here: two guests, one panics in its interrupt thread half way
+    through its workload; its vbds are torn down in dom0 at once, while the other
+    guest still runs, with no help from the stall watchdog; the other guest's
+    workload completes and its checks pass; nothing leaks; the report names the crash
+    and the run exits 1."""
+    from gntdma.abi.event_channel import EVTCHNSTAT_interdomain
+    from gntdma.dev.blkfront import xbd_softc
+    from gntdma.sched import KernelPanic
+    from gntdma.toolstack.host import Guest, Host
+
+    real = xbd_softc.xbd_int
+    interrupts = {"n": 0}
+
+    def panicking(self: xbd_softc, port: int) -> None:
+        if self.xbd_kern.name == "victim":
+            interrupts["n"] += 1
+            if interrupts["n"] == 40:
+                raise KernelPanic("injected: xbd_int")
+        real(self, port)
+
+    seen: dict[str, Any] = {}
+    real_destroy = getattr(Host, "_destroy_crashed", None)
+
+    def destroy(self: Host, g: Guest, crash: Any) -> None:
+        assert real_destroy is not None
+        real_destroy(self, g, crash)
+        # The moment the toolstack is done with the crashed guest:
+        seen["backend dirs"] = self.xenstored.directory("/local/domain/0/backend/vbd") \
+            if self.xenstored.exists("/local/domain/0/backend/vbd") else []
+        seen["victim alive"] = g.domid in self.hv.domains
+        # dom0's maptrack (grant_table.c): no page of the crashed guest mapped any more.
+        seen["dom0 mappings"] = sum(1 for m in self.hv.domains[0].maptrack.entries.values()
+                                    if m.granter == g.domid)
+        seen["victim ports bound in dom0"] = sum(
+            1 for p in self.hv.domains[0].ports.values()
+            if p.state == EVTCHNSTAT_interdomain and p.remote_dom == g.domid)
+        seen["survivor still running"] = any(
+            t.name.startswith("survivor/") and t.state.name != "DONE"
+            for t in self.sched.threads)
+
+    monkeypatch.setattr(xbd_softc, "xbd_int", panicking)
+    monkeypatch.setattr(Host, "_destroy_crashed", destroy, raising=False)
+    victim = write_cfg(tmp_path / "v.cfg", f"name='victim'\nmemory=64\n"
+                       f"disk=[{_disks(tmp_path, 2)}]\n")
+    (tmp_path / "s").mkdir()
+    survivor = write_cfg(tmp_path / "s" / "s.cfg", f"name='survivor'\nmemory=64\n"
+                         f"disk=[{_disks(tmp_path / 's', 1)}]\n")
+    t0 = time.monotonic()
+    rc, rep, err = run_json(capsys, tmp_path, "--duration", "1.5", "--stall-timeout", "30",
+                            str(victim), str(survivor))
+    assert time.monotonic() - t0 < 20  # the stall watchdog (30 s) played no part
+    assert rc == 1 and rep["ok"] is False, err
+    assert "Traceback" not in err and "stalled" not in rep
+    assert interrupts["n"] >= 40, "the victim did not get far enough to panic"
+    assert "injected: xbd_int" in rep["crashed"]["victim"]
+    failed = [c for c in rep["checks"] if not c["ok"]]
+    assert [c["name"] for c in failed] == ["victim: no guest crashed"], failed
+    assert "injected: xbd_int" in failed[0]["detail"]
+    # Torn down at the crash, the survivor's workload still running meanwhile.
+    victim_domid = str(rep["guests"][0]["domid"])
+    assert victim_domid not in seen.pop("backend dirs")
+    assert seen == {"victim alive": False, "dom0 mappings": 0,
+                    "victim ports bound in dom0": 0, "survivor still running": True}
+    (torn,) = [c for c in rep["checks"] if c["name"].startswith("victim: crashed guest "
+                                                                  "destroyed")]
+    assert "xvdb, xvda" in torn["detail"] and "backends closed" in torn["detail"]
+    # The survivor did its whole job: verified I/O, the file copy, detach.
+    names = {c["name"] for c in rep["checks"] if c["ok"]}
+    assert {"a file copied onto survivor/xvda and back: equal SHA-256",
+            "survivor: no grant reference left after the disks detached",
+            "teardown: nothing leaked"} <= names
+    (rio,) = [c for c in rep["checks"] if c["name"].startswith("verified random I/O")]
+    assert rio["ok"] and "2 disks of crashed guests not counted" in rio["detail"]
+    (surv,) = [g for g in rep["guests"] if g["name"] == "survivor"]
+    assert surv["disks"][0]["bytes_verified"] > 0
