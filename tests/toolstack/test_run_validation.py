@@ -73,12 +73,12 @@ def test_a_config_problem_is_refused_with_its_line(
 def test_xl_keys_gntdma_does_not_use_are_accepted_with_a_note(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = write_cfg(tmp_path / "g.cfg", "name='g'\nmemory=16\nbuilder='generic'\nvcpus=2\n"
-                    "on_crash='destroy'\nvif=['bridge=xenbr0']\n")
+                    "on_crash='destroy'\nvif=['bridge=xenbr0, model=e1000']\n")
     rc, out, err = run_cli(capsys, "run", str(cfg), "--duration", "0.1")
     assert rc == 0, err
     assert "g.cfg:3: note: builder is an xl key gntdma does not use (ignored)" in out
     assert "g.cfg:4: note: vcpus" in out and "g.cfg:5: note: on_crash" in out
-    assert "g.cfg:6: note: network devices are not supported yet: vif ignored" in out
+    assert "g.cfg:6: note: vif: model is an xl vif key gntdma does not use (ignored)" in out
 
 
 @pytest.mark.parametrize("args", [

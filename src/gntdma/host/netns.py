@@ -165,9 +165,16 @@ class Netns:
         return subprocess.Popen(self.argv(cmd), stdin=stdin, stdout=stdout, stderr=stderr)
 
     def add_link(self, ifname: str, address: str | None = None, *, mtu: int | None = None,
-                 mac: str | None = None) -> None:
-        """Move ``ifname`` (in the run's namespace) here, give it an address, bring it up."""
+                 mac: str | None = None, rename: str | None = None) -> str:
+        """Move ``ifname`` (in the run's namespace) here, give it an address, bring it up.
+
+        ``rename``: its name here (a name the run's namespace may already use).
+        Returns the link's name in this namespace.
+        """
         ip("link", "set", ifname, "netns", self.name)
+        if rename is not None and rename != ifname:
+            self.ip("link", "set", ifname, "name", rename)
+            ifname = rename
         if mtu is not None:
             self.ip("link", "set", ifname, "mtu", str(mtu))
         if mac is not None:
@@ -175,6 +182,7 @@ class Netns:
         if address is not None:
             self.ip("addr", "add", address, "dev", ifname)
         self.ip("link", "set", ifname, "up")
+        return ifname
 
     def close(self) -> None:
         """Delete the namespace (its holder does, then exits)."""

@@ -12,7 +12,7 @@ nothing behind.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from gntdma.host.image import DiskImage
@@ -26,14 +26,18 @@ __all__ = ["create_guest_from_config", "destroy_guest"]
 
 def create_guest_from_config(host: Host, cfg: GuestConfig, image_dir: str | Path | None = None,
                              *, timeout: float = VBD_CONNECT_TIMEOUT,
-                             images: Sequence[DiskImage] | None = None
+                             images: Sequence[DiskImage] | None = None,
+                             before_disks: Callable[[Guest], None] | None = None
                              ) -> tuple[Guest, list[Vbd]]:
     """Create the guest ``cfg`` describes with its disks attached and connected.
 
     Relative disk targets are taken from ``image_dir`` (default: the config
     file's folder). ``images``, one per disk, are images the caller opened
-    (``gntdma run`` opens them all before it builds the host). Returns the
-    guest and its disks in config order.
+    (``gntdma run`` opens them all before it builds the host).
+    ``before_disks(guest)`` runs once the domain exists, before the disks
+    attach (``gntdma run`` attaches the vifs there: blkfront sizes its requests
+    by the grant references left once the vifs hold theirs). Returns the guest
+    and its disks in config order.
     """
     base = Path(image_dir) if image_dir is not None else cfg.base_dir
     guest = host.create_guest(cfg.name, memory_mb=cfg.memory,
@@ -41,6 +45,8 @@ def create_guest_from_config(host: Host, cfg: GuestConfig, image_dir: str | Path
                               max_maptrack_frames=cfg.max_maptrack_frames)
     vbds: list[Vbd] = []
     try:
+        if before_disks is not None:
+            before_disks(guest)
         for i, spec in enumerate(cfg.disks):
             # The disks share the grant table: each takes its share of what is left.
             vbds.append(attach_disk(host, guest, spec, image_dir=base, timeout=timeout,

@@ -91,10 +91,13 @@ class NetWiring:
             raise NetnsError("more than 256 bridges")
         br = Bridge(name)
         ns = Netns()
+        tap: Tap | None = None
         try:
             tap = Tap(unique_name("t"))
             ns.add_link(tap.name, f"{NET_PREFIX}.{index}.1/24")
         except BaseException:
+            if tap is not None:
+                tap.close()
             ns.close()
             raise
         port = TapPort(br, tap, self.reactor, self.dom0_kernel)
@@ -102,19 +105,24 @@ class NetWiring:
         self.bridges[name] = wb
         return wb
 
-    def wire(self, vif: Vif, bridge: WiredBridge) -> WiredVif:
-        """A namespace for ``vif``'s guest, its TAP joined to netfront."""
+    def wire(self, vif: Vif, bridge: WiredBridge, *, netns: str | None = None,
+             tapname: str | None = None) -> WiredVif:
+        """A namespace for ``vif``'s guest (``netns``: its name), its TAP joined to netfront."""
         n = GUEST_HOST_BASE + bridge.guests
         if n > 254:
             raise NetnsError(f"bridge {bridge.bridge.name}: more than "
                              f"{254 - GUEST_HOST_BASE} guests")
         bridge.guests += 1
         addr = f"{NET_PREFIX}.{bridge.index}.{n}"
-        ns = Netns()
+        ns = Netns(netns)
+        tap: Tap | None = None
         try:
             tap = Tap(unique_name("t"))
-            ns.add_link(tap.name, f"{addr}/24", mac=vif.mac, mtu=vif.netfront.if_mtu)
+            tap.name = ns.add_link(tap.name, f"{addr}/24", mac=vif.mac,
+                                   mtu=vif.netfront.if_mtu, rename=tapname)
         except BaseException:
+            if tap is not None:
+                tap.close()
             ns.close()
             raise
         nic = GuestTap(vif.netfront, tap, self.reactor)

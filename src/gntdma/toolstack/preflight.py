@@ -29,12 +29,15 @@ from pathlib import Path
 from typing import Final
 
 from gntdma.errors import ConfigError
+from gntdma.host.netns import net_unavailable
 from gntdma.toolstack.xlcfg import DiskSpec, GuestConfig, XlConfigError, load_config
+from gntdma.toolstack.xlvif import VifSpec, vif_clash
 
 __all__ = [
     "DOM0_MEMORY_MB",
     "MAX_THREADS",
     "MIN_MEMORY_MB",
+    "VIF_STANDING_REFS",
     "DiskPlan",
     "GuestPlan",
     "RunPlan",
@@ -59,6 +62,18 @@ DOM0_MAPTRACK_HANDLES: Final = 1024 * 256
 #: Grant references a frame holds (v1: 512 entries of 8 bytes).
 REFS_PER_FRAME: Final = 512
 _SECTOR: Final = 512
+#: Grant entries Xen keeps for itself in every table (GNTTAB_NR_RESERVED_ENTRIES).
+RESERVED_REFS: Final = 8
+#: netfront's queues (XN_DEFAULT_QUEUES) and its rx ring's slots (NET_RX_RING_SIZE).
+VIF_QUEUES: Final = 2
+NET_RX_RING_SIZE: Final = 256
+#: References a vif holds for as long as it is connected: per queue, the tx and
+#: rx ring pages and the rx pool of NET_RX_RING_SIZE + 1 prealloc maps.
+VIF_STANDING_REFS: Final = VIF_QUEUES * (2 + NET_RX_RING_SIZE + 1)
+#: A vif's least transient need: one packet of MAX_TX_REQ_FRAGS slots per queue.
+VIF_TX_REFS: Final = VIF_QUEUES * (65536 // 4096 + 2)
+#: A disk's least need: its ring page and one direct request of 11 segments.
+DISK_MIN_REFS: Final = 1 + 11
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +100,8 @@ class GuestPlan:
 class RunPlan:
     guests: list[GuestPlan]
     notes: list[str] = field(default_factory=list)
+    #: Why the default guest runs without its NIC (no root, no /dev/net/tun), or None.
+    net_unavailable: str | None = None
 
 
 def _phys_memory_mb() -> int:
@@ -210,6 +227,7 @@ def plan_run(configs: Sequence[Path], *, overwrite: bool = False,
     phys = _phys_memory_mb()
     total_memory = DOM0_MEMORY_MB + SELFTEST_MEMORY_MB
     total_refs = 0
+    all_vifs: list[VifSpec] = []
     for cfg, base, is_default in cfgs:
         plan.notes.extend(cfg.notes)
         if cfg.name == DOM0_NAME:
@@ -240,7 +258,18 @@ def plan_run(configs: Sequence[Path], *, overwrite: bool = False,
                                     f"the same file as the disk on {other}")
             files[key] = _where(cfg, spec)
             disks.append(d)
+        _check_grant_budget(cfg)
+        for v in cfg.vifs:
+            clash = vif_clash(v, all_vifs)
+            if clash is not None:
+                raise XlConfigError(cfg.source, v.line, f"vif {v.text!r}: {clash} (in "
+                                    "another config)")
+            all_vifs.append(v)
+            if v.netns is not None and os.path.exists(f"/run/netns/{v.netns}"):
+                raise XlConfigError(cfg.source, v.line, f"vif {v.text!r}: network "
+                                    f"namespace {v.netns} exists already")
         plan.guests.append(GuestPlan(cfg, tuple(disks), is_default))
+    _check_net(plan)
     if total_memory > phys:
         raise ConfigError(f"the guests need {total_memory} MiB with dom0's, more than this "
                           f"machine has ({phys} MiB)")
@@ -248,3 +277,40 @@ def plan_run(configs: Sequence[Path], *, overwrite: bool = False,
         raise ConfigError(f"the guests may grant {total_refs} references together, more "
                           f"than dom0's maptrack can map ({DOM0_MAPTRACK_HANDLES} handles)")
     return plan
+
+
+def _check_grant_budget(cfg: GuestConfig) -> None:
+    """A table too small for what the vifs hold for life (and the disks' least) is refused."""
+    if not cfg.vifs:
+        return
+    capacity = cfg.max_grant_frames * REFS_PER_FRAME - RESERVED_REFS
+    vifs = len(cfg.vifs) * (VIF_STANDING_REFS + VIF_TX_REFS)
+    disks = len(cfg.disks) * DISK_MIN_REFS
+    if vifs + disks > capacity:
+        need = -(-(vifs + disks + RESERVED_REFS) // REFS_PER_FRAME)
+        raise XlConfigError(
+            cfg.source, cfg.line_of("max_grant_frames") or cfg.vifs[0].line,
+            f"max_grant_frames = {cfg.max_grant_frames} gives {capacity} grant references; "
+            f"{len(cfg.vifs)} vif{'s' if len(cfg.vifs) != 1 else ''} hold "
+            f"{len(cfg.vifs) * VIF_STANDING_REFS} for life ({VIF_QUEUES} queues of 2 ring "
+            f"pages and {NET_RX_RING_SIZE + 1} rx buffers) and need "
+            f"{len(cfg.vifs) * VIF_TX_REFS} to send, and {len(cfg.disks)} disk"
+            f"{'s' if len(cfg.disks) != 1 else ''} need at least {disks}: "
+            f"max_grant_frames = {need} at least")
+
+
+def _check_net(plan: RunPlan) -> None:
+    """Without root or /dev/net/tun a config's NIC is refused; the default goes without."""
+    with_vifs = [gp for gp in plan.guests if gp.config.vifs]
+    if not with_vifs:
+        return
+    why = net_unavailable()
+    if why is None:
+        return
+    for gp in with_vifs:
+        if not gp.is_default:
+            cfg = gp.config
+            raise XlConfigError(cfg.source, cfg.vifs[0].line, f"vif: cannot give "
+                                f"{cfg.name} a NIC here: {why}")
+    plan.net_unavailable = why
+    plan.notes.append(f"note: the default guest runs without its NIC: {why}")
