@@ -6,6 +6,13 @@ unmapped (``BIO_UNMAPPED``: ``bio_ma`` is a list of pfns, the data starting
 FreeBSD's unmapped I/O. ``biodone`` marks it done and calls ``bio_done`` (or
 wakes ``biowait``).
 
+``biowait`` and ``biodone`` without a ``bio_done`` keep ``BIO_DONE`` under the
+bio's done lock, a mutex of a pool found from the bio's address, as FreeBSD's
+``sys/kern/vfs_bio.c`` does (``mtx_pool_find(mtxpool_sleep, bp)``; ``biowait``
+sleeps with ``msleep(bp, mtxp, PRIBIO, wchan, 0)``), so the wakeup of a bio
+completed between the check and the sleep is never lost. The pool belongs to
+the scheduler the kernel runs on.
+
 A :class:`uio` lists :class:`iovec` buffers; only ``UIO_SYSSPACE`` (kernel
 addresses) exists in this kernel. ``uiomove`` copies between a kernel buffer
 and the iovecs and advances them.
@@ -13,11 +20,23 @@ and the iovecs and advances them.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
-from gntdma.sched import KernelPanic, tsleep, wakeup
+from gntdma.sched import (
+    MTX_DEF,
+    KernelPanic,
+    Mutex,
+    Scheduler,
+    current_scheduler,
+    msleep,
+    mtx_init,
+    mtx_lock,
+    mtx_unlock,
+    wakeup,
+)
 
 if TYPE_CHECKING:
     from gntdma.sys._kernel import Kernel
@@ -88,17 +107,43 @@ class bio:
     bio_driver2: object = None
 
 
+#: Mutexes in the pool of bio done locks (FreeBSD's MTX_POOL_SLEEP_SIZE is 1024).
+_POOL_SIZE: Final = 64
+_POOL_SHIFT: Final = 64 - 6
+_HASH_MULTIPLIER: Final = 11400714819323198485  # 2**64 * (sqrt(5) - 1) / 2
+_MASK64: Final = (1 << 64) - 1
+
+_pools: weakref.WeakKeyDictionary[Scheduler, list[Mutex]] = weakref.WeakKeyDictionary()
+
+
+def bio_done_lock(bp: bio) -> Mutex:
+    """The done lock of ``bp`` (``mtx_pool_find(mtxpool_sleep, bp)``)."""
+    s = current_scheduler()
+    pool = _pools.get(s)
+    if pool is None:
+        # kern_mtxpool.c, mtx_pool_setup_dynamic: MTX_DEF mutexes named "sleep mtxpool",
+        # leaf locks (nothing else is taken while one is held).
+        pool = [mtx_init("sleep mtxpool", MTX_DEF) for _ in range(_POOL_SIZE)]
+        _pools[s] = pool
+    # mtx_pool_find: a Fibonacci hash of the address.
+    return pool[((id(bp) * _HASH_MULTIPLIER) & _MASK64) >> _POOL_SHIFT]
+
+
 def biodone(bp: bio) -> None:
-    """Mark ``bp`` done; call its ``bio_done`` or wake ``biowait``."""
+    """Mark ``bp`` done; call its ``bio_done`` or wake ``biowait`` (under its done lock)."""
     if bp.bio_flags & BIO_DONE:
         raise KernelPanic(f"biodone: bio {id(bp):#x} already done")
-    bp.bio_flags |= BIO_DONE
     if bp.bio_error != 0:
         bp.bio_flags |= BIO_ERROR
     if bp.bio_done is not None:
+        bp.bio_flags |= BIO_DONE
         bp.bio_done(bp)
     else:
+        m = bio_done_lock(bp)
+        mtx_lock(m)
+        bp.bio_flags |= BIO_DONE
         wakeup(bp)
+        mtx_unlock(m)
 
 
 def biofinish(bp: bio, error: int) -> None:
@@ -110,9 +155,12 @@ def biofinish(bp: bio, error: int) -> None:
 
 
 def biowait(bp: bio, wmesg: str = "biowait") -> int:
-    """Sleep until ``bp`` is done; its error. Sleeps."""
+    """Sleep until ``bp`` is done; its error. Sleeps, with the bio's done lock as interlock."""
+    m = bio_done_lock(bp)
+    mtx_lock(m)
     while not bp.bio_flags & BIO_DONE:
-        tsleep(bp, wmesg)
+        msleep(bp, m, wmesg)
+    mtx_unlock(m)
     return bp.bio_error if bp.bio_flags & BIO_ERROR else 0
 
 

@@ -10,6 +10,15 @@ may. The softclock thread takes the callout's lock (``callout_init_mtx``, or
 rescheduled meanwhile (a generation number), clears ``CALLOUT_PENDING`` and runs
 the handler, then drops the lock (unless ``CALLOUT_RETURNUNLOCKED``).
 
+As in FreeBSD (``sys/kern/kern_timeout.c``), the queue, the pending set and
+each callout's pending and running state are protected by the softclock's
+``cc_lock``, a spin mutex (``MTX_SPIN``): the hub takes it to queue a fired
+callout (it is never found held, a spin holder is never preempted), the
+softclock thread sleeps idle on it with ``msleep_spin`` (``PIDLE``: the
+hung-task watchdog does not count it), and ``callout_drain`` sleeps on it
+as ``_callout_stop_safe`` does ("codrain"), so no wakeup can be lost. The
+callout's own lock is a sleep mutex, so it is taken with ``cc_lock`` dropped.
+
 So, as in FreeBSD, ``callout_stop`` called with the callout's lock held
 guarantees the handler will not run. Without a lock (mpsafe), a handler already
 taken by the softclock thread may still run; ``callout_drain`` waits for it.
@@ -26,13 +35,16 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, final
 
 from gntdma.sched import (
+    MTX_SPIN,
+    PIDLE,
     KernelPanic,
     Mutex,
     current_scheduler,
+    msleep_spin,
+    mtx_init,
     mtx_lock,
     mtx_owned,
     mtx_unlock,
-    tsleep,
     wakeup,
 )
 
@@ -93,6 +105,8 @@ class Softclock:
         self._due: deque[tuple[callout, int]] = deque()
         self._pending: set[callout] = set()
         self._exit = False
+        #: FreeBSD's cc_lock ("callout", MTX_SPIN).
+        self.cc_lock = mtx_init("callout", MTX_SPIN)
         self.thread = current_scheduler().spawn(
             self._loop, name=f"{kern.name}/softclock", daemon=True, domain=kern
         )
@@ -102,23 +116,33 @@ class Softclock:
 
     def _fire(self, c: callout, gen: int) -> None:
         """In the hub: hand the callout to the softclock thread."""
+        mtx_lock(self.cc_lock)
         self._due.append((c, gen))
         wakeup(self)
+        mtx_unlock(self.cc_lock)
 
     def _loop(self) -> None:
+        cc = self.cc_lock
+        mtx_lock(cc)
         while True:
             while not self._due:
                 if self._exit:
+                    mtx_unlock(cc)
                     return
-                tsleep(self, "softclock")
+                msleep_spin(self, cc, "softclock", 0.0, PIDLE)
             c, gen = self._due.popleft()
             if c._gen != gen or not c.c_flags & CALLOUT_PENDING:
                 continue
             lock = c.c_lock
             if lock is not None:
+                # A sleep mutex is never taken inside the spin section.
+                mtx_unlock(cc)
                 mtx_lock(lock)
+                mtx_lock(cc)
                 if c._gen != gen or not c.c_flags & CALLOUT_PENDING:
+                    mtx_unlock(cc)
                     mtx_unlock(lock)
+                    mtx_lock(cc)
                     continue
             c.c_flags &= ~CALLOUT_PENDING
             c._cancel = None
@@ -126,19 +150,29 @@ class Softclock:
             fn, arg = c.c_func, c.c_arg
             assert fn is not None
             c._running = True
+            mtx_unlock(cc)
             try:
                 fn(arg)
-            finally:
+            except BaseException as exc:
                 c._running = False
-                if lock is not None and not c.c_flags & CALLOUT_RETURNUNLOCKED:
-                    mtx_unlock(lock)
-                wakeup(c)
+                if isinstance(exc, Exception):  # a panic, not a kill (GreenletExit)
+                    if lock is not None and mtx_owned(lock):
+                        mtx_unlock(lock)
+                    wakeup(c)
+                raise
+            if lock is not None and not c.c_flags & CALLOUT_RETURNUNLOCKED:
+                mtx_unlock(lock)
+            mtx_lock(cc)
+            c._running = False
+            wakeup(c)
 
     def shutdown(self) -> None:
+        mtx_lock(self.cc_lock)
         for c in list(self._pending):
             _stop(c)
         self._exit = True
         wakeup(self)
+        mtx_unlock(self.cc_lock)
 
 
 def callout_init(c: callout, mpsafe: int) -> None:
@@ -176,15 +210,17 @@ def callout_reset(c: callout, seconds: float, fn: Callable[[object], None],
                   arg: object) -> int:
     """Run ``fn(arg)`` in ``seconds``; returns 1 if a pending run was cancelled, else 0."""
     _assert_locked(c, "callout_reset")
+    sc = c._kern.softclock
+    mtx_lock(sc.cc_lock)
     cancelled = 1 if _stop(c) else 0
     c.c_func = fn
     c.c_arg = arg
     c.c_flags |= CALLOUT_ACTIVE | CALLOUT_PENDING
     c._gen += 1
     gen = c._gen
-    sc = c._kern.softclock
     sc._pending.add(c)
     c._cancel = current_scheduler().call_later(max(0.0, seconds), lambda: sc._fire(c, gen))
+    mtx_unlock(sc.cc_lock)
     return cancelled
 
 
@@ -198,21 +234,30 @@ def callout_schedule(c: callout, seconds: float) -> int:
 def callout_stop(c: callout) -> int:
     """Stop ``c``: 1 stopped while pending, 0 running (not stopped), -1 neither."""
     _assert_locked(c, "callout_stop")
+    cc = c._kern.softclock.cc_lock
+    mtx_lock(cc)
     c.c_flags &= ~CALLOUT_ACTIVE
-    if _stop(c):
-        return 1
-    return 0 if c._running else -1
+    rv = 1 if _stop(c) else (0 if c._running else -1)
+    mtx_unlock(cc)
+    return rv
 
 
 def callout_drain(c: callout) -> int:
-    """Stop ``c`` and wait for a running handler to finish. Sleeps; call without c's lock."""
+    """Stop ``c`` and wait for a running handler to finish. Sleeps; call without c's lock.
+
+    The wait is ``_callout_stop_safe``'s: on the callout, with ``cc_lock`` as
+    interlock ("codrain").
+    """
     if c.c_lock is not None and mtx_owned(c.c_lock):
         raise KernelPanic(f"callout_drain with callout lock {c.c_lock.name} held")
+    cc = c._kern.softclock.cc_lock
+    mtx_lock(cc)
     c.c_flags &= ~CALLOUT_ACTIVE
     stopped = _stop(c)
     was_running = c._running
     while c._running:
-        tsleep(c, "codrain")
+        msleep_spin(c, cc, "codrain")
+    mtx_unlock(cc)
     return 1 if stopped else (0 if was_running else -1)
 
 

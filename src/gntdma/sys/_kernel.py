@@ -24,7 +24,8 @@ checked by DMA-API debugging; ``phys_read``/``phys_write`` are physical
 accesses (a device doing DMA, the direct map) and are not.
 
 Rules: no scheduling point inside these functions except the ``M_WAITOK``
-sleep and the ``wakeup`` that ends a free, so each call is atomic.
+sleep and the wakeup that ends a free (both under ``vm_domainset_lock``, see
+``_vmwait``), so each call is atomic.
 """
 
 from __future__ import annotations
@@ -39,8 +40,6 @@ from gntdma.sched import (
     Scheduler,
     current_scheduler,
     random_u64,
-    tsleep,
-    wakeup,
 )
 from gntdma.sys._callout import Softclock
 from gntdma.sys._dmadebug import BusDmaCounters, DmaDebug
@@ -57,6 +56,7 @@ from gntdma.sys._param import KVA_BASE, PAGE_MASK, PAGE_SHIFT, PAGE_SIZE
 from gntdma.sys._taskqueue import TaskQueue
 from gntdma.sys._uma import SlabAllocator
 from gntdma.sys._vm import PhysMem, VmPhys
+from gntdma.sys._vmwait import VmWait
 
 __all__ = ["BUS_SPACE_MAXADDR_ANY", "Kernel", "KernelStatistics"]
 
@@ -113,8 +113,7 @@ class Kernel:
         self._slab = SlabAllocator(self)
         self._types: dict[MallocType, TypeCounters] = {}
         self._inject: dict[MallocType | None, int] = {}
-        self._vm_wait = object()
-        self._vm_waiters = 0
+        self._vmwait = VmWait()
         #: FreeBSD's Giant, for callouts initialised with mpsafe=0.
         self.Giant = Mutex("Giant")
         self.dma_debug = DmaDebug(name)
@@ -140,6 +139,7 @@ class Kernel:
         ``M_WAITOK`` sleeps until a page is freed; ``M_ZERO`` zeroes it.
         """
         while True:
+            frees = self._vmwait.frees
             pfn = self.vm.alloc(low, None if high >= BUS_SPACE_MAXADDR_ANY else high)
             if pfn is not None:
                 if flags & M_ZERO:
@@ -147,20 +147,22 @@ class Kernel:
                 return pfn
             if not flags & M_WAITOK:
                 return None
-            self._vm_wait_sleep()
+            self._vmwait.sleep(frees)
 
     def vm_page_free(self, pfn: int) -> None:
         self.vm.free(pfn)
-        if self._vm_waiters > 0:
-            wakeup(self._vm_wait)
+        self._vm_freed()
 
     def vm_page_wire(self, pfn: int) -> None:
         self.vm.wire(pfn)  # freed or not, the page is not reused until unwired
 
     def vm_page_unwire(self, pfn: int) -> None:
         self.vm.unwire(pfn)  # a page freed while wired becomes free now
-        if self._vm_waiters > 0 and self.vm.is_free(pfn):
-            wakeup(self._vm_wait)
+        if self.vm.is_free(pfn):
+            self._vm_freed()
+
+    def _vm_freed(self) -> None:
+        self._vmwait.freed()
 
     def vm_page_alloc_contig(self, npages: int, flags: int, low: int, high: int,
                              alignment: int, boundary: int) -> int | None:
@@ -170,13 +172,6 @@ class Kernel:
             for p in range(pfn, pfn + npages):
                 self.physmem.page(p)[:] = _ZEROS
         return pfn
-
-    def _vm_wait_sleep(self) -> None:
-        self._vm_waiters += 1
-        try:
-            tsleep(self._vm_wait, "vmwait")
-        finally:
-            self._vm_waiters -= 1
 
     # -- kernel virtual memory and the pmap ----------------------------------------------
 
@@ -378,6 +373,7 @@ class Kernel:
             c.failures += 1
             return 0
         while True:
+            frees = self._vmwait.frees
             if size <= PAGE_SIZE:
                 bucket = max(16, 1 << max(0, size - 1).bit_length())
                 va = self._slab.alloc(bucket)
@@ -393,7 +389,7 @@ class Kernel:
             if flags & M_NOWAIT:
                 c.failures += 1
                 return 0
-            self._vm_wait_sleep()
+            self._vmwait.sleep(frees)
         self._account(va, alloc_size, mtype, kind)
         if flags & M_ZERO:
             self._fill(va, alloc_size, _ZEROS)
@@ -417,8 +413,7 @@ class Kernel:
             self._slab.free(va)
         else:
             self._pages_free(va, size >> PAGE_SHIFT)
-        if self._vm_waiters > 0:
-            wakeup(self._vm_wait)
+        self._vm_freed()
 
     def malloc_usable_size(self, va: int) -> int:
         rec = self._allocs.get(va)
@@ -458,8 +453,7 @@ class Kernel:
         self._unaccount(va, rec[0], mtype)
         self._fill(va, rec[0], _JUNK)
         self._pages_free(va, npages)
-        if self._vm_waiters > 0:
-            wakeup(self._vm_wait)
+        self._vm_freed()
 
     def kmem_alloc_attr(self, size: int, flags: int, low: int, high: int) -> int:
         """Page-backed memory whose pages (scattered) all lie in ``[low, high]``; va or 0."""

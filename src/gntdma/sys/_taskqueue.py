@@ -11,11 +11,21 @@ A task already pending is not queued twice: its ``ta_pending`` counts the
 enqueues, and the function gets that count (``fn(arg, pending)``), as in
 FreeBSD. A running task may be enqueued again; it then runs again later.
 
-Rules: the queue's state changes only between scheduling points (no lock is
-needed: a kernel thread runs atomically until its next scheduling point), so
-``taskqueue_enqueue`` may be called from any kernel thread, thread0, or the
-scheduler hub (a timer callback). Its only scheduling point is the final
-``wakeup``, and only under a preemptive strategy.
+Rules, as FreeBSD's ``sys/kern/subr_taskqueue.c``: the queue, the pending
+counts and the running task are protected by the queue's ``tq_mutex`` (an
+``MTX_DEF`` mutex of class "taskqueue"). The thread checks for work and sleeps
+with it as interlock (``TQ_SLEEP(tq, tq, &tq->tq_mutex, 0, "-", 0)`` in
+``taskqueue_thread_loop``), idle (``PIDLE``: the hung-task watchdog does not
+count a service thread waiting for work); ``taskqueue_drain`` sleeps on the
+task with the same interlock, so neither can lose the wakeup that
+``taskqueue_enqueue`` or the end of a task sends, whatever the schedule.
+
+No scheduling point comes while ``tq_mutex`` is held (the wakeups are sent
+just after it is dropped), so ``taskqueue_enqueue`` may be called from any
+kernel thread, thread0, or the scheduler hub (a timer callback): the hub
+never finds the mutex held. ``taskqueue_enqueue`` takes a sleep mutex, so it
+may not be called inside a spin mutex's critical section (FreeBSD's
+``taskqueue_create_fast`` queues are for that; none exists here).
 """
 
 from __future__ import annotations
@@ -25,7 +35,17 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, final
 
-from gntdma.sched import KernelPanic, current_scheduler, tsleep, wakeup
+from gntdma.sched import (
+    MTX_DEF,
+    PIDLE,
+    KernelPanic,
+    current_scheduler,
+    msleep,
+    mtx_init,
+    mtx_lock,
+    mtx_unlock,
+    wakeup,
+)
 
 if TYPE_CHECKING:
     from gntdma.sys._kernel import Kernel
@@ -73,6 +93,8 @@ class TaskQueue:
         self._running: Task | None = None
         self._exit = False
         self.tasks_run = 0
+        #: FreeBSD's tq_mutex (``_taskqueue_create``: MTX_DEF, named "taskqueue").
+        self.tq_mutex = mtx_init("taskqueue", MTX_DEF)
         prefix = f"{kern.name}/" if kern is not None else ""
         self.thread = current_scheduler().spawn(
             self._loop, name=f"{prefix}{name}", daemon=True, domain=kern
@@ -86,21 +108,36 @@ class TaskQueue:
         return len(self._queue) + (1 if self._running is not None else 0)
 
     def _loop(self) -> None:
+        """taskqueue_thread_loop: run the tasks, sleep idle with tq_mutex as interlock."""
+        m = self.tq_mutex
+        mtx_lock(m)
         while True:
             while not self._queue:
                 if self._exit:
+                    mtx_unlock(m)
                     return
-                tsleep(self, "-")
+                msleep(self, m, "-", 0.0, PIDLE)
             task = self._queue.popleft()
             pending = task.ta_pending
             task.ta_pending = 0
             self._running = task
+            mtx_unlock(m)
             try:
                 task.ta_func(task.ta_context, pending)
-            finally:
+            except BaseException as exc:
+                # The thread dies with the task (a panic crashes the domain; a
+                # kill at shutdown): no lock, and no scheduling point for a kill.
                 self._running = None
                 self.tasks_run += 1
-                wakeup(task)
+                if isinstance(exc, Exception):  # not a kill (GreenletExit)
+                    wakeup(task)
+                raise
+            mtx_lock(m)
+            self._running = None
+            self.tasks_run += 1
+            mtx_unlock(m)
+            wakeup(task)
+            mtx_lock(m)
 
     def enqueue(self, task: Task) -> int:
         return taskqueue_enqueue(self, task)
@@ -111,23 +148,34 @@ class TaskQueue:
 
     def free(self) -> None:
         """Let the thread finish what is queued and exit (``taskqueue_free``)."""
+        mtx_lock(self.tq_mutex)
         self._exit = True
+        mtx_unlock(self.tq_mutex)
         wakeup(self)
 
 
 def taskqueue_enqueue(tq: TaskQueue, task: Task) -> int:
-    """Queue ``task``; a task already pending only counts the enqueue. Returns 0."""
+    """Queue ``task``; a task already pending only counts the enqueue. Returns 0.
+
+    Takes ``tq_mutex``; the wakeup of the thread is sent once it is dropped.
+    """
+    m = tq.tq_mutex
+    mtx_lock(m)
     if task.ta_pending > 0:
         if task._queue is not tq:
+            mtx_unlock(m)
             raise KernelPanic(f"taskqueue_enqueue: {task!r} pending on another queue")
         if task.ta_pending < _PENDING_MAX:
             task.ta_pending += 1
+        mtx_unlock(m)
         return 0
     if tq._exit:
+        mtx_unlock(m)
         raise KernelPanic(f"taskqueue_enqueue on freed queue {tq.name}")
     task.ta_pending = 1
     task._queue = tq
     tq._queue.append(task)
+    mtx_unlock(m)
     wakeup(tq)
     return 0
 
@@ -138,26 +186,38 @@ def taskqueue_cancel(tq: TaskQueue, task: Task) -> tuple[int, int]:
     ``EBUSY`` if the task is running now (it may also have been dequeued).
     """
     pending = 0
+    mtx_lock(tq.tq_mutex)
     if task.ta_pending > 0 and task._queue is tq:
         pending = task.ta_pending
         tq._queue.remove(task)
         task.ta_pending = 0
-        wakeup(task)
     error = errno.EBUSY if tq._running is task else 0
+    mtx_unlock(tq.tq_mutex)
+    if pending > 0:
+        wakeup(task)
     return error, pending
 
 
 def taskqueue_drain(tq: TaskQueue, task: Task) -> None:
-    """Wait until ``task`` is neither pending nor running. Sleeps."""
+    """Wait until ``task`` is neither pending nor running. Sleeps.
+
+    As FreeBSD's ``taskqueue_drain``: ``msleep(task, &tq->tq_mutex, PWAIT, "-", 0)``.
+    """
+    m = tq.tq_mutex
+    mtx_lock(m)
     while (task.ta_pending > 0 and task._queue is tq) or tq._running is task:
-        tsleep(task, "tq_drain")
+        msleep(task, m, "tq_drain")
+    mtx_unlock(m)
 
 
 def taskqueue_drain_all(tq: TaskQueue) -> None:
     """Wait until every task queued now (and any it queues) has run. Sleeps."""
-    while tq._queue or tq._running is not None:
+    while True:
+        mtx_lock(tq.tq_mutex)
         last = tq._queue[-1] if tq._queue else tq._running
-        assert last is not None
+        mtx_unlock(tq.tq_mutex)
+        if last is None:
+            return
         taskqueue_drain(tq, last)
 
 
