@@ -8,6 +8,13 @@ Rules (``xen/common/event_channel.c``, ``event_2l.c``):
 - A bound handler runs on an interrupt thread of the target domain (like a
   FreeBSD ithread); the thread clears the pending bit *before* calling the
   handler, so an event raised during the handler runs it again.
+
+The interrupt thread checks for a pending event and goes idle under its spin
+mutex, as FreeBSD's ``ithread_loop`` (``sys/kern/kern_intr.c``) checks
+``it_need`` and sets ``TD_SET_IWAIT`` under ``thread_lock``, and a delivery
+(``intr_event_schedule_thread``) wakes it under the same lock: the check and
+the sleep are one step for the delivery, so no event is lost, whatever the
+schedule. The idle wait is ``PIDLE`` (the hung-task watchdog does not count it).
 """
 
 from __future__ import annotations
@@ -17,7 +24,18 @@ from dataclasses import dataclass
 from typing import final
 
 from gntdma.abi.event_channel import EVTCHNSTAT_closed
-from gntdma.sched import KThread, Scheduler, current_scheduler, tsleep, wakeup
+from gntdma.sched import (
+    MTX_SPIN,
+    PIDLE,
+    KThread,
+    Scheduler,
+    current_scheduler,
+    msleep_spin,
+    mtx_init,
+    mtx_lock,
+    mtx_unlock,
+    wakeup,
+)
 
 __all__ = ["EventPort", "PortHandler"]
 
@@ -33,26 +51,37 @@ class PortHandler:
         self.name = name
         self.running = True
         self.runs = 0
+        #: The interrupt thread's lock (FreeBSD's thread_lock of the ithread).
+        self.lock = mtx_init("intr", MTX_SPIN)
         self.sched: Scheduler = current_scheduler()
         self.thread: KThread = self.sched.spawn(self._loop, name=name, daemon=True,
                                                 domain=domain)
 
     def _loop(self) -> None:
         p = self.port
+        m = self.lock
+        mtx_lock(m)
         while self.running:
             if p.pending and not p.masked:
                 p.pending = False  # clear before handling
                 self.runs += 1
+                mtx_unlock(m)
                 self.fn(p.port)
+                mtx_lock(m)
                 continue
-            tsleep(self, "intr")
+            msleep_spin(self, m, "intr", 0.0, PIDLE)
+        mtx_unlock(m)
 
     def kick(self) -> None:
+        mtx_lock(self.lock)
         wakeup(self)
+        mtx_unlock(self.lock)
 
     def stop(self) -> None:
+        mtx_lock(self.lock)
         self.running = False
         wakeup(self)
+        mtx_unlock(self.lock)
 
 
 @dataclass(slots=True)
