@@ -46,7 +46,16 @@ from dataclasses import dataclass
 from enum import Enum, IntEnum
 from typing import TYPE_CHECKING, ClassVar, Final, TypeVar, final
 
-from gntdma.sched import KThread, current_scheduler, tsleep, wakeup
+from gntdma.sched import (
+    PIDLE,
+    KThread,
+    current_scheduler,
+    msleep,
+    mtx_init,
+    mtx_lock,
+    mtx_unlock,
+    wakeup,
+)
 from gntdma.xen.xenstore import (
     XST_NIL,
     XenStore,
@@ -231,16 +240,21 @@ def xenbus_wait_state(xs: XenStore, path: str, states: Collection[XenbusState],
                       timeout: float) -> tuple[int, XenbusState]:
     """Sleep until ``path/state`` is one of ``states``: (0 or ETIMEDOUT, last state seen).
 
-    ``timeout`` is in seconds (0: no limit). Always a scheduling point.
+    ``timeout`` is in seconds (0: no limit). Always a scheduling point. The
+    watch's count of events is kept under a mutex that is the sleep's
+    interlock, so an event between the read and the sleep wakes it.
     """
     sched = current_scheduler()
     deadline = sched.now() + timeout if timeout > 0 else None
     chan = object()
     events = [0]
+    lock = mtx_init("xbwait")
 
     def changed(_path: str, _token: str) -> None:
+        mtx_lock(lock)
         events[0] += 1
         wakeup(chan)
+        mtx_unlock(lock)
 
     watch = XsWatch(xs_join(path, XENBUS_KEY_STATE), changed)
     error = xs.xs_register_watch(watch)
@@ -258,8 +272,10 @@ def xenbus_wait_state(xs: XenStore, path: str, states: Collection[XenbusState],
                 left = deadline - sched.now()
                 if left <= 0:
                     return errno.ETIMEDOUT, state
+            mtx_lock(lock)
             if events[0] == seen:  # nothing changed while we read
-                tsleep(chan, "xbwait", left)
+                msleep(chan, lock, "xbwait", left)
+            mtx_unlock(lock)
     finally:
         xs.xs_unregister_watch(watch)
 
@@ -377,6 +393,10 @@ class XenbusDriver:
     :meth:`_xenbus_detach` and ends (:attr:`done`). :attr:`state` is our end's
     state as last read or written; :attr:`otherend_state` the other end's, as
     last read; :attr:`error` the driver's fatal error ("" if none).
+
+    Events, :attr:`state` and :attr:`done` change under the ``xenbus_dev``
+    mutex, the interlock of every sleep on them (the thread's idle ``PIDLE``
+    sleep, :meth:`wait_state`, :meth:`wait_done`): no wakeup is lost.
     """
 
     #: Prefix of the sleep messages (``<p>xb`` thread, ``<p>wst``, ``<p>wdone``).
@@ -394,6 +414,8 @@ class XenbusDriver:
         self.done = False
         self._events = 0
         self._stopping = False
+        #: Protects _events, state and done; the interlock of the sleeps on them.
+        self._lock = mtx_init("xenbus_dev")
         self._chan = object()  # the thread's sleep
         self._state_chan = object()  # waiters for a state or the end
         self._watches: list[XsWatch] = []
@@ -423,34 +445,39 @@ class XenbusDriver:
         the thread ended first, (ETIMEDOUT, state) after ``timeout`` seconds."""
         sched = current_scheduler()
         deadline = sched.now() + timeout
+        mtx_lock(self._lock)
         while True:
-            if self.state in states:
-                return 0, self.state
-            if self.done:
-                return errno.ENXIO, self.state
-            left = deadline - sched.now()
-            if left <= 0:
-                return errno.ETIMEDOUT, self.state
-            tsleep(self._state_chan, f"{self._wmesg}wst", left)
+            state, left = self.state, deadline - sched.now()
+            error = (0 if state in states else errno.ENXIO if self.done
+                     else errno.ETIMEDOUT if left <= 0 else -1)
+            if error != -1:
+                break
+            msleep(self._state_chan, self._lock, f"{self._wmesg}wst", left)
+        mtx_unlock(self._lock)
+        return error, state
 
     def wait_done(self, timeout: float) -> int:
         """Sleep until the thread has exited: 0, or ETIMEDOUT."""
         sched = current_scheduler()
         deadline = sched.now() + timeout
-        while not self.done:
-            if self.thread is None:
-                return 0
+        error = 0
+        mtx_lock(self._lock)
+        while not self.done and self.thread is not None:
             left = deadline - sched.now()
             if left <= 0:
-                return errno.ETIMEDOUT
-            tsleep(self._state_chan, f"{self._wmesg}wdone", left)
-        return 0
+                error = errno.ETIMEDOUT
+                break
+            msleep(self._state_chan, self._lock, f"{self._wmesg}wdone", left)
+        mtx_unlock(self._lock)
+        return error
 
     # -- the thread ---------------------------------------------------------------------------
 
     def _kick(self) -> None:
+        mtx_lock(self._lock)
         self._events += 1
         wakeup(self._chan)
+        mtx_unlock(self._lock)
 
     def _xenbus_changed(self, _path: str, _token: str) -> None:
         """Watch callback (xenwatch thread): only note and wake."""
@@ -476,16 +503,20 @@ class XenbusDriver:
                 seen = self._events
                 if self._xenbus_step():
                     break
+                mtx_lock(self._lock)
                 if self._events == seen:
-                    tsleep(self._chan, f"{self._wmesg}xb")
+                    msleep(self._chan, self._lock, f"{self._wmesg}xb", 0.0, PIDLE)
+                mtx_unlock(self._lock)
         except BaseException:
             # Killed (the host shuts down) or a panic: no sleeping cleanup here.
             self.done = True
             raise
         self._xenbus_unwatch()
         self._xenbus_detach()
+        mtx_lock(self._lock)
         self.done = True
         wakeup(self._state_chan)
+        mtx_unlock(self._lock)
 
     def _xenbus_attach(self) -> None:
         """First thing the thread does: register its watches."""
@@ -498,8 +529,10 @@ class XenbusDriver:
         """Last thing the thread does (watches gone): free what is left."""
 
     def _note_state(self, state: XenbusState) -> None:
+        mtx_lock(self._lock)
         self.state = state
         wakeup(self._state_chan)
+        mtx_unlock(self._lock)
 
     # -- xenstore helpers ---------------------------------------------------------------------
 
