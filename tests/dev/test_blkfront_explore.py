@@ -19,11 +19,14 @@ from test_blkfront_lib import SECT, make_rig, random_io, run_threads, stamp
 from gntdma.dev.blkfront_io import xbd_write
 from gntdma.sched import (
     WITNESS,
+    Mutex,
     PctStrategy,
     RandomStrategy,
     Strategy,
     VirtualClock,
-    tsleep,
+    msleep,
+    mtx_lock,
+    mtx_unlock,
     wakeup,
 )
 from gntdma.toolstack.host import Host
@@ -63,6 +66,7 @@ def scenario(h: Host, seed: int) -> None:
     assert bytes(rig.be.disk) == bytes(model)
     ends: list[int] = []
     writes = [0]
+    wlock = Mutex("writes")  # the interlock of the remover's sleep (no lost wakeup)
 
     def writer(i: int) -> None:
         # Bounded: under PCT a low-priority remover may only run once writers stop.
@@ -71,13 +75,17 @@ def scenario(h: Host, seed: int) -> None:
             if error != 0:
                 ends.append(error)
                 return
+            mtx_lock(wlock)
             writes[0] += 1
             wakeup(writes)
+            mtx_unlock(wlock)
         ends.append(0)
 
     def remover() -> None:
+        mtx_lock(wlock)
         while writes[0] < 6:
-            tsleep(writes, "writes")
+            msleep(writes, wlock, "writes")
+        mtx_unlock(wlock)
         assert rig.sc.xbd_closing() == 0
         rig.be.disconnect()
         assert rig.sc.xbd_free() == 0

@@ -10,8 +10,6 @@ and sx(9), sys/kern/kern_clock.c (deadlkres), Linux kernel/hung_task.c.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from gntdma.sched import (
@@ -34,7 +32,6 @@ from gntdma.sched import (
     msleep_spin,
     mtx_lock,
     mtx_unlock,
-    rules,
     run_once,
     strategy_stream,
     sx_assert,
@@ -52,13 +49,7 @@ from gntdma.sched import (
 )
 
 
-@pytest.fixture
-def strict(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setattr(rules, "strict", True)
-    yield
-
-
-def test_sleep_with_sleep_mutex_held_is_reported(sched: Scheduler, strict: None) -> None:
+def test_sleep_with_sleep_mutex_held_is_reported(sched: Scheduler) -> None:
     m = Mutex("xbd_io")
 
     def body() -> None:
@@ -75,7 +66,7 @@ def test_sleep_with_sleep_mutex_held_is_reported(sched: Scheduler, strict: None)
     assert text.endswith(f"test_lock_rules.py:{_line('# TAKEN-HERE')}")
 
 
-def test_sleep_reports_every_mutex_but_the_interlock(sched: Scheduler, strict: None) -> None:
+def test_sleep_reports_every_mutex_but_the_interlock(sched: Scheduler) -> None:
     outer, inter = Mutex("outer"), Mutex("inter")
     cv = Condvar("cv")
 
@@ -103,7 +94,7 @@ def cv_wait_timed(cv: Condvar, m: Mutex) -> None:
 
 
 def test_blocking_on_a_contested_mutex_while_holding_another_is_allowed(
-        sched: Scheduler, strict: None) -> None:
+        sched: Scheduler) -> None:
     a, b = Mutex("a"), Mutex("b")
 
     def holder() -> None:
@@ -123,7 +114,7 @@ def test_blocking_on_a_contested_mutex_while_holding_another_is_allowed(
     assert sched.witness.reports == []
 
 
-def test_sx_shared_exclusive_and_sleepable(sched: Scheduler, strict: None) -> None:
+def test_sx_shared_exclusive_and_sleepable(sched: Scheduler) -> None:
     sx = sx_init("xs_request")
     log: list[str] = []
 
@@ -267,7 +258,7 @@ def check_then_tsleep(s: Scheduler) -> list[str]:
     return []
 
 
-def test_tsleep_without_interlock_can_lose_the_wakeup(strict: None) -> None:
+def test_tsleep_without_interlock_can_lose_the_wakeup() -> None:
     res = explore(check_then_tsleep, strategy_stream("dfs", 0, max_preemptions=2), budget=200)
     assert res.failure is not None and res.failure.kind == "deadlock"
     assert 'consumer waits for _Channel "ready"' in res.failure.report
@@ -364,7 +355,7 @@ def _hung_scenario(idle_only: bool) -> Scheduler:
     return s
 
 
-def test_hung_task_reports_a_lock_waiter_and_its_holder(strict: None) -> None:
+def test_hung_task_reports_a_lock_waiter_and_its_holder() -> None:
     s = _hung_scenario(False)
     try:
         with pytest.raises(HungTask) as ei:
@@ -380,7 +371,7 @@ def test_hung_task_reports_a_lock_waiter_and_its_holder(strict: None) -> None:
         Scheduler.uninstall()
 
 
-def test_hung_task_ignores_idle_service_threads_and_timed_sleeps(strict: None) -> None:
+def test_hung_task_ignores_idle_service_threads_and_timed_sleeps() -> None:
     s = _hung_scenario(True)
     try:
         s.run()
@@ -402,7 +393,7 @@ def test_hung_task_threshold_is_configurable() -> None:
         Scheduler.uninstall()
 
 
-def test_uninterruptible_cv_wait_counts(strict: None) -> None:
+def test_uninterruptible_cv_wait_counts() -> None:
     s = Scheduler(clock=VirtualClock()).install()
     try:
         m, cv = Mutex("m"), Condvar("never")

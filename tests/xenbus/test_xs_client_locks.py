@@ -20,22 +20,14 @@ from __future__ import annotations
 
 import errno
 import sys
-from collections.abc import Iterator
 
-import pytest
 from xenbus_testlib import RSP_CONS, RSP_PROD, on_guest, put_u32, store_page, u32, xs
 
 import gntdma.xen.xenstore as xenstore_mod
 from gntdma.abi.xs_ring import XsByteRing
-from gntdma.sched import MTX_DEF, WITNESS, Mutex, Sx, ThreadState, rules
+from gntdma.sched import MTX_DEF, WITNESS, Mutex, Sx, ThreadState
 from gntdma.toolstack.host import Guest, Host
 from gntdma.xen.xenbus import XST_NIL, XsWatch
-
-
-@pytest.fixture
-def strict(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setattr(rules, "strict", True)
-    yield
 
 
 def test_guest_client_ring_is_the_shared_xs_byte_ring(host: Host) -> None:
@@ -103,15 +95,15 @@ def _traffic(host: Host) -> None:
 
 
 def test_guest_xenstore_traffic_under_strict_rules_has_no_witness_report(
-        host: Host, strict: None) -> None:
+        host: Host) -> None:
     """No sleep with a sleep mutex held (WITNESS_WARN in _sleep), no panic."""
     _traffic(host)
     assert WITNESS.sleeps() == [], [r.format() for r in WITNESS.sleeps()]
     assert WITNESS.panics() == [] and WITNESS.reports == []
 
 
-def test_every_client_sleep_passes_its_interlock(host: Host, strict: None) -> None:
-    """Under strict rules a sleep with no interlock opens the SMP window; the client has none."""
+def test_every_client_sleep_passes_its_interlock(host: Host) -> None:
+    """A sleep with no interlock opens the SMP window; the client has none."""
     sched = host.sched
     real_point = sched.point
     bare: list[str] = []

@@ -175,7 +175,7 @@ class Scheduler:
         #: Hub decisions so far; a run past ``max_steps`` (if non-zero) is a livelock.
         self.steps = 0
         self.max_steps = max_steps
-        #: Hung-task threshold in seconds; None follows ``rules`` (off unless strict).
+        #: Hung-task threshold in seconds; None follows ``rules.hung_task_timeout``.
         self.hung_timeout = hung_timeout
         self._deadlock: DeadlockReport | None = None
         #: Set by a lock or sleep primitive just before it calls ``block`` (the same
@@ -326,7 +326,9 @@ class Scheduler:
                 self._loop(until=lambda: self.switches >= target or not self._runq)
                 t.state = ThreadState.RUNNING
             return
-        if not self._runq:
+        if not self._runq and self.thread0.state is not ThreadState.RUNNABLE:
+            # Nobody else to run. (thread0 yielding in place is runnable without
+            # being queued: go back to the hub so that it can go on.)
             return
         t.state = ThreadState.RUNNABLE
         self._runq.append(t)
@@ -537,7 +539,7 @@ class Scheduler:
         """The hung-task threshold in seconds now (0: the watchdog is off)."""
         if self.hung_timeout is not None:
             return self.hung_timeout
-        return _rules.hung_task_timeout if _rules.strict else 0.0
+        return _rules.hung_task_timeout
 
     def _blocked(self) -> list[KThread]:
         out = [t for t in self.threads if t.state is ThreadState.BLOCKED]

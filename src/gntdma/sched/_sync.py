@@ -8,7 +8,7 @@ Timeouts (``timo``) are in seconds; 0 means wait forever, as FreeBSD's 0 ticks.
 
 Lock classes follow FreeBSD (mutex(9), sleep(9)): an ``MTX_DEF`` mutex is not
 sleepable, so sleeping with one held other than the sleep's interlock is
-reported by WITNESS (when ``rules.strict``), while blocking on a contested one
+reported by WITNESS, while blocking on a contested one
 is allowed (a turnstile wait, not a sleep). An ``MTX_SPIN`` mutex is a critical
 section: no scheduling point inside, no sleep mutex taken inside (panic), and
 ``msleep``/``cv_wait`` refuse it as an interlock (``msleep_spin`` takes it).
@@ -20,7 +20,6 @@ from collections import deque
 from enum import IntFlag
 from typing import Final, final
 
-from gntdma.sched import rules as _rules
 from gntdma.sched._core import HeldLock, KThread, Scheduler, ThreadState, current_scheduler
 from gntdma.sched._errors import KernelPanic
 from gntdma.sched._witness import Site, caller_site, caller_site_raw, site_str
@@ -357,7 +356,7 @@ def msleep(chan: object, m: Mutex | None, wmesg: str, timo: float = 0.0,
     """Sleep on ``chan``, releasing ``m`` while asleep; 0 or EWOULDBLOCK. Always a point.
 
     ``m`` may not be a spin mutex (``msleep_spin``). ``pri`` may carry ``PIDLE``.
-    With no interlock (``tsleep``) and ``rules.strict``, the sleep is a
+    With no interlock (``tsleep``), the sleep is a
     scheduling point before the sleeper is queued: on SMP a wakeup can come in
     between and be lost, so the explorer lets it.
     """
@@ -370,7 +369,7 @@ def msleep(chan: object, m: Mutex | None, wmesg: str, timo: float = 0.0,
         if m.owner is not t:
             raise _panic(t, f"msleep on {wmesg} without holding {m.name}")
     sleep_check(s, t, wmesg, m)
-    if m is None and _rules.strict:
+    if m is None:
         s.point("tsleep")
     return _sleep(s, t, chan, m, wmesg, timo, pri)
 
@@ -417,7 +416,7 @@ def sleep_check(s: Scheduler, t: KThread, wmesg: str, interlock: object | None) 
     sys/kern/kern_synch.c, _sleep: ``WITNESS_WARN(WARN_GIANTOK | WARN_SLEEPOK,
     lock, "Sleeping on \"%s\"", wmesg)``; sys/kern/subr_witness.c, witness_warn
     and witness_list_lock word it. A spin mutex held makes it a panic (a switch
-    in a critical section); a sleep mutex, a report when ``rules.strict``.
+    in a critical section); a sleep mutex, a report.
     """
     if not t.held:
         return
@@ -430,8 +429,7 @@ def sleep_check(s: Scheduler, t: KThread, wmesg: str, interlock: object | None) 
         text += "\nmi_switch: switch in a critical section"
         s.witness.record_panic(t.name, text, caller_site())
         raise KernelPanic(text)
-    if _rules.strict:
-        s.witness.record_sleep(t.name, text, caller_site())
+    s.witness.record_sleep(t.name, text, caller_site())
 
 
 def list_lock(h: HeldLock) -> str:
