@@ -10,6 +10,7 @@ import pytest
 from gntdma import cli
 from gntdma.sched import RandomStrategy, run_once
 from gntdma.toolstack.scenarios import SCENARIOS, make_scenario
+from gntdma.toolstack.scenarios_rules import RULE_SCENARIOS  # each fails by design
 
 
 @pytest.mark.parametrize("strategy", ["random", "pct", "dfs"])
@@ -43,7 +44,7 @@ def test_recursive_driver_lock_gives_the_seeds_lock_order_reversal(
     assert "reproduced" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+@pytest.mark.parametrize("scenario", sorted(set(SCENARIOS) - set(RULE_SCENARIOS)))
 @pytest.mark.parametrize("strategy", ["random", "pct", "dfs"])
 def test_default_delivery_explores_a_budget_without_failure(
         scenario: str, strategy: str, capsys: pytest.CaptureFixture[str]) -> None:

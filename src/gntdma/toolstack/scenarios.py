@@ -21,6 +21,12 @@ made recursive. Inline delivery then gives the lock-order reversal between
 
 ``busdma-deferred-unload`` races an unload against a deferred load's
 completion.
+
+The drivers' own sleeps keep FreeBSD's rules: the mini ring and its event
+channels are protected by ``blkif_ring``, the interlock of the backend's and
+the interrupt thread's idle sleeps. ``scenarios_rules`` adds one scenario per
+bug class those rules catch (lost wakeup, sleep with a mutex, ABBA with a
+callout armed, a sleep mutex in a spin section); each fails by design.
 """
 
 from __future__ import annotations
@@ -43,13 +49,13 @@ from gntdma.sched import (
     MTX_DEF,
     MTX_DUPOK,
     MTX_RECURSE,
+    PIDLE,
     Mutex,
     Scheduler,
     checkpoint,
     msleep,
     mtx_lock,
     mtx_unlock,
-    tsleep,
     wakeup,
 )
 from gntdma.sys import (
@@ -73,6 +79,7 @@ from gntdma.sys import (
     busdma_lock_mutex,
 )
 from gntdma.toolstack.host import Guest, Host
+from gntdma.toolstack.scenarios_rules import RULE_SCENARIOS
 from gntdma.xen.busdma import BUS_DMA_XEN_RO, xen_dmamap_get_grefs, xen_get_dma_tag
 
 __all__ = ["SCENARIOS", "ScenarioFn", "make_scenario"]
@@ -110,6 +117,9 @@ class _Driver:
     irq: bool = False
     errors: list[str] = field(default_factory=list)
     done: int = 0
+    #: The shared ring and its event channels: protects to_backend, completed and
+    #: irq, and is the interlock of the backend's and the interrupt thread's sleeps.
+    ring: Mutex = field(default_factory=lambda: Mutex("blkif_ring"))
 
 
 def _setup(s: Scheduler, delivery: str, ncmds: int, pages: int,
@@ -194,8 +204,10 @@ def _queue_cb(d: _Driver, c: _Cmd) -> Callable[[object, list[bus_dma_segment_t],
         c.refs = xen_dmamap_get_grefs(c.map)
         c.segs = list(segs)
         c.state = "queued"
+        mtx_lock(d.ring)
         d.to_backend.append(c)
         wakeup(d.to_backend)
+        mtx_unlock(d.ring)
     return cb
 
 
@@ -218,10 +230,11 @@ def _backend(d: _Driver, total: int) -> None:
     hc = d.host.dom0.hc
     served = 0
     while served < total:
-        if not d.to_backend:
-            tsleep(d.to_backend, "blkback")
-            continue
+        mtx_lock(d.ring)
+        while not d.to_backend:
+            msleep(d.to_backend, d.ring, "blkback", 0.0, PIDLE)
         c = d.to_backend.pop(0)
+        mtx_unlock(d.ring)
         seen = b""
         for ref, seg in zip(c.refs, c.segs, strict=True):
             error, addr = hc.foreign.alloc()
@@ -243,21 +256,26 @@ def _backend(d: _Driver, total: int) -> None:
         c.ok = seen == c.data
         if not c.ok:
             d.errors.append(f"cmd {c.idx}: backend read the wrong bytes")
+        mtx_lock(d.ring)
         d.completed.append(c)
         d.irq = True  # notify: raise the guest's event channel
         wakeup(d)
+        mtx_unlock(d.ring)
         served += 1
 
 
 def _completion(d: _Driver, total: int) -> None:
     """xbd_int: with xbd_io held, unload finished I/O (frees its grant refs)."""
     while d.done < total:
+        mtx_lock(d.ring)
         while not d.irq:  # the interrupt thread waits for its event channel
-            tsleep(d, "xbdint")
+            msleep(d, d.ring, "xbdint", 0.0, PIDLE)
         d.irq = False  # clear pending before handling, as the upcall does
+        batch = list(d.completed)
+        d.completed.clear()
+        mtx_unlock(d.ring)
         mtx_lock(d.lock)
-        while d.completed:
-            c = d.completed.pop(0)
+        for c in batch:
             bus_dmamap_sync(d.tag, c.map, BUS_DMASYNC_POSTWRITE)
             bus_dmamap_unload(d.tag, c.map)
             c.state = "done"
@@ -338,6 +356,8 @@ SCENARIOS: dict[str, Callable[[str], ScenarioFn]] = {
     "gnttab-shortage-blkfront": gnttab_shortage_blkfront,
     "gnttab-shortage-blkfront-recursive": lambda d: gnttab_shortage_blkfront(d, True),
     "busdma-deferred-unload": busdma_deferred_unload,
+    # One bug of each class the lock rules catch (scenarios_rules).
+    **RULE_SCENARIOS,
 }
 
 
