@@ -39,9 +39,6 @@ class Wire:
             self.metas.append(meta)
         to.write(frame, meta)
 
-    def run(self, until: object) -> None:
-        self.sched.run(until=until)  # type: ignore[arg-type]
-
     def close(self) -> None:
         self.ta.close()
         self.tb.close()
@@ -60,7 +57,7 @@ def wire(sched: Scheduler) -> Iterator[Wire]:
 
 
 def test_ping_gets_replies_through_two_taps(wire: Wire) -> None:
-    r = pump(wire.run, lambda: ping(wire.a, "198.18.0.2", count=5))
+    r = pump(wire.sched, lambda: ping(wire.a, "198.18.0.2", count=5))
     assert (r.sent, r.received) == (5, 5)
     assert wire.ta.stats.rx_packets > 0 and wire.tb.stats.tx_packets > 0
     assert wire.ta.stats.errors == 0 and wire.tb.stats.errors == 0
@@ -70,7 +67,7 @@ def test_tcp_transfer_arrives_with_the_same_sha256_as_gso_frames(wire: Wire,
                                                                  tmp_path: Path) -> None:
     src = tmp_path / "random.bin"
     sha = random_file(src, 16 << 20)
-    r = pump(wire.run, lambda: tcp_transfer(wire.a, wire.b, "198.18.0.2", src, sha256=sha))
+    r = pump(wire.sched, lambda: tcp_transfer(wire.a, wire.b, "198.18.0.2", src, sha256=sha))
     assert r.ok, r
     # Linux handed over TCP super-frames (TSO negotiated with TUNSETOFFLOAD)
     assert wire.ta.stats.rx_gso_packets > 0
@@ -80,7 +77,7 @@ def test_tcp_transfer_arrives_with_the_same_sha256_as_gso_frames(wire: Wire,
 
 
 def test_iperf3_completes(wire: Wire) -> None:
-    r = pump(wire.run, lambda: iperf3(wire.a, wire.b, "198.18.0.2", seconds=2))
+    r = pump(wire.sched, lambda: iperf3(wire.a, wire.b, "198.18.0.2", seconds=2))
     assert r.received_bits_per_second > 0
     assert r.congestion != ""
 
@@ -90,7 +87,7 @@ def test_without_tso_linux_sends_no_gso_frames(sched: Scheduler, tmp_path: Path)
     try:
         src = tmp_path / "random.bin"
         sha = random_file(src, 2 << 20)
-        r = pump(w.run, lambda: tcp_transfer(w.a, w.b, "198.18.0.2", src, sha256=sha))
+        r = pump(w.sched, lambda: tcp_transfer(w.a, w.b, "198.18.0.2", src, sha256=sha))
         assert r.ok
         assert w.ta.stats.rx_gso_packets == 0 and w.tb.stats.rx_gso_packets == 0
     finally:

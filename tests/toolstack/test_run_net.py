@@ -52,9 +52,6 @@ class Net:
             return wv
         return on_thread(self.host, go, "attach")
 
-    def run(self, until: Callable[[], bool]) -> None:
-        self.host.sched.run(until=until)
-
     def close(self) -> None:
         def go() -> None:
             for vif, wv in self.pairs:
@@ -76,9 +73,9 @@ def net(host: Host) -> Iterator[Net]:
 def test_ping_from_the_guests_namespace_to_dom0s_gets_replies(host: Host, net: Net) -> None:
     g = host.create_guest("g1", memory_mb=16, max_grant_frames=8)
     wv = net.add(g, "00:16:3e:00:00:01")
-    r = pump(net.run, lambda: ping(wv.netns, wv.bridge.address, count=5))
+    r = pump(net.host.sched, lambda: ping(wv.netns, wv.bridge.address, count=5))
     assert (r.sent, r.received) == (5, 5)
-    r = pump(net.run, lambda: ping(wv.bridge.netns, wv.address, count=3, size=3000))
+    r = pump(net.host.sched, lambda: ping(wv.bridge.netns, wv.address, count=3, size=3000))
     assert (r.sent, r.received) == (3, 3)  # fragments, each a netif packet
     st = wv.vif.statistics().backend
     assert st.tx_packets >= 8 and st.rx_packets >= 8 and st.errors == 0
@@ -91,10 +88,10 @@ def test_a_64mib_random_file_over_tcp_arrives_with_the_same_sha256(
     wv = net.add(g, "00:16:3e:00:00:01")
     src = tmp_path / "random.bin"
     sha = random_file(src, BULK)
-    out = pump(net.run, lambda: tcp_transfer(wv.bridge.netns, wv.netns, wv.address, src,
+    out = pump(net.host.sched, lambda: tcp_transfer(wv.bridge.netns, wv.netns, wv.address, src,
                                              sha256=sha))
     assert out.ok, out
-    back = pump(net.run, lambda: tcp_transfer(wv.netns, wv.bridge.netns, wv.bridge.address,
+    back = pump(net.host.sched, lambda: tcp_transfer(wv.netns, wv.bridge.netns, wv.bridge.address,
                                               src, sha256=sha, port=5300))
     assert back.ok, back
     # TCP super-frames crossed as netif GSO packets, both ways
@@ -105,7 +102,8 @@ def test_a_64mib_random_file_over_tcp_arrives_with_the_same_sha256(
 def test_iperf3_completes_through_gntdma(host: Host, net: Net) -> None:
     g = host.create_guest("g1", memory_mb=32, max_grant_frames=8)
     wv = net.add(g, "00:16:3e:00:00:01")
-    r = pump(net.run, lambda: iperf3(wv.netns, wv.bridge.netns, wv.bridge.address, seconds=2))
+    r = pump(net.host.sched,
+             lambda: iperf3(wv.netns, wv.bridge.netns, wv.bridge.address, seconds=2))
     assert r.received_bits_per_second > 0
 
 
@@ -113,9 +111,9 @@ def test_two_guests_on_one_bridge_talk_to_each_other(host: Host, net: Net,
                                                      tmp_path: Path) -> None:
     a = net.add(host.create_guest("ga", memory_mb=32, max_grant_frames=8), "00:16:3e:00:00:0a")
     b = net.add(host.create_guest("gb", memory_mb=32, max_grant_frames=8), "00:16:3e:00:00:0b")
-    r = pump(net.run, lambda: ping(a.netns, b.address, count=3))
+    r = pump(net.host.sched, lambda: ping(a.netns, b.address, count=3))
     assert (r.sent, r.received) == (3, 3)
     src = tmp_path / "random.bin"
     sha = random_file(src, 8 << 20)
-    out = pump(net.run, lambda: tcp_transfer(a.netns, b.netns, b.address, src, sha256=sha))
+    out = pump(net.host.sched, lambda: tcp_transfer(a.netns, b.netns, b.address, src, sha256=sha))
     assert out.ok, out

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Final, TypeVar
 
 from gntdma.host.netns import Netns, NetnsError
+from gntdma.sched import Scheduler
 
 __all__ = [
     "IperfResult",
@@ -107,20 +108,32 @@ class IperfResult:
     congestion: str
 
 
-def pump(sched_run: Callable[[Callable[[], bool]], None], fn: Callable[[], T]) -> T:
-    """Run ``fn()`` on an OS thread while ``sched_run(until)`` drives the scheduler."""
+def pump(sched: Scheduler, fn: Callable[[], T]) -> T:
+    """Run ``fn()`` on an OS thread while the scheduler runs (from the hub's caller).
+
+    The thread posts an event when it ends, so that a scheduler with nothing
+    else to do wakes up and sees it.
+    """
     box: list[T] = []
     err: list[BaseException] = []
+    done = threading.Event()
 
     def body() -> None:
         try:
             box.append(fn())
         except BaseException as exc:
             err.append(exc)
+        finally:
+            done.set()
+            sched.post(lambda: None)
 
     th = threading.Thread(target=body, name="gntdma-netload", daemon=True)
-    th.start()
-    sched_run(lambda: not th.is_alive())
+    sched.add_external_source()
+    try:
+        th.start()
+        sched.run(until=done.is_set)
+    finally:
+        sched.remove_external_source()
     th.join()
     if len(err) > 0:
         raise err[0]
@@ -208,13 +221,17 @@ def iperf3(client: Netns, server: Netns, addr: str, *, seconds: float = 3.0,
         while time.monotonic() < deadline:  # until the server listens
             r = client.run(["iperf3", "-c", addr, "-p", str(port), "-t", str(seconds), "-J"],
                            timeout=timeout, check=False)
-            if r.returncode == 0 or "Connection refused" not in r.stdout + r.stderr:
+            # (iperf3 -J may exit 0 with the refusal in its JSON)
+            if "Connection refused" not in r.stdout + r.stderr:
                 break
             time.sleep(0.1)
         assert r is not None
         if r.returncode != 0:
             raise NetnsError(f"iperf3 -c {addr}: {(r.stdout + r.stderr).strip()[-400:]}")
-        srv.wait(timeout=timeout)
+        try:  # a one-off server ends with its client; the client has its results
+            srv.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            pass
     finally:
         if srv.poll() is None:
             srv.kill()
@@ -222,7 +239,9 @@ def iperf3(client: Netns, server: Netns, addr: str, *, seconds: float = 3.0,
         if srv.stderr is not None:
             srv.stderr.close()
     j = json.loads(r.stdout)
-    end = j["end"]
+    end = j.get("end", {})
+    if "sum_sent" not in end or "sum_received" not in end:
+        raise NetnsError(f"iperf3 -c {addr}: {j.get('error', 'no summary')}")
     return IperfResult(
         seconds=float(end["sum_sent"]["seconds"]),
         sent_bits_per_second=float(end["sum_sent"]["bits_per_second"]),

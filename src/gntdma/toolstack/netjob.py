@@ -55,9 +55,6 @@ class NetJob:
         self.failed: list[str] = []
         self.results: dict[str, dict[str, Any]] = {}
 
-    def _run(self, until: Callable[[], bool]) -> None:
-        self.host.sched.run(until=until)
-
     def run(self, report: Report, seed: int) -> None:
         """Ping and the verified transfer; their checks."""
         if not self.vifs and not self.failed:
@@ -92,7 +89,7 @@ class NetJob:
             sha = random_file(src, BULK_BYTES)
             for wv in firsts.values():
                 try:
-                    t = pump(self._run, lambda wv=wv: tcp_transfer(  # type: ignore[misc]
+                    t = pump(self.host.sched, lambda wv=wv: tcp_transfer(  # type: ignore[misc]
                         wv.bridge.netns, wv.netns, wv.address, src, sha256=sha, timeout=60))
                     good = t.ok
                     detail = (f"{wv.name}: {t.size >> 20} MiB from dom0 in {t.seconds:.2f} s "
@@ -108,7 +105,7 @@ class NetJob:
 
     def _ping(self, ns: Any, addr: str) -> str:
         try:
-            r = pump(self._run, lambda: ping(ns, addr, count=PING_COUNT, interval=0.1))
+            r = pump(self.host.sched, lambda: ping(ns, addr, count=PING_COUNT, interval=0.1))
         except (NetnsError, OSError) as e:
             return f"failed: {e}"
         rtt = f", avg {r.rtt_avg_ms:.2f} ms" if r.rtt_avg_ms is not None else ""
