@@ -33,7 +33,9 @@ deferral never leaves part of a load attached; each zone has its own FIFO of
 waiting maps; a zone no tag uses any more gives its pages back (this keeps
 leak accounting exact); unloading a waiting map cancels its deferral; pages
 added to a zone (map creation) serve its waiting maps at once, not at the
-zone's next unload.
+zone's next unload; a sleepable load needing more pages than the zone holds
+fails at once with EFBIG through its callback (FreeBSD queues it for pages that
+never come; only tag and map creation add pages, never a waiting load).
 
 A bounce page that is wired when its map is unloaded (the grant layer wires
 the page behind a grant another domain still maps; DESIGN section 4) is not
@@ -310,6 +312,8 @@ class BounceImpl(BusDmaImpl):
             if flags & BUS_DMA_NOWAIT:
                 if self._reserve(bz, m, False) != 0:
                     return errno.ENOMEM
+            elif m.pagesneeded > bz.total_bpages:
+                return errno.EFBIG  # the zone never holds that many: the wait would not end
             elif self._reserve(bz, m, True) != 0:
                 if not m.bounce_waiting:
                     bz.waiting.append(m)

@@ -16,7 +16,10 @@ allocations are all freed holds no pages: :meth:`Kernel.assert_no_leaks`
 checks it. A wired page (``vm_page_wire``) freed by its owner is not reused
 until it is unwired (DESIGN section 4). Freed memory is filled with
 ``0xdeadc0de`` (FreeBSD INVARIANTS). ``M_WAITOK`` sleeps until pages are freed
-(``vm_wait``); ``M_NOWAIT`` returns 0 on shortage, and failures can be injected
+(``vm_wait``), except for a request no freeing can satisfy (more pages than the
+domain has, or none in the asked range): it fails at once (0 or None), where
+FreeBSD's ``kmem_back_domain`` retries forever (deliberate, panic-free).
+``M_NOWAIT`` returns 0 on shortage, and failures can be injected
 per type with :meth:`Kernel.inject_malloc_failure`.
 
 ``kva_read``/``kva_write`` are the CPU's accesses to kernel memory and are
@@ -145,8 +148,8 @@ class Kernel:
                 if flags & M_ZERO:
                     self.physmem.page(pfn)[:] = _ZEROS
                 return pfn
-            if not flags & M_WAITOK:
-                return None
+            if not flags & M_WAITOK or self.vm.npages_between(low, high) == 0:
+                return None  # no page there to wait for: never sleep forever
             self._vmwait.sleep(frees)
 
     def vm_page_free(self, pfn: int) -> None:
@@ -386,8 +389,8 @@ class Kernel:
                 alloc_size = npages << PAGE_SHIFT
             if va != 0:
                 break
-            if flags & M_NOWAIT:
-                c.failures += 1
+            if flags & M_NOWAIT or (size + PAGE_MASK) >> PAGE_SHIFT > self.vm.total:
+                c.failures += 1  # M_WAITOK too: more than the domain has never comes
                 return 0
             self._vmwait.sleep(frees)
         self._account(va, alloc_size, mtype, kind)

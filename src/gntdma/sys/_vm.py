@@ -154,6 +154,13 @@ class VmPhys:
     def exists(self, pfn: int) -> bool:
         return any(f <= pfn < f + n for f, n in self.ranges)
 
+    def npages_between(self, low: int, high: int | None = None) -> int:
+        """How many pages of this memory, free or not, lie in ``[low, high]`` (bytes):
+        an allocation of more than that can never be satisfied, however long it waits."""
+        lo = (max(low, 0) + PAGE_MASK) >> PAGE_SHIFT
+        hi = self.maxmem if high is None else min(self.maxmem, (high + 1) >> PAGE_SHIFT)
+        return sum(max(0, min(f + n, hi) - max(f, lo)) for f, n in self.ranges)
+
     def is_free(self, pfn: int) -> bool:
         return 0 <= pfn < self.maxmem and self.free_map[pfn] == 1
 
