@@ -117,3 +117,21 @@ def test_two_guests_on_one_bridge_talk_to_each_other(host: Host, net: Net,
     sha = random_file(src, 8 << 20)
     out = pump(net.host.sched, lambda: tcp_transfer(a.netns, b.netns, b.address, src, sha256=sha))
     assert out.ok, out
+
+
+def test_a_vif_detached_and_attached_again_while_running_carries_traffic(
+        host: Host, net: Net) -> None:
+    g = host.create_guest("g1", memory_mb=16, max_grant_frames=8)
+    wv = net.add(g, "00:16:3e:00:00:01")
+    assert pump(host.sched, lambda: ping(wv.netns, wv.bridge.address, count=2)).received == 2
+    vif, _ = net.pairs.pop()
+
+    def unplug() -> bool:
+        net.wiring.unwire(wv)
+        return detach_vif(host, vif)
+
+    assert on_thread(host, unplug)
+    assert not wv.netns.alive
+    again = net.add(g, "00:16:3e:00:00:01")
+    r = pump(host.sched, lambda: ping(again.netns, again.bridge.address, count=2))
+    assert (r.sent, r.received) == (2, 2)
