@@ -47,9 +47,11 @@ def test_recursive_driver_lock_gives_the_seeds_lock_order_reversal(
 @pytest.mark.parametrize("scenario", sorted(set(SCENARIOS) - set(RULE_SCENARIOS)))
 @pytest.mark.parametrize("strategy", ["random", "pct", "dfs"])
 def test_default_delivery_explores_a_budget_without_failure(
-        scenario: str, strategy: str, capsys: pytest.CaptureFixture[str]) -> None:
+        scenario: str, strategy: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # --out: a failure's replay file goes to the test's own directory.
     rc = cli.main(["explore", scenario, "--strategy", strategy, "--schedules", "60",
-                   "--seed", "5"])
+                   "--seed", "5", "--out", str(tmp_path / "replay.json")])
     assert rc == 0, capsys.readouterr().out
 
 

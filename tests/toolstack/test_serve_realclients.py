@@ -52,7 +52,7 @@ def test_nbdinfo_shows_each_export_size_and_flags_and_list_lists_them(tmp_path: 
 def _fio(uri: str, qd: int, size: str, seed: int) -> subprocess.CompletedProcess[str]:
     return run("fio", "--name=verify", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite",
                "--bsrange=4k-128k", f"--iodepth={qd}", f"--size={size}", "--verify=crc32c",
-               "--do_verify=1", "--verify_fatal=1", f"--randseed={seed}",
+               "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0", f"--randseed={seed}",
                "--output-format=json")
 
 
