@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -34,3 +35,28 @@ def host() -> Iterator[Host]:
     finally:
         h.close()
         WITNESS.reset()
+
+
+def _tree_entries(root: Path) -> set[str]:
+    return {p.name for p in root.iterdir()}
+
+
+_ROOT = Path(__file__).resolve().parent.parent
+_CWD_BEFORE: dict[str, set[str]] = {}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    for d in {_ROOT, Path.cwd()}:
+        _CWD_BEFORE[str(d)] = _tree_entries(d)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """No test leaves a file in the repository or the working directory."""
+    left: list[str] = []
+    for d, before in _CWD_BEFORE.items():
+        new = _tree_entries(Path(d)) - before
+        new -= {".pytest_cache", ".hypothesis", "__pycache__"}
+        left += [f"{d}/{n}" for n in sorted(new)]
+    if left:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        print(f"\ntests left these behind: {', '.join(left)}")
