@@ -1,11 +1,12 @@
 """Indirect pages that cannot be had: the disk connects with direct requests.
 
 FreeBSD's ``xbd_connect`` (``sys/dev/xen/blkfront/blkfront.c``) allocates each
-command's indirect pages with ``contigmalloc(..., M_NOWAIT, ...)``; when one
-fails it frees what it got, sets ``xbd_max_request_indirectpages = 0`` and
-limits requests to ``BLKIF_MAX_SEGMENTS_PER_REQUEST`` segments, so a guest
+command's indirect pages with ``contigmalloc(..., M_ZERO | M_NOWAIT, ...)`` and,
+when one fails, sets ``xbd_max_request_indirectpages = 0`` and goes on: a guest
 short of memory still gets its disk, without sleeping at attach. gntdma's
-``_xbd_alloc_indirect`` does the same (``kern.malloc(M_NOWAIT)``); these tests
+``_xbd_alloc_indirect`` allocates them the same way (``kern.malloc(M_NOWAIT)``)
+and on failure undoes every command's pages and limits requests to
+``BLKIF_MAX_SEGMENTS_PER_REQUEST`` segments (direct requests only). These tests
 force the allocation to fail, once at the first command (a malloc failure
 injected for the driver's type) and once part-way through the commands (a
 guest whose memory is nearly exhausted), and check the disk connects with
