@@ -49,8 +49,9 @@ def test_the_default_run_has_a_nic_with_ping_and_a_verified_transfer(
 
 def test_two_guests_from_two_configs_on_one_bridge_ping_each_other(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ns = f"gnt{os.getpid():x}a"  # unique to this run
     a = write_cfg(tmp_path / "a.cfg", "name='ga'\nmemory=16\nmax_grant_frames=4\n"
-                  "vif=['mac=00:16:3e:00:00:0a, bridge=br7, netns=gnt-t-a, tapname=eth0']\n")
+                  f"vif=['mac=00:16:3e:00:00:0a, bridge=br7, netns={ns}, tapname=eth0']\n")
     b = write_cfg(tmp_path / "b.cfg", "name='gb'\nmemory=16\nmax_grant_frames=4\n"
                   "vif=['mac=00:16:3e:00:00:0b, bridge=br7']\n")
     rc, rep, err = run_json(capsys, tmp_path, str(a), str(b), "--duration", "0.2")
@@ -58,8 +59,8 @@ def test_two_guests_from_two_configs_on_one_bridge_ping_each_other(
     ping = next(c for c in rep["checks"] if c["name"].startswith("ping through"))
     assert ping["ok"] and "vif2.0 -> vif3.0 3/3" in ping["detail"], ping
     va, vb = rep["guests"][0]["vifs"][0], rep["guests"][1]["vifs"][0]
-    assert (va["netns"], va["bridge"], vb["bridge"]) == ("gnt-t-a", "br7", "br7")
-    assert "gnt-t-a" not in _netns()
+    assert (va["netns"], va["bridge"], vb["bridge"]) == (ns, "br7", "br7")
+    assert ns not in _netns()
 
 
 def test_a_grant_table_too_small_for_a_vif_is_refused_with_the_numbers(
