@@ -10,7 +10,9 @@ crosses TAP, netfront, the rings and grant tables, netback, the bridge and
 TAP; between two guests on one bridge it crosses both vifs.
 
 All of it goes with the run: :meth:`NetWiring.close`, or the namespace holders
-when the run dies (see :mod:`gntdma.host.netns`).
+when the run dies (see :mod:`gntdma.host.netns`). A vif's wiring also goes with
+its guest: when the guest crashes, the toolstack's forced removal of the vif
+(:func:`~gntdma.toolstack.vif.destroy_vif`) unwires it first.
 """
 
 from __future__ import annotations
@@ -128,10 +130,14 @@ class NetWiring:
         nic = GuestTap(vif.netfront, tap, self.reactor)
         wv = WiredVif(vif, ns, nic, addr, bridge)
         self.vifs.append(wv)
+        vif.on_destroy.append(lambda: self.unwire(wv))
         return wv
 
     def unwire(self, wv: WiredVif) -> None:
-        """Stop ``wv``'s TAP and delete its namespace (before detaching the vif)."""
+        """Stop ``wv``'s TAP and delete its namespace (before detaching the vif).
+
+        A second call does nothing.
+        """
         if wv in self.vifs:
             self.vifs.remove(wv)
             wv.nic.stop()

@@ -10,6 +10,13 @@ both xenbus drivers, and a wait until both ends are Connected.
 :func:`detach_vif` is libxl's unplug (``online`` 0 and Closing, wait for
 Closed, remove the directories). Errors raise :class:`VifError`.
 
+A vif is a device of its guest for the host (:meth:`Host.add_device`), as a
+vbd is: when the guest crashes, :func:`destroy_vif` removes it by force
+(``libxl__devices_destroy``), and a host that closes with it attached
+abandons it. Whatever joined the vif to the outside world (the Linux stack
+wiring of :mod:`~gntdma.toolstack.netwire`) registers in
+:attr:`Vif.on_destroy` and goes first.
+
 The guest's interface is ``Vif.netfront`` (``if_transmit``, ``if_input``,
 ``if_mac``, ``if_mtu``, ``statistics()``); the bridge port is ``Vif.port``.
 """
@@ -18,7 +25,8 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Final, final
 
 from gntdma.dev.netback import NETBACK_MAX_QUEUES, Netback, NetbackStatistics
@@ -29,12 +37,12 @@ from gntdma.dev.netfront_xenbus import XN_DEFAULT_QUEUES, XnXenbus, xn_attach
 from gntdma.dev.netif_common import format_mac, parse_mac
 from gntdma.errors import GntdmaError
 from gntdma.sched import current_scheduler
-from gntdma.toolstack.host import Guest, Host
+from gntdma.toolstack.host import Guest, GuestDevice, Host
 from gntdma.toolstack.xs import LIBXL_DESTROY_TIMEOUT, DeviceDirs, XenstoreSetupError
 from gntdma.xen.xenbus import XenbusState
 
 __all__ = ["VIF_CONNECT_TIMEOUT", "VIF_DEVTYPE", "Vif", "VifError", "VifStatistics",
-           "attach_vif", "default_mac", "detach_vif"]
+           "attach_vif", "default_mac", "destroy_vif", "detach_vif"]
 
 VIF_DEVTYPE: Final = "vif"
 VIF_CONNECT_TIMEOUT: Final = 10.0
@@ -72,6 +80,11 @@ class Vif:
     backend: NetbackXenbus
     frontend: XnXenbus
     attached: bool = True
+    #: The host's record of it (torn down with the guest if it crashes).
+    device: GuestDevice | None = None
+    #: What goes before the vif when it is removed by force (the guest's Linux
+    #: stack wiring): called once, on a toolstack thread, by :func:`destroy_vif`.
+    on_destroy: list[Callable[[], None]] = field(default_factory=list)
 
     @property
     def netfront(self) -> netfront_info:
@@ -183,8 +196,12 @@ def attach_vif(host: Host, guest: Guest, *, mac: str | None, bridge: Bridge,
             raise VifError(f"{what}: did not connect{' in time' if timed_out else ''} "
                            f"(frontend {fst.name} {front.error}; backend {bst.name} "
                            f"{back.error})")
+        vif = Vif(guest, devid, mac, bridge, dirs, nb, back, front)
+        vif.device = GuestDevice(nb.name, lambda: destroy_vif(host, vif),
+                                 lambda: _abandon(vif))
+        host.add_device(guest, vif.device)
         ok = True
-        return Vif(guest, devid, mac, bridge, dirs, nb, back, front)
+        return vif
     finally:
         if not ok:
             _release(host, dirs, front, back, nb, min(timeout, LIBXL_DESTROY_TIMEOUT))
@@ -198,4 +215,42 @@ def detach_vif(host: Host, vif: Vif, timeout: float = LIBXL_DESTROY_TIMEOUT) -> 
     if not vif.attached:
         return True
     vif.attached = False
+    if vif.device is not None:
+        host.remove_device(vif.guest, vif.device)
     return _release(host, vif.dirs, vif.frontend, vif.backend, vif.netback, timeout)
+
+
+def destroy_vif(host: Host, vif: Vif, timeout: float = LIBXL_DESTROY_TIMEOUT) -> bool:
+    """Remove ``vif`` of a crashed guest by force; True if the backend closed in time.
+
+    libxl_device.c ``libxl__initiate_device_generic_remove`` with
+    ``LIBXL__FORCE_ON`` (``libxl__devices_destroy`` of ``libxl__destroy_domid``),
+    as for a disk: what :attr:`Vif.on_destroy` names goes first (the guest's
+    Linux stack: its TAP and namespace), then the frontend directory is removed
+    and the backend's ``online`` 0 and Closing written in one transaction;
+    netback sees its frontend gone, disconnects (leaves the bridge, closes its
+    event channels, unmaps its rings, frees its grant copy staging pages) and
+    closes; then the backend directory goes. Nothing of the guest's netfront
+    runs: it is dead. A second call does nothing and returns True. Sleeps (a
+    toolstack thread).
+    """
+    if not vif.attached:
+        return True
+    vif.attached = False
+    hooks, vif.on_destroy = vif.on_destroy, []
+    for hook in hooks:
+        hook()
+    clean = host.xenstore.remove_device(vif.dirs, timeout, force=True)
+    back = vif.backend
+    if back.wait_done(timeout + 2.0) != 0:
+        clean = False
+        back.stop()
+        back.wait_done(timeout + 2.0)
+    vif.netback.disconnect()  # a no-op once its driver ended
+    return clean
+
+
+def _abandon(vif: Vif) -> None:
+    """The host goes away with ``vif`` attached: no I/O, no sleep (its threads are killed)."""
+    vif.attached = False
+    vif.on_destroy = []
