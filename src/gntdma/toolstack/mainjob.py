@@ -361,9 +361,9 @@ def run_block_job(host: Host, report: Report, plan: RunPlan, images: OpenImages,
 def _check_crash_teardown(report: Report, crash: CrashTeardown) -> None:
     done = crash.done_at is not None
     took = f"{crash.done_at - crash.at:.2f} s" if crash.done_at is not None else "not done"
-    report.check(f"{crash.name}: crashed guest destroyed, its disks torn down in dom0 "
+    report.check(f"{crash.name}: crashed guest destroyed, its devices torn down in dom0 "
                  "(on_crash=destroy)", done and crash.clean,
-                 f"{', '.join(crash.devices) or 'no disks'}: frontend directories removed, "
+                 f"{', '.join(crash.devices) or 'no devices'}: frontend directories removed, "
                  f"backends {'closed' if crash.clean else 'did not close in time'}, "
                  f"domain destroyed ({took} after the crash)")
 
