@@ -106,16 +106,29 @@ class PctStrategy(_Recording):
     """Probabilistic concurrency testing (Burckhardt et al., ASPLOS 2010).
 
     Each thread gets a random priority when first seen; ``depth - 1`` change
-    points are drawn in ``[1, max_steps]``; the highest-priority runnable thread
-    runs, and at a change point the running thread drops below every priority
-    so far. A bug of depth d is found with probability at least 1/(n * k^(d-1)).
+    points are drawn in ``[1, k]``; the highest-priority runnable thread runs,
+    and at a change point the running thread drops below every priority so far.
+    A bug of depth d is found with probability at least 1/(n * k^(d-1)).
 
-    As shuttle (``shuttle/src/scheduler/pct.rs``, ``PctScheduler::next_task``)
-    and Coyote: steps count only real choices (the hub asks only when more than
-    one thread can run), ``finished`` reports that count so the next runs draw
-    their change points among choices (k), and a thread that yields
-    (``checkpoint()``) is deprioritised, so a polling loop lets the thread it
-    waits for run.
+    Steps count only real choices (the hub asks only when more than one thread
+    can run), and ``finished`` reports them so the next runs draw their change
+    points among choices (k), as shuttle (``shuttle-schedulers/src/pct.rs``,
+    ``PctScheduler::next_task``) and Coyote (``PrioritizationStrategy``) do.
+
+    A yield (``checkpoint()``) is a plain choice for the first k choices, the
+    run the change points are drawn from: the priorities alone decide, so the
+    yielder goes on if it is the highest. Only after them does a yielding
+    thread drop below every priority, so a polling loop lets the thread it
+    waits for run. This is Coyote's fair PCT (``ComboStrategy``: PCT for a
+    prefix, then a fair strategy), with shuttle's demotion on ``yield_now`` as
+    the fair part. Demoting at every yield, as shuttle does, loses PCT's
+    guarantee here: in shuttle every atomic access is a scheduling point
+    (``thread::switch`` before each load and store), but here plain Python state
+    changes between scheduling points, so a forced switch at a yield runs the
+    other thread's whole next step (a store and its wakeup) before the yielder
+    can look, and a check-then-sleep after a ``checkpoint()`` never loses its
+    wakeup. The suffix's yields do not count towards k: a polling loop's spin
+    must not lengthen the next run's prefix.
     """
 
     def __init__(self, seed: int, depth: int = 3, max_steps: int = 2000,
@@ -130,20 +143,24 @@ class PctStrategy(_Recording):
         self.k = max_steps
         self._changes = {self._rng.randint(1, max_steps) for _ in range(1, depth)}
         self._step = 0
+        self._counted = 0
         # Demoted threads get ever lower priorities, below every initial one (>= depth).
         self._low = 0
 
     @property
     def choices(self) -> int:
-        """The choices made so far (steps where more than one thread could run)."""
-        return self._step
+        """The choices so far that count towards k (all but the yields after k)."""
+        return self._counted
 
     def pick(self, runnable: Sequence[KThread], current: KThread | None, point: str) -> int:
         self._step += 1
         for t in runnable:
             if t.tid not in self._prio:
                 self._prio[t.tid] = self.depth + self._rng.randrange(1 << 30)
-        if current is not None and (self._step in self._changes or point == "checkpoint"):
+        fair_yield = point == "checkpoint" and self._step > self.k
+        if not fair_yield:
+            self._counted += 1
+        if current is not None and (self._step in self._changes or fair_yield):
             self._prio[current.tid] = self._low
             self._low -= 1
         best = max(range(len(runnable)), key=lambda i: self._prio[runnable[i].tid])
@@ -152,7 +169,7 @@ class PctStrategy(_Recording):
     def finished(self, steps: int) -> None:
         """The run ended after ``steps`` scheduler steps; reports its choices as k."""
         if self._on_finish is not None:
-            self._on_finish(self._step)
+            self._on_finish(self._counted)
 
 
 @final
