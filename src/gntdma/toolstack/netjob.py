@@ -59,9 +59,7 @@ class NetJob:
         """Ping and the verified transfer; their checks."""
         if not self.vifs and not self.failed:
             return
-        report.check("vifs attached and wired to their namespaces", not self.failed,
-                     "; ".join(self.failed) or ", ".join(
-                         f"{wv.name} {wv.address} ({wv.netns.name})" for _g, _v, wv in self.vifs))
+        self.check_attached(report)
         live = [(g, v, wv) for g, v, wv in self.vifs if g.name not in self.host.crashed]
         pings: list[str] = []
         ok = True
@@ -102,6 +100,14 @@ class NetJob:
                     good, detail = False, f"{wv.name}: {e}"
                 report.check("bulk TCP transfer into the guest's namespace: equal SHA-256",
                              good, detail)
+
+    def check_attached(self, report: Report) -> None:
+        """The check that every vif attached and was wired (none if there is no vif)."""
+        if not self.vifs and not self.failed:
+            return
+        report.check("vifs attached and wired to their namespaces", not self.failed,
+                     "; ".join(self.failed) or ", ".join(
+                         f"{wv.name} {wv.address} ({wv.netns.name})" for _g, _v, wv in self.vifs))
 
     def _ping(self, ns: Any, addr: str) -> str:
         try:

@@ -10,6 +10,15 @@ other than loopback only with ``--allow-remote``: NBD has no
 authentication). Every byte a client reads or writes goes through blkfront,
 the grant tables, the ring and blkback.
 
+A config's vifs are attached and wired as ``run`` does it (before the disks,
+each on its bridge, the guest's Linux stack in a namespace of its own and
+dom0's per bridge; the log names the namespaces and addresses), so the
+guest's network is reachable while serving, e.g. ``ip netns exec <guest's
+namespace> ping <dom0's address>``. A config that works for ``run`` works for
+``serve``: the same preflight refuses a NIC without root or ``/dev/net/tun``
+(the default guest goes without it, with a note). At the end the vifs are
+unplugged before the disks detach, and the report has their figures.
+
 SIGINT and SIGTERM are the normal end (DESIGN 11): the connections close
 (requests in flight complete), the disks detach, the host is checked for
 leaks, the report is printed (``--json`` as for ``run``), and the exit
@@ -43,9 +52,11 @@ from gntdma.toolstack.domains import create_guest_from_config
 from gntdma.toolstack.host import Guest, Host
 from gntdma.toolstack.interrupt import InterruptGuard, signals_deferred
 from gntdma.toolstack.mainjob import OpenImages, default_config, open_images
+from gntdma.toolstack.netjob import NetJob, attach_guest_vifs, make_netjob
 from gntdma.toolstack.preflight import RunPlan, check_output, plan_run
 from gntdma.toolstack.report import Report
 from gntdma.toolstack.vbd import Vbd, detach_disk
+from gntdma.toolstack.xlcfg import GuestConfig
 from gntdma.toolstack.xs import serve_host_xenstored
 
 __all__ = ["parse_listen", "serve_main"]
@@ -244,15 +255,18 @@ def _serve(plan: RunPlan, images: OpenImages, seed: int, nbd_path: Path | None,
     listener = None
     server: NbdServer | None = None
     guests: list[tuple[Guest, list[Vbd]]] = []
+    net: NetJob | None = None
     done = False
     try:
         with signals_deferred():
             xs_socket = serve_host_xenstored(host.xenstored, log)
         guard.phase = "attaching the disks"
+        net = make_netjob(host, plan, log)
         for gi, gp in enumerate(plan.guests):
             guest, vbds = create_guest_from_config(
                 host, gp.config, None,
-                images=[images.by_disk[gi, di].image for di in range(len(gp.disks))])
+                images=[images.by_disk[gi, di].image for di in range(len(gp.disks))],
+                before_disks=_vifs(net, gp.config))
             guests.append((guest, vbds))
             log(f"{guest.name}: domid {guest.domid}, {gp.config.memory} MiB, "
                 f"max_grant_frames {gp.config.max_grant_frames}, disks "
@@ -263,6 +277,8 @@ def _serve(plan: RunPlan, images: OpenImages, seed: int, nbd_path: Path | None,
                      all(v.statistics().frontend_state == "Connected"
                          for _g, vs in guests for v in vs),
                      f"{len(guests)} guest(s), {len(disks)} disk(s)")
+        if net is not None:
+            net.check_attached(report)
         with signals_deferred():
             listener = _listen(nbd_path, tcp)
         addr = listener.getsockname()
@@ -294,10 +310,14 @@ def _serve(plan: RunPlan, images: OpenImages, seed: int, nbd_path: Path | None,
                 report.check("the host served to its end (no deadlock, no panic)", False,
                              str(e))
                 return report
-            _finish(host, report, server, guests)
+            _finish(host, report, server, guests, net)
             done = True
     finally:
         guard.disarm()
+        if net is not None and not net.wiring.closed:
+            # A serve that failed or was interrupted: the namespaces and TAPs go now.
+            with contextlib.suppress(Exception):
+                net.detach()
         try:
             if xs_socket is not None:
                 xs_socket.close()
@@ -315,14 +335,24 @@ def _serve(plan: RunPlan, images: OpenImages, seed: int, nbd_path: Path | None,
     return report
 
 
+def _vifs(net: NetJob | None, cfg: GuestConfig) -> Callable[[Guest], None] | None:
+    if net is None:
+        return None
+    return lambda g: attach_guest_vifs(net, cfg, g)
+
+
 def _finish(host: Host, report: Report, server: NbdServer,
-            guests: Sequence[tuple[Guest, list[Vbd]]]) -> None:
+            guests: Sequence[tuple[Guest, list[Vbd]]], net: NetJob | None) -> None:
     st = server.statistics()
     report.check("NBD: every connection closed", st.connections == 0,
                  f"{st.accepted} accepted, {st.dropped} dropped for breaking the protocol "
                  f"or their socket, {st.requests} requests, {st.refused} refused, "
                  f"{st.bytes_read >> 20} MiB read, {st.bytes_written >> 20} MiB written")
     figures: list[dict[str, Any]] = []
+    vifs = {g.name: net.figures(g) for g, _vbds in guests} if net is not None else {}
+    if net is not None:
+        report.check("vifs detached with the libxl sequence, namespaces and TAPs removed",
+                     net.detach(), "unplug: online=0 + Closing, backend Closed")
     for (guest, vbds) in guests:
         disks: list[dict[str, Any]] = []
         for v in vbds:
@@ -339,6 +369,8 @@ def _finish(host: Host, report: Report, server: NbdServer,
                         "grant_entries_peak": gst.peak_allocated,
                         "deferred_loads": sum(d["deferred_loads"] for d in disks),
                         "disks": disks})
+        if vifs.get(guest.name):
+            figures[-1]["vifs"] = vifs[guest.name]
         for d in disks:
             report.check(f"{d['export']}: served", True,
                          f"{d['nbd_requests']} NBD requests, {d['requests']} ring requests, "
