@@ -4,9 +4,13 @@
   choices of a run, and learns the run length k from those choices, as shuttle
   (``shuttle/src/scheduler/pct.rs``, ``PctScheduler::next_task``: the step
   counter only moves when more than one task is runnable) and Coyote do.
-- A thread that yields (``checkpoint()``) is deprioritised (shuttle's PCT does
-  it on ``is_yielding``; DFS makes "another thread" the default after a yield),
-  so a polling loop is not a livelock.
+- A thread that yields (``checkpoint()``) is deprioritised once PCT's k choices
+  are spent (Coyote's fair PCT, ``ComboStrategy``: PCT for a prefix, then a fair
+  strategy; shuttle's demotion on ``is_yielding`` is the fair part; DFS makes
+  "another thread" the default after a yield), so a polling loop is not a
+  livelock. Within the k choices a yield is a plain choice, so PCT keeps its
+  guarantee for a bug just after a yield (a check-then-tsleep after a
+  ``checkpoint()``).
 - DFS bounds preemptions iteratively, 0, 1, 2, ... (iterative context bounding,
   Musuvathi and Qadeer, PLDI 2007), so a bug one preemption deep is found
   before the search goes two deep.
