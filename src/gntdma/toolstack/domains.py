@@ -7,7 +7,9 @@ its disks (:func:`~gntdma.toolstack.vbd.attach_disk`), each connected before
 it returns. :func:`destroy_guest` detaches the disks (libxl's unplug) and
 destroys the domain. Errors raise :class:`~gntdma.toolstack.vbd.VbdError`
 (or ``ValueError`` for a config the host refuses); a failed creation leaves
-nothing behind.
+nothing behind. A guest that crashes while it is created (a panic at boot, in
+a driver's attach or connect) raises
+:class:`~gntdma.toolstack.host.GuestCrashed`: the host destroys it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from gntdma.host.image import DiskImage
-from gntdma.toolstack.host import Guest, Host
+from gntdma.toolstack.host import Guest, GuestCrashed, Host
 from gntdma.toolstack.vbd import VBD_CONNECT_TIMEOUT, Vbd, attach_disk, detach_disk
 from gntdma.toolstack.xlcfg import GuestConfig
 from gntdma.toolstack.xs import LIBXL_DESTROY_TIMEOUT
@@ -52,8 +54,18 @@ def create_guest_from_config(host: Host, cfg: GuestConfig, image_dir: str | Path
             vbds.append(attach_disk(host, guest, spec, image_dir=base, timeout=timeout,
                                     image=images[i] if images is not None else None,
                                     grant_share=len(cfg.disks) - i))
+    except Exception as e:
+        if guest.name not in host.crashed:
+            destroy_guest(host, guest, vbds)
+            raise
+        # The guest crashed on the way: the host destroys it with the disks it has
+        # (on_crash=destroy); what was being attached was released by its attach.
+        if isinstance(e, GuestCrashed):
+            raise
+        raise GuestCrashed(guest, host.crashed[guest.name]) from e
     except BaseException:
-        destroy_guest(host, guest, vbds)
+        if guest.name not in host.crashed:
+            destroy_guest(host, guest, vbds)
         raise
     return guest, vbds
 

@@ -19,10 +19,12 @@ released). No code of the dead guest runs in any of this.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Final, final
 
+from gntdma.errors import GntdmaError
 from gntdma.hv import Domain, Hypervisor
 from gntdma.sched import (
     WITNESS,
@@ -40,7 +42,7 @@ from gntdma.xen.gnttab import GntTab
 from gntdma.xen.hypercall import Hypercalls
 from gntdma.xen.xenstore import XenStore
 
-__all__ = ["CrashTeardown", "Guest", "GuestDevice", "Host"]
+__all__ = ["CrashTeardown", "Guest", "GuestCrashed", "GuestDevice", "Host"]
 
 PAGES_PER_MIB: Final = 256
 
@@ -87,6 +89,16 @@ class CrashTeardown:
     devices: list[str] = field(default_factory=list)  #: what was torn down
     done_at: float | None = None  #: when the domain was destroyed
     clean: bool = False  #: every backend closed in time
+
+
+class GuestCrashed(GntdmaError):
+    """What the toolstack was doing with a guest ended: the guest crashed (its
+    kernel panicked); the host destroys it (:meth:`Host.crash_guest`)."""
+
+    def __init__(self, guest: Guest, why: str) -> None:
+        self.guest = guest
+        self.why = why
+        super().__init__(f"{guest.name} crashed: {why}")
 
 
 @final
@@ -150,11 +162,30 @@ class Host:
         hc = Hypercalls(self.hv, d.domid)
         kernel = Kernel(name, GuestPhysMem(d.memory), seed=self.seed * 1000 + d.domid)
         gt = GntTab(hc, kernel.enqueue_swi, self.callback_delivery)
-        xen_busdma_attach(kernel, gt)
         g = Guest(name, d, hc, kernel, gt)
         self.guests[d.domid] = g
-        self.xenstore.domain_created(g)
+        if d.domid == 0:
+            xen_busdma_attach(kernel, gt)
+            self.xenstore.domain_created(g)
+            return g
+        # The guest's boot: a panic in it crashes the guest (GuestCrashed).
+        with self.guest_code(g, "booting"):
+            xen_busdma_attach(kernel, gt)
+            self.xenstore.domain_created(g)
         return g
+
+    @contextlib.contextmanager
+    def guest_code(self, g: Guest, what: str) -> Iterator[None]:
+        """Guest kernel code the toolstack runs for ``g`` on its own thread (its
+        boot, a driver's attach): a panic there crashes ``g`` only, as one in a
+        thread of ``g`` does, and raises :class:`GuestCrashed` to the caller."""
+        try:
+            yield
+        except KernelPanic as e:
+            if g.domid == 0:
+                raise
+            self.crash_guest(g, f"panic while {what}: {e}")
+            raise GuestCrashed(g, self.crashed[g.name]) from e
 
     def add_device(self, g: Guest, dev: GuestDevice) -> None:
         """Record a device attached to ``g`` (torn down with it if it crashes)."""

@@ -28,7 +28,7 @@ from gntdma.errors import GntdmaError
 from gntdma.host.image import DiskImage, open_image
 from gntdma.sched import ThreadState
 from gntdma.toolstack.domains import create_guest_from_config
-from gntdma.toolstack.host import CrashTeardown, Guest, Host
+from gntdma.toolstack.host import CrashTeardown, Guest, GuestCrashed, Host
 from gntdma.toolstack.netjob import NetJob, attach_guest_vifs, make_netjob
 from gntdma.toolstack.preflight import DiskPlan, GuestPlan, RunPlan
 from gntdma.toolstack.report import Report
@@ -271,9 +271,15 @@ class _Disk:
 def _attach(host: Host, gp: GuestPlan, gi: int, images: OpenImages,
             log: Callable[[str], None], net: NetJob | None) -> tuple[Guest, list[_Disk]]:
     cfg = gp.config
-    guest, vbds = create_guest_from_config(
-        host, cfg, None, images=[images.by_disk[gi, di].image for di in range(len(gp.disks))],
-        before_disks=None if net is None else lambda g: attach_guest_vifs(net, cfg, g))
+    try:
+        guest, vbds = create_guest_from_config(
+            host, cfg, None,
+            images=[images.by_disk[gi, di].image for di in range(len(gp.disks))],
+            before_disks=None if net is None else lambda g: attach_guest_vifs(net, cfg, g))
+    except GuestCrashed as e:
+        # The host destroys it (on_crash=destroy); the other guests go on.
+        log(f"{cfg.name}: crashed while it was created ({e.why}); destroyed")
+        return e.guest, []
     disks = []
     for di, v in enumerate(vbds):
         oi = images.by_disk[gi, di]
@@ -340,12 +346,15 @@ def run_block_job(host: Host, report: Report, plan: RunPlan, images: OpenImages,
                      net.detach(), "unplug: online=0 + Closing, backend Closed")
     phase("detaching the disks")
     for g, ds, fig in zip(guests, disks_of, figures, strict=True):
+        detached = True
+        if g.name not in host.crashed:
+            detached = all([detach_disk(host, d.vbd) for d in reversed(ds)])
         crash = host.crashes.get(g.name)
         if crash is not None:  # the toolstack destroyed it when it crashed
+            host.wait_crashes()
             fig["crashed"] = crash.why
             _check_crash_teardown(report, crash)
             continue
-        detached = all([detach_disk(host, d.vbd) for d in reversed(ds)])
         left = g.gnttab.statistics()
         fig["leaked_grant_refs"] = left.allocated
         report.check(f"{g.name}: no grant reference left after the disks detached",
@@ -507,6 +516,7 @@ def _figures(host: Host, guest: Guest, gp: GuestPlan, disks: Sequence[_Disk]
         "max_grant_frames": gp.config.max_grant_frames,
         "grant_entries_peak": peak,
         "deferred_loads": sum(s.deferred_loads for s in fr),
-        "busdma_grant_deferred": _impl(guest).statistics().grant_deferred,
+        "busdma_grant_deferred": (_impl(guest).statistics().grant_deferred
+                                  if guest.name not in host.crashed else None),
         "disks": out,
     }

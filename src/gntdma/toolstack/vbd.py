@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, final
 
@@ -50,11 +50,12 @@ from gntdma.dev.blkfront_io import XbdFile, XbdIOError
 from gntdma.dev.blkfront_xenbus import XbdXenbus, xbd_attach
 from gntdma.errors import GntdmaError
 from gntdma.host.image import DiskImage, open_image
-from gntdma.sched import current_scheduler
+from gntdma.sched import Mutex, current_scheduler, msleep, mtx_lock, mtx_unlock, wakeup
 from gntdma.toolstack.host import Guest, GuestDevice, Host
 from gntdma.toolstack.xlcfg import DiskSpec
 from gntdma.toolstack.xs import LIBXL_DESTROY_TIMEOUT, DeviceDirs, XenstoreSetupError
 from gntdma.xen.xenbus import XenbusState
+from gntdma.xenstored import XsError
 
 __all__ = [
     "VBD_CONNECT_TIMEOUT",
@@ -112,6 +113,10 @@ class Vbd:
     #: A file view of the disk for workloads (:class:`io.RawIOBase`).
     file: XbdFile
     attached: bool = True
+    #: detach_disk is under way (a crash of the guest meanwhile forces it).
+    detaching: bool = False
+    #: The interlock of ``detaching`` (a crash's teardown sleeps until it is False).
+    detach_lock: Mutex = field(default_factory=lambda: Mutex("vbd detach"))
     #: How the host tears it down if the guest crashes or the host goes.
     device: GuestDevice | None = None
 
@@ -250,18 +255,21 @@ def attach_disk(host: Host, guest: Guest, spec: DiskSpec, *, image_dir: str | Pa
         if back is None:
             raise VbdError(f"{what}: blkback's xenbus driver did not attach: "
                            f"{os.strerror(error)}")
-        error, front = xbd_attach(guest.kernel, guest.hc, guest.gnttab, guest.xenstore,
-                                  spec.devid, ring_page_order=ring_page_order,
-                                  max_indirect_segments=max_indirect_segments,
-                                  grant_share=grant_share)
+        with host.guest_code(guest, f"attaching {spec.vdev}"):
+            error, front = xbd_attach(guest.kernel, guest.hc, guest.gnttab, guest.xenstore,
+                                      spec.devid, ring_page_order=ring_page_order,
+                                      max_indirect_segments=max_indirect_segments,
+                                      grant_share=grant_share)
         if front is None:
             raise VbdError(f"{what}: blkfront's xenbus driver did not attach: "
                            f"{os.strerror(error)}")
         sched = current_scheduler()
         deadline = sched.now() + timeout
         end = {_S.Connected, _S.Closing, _S.Closed}
-        ferr, fst = front.wait_state(end, timeout)
-        berr, bst = back.wait_state(end, max(0.0, deadline - sched.now()))
+        ferr, fst = _wait_state(host, guest, front, end, timeout)
+        berr, bst = _wait_state(host, guest, back, end, max(0.0, deadline - sched.now()))
+        if guest.name in host.crashed:
+            raise VbdError(f"{what}: the guest crashed while the disk connected")
         if ferr != 0 or berr != 0 or fst != _S.Connected or bst != _S.Connected:
             why = "; ".join(e for e in (f"frontend {fst.name}"
                                         + (f": {front.error}" if front.error else ""),
@@ -278,7 +286,29 @@ def attach_disk(host: Host, guest: Guest, spec: DiskSpec, *, image_dir: str | Pa
         return vbd
     finally:
         if not ok:
+            if guest.name in host.crashed:
+                # The guest crashed on the way (on_crash=destroy): the host removes the
+                # device's directories with the domain, and blkback ends on that; no
+                # unplug that would wait for the dead frontend.
+                dirs = None
             _release(host, dirs, front, back, bb, image, min(timeout, LIBXL_DESTROY_TIMEOUT))
+
+
+#: Seconds between two looks at whether the guest crashed, while a disk connects.
+_CRASH_POLL: Final = 0.05
+
+
+def _wait_state(host: Host, guest: Guest, drv: XbdXenbus | BlkbackXenbus,
+                states: set[XenbusState], timeout: float) -> tuple[int, XenbusState]:
+    """``drv.wait_state``, ended early when ``guest`` crashes (its drivers' threads
+    die without waking anyone: the wait would last its whole timeout)."""
+    sched = current_scheduler()
+    deadline = sched.now() + timeout
+    while True:
+        left = deadline - sched.now()
+        error, state = drv.wait_state(states, max(0.0, min(left, _CRASH_POLL)))
+        if error != errno.ETIMEDOUT or left <= _CRASH_POLL or guest.name in host.crashed:
+            return error, state
 
 
 def detach_disk(host: Host, vbd: Vbd, timeout: float = LIBXL_DESTROY_TIMEOUT) -> bool:
@@ -294,10 +324,23 @@ def detach_disk(host: Host, vbd: Vbd, timeout: float = LIBXL_DESTROY_TIMEOUT) ->
     if not vbd.attached:
         return True
     vbd.attached = False
-    if vbd.device is not None:
-        host.remove_device(vbd.guest, vbd.device)
-    clean = _release(host, vbd.dirs, vbd.frontend, vbd.backend, vbd.blkback, vbd.image,
-                     timeout)
+    # The device stays the host's until it is gone: if the guest crashes half way
+    # (its blkfront never closes), the host removes it by force (destroy_disk),
+    # which ends the wait below.
+    vbd.detaching = True
+    try:
+        clean = _release(host, vbd.dirs, vbd.frontend, vbd.backend, vbd.blkback, vbd.image,
+                         timeout)
+    finally:
+        mtx_lock(vbd.detach_lock)
+        vbd.detaching = False
+        wakeup(vbd)
+        mtx_unlock(vbd.detach_lock)
+        if vbd.device is not None:
+            host.remove_device(vbd.guest, vbd.device)
+    if vbd.guest.name in host.crashed:
+        vbd.file.abandon()  # no I/O through a dead guest's driver
+        return clean
     # The disk is gone: XbdFile.close() still tries a flush (ENXIO), ignored.
     with contextlib.suppress(XbdIOError):
         vbd.file.close()
@@ -315,6 +358,8 @@ def destroy_disk(host: Host, vbd: Vbd, timeout: float = LIBXL_DESTROY_TIMEOUT) -
     channel) and closes; then the backend directory goes. Nothing of the
     guest's blkfront runs: it is dead. Sleeps (a toolstack thread).
     """
+    if vbd.detaching:
+        return _destroy_detaching(host, vbd, timeout)
     if not vbd.attached:
         return True
     vbd.attached = False
@@ -328,6 +373,26 @@ def destroy_disk(host: Host, vbd: Vbd, timeout: float = LIBXL_DESTROY_TIMEOUT) -
     if not vbd.image.closed:
         vbd.image.close()
     return clean
+
+
+def _destroy_detaching(host: Host, vbd: Vbd, timeout: float) -> bool:
+    """The guest crashed while :func:`detach_disk` unplugs ``vbd``: that unplug waits
+    for a backend that waits for the dead frontend to close. The forced removal's
+    part it lacks: the frontend directory goes, blkback sees its frontend gone,
+    disconnects and closes, and the unplug ends; wait for it (True if it did in
+    time). One waiter on the backend's state, not two."""
+    with contextlib.suppress(XsError):
+        host.xenstore.toolstack.rm(vbd.dirs.frontend_path)
+    deadline = current_scheduler().now() + timeout + _THREAD_GRACE
+    mtx_lock(vbd.detach_lock)
+    while vbd.detaching:
+        left = deadline - current_scheduler().now()
+        if left <= 0:
+            break
+        msleep(vbd, vbd.detach_lock, "xldetach", left)
+    done = not vbd.detaching
+    mtx_unlock(vbd.detach_lock)
+    return done
 
 
 def _abandon(vbd: Vbd) -> None:
