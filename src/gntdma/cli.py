@@ -81,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--allow-remote", action="store_true",
                     help="allow --nbd-listen on an address other than loopback (NBD has no "
                     "authentication)")
+    sv.add_argument("--nbd-max-connections", type=int, default=256, metavar="N",
+                    help="connections open at once (default 256); beyond, a new client "
+                    "replaces the oldest one still negotiating, or is refused")
+    sv.add_argument("--nbd-handshake-timeout", type=float, default=5.0, metavar="SECONDS",
+                    help="drop a connection still negotiating after this long (default 5; "
+                    "0: never)")
     sv.add_argument("--seed", type=_positive_int, default=0)
     sv.add_argument("--json", type=Path, metavar="PATH", help="write a JSON report")
     sv.add_argument("--overwrite", action="store_true",
@@ -145,7 +151,8 @@ def cmd_serve(args: argparse.Namespace, out: _Output) -> int:
             report = serve_main(args.configs, nbd_path=args.nbd, nbd_listen=args.nbd_listen,
                                 allow_remote=args.allow_remote, seed=args.seed,
                                 json_path=args.json, overwrite=args.overwrite, log=out.say,
-                                guard=guard)
+                                guard=guard, max_connections=args.nbd_max_connections,
+                                handshake_timeout=args.nbd_handshake_timeout)
             out.say(report.format())
         except Interrupted as e:
             print(f"gntdma serve: interrupted by {e.name} while {e.phase}; what it made for "

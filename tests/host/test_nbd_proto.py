@@ -217,10 +217,85 @@ def test_write_to_read_only_export_is_eperm() -> None:
 
 def test_unknown_command_and_inapplicable_flag_are_einval() -> None:
     # "Error values": unknown command, or a flag not documented for the request: NBD_EINVAL
+    # (NO_HOLE is documented for WRITE_ZEROES only; FUA is valid on every command,
+    # see test_fua_is_accepted_on_every_command_when_send_fua_is_advertised)
     c = _connected()
-    c.receive_data(_req(42) + _req(NbdCmd.READ, 0, 512, flags=NbdCmdFlag.FUA))
+    c.receive_data(_req(42) + _req(NbdCmd.READ, 0, 512, flags=NbdCmdFlag.NO_HOLE))
     raw = _out(c)
     assert _simple(raw)[0] == NbdError.EINVAL and _simple(raw[16:])[0] == NbdError.EINVAL
+
+
+def test_fua_is_accepted_on_every_command_when_send_fua_is_advertised() -> None:
+    # doc/proto.md "Command flags": NBD_CMD_FLAG_FUA "is valid for all commands,
+    # provided NBD_FLAG_SEND_FUA has been negotiated, in which case the server MUST
+    # accept all commands with this bit set (even by ignoring the bit)"
+    c = _connected()
+    assert c.export is not None and c.export.tx_flags & NbdTxFlag.SEND_FUA
+    fua = NbdCmdFlag.FUA
+    reqs = c.receive_data(_req(NbdCmd.READ, 0, 512, flags=fua, cookie=1)
+                          + _req(NbdCmd.FLUSH, flags=fua, cookie=2)
+                          + _req(NbdCmd.TRIM, 0, 512, flags=fua, cookie=3)
+                          + _req(NbdCmd.WRITE_ZEROES, 0, 512, flags=fua, cookie=4)
+                          + _req(NbdCmd.WRITE, 0, 512, flags=fua, cookie=5) + bytes(512))
+    assert [(r.cmd, r.cookie) for r in reqs] == [
+        (NbdCmd.READ, 1), (NbdCmd.FLUSH, 2), (NbdCmd.TRIM, 3), (NbdCmd.WRITE_ZEROES, 4),
+        (NbdCmd.WRITE, 5)]
+    assert _out(c) == b"" and c.errors == 0
+    c.receive_data(_req(NbdCmd.DISC, flags=fua))
+    assert c.closed and c.disconnect_requested
+
+
+def test_fua_without_send_fua_is_einval() -> None:
+    # "Command flags": FUA is valid only "provided NBD_FLAG_SEND_FUA has been negotiated"
+    c = _connected(name="g1/xvdb")  # read-only, no flush: SEND_FUA not advertised
+    assert c.export is not None and not c.export.tx_flags & NbdTxFlag.SEND_FUA
+    c.receive_data(_req(NbdCmd.READ, 0, 512, flags=NbdCmdFlag.FUA))
+    assert _simple(_out(c))[0] == NbdError.EINVAL
+
+
+def _zero_length_requests(offset: int) -> bytes:
+    return (_req(NbdCmd.READ, offset, 0, cookie=1) + _req(NbdCmd.WRITE, offset, 0, cookie=2)
+            + _req(NbdCmd.TRIM, offset, 0, cookie=3)
+            + _req(NbdCmd.WRITE_ZEROES, offset, 0, cookie=4))
+
+
+def test_zero_length_requests_are_answered_by_the_core_with_simple_replies() -> None:
+    # doc/proto.md "Request types", NBD_CMD_READ: "The client SHOULD NOT request a
+    # read length of 0; the behavior of a server on such a request is unspecified
+    # although the server SHOULD NOT disconnect" (the same for WRITE, TRIM and
+    # WRITE_ZEROES). gntdma answers success with no payload, in the core: no empty
+    # request reaches the disk, no empty buffer reaches the socket.
+    for offset in (0, SIZE):
+        c = _connected()
+        assert c.receive_data(_zero_length_requests(offset)) == []
+        out = c.take_output()
+        assert all(len(b) > 0 for b in out)
+        raw = b"".join(bytes(b) for b in out)
+        assert [_simple(raw[i:]) for i in range(0, 64, 16)] == [(0, 1), (0, 2), (0, 3), (0, 4)]
+        assert len(raw) == 64 and not c.closed and c.empty == 4 and c.requests == 0
+
+
+def test_zero_length_requests_are_answered_by_the_core_with_structured_replies() -> None:
+    # "Structured reply types": NBD_REPLY_TYPE_NONE with NBD_REPLY_FLAG_DONE is "valid
+    # as a reply to any request"; an OFFSET_DATA chunk could not carry 0 bytes (its
+    # length "MUST be at least 9", and "each chunk MUST describe at least one byte")
+    for offset in (0, SIZE):
+        c = _connected(structured=True)
+        assert c.receive_data(_zero_length_requests(offset)) == []
+        out = c.take_output()
+        assert all(len(b) > 0 for b in out)
+        raw = b"".join(bytes(b) for b in out)
+        chunks = [struct.unpack_from(">IHHQI", raw, i) for i in range(0, 80, 20)]
+        assert chunks == [(NBD_STRUCTURED_REPLY_MAGIC, 1, NbdReplyType.NONE, k, 0)
+                          for k in (1, 2, 3, 4)]
+        assert len(raw) == 80 and not c.closed
+
+
+def test_zero_length_request_beyond_the_end_is_still_einval() -> None:
+    # "Error values": offset beyond the end of the export: NBD_EINVAL
+    c = _connected()
+    assert c.receive_data(_req(NbdCmd.READ, SIZE + 512, 0)) == []
+    assert _simple(_out(c)) == (NbdError.EINVAL, 7)
 
 
 def test_flush_with_offset_is_einval_and_cache_is_not_offered() -> None:

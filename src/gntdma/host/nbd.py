@@ -22,6 +22,18 @@ A client that breaks the protocol, or whose socket fails, loses its own
 connection only; its requests in flight complete (so that nothing is left
 half-done in the guest) and their replies are dropped. A connection with
 :data:`MAX_QUEUED` requests waiting is not read until they drain.
+
+Idle or slow clients cannot lock the others out: a connection still
+negotiating after the handshake timeout (:data:`HANDSHAKE_TIMEOUT` by
+default) is dropped; at most ``max_connections`` (:data:`MAX_CONNECTIONS` by
+default) are open at once, and a client that comes when they are all open
+takes the place of the oldest one still negotiating, or, if every one is in
+transmission, is refused: closed at once, before the greeting (the client
+reads end of file), and counted. The listening socket's backlog is
+:data:`LISTEN_BACKLOG`, so that a burst of clients is queued, not refused by
+the kernel. No hostile request makes the transmit thread loop without a
+scheduling point: a reply buffer the socket took whole is dropped even when
+it is empty, and a send that takes nothing waits for the reactor's writer.
 """
 
 from __future__ import annotations
@@ -59,6 +71,9 @@ from gntdma.sched import (
 )
 
 __all__ = [
+    "HANDSHAKE_TIMEOUT",
+    "LISTEN_BACKLOG",
+    "MAX_CONNECTIONS",
     "MAX_QUEUED",
     "WORKERS",
     "NbdDisk",
@@ -73,8 +88,14 @@ __all__ = [
 WORKERS: Final = 32
 #: Requests queued (waiting for a worker) before the connection is no longer read.
 MAX_QUEUED: Final = 64
-#: Connections at once; more are accepted and closed at once.
-MAX_CONNECTIONS: Final = 64
+#: Connections open at once by default (see the module's text for what happens beyond).
+MAX_CONNECTIONS: Final = 256
+#: Seconds a connection may spend in the handshake by default before it is dropped.
+HANDSHAKE_TIMEOUT: Final = 5.0
+#: The listening socket's backlog (the kernel caps it at ``net.core.somaxconn``).
+LISTEN_BACKLOG: Final = 1024
+#: Seconds the listener rests after ``accept`` ran out of file descriptors.
+_ACCEPT_BACKOFF: Final = 0.1
 _IOV_MAX: Final = 1024
 _RECV_CHUNK: Final = 256 << 10
 #: A receive buffer at least this large is filled straight by ``recv_into``.
@@ -105,6 +126,15 @@ class NbdServerStatistics:
     bytes_read: int
     bytes_written: int
     errors: int  #: requests whose I/O failed
+    #: requests of length 0, answered with success by the protocol core (no I/O)
+    empty_requests: int = 0
+    #: closed while still negotiating: past the handshake timeout, or making room
+    #: for a new client at the connection limit
+    handshake_dropped: int = 0
+    #: new clients closed at once because every connection was in transmission
+    refused_connections: int = 0
+    max_connections: int = MAX_CONNECTIONS
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
 
 
 def _do_request(disk: NbdDisk, req: NbdRequest) -> tuple[int, bytes | None]:
@@ -163,8 +193,28 @@ class _Conn:
         self.txchan = object()
         self.wchan = object()
         self.pending: list[memoryview] = []
+        self.opened = server.sched.now()
+        self._cancel_handshake: Callable[[], None] | None = None
+        if server.handshake_timeout > 0:
+            self._cancel_handshake = server.sched.call_later(server.handshake_timeout,
+                                                             self._handshake_expired)
         self.server.sched.spawn(self._tx, name=f"nbd/c{cid}/tx")
         self._read_on()
+
+    @property
+    def negotiating(self) -> bool:
+        """Still in the handshake (no export chosen), and not closing."""
+        return self.proto.export is None and not self.closing
+
+    def _handshake_expired(self) -> None:
+        self._cancel_handshake = None
+        if self.negotiating:
+            self.drop_negotiating()
+
+    def drop_negotiating(self) -> None:
+        """End a connection that is still in the handshake (hub only)."""
+        self.server.handshake_dropped += 1
+        self.close(broken=True, counted=False)
 
     # -- reading (hub) -------------------------------------------------------------
 
@@ -264,7 +314,8 @@ class _Conn:
             if self.proto.has_output():
                 # let the other completions of this batch queue their replies first
                 self.server.sched.yield_()
-                self.pending += [memoryview(b).cast("B") for b in self.proto.take_output()]
+                self.pending += [v for v in (memoryview(b).cast("B")
+                                             for b in self.proto.take_output()) if len(v) > 0]
             if self.pending and not self.broken:
                 self._send()
             elif self.broken:
@@ -284,22 +335,29 @@ class _Conn:
                     self.broken = True
                     self.pending.clear()
                     return
-                self.server.reactor.add_writer(self.fd, self._writable)
-                tsleep(self.wchan, "nbdsnd", 0.0, PIDLE)
+                self._wait_writable()
                 continue
             except OSError:
                 self.broken = True
                 self.pending.clear()
                 self.close(broken=True)
                 return
-            while sent > 0:
-                head = self.pending[0]
-                if sent >= len(head):
-                    sent -= len(head)
-                    self.pending.pop(0)
-                else:
-                    self.pending[0] = head[sent:]
-                    sent = 0
+            # every buffer the socket took whole goes, an empty one included
+            while self.pending and len(self.pending[0]) <= sent:
+                sent -= len(self.pending.pop(0))
+            if sent > 0:
+                self.pending[0] = self.pending[0][sent:]
+            elif self.pending:
+                # nothing taken of a non-empty buffer: wait for room, never spin
+                if self.server.closed:
+                    self.broken = True
+                    self.pending.clear()
+                    return
+                self._wait_writable()
+
+    def _wait_writable(self) -> None:
+        self.server.reactor.add_writer(self.fd, self._writable)
+        tsleep(self.wchan, "nbdsnd", 0.0, PIDLE)
 
     def _writable(self) -> None:
         self.server.reactor.remove_writer(self.fd)
@@ -307,13 +365,18 @@ class _Conn:
 
     # -- the end -------------------------------------------------------------------
 
-    def close(self, *, broken: bool) -> None:
-        """Stop reading; requests not started are dropped, the others complete."""
+    def close(self, *, broken: bool, counted: bool = True) -> None:
+        """Stop reading; requests not started are dropped, the others complete.
+        ``counted``: a broken connection counts as dropped for breaking the protocol."""
         if self.closing:
             return
         self.closing = True
+        if self._cancel_handshake is not None:
+            self._cancel_handshake()
+            self._cancel_handshake = None
         if broken:
-            self.server.dropped += 1
+            if counted:
+                self.server.dropped += 1
             self.broken = True
         self._read_off()
         if broken:
@@ -329,6 +392,7 @@ class _Conn:
             self.sock.close()
         self.tx_done = True
         self.server.refused += self.proto.errors
+        self.server.empty += self.proto.empty
         self.server.conns.pop(self.cid, None)
         wakeup(self.server.conns)
 
@@ -339,8 +403,18 @@ class NbdServer:
 
     def __init__(self, sched: Scheduler, disks: Sequence[NbdDisk], listener: socket.socket,
                  *, default: str | None = None,
-                 on_connect: Callable[[int], None] | None = None) -> None:
+                 on_connect: Callable[[int], None] | None = None,
+                 max_connections: int = MAX_CONNECTIONS,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
+        """``max_connections``: open at once (at least 1); ``handshake_timeout``:
+        seconds a connection may negotiate (0: no limit)."""
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, not {max_connections}")
+        if handshake_timeout < 0:
+            raise ValueError(f"handshake_timeout must be 0 or more, not {handshake_timeout}")
         self.sched = sched
+        self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
         self.disks = {d.export.name: d for d in disks}
         self.default = default
         self.listener = listener
@@ -350,6 +424,9 @@ class NbdServer:
         self.accepted = 0
         self.dropped = 0
         self.refused = 0
+        self.empty = 0
+        self.handshake_dropped = 0
+        self.refused_connections = 0
         self._next = 0
         self._on_connect = on_connect
         self.closed = False
@@ -361,13 +438,19 @@ class NbdServer:
                 sock, _addr = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # out of descriptors or memory: the listener stays readable, so
+                    # rest a moment instead of being called again at once
+                    self.reactor.remove_reader(self.listener.fileno())
+                    self.sched.call_later(_ACCEPT_BACKOFF, self._accept_again)
                 return
             sock.setblocking(False)
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if len(self.conns) >= MAX_CONNECTIONS:
+            if not self._make_room():
+                self.refused_connections += 1
                 sock.close()
                 continue
             self._next += 1
@@ -376,14 +459,34 @@ class NbdServer:
             if self._on_connect is not None:
                 self._on_connect(self._next)
 
+    def _accept_again(self) -> None:
+        if not self.closed:
+            self.reactor.add_reader(self.listener.fileno(), self._accept)
+
+    def _make_room(self) -> bool:
+        """Whether a new connection may open: under the limit, or once the oldest
+        connection still negotiating has been dropped for it."""
+        open_ = [c for c in self.conns.values() if not c.closing]
+        if len(open_) < self.max_connections:
+            return True
+        negotiating = [c for c in open_ if c.negotiating]
+        if not negotiating:
+            return False
+        min(negotiating, key=lambda c: (c.opened, c.cid)).drop_negotiating()
+        return True
+
     def statistics(self) -> NbdServerStatistics:
         ds = self.disks.values()
+        conns = self.conns.values()
         return NbdServerStatistics(
             len(self.conns), self.accepted, self.dropped,
             sum(d.requests for d in ds),
-            self.refused + sum(c.proto.errors for c in self.conns.values()),
+            self.refused + sum(c.proto.errors for c in conns),
             sum(d.bytes_read for d in ds), sum(d.bytes_written for d in ds),
-            sum(d.errors for d in ds))
+            sum(d.errors for d in ds),
+            self.empty + sum(c.proto.empty for c in conns),
+            self.handshake_dropped, self.refused_connections,
+            self.max_connections, self.handshake_timeout)
 
     def close(self) -> None:
         """Stop accepting, end every connection (requests in flight complete), stop
@@ -405,7 +508,7 @@ def listen_unix(path: str) -> socket.socket:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.bind(path)
-        s.listen(64)
+        s.listen(LISTEN_BACKLOG)
     except OSError:
         s.close()
         raise
@@ -422,7 +525,7 @@ def listen_tcp(host: str, port: int) -> socket.socket:
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(addr)
-        s.listen(64)
+        s.listen(LISTEN_BACKLOG)
     except OSError:
         s.close()
         raise

@@ -17,7 +17,9 @@ one ``sendmsg``).
 Peer data is validated, never asserted on. A request the export cannot
 honour (out of range, unaligned to the advertised minimum block, too large,
 an unknown command or flag, a write to a read-only export) is answered with
-the NBD error here and never reaches the caller. A breach of a mandatory
+the NBD error here and never reaches the caller; so is a request of length 0
+(a success that moves no data: the caller never sees an empty read, write or
+trim, and no reply buffer is ever empty). A breach of a mandatory
 condition (a bad magic number, unknown client flags, an unknown export
 after ``NBD_OPT_EXPORT_NAME``, an option too large to be anything but a
 denial of service) ends the connection: :attr:`~NbdServerConnection.closed`
@@ -225,14 +227,16 @@ class NbdRequest:
     payload: bytearray | None = None  #: a write's data
 
 
-#: The command flags each command may carry ("Command flags").
+#: The command flags each command may carry ("Command flags": FUA "is valid for
+#: all commands, provided NBD_FLAG_SEND_FUA has been negotiated, in which case the
+#: server MUST accept all commands with this bit set (even by ignoring the bit)").
 _ALLOWED_FLAGS: Final = {
-    NbdCmd.READ: NbdCmdFlag(0),
+    NbdCmd.READ: NbdCmdFlag.FUA,
     NbdCmd.WRITE: NbdCmdFlag.FUA,
-    NbdCmd.FLUSH: NbdCmdFlag(0),
+    NbdCmd.FLUSH: NbdCmdFlag.FUA,
     NbdCmd.TRIM: NbdCmdFlag.FUA,
     NbdCmd.WRITE_ZEROES: NbdCmdFlag.FUA | NbdCmdFlag.NO_HOLE,
-    NbdCmd.DISC: NbdCmdFlag(0),
+    NbdCmd.DISC: NbdCmdFlag.FUA,
 }
 
 # Where the next bytes go.
@@ -256,6 +260,7 @@ class NbdServerConnection:
         self.options = 0  #: options handled
         self.requests = 0  #: requests passed to the caller
         self.errors = 0  #: requests answered with an error here
+        self.empty = 0  #: requests of length 0 answered with success here
         self._out: list[bytes | bytearray | memoryview] = []
         self._phase = _CLIENT_FLAGS
         self._buf = bytearray(_REQ.size)
@@ -472,6 +477,13 @@ class NbdServerConnection:
             self._pending = (cookie, command, cflags, offset, length)
             self._expect(_PAYLOAD, length, bytearray(length))
             return []
+        if length == 0 and command != NbdCmd.FLUSH:
+            # A request of no bytes moves no data and persists nothing: answered
+            # here, so that no empty bio or empty reply buffer exists further on
+            # ("Request types": the server SHOULD NOT disconnect on a length of 0).
+            self.empty += 1
+            self._success(cookie)
+            return []
         self.requests += 1
         return [NbdRequest(cookie, command, cflags, offset, length,
                            bytearray(0) if command == NbdCmd.WRITE else None)]
@@ -492,13 +504,13 @@ class NbdServerConnection:
         txf = ex.tx_flags
         if command == NbdCmd.DISC:
             return NbdError.OK
+        if flags & NbdCmdFlag.FUA and not txf & NbdTxFlag.SEND_FUA:
+            return NbdError.EINVAL
         if command == NbdCmd.FLUSH:
             if not txf & NbdTxFlag.SEND_FLUSH or offset != 0 or length != 0:
                 return NbdError.EINVAL
             return NbdError.OK
         if command == NbdCmd.TRIM and not txf & NbdTxFlag.SEND_TRIM and not ex.readonly:
-            return NbdError.EINVAL
-        if flags & NbdCmdFlag.FUA and not txf & NbdTxFlag.SEND_FUA:
             return NbdError.EINVAL
         writes = command in (NbdCmd.WRITE, NbdCmd.TRIM, NbdCmd.WRITE_ZEROES)
         if writes and ex.readonly:
@@ -527,14 +539,24 @@ class NbdServerConnection:
         else:
             self._out.append(_SIMPLE.pack(NBD_SIMPLE_REPLY_MAGIC, error, cookie))
 
+    def _success(self, cookie: int) -> None:
+        """A reply of success with no data (a structured reply: one NONE chunk with
+        DONE, "valid as a reply to any request")."""
+        if self.structured:
+            self._out.append(_CHUNK.pack(NBD_STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE,
+                                         NbdReplyType.NONE, cookie, 0))
+        else:
+            self._out.append(_SIMPLE.pack(NBD_SIMPLE_REPLY_MAGIC, 0, cookie))
+
     def reply(self, req: NbdRequest, error: int,
               data: bytes | bytearray | memoryview | None = None) -> None:
         """Answer ``req``: ``error`` an :class:`NbdError` value (0: success), and for a
-        successful read its ``req.length`` bytes of ``data``."""
+        successful read its ``req.length`` bytes of ``data`` (never empty: a read
+        of no bytes is answered by the core and never reaches the caller)."""
         if error != NbdError.OK:
             self._emit_error(req.cookie, NbdError(error), f"{req.cmd.name} failed")
             return
-        if req.cmd == NbdCmd.READ:
+        if req.cmd == NbdCmd.READ and req.length > 0:
             assert data is not None and len(data) == req.length
             if self.structured:
                 self._out.append(_CHUNK.pack(NBD_STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE,
@@ -544,11 +566,7 @@ class NbdServerConnection:
                 self._out.append(_SIMPLE.pack(NBD_SIMPLE_REPLY_MAGIC, 0, req.cookie))
             self._out.append(data)
             return
-        if self.structured:
-            self._out.append(_CHUNK.pack(NBD_STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE,
-                                         NbdReplyType.NONE, req.cookie, 0))
-        else:
-            self._out.append(_SIMPLE.pack(NBD_SIMPLE_REPLY_MAGIC, 0, req.cookie))
+        self._success(req.cookie)
 
     def take_output(self) -> list[bytes | bytearray | memoryview]:
         """Every buffer queued for the client, in order; the queue is then empty."""

@@ -44,7 +44,15 @@ from typing import Any
 import gntdma
 from gntdma.dev.blkfront_cmd import XBDF_BARRIER, XBDF_DISCARD, XBDF_FLUSH
 from gntdma.errors import ConfigError
-from gntdma.host.nbd import NbdDisk, NbdServer, listen_tcp, listen_unix, remove_socket
+from gntdma.host.nbd import (
+    HANDSHAKE_TIMEOUT,
+    MAX_CONNECTIONS,
+    NbdDisk,
+    NbdServer,
+    listen_tcp,
+    listen_unix,
+    remove_socket,
+)
 from gntdma.host.nbd_proto import NbdExport
 from gntdma.sched import WITNESS, Deadlock, KernelPanic
 from gntdma.sys import MAXPHYS
@@ -124,7 +132,8 @@ def serve_main(configs: Sequence[Path], *, nbd_path: Path | None = None,
                nbd_listen: str | None = None, allow_remote: bool = False, seed: int = 0,
                json_path: Path | None = None, overwrite: bool = False,
                log: Callable[[str], None] = print, guard: InterruptGuard | None = None,
-               stop: threading.Event | None = None) -> Report:
+               stop: threading.Event | None = None, max_connections: int = MAX_CONNECTIONS,
+               handshake_timeout: float = HANDSHAKE_TIMEOUT) -> Report:
     """Serve until SIGINT/SIGTERM (or ``stop``); the report says whether every check held.
 
     Raises:
@@ -137,6 +146,12 @@ def serve_main(configs: Sequence[Path], *, nbd_path: Path | None = None,
         raise ConfigError("give exactly one of --nbd PATH and --nbd-listen HOST:PORT")
     if not 0 <= seed < 1 << 64:
         raise ConfigError(f"--seed must be from 0 to 2**64-1, not {seed}")
+    if not 1 <= max_connections <= 1 << 16:
+        raise ConfigError(f"--nbd-max-connections must be from 1 to 65536, not {max_connections}")
+    if not 0 <= handshake_timeout <= 3600:  # also refuses nan
+        raise ConfigError("--nbd-handshake-timeout must be from 0 to 3600 seconds, not "
+                          f"{handshake_timeout}")
+    limits = (max_connections, handshake_timeout)
     tcp = parse_listen(nbd_listen, allow_remote) if nbd_listen is not None else None
     if nbd_path is not None:
         if nbd_path.exists() or nbd_path.is_symlink():
@@ -159,7 +174,7 @@ def serve_main(configs: Sequence[Path], *, nbd_path: Path | None = None,
         with signals_deferred():
             images = open_images(plan, tmp)
         try:
-            report = _serve(plan, images, seed, nbd_path, tcp, log, guard, stop)
+            report = _serve(plan, images, seed, nbd_path, tcp, log, guard, stop, limits)
         finally:
             guard.disarm()
             images.close()
@@ -245,7 +260,8 @@ class _StopSignals:
 
 def _serve(plan: RunPlan, images: OpenImages, seed: int, nbd_path: Path | None,
            tcp: tuple[str, int, str | None] | None, log: Callable[[str], None],
-           guard: InterruptGuard, stop: threading.Event | None) -> Report:
+           guard: InterruptGuard, stop: threading.Event | None,
+           limits: tuple[int, float] = (MAX_CONNECTIONS, HANDSHAKE_TIMEOUT)) -> Report:
     WITNESS.reset()
     report = Report()
     guard.phase = "building the host"
@@ -283,7 +299,8 @@ def _serve(plan: RunPlan, images: OpenImages, seed: int, nbd_path: Path | None,
             listener = _listen(nbd_path, tcp)
         addr = listener.getsockname()
         server = NbdServer(host.sched, disks, listener,
-                           default=disks[0].export.name if disks else None)
+                           default=disks[0].export.name if disks else None,
+                           max_connections=limits[0], handshake_timeout=limits[1])
         for uri in _uris(disks, nbd_path, addr):
             log(f"export: {uri}")
         guard.phase = "serving"
@@ -346,8 +363,11 @@ def _finish(host: Host, report: Report, server: NbdServer,
     st = server.statistics()
     report.check("NBD: every connection closed", st.connections == 0,
                  f"{st.accepted} accepted, {st.dropped} dropped for breaking the protocol "
-                 f"or their socket, {st.requests} requests, {st.refused} refused, "
-                 f"{st.bytes_read >> 20} MiB read, {st.bytes_written >> 20} MiB written")
+                 f"or their socket, {st.handshake_dropped} dropped while negotiating, "
+                 f"{st.refused_connections} refused at the limit of {st.max_connections}; "
+                 f"{st.requests} requests, {st.refused} refused, {st.empty_requests} of "
+                 f"length 0, {st.bytes_read >> 20} MiB read, "
+                 f"{st.bytes_written >> 20} MiB written")
     figures: list[dict[str, Any]] = []
     vifs = {g.name: net.figures(g) for g, _vbds in guests} if net is not None else {}
     if net is not None:
@@ -385,7 +405,12 @@ def _finish(host: Host, report: Report, server: NbdServer,
                      "destroyed", detached, "")
     report.figures["guests"] = figures
     report.figures["nbd"] = {"accepted": st.accepted, "dropped": st.dropped,
+                             "handshake_dropped": st.handshake_dropped,
+                             "refused_connections": st.refused_connections,
+                             "max_connections": st.max_connections,
+                             "handshake_timeout": st.handshake_timeout,
                              "requests": st.requests, "refused": st.refused,
+                             "empty_requests": st.empty_requests,
                              "bytes_read": st.bytes_read, "bytes_written": st.bytes_written}
     for name, why in host.crashed.items():
         report.check(f"{name}: no guest crashed", False, f"{name} crashed: {why}")
