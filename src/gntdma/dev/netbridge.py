@@ -6,7 +6,12 @@ reduced to learning and forwarding:
 - a :class:`BridgePort` has a ``name`` and ``port_output(frame, meta)``: the
   bridge hands it a frame; a port calls :meth:`Bridge.input` for each frame
   it receives;
-- the bridge learns the source MAC of every frame on its input port, sends a
+- a frame whose source MAC is not a valid unicast address (a group address:
+  multicast or broadcast; or all zeros) is dropped on input, neither learnt
+  nor forwarded, and counted (``invalid_source``), as Linux's
+  ``br_handle_frame`` (net/bridge/br_input.c) drops a frame whose source
+  fails ``is_valid_ether_addr()``;
+- the bridge learns the source MAC of every other frame on its input port, sends a
   frame whose destination it knows to that one port, and floods broadcast,
   multicast and unknown destinations to every port; it never sends a frame
   back to the port it came in on (nor to the port its destination is learnt
@@ -34,6 +39,7 @@ __all__ = ["ETHER_ADDR_LEN", "ETHER_HDR_LEN", "Bridge", "BridgePort", "BridgeSta
 ETHER_ADDR_LEN: Final = 6
 #: Bytes of an Ethernet header (destination, source, type).
 ETHER_HDR_LEN: Final = 14
+_ZERO_MAC: Final = bytes(ETHER_ADDR_LEN)
 
 
 @final
@@ -67,6 +73,7 @@ class BridgeStatistics:
     flooded: int  #: frames sent to every other port
     filtered: int  #: frames dropped (destination on the input port, or no other port)
     macs: int  #: addresses learnt
+    invalid_source: int = 0  #: frames dropped for a group or all-zero source MAC
 
 
 class Bridge:
@@ -81,6 +88,7 @@ class Bridge:
         self._forwarded = 0
         self._flooded = 0
         self._filtered = 0
+        self._invalid_source = 0
 
     def __repr__(self) -> str:
         return f"<Bridge {self.name} {[p.name for p in self._ports]}>"
@@ -118,8 +126,11 @@ class Bridge:
             self._filtered += 1
             mtx_unlock(self._lock)
             return
-        if src[0] & 1 == 0:  # never learn a group address
-            self._fdb[src] = port
+        if src[0] & 1 != 0 or src == _ZERO_MAC:  # not is_valid_ether_addr(): dropped
+            self._invalid_source += 1
+            mtx_unlock(self._lock)
+            return
+        self._fdb[src] = port
         out: list[BridgePort]
         known = self._fdb.get(dst) if dst[0] & 1 == 0 else None
         if known is not None:
@@ -139,4 +150,4 @@ class Bridge:
     def statistics(self) -> BridgeStatistics:
         return BridgeStatistics(tuple(p.name for p in self._ports), self._frames,
                                 self._forwarded, self._flooded, self._filtered,
-                                len(self._fdb))
+                                len(self._fdb), self._invalid_source)
