@@ -47,6 +47,19 @@ def test_a_name_in_use_is_refused_with_ips_message() -> None:
         Netns(ns.name)
 
 
+def test_a_command_that_outlives_its_timeout_is_a_netns_error() -> None:
+    """A network check's program that hangs is an error the caller reports, never a
+    subprocess.TimeoutExpired traceback (DESIGN section 11: a run never hangs, every
+    failure is a check)."""
+    with Netns() as ns:
+        t0 = time.monotonic()
+        with pytest.raises(NetnsError, match=r"sleep 30 in .*timed out after 0.3 s"):
+            ns.run(["sleep", "30"], timeout=0.3)
+        assert time.monotonic() - t0 < 10
+        with pytest.raises(NetnsError, match="gntdma-no-such-tool"):
+            ns.run(["gntdma-no-such-tool"])
+
+
 _VICTIM = r"""
 import sys, time
 from gntdma.host.netns import Netns, unique_name

@@ -56,3 +56,25 @@ def test_two_vifs_of_a_config_may_not_share_a_mac_or_namespace() -> None:
                      "g.cfg")
     with pytest.raises(XlConfigError, match=r"netns n1 is already another vif's on line 2"):
         parse_config("name='g'\nvif=['netns=n1',\n'netns=n1']", "g.cfg")
+
+
+@pytest.mark.parametrize("name", ["lo", "sit0", "tunl0", "ip6tnl0", "gre0", "gretap0",
+                                  "erspan0", "ip6gre0", "ip_vti0", "ip6_vti0"])
+def test_tapname_of_a_device_every_new_namespace_has_is_refused(name: str) -> None:
+    """The guest's namespace is new: it always has ``lo`` (drivers/net/loopback.c
+    loopback_net_init, in every netns), and the fallback tunnels (tunl0, gre0,
+    gretap0, erspan0, sit0, ip6tnl0, ip6gre0, ip_vti0, ip6_vti0) whenever their
+    module is loaded (Documentation/admin-guide/sysctl/net.rst
+    fb_tunnels_only_for_init_net, 0 by default): renaming the TAP to one of them
+    fails at run time, so the config is refused with its line."""
+    with pytest.raises(VifSpecError, match=f"tapname={name!r}: .*new namespace"):
+        parse_vif_spec(f"tapname={name}")
+    with pytest.raises(XlConfigError, match=r"^g.cfg:3: vif 'tapname="):
+        parse_config(f"name='g'\nmemory=16\nvif=['tapname={name}']\n", "g.cfg")
+
+
+def test_a_tapname_may_repeat_across_vifs_since_each_has_its_own_namespace() -> None:
+    """Two vifs never share a namespace (a named one is one vif's), so one TAP
+    name in each is no clash."""
+    cfg = parse_config("name='g'\nvif=['tapname=eth0',\n'tapname=eth0, netns=n1']\n", "g.cfg")
+    assert [v.tapname for v in cfg.vifs] == ["eth0", "eth0"]

@@ -173,7 +173,11 @@ def ping(ns: Netns, addr: str, *, count: int = 5, interval: float = 0.2,
 
 def tcp_transfer(src: Netns, dst: Netns, dst_addr: str, path: Path, *, sha256: str | None = None,
                  port: int = 5201 + 7, timeout: float = 120.0) -> TransferResult:
-    """Send the file at ``path`` from ``src`` to a listener at ``dst_addr`` in ``dst``."""
+    """Send the file at ``path`` from ``src`` to a listener at ``dst_addr`` in ``dst``.
+
+    Raises:
+        NetnsError: a program timed out, is missing, or failed (a check's failure).
+    """
     size = path.stat().st_size
     if sha256 is None:
         h = hashlib.sha256()
@@ -189,10 +193,14 @@ def tcp_transfer(src: Netns, dst: Netns, dst_addr: str, path: Path, *, sha256: s
             raise NetnsError(f"receiver in {dst.name}: {recv.stderr.read().decode()[-300:]}")
         t0 = time.monotonic()
         src.run([sys.executable, "-c", _SENDER, dst_addr, str(port), str(path), str(timeout)],
-                timeout=timeout)
+                timeout=timeout, what=f"TCP sender to {dst_addr}:{port}")
         line = recv.stdout.readline().decode().split()
         seconds = time.monotonic() - t0
-        recv.wait(timeout=timeout)
+        try:
+            recv.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise NetnsError(f"receiver in {dst.name}: still running {timeout} s after "
+                             "the sender ended (killed)") from None
     finally:
         if recv.poll() is None:
             recv.kill()

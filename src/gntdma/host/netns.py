@@ -151,11 +151,20 @@ class Netns:
         return ["ip", "netns", "exec", self.name, *cmd]
 
     def run(self, cmd: Sequence[str], *, timeout: float | None = None,
-            check: bool = True) -> subprocess.CompletedProcess[str]:
-        r = subprocess.run(self.argv(cmd), capture_output=True, text=True, timeout=timeout,
-                           check=False)
+            check: bool = True, what: str | None = None) -> subprocess.CompletedProcess[str]:
+        """``cmd`` in the namespace; a timeout, a missing ``ip`` or (with ``check``) a
+        non-zero exit raise :class:`NetnsError` (``what``: the command's name in it)."""
+        what = " ".join(cmd) if what is None else what
+        try:
+            r = subprocess.run(self.argv(cmd), capture_output=True, text=True,
+                               timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            raise NetnsError(f"{what} in {self.name}: timed out after {timeout} s "
+                             "(killed)") from None
+        except OSError as e:
+            raise NetnsError(f"{what} in {self.name}: {e}") from None
         if check and r.returncode != 0:
-            raise NetnsError(f"{' '.join(cmd)} in {self.name}: exit {r.returncode}: "
+            raise NetnsError(f"{what} in {self.name}: exit {r.returncode}: "
                              f"{(r.stderr or r.stdout).strip()[-500:]}")
         return r
 

@@ -13,6 +13,7 @@ guests go. A run whose plan says networking is unavailable has no NetJob.
 
 from __future__ import annotations
 
+import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +35,9 @@ __all__ = ["BULK_BYTES", "PING_COUNT", "NetJob", "attach_guest_vifs", "make_netj
 BULK_BYTES: Final = 16 << 20
 #: Echo requests of each ping.
 PING_COUNT: Final = 3
+#: What a network check's programs may raise: a failed check, never a traceback
+#: (a timeout, a missing tool, a non-zero exit, output that does not parse).
+_CHECK_FAILURES: Final = (NetnsError, OSError, subprocess.SubprocessError, ValueError)
 
 
 def _on_thread(host: Host, fn: Callable[[], object], name: str) -> None:
@@ -96,7 +100,7 @@ class NetJob:
                     self.results.setdefault(wv.name, {}).update(
                         transfer_bytes=t.received_size, transfer_seconds=round(t.seconds, 3),
                         transfer_sha256_ok=good)
-                except (NetnsError, OSError) as e:
+                except _CHECK_FAILURES as e:
                     good, detail = False, f"{wv.name}: {e}"
                 report.check("bulk TCP transfer into the guest's namespace: equal SHA-256",
                              good, detail)
@@ -112,7 +116,7 @@ class NetJob:
     def _ping(self, ns: Any, addr: str) -> str:
         try:
             r = pump(self.host.sched, lambda: ping(ns, addr, count=PING_COUNT, interval=0.1))
-        except (NetnsError, OSError) as e:
+        except _CHECK_FAILURES as e:
             return f"failed: {e}"
         rtt = f", avg {r.rtt_avg_ms:.2f} ms" if r.rtt_avg_ms is not None else ""
         return f"{r.received}/{r.sent} replies{rtt}"

@@ -18,8 +18,13 @@ Two gntdma extensions name the real-stack wiring (see
 ============ ==========================================================================
 ``netns``    the name of the network namespace that plays the guest's stack (default:
              a name unique to the run); it must not exist when the run starts
-``tapname``  the name of the TAP device in that namespace (default: unique to the run)
+``tapname``  the name of the TAP device in that namespace (default: unique to the run);
+             not a device every new namespace has: ``lo``, and the fallback tunnels
+             (``tunl0``, ``sit0``, ...) that a loaded module puts in each
 ============ ==========================================================================
+
+Each vif has a namespace of its own (a ``netns`` name is one vif's), so one
+``tapname`` for several vifs is no clash.
 
 Other keys ``xl`` knows (``type``, ``model``, ``vifname``, ``script``, ``ip``,
 ``rate``, ``mtu``, ``gatewaydev``, ``accel``, ``devid``, ``trusted``, ...) are
@@ -36,8 +41,8 @@ from typing import Final, final
 
 from gntdma.errors import ConfigError
 
-__all__ = ["DEFAULT_BRIDGE", "XL_VIF_UNUSED_KEYS", "VifSpec", "VifSpecError", "parse_vif_spec",
-           "vif_clash"]
+__all__ = ["DEFAULT_BRIDGE", "NEW_NETNS_DEVICES", "XL_VIF_UNUSED_KEYS", "VifSpec",
+           "VifSpecError", "parse_vif_spec", "vif_clash"]
 
 DEFAULT_BRIDGE: Final = "xenbr0"
 #: Keys of xl-network-configuration(5) that gntdma accepts and does not use.
@@ -50,6 +55,13 @@ _MAC: Final = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
 #: A Linux interface or namespace name (dev_valid_name: at most IFNAMSIZ - 1
 #: bytes, not ``.`` or ``..``, no ``/``, ``:`` or white space).
 _IFNAME: Final = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+#: Devices a new network namespace has: ``lo`` always (drivers/net/loopback.c,
+#: loopback_net_init), the fallback tunnels whenever their module is loaded
+#: (Documentation/admin-guide/sysctl/net.rst, fb_tunnels_only_for_init_net).
+NEW_NETNS_DEVICES: Final = frozenset({
+    "lo", "tunl0", "gre0", "gretap0", "erspan0", "sit0", "ip6tnl0", "ip6gre0", "ip_vti0",
+    "ip6_vti0",
+})
 
 
 class VifSpecError(ConfigError):
@@ -124,6 +136,11 @@ def parse_vif_spec(text: str, *, line: int = 0) -> VifSpec:
     bridge = _ifname("bridge", values.get("bridge", DEFAULT_BRIDGE))
     netns = values.get("netns")
     tapname = values.get("tapname")
+    if tapname is not None and tapname in NEW_NETNS_DEVICES:
+        has = "always has" if tapname == "lo" else "may have"
+        raise VifSpecError(f"tapname={tapname!r}: the guest's namespace is a new one, and a "
+                           f"new namespace {has} a device called {tapname}: the TAP cannot "
+                           "take that name")
     return VifSpec(mac=mac, bridge=bridge,
                    netns=_ifname("netns", netns) if netns is not None else None,
                    tapname=_ifname("tapname", tapname) if tapname is not None else None,
@@ -131,10 +148,12 @@ def parse_vif_spec(text: str, *, line: int = 0) -> VifSpec:
 
 
 def vif_clash(v: VifSpec, others: list[VifSpec] | tuple[VifSpec, ...]) -> str | None:
-    """Why ``v`` cannot sit beside ``others`` (a MAC, namespace or TAP name twice), or None."""
+    """Why ``v`` cannot sit beside ``others`` (a MAC or a namespace twice), or None.
+
+    A TAP name twice is no clash: each vif's TAP is in a namespace of its own.
+    """
     for w in others:
-        for what, mine, theirs in (("mac", v.mac, w.mac), ("netns", v.netns, w.netns),
-                                   ("tapname", v.tapname, w.tapname)):
+        for what, mine, theirs in (("mac", v.mac, w.mac), ("netns", v.netns, w.netns)):
             if mine is not None and mine == theirs:
                 where = f" on line {w.line}" if w.line > 0 else ""
                 return f"{what} {mine} is already another vif's{where}"
