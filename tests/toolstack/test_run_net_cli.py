@@ -14,7 +14,7 @@ import pytest
 from run_helpers import run_cli, run_json, spawn, write_cfg
 
 from gntdma.host.netns import net_unavailable
-from gntdma.toolstack import preflight
+from gntdma.toolstack import netjob, preflight
 from gntdma.toolstack.preflight import VIF_STANDING_REFS
 
 pytestmark = pytest.mark.skipif(net_unavailable() is not None, reason=str(net_unavailable()))
@@ -94,6 +94,65 @@ def test_without_root_or_tun_a_configs_nic_is_refused_and_the_default_goes_witho
     assert rc == 0, err
     assert f"note: the default guest runs without its NIC: {why}" in rep["notes"]
     assert "vifs" not in rep["guests"][0]
+
+
+def test_a_default_mac_never_equals_a_mac_another_config_names(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A vif without mac= gets a random address under Xen's OUI, as libxl does
+    (tools/libs/light/libxl_nic.c libxl__device_nic_setdefault: 00:16:3e, then
+    three random octets, the first masked with 0x7f), drawn from the run's seed
+    and never a MAC any config of the run names: the address the old default
+    gave ga (00:16:3e:00:02:00, from its domid and devid) named by gb runs."""
+    a = write_cfg(tmp_path / "a.cfg", "name='ga'\nmemory=16\nvif=['bridge=brm']\n")
+    b = write_cfg(tmp_path / "b.cfg", "name='gb'\nmemory=16\n"
+                  "vif=['mac=00:16:3e:00:02:00, bridge=brm']\n")
+    rc, rep, err = run_json(capsys, tmp_path, str(a), str(b), "--duration", "0.1")
+    assert rc == 0, (err[-800:], [c["detail"] for c in rep.get("checks", []) if not c["ok"]])
+    ma, mb = (g["vifs"][0]["mac"] for g in rep["guests"])
+    assert mb == "00:16:3e:00:02:00" and ma != mb and ma.startswith("00:16:3e:")
+    assert int(ma.split(":")[3], 16) & 0x80 == 0
+    ping = next(c for c in rep["checks"] if c["name"].startswith("ping through"))
+    assert ping["ok"] and "vif2.0 -> vif3.0 3/3" in ping["detail"], ping
+
+
+def test_tapname_lo_is_refused_up_front(tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = write_cfg(tmp_path / "g.cfg", "name='g'\nmemory=16\nvif=['tapname=lo']\n")
+    rc, _out, err = run_cli(capsys, "run", str(cfg), "--duration", "0.1")
+    assert rc == 2 and "g.cfg:3: vif 'tapname=lo': tapname='lo'" in err, err
+
+
+def test_one_tapname_for_two_vifs_of_a_config_runs_each_in_its_namespace(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = write_cfg(tmp_path / "g.cfg", "name='g'\nmemory=32\nmax_grant_frames=4\n"
+                    "vif=['tapname=eth0','tapname=eth0']\n")
+    rc, rep, err = run_json(capsys, tmp_path, str(cfg), "--duration", "0.1")
+    assert rc == 0, (err[-800:], [c["detail"] for c in rep.get("checks", []) if not c["ok"]])
+    vifs = rep["guests"][0]["vifs"]
+    assert len(vifs) == 2 and vifs[0]["netns"] != vifs[1]["netns"]
+
+
+@pytest.mark.parametrize(("what", "exc"), [
+    ("tcp_transfer", subprocess.TimeoutExpired(["python", "-c", "sender"], 60)),
+    ("tcp_transfer", FileNotFoundError(2, "No such file or directory", "ip")),
+    ("tcp_transfer", subprocess.CalledProcessError(1, ["ip", "netns", "exec"])),
+    ("ping", subprocess.TimeoutExpired(["ping"], 11)),
+], ids=["transfer-timeout", "transfer-tool-missing", "transfer-exit-1", "ping-timeout"])
+def test_a_network_check_that_fails_is_a_failed_check_not_a_traceback(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        what: str, exc: Exception) -> None:
+    def fail(*_a: object, **_k: object) -> None:
+        raise exc
+
+    monkeypatch.setattr(netjob, what, fail)
+    cfg = write_cfg(tmp_path / "g.cfg", "name='g'\nmemory=16\nvif=['bridge=brt']\n")
+    rc, rep, err = run_json(capsys, tmp_path, str(cfg), "--duration", "0.1")
+    assert "Traceback" not in err and rc == 1, err[-1500:]
+    name = ("bulk TCP transfer into the guest's namespace: equal SHA-256" if what ==
+            "tcp_transfer" else "ping through netfront, netback and the bridge gets every reply")
+    check = next(c for c in rep["checks"] if c["name"] == name)
+    assert not check["ok"] and str(exc) in check["detail"], check
+    assert [c["name"] for c in rep["checks"] if not c["ok"]] == [name]
 
 
 def test_a_killed_run_leaves_no_namespace_behind(tmp_path: Path) -> None:

@@ -5,8 +5,14 @@ gntdma's netns= and tapname= for the real-stack wiring."""
 
 from __future__ import annotations
 
+import random
+import re
+
 import pytest
 
+from gntdma.toolstack.netjob import plan_macs
+from gntdma.toolstack.preflight import GuestPlan, RunPlan
+from gntdma.toolstack.vif import random_mac
 from gntdma.toolstack.xlcfg import XlConfigError, parse_config
 from gntdma.toolstack.xlvif import DEFAULT_BRIDGE, VifSpec, VifSpecError, parse_vif_spec
 
@@ -78,3 +84,38 @@ def test_a_tapname_may_repeat_across_vifs_since_each_has_its_own_namespace() -> 
     name in each is no clash."""
     cfg = parse_config("name='g'\nvif=['tapname=eth0',\n'tapname=eth0, netns=n1']\n", "g.cfg")
     assert [v.tapname for v in cfg.vifs] == ["eth0", "eth0"]
+
+
+def _plan(*texts: str) -> RunPlan:
+    return RunPlan([GuestPlan(parse_config(t, f"g{i}.cfg"), ()) for i, t in enumerate(texts)])
+
+
+def test_a_vif_without_mac_gets_a_random_xen_oui_mac_that_replays_and_never_clashes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """libxl_nic.c libxl__device_nic_setdefault (Xen 4.17): a vif without mac= gets
+    00:16:3e and three random octets, the first masked with 0x7f. gntdma draws them
+    from the run's seed (the same seed, the same MACs) and never gives a MAC that a
+    config of the run names or that another vif got (libxl does not check)."""
+    plan = _plan("name='ga'\nvif=['', 'bridge=b1']\n",
+                 "name='gb'\nvif=['mac=00:16:3e:00:02:00', '']\n")
+    macs = plan_macs(plan, 7)
+    assert set(macs) == {("ga", 0), ("ga", 1), ("gb", 1)}
+    for mac in macs.values():
+        assert re.fullmatch(r"00:16:3e:[0-7][0-9a-f](:[0-9a-f]{2}){2}", mac), mac
+    assert plan_macs(plan, 7) == macs and plan_macs(plan, 8) != macs
+    assert len(set(macs.values()) | {"00:16:3e:00:02:00"}) == 4
+    # A generator that keeps drawing what another config names, then another vif's:
+    # each vif still gets a MAC of its own.
+    draws = iter([b"\x00\x02\x00", b"\x80\x02\x00", b"\x00\x00\x01", b"\x00\x00\x01",
+                  b"\x00\x00\x02", b"\x00\x00\x03"])
+    monkeypatch.setattr(random.Random, "randbytes", lambda self, n: next(draws))
+    assert plan_macs(plan, 7) == {("ga", 0): "00:16:3e:00:00:01",
+                                  ("ga", 1): "00:16:3e:00:00:02",
+                                  ("gb", 1): "00:16:3e:00:00:03"}
+
+
+def test_random_mac_masks_the_fourth_octet_as_libxl_does() -> None:
+    rng = random.Random(1)
+    macs = {random_mac(rng) for _ in range(500)}
+    assert all(m.startswith("00:16:3e:") and int(m[9:11], 16) < 0x80 for m in macs)
+    assert len(macs) == 500

@@ -13,6 +13,7 @@ guests go. A run whose plan says networking is unavailable has no NetJob.
 
 from __future__ import annotations
 
+import random
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -26,10 +27,11 @@ from gntdma.toolstack.host import Guest, Host
 from gntdma.toolstack.netwire import NetWiring, WiredVif
 from gntdma.toolstack.preflight import RunPlan
 from gntdma.toolstack.report import Report
-from gntdma.toolstack.vif import Vif, VifError, attach_vif, detach_vif
+from gntdma.toolstack.vif import Vif, VifError, attach_vif, detach_vif, random_mac
 from gntdma.toolstack.xlcfg import GuestConfig
 
-__all__ = ["BULK_BYTES", "PING_COUNT", "NetJob", "attach_guest_vifs", "make_netjob"]
+__all__ = ["BULK_BYTES", "PING_COUNT", "NetJob", "attach_guest_vifs", "make_netjob",
+           "plan_macs"]
 
 #: Bytes of the verified bulk transfer to each guest.
 BULK_BYTES: Final = 16 << 20
@@ -51,9 +53,12 @@ def _on_thread(host: Host, fn: Callable[[], object], name: str) -> None:
 class NetJob:
     """The vifs of a run and their wiring."""
 
-    def __init__(self, host: Host, log: Callable[[str], None]) -> None:
+    def __init__(self, host: Host, log: Callable[[str], None],
+                 macs: dict[tuple[str, int], str] | None = None) -> None:
         self.host = host
         self.log = log
+        #: The MAC of each vif without ``mac=``, by (guest name, index in its config).
+        self.macs: dict[tuple[str, int], str] = {} if macs is None else macs
         self.wiring = NetWiring(host.sched, host.dom0.kernel)
         self.vifs: list[tuple[Guest, Vif, WiredVif]] = []
         self.failed: list[str] = []
@@ -164,18 +169,38 @@ def make_netjob(host: Host, plan: RunPlan, log: Callable[[str], None]) -> NetJob
     """The network job of ``plan``, or None when it has no vif to run."""
     if plan.net_unavailable is not None or not any(gp.config.vifs for gp in plan.guests):
         return None
-    return NetJob(host, log)
+    return NetJob(host, log, plan_macs(plan, host.seed))
+
+
+def plan_macs(plan: RunPlan, seed: int) -> dict[tuple[str, int], str]:
+    """A MAC for each vif of ``plan`` without ``mac=``, by (guest name, index).
+
+    What ``xl create`` gets from libxl (:func:`~gntdma.toolstack.vif.random_mac`:
+    random under Xen's OUI), drawn from ``seed`` so that a run replays, and
+    never a MAC any config of the run names nor one drawn for another vif.
+    """
+    taken = {v.mac for gp in plan.guests for v in gp.config.vifs if v.mac is not None}
+    rng = random.Random(f"vif-mac/{seed}")
+    out: dict[tuple[str, int], str] = {}
+    for gp in plan.guests:
+        for i, v in enumerate(gp.config.vifs):
+            if v.mac is None:
+                mac = random_mac(rng, taken)
+                taken.add(mac)
+                out[(gp.config.name, i)] = mac
+    return out
 
 
 def attach_guest_vifs(job: NetJob, cfg: GuestConfig, guest: Guest) -> None:
     """Attach and wire the vifs ``cfg`` gives ``guest`` (sleeps: on a kernel thread
     or from the hub through the scheduler)."""
     host, log = job.host, job.log
-    for spec in cfg.vifs:
+    for i, spec in enumerate(cfg.vifs):
         where = f"{cfg.source}:{spec.line}"
+        mac = spec.mac if spec.mac is not None else job.macs.get((cfg.name, i))
         try:
             wb = job.wiring.bridge(spec.bridge)
-            vif = attach_vif(host, guest, mac=spec.mac, bridge=wb.bridge)
+            vif = attach_vif(host, guest, mac=mac, bridge=wb.bridge)
         except (VifError, NetnsError, OSError) as e:
             job.failed.append(f"{where}: {guest.name}: {e}")
             continue

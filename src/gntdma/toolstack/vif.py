@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable
+import random
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Final, final
 
@@ -41,11 +42,13 @@ from gntdma.toolstack.host import Guest, GuestDevice, Host
 from gntdma.toolstack.xs import LIBXL_DESTROY_TIMEOUT, DeviceDirs, XenstoreSetupError
 from gntdma.xen.xenbus import XenbusState
 
-__all__ = ["VIF_CONNECT_TIMEOUT", "VIF_DEVTYPE", "Vif", "VifError", "VifStatistics",
-           "attach_vif", "default_mac", "destroy_vif", "detach_vif"]
+__all__ = ["VIF_CONNECT_TIMEOUT", "VIF_DEVTYPE", "XEN_OUI", "Vif", "VifError", "VifStatistics",
+           "attach_vif", "default_mac", "destroy_vif", "detach_vif", "random_mac"]
 
 VIF_DEVTYPE: Final = "vif"
 VIF_CONNECT_TIMEOUT: Final = 10.0
+#: Xen's organizationally unique identifier, the first three octets of a default MAC.
+XEN_OUI: Final = b"\x00\x16\x3e"
 _S = XenbusState
 
 
@@ -106,9 +109,29 @@ class Vif:
                              self.netfront.statistics(), self.netback.statistics())
 
 
-def default_mac(domid: int, devid: int) -> str:
-    """A Xen-OUI (00:16:3e) address that depends only on the domain and device."""
-    return format_mac(bytes([0x00, 0x16, 0x3E, (domid >> 8) & 0x7F, domid & 0xFF, devid & 0xFF]))
+def random_mac(rng: random.Random, avoid: Collection[str] = ()) -> str:
+    """A random address under Xen's OUI, as libxl gives a vif without ``mac=``.
+
+    tools/libs/light/libxl_nic.c ``libxl__device_nic_setdefault``: ``00:16:3e``
+    and three random octets, the first masked with ``0x7f``. Drawn from ``rng``
+    (so a seed replays it) and drawn again while it is one of ``avoid`` (libxl
+    does not check; in one process a clash would be gntdma's own doing).
+    """
+    while True:
+        r = rng.randbytes(3)
+        mac = format_mac(XEN_OUI + bytes([r[0] & 0x7F, r[1], r[2]]))
+        if mac not in avoid:
+            return mac
+
+
+def default_mac(host: Host, domid: int, devid: int) -> str:
+    """:func:`random_mac` from the host's seed, the domain and the device, never the
+    MAC of a vif the host has."""
+    in_use: set[str] = set()
+    for d in host.xenstore.devices:
+        if d.devtype == VIF_DEVTYPE and host.xenstored.exists(f"{d.backend_path}/mac"):
+            in_use.add(host.xenstored.read(f"{d.backend_path}/mac").decode().lower())
+    return random_mac(random.Random(f"vif-mac/{host.seed}/{domid}/{devid}"), in_use)
 
 
 def _release(host: Host, dirs: DeviceDirs | None, front: XnXenbus | None,
@@ -155,7 +178,7 @@ def attach_vif(host: Host, guest: Guest, *, mac: str | None, bridge: Bridge,
         used = {d.devid for d in host.xenstore.devices
                 if d.devtype == VIF_DEVTYPE and d.frontend_id == guest.domid}
         devid = next(i for i in range(len(used) + 1) if i not in used)
-    mac = default_mac(guest.domid, devid) if mac is None else mac
+    mac = default_mac(host, guest.domid, devid) if mac is None else mac
     if parse_mac(mac) is None:
         raise VifError(f"{guest.name}: bad mac {mac!r}")
     what = f"{guest.name} vif {devid}"

@@ -7,7 +7,8 @@ keys gntdma uses:
 ============ ==========================================================================
 ``mac``      the guest's MAC address, six hex octets separated by ``:``; a group
              (multicast) address is refused, as an interface cannot have one
-             (default: ``00:16:3e`` and octets derived from the domain and vif)
+             (default: random under Xen's OUI ``00:16:3e``, as libxl does, drawn
+             from the run's seed and never a MAC of another vif of the run)
 ``bridge``   the bridge in dom0 the vif joins (default ``xenbr0``); a Linux
              interface name: 1 to 15 characters, no ``/``, ``:`` or spaces
 ============ ==========================================================================
