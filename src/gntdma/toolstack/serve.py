@@ -8,7 +8,10 @@ every disk is exported by :class:`~gntdma.host.nbd.NbdServer` as
 on a Unix socket, or on TCP with ``--nbd-listen HOST:PORT`` (an address
 other than loopback only with ``--allow-remote``: NBD has no
 authentication). Every byte a client reads or writes goes through blkfront,
-the grant tables, the ring and blkback.
+the grant tables, the ring and blkback. ``--nbd-handshake-timeout`` and
+``--nbd-max-connections`` bound what idle clients can hold (see
+:mod:`gntdma.host.nbd`); the report (docs/report.md) counts the connections
+dropped while negotiating and those refused at the limit.
 
 A config's vifs are attached and wired as ``run`` does it (before the disks,
 each on its bridge, the guest's Linux stack in a namespace of its own and
