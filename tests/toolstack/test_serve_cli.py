@@ -36,3 +36,15 @@ def test_existing_socket_path_refused(capsys: pytest.CaptureFixture[str],
     there.write_text("mine")
     rc, _o, err = run_cli(capsys, "serve", "--nbd", str(there))
     assert rc == 2 and "exists" in err and there.read_text() == "mine"
+
+
+@pytest.mark.parametrize("args,what", [
+    (("--nbd-max-connections", "0"), "--nbd-max-connections"),
+    (("--nbd-handshake-timeout", "-1"), "--nbd-handshake-timeout"),
+    (("--nbd-handshake-timeout", "nan"), "--nbd-handshake-timeout"),
+])
+def test_connection_limit_and_handshake_timeout_out_of_range_refused(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, args: tuple[str, ...],
+        what: str) -> None:
+    rc, _o, err = run_cli(capsys, "serve", "--nbd", str(tmp_path / "s"), *args)
+    assert rc == 2 and what in err and not (tmp_path / "s").exists()
