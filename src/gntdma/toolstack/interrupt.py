@@ -84,9 +84,18 @@ class InterruptGuard:
     def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.disarm()
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        self._old.clear()
+        if not self._old:
+            return
+        # Blocked while the handlers are put back: a signal in between reaches the
+        # old handler (the console script's: one line, 130/143) once they are, never
+        # a half-restored state; a second signal after the first is dropped.
+        with signals_deferred():
+            for sig, old in self._old.items():
+                signal.signal(sig, old)
+            self._old.clear()
+            if self.signum != 0:
+                while signal.sigtimedwait(_SIGNALS, 0) is not None:
+                    pass
 
     def arm(self, call_later: Callable[[float, Callable[[], None]], Any]) -> None:
         """A host is up: signals are raised by its scheduler's hub from now on."""

@@ -1,0 +1,124 @@
+"""The ``gntdma`` console script: SIGINT and SIGTERM are handled from its first moment.
+
+Left to Python, SIGINT raises :class:`KeyboardInterrupt` wherever the program
+is (a traceback from the middle of an import, exit status -2) and SIGTERM
+kills it without a word (-15). This module imports nothing but the standard
+library's ``os``, ``signal``, ``sys`` and ``types``: it installs its handlers first, then
+imports the command line and runs it.
+
+Until a command puts its own handlers in place (``gntdma run``'s and ``gntdma
+serve``'s :class:`~gntdma.toolstack.interrupt.InterruptGuard`, the xenstored
+daemon's) and again once they are restored, a signal ends the process with
+one line on stderr and exit status 128 + the signal number (130 for SIGINT,
+143 for SIGTERM). Nothing has been made for the run outside those handlers,
+so nothing is left to remove. This holds for ``serve`` too: SIGINT and
+SIGTERM are its normal end (report, then 0 or 1) once its host is built and
+serving; a signal before that, while it starts or builds the host, interrupts
+it as ``run`` is interrupted (130, 143, one line). A second signal while the
+first is being handled is ignored. SIGINT and SIGTERM are unblocked once the
+handlers are in place: one sent while a parent held them blocked across exec
+is handled then.
+
+A signal that arrives before the interpreter has run any of this (the first
+few milliseconds of the process) meets the system's default action: the
+process ends by the signal, before it has made or printed anything.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from types import FrameType
+
+__all__ = ["main"]
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_COMMANDS = ("run", "serve", "explore", "replay", "xenstored")
+
+
+class _Stopped(BaseException):
+    """A signal ended the program outside a command's own handlers."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+
+_received = 0
+
+
+_finished = False
+
+
+def _handler(signum: int, frame: FrameType | None) -> None:
+    global _received
+    if _received != 0:
+        return  # already stopping
+    _received = signum
+    if _finished:
+        # The command is done and the interpreter is on its way out: nothing to
+        # unwind, so no exception that could surface as a traceback.
+        _say(signum)
+        os._exit(128 + signum)
+    raise _Stopped(signum)
+
+
+def _say(signum: int) -> None:
+    try:
+        print(f"{_name}: interrupted by {signal.Signals(signum).name}", file=sys.stderr,
+              flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+def _signum_of(e: BaseException) -> int:
+    """The signal an exception stands for, or 0 for any other exception."""
+    if isinstance(e, _Stopped):
+        return e.signum
+    if isinstance(e, KeyboardInterrupt):
+        return int(signal.SIGINT)
+    # A command's own interruption (InterruptGuard's Interrupted) that got past it.
+    signum = getattr(e, "signum", None)
+    if isinstance(signum, int) and signum in (int(s) for s in _SIGNALS):
+        return signum
+    return 0
+
+
+def _command(argv: list[str]) -> str:
+    name = next((a for a in argv if not a.startswith("-")), "")
+    return f"gntdma {name}" if name in _COMMANDS else "gntdma"
+
+
+_name = "gntdma"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Install the handlers, then run ``gntdma.cli.main``; its exit status."""
+    global _received, _finished, _name
+    _received, _finished = 0, False
+    for sig in _SIGNALS:
+        signal.signal(sig, _handler)
+    args = sys.argv[1:] if argv is None else argv
+    _name = _command(args)
+    try:
+        # Handled from here on: a signal held back by whoever started us (blocked
+        # across exec) is delivered now, to these handlers.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+        from gntdma import cli
+
+        status = cli.main(args)
+    except BaseException as e:
+        signum = _signum_of(e)
+        if signum == 0:
+            _finished = True
+            raise
+        _received = signum  # a second signal from here on is ignored
+        _say(signum)
+        return 128 + signum
+    _finished = True
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""SIGINT and SIGTERM at ANY moment of the ``gntdma`` console script (issue 11 item 7),
+from its first instant, while its modules are still importing, to the workload.
+
+The console script goes through :mod:`gntdma.entry`, which installs its handlers
+before any heavy import: a signal then gives one line on stderr, exit status 130 or
+143, no traceback, and nothing of the run left behind. The process is started with
+the signals blocked (as a parent may start it; inherited across exec), so that a
+signal sent at 0.0 s, before the interpreter has run any code, is held until
+gntdma's handlers are in place rather than meeting the system's default action:
+every delay from 0.0 s is exact. ``..._unblocked`` is the plain case a shell gives.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from run_helpers import subprocess_env, write_cfg
+
+#: The console script of this environment (pyproject's [project.scripts]).
+GNTDMA = str(Path(sys.executable).with_name("gntdma"))
+
+DELAYS = [0.0, 0.01, 0.03, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5]
+SIGS = [signal.SIGINT, signal.SIGTERM]
+
+
+def _block() -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+def _start(tmp: Path, work: Path, *args: str, blocked: bool) -> subprocess.Popen[str]:
+    return subprocess.Popen([GNTDMA, *args], cwd=work, env=subprocess_env(tmp), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=_block if blocked else None)
+
+
+def _signal_after(p: subprocess.Popen[str], sig: signal.Signals, delay: float
+                  ) -> tuple[str, str]:
+    try:
+        time.sleep(delay)
+        p.send_signal(sig)
+        return p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+
+
+def _dirs(tmp_path: Path) -> tuple[Path, Path]:
+    tmp, work = tmp_path / "tmp", tmp_path / "work"
+    tmp.mkdir()
+    work.mkdir()
+    write_cfg(work / "g.cfg", "name='g'\nmemory=16\n"
+              "disk=['vdev=xvda, size=4M, target=g.img']\n")
+    return tmp, work
+
+
+def _check_interrupted(p: subprocess.Popen[str], sig: signal.Signals, err: str,
+                       tmp: Path, work: Path, command: str) -> None:
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    assert p.returncode == 128 + sig, (p.returncode, err[-2000:])
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"gntdma {command}: interrupted by {sig.name}"), lines
+    assert os.listdir(tmp) == []  # no temp dir, socket or default image left
+    assert set(os.listdir(work)) <= {"g.cfg", "g.img"}  # the config's image may stay
+
+
+def test_console_script_is_the_entry_module() -> None:
+    """pyproject's ``gntdma`` script goes through gntdma.entry (handlers first)."""
+    assert Path(GNTDMA).exists(), GNTDMA
+    assert "gntdma.entry" in Path(GNTDMA).read_text()
+
+
+@pytest.mark.parametrize("sig", SIGS, ids=lambda s: s.name)
+@pytest.mark.parametrize("delay", DELAYS)
+def test_run_interrupted_at_any_moment_one_line_and_130_or_143(
+        tmp_path: Path, sig: signal.Signals, delay: float) -> None:
+    tmp, work = _dirs(tmp_path)
+    p = _start(tmp, work, "run", "g.cfg", "--duration", "3", blocked=True)
+    _out, err = _signal_after(p, sig, delay)
+    _check_interrupted(p, sig, err, tmp, work, "run")
+
+
+@pytest.mark.parametrize("sig", SIGS, ids=lambda s: s.name)
+@pytest.mark.parametrize("delay", [0.1, 0.2, 0.3, 0.4])
+def test_run_interrupted_while_importing_unblocked(
+        tmp_path: Path, sig: signal.Signals, delay: float) -> None:
+    """What a shell gives: nothing blocked; the reviewer's failing window (the
+    modules still importing: a KeyboardInterrupt traceback, or a silent -15)."""
+    tmp, work = _dirs(tmp_path)
+    p = _start(tmp, work, "run", "g.cfg", "--duration", "3", blocked=False)
+    _out, err = _signal_after(p, sig, delay)
+    _check_interrupted(p, sig, err, tmp, work, "run")
+
+
+@pytest.mark.parametrize("sig", SIGS, ids=lambda s: s.name)
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.2, 0.5, 2.5])
+def test_serve_signal_early_interrupts_late_ends_normally(
+        tmp_path: Path, sig: signal.Signals, delay: float) -> None:
+    """serve: SIGINT and SIGTERM are its normal end once it serves (the report, then
+    0 or 1); before that (starting, building the host) they interrupt it as run is
+    interrupted: one line, 130 or 143 (gntdma.entry, toolstack.serve)."""
+    tmp, work = _dirs(tmp_path)
+    p = _start(tmp, work, "serve", "g.cfg", "--nbd", str(tmp_path / "nbd.sock"),
+               blocked=True)
+    out, err = _signal_after(p, sig, delay)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    if "serving until SIGINT or SIGTERM" in out:
+        assert p.returncode == 0, (p.returncode, out[-2000:], err[-2000:])
+        assert err.strip() == ""
+    else:
+        _check_interrupted(p, sig, err, tmp, work, "serve")
+    assert not (tmp_path / "nbd.sock").exists()
+    assert os.listdir(tmp) == []
+    if delay <= 0.05:  # still importing: never got as far as serving
+        assert p.returncode == 128 + sig
