@@ -1,6 +1,6 @@
 """A guest that panics at any point of its life crashes that guest only (DESIGN 3,
 issue 11 item 3): at boot, in its xenbus driver while a disk connects, in the attach of
-a disk or a vif, in its workload, in the detach of its disks.
+a disk, in its workload, in the detach of its disks.
 
 As xl does it: tools/xl/xl_vmcontrol.c ``handle_domain_death`` takes the action of
 ``on_crash`` for ``LIBXL_SHUTDOWN_REASON_CRASH`` (xl.cfg's default ``destroy``), which
@@ -23,7 +23,6 @@ from typing import Any
 import pytest
 from run_helpers import run_json, write_cfg
 
-from gntdma.host.netns import net_unavailable
 from gntdma.sched import KernelPanic
 
 VICTIM = "victim"
@@ -120,20 +119,6 @@ def _inject_detach(mp: pytest.MonkeyPatch) -> None:
     mp.setattr(xbd_softc, "xbd_closing", closing)
 
 
-def _inject_vif(mp: pytest.MonkeyPatch) -> None:
-    """netfront's connect, in the guest's xenbus thread, before its disks attach."""
-    from gntdma.dev.netfront import netfront_info
-
-    real = netfront_info.xn_connect
-
-    def connect(self: netfront_info, features: Any) -> int:
-        if _victim(self.kern):
-            raise KernelPanic("injected: xn_connect")
-        return real(self, features)
-
-    mp.setattr(netfront_info, "xn_connect", connect)
-
-
 INJECT: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
     "boot": _inject_boot,
     "xenbus-initialise": _inject_initialise,
@@ -163,13 +148,9 @@ def alarm() -> Iterator[None]:
 def test_guest_panic_at_any_point_crashes_that_guest_only(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
         alarm: None, point: str) -> None:
-    if point.startswith("vif") and net_unavailable() is not None:
-        pytest.skip(str(net_unavailable()))
     INJECT[point](monkeypatch)
-    vif = "vif=['mac=00:16:3e:00:00:11, bridge=xenbr0']\n" if point.startswith("vif") else ""
     cfgs = [write_cfg(tmp_path / f"{n}.cfg", f"name='{n}'\nmemory=32\n"
-                      f"disk=['vdev=xvda, size=2M, target={tmp_path / n}.img']\n"
-                      + (vif if n == VICTIM else ""))
+                      f"disk=['vdev=xvda, size=2M, target={tmp_path / n}.img']\n")
             for n in (VICTIM, "good")]
     t0 = time.monotonic()
     rc, rep, err = run_json(capsys, tmp_path, *map(str, cfgs), "--duration", "0.5",
