@@ -2,11 +2,13 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# What `gntdma run` drives (the default guest's NIC: namespaces and ping).
+RUN_DEBS := iproute2 iputils-ping
 DEBS := libxen-dev xenstore-utils gcc qemu-utils libnbd-bin fio e2fsprogs fuse3 iproute2 iputils-ping iperf3
 
-.PHONY: run test venv venv-test debs xen-utils lint typecheck pytest clean
+.PHONY: run test venv venv-test debs debs-run xen-utils lint typecheck pytest clean
 
-run: venv
+run: debs-run venv
 	$(BIN)/gntdma run
 
 test: debs xen-utils venv-test lint typecheck pytest
@@ -34,6 +36,9 @@ debs:
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
+
+debs-run:
+	@$(MAKE) --no-print-directory debs DEBS="$(RUN_DEBS)"
 
 # Xen's own xenstore test program (test-xenstore), from Debian's xen-utils-4.17,
 # downloaded and unpacked under .cache/ (never installed: it pulls in systemd
