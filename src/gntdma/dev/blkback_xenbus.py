@@ -91,24 +91,14 @@ never on the device's own interrupt or worker threads.
 from __future__ import annotations
 
 import errno
-import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Final, final
 
 from gntdma.abi.blkif import BlkifKey, blkif_abi, blkif_ring_ref_key
 from gntdma.dev.blkback import Blkback, BlkbackState
+from gntdma.dev.xenbus_backend import XENBUS_BACKEND_KEY_ERROR, XenbusBackend
 from gntdma.sys import Kernel
-from gntdma.xen.xenbus import (
-    XENBUS_KEY_ONLINE,
-    XENBUS_KEY_STATE,
-    XST_NIL,
-    XenbusDevice,
-    XenbusDriver,
-    XenbusState,
-    XenStore,
-    xenbus_backend_device,
-    xs_join,
-)
+from gntdma.xen.xenbus import XenbusDevice, XenbusState, XenStore, xenbus_backend_device
 
 __all__ = [
     "XBB_STOP_TIMEOUT",
@@ -123,7 +113,7 @@ __all__ = [
 #: The xenbus device type blkback serves.
 XBB_XENBUS_DEVTYPE: Final = "vbd"
 #: Where ``xenbus_dev_fatal`` writes its message, in the driver's own directory.
-XBB_XENBUS_KEY_ERROR: Final = "error"
+XBB_XENBUS_KEY_ERROR: Final = XENBUS_BACKEND_KEY_ERROR
 #: Seconds a driver waits for its thread to end in :meth:`BlkbackXenbus.wait_done`.
 XBB_STOP_TIMEOUT: Final = 10.0
 
@@ -201,24 +191,23 @@ def xbb_parse_frontend_info(read: Callable[[str], str | None], max_ring_page_ord
 
 
 @final
-class BlkbackXenbus(XenbusDriver):
+class BlkbackXenbus(XenbusBackend):
     """The xenbus side of one blkback device: its thread and its states.
 
     Create it with :func:`xbb_attach`. :attr:`state` is our end's state as
     last read or written; :attr:`otherend_state` the frontend's, as last read;
     :attr:`error` the last fatal error ("" if none); :attr:`online` the
-    toolstack's ``online`` as last read.
+    toolstack's ``online`` as last read; :attr:`errors` the fatal errors so far.
+    The state machine is :class:`~gntdma.dev.xenbus_backend.XenbusBackend`'s.
     """
 
     _wmesg = "xbb"
+    _ring_error_what = "the frontend broke the ring"
+    _probe_error_what = "cannot write the backend's limits"
 
     def __init__(self, kern: Kernel, dev: XenbusDevice, bb: Blkback) -> None:
         super().__init__(kern, dev, bb.name)
         self.bb = bb
-        self.online = True
-        #: Fatal errors so far (garbage from the frontend, a broken ring...).
-        self.errors = 0
-        self._ring_error = ""
         self._chained_ring_error = bb.on_ring_error
         bb.on_ring_error = self._on_ring_error
 
@@ -232,120 +221,33 @@ class BlkbackXenbus(XenbusDriver):
         """Sleep until the thread has exited: 0, or ETIMEDOUT."""
         return super().wait_done(timeout)
 
-    # -- the thread -------------------------------------------------------------------------
+    # -- the device ---------------------------------------------------------------------------
 
     def _on_ring_error(self, reason: str) -> None:
         """Blkback's ``on_ring_error`` (its interrupt thread): note and wake."""
-        self._ring_error = reason
-        self._kick()
+        super()._on_ring_error(reason)
         if self._chained_ring_error is not None:
             self._chained_ring_error(reason)
 
-    def _read_nodes(self) -> tuple[XenbusState, XenbusState, bool]:
-        """Our state, the frontend's, ``online``: one consistent snapshot.
-
-        Read in a transaction, so that the toolstack's unplug (``online`` and
-        ``state`` written together) is seen whole or not at all.
-        """
-        xs, dev = self.dev.xs, self.dev
-
-        def snapshot(xbt: int) -> tuple[XenbusState, XenbusState, bool]:
-            me = self._xenbus_read_state(xbt, dev.nodename)
-            fe = self._xenbus_read_state(xbt, dev.otherend)
-            error, raw = xs.xs_read(xbt, dev.nodename, XENBUS_KEY_ONLINE)
-            return me, fe, error == 0 and raw.strip() == b"1"
-
-        return self._xenbus_snapshot(snapshot)
-
-    def _xenbus_attach(self) -> None:
-        dev = self.dev
-        for node in (xs_join(dev.otherend, XENBUS_KEY_STATE),
-                     xs_join(dev.nodename, XENBUS_KEY_STATE),
-                     xs_join(dev.nodename, XENBUS_KEY_ONLINE)):
-            self._xenbus_watch(node)  # a missing watch: the next event still re-reads all
-
-    def _xenbus_step(self) -> bool:
-        me, fe, self.online = self._read_nodes()
-        self.otherend_state = fe
-        if me != self.state:
-            self._note_state(me)
-        return self._xbb_frontend_changed(me, fe, self.online)
-
     def _xenbus_detach(self) -> None:
-        self.bb.disconnect()
+        super()._xenbus_detach()
         self.bb.on_ring_error = self._chained_ring_error
+
+    def _disconnect(self) -> None:
+        self.bb.disconnect()
 
     def _connected(self) -> bool:
         return self.bb.state != BlkbackState.DISCONNECTED
 
-    def _xbb_frontend_changed(self, me: XenbusState, fe: XenbusState, online: bool) -> bool:
-        """One step of the state machine (``frontend_changed``); True: exit."""
-        if me == _S.Unknown:  # our directory is gone: forced removal
-            self.bb.disconnect()
-            return True
-        if self._stopping:
-            self.bb.disconnect()
-            self._xenbus_set_state(_S.Closed)
-            return True
-        if self._ring_error != "":
-            reason, self._ring_error = self._ring_error, ""
-            if me == _S.Connected:
-                self._xbb_fatal(errno.EIO, f"the frontend broke the ring: {reason}")
-                return False
-        if me == _S.Initialising:
-            if self._xbb_probe() != 0:
-                return False
-            me = self.state
-        if fe in (_S.Closed, _S.Unknown):
-            self.bb.disconnect()
-            if me not in (_S.Closed, _S.Initialising):
-                if me != _S.Closing:
-                    self._xenbus_set_state(_S.Closing)
-                self._xenbus_set_state(_S.Closed)
-            # Unregister when unplugged, or when the frontend vanished.
-            return not online or fe == _S.Unknown
-        if fe == _S.Closing:
-            self.bb.disconnect()
-            if me not in (_S.Closing, _S.Closed):
-                self._xenbus_set_state(_S.Closing)
-            return False
-        if not online:
-            # Unplug: a connected device waits for the frontend to close, so
-            # that what is on the ring completes; anything else ends now.
-            if self._connected():
-                return False
-            self._xenbus_set_state(_S.Closed)
-            return True
-        if me == _S.Closing:  # written by the toolstack or after an error
-            return False
-        if fe == _S.Initialising and me == _S.Closed:
-            self._xbb_reconnect()
-            return False
-        if fe in (_S.Initialised, _S.Connected) and me == _S.InitWait:
-            self._xbb_connect()
-        return False
+    def _probe_keys(self) -> Mapping[str, str]:
+        return self.bb.probe_keys()
 
-    # -- the steps ----------------------------------------------------------------------------
-
-    def _xbb_probe(self) -> int:
-        """Publish the limits, InitWait."""
-        error = self._xenbus_write_keys(self.bb.probe_keys())
-        if error != 0:
-            self._xbb_fatal(error, "cannot write the backend's limits")
-            return error
-        return self._xenbus_set_state(_S.InitWait)
-
-    def _xbb_reconnect(self) -> None:
-        """The frontend came back after a close while we stay online: InitWait again."""
-        self.dev.xs.xs_rm(XST_NIL, self.dev.nodename, XBB_XENBUS_KEY_ERROR)
-        self._xbb_probe()
-
-    def _xbb_connect(self) -> None:
+    def _connect(self) -> None:
         """Read and check the frontend's keys, connect, publish the disk, Connected."""
         error, info, why = xbb_parse_frontend_info(self._xenbus_otherend_reader(),
                                                    self.bb.max_ring_page_order)
         if error != 0 or info is None:
-            self._xbb_fatal(error, f"bad frontend keys: {why}")
+            self._fatal(error, f"bad frontend keys: {why}")
             return
         error = self.bb.connect(info.ring_refs, info.evtchn, info.protocol)
         if error != 0:
@@ -355,23 +257,14 @@ class BlkbackXenbus(XenbusDriver):
                     errno.EIO: "the shared ring's indices are impossible",
                     errno.EISCONN: "already connected"}.get(error, "the event channel "
                                                                    "does not bind")
-            self._xbb_fatal(error, f"cannot connect to {info!r}: {what}")
+            self._fatal(error, f"cannot connect to {info!r}: {what}")
             return
         error = self._xenbus_write_keys(self.bb.connect_keys())
         if error != 0:
             self.bb.disconnect()
-            self._xbb_fatal(error, "cannot write the disk's properties")
+            self._fatal(error, "cannot write the disk's properties")
             return
         self._xenbus_set_state(_S.Connected)
-
-    def _xbb_fatal(self, error: int, message: str) -> None:
-        """``xenbus_dev_fatal``: publish the error, disconnect, Closing."""
-        text = f"{error} {message} ({os.strerror(error) if error > 0 else 'failed'})"
-        self.error = text
-        self.errors += 1
-        self.dev.xs.xs_write(XST_NIL, self.dev.nodename, XBB_XENBUS_KEY_ERROR, text)
-        self.bb.disconnect()
-        self._xenbus_set_state(_S.Closing)
 
 
 def xbb_attach(xs: XenStore, kern: Kernel, bb: Blkback) -> tuple[int, BlkbackXenbus | None]:

@@ -18,25 +18,15 @@
 from __future__ import annotations
 
 import errno
-import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Final, final
 
 from gntdma.abi.netif import NetifKey, netif_queue_key
 from gntdma.dev.netback import Netback, NetbackQueueInfo
 from gntdma.dev.netif_common import parse_u32
+from gntdma.dev.xenbus_backend import XenbusBackend
 from gntdma.sys import Kernel
-from gntdma.xen.xenbus import (
-    XENBUS_KEY_ONLINE,
-    XENBUS_KEY_STATE,
-    XST_NIL,
-    XenbusDevice,
-    XenbusDriver,
-    XenbusState,
-    XenStore,
-    xenbus_backend_device,
-    xs_join,
-)
+from gntdma.xen.xenbus import XenbusDevice, XenbusState, XenStore, xenbus_backend_device
 
 __all__ = ["NETBACK_XENBUS_DEVTYPE", "NetbackXenbus", "netback_attach",
            "netback_parse_frontend"]
@@ -78,100 +68,40 @@ def netback_parse_frontend(read: Callable[[str], str | None], max_queues: int
 
 
 @final
-class NetbackXenbus(XenbusDriver):
-    """The xenbus side of one vif backend."""
+class NetbackXenbus(XenbusBackend):
+    """The xenbus side of one vif backend (the state machine is
+    :class:`~gntdma.dev.xenbus_backend.XenbusBackend`'s)."""
 
     _wmesg = "nb"
+    # netback has nothing to undo while it waits at InitWait, connects on the
+    # frontend's Connected only, and reconnects from Closing too.
+    _closed_idle = (_S.Closed, _S.Initialising, _S.InitWait)
+    _reconnect_from = (_S.Closing, _S.Closed)
+    _connect_on = (_S.Connected,)
+    _ring_error_what = "the frontend broke the protocol"
+    _probe_error_what = "cannot write the backend's features"
 
     def __init__(self, kern: Kernel, dev: XenbusDevice, nb: Netback) -> None:
         super().__init__(kern, dev, nb.name)
         self.nb = nb
-        self.online = True
-        self.errors = 0
-        self._ring_error = ""
         nb.on_ring_error = self._on_ring_error
 
-    def _on_ring_error(self, why: str) -> None:
-        self._ring_error = why
-        self._kick()
-
-    def _xenbus_attach(self) -> None:
-        dev = self.dev
-        for node in (xs_join(dev.otherend, XENBUS_KEY_STATE),
-                     xs_join(dev.nodename, XENBUS_KEY_STATE),
-                     xs_join(dev.nodename, XENBUS_KEY_ONLINE)):
-            self._xenbus_watch(node)
-
-    def _xenbus_step(self) -> bool:
-        xs, dev = self.dev.xs, self.dev
-
-        def snap(xbt: int) -> tuple[XenbusState, XenbusState, bool]:
-            error, raw = xs.xs_read(xbt, dev.nodename, XENBUS_KEY_ONLINE)
-            return (self._xenbus_read_state(xbt, dev.nodename),
-                    self._xenbus_read_state(xbt, dev.otherend), error == 0 and raw.strip() == b"1")
-
-        me, fe, self.online = self._xenbus_snapshot(snap)
-        self.otherend_state = fe
-        if me != self.state:
-            self._note_state(me)
-        nb = self.nb
-        if me == _S.Unknown:
-            nb.disconnect()
-            return True
-        if self._stopping:
-            nb.disconnect()
-            self._xenbus_set_state(_S.Closed)
-            return True
-        if self._ring_error != "":
-            why, self._ring_error = self._ring_error, ""
-            if me == _S.Connected:
-                self._fatal(errno.EIO, f"the frontend broke the protocol: {why}")
-                return False
-        if me == _S.Initialising:
-            if self._probe() != 0:
-                return False
-            me = self.state
-        if fe in (_S.Closed, _S.Unknown):
-            nb.disconnect()
-            if me not in (_S.Closed, _S.Initialising, _S.InitWait):
-                if me != _S.Closing:
-                    self._xenbus_set_state(_S.Closing)
-                self._xenbus_set_state(_S.Closed)
-            return not self.online or fe == _S.Unknown
-        if fe == _S.Closing:
-            nb.disconnect()
-            if me not in (_S.Closing, _S.Closed):
-                self._xenbus_set_state(_S.Closing)
-            return False
-        if not self.online:
-            if nb.state != "disconnected":
-                return False
-            self._xenbus_set_state(_S.Closed)
-            return True
-        if fe == _S.Initialising and me in (_S.Closing, _S.Closed):
-            # "prepare for reconnect" (a frontend that closed and came back, even
-            # before we saw its Closed)
-            nb.disconnect()
-            if me == _S.Closing:
-                self._xenbus_set_state(_S.Closed)
-            self.dev.xs.xs_rm(XST_NIL, self.dev.nodename, "error")
-            self._probe()
-            return False
-        if me == _S.Closing:
-            return False
-        if fe == _S.Connected and me == _S.InitWait:
-            self._connect()
-        return False
-
-    def _xenbus_detach(self) -> None:
+    def _disconnect(self) -> None:
         self.nb.disconnect()
 
-    def _probe(self) -> int:
-        error = self._xenbus_write_keys(self.nb.probe_keys())
-        if error != 0:
-            self._fatal(error, "cannot write the backend's features")
-            return error
-        return self._xenbus_set_state(_S.InitWait)
+    def _connected(self) -> bool:
+        return self.nb.state != "disconnected"
+
+    def _probe_keys(self) -> Mapping[str, str]:
+        return self.nb.probe_keys()
+
+    def _reconnect(self, me: XenbusState) -> None:
+        # "prepare for reconnect" (a frontend that closed and came back, even
+        # before we saw its Closed)
+        self.nb.disconnect()
+        if me == _S.Closing:
+            self._xenbus_set_state(_S.Closed)
+        super()._reconnect(me)
 
     def _connect(self) -> None:
         read = self._xenbus_otherend_reader()
@@ -185,14 +115,6 @@ class NetbackXenbus(XenbusDriver):
             self._fatal(error, f"cannot connect to {queues}")
             return
         self._xenbus_set_state(_S.Connected)
-
-    def _fatal(self, error: int, message: str) -> None:
-        text = f"{error} {message} ({os.strerror(error) if error > 0 else 'failed'})"
-        self.error = text
-        self.errors += 1
-        self.dev.xs.xs_write(XST_NIL, self.dev.nodename, "error", text)
-        self.nb.disconnect()
-        self._xenbus_set_state(_S.Closing)
 
 
 def netback_attach(xs: XenStore, kern: Kernel, nb: Netback) -> tuple[int, NetbackXenbus | None]:
