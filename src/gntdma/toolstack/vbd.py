@@ -51,6 +51,7 @@ from gntdma.dev.blkfront_xenbus import XbdXenbus, xbd_attach
 from gntdma.errors import GntdmaError
 from gntdma.host.image import DiskImage, open_image
 from gntdma.sched import Mutex, current_scheduler, msleep, mtx_lock, mtx_unlock, wakeup
+from gntdma.toolstack.devreap import reap_driver, reap_drivers
 from gntdma.toolstack.host import Guest, GuestDevice, Host
 from gntdma.toolstack.xlcfg import DiskSpec
 from gntdma.toolstack.xs import LIBXL_DESTROY_TIMEOUT, DeviceDirs, XenstoreSetupError
@@ -186,15 +187,8 @@ def _release(host: Host, dirs: DeviceDirs | None, front: XbdXenbus | None,
     errors_before = [drv.error for drv in drivers]
     if dirs is not None:
         clean = host.xenstore.remove_device(dirs, timeout)
-    grace = timeout + _THREAD_GRACE
-    for drv, before in zip(drivers, errors_before, strict=True):
-        # The backend first: the frontend frees once the backend let go.
-        if drv.wait_done(grace) != 0:
-            clean = False
-            drv.stop()
-            drv.wait_done(grace)
-        if drv.error != before:  # an error on the way down (not one from before)
-            clean = False
+    if not reap_drivers(drivers, errors_before, timeout + _THREAD_GRACE):
+        clean = False
     if bb is not None:
         bb.disconnect()  # a no-op once its driver ended
     if image is not None and not image.closed:
@@ -365,10 +359,8 @@ def destroy_disk(host: Host, vbd: Vbd, timeout: float = LIBXL_DESTROY_TIMEOUT) -
     vbd.attached = False
     vbd.file.abandon()
     clean = host.xenstore.remove_device(vbd.dirs, timeout, force=True)
-    if vbd.backend.wait_done(timeout + _THREAD_GRACE) != 0:
+    if not reap_driver(vbd.backend, timeout + _THREAD_GRACE):
         clean = False
-        vbd.backend.stop()
-        vbd.backend.wait_done(timeout + _THREAD_GRACE)
     vbd.blkback.disconnect()  # a no-op once its driver ended
     if not vbd.image.closed:
         vbd.image.close()

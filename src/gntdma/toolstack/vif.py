@@ -38,6 +38,7 @@ from gntdma.dev.netfront_xenbus import XN_DEFAULT_QUEUES, XnXenbus, xn_attach
 from gntdma.dev.netif_common import format_mac, parse_mac
 from gntdma.errors import GntdmaError
 from gntdma.sched import current_scheduler
+from gntdma.toolstack.devreap import reap_driver, reap_drivers
 from gntdma.toolstack.host import Guest, GuestDevice, Host
 from gntdma.toolstack.xs import LIBXL_DESTROY_TIMEOUT, DeviceDirs, XenstoreSetupError
 from gntdma.xen.xenbus import XenbusState
@@ -140,14 +141,8 @@ def _release(host: Host, dirs: DeviceDirs | None, front: XnXenbus | None,
     if dirs is not None:
         clean = host.xenstore.remove_device(dirs, timeout)
     for drv in (back, front):
-        if drv is None:
-            continue
-        before = drv.error
-        if drv.wait_done(timeout + 2.0) != 0:
-            clean = False
-            drv.stop()
-            drv.wait_done(timeout + 2.0)
-        if drv.error != before:
+        # each one's errors from before counted from when its turn comes
+        if drv is not None and not reap_drivers([drv], [drv.error], timeout + 2.0):
             clean = False
     nb.disconnect()
     return clean
@@ -264,11 +259,8 @@ def destroy_vif(host: Host, vif: Vif, timeout: float = LIBXL_DESTROY_TIMEOUT) ->
     for hook in hooks:
         hook()
     clean = host.xenstore.remove_device(vif.dirs, timeout, force=True)
-    back = vif.backend
-    if back.wait_done(timeout + 2.0) != 0:
+    if not reap_driver(vif.backend, timeout + 2.0):
         clean = False
-        back.stop()
-        back.wait_done(timeout + 2.0)
     vif.netback.disconnect()  # a no-op once its driver ended
     return clean
 
