@@ -16,11 +16,11 @@ test: debs xen-utils venv-test lint typecheck pytest
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e .
+	$(BIN)/python -m pip install -q -e '.[plots]'
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base pyproject.toml
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,plots,dask]'
 	touch $@
 
 venv: $(VENV)/.base
