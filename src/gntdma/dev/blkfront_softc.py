@@ -51,6 +51,7 @@ from gntdma.dev.blkfront_cmd import (
 from gntdma.sched import (
     KernelPanic,
     Mutex,
+    current_scheduler,
     mtx_lock,
     mtx_unlock,
 )
@@ -228,6 +229,19 @@ class xbd_softc_base:
         self._st_errors = 0
         self._st_deferred = 0
         self._st_occupancy_peak = 0
+        # Latency histograms, log2 buckets of microseconds (bucket b: [2**(b-1), 2**b)):
+        # ring requests (on the ring to answered) and deferred loads (EINPROGRESS to
+        # callback). ``_st_t0`` holds when a command was deferred or put on the ring.
+        self.xbd_lat_request = [0] * 40
+        self.xbd_lat_deferred = [0] * 40
+        self._st_t0: dict[int, float] = {}
+
+    def _xbd_lat(self, hist: list[int], cm_id: int) -> None:
+        """Count the time since ``_st_t0[cm_id]`` in ``hist`` (nothing if not started)."""
+        t0 = self._st_t0.pop(cm_id, None)
+        if t0 is not None:
+            us = int((current_scheduler().now() - t0) * 1e6)
+            hist[min(max(us, 0).bit_length(), len(hist) - 1)] += 1
 
     def __repr__(self) -> str:
         return f"<xbd_softc {self.name} state={self.xbd_state} flags={self.xbd_flags:#x}>"
