@@ -34,6 +34,7 @@ that way).
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Final, Protocol, final
@@ -114,6 +115,32 @@ class SplitMix64:
         return self.next() % n
 
 
+@functools.lru_cache(maxsize=32)
+def _scatter_order(ranges: tuple[tuple[int, int], ...], seed: int) -> tuple[int, ...]:
+    """The boot scatter order of ``ranges`` for ``seed`` (a pure function of both).
+
+    Memoized: the explorer builds the same host, with the same seeds, for every
+    schedule, and drawing the order page by page was a quarter of its time.
+    """
+    rng = SplitMix64(seed)
+    runs: list[tuple[int, int]] = []
+    for first, n in ranges:
+        pfn = first
+        end = first + n
+        while pfn < end:
+            ln = 1 if rng.below(4) != 0 else 2 + rng.below(3)
+            ln = min(ln, end - pfn)
+            runs.append((pfn, ln))
+            pfn += ln
+    for i in range(len(runs) - 1, 0, -1):  # Fisher-Yates
+        j = rng.below(i + 1)
+        runs[i], runs[j] = runs[j], runs[i]
+    order: list[int] = []
+    for pfn, ln in runs:
+        order.extend(range(pfn, pfn + ln))
+    return tuple(order)
+
+
 @final
 class VmPhys:
     """The physical page allocator of one kernel."""
@@ -127,24 +154,10 @@ class VmPhys:
         self.total = sum(n for _, n in ranges)
         self.free_map = bytearray(self.maxmem)
         self.nfree = 0
-        rng = SplitMix64(seed)
-        runs: list[tuple[int, int]] = []
         for first, n in ranges:
             self.free_map[first : first + n] = b"\x01" * n
             self.nfree += n
-            pfn = first
-            end = first + n
-            while pfn < end:
-                ln = 1 if rng.below(4) != 0 else 2 + rng.below(3)
-                ln = min(ln, end - pfn)
-                runs.append((pfn, ln))
-                pfn += ln
-        for i in range(len(runs) - 1, 0, -1):  # Fisher-Yates
-            j = rng.below(i + 1)
-            runs[i], runs[j] = runs[j], runs[i]
-        self._order: deque[int] = deque()
-        for pfn, ln in runs:
-            self._order.extend(range(pfn, pfn + ln))
+        self._order: deque[int] = deque(_scatter_order(self.ranges, seed))
         #: pfn -> wire count (only wired pages appear).
         self.wired: dict[int, int] = {}
         #: Wired pages that were freed (or free when wired): free once unwired.
