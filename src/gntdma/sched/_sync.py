@@ -209,13 +209,12 @@ def mtx_unlock(m: Mutex) -> None:
     Unlock by a thread that does not own the mutex panics.
     """
     s = current_scheduler()
-    _release(m)
+    _release(s, m)
     s.point("mtx_unlock")
 
 
-def _release(m: Mutex) -> None:
+def _release(s: Scheduler, m: Mutex) -> None:
     """mtx_unlock without the scheduling point (for sleeps: no window before blocking)."""
-    s = current_scheduler()
     t = s.curthread
     if m.owner is not t:
         owner = m.owner.name if m.owner is not None else "nobody"
@@ -223,10 +222,14 @@ def _release(m: Mutex) -> None:
     if m.recurse > 0:
         m.recurse -= 1
         return
-    for i in range(len(t.held) - 1, -1, -1):
-        if t.held[i].lock is m:
-            del t.held[i]
-            break
+    held = t.held
+    if held and held[-1].lock is m:  # usually the last lock taken is released first
+        held.pop()
+    else:
+        for i in range(len(held) - 2, -1, -1):
+            if held[i].lock is m:
+                del held[i]
+                break
     m.owner = None
     if m._spin:
         t.critnest -= 1
@@ -268,7 +271,7 @@ def _drop_for_sleep(m: Mutex) -> int:
     """
     depth = m.recurse
     m.recurse = 0
-    _release(m)
+    _release(current_scheduler(), m)
     return depth
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass, field
-from types import FrameType
+from types import CodeType, FrameType
 from typing import Final
 
 __all__ = ["WITNESS", "Witness", "WitnessReport", "caller_site"]
@@ -52,29 +52,64 @@ def caller_site() -> str:
     return "?:0"
 
 
-#: A site as (filename, line), formatted by ``site_str`` only when text is needed.
-Site = tuple[str, int]
+#: A site as the cheapest token a lock can take: the code object of the first frame
+#: outside ``gntdma.sched`` and the offset of its last instruction (``f_lasti``).
+#: ``site_str`` turns it into the same ``file:line`` text as ``caller_site`` only
+#: when a report needs it; ``None`` for the code is the unknown site ``?:0``.
+Site = tuple[CodeType | None, int]
 
-_NO_SITE: Final[Site] = ("?", 0)
+_NO_SITE: Final[Site] = (None, 0)
 
 
 def caller_site_raw() -> Site:
-    """``caller_site`` unformatted: ``site_str(caller_site_raw()) == caller_site()``."""
-    f: FrameType | None = sys._getframe(1)
+    """``caller_site`` as a token: ``site_str(caller_site_raw()) == caller_site()``.
+
+    Called from a function of ``gntdma.sched`` (a lock, a sleep), so the walk
+    starts at that function's caller: ``sys._getframe(2)`` builds no frame
+    object for the function itself, and no line number is computed here.
+    """
+    try:
+        f: FrameType | None = sys._getframe(2)
+    except ValueError:
+        return _NO_SITE
     in_sched = _IN_SCHED
     while f is not None:
-        filename = f.f_code.co_filename
-        inside = in_sched.get(filename)
+        code = f.f_code
+        inside = in_sched.get(code.co_filename)
         if inside is None:
-            inside = in_sched[filename] = os.path.dirname(filename) == _SCHED_DIR
+            inside = in_sched[code.co_filename] = os.path.dirname(code.co_filename) == _SCHED_DIR
         if not inside:
-            return filename, f.f_lineno
+            return code, f.f_lasti
         f = f.f_back
     return _NO_SITE
 
 
+#: (id(code), lasti) -> (code, text): each site is formatted once. The code object is
+#: kept with its text and compared by identity (equal code objects of two files exist).
+_SITE_TEXT: dict[tuple[int, int], tuple[CodeType, str]] = {}
+
+
 def site_str(site: Site) -> str:
-    return f"{site[0]}:{site[1]}"
+    """``file:line`` of a site token, the text ``f"{co_filename}:{f_lineno}"`` gives."""
+    code, lasti = site
+    if code is None:
+        return "?:0"
+    key = (id(code), lasti)
+    hit = _SITE_TEXT.get(key)
+    if hit is not None and hit[0] is code:
+        return hit[1]
+    # f_lineno is PyCode_Addr2Line(code, f_lasti): the line of the co_lines() range
+    # holding the offset, None for an instruction without a line.
+    line: int | None = code.co_firstlineno if lasti < 0 else None
+    for start, end, ln in code.co_lines():
+        if start <= lasti < end:
+            line = ln
+            break
+    text = f"{code.co_filename}:{line}"
+    if len(_SITE_TEXT) >= 16384:
+        _SITE_TEXT.clear()
+    _SITE_TEXT[key] = (code, text)
+    return text
 
 
 @dataclass(frozen=True, slots=True)
