@@ -111,16 +111,19 @@ from gntdma.dev.blkback_req import (
     blkback_check_request,
 )
 from gntdma.sched import (
+    PIDLE,
     Condvar,
     Mutex,
     current_scheduler,
     cv_broadcast,
-    cv_signal,
     cv_wait,
     mb,
+    msleep,
     mtx_lock,
     mtx_unlock,
     rmb,
+    wakeup,
+    wakeup_one,
     wmb,
 )
 from gntdma.sys import Kernel
@@ -429,7 +432,7 @@ class Blkback:
         while self._in_flight > 0 or self._in_intr:
             cv_wait(self._drain_cv, self.lock)
         self._stop_workers = True
-        cv_broadcast(self._work_cv)
+        wakeup(self._work_cv)
         while self._workers_alive > 0:
             cv_wait(self._drain_cv, self.lock)
         handles = self._ring_handles
@@ -534,7 +537,7 @@ class Blkback:
         self._queue.append(work)
         self._in_flight += 1
         self._in_flight_peak = max(self._in_flight_peak, self._in_flight)
-        cv_signal(self._work_cv)
+        wakeup_one(self._work_cv)
 
     def _limits(self) -> BlkbackLimits:
         store = self.store
@@ -572,7 +575,9 @@ class Blkback:
                 continue
             if self._stop_workers:
                 break
-            cv_wait(self._work_cv, self.lock)
+            # Idle for work (PIDLE), as FreeBSD's xbb runs its I/O on a taskqueue whose
+            # threads idle in taskqueue_thread_loop: not a hung task however long.
+            msleep(self._work_cv, self.lock, "blkback work", 0.0, PIDLE)
         self._workers_alive -= 1
         cv_broadcast(self._drain_cv)
         mtx_unlock(self.lock)
