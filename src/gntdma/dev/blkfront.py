@@ -49,8 +49,10 @@ POST, unloads (which ends grant access and frees the references), completes
 the bio (``EIO`` for ``BLKIF_RSP_ERROR``, ``EOPNOTSUPP`` for
 ``BLKIF_RSP_EOPNOTSUPP``), frees the command, thaws and restarts the queue.
 
-Bios larger than one request are split into children (as GEOM does for
-``d_maxsize``). Flush (``BLKIF_OP_FLUSH_DISKCACHE``) and ``BIO_ORDERED`` bios
+Bios that touch more pages than a request has segments are split into
+children (as GEOM does for ``d_maxsize``), each as long as its pages allow: a
+page-aligned bio of ``xbd_max_request_segments`` pages is one request
+(``xbd_max_request_size`` is what fits at any alignment). Flush (``BLKIF_OP_FLUSH_DISKCACHE``) and ``BIO_ORDERED`` bios
 are single-stepped: they wait for the ring to drain (``XBDF_WAIT_IDLE``) and
 freeze the queue until they complete (``XBDCF_Q_FREEZE``).
 
@@ -392,7 +394,7 @@ class xbd_softc(xbd_softc_req):
     def _xbd_alloc_data_maps(self, shadow: list[xbd_command], segs: int) -> int:
         error, dmat = bus_dma_tag_create(
             xen_get_dma_tag(self.xbd_kern), BLKIF_SECTOR_SIZE, PAGE_SIZE, BUS_SPACE_MAXADDR,
-            BUS_SPACE_MAXADDR, XBD_SEGS_TO_SIZE(segs), segs, PAGE_SIZE,
+            BUS_SPACE_MAXADDR, segs << PAGE_SHIFT, segs, PAGE_SIZE,
             self.xbd_otherend_id << BUS_DMA_XEN_DOMID_SHIFT, busdma_lock_mutex,
             self.xbd_io_lock)
         if error != 0 or dmat is None:

@@ -122,7 +122,8 @@ class xbd_softc_req(xbd_softc_base):
             if (bp.bio_cmd in (BIO_READ, BIO_WRITE) and bp.bio_bcount == 0):
                 self._xbd_bio_done(bp, 0)
                 return
-            if bp.bio_cmd in (BIO_READ, BIO_WRITE) and bp.bio_bcount > self.xbd_max_request_size:
+            if (bp.bio_cmd in (BIO_READ, BIO_WRITE)
+                    and self._xbd_bio_pages(bp) > self.xbd_max_request_segments):
                 self.xbd_bioq.extend(self._xbd_split(bp))
             elif bp.bio_cmd == BIO_DELETE:
                 pieces = xbd_discard_pieces(
@@ -165,11 +166,42 @@ class xbd_softc_req(xbd_softc_base):
             return errno.EIO
         return 0
 
+    @staticmethod
+    def _xbd_bio_first(bp: bio) -> int:
+        """The offset of the bio's data in its first page."""
+        if bp.bio_flags & BIO_UNMAPPED:
+            return bp.bio_ma_offset & PAGE_MASK
+        return bp.bio_data & PAGE_MASK
+
+    def _xbd_bio_pages(self, bp: bio) -> int:
+        """Pages the bio's data touches: the segments its request needs."""
+        return (self._xbd_bio_first(bp) + bp.bio_bcount + PAGE_MASK) >> PAGE_SHIFT
+
     def _xbd_split(self, bp: bio) -> list[bio]:
-        """Children of at most one request each, completing ``bp`` when all are done."""
-        step = self.xbd_max_request_size
-        return self._xbd_split_at(bp, [(off, min(step, bp.bio_bcount - off))
-                                       for off in range(0, bp.bio_bcount, step)])
+        """Children of at most one request each, completing ``bp`` when all are done.
+
+        A request holds ``xbd_max_request_segments`` segments of at most a page
+        each, never crossing a page (the data tag's maxsegsz and boundary), so a
+        child ends where it would touch one page more, rounded down to the
+        sector size: a page-aligned bio of that many pages is one request, as
+        in Linux xen-blkfront (``blkif_set_queue_limits``: ``max_hw_sectors``
+        is ``segments * XEN_PAGE_SIZE / 512``, ``max_segments`` the
+        segments, each at most an aligned page), where FreeBSD's
+        ``XBD_SEGS_TO_SIZE`` keeps one page back for any alignment.
+        """
+        segs = self.xbd_max_request_segments
+        ss = self.xbd_sector_size
+        first = self._xbd_bio_first(bp)
+        pieces: list[tuple[int, int]] = []
+        off = 0
+        while off < bp.bio_bcount:
+            room = (segs << PAGE_SHIFT) - ((first + off) & PAGE_MASK)
+            ln = bp.bio_bcount - off
+            if ln > room:
+                ln = room - room % ss
+            pieces.append((off, ln))
+            off += ln
+        return self._xbd_split_at(bp, pieces)
 
     def _xbd_split_at(self, bp: bio, pieces: list[tuple[int, int]]) -> list[bio]:
         """Children for ``pieces`` ((offset in ``bp``, length) each), completing ``bp``."""
