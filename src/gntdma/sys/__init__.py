@@ -240,6 +240,7 @@ from gntdma.sys._taskqueue import (
     taskqueue_enqueue,
     taskqueue_free,
 )
+from gntdma.sys._tunables import TUNABLE_DMA_DEBUG, TUNABLE_JUNK_DIVISOR, KernelTunables
 from gntdma.sys._vm import (
     BytePhysMem,
     PhysMem,
@@ -314,7 +315,10 @@ __all__ = [
     "KVA_BASE",
     "Kernel",
     "KernelStatistics",
+    "KernelTunables",
     "MAXPHYS",
+    "TUNABLE_DMA_DEBUG",
+    "TUNABLE_JUNK_DIVISOR",
     "MCLBYTES",
     "MEMDESC_BIO",
     "MEMDESC_MBUF",

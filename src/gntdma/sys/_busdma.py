@@ -499,7 +499,8 @@ def bus_dmamap_unload(dmat: BusDmaTag, map: BusDmaMap) -> None:
         kern.busdma.maps_loaded -= 1
     _reset(map)
     map.last_op_unload = True
-    kern.dma_debug.drop(id(map))
+    if kern.dma_debug.enabled:
+        kern.dma_debug.drop(id(map))
 
 
 def _map_client_ranges(kern: Kernel, map: BusDmaMap) -> list[tuple[int, int]]:

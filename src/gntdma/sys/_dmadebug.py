@@ -2,7 +2,8 @@
 
 Rules: findings are *reports*, collected like WITNESS reports, never raised;
 a test reads :meth:`DmaDebug.reports` and calls :meth:`DmaDebug.reset`. It is
-on by default (``enabled``). What is reported (:class:`DmaDebugKind`):
+on by default (``enabled``; the kernel tunable ``hw.busdma.dma_debug``,
+see ``_tunables``). What is reported (:class:`DmaDebugKind`):
 
 - ``DOUBLE_UNLOAD``: unload of a map whose last operation was already an
   unload (unloading a never-loaded map is allowed, as in FreeBSD).
@@ -108,9 +109,10 @@ class _Own:
 class DmaDebug:
     """The DMA-API debug state of one kernel."""
 
-    def __init__(self, kernel_name: str) -> None:
+    def __init__(self, kernel_name: str, enabled: bool = True) -> None:
         self.kernel_name = kernel_name
-        self.enabled = True
+        #: The ``hw.busdma.dma_debug`` tunable (``Kernel.set_tunables`` sets it).
+        self.enabled = enabled
         self._reports: list[DmaDebugReport] = []
         self._owners: dict[int, _Own] = {}
         self._by_pfn: dict[int, set[int]] = {}
@@ -129,6 +131,14 @@ class DmaDebug:
 
     def reset(self) -> None:
         self._reports.clear()
+
+    def set_enabled(self, enabled: bool) -> None:
+        """Turn debugging on or off; off forgets every tracked buffer (nothing is
+        watched, so the CPU access check costs nothing), reports already made stay."""
+        self.enabled = enabled
+        if not enabled:
+            self._owners.clear()
+            self._by_pfn.clear()
 
     # -- device ownership of buffers --------------------------------------------------
 

@@ -15,7 +15,8 @@ sizes get whole pages, physically scattered, page aligned. A kernel whose
 allocations are all freed holds no pages: :meth:`Kernel.assert_no_leaks`
 checks it. A wired page (``vm_page_wire``) freed by its owner is not reused
 until it is unwired (DESIGN section 4). Freed memory is filled with
-``0xdeadc0de`` (FreeBSD INVARIANTS). ``M_WAITOK`` sleeps until pages are freed
+``0xdeadc0de`` (FreeBSD INVARIANTS) unless the tunable ``vm.debug.divisor`` says
+otherwise (``_tunables``). ``M_WAITOK`` sleeps until pages are freed
 (``vm_wait``), except for a request no freeing can satisfy (more pages than the
 domain has, or none in the asked range): it fails at once (0 or None), where
 FreeBSD's ``kmem_back_domain`` retries forever (deliberate, panic-free).
@@ -33,8 +34,7 @@ sleep and the wakeup that ends a free (both under ``vm_domainset_lock``, see
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, Final, final
 
 from gntdma.sched import (
@@ -46,6 +46,7 @@ from gntdma.sched import (
 )
 from gntdma.sys._callout import Softclock
 from gntdma.sys._dmadebug import BusDmaCounters, DmaDebug
+from gntdma.sys._kstats import KernelStatistics
 from gntdma.sys._malloc import (
     M_KMEM,
     M_NOWAIT,
@@ -57,6 +58,7 @@ from gntdma.sys._malloc import (
 )
 from gntdma.sys._param import KVA_BASE, PAGE_MASK, PAGE_SHIFT, PAGE_SIZE
 from gntdma.sys._taskqueue import TaskQueue
+from gntdma.sys._tunables import KernelTunables, junk_item
 from gntdma.sys._uma import SlabAllocator
 from gntdma.sys._vm import PhysMem, VmPhys
 from gntdma.sys._vmwait import VmWait
@@ -73,34 +75,12 @@ _KIND_PAGES: Final = 1
 _KIND_CONTIG: Final = 2
 
 
-@dataclass(frozen=True, slots=True)
-class KernelStatistics:
-    """What one kernel holds; ``assert_no_leaks`` compares it with an idle kernel."""
-
-    name: str
-    pages_total: int
-    pages_free: int
-    pages_in_use: int
-    kva_pages_mapped: int
-    malloc: Mapping[str, MallocTypeStats]
-    malloc_bytes: int
-    taskqueue_pending: int
-    callouts_pending: int
-    dma_tags: int
-    dma_maps: int
-    dma_maps_loaded: int
-    dma_deferred_pending: int
-    bounce_pages: int
-    bounce_pages_free: int
-    dma_debug_reports: int
-
-
 @final
 class Kernel:
     """One guest kernel (FreeBSD style)."""
 
     def __init__(self, name: str, physmem: PhysMem, seed: int | None = None,
-                 *, bounce_max_pages: int = 512) -> None:
+                 *, bounce_max_pages: int = 512, tunables: KernelTunables | None = None) -> None:
         self.name = name
         self.physmem = physmem
         self.sched: Scheduler = current_scheduler()
@@ -119,7 +99,9 @@ class Kernel:
         self._vmwait = VmWait()
         #: FreeBSD's Giant, for callouts initialised with mpsafe=0.
         self.Giant = Mutex("Giant")
-        self.dma_debug = DmaDebug(name)
+        #: Boot-time debugging switches (``_tunables``); change them with ``set_tunables``.
+        self.tunables = tunables if tunables is not None else KernelTunables()
+        self.dma_debug = DmaDebug(name, self.tunables.dma_debug)
         self.busdma = BusDmaCounters()
         #: Maximum bounce pages per bounce zone (FreeBSD's MAX_BPAGES).
         self.bounce_max_pages = bounce_max_pages
@@ -132,6 +114,11 @@ class Kernel:
 
     def __repr__(self) -> str:
         return f"<Kernel {self.name}>"
+
+    def set_tunables(self, tunables: KernelTunables) -> None:
+        """Set the kernel's tunables (on FreeBSD ``kenv`` and a reboot; here at once)."""
+        self.tunables = tunables
+        self.dma_debug.set_enabled(tunables.dma_debug)
 
     # -- physical pages -----------------------------------------------------------
 
@@ -411,7 +398,8 @@ class Kernel:
         if kind == _KIND_CONTIG:
             raise KernelPanic(f"free: {va:#x} came from contigmalloc; use contigfree")
         self._unaccount(va, size, mt)
-        self._fill(va, size, _JUNK)
+        if junk_item(self.tunables.junk_divisor, va, size):
+            self._fill(va, size, _JUNK)
         if kind == _KIND_SLAB:
             self._slab.free(va)
         else:
@@ -454,7 +442,8 @@ class Kernel:
         if (size + PAGE_MASK) >> PAGE_SHIFT != npages:
             raise KernelPanic(f"contigfree: {va:#x} size {size} != allocated {rec[0]}")
         self._unaccount(va, rec[0], mtype)
-        self._fill(va, rec[0], _JUNK)
+        if junk_item(self.tunables.junk_divisor, va, rec[0]):
+            self._fill(va, rec[0], _JUNK)
         self._pages_free(va, npages)
         self._vm_freed()
 
