@@ -46,6 +46,22 @@ def _positive_int(text: str) -> int:
     return int(text, 10)
 
 
+def _view_options(p: argparse.ArgumentParser) -> None:
+    """--dashboard and --plots, of run and serve."""
+    p.add_argument("--dashboard", choices=("auto", "on", "off"), default="auto",
+                   help="the live dashboard instead of the progress lines (default auto: "
+                   "when stdout is a terminal)")
+    p.add_argument("--plots", type=Path, metavar="DIR",
+                   help="write PNG plots (grant entries, deferred-load latency, ring "
+                   "occupancy, throughput) into DIR (needs the plots extra)")
+
+
+def _dashboard(args: argparse.Namespace) -> bool:
+    from gntdma.toolstack.dashboard import dashboard_wanted
+
+    return dashboard_wanted(args.dashboard)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gntdma",
                                      description="Xen grant-table DMA on an emulated Xen host")
@@ -71,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--hold", action="store_true",
                      help="after the job, keep the host and its xenstored socket up "
                      "until SIGINT/SIGTERM")
+    _view_options(run)
     sv = sub.add_parser("serve", help="build a host and export its guests' disks over NBD "
                         "until SIGINT/SIGTERM")
     sv.add_argument("configs", nargs="*", type=Path, metavar="CONFIG",
@@ -88,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="drop a connection still negotiating after this long (default 5; "
                     "0: never)")
     sv.add_argument("--seed", type=_positive_int, default=0)
+    _view_options(sv)
     sv.add_argument("--json", type=Path, metavar="PATH", help="write a JSON report")
     sv.add_argument("--overwrite", action="store_true",
                     help="write existing images directly (by default writes go to a "
@@ -123,7 +141,8 @@ def cmd_run(args: argparse.Namespace, out: _Output) -> int:
             report = run_main_job(args.configs, seed=args.seed, json_path=args.json,
                                   duration=args.duration, threads=args.threads,
                                   hold=args.hold, overwrite=args.overwrite, log=out.say,
-                                  guard=guard, stall_timeout=args.stall_timeout)
+                                  guard=guard, stall_timeout=args.stall_timeout,
+                                  dashboard=_dashboard(args), plots_dir=args.plots)
             out.say(report.format())
         except Interrupted as e:
             print(f"gntdma run: interrupted by {e.name} while {e.phase}; what it made for "
@@ -152,7 +171,8 @@ def cmd_serve(args: argparse.Namespace, out: _Output) -> int:
                                 allow_remote=args.allow_remote, seed=args.seed,
                                 json_path=args.json, overwrite=args.overwrite, log=out.say,
                                 guard=guard, max_connections=args.nbd_max_connections,
-                                handshake_timeout=args.nbd_handshake_timeout)
+                                handshake_timeout=args.nbd_handshake_timeout,
+                                dashboard=_dashboard(args), plots_dir=args.plots)
             out.say(report.format())
         except Interrupted as e:
             print(f"gntdma serve: interrupted by {e.name} while {e.phase}; what it made for "

@@ -20,13 +20,13 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from gntdma.abi.blkif import BLKIF_MAX_SEGMENTS_PER_REQUEST
 from gntdma.dev.blkfront_io import XbdFile
 from gntdma.errors import GntdmaError
 from gntdma.host.image import DiskImage, open_image
-from gntdma.sched import ThreadState
+from gntdma.sched import Deadlock, HungTask, ThreadState
 from gntdma.toolstack.domains import create_guest_from_config
 from gntdma.toolstack.host import CrashTeardown, Guest, GuestCrashed, Host
 from gntdma.toolstack.netjob import NetJob, attach_guest_vifs, make_netjob
@@ -42,6 +42,9 @@ from gntdma.toolstack.workload import (
 )
 from gntdma.toolstack.xlcfg import GuestConfig, XlConfigError, parse_config
 from gntdma.xen.busdma import XenDmaImpl
+
+if TYPE_CHECKING:
+    from gntdma.toolstack.dashboard import RunView
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -216,11 +219,16 @@ class _StallWatchdog:
 
 
 class _Progress:
-    """A progress line a second, from a hub timer (it never blocks)."""
+    """A progress line a second, from a hub timer (it never blocks); with a ``view``,
+    the same timer samples the series and refreshes the dashboard (which, when
+    shown, takes the place of the line)."""
 
     def __init__(self, host: Host, guests: Sequence[Guest], vbds: list[Vbd],
-                 log: Callable[[str], None]) -> None:
+                 log: Callable[[str], None], view: RunView | None = None) -> None:
         self.host, self.guests, self.vbds, self.log = host, guests, vbds, log
+        self.view = view
+        if view is not None:
+            view.attach(host, guests, vbds)
         self.t0 = host.sched.now()
         self.last_bytes = 0
         self.last_t = self.t0
@@ -240,6 +248,9 @@ class _Progress:
                 continue
             gst = g.gnttab.statistics()
             use.append(f"{gst.allocated:4d}/{gst.nr_frames * 512 - 8}")
+        if self.view is not None and self.view.tick():
+            self.cancel = self.host.sched.call_later(1.0, self.tick)
+            return
         self.log(f"  [{now - self.t0:5.1f}s] requests {sum(s.requests for s in fr):7d}  "
                  f"{rate:7.1f} MiB/s  grant entries in use {' '.join(use)}  deferred loads "
                  f"{sum(s.deferred_loads for s in fr):5d}")
@@ -249,6 +260,8 @@ class _Progress:
         if self.cancel is not None:
             self.cancel()
             self.cancel = None
+        if self.view is not None:
+            self.view.stop()
 
 
 @dataclass(eq=False)
@@ -301,11 +314,13 @@ def run_block_job(host: Host, report: Report, plan: RunPlan, images: OpenImages,
                   log: Callable[[str], None] = print,
                   pause: Callable[[], None] | None = None,
                   phase: Callable[[str], None] = lambda _p: None,
-                  stall_timeout: float = DEFAULT_STALL_TIMEOUT) -> list[dict[str, Any]]:
+                  stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+                  view: RunView | None = None) -> list[dict[str, Any]]:
     """Create the guests and disks of ``plan``, run the workloads, detach; their figures.
 
     ``pause`` runs after the workloads, while the guests and disks are still up
-    (``gntdma run --hold``); ``phase`` is told what the job is doing.
+    (``gntdma run --hold``); ``phase`` is told what the job is doing; ``view``
+    shows the dashboard and records the series while the workloads run.
 
     Raises:
         Stalled: no I/O completed for ``stall_timeout`` seconds of the workloads.
@@ -330,7 +345,8 @@ def run_block_job(host: Host, report: Report, plan: RunPlan, images: OpenImages,
                  + "".join(f", {d.load.name} {d.vbd.statistics().frontend_state}"
                            for d in every))
     phase("running the workloads")
-    _workloads(host, report, plan, guests, every, duration, threads, seed, log, stall_timeout)
+    _workloads(host, report, plan, guests, every, duration, threads, seed, log, stall_timeout,
+               view)
     if net is not None:
         net.run(report, seed)
     figures = [_figures(host, g, gp, ds) for g, gp, ds in zip(guests, plan.guests, disks_of,
@@ -379,12 +395,13 @@ def _check_crash_teardown(report: Report, crash: CrashTeardown) -> None:
 
 def _workloads(host: Host, report: Report, plan: RunPlan, guests: Sequence[Guest],
                disks: Sequence[_Disk], duration: float, threads: int, seed: int,
-               log: Callable[[str], None], stall_timeout: float) -> None:
+               log: Callable[[str], None], stall_timeout: float,
+               view: RunView | None = None) -> None:
     for d in disks:
         d.threads = max(1, min(threads, d.rio_sectors))
         d.region = d.rio_sectors // d.threads
     _size_runs(disks, log)
-    progress = _Progress(host, guests, [d.vbd for d in disks], log)
+    progress = _Progress(host, guests, [d.vbd for d in disks], log, view)
     watchdog = _StallWatchdog(host, guests, disks, stall_timeout)
     try:
         if disks:
@@ -397,6 +414,10 @@ def _workloads(host: Host, report: Report, plan: RunPlan, guests: Sequence[Guest
                                seed=seed, region_sectors=[d.region for d in disks])
         # A guest that crashed meanwhile is destroyed by then (its threads are gone).
         host.wait_crashes()
+    except (Stalled, HungTask, Deadlock) as e:  # the watchdogs (stall, hung task), a deadlock
+        if view is not None:
+            view.watchdog(str(e))
+        raise
     finally:
         progress.stop()
     try:

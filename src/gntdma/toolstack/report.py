@@ -42,5 +42,8 @@ class Report:
             mark = "ok  " if c.ok else "FAIL"
             lines.append(f"  [{mark}] {c.name:<{width}}  {c.detail}".rstrip())
         failed = sum(1 for c in self.checks if not c.ok)
+        plots = self.figures.get("plots")
+        if plots:
+            lines.append(f"  plots: {', '.join(plots)}")
         lines.append(f"{len(self.checks) - failed} passed, {failed} failed")
         return "\n".join(lines)

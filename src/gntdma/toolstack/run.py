@@ -25,6 +25,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import gntdma
 from gntdma.errors import ConfigError
@@ -45,6 +46,9 @@ from gntdma.toolstack.preflight import RunPlan, check_options, check_output, pla
 from gntdma.toolstack.report import Report
 from gntdma.toolstack.xs import hold_until_signal, serve_host_xenstored
 
+if TYPE_CHECKING:
+    from gntdma.toolstack.dashboard import RunView
+
 __all__ = ["run_main_job"]
 
 
@@ -52,8 +56,12 @@ def run_main_job(configs: Sequence[Path] | Path | None = None, *, seed: int = 0,
                  json_path: Path | None = None, duration: float = 5.0, threads: int = 4,
                  log: Callable[[str], None] = print, hold: bool = False,
                  overwrite: bool = False, guard: InterruptGuard | None = None,
-                 stall_timeout: float = DEFAULT_STALL_TIMEOUT) -> Report:
+                 stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+                 dashboard: bool = False, plots_dir: Path | None = None) -> Report:
     """Run the job; the report says whether every check held.
+
+    ``dashboard`` shows the live dashboard instead of the progress lines;
+    ``plots_dir`` receives PNG plots of the workloads (named in the report).
 
     With ``hold`` the host stays up after the job until SIGINT or SIGTERM. A
     workload that completes no I/O for ``stall_timeout`` seconds ends the job
@@ -75,6 +83,15 @@ def run_main_job(configs: Sequence[Path] | Path | None = None, *, seed: int = 0,
         raise ConfigError(f"--stall-timeout must be a positive number of seconds, "
                           f"not {stall_timeout}")
     check_output(json_path, "--json")
+    if plots_dir is not None:
+        from gntdma.toolstack.plots import check_plots_dir
+
+        check_plots_dir(plots_dir)
+    view = None
+    if dashboard or plots_dir is not None:
+        from gntdma.toolstack.dashboard import RunView
+
+        view = RunView(dashboard=dashboard)
     with signals_deferred():
         tmp = Path(tempfile.mkdtemp(prefix="gntdma-run-"))
     try:
@@ -87,7 +104,7 @@ def run_main_job(configs: Sequence[Path] | Path | None = None, *, seed: int = 0,
             images = open_images(plan, tmp)
         try:
             report = _run(plan, images, seed, duration, threads, log, hold, guard,
-                          stall_timeout)
+                          stall_timeout, view)
         finally:
             guard.disarm()
             images.close()
@@ -103,12 +120,16 @@ def run_main_job(configs: Sequence[Path] | Path | None = None, *, seed: int = 0,
         "notes": notes + plan.notes,
         **report.figures,
     }
+    if plots_dir is not None and view is not None and view.metrics is not None:
+        from gntdma.toolstack.plots import write_plots
+
+        report.figures["plots"] = [str(p) for p in write_plots(view.metrics, plots_dir)]
     return _finish(report, json_path)
 
 
 def _run(plan: RunPlan, images: OpenImages, seed: int, duration: float, threads: int,
          log: Callable[[str], None], hold: bool, guard: InterruptGuard,
-         stall_timeout: float) -> Report:
+         stall_timeout: float, view: RunView | None = None) -> Report:
     WITNESS.reset()
     report = Report()
     guard.phase = "building the host"
@@ -141,7 +162,7 @@ def _run(plan: RunPlan, images: OpenImages, seed: int, duration: float, threads:
             figures = run_block_job(host, report, plan, images, duration=duration,
                                     threads=threads, seed=seed, log=log,
                                     pause=pause if hold else None, phase=phase,
-                                    stall_timeout=stall_timeout)
+                                    stall_timeout=stall_timeout, view=view)
         except Stalled as e:
             # The workloads wait for something that does not come: say what, stop.
             _report_crashes(host, report)

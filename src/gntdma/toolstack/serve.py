@@ -42,7 +42,7 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gntdma
 from gntdma.dev.blkfront_cmd import XBDF_BARRIER, XBDF_DISCARD, XBDF_FLUSH
@@ -69,6 +69,9 @@ from gntdma.toolstack.report import Report
 from gntdma.toolstack.vbd import Vbd, detach_disk
 from gntdma.toolstack.xlcfg import GuestConfig
 from gntdma.toolstack.xs import serve_host_xenstored
+
+if TYPE_CHECKING:
+    from gntdma.toolstack.dashboard import RunView
 
 __all__ = ["parse_listen", "serve_main"]
 
@@ -136,8 +139,12 @@ def serve_main(configs: Sequence[Path], *, nbd_path: Path | None = None,
                json_path: Path | None = None, overwrite: bool = False,
                log: Callable[[str], None] = print, guard: InterruptGuard | None = None,
                stop: threading.Event | None = None, max_connections: int = MAX_CONNECTIONS,
-               handshake_timeout: float = HANDSHAKE_TIMEOUT) -> Report:
+               handshake_timeout: float = HANDSHAKE_TIMEOUT, dashboard: bool = False,
+               plots_dir: Path | None = None) -> Report:
     """Serve until SIGINT/SIGTERM (or ``stop``); the report says whether every check held.
+
+    ``dashboard`` shows the live dashboard instead of the live line; ``plots_dir``
+    receives PNG plots of the time served (named in the report).
 
     Raises:
         ConfigError: a bad config, disk or option, found before anything ran.
@@ -164,6 +171,15 @@ def serve_main(configs: Sequence[Path], *, nbd_path: Path | None = None,
         if len(str(nbd_path).encode()) > 107:
             raise ConfigError(f"--nbd {nbd_path}: a Unix socket path is at most 107 bytes")
     check_output(json_path, "--json")
+    if plots_dir is not None:
+        from gntdma.toolstack.plots import check_plots_dir
+
+        check_plots_dir(plots_dir)
+    view = None
+    if dashboard or plots_dir is not None:
+        from gntdma.toolstack.dashboard import RunView
+
+        view = RunView(dashboard=dashboard)
     with signals_deferred():
         tmp = Path(tempfile.mkdtemp(prefix="gntdma-serve-"))
     try:
@@ -177,7 +193,8 @@ def serve_main(configs: Sequence[Path], *, nbd_path: Path | None = None,
         with signals_deferred():
             images = open_images(plan, tmp)
         try:
-            report = _serve(plan, images, seed, nbd_path, tcp, log, guard, stop, limits)
+            report = _serve(plan, images, seed, nbd_path, tcp, log, guard, stop, limits,
+                            view)
         finally:
             guard.disarm()
             images.close()
@@ -187,6 +204,10 @@ def serve_main(configs: Sequence[Path], *, nbd_path: Path | None = None,
                       "configs": [str(p) for p in configs] or ["<built-in default>"],
                       "seed": seed, "overwrite": overwrite, "notes": plan.notes,
                       **report.figures}
+    if plots_dir is not None and view is not None and view.metrics is not None:
+        from gntdma.toolstack.plots import write_plots
+
+        report.figures["plots"] = [str(p) for p in write_plots(view.metrics, plots_dir)]
     if json_path is not None:
         json_path.write_text(json.dumps(report.to_json(), indent=2) + "\n")
     return report
@@ -208,11 +229,17 @@ def _uris(disks: Sequence[NbdDisk], nbd_path: Path | None, addr: Any) -> list[st
 
 
 class _Progress:
-    """A live line a second, from a hub timer: requests, MiB/s, grant entries, deferred loads."""
+    """A live line a second, from a hub timer: requests, MiB/s, grant entries, deferred loads
+    (with a ``view``: the same timer samples the series and refreshes the dashboard,
+    which, when shown, takes the place of the line)."""
 
     def __init__(self, host: Host, guests: Sequence[tuple[Guest, list[Vbd]]],
-                 server: NbdServer, log: Callable[[str], None]) -> None:
+                 server: NbdServer, log: Callable[[str], None],
+                 view: RunView | None = None) -> None:
         self.host, self.guests, self.server, self.log = host, guests, server, log
+        self.view = view
+        if view is not None:
+            view.attach(host, [g for g, _v in guests], [v for _g, vs in guests for v in vs])
         self.t0 = self.last_t = host.sched.now()
         self.last_bytes = 0
         self.cancel: Callable[[], None] | None = host.sched.call_later(1.0, self.tick)
@@ -227,6 +254,10 @@ class _Progress:
                        for g, _v in self.guests)
         deferred = sum(v.statistics().frontend.deferred_loads for _g, vs in self.guests
                        for v in vs)
+        if self.view is not None and self.view.tick(
+                f"NBD: {st.connections} connections, {st.requests} requests"):
+            self.cancel = self.host.sched.call_later(1.0, self.tick)
+            return
         self.log(f"  [{now - self.t0:6.1f}s] connections {st.connections:3d}  requests "
                  f"{st.requests:8d}  {rate:7.1f} MiB/s  grant entries in use {use}  "
                  f"deferred loads {deferred:6d}")
@@ -236,6 +267,8 @@ class _Progress:
         if self.cancel is not None:
             self.cancel()
             self.cancel = None
+        if self.view is not None:
+            self.view.stop()
 
 
 class _StopSignals:
@@ -264,7 +297,8 @@ class _StopSignals:
 def _serve(plan: RunPlan, images: OpenImages, seed: int, nbd_path: Path | None,
            tcp: tuple[str, int, str | None] | None, log: Callable[[str], None],
            guard: InterruptGuard, stop: threading.Event | None,
-           limits: tuple[int, float] = (MAX_CONNECTIONS, HANDSHAKE_TIMEOUT)) -> Report:
+           limits: tuple[int, float] = (MAX_CONNECTIONS, HANDSHAKE_TIMEOUT),
+           view: RunView | None = None) -> Report:
     WITNESS.reset()
     report = Report()
     guard.phase = "building the host"
@@ -310,7 +344,7 @@ def _serve(plan: RunPlan, images: OpenImages, seed: int, nbd_path: Path | None,
         guard.disarm()
         with _StopSignals() as sigs:
             log("serving until SIGINT or SIGTERM (Ctrl-C)")
-            progress = _Progress(host, guests, server, log)
+            progress = _Progress(host, guests, server, log, view)
             stopped = [False]
 
             def poll() -> None:
@@ -327,6 +361,7 @@ def _serve(plan: RunPlan, images: OpenImages, seed: int, nbd_path: Path | None,
                 progress.stop()
                 server.close()
             except (Deadlock, KernelPanic) as e:
+                progress.stop()
                 report.check("the host served to its end (no deadlock, no panic)", False,
                              str(e))
                 return report
