@@ -48,6 +48,11 @@ free callback when none is free), so it keeps ``nsegments``; a
 chained load (mbuf chain, uio) allocates its references when all its
 segments are known, so it never runs short mid-way.
 
+``BUS_DMA_XEN_PERSISTENT`` at map create: persistent grants (DESIGN 7; see
+:mod:`gntdma.xen.busdma_persist`). Its references are held for the map's life
+(``held_for_life``); unload ends nothing; destroy ends every grant, with the
+still-mapped rules above.
+
 One deliberate difference from the 2018 root tag: its alignment is 1, not
 PAGE_SIZE, because the bounce implementation bounces every address that is
 not aligned to the tag, which would bounce every sub-page buffer.
@@ -62,10 +67,11 @@ from typing import Any, Final, final
 
 from gntdma.abi.grant_table import GREFS_PER_GRANT_FRAME
 from gntdma.abi.xen import PAGE_SHIFT, PAGE_SIZE
-from gntdma.sched import KernelPanic
+from gntdma.sched import KernelPanic, _trace
 from gntdma.sys import (
     BUS_DMA_BUS1,
     BUS_DMA_BUS2,
+    BUS_DMA_BUS3,
     BUS_DMA_LOCK,
     BUS_DMA_NOWAIT,
     BUS_DMA_UNLOCK,
@@ -86,12 +92,14 @@ from gntdma.sys import (
     kernel_state,
     memdesc_length,
 )
+from gntdma.xen.busdma_persist import PersistentPool
 from gntdma.xen.gnttab import GNTTAB_LIST_END, GntTab, GnttabFreeCallback, GrantRefHead
 
 __all__ = [
     "BUSDMA_XEN_TAG_INIT",
     "BUS_DMA_XEN_DOMID_SHIFT",
     "BUS_DMA_XEN_GNTTAB_FLAGS_SHIFT",
+    "BUS_DMA_XEN_PERSISTENT",
     "BUS_DMA_XEN_PREALLOC_REFS",
     "BUS_DMA_XEN_RO",
     "XenBusDmaStatistics",
@@ -111,6 +119,8 @@ BUS_DMA_XEN_GNTTAB_FLAGS_SHIFT: Final = 16
 BUS_DMA_XEN_RO: Final = 1 << BUS_DMA_XEN_GNTTAB_FLAGS_SHIFT
 #: Map-create flag: hold ``nsegments`` references for the map's whole life.
 BUS_DMA_XEN_PREALLOC_REFS: Final = BUS_DMA_BUS2
+#: Map-create flag: keep the map's pages granted across loads (persistent grants).
+BUS_DMA_XEN_PERSISTENT: Final = BUS_DMA_BUS3
 #: Private tag-create flag: the parent is a machine tag, not a Xen tag.
 BUSDMA_XEN_TAG_INIT: Final = BUS_DMA_BUS1
 
@@ -138,6 +148,10 @@ class XenDmaMap(BounceMap):
         self.pass_bytes = 0
         #: A prealloc map waits (free callback) for replacements of still-mapped refs.
         self.topup_wait = False
+        #: A persistent map's pages (None for any other map); refs[i] grants page i.
+        self.pool: PersistentPool | None = None
+        #: References this map counts in ``GntTab.held_for_life`` (persistent maps).
+        self.held = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +163,10 @@ class XenBusDmaStatistics:
     nowait_shortages: int
     refs_held: int
     still_mapped_at_unload: int
+    #: Pages of persistent maps (each granted once, kept across loads).
+    persistent_pages: int = 0
+    #: Loads of persistent maps (each wrote no grant beyond its pages' first use).
+    persistent_loads: int = 0
 
 
 def _xtag(dmat: BusDmaTag) -> XenDmaTag:
@@ -180,13 +198,16 @@ class XenDmaImpl(BounceImpl):
         self.grant_deferred_cancelled = 0
         self.nowait_shortages = 0
         self.still_mapped_at_unload = 0
+        self.persistent_loads = 0
         self.maps: dict[int, XenDmaMap] = {}
 
     def statistics(self) -> XenBusDmaStatistics:
         return XenBusDmaStatistics(
             self.loads, self.grant_deferred, self.grant_deferred_completed,
             self.grant_deferred_cancelled, self.nowait_shortages,
-            sum(len(m.refs) for m in self.maps.values()), self.still_mapped_at_unload)
+            sum(len(m.refs) for m in self.maps.values()), self.still_mapped_at_unload,
+            sum(len(m.pool) for m in self.maps.values() if m.pool is not None),
+            self.persistent_loads)
 
     # -- tags ----------------------------------------------------------------------------
 
@@ -223,12 +244,16 @@ class XenDmaImpl(BounceImpl):
 
     def map_create(self, dmat: BusDmaTag, flags: int) -> tuple[int, BusDmaMap | None]:
         prealloc = bool(flags & BUS_DMA_XEN_PREALLOC_REFS)
-        if prealloc and dmat.nsegments < 0:
+        persistent = bool(flags & BUS_DMA_XEN_PERSISTENT)
+        if (prealloc and dmat.nsegments < 0) or (prealloc and persistent):
             return errno.EINVAL, None
-        error, map = super().map_create(dmat, flags & ~BUS_DMA_XEN_PREALLOC_REFS)
+        error, map = super().map_create(
+            dmat, flags & ~(BUS_DMA_XEN_PREALLOC_REFS | BUS_DMA_XEN_PERSISTENT))
         if error != 0 or map is None:
             return error, None
         m = _xmap(map)
+        if persistent:
+            m.pool = PersistentPool(self.kern)
         if prealloc:
             error, head = self.gnttab.gnttab_alloc_grant_references(dmat.nsegments)
             if error != 0:
@@ -266,18 +291,47 @@ class XenDmaImpl(BounceImpl):
 
     def load_buffer(self, dmat: BusDmaTag, map: BusDmaMap, buf: int, buflen: int, flags: int,
                     segs: list[bus_dma_segment_t]) -> int:
-        return self._after(dmat, map, buflen, flags, segs,
-                           super().load_buffer(dmat, map, buf, buflen, flags & 0xFFFF, segs))
+        error = (self._pload(dmat, map, "vaddr", buf, (), buflen, segs) if _xmap(map).pool
+                 is not None else super().load_buffer(dmat, map, buf, buflen, flags & 0xFFFF, segs))
+        return self._after(dmat, map, buflen, flags, segs, error)
 
     def load_phys(self, dmat: BusDmaTag, map: BusDmaMap, paddr: int, buflen: int, flags: int,
                   segs: list[bus_dma_segment_t]) -> int:
-        return self._after(dmat, map, buflen, flags, segs,
-                           super().load_phys(dmat, map, paddr, buflen, flags & 0xFFFF, segs))
+        error = (self._pload(dmat, map, "phys", paddr, (), buflen, segs) if _xmap(map).pool
+                 is not None else super().load_phys(dmat, map, paddr, buflen, flags & 0xFFFF, segs))
+        return self._after(dmat, map, buflen, flags, segs, error)
 
     def load_ma(self, dmat: BusDmaTag, map: BusDmaMap, ma: Any, tlen: int, ma_offs: int,
                 flags: int, segs: list[bus_dma_segment_t]) -> int:
-        return self._after(dmat, map, tlen, flags, segs,
-                           super().load_ma(dmat, map, ma, tlen, ma_offs, flags & 0xFFFF, segs))
+        error = (self._pload(dmat, map, "ma", ma_offs, ma, tlen, segs) if _xmap(map).pool
+                 is not None else
+                 super().load_ma(dmat, map, ma, tlen, ma_offs, flags & 0xFFFF, segs))
+        return self._after(dmat, map, tlen, flags, segs, error)
+
+    def _pload(self, dmat: BusDmaTag, map: BusDmaMap, kind: str, a: int, ma: Any,
+               buflen: int, segs: list[bus_dma_segment_t]) -> int:
+        """One buffer of a persistent map's load: its chunks go on the map's own pages."""
+        m = _xmap(map)
+        assert m.pool is not None
+        if m.pass_gen != m.load_gen:  # a new pass: the pages serve it from page 0
+            m.pool.unload()
+            self.persistent_loads += 1
+        return m.pool.load(dmat, kind, a, ma, buflen, segs)
+
+    def map_waitok(self, dmat: BusDmaTag, map: BusDmaMap, mem: Any, callback: Any,
+                   callback_arg: Any) -> None:
+        super().map_waitok(dmat, map, mem, callback, callback_arg)
+        m = _xmap(map)
+        if m.pool is not None:  # never bounced: its own pages serve every load
+            m.pagesneeded = 0
+            m.whole_counted = False
+
+    def map_sync(self, dmat: BusDmaTag, map: BusDmaMap, op: int) -> None:
+        m = _xmap(map)
+        if m.pool is not None:
+            m.pool.sync(op)
+            return
+        super().map_sync(dmat, map, op)
 
     def _after(self, dmat: BusDmaTag, map: BusDmaMap, buflen: int, flags: int,
                segs: list[bus_dma_segment_t], error: int) -> int:
@@ -309,6 +363,8 @@ class XenDmaImpl(BounceImpl):
         m.grant_wait = True
         m.pending_segs = segs
         self.grant_deferred += 1
+        if _trace.active is not None:
+            _trace.active.load_deferred(m, len(segs))
         gt.gnttab_request_free_callback(m.gnttab_cb, self._grant_callback, m,
                                         self._wait_count(len(segs) - len(m.refs)))
         return errno.EINPROGRESS
@@ -317,7 +373,7 @@ class XenDmaImpl(BounceImpl):
         """Whether a load of ``nsegs`` segments on ``m`` can never get its references:
         more than the table can ever hold beside those held for life (rings and
         prealloc maps, this map's own excepted), which never come back."""
-        own = len(m.refs) if m.prealloc else 0
+        own = len(m.refs) if m.prealloc or m.pool is not None else 0
         return nsegs > self.gnttab.gnttab_ever_available() + own
 
     def _wait_count(self, need: int) -> int:
@@ -339,6 +395,9 @@ class XenDmaImpl(BounceImpl):
         if error != 0:
             return error
         m.refs.extend(self.gnttab.gnttab_claim_grant_reference(head) for _ in range(need))
+        if m.pool is not None:  # kept for the map's life
+            m.held += need
+            self.gnttab.gnttab_hold_for_life(need)
         return 0
 
     def _grant_callback(self, arg: object) -> None:
@@ -362,6 +421,8 @@ class XenDmaImpl(BounceImpl):
                 if self._never_served(m, len(segs)):  # more is held for life now
                     m.grant_wait = False
                     m.pending_segs = None
+                    if _trace.active is not None:
+                        _trace.active.load_done(m, errno.ENOSPC)
                     bus_dmamap_complete_deferred(dmat, m, segs, errno.ENOSPC, locked=True)
                     return
                 need = self._wait_count(len(segs) - len(m.refs))
@@ -372,6 +433,8 @@ class XenDmaImpl(BounceImpl):
             m.pending_segs = None
             segs = self.map_complete(dmat, m, segs, len(segs), 0)
             self.grant_deferred_completed += 1
+            if _trace.active is not None:
+                _trace.active.load_done(m, 0)
             bus_dmamap_complete_deferred(dmat, m, segs, 0, locked=True)
         finally:
             dmat.lockfunc(dmat.lockfuncarg, BUS_DMA_UNLOCK)
@@ -385,6 +448,9 @@ class XenDmaImpl(BounceImpl):
         domid = 0 if t.domid is None else t.domid  # the root tag grants to dom0
         if len(m.refs) < len(segs):
             raise KernelPanic(f"busdma_xen: {len(segs)} segments but {len(m.refs)} refs")
+        if m.pool is not None:  # only pages never granted before (writable)
+            m.granted = m.pool.grant(self.gnttab, m.refs, m.granted, domid, len(segs))
+            return segs
         for i, s in enumerate(segs):
             assert (s.ds_addr & (PAGE_SIZE - 1)) + s.ds_len <= PAGE_SIZE
             self.gnttab.gnttab_grant_foreign_access_ref(m.refs[i], domid,
@@ -401,6 +467,13 @@ class XenDmaImpl(BounceImpl):
             m.grant_wait = False
             m.pending_segs = None
             self.grant_deferred_cancelled += 1
+            if _trace.active is not None:
+                _trace.active.load_done(m, 0, cancelled=True)
+        if m.pool is not None:  # the grants and the pages stay with the map
+            m.pool.unload()
+            m.pass_gen = -1
+            super().map_unload(dmat, m)
+            return
         self._end_grants(dmat, m)
         if not m.prealloc:
             self._free_refs(m.refs)
@@ -479,9 +552,14 @@ class XenDmaImpl(BounceImpl):
         if m.prealloc:
             m.prealloc = False
             self.gnttab.gnttab_hold_for_life(-m.dmat.nsegments)
+        if m.held != 0:
+            self.gnttab.gnttab_hold_for_life(-m.held)
+            m.held = 0
         self._end_grants(m.dmat, m, replace=False)
         self._free_refs(m.refs)
         m.refs = []
+        if m.pool is not None:  # pages still mapped are wired: kept until let go
+            m.pool.free()
 
 
 def xen_busdma_attach(kern: Kernel, gnttab: GntTab) -> XenDmaImpl:
