@@ -46,6 +46,16 @@ def _positive_int(text: str) -> int:
     return int(text, 10)
 
 
+def _tunable_options(p: argparse.ArgumentParser) -> None:
+    """--no-dma-debug and --no-junk, of run and serve: off in every guest's kernel."""
+    p.add_argument("--no-dma-debug", dest="dma_debug", action="store_false",
+                   help="turn the guest kernels' DMA-API debugging off (hw.busdma.dma_debug=0; "
+                   "default on)")
+    p.add_argument("--no-junk", dest="junk_fill", action="store_false",
+                   help="do not fill memory the guest kernels free with junk "
+                   "(vm.debug.divisor=0; default on)")
+
+
 def _view_options(p: argparse.ArgumentParser) -> None:
     """--dashboard and --plots, of run and serve."""
     p.add_argument("--dashboard", choices=("auto", "on", "off"), default="auto",
@@ -88,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="after the job, keep the host and its xenstored socket up "
                      "until SIGINT/SIGTERM")
     _view_options(run)
+    _tunable_options(run)
     sv = sub.add_parser("serve", help="build a host and export its guests' disks over NBD "
                         "until SIGINT/SIGTERM")
     sv.add_argument("configs", nargs="*", type=Path, metavar="CONFIG",
@@ -106,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "0: never)")
     sv.add_argument("--seed", type=_positive_int, default=0)
     _view_options(sv)
+    _tunable_options(sv)
     sv.add_argument("--json", type=Path, metavar="PATH", help="write a JSON report")
     sv.add_argument("--overwrite", action="store_true",
                     help="write existing images directly (by default writes go to a "
@@ -142,7 +154,8 @@ def cmd_run(args: argparse.Namespace, out: _Output) -> int:
                                   duration=args.duration, threads=args.threads,
                                   hold=args.hold, overwrite=args.overwrite, log=out.say,
                                   guard=guard, stall_timeout=args.stall_timeout,
-                                  dashboard=_dashboard(args), plots_dir=args.plots)
+                                  dashboard=_dashboard(args), plots_dir=args.plots,
+                                  dma_debug=args.dma_debug, junk_fill=args.junk_fill)
             out.say(report.format())
         except Interrupted as e:
             print(f"gntdma run: interrupted by {e.name} while {e.phase}; what it made for "
@@ -172,7 +185,8 @@ def cmd_serve(args: argparse.Namespace, out: _Output) -> int:
                                 json_path=args.json, overwrite=args.overwrite, log=out.say,
                                 guard=guard, max_connections=args.nbd_max_connections,
                                 handshake_timeout=args.nbd_handshake_timeout,
-                                dashboard=_dashboard(args), plots_dir=args.plots)
+                                dashboard=_dashboard(args), plots_dir=args.plots,
+                                dma_debug=args.dma_debug, junk_fill=args.junk_fill)
             out.say(report.format())
         except Interrupted as e:
             print(f"gntdma serve: interrupted by {e.name} while {e.phase}; what it made for "

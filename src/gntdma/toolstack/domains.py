@@ -44,7 +44,8 @@ def create_guest_from_config(host: Host, cfg: GuestConfig, image_dir: str | Path
     base = Path(image_dir) if image_dir is not None else cfg.base_dir
     guest = host.create_guest(cfg.name, memory_mb=cfg.memory,
                               max_grant_frames=cfg.max_grant_frames,
-                              max_maptrack_frames=cfg.max_maptrack_frames)
+                              max_maptrack_frames=cfg.max_maptrack_frames,
+                              tunables=cfg.kernel_tunables())
     vbds: list[Vbd] = []
     try:
         if before_disks is not None:

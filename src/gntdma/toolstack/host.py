@@ -35,7 +35,7 @@ from gntdma.sched import (
     Strategy,
     ThreadState,
 )
-from gntdma.sys import Kernel
+from gntdma.sys import Kernel, KernelTunables
 from gntdma.toolstack.xs import GUEST_SPECIAL_PAGES, GuestPhysMem, HostXenstore
 from gntdma.xen.busdma import xen_busdma_attach
 from gntdma.xen.gnttab import GntTab
@@ -147,8 +147,10 @@ class Host:
         max_grant_frames: int = 64,
         max_maptrack_frames: int = 1024,
         domid: int | None = None,
+        tunables: KernelTunables | None = None,
     ) -> Guest:
-        """Create a domain and boot its kernel (grant table with one frame)."""
+        """Create a domain and boot its kernel (grant table with one frame); ``tunables``
+        are its kernel's debugging switches (default: all on)."""
         if memory_mb <= 0:
             raise ValueError("memory must be at least 1 MiB")
         d = self.hv.create_domain(
@@ -160,7 +162,8 @@ class Host:
             domid=domid,
         )
         hc = Hypercalls(self.hv, d.domid)
-        kernel = Kernel(name, GuestPhysMem(d.memory), seed=self.seed * 1000 + d.domid)
+        kernel = Kernel(name, GuestPhysMem(d.memory), seed=self.seed * 1000 + d.domid,
+                        tunables=tunables)
         gt = GntTab(hc, kernel.enqueue_swi, self.callback_delivery)
         g = Guest(name, d, hc, kernel, gt)
         self.guests[d.domid] = g

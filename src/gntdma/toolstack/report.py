@@ -42,6 +42,8 @@ class Report:
             mark = "ok  " if c.ok else "FAIL"
             lines.append(f"  [{mark}] {c.name:<{width}}  {c.detail}".rstrip())
         failed = sum(1 for c in self.checks if not c.ok)
+        for name, t in self.figures.get("kernel_tunables", {}).items():
+            lines.append(f"  kernel {name}: {t['text']}")
         plots = self.figures.get("plots")
         if plots:
             lines.append(f"  plots: {', '.join(plots)}")

@@ -44,6 +44,7 @@ from gntdma.toolstack.mainjob import (
 )
 from gntdma.toolstack.preflight import RunPlan, check_options, check_output, plan_run
 from gntdma.toolstack.report import Report
+from gntdma.toolstack.tunables import apply_debug_options
 from gntdma.toolstack.xs import hold_until_signal, serve_host_xenstored
 
 if TYPE_CHECKING:
@@ -57,8 +58,12 @@ def run_main_job(configs: Sequence[Path] | Path | None = None, *, seed: int = 0,
                  log: Callable[[str], None] = print, hold: bool = False,
                  overwrite: bool = False, guard: InterruptGuard | None = None,
                  stall_timeout: float = DEFAULT_STALL_TIMEOUT,
-                 dashboard: bool = False, plots_dir: Path | None = None) -> Report:
+                 dashboard: bool = False, plots_dir: Path | None = None,
+                 dma_debug: bool = True, junk_fill: bool = True) -> Report:
     """Run the job; the report says whether every check held.
+
+    ``dma_debug``/``junk_fill`` False turn that kernel debugging off in every
+    guest (``--no-dma-debug``, ``--no-junk``; :mod:`gntdma.toolstack.tunables`).
 
     ``dashboard`` shows the live dashboard instead of the progress lines;
     ``plots_dir`` receives PNG plots of the workloads (named in the report).
@@ -99,6 +104,8 @@ def run_main_job(configs: Sequence[Path] | Path | None = None, *, seed: int = 0,
                         default_image_dir=tmp)
         for note in notes + plan.notes:
             log(note)
+        tunables = apply_debug_options(plan, dma_debug=dma_debug, junk_fill=junk_fill,
+                                       log=log)
         guard.phase = "opening the images"
         with signals_deferred():
             images = open_images(plan, tmp)
@@ -118,6 +125,7 @@ def run_main_job(configs: Sequence[Path] | Path | None = None, *, seed: int = 0,
         "threads": threads,
         "overwrite": overwrite,
         "notes": notes + plan.notes,
+        "kernel_tunables": tunables,
         **report.figures,
     }
     if plots_dir is not None and view is not None and view.metrics is not None:

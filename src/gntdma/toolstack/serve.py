@@ -66,6 +66,7 @@ from gntdma.toolstack.mainjob import OpenImages, default_config, open_images
 from gntdma.toolstack.netjob import NetJob, attach_guest_vifs, make_netjob
 from gntdma.toolstack.preflight import RunPlan, check_output, plan_run
 from gntdma.toolstack.report import Report
+from gntdma.toolstack.tunables import apply_debug_options
 from gntdma.toolstack.vbd import Vbd, detach_disk
 from gntdma.toolstack.xlcfg import GuestConfig
 from gntdma.toolstack.xs import serve_host_xenstored
@@ -140,8 +141,12 @@ def serve_main(configs: Sequence[Path], *, nbd_path: Path | None = None,
                log: Callable[[str], None] = print, guard: InterruptGuard | None = None,
                stop: threading.Event | None = None, max_connections: int = MAX_CONNECTIONS,
                handshake_timeout: float = HANDSHAKE_TIMEOUT, dashboard: bool = False,
-               plots_dir: Path | None = None) -> Report:
+               plots_dir: Path | None = None, dma_debug: bool = True,
+               junk_fill: bool = True) -> Report:
     """Serve until SIGINT/SIGTERM (or ``stop``); the report says whether every check held.
+
+    ``dma_debug``/``junk_fill`` False turn that kernel debugging off in every
+    guest (``--no-dma-debug``, ``--no-junk``; :mod:`gntdma.toolstack.tunables`).
 
     ``dashboard`` shows the live dashboard instead of the live line; ``plots_dir``
     receives PNG plots of the time served (named in the report).
@@ -187,6 +192,8 @@ def serve_main(configs: Sequence[Path], *, nbd_path: Path | None = None,
                         default_image_dir=tmp)
         for note in plan.notes:
             log(note)
+        tunables = apply_debug_options(plan, dma_debug=dma_debug, junk_fill=junk_fill,
+                                       log=log)
         if tcp is not None and tcp[2] is not None:
             log(tcp[2])
         guard.phase = "opening the images"
@@ -203,6 +210,7 @@ def serve_main(configs: Sequence[Path], *, nbd_path: Path | None = None,
     report.figures = {"version": gntdma.__version__,
                       "configs": [str(p) for p in configs] or ["<built-in default>"],
                       "seed": seed, "overwrite": overwrite, "notes": plan.notes,
+                      "kernel_tunables": tunables,
                       **report.figures}
     if plots_dir is not None and view is not None and view.metrics is not None:
         from gntdma.toolstack.plots import write_plots

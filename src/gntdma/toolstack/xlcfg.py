@@ -15,7 +15,13 @@ key                   type    meaning
 ``max_maptrack_frames`` integer maptrack frames, 0 to 1024 (default 1024)
 ``disk``              list    disk specifications (below)
 ``vif``               list    network interfaces (:mod:`gntdma.toolstack.xlvif`)
+``dma_debug``         0 or 1  the guest kernel's DMA-API debugging (default 1, on)
+``junk_fill``         0 or 1  the guest kernel fills freed memory with junk (default 1, on)
 ===================== ======= ========================================================
+
+``dma_debug`` and ``junk_fill`` are gntdma's: the guest kernel's tunables
+``hw.busdma.dma_debug`` and ``vm.debug.divisor`` (:mod:`gntdma.sys._tunables`);
+off, a guest runs faster and checks less.
 
 The limits of the two grant-table keys are Xen 4.17's: ``grant_table_init``
 (``xen/common/grant_table.c``) refuses a domain with fewer than one or more
@@ -46,11 +52,12 @@ naming the file and line, and what is wrong there.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Final, final
 
 from gntdma.errors import ConfigError
+from gntdma.sys import KernelTunables
 from gntdma.toolstack.xlvif import VifSpec, VifSpecError, parse_vif_spec, vif_clash
 
 __all__ = [
@@ -63,6 +70,7 @@ __all__ = [
     "DiskSpec",
     "GuestConfig",
     "XlConfigError",
+    "debug_limited",
     "load_config",
     "parse_config",
     "parse_disk_spec",
@@ -144,6 +152,8 @@ class GuestConfig:
     max_maptrack_frames: int = DEFAULT_MAX_MAPTRACK_FRAMES
     disks: tuple[DiskSpec, ...] = ()
     vifs: tuple[VifSpec, ...] = ()
+    dma_debug: bool = True  #: the kernel's DMA-API debugging
+    junk_fill: bool = True  #: the kernel's junk fill on free
     source: str = "<string>"  #: the file it came from
     #: ``file:line: note: ...`` for what is accepted and ignored (xl keys, vif)
     notes: tuple[str, ...] = ()
@@ -153,6 +163,10 @@ class GuestConfig:
     def line_of(self, key: str) -> int:
         """The line ``key`` is set on, or 0 (not set: its default)."""
         return next((line for k, line in self.lines if k == key), 0)
+
+    def kernel_tunables(self) -> KernelTunables:
+        """The guest kernel's tunables (``dma_debug``, ``junk_fill``)."""
+        return KernelTunables(dma_debug=self.dma_debug, junk_divisor=int(self.junk_fill))
 
     @property
     def base_dir(self) -> Path:
@@ -541,7 +555,8 @@ def _str_list(source: str, key: str, line: int, value: Value) -> list[tuple[str,
     return out
 
 
-_KEYS: Final = ("name", "memory", "max_grant_frames", "max_maptrack_frames", "disk", "vif")
+_KEYS: Final = ("name", "memory", "max_grant_frames", "max_maptrack_frames", "disk", "vif",
+                 "dma_debug", "junk_fill")
 
 
 def parse_config(text: str, source: str = "<string>") -> GuestConfig:
@@ -558,6 +573,7 @@ def parse_config(text: str, source: str = "<string>") -> GuestConfig:
     maptrack_frames = DEFAULT_MAX_MAPTRACK_FRAMES
     disks: list[DiskSpec] = []
     vifs: list[VifSpec] = []
+    switches = {"dma_debug": True, "junk_fill": True}
     for key, line, value in _parse(text, source):
         if key in seen:
             raise XlConfigError(source, line, f"{key} is already set on line {seen[key]}")
@@ -582,6 +598,11 @@ def parse_config(text: str, source: str = "<string>") -> GuestConfig:
         elif key == "max_maptrack_frames":
             maptrack_frames = _int_value(source, key, line, value, 0,
                                          XEN_MAX_MAPTRACK_FRAMES)
+        elif key in switches:
+            if _int_value(source, key, line, value, 0) > 1:
+                raise XlConfigError(source, line, f"{key} must be 0 (off) or 1 (on), not "
+                                    f"{value}")
+            switches[key] = _int_value(source, key, line, value, 0) == 1
         elif key == "disk":
             by_vdev: dict[int, DiskSpec] = {}
             by_target: dict[str, DiskSpec] = {}
@@ -614,8 +635,17 @@ def parse_config(text: str, source: str = "<string>") -> GuestConfig:
         raise XlConfigError(source, 0, "no name: every guest needs name = '...'")
     return GuestConfig(name=name, memory=memory, max_grant_frames=grant_frames,
                        max_maptrack_frames=maptrack_frames, disks=tuple(disks),
-                       vifs=tuple(vifs), source=source, notes=tuple(notes),
+                       vifs=tuple(vifs), dma_debug=switches["dma_debug"],
+                       junk_fill=switches["junk_fill"], source=source, notes=tuple(notes),
                        lines=tuple(seen.items()))
+
+
+def debug_limited(cfg: GuestConfig, *, dma_debug: bool = True,
+                  junk_fill: bool = True) -> GuestConfig:
+    """``cfg`` with DMA-API debugging or junk fill turned off when the command line
+    says so (``--no-dma-debug``, ``--no-junk``); what the config turned off stays off."""
+    return replace(cfg, dma_debug=cfg.dma_debug and dma_debug,
+                   junk_fill=cfg.junk_fill and junk_fill)
 
 
 def load_config(path: str | Path) -> GuestConfig:
