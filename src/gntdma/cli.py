@@ -137,6 +137,19 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--max-preemptions", type=_positive_int, default=2,
                     help="bound for dfs (0 or more)")
     ex.add_argument("--out", type=Path, metavar="FILE", help="replay file of the first failure")
+    ex.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
+                    help="run the schedules on N worker processes (0: one per core; "
+                    "default 1); the result is the same")
+    ex.add_argument("--shard", metavar="I/N", help="run only the I-th of N slices of the "
+                    "schedules (1 <= I <= N) and write a result file for --merge")
+    ex.add_argument("--out-results", type=Path, metavar="FILE",
+                    help="the result file of --shard")
+    ex.add_argument("--merge", nargs="+", type=Path, metavar="FILE",
+                    help="combine the result files of every shard into the report and "
+                    "replay file of one unsharded run")
+    ex.add_argument("--dask", metavar="ADDRESS",
+                    help="run the schedules on an existing Dask cluster (its scheduler's "
+                    "address; needs the dask extra)")
     rp = sub.add_parser("replay", help="rerun a replay file written by explore")
     rp.add_argument("file", type=Path)
     rp.add_argument("--scenario", help="the scenario the file must be a replay of")
@@ -210,6 +223,12 @@ def _explore(args: argparse.Namespace, out: _Output) -> int:
         for line in list_scenarios():
             out.say(line)
         return 0
+    jobs = args.jobs if args.jobs != 0 else os.cpu_count() or 1
+    if args.merge is not None:
+        from gntdma.toolstack.explorecmd import merge_command
+
+        check_output(args.out, "--out")
+        return merge_command(args.merge, say=out.say, out=args.out, jobs=jobs)
     if args.scenario is None:
         raise ConfigError("give a scenario name (gntdma explore --list shows them)")
     if args.pct_depth < 1:
@@ -219,11 +238,19 @@ def _explore(args: argparse.Namespace, out: _Output) -> int:
     if not 0 <= args.seed < 1 << 64:
         raise ConfigError(f"--seed must be from 0 to 2**64-1, not {args.seed}")
     check_output(args.out, "--out")
+    check_output(args.out_results, "--out-results")
+    shard = None
+    if args.shard is not None:
+        from gntdma.toolstack.exploremerge import parse_shard
+
+        shard = parse_shard(args.shard)
     return explore_command(args.scenario, strategy=args.strategy,
                            schedules=args.schedules, seed=args.seed,
                            callback_delivery=args.callback_delivery, out=args.out,
                            pct_depth=args.pct_depth,
-                           max_preemptions=args.max_preemptions, say=out.say)
+                           max_preemptions=args.max_preemptions, say=out.say,
+                           jobs=jobs, shard=shard, out_results=args.out_results,
+                           dask=args.dask)
 
 
 def main(argv: list[str] | None = None) -> int:

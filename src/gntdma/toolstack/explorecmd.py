@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +19,23 @@ from gntdma.sched import (
     run_once,
     strategy_stream,
 )
+from gntdma.toolstack.explorejobs import CampaignSpec
+from gntdma.toolstack.exploremerge import (
+    merge_campaign,
+    read_results,
+    shard_indices,
+    write_results,
+)
+from gntdma.toolstack.explorepool import (
+    Campaign,
+    local_pool,
+    replay_in_child,
+    run_campaign,
+    run_local,
+)
 from gntdma.toolstack.scenarios import SCENARIOS, make_scenario
 
-__all__ = ["explore_command", "list_scenarios", "replay_command"]
+__all__ = ["explore_command", "list_scenarios", "merge_command", "replay_command"]
 
 REPLAY_FORMAT = "gntdma-replay-1"
 
@@ -57,14 +73,32 @@ def explore_command(scenario: str, *, strategy: str = "random", schedules: int =
                     seed: int = 0, callback_delivery: str = "taskqueue",
                     out: Path | None = None, max_steps: int = 200_000,
                     pct_depth: int = 3, max_preemptions: int = 2,
-                    say: Any = print) -> int:
-    """Explore ``schedules`` schedules; 0 if none failed, 1 on a failure."""
+                    say: Any = print, jobs: int = 1, shard: tuple[int, int] | None = None,
+                    out_results: Path | None = None, dask: str | None = None) -> int:
+    """Explore ``schedules`` schedules; 0 if none failed, 1 on a failure.
+
+    ``jobs`` > 1 runs them on a local process pool, ``dask`` on a Dask cluster,
+    ``shard`` only a slice of them (with a result file for ``merge_command``);
+    each finds what one process finds.
+    """
     if scenario not in SCENARIOS:
         raise ConfigError(f"unknown scenario {scenario!r}; known: {', '.join(SCENARIOS)}")
     if strategy not in STRATEGIES:
         raise ConfigError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
     if schedules < 1:
         raise ConfigError("--schedules must be at least 1")
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, not {jobs}")
+    if strategy == "dfs" and (shard is not None or dask is not None):
+        raise ConfigError("dfs walks its tree of schedules in order: --shard and --dask "
+                          "need random or pct")
+    if strategy != "dfs" and (jobs > 1 or shard is not None or dask is not None):
+        spec = CampaignSpec.make(scenario, callback_delivery, strategy, seed, schedules,
+                                 max_steps, pct_depth)
+        return _campaign_command(spec, say=say, out=out, jobs=jobs, shard=shard,
+                                 out_results=out_results, dask=dask)
+    if jobs > 1:
+        say("dfs walks its tree of schedules in order: one process (--jobs ignored)")
     fn = make_scenario(scenario, callback_delivery)
     stream = strategy_stream(strategy, seed, pct_depth=pct_depth,
                              max_preemptions=max_preemptions)
@@ -78,8 +112,16 @@ def explore_command(scenario: str, *, strategy: str = "random", schedules: int =
         else:
             say("no failure")
         return 0
-    f = res.failure
-    say(f"schedule {res.schedules} failed after {f.steps} steps")
+    _report_failure(scenario, callback_delivery, strategy, seed, max_steps, res.schedules,
+                    res.failure, out, say)
+    return 1
+
+
+def _report_failure(scenario: str, callback_delivery: str, strategy: str, seed: int,
+                    max_steps: int, index: int, f: Outcome, out: Path | None,
+                    say: Any) -> None:
+    """The failure of schedule ``index`` (1-based) and its replay file."""
+    say(f"schedule {index} failed after {f.steps} steps")
     say(_describe(f))
     path = out if out is not None else Path(f"gntdma-replay-{scenario}-{seed}.json")
     doc = {
@@ -93,7 +135,91 @@ def explore_command(scenario: str, *, strategy: str = "random", schedules: int =
     }
     path.write_text(json.dumps(doc) + "\n")
     say(f"replay file: {path}  (gntdma replay {path})")
+
+
+def _finish(campaign: Campaign, seconds: float, out: Path | None, say: Any) -> int:
+    """The report of a whole campaign, as the sequential explorer gives it."""
+    spec = campaign.spec
+    rate = campaign.explored / seconds if seconds > 0 else 0.0
+    say(f"{spec.scenario}: {campaign.explored} schedules explored with {spec.strategy} "
+        f"(seed {spec.seed}, callback delivery {spec.callback_delivery}) in {seconds:.1f} s, "
+        f"{rate:.0f} schedules/s")
+    f = campaign.failure
+    if f is None:
+        say("no failure")
+        return 0
+    _report_failure(spec.scenario, spec.callback_delivery, spec.strategy, spec.seed,
+                    spec.max_steps, f.index + 1, f.outcome(), out, say)
     return 1
+
+
+def _dask_executor(address: str) -> tuple[Any, Any, int]:
+    """A client of the Dask cluster at ``address``, its executor and its threads."""
+    try:
+        distributed: Any = importlib.import_module("distributed")
+    except ImportError:
+        raise ConfigError("--dask needs the optional dask extra "
+                          "(pip install 'gntdma[dask]')") from None
+    try:
+        client = distributed.Client(address, timeout=30)
+    except (OSError, TimeoutError) as e:
+        raise ConfigError(f"--dask {address}: cannot reach the scheduler: {e}") from None
+    threads = max(1, sum(client.nthreads().values()))
+    return client, client.get_executor(), threads
+
+
+def _campaign_command(spec: CampaignSpec, *, say: Any, out: Path | None, jobs: int,
+                      shard: tuple[int, int] | None, out_results: Path | None,
+                      dask: str | None) -> int:
+    if jobs > 1 or dask is not None:
+        try:
+            pickle.dumps(spec)
+        except (pickle.PicklingError, AttributeError, TypeError) as e:
+            raise ConfigError(f"scenario {spec.scenario!r} cannot be sent to another "
+                              f"process (its factory must be importable by name): {e}"
+                              ) from None
+    indices = None if shard is None else shard_indices(spec.budget, *shard)
+    campaign = Campaign(spec, indices, keep=shard is not None)
+    if dask is not None:
+        client, executor, threads = _dask_executor(dask)
+        try:
+            seconds = run_campaign(campaign, lambda: executor, jobs=threads)
+        finally:
+            client.close()
+    elif jobs > 1:
+        seconds = run_campaign(campaign, local_pool(jobs), jobs=jobs)
+    else:
+        seconds = run_local(campaign)
+    if shard is None:
+        return _finish(campaign, seconds, out, say)
+    i, n = shard
+    path = (out_results if out_results is not None else
+            Path(f"gntdma-explore-{spec.scenario}-{spec.seed}-shard{i}of{n}.json"))
+    write_results(path, campaign, shard, seconds)
+    first = f" from schedule {indices[0] + 1}" if indices else ""
+    f = campaign.failure
+    found = "no failure" if f is None else f"schedule {f.index + 1} failed: {f.kind}"
+    say(f"{spec.scenario}: shard {i}/{n}: {campaign.explored} schedules explored{first} "
+        f"with {spec.strategy} (seed {spec.seed}) in {seconds:.1f} s; {found}")
+    say(f"results: {path}  (gntdma explore --merge FILES... combines the shards)")
+    return 0 if f is None else 1
+
+
+def merge_command(paths: list[Path], *, say: Any = print, out: Path | None = None,
+                  jobs: int = 1) -> int:
+    """Combine shard result files into the report of one unsharded run."""
+    files = [read_results(p) for p in paths]
+    campaign, seconds = merge_campaign(files)
+    rerun = 0
+    if not campaign.done:  # PCT schedules run with a k the earlier shards changed
+        before = campaign.explored
+        seconds += (run_campaign(campaign, local_pool(jobs), jobs=jobs) if jobs > 1
+                    else run_local(campaign))
+        rerun = campaign.explored - before
+    n = files[0].shard[1]
+    say(f"merged {len(files)} of {n} shards" +
+        (f"; {rerun} schedules run again here (their PCT k was stale)" if rerun else ""))
+    return _finish(campaign, seconds, out, say)
 
 
 def replay_command(path: Path, say: Any = print, scenario: str | None = None) -> int:
@@ -122,6 +248,8 @@ def replay_command(path: Path, say: Any = print, scenario: str | None = None) ->
         recorded = doc["outcome"]
     except (KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"{path}: malformed replay file: {e}") from e
+    if recorded.get("kind") == "crash":  # it killed its process: replay it in another
+        return _replay_crash(doc, schedule, recorded, say)
     try:
         out = run_once(fn, ReplayStrategy(schedule), max_steps=int(doc.get("max_steps", 200_000)))
     except ReplayDivergence as e:
@@ -135,4 +263,29 @@ def replay_command(path: Path, say: Any = print, scenario: str | None = None) ->
     same = out.kind == recorded.get("kind") and out.report == recorded.get("report")
     say("reproduced: the same failure as recorded" if same
         else f"a different failure than recorded ({recorded.get('kind')})")
+    return 1
+
+
+def _replay_crash(doc: dict[str, Any], schedule: Schedule, recorded: dict[str, Any],
+                  say: Any) -> int:
+    """A schedule that killed the process running it, replayed in a process of its own."""
+    died, end = replay_in_child(str(doc["scenario"]), str(doc["callback_delivery"]),
+                                schedule.to_json(), int(doc.get("max_steps", 200_000)))
+    if "divergence" in end:
+        say(f"replay diverged (uncontrolled nondeterminism): {end['divergence']}")
+        return 2
+    say(f"{doc['scenario']}: replayed {len(schedule.steps)} scheduling decisions in a "
+        "process of its own")
+    if died is None:
+        kind = end.get("kind")
+        if kind is None:
+            say("no failure: the recorded failure did not reproduce")
+            return 0
+        say(f"failure: {kind}\n{end.get('report', '')}")
+        say("a different failure than recorded (crash)")
+        return 1
+    say(f"failure: crash\nthe replaying process died ({died})")
+    same = f"({died})" in str(recorded.get("report", ""))
+    say("reproduced: the same failure as recorded" if same
+        else f"a different failure than recorded ({recorded.get('report')})")
     return 1

@@ -82,7 +82,7 @@ from gntdma.toolstack.host import Guest, Host
 from gntdma.toolstack.scenarios_rules import RULE_SCENARIOS
 from gntdma.xen.busdma import BUS_DMA_XEN_RO, xen_dmamap_get_grefs, xen_get_dma_tag
 
-__all__ = ["SCENARIOS", "ScenarioFn", "make_scenario"]
+__all__ = ["BUILTIN_SCENARIOS", "SCENARIOS", "ScenarioFn", "make_scenario"]
 
 ScenarioFn = Callable[[Scheduler], list[str]]
 
@@ -359,6 +359,9 @@ SCENARIOS: dict[str, Callable[[str], ScenarioFn]] = {
     # One bug of each class the lock rules catch (scenarios_rules).
     **RULE_SCENARIOS,
 }
+#: The scenarios of gntdma itself; others are registered at run time (tests), and
+#: travel to worker processes as their (importable) factory.
+BUILTIN_SCENARIOS = frozenset(SCENARIOS)
 
 
 def make_scenario(name: str, delivery: str) -> ScenarioFn:
