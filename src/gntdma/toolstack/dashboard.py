@@ -120,14 +120,16 @@ def _events_panel(events: Sequence[Event]) -> Panel:
     return Panel(body, title=f"reports ({len(events)})", title_align="left")
 
 
-def render(metrics: Metrics, header: str = "") -> RenderableType:
-    """The dashboard of ``metrics``' last sample (an empty one before the first)."""
-    s = metrics.samples[-1] if metrics.samples else Sample(0.0, (), ())
+def render(metrics: Metrics, header: str = "", at: int = -1) -> RenderableType:
+    """The dashboard of ``metrics``' sample ``at`` (the last; an empty one before the
+    first), with the reports made until then."""
+    s = metrics.samples[at] if metrics.samples else Sample(0.0, (), ())
+    events = [e for e in metrics.events if e.t <= s.t] if at != -1 else metrics.events
     total = sum(d.mib_s for d in s.disks)
     iops = sum(d.iops for d in s.disks)
     head = Text(f"gntdma  [{s.t:5.1f}s]  {total:.1f} MiB/s  {iops:.0f} IOPS"
                 + (f"  {header}" if header else ""), style="bold")
-    return Group(head, _guests_panel(s), _devices_panel(s), _events_panel(metrics.events))
+    return Group(head, _guests_panel(s), _devices_panel(s), _events_panel(events))
 
 
 def render_explore(scenario: str, strategy: str, done: int, budget: int, failures: int,

@@ -54,12 +54,12 @@ def check_plots_dir(path: Path) -> None:
         ConfigError: with what to do about it.
     """
     _matplotlib()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--plots {path}: not a directory")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"--plots {path}: {e.strerror or e}") from None
-    if not path.is_dir():
-        raise ConfigError(f"--plots {path}: not a directory")
     if not os.access(path, os.W_OK | os.X_OK):
         raise ConfigError(f"--plots {path}: not writable")
 

@@ -59,6 +59,7 @@ def run_main_job(configs: Sequence[Path] | Path | None = None, *, seed: int = 0,
                  overwrite: bool = False, guard: InterruptGuard | None = None,
                  stall_timeout: float = DEFAULT_STALL_TIMEOUT,
                  dashboard: bool = False, plots_dir: Path | None = None,
+                 view: RunView | None = None,
                  dma_debug: bool = True, junk_fill: bool = True) -> Report:
     """Run the job; the report says whether every check held.
 
@@ -66,7 +67,8 @@ def run_main_job(configs: Sequence[Path] | Path | None = None, *, seed: int = 0,
     guest (``--no-dma-debug``, ``--no-junk``; :mod:`gntdma.toolstack.tunables`).
 
     ``dashboard`` shows the live dashboard instead of the progress lines;
-    ``plots_dir`` receives PNG plots of the workloads (named in the report).
+    ``plots_dir`` receives PNG plots of the workloads (named in the report);
+    ``view`` is the caller's own (its console) instead of one made here.
 
     With ``hold`` the host stays up after the job until SIGINT or SIGTERM. A
     workload that completes no I/O for ``stall_timeout`` seconds ends the job
@@ -92,8 +94,7 @@ def run_main_job(configs: Sequence[Path] | Path | None = None, *, seed: int = 0,
         from gntdma.toolstack.plots import check_plots_dir
 
         check_plots_dir(plots_dir)
-    view = None
-    if dashboard or plots_dir is not None:
+    if view is None and (dashboard or plots_dir is not None):
         from gntdma.toolstack.dashboard import RunView
 
         view = RunView(dashboard=dashboard)
