@@ -11,7 +11,9 @@ import argparse
 import contextlib
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import gntdma
 from gntdma import cli_xenstored
@@ -44,6 +46,30 @@ class _Output:
 
 def _positive_int(text: str) -> int:
     return int(text, 10)
+
+
+def _trace_options(p: argparse.ArgumentParser) -> None:
+    """--trace and --trace-limit, of run, serve and replay."""
+    p.add_argument("--trace", type=Path, metavar="FILE",
+                   help="write a Chrome trace-event JSON file (open it in Perfetto or "
+                   "chrome://tracing): thread tracks, locks, notifications, requests")
+    p.add_argument("--trace-limit", type=int, default=4_000_000, metavar="N",
+                   help="stop tracing after N events (default 4000000)")
+
+
+def _traced(args: argparse.Namespace, out: _Output, fn: Callable[[Any], int]) -> int:
+    """``fn(say)``, under ``--trace`` when given."""
+    if getattr(args, "trace", None) is None:
+        return fn(out.say)
+    from gntdma.errors import ConfigError
+    from gntdma.toolstack.trace import run_traced
+
+    try:
+        return run_traced(args.trace, fn, limit=args.trace_limit, command=args.command,
+                          say=out.say)
+    except ConfigError as e:
+        print(f"gntdma {args.command}: {e}", file=sys.stderr)
+        return 2
 
 
 def _tunable_options(p: argparse.ArgumentParser) -> None:
@@ -99,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "until SIGINT/SIGTERM")
     _view_options(run)
     _tunable_options(run)
+    _trace_options(run)
     sv = sub.add_parser("serve", help="build a host and export its guests' disks over NBD "
                         "until SIGINT/SIGTERM")
     sv.add_argument("configs", nargs="*", type=Path, metavar="CONFIG",
@@ -122,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--overwrite", action="store_true",
                     help="write existing images directly (by default writes go to a "
                     "temporary overlay)")
+    _trace_options(sv)
     cli_xenstored.add_parser(sub)
     ex = sub.add_parser("explore", help="explore the interleavings of a scenario")
     ex.add_argument("scenario", nargs="?", help="scenario name (see --list)")
@@ -153,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("replay", help="rerun a replay file written by explore")
     rp.add_argument("file", type=Path)
     rp.add_argument("--scenario", help="the scenario the file must be a replay of")
+    _trace_options(rp)
     return parser
 
 
@@ -257,9 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = _Output()
     if args.command == "run":
-        return cmd_run(args, out)
+        return _traced(args, out, lambda _say: cmd_run(args, out))
     if args.command == "serve":
-        return cmd_serve(args, out)
+        return _traced(args, out, lambda _say: cmd_serve(args, out))
     if args.command == "xenstored":
         return cli_xenstored.run(args)
     from gntdma.errors import ConfigError
@@ -269,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "explore":
             return _explore(args, out)
         if args.command == "replay":
-            return replay_command(args.file, say=out.say, scenario=args.scenario)
+            return _traced(args, out, lambda say: replay_command(args.file, say=say,
+                                                                 scenario=args.scenario))
     except ConfigError as e:
         print(f"gntdma {args.command}: {e}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ here is defined in one of the submodules and re-exported unchanged:
 - :mod:`gntdma.abi.event_channel`
 - :mod:`gntdma.abi.ring`
 - :mod:`gntdma.abi.blkif`
+- :mod:`gntdma.abi.blkif_hot`
 - :mod:`gntdma.abi.netif`
 - :mod:`gntdma.abi.xs_ring`
 - :mod:`gntdma.abi.xs_wire`
@@ -60,6 +61,17 @@ from gntdma.abi.blkif import (
     blkif_indirect_pages,
     blkif_queue_key,
     blkif_ring_ref_key,
+)
+from gntdma.abi.blkif_hot import (
+    BlkifSeg,
+    blkif_pack_indirect,
+    blkif_pack_response,
+    blkif_pack_rw,
+    blkif_pack_segs,
+    blkif_unpack_indirect,
+    blkif_unpack_response,
+    blkif_unpack_rw,
+    blkif_unpack_segs,
 )
 from gntdma.abi.event_channel import (
     EVTCHN_2L_NR_CHANNELS,
@@ -317,6 +329,7 @@ __all__ = [
     "BlkifResponse",
     "BlkifResponse32",
     "BlkifRsp",
+    "BlkifSeg",
     "DOMID_COW",
     "DOMID_FIRST_RESERVED",
     "DOMID_IDLE",
@@ -486,8 +499,16 @@ __all__ = [
     "XsdType",
     "blkif_abi",
     "blkif_indirect_pages",
+    "blkif_pack_indirect",
+    "blkif_pack_response",
+    "blkif_pack_rw",
+    "blkif_pack_segs",
     "blkif_queue_key",
     "blkif_ring_ref_key",
+    "blkif_unpack_indirect",
+    "blkif_unpack_response",
+    "blkif_unpack_rw",
+    "blkif_unpack_segs",
     "errno_from_name",
     "errno_name",
     "grant_entry_v1_slot",

@@ -99,9 +99,9 @@ from gntdma.abi.blkif import (
     VDISK_READONLY,
     BlkifAbi,
     BlkifKey,
-    BlkifResponse,
     blkif_abi,
 )
+from gntdma.abi.blkif_hot import blkif_pack_response
 from gntdma.abi.ring import BackRing, RingProtocolError, SringHeader
 from gntdma.dev.blkback_io import SECTOR_SHIFT, BackingStore, BlkbackIO
 from gntdma.dev.blkback_req import (
@@ -550,8 +550,7 @@ class Blkback:
         ring = self._ring
         abi = self._abi
         assert ring is not None and abi is not None
-        ring.put_response(abi.pack_response(
-            BlkifResponse(id=id_, operation=operation & 0xFF, status=status)))
+        ring.put_response(blkif_pack_response(abi, id_, operation & 0xFF, status))
         self._responses += 1
         if status == BLKIF_RSP_ERROR:
             self._errors += 1

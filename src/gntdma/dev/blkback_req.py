@@ -31,7 +31,6 @@ accept.
 from __future__ import annotations
 
 import errno
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -40,6 +39,7 @@ from gntdma.abi.blkif import (
     BLKIF_MAX_SEGMENTS_PER_REQUEST,
     BLKIF_OP_DISCARD,
     BLKIF_OP_FLUSH_DISKCACHE,
+    BLKIF_OP_INDIRECT,
     BLKIF_OP_READ,
     BLKIF_OP_WRITE,
     BLKIF_RSP_EOPNOTSUPP,
@@ -49,9 +49,10 @@ from gntdma.abi.blkif import (
     BlkifAbi,
     BlkifOp,
     BlkifRequestDiscard,
-    BlkifRequestIndirect,
+    BlkifRequestSegment,
     blkif_indirect_pages,
 )
+from gntdma.abi.blkif_hot import blkif_unpack_indirect, blkif_unpack_rw, blkif_unpack_segs
 
 __all__ = [
     "BLKBACK_OP_NAMES",
@@ -64,9 +65,8 @@ __all__ = [
     "blkback_unpack_segs",
 ]
 
-_SEG: Final = struct.Struct("<IBB2x")  # blkif_request_segment
 #: Bytes of one segment descriptor in an indirect page.
-BLKBACK_SEG_SIZE: Final = _SEG.size
+BLKBACK_SEG_SIZE: Final = BlkifRequestSegment.STRUCT.size
 
 #: A segment as the workers use it: (gref, first_sect, last_sect).
 BlkbackSeg = tuple[int, int, int]
@@ -109,17 +109,20 @@ def blkback_check_request(abi: BlkifAbi, raw: bytes, lim: BlkbackLimits
     response echoes (the ``indirect_op`` of an indirect request); ``work`` is
     the request for the workers, or None when ``status`` is the answer.
     """
-    req = abi.unpack_request(raw)
-    if isinstance(req, BlkifRequestDiscard):
+    op = raw[0]
+    if op == BLKIF_OP_DISCARD:
+        req = abi.unpack_request(raw)
+        assert isinstance(req, BlkifRequestDiscard)
         status, work = _check_discard(req, lim)
         return req.id, req.operation, status, work
-    if isinstance(req, BlkifRequestIndirect):
-        status, work = _check_indirect(req, lim)
-        return req.id, req.indirect_op, status, work
-    segs = [(s.gref, s.first_sect, s.last_sect) for s in req.seg]
-    status, work = _check_rw(req.id, req.operation, req.nr_segments, req.sector_number,
-                             segs, lim)
-    return req.id, req.operation, status, work
+    if op == BLKIF_OP_INDIRECT:
+        ireq = blkif_unpack_indirect(abi, raw)
+        status, work = _check_indirect(ireq, lim)
+        return ireq[3], ireq[1], status, work
+    # Any other operation decodes as a read/write request (one struct, no objects).
+    operation, nr_segments, _handle, id_, sector_number, segs = blkif_unpack_rw(abi, raw)
+    status, work = _check_rw(id_, operation, nr_segments, sector_number, segs, lim)
+    return id_, operation, status, work
 
 
 def _check_rw(id_: int, operation: int, nr_segments: int, sector_number: int,
@@ -143,22 +146,23 @@ def _check_rw(id_: int, operation: int, nr_segments: int, sector_number: int,
     return BLKIF_RSP_OKAY, BlkbackReq(id_, operation, op, sector_number, segs, flush=flush)
 
 
-def _check_indirect(req: BlkifRequestIndirect, lim: BlkbackLimits
-                    ) -> tuple[int, BlkbackReq | None]:
+def _check_indirect(req: tuple[int, int, int, int, int, int, tuple[int, ...]],
+                    lim: BlkbackLimits) -> tuple[int, BlkbackReq | None]:
+    """``req``: :func:`~gntdma.abi.blkif_hot.blkif_unpack_indirect`'s values."""
+    _op, iop, nr_segments, id_, sector_number, _handle, indirect_grefs = req
     if lim.max_indirect_segments == 0:
         return BLKIF_RSP_EOPNOTSUPP, None
-    iop = req.indirect_op
     if iop != BLKIF_OP_READ and iop != BLKIF_OP_WRITE:
         return BLKIF_RSP_ERROR, None
-    if req.nr_segments == 0 or req.nr_segments > lim.max_indirect_segments:
+    if nr_segments == 0 or nr_segments > lim.max_indirect_segments:
         return BLKIF_RSP_ERROR, None
     if iop == BLKIF_OP_WRITE and lim.readonly:
         return BLKIF_RSP_ERROR, None
-    if len(req.indirect_grefs) != blkif_indirect_pages(req.nr_segments):
+    if len(indirect_grefs) != blkif_indirect_pages(nr_segments):
         return BLKIF_RSP_ERROR, None  # cannot happen with the limits above
-    return BLKIF_RSP_OKAY, BlkbackReq(req.id, iop, iop, req.sector_number, [],
-                                      indirect_grefs=req.indirect_grefs,
-                                      nr_segments=req.nr_segments)
+    return BLKIF_RSP_OKAY, BlkbackReq(id_, iop, iop, sector_number, [],
+                                      indirect_grefs=indirect_grefs,
+                                      nr_segments=nr_segments)
 
 
 def _check_discard(req: BlkifRequestDiscard, lim: BlkbackLimits
@@ -190,4 +194,4 @@ def blkback_check_segs(segs: Sequence[BlkbackSeg], sector_number: int, nr_sector
 
 def blkback_unpack_segs(raw: bytes) -> list[BlkbackSeg]:
     """The segment descriptors copied out of indirect pages, in order."""
-    return list(_SEG.iter_unpack(raw))
+    return blkif_unpack_segs(raw)

@@ -52,9 +52,10 @@ the bio (``EIO`` for ``BLKIF_RSP_ERROR``, ``EOPNOTSUPP`` for
 Bios that touch more pages than a request has segments are split into
 children (as GEOM does for ``d_maxsize``), each as long as its pages allow: a
 page-aligned bio of ``xbd_max_request_segments`` pages is one request
-(``xbd_max_request_size`` is what fits at any alignment). Flush (``BLKIF_OP_FLUSH_DISKCACHE``) and ``BIO_ORDERED`` bios
-are single-stepped: they wait for the ring to drain (``XBDF_WAIT_IDLE``) and
-freeze the queue until they complete (``XBDCF_Q_FREEZE``).
+(``xbd_max_request_size`` is what fits at any alignment). Flush
+(``BLKIF_OP_FLUSH_DISKCACHE``) and ``BIO_ORDERED`` bios are single-stepped:
+they wait for the ring to drain (``XBDF_WAIT_IDLE``) and freeze the queue
+until they complete (``XBDCF_Q_FREEZE``).
 
 Rules: ``biodone`` is never called with ``xbd_io_lock`` held: completed bios
 are collected and completed after the unlock (or by a task on

@@ -62,8 +62,12 @@ __all__ = [
     "xbd_discard_limits",
     "xbd_discard_pieces",
     "xbd_mksegarray",
+    "xbd_mksegs",
     "xbd_size_requests",
 ]
+
+_SECTOR_SHIFT: Final = BLKIF_SECTOR_SIZE.bit_length() - 1
+_SECTOR_MASK: Final = BLKIF_SECTOR_SIZE - 1
 
 # -- softc state and flags (block.h) ---------------------------------------------------
 
@@ -278,28 +282,41 @@ class XbdStatistics:
     protocol_error: str  #: why the backend's ring was declared broken ("" if never)
 
 
-def xbd_mksegarray(segs: list[bus_dma_segment_t], nsegs: int,
-                   refs: list[int]) -> list[BlkifRequestSegment]:
-    """One ``blkif_request_segment`` per bus_dma segment: ``refs[i]`` grants segment ``i``.
+def xbd_mksegs(segs: list[bus_dma_segment_t], nsegs: int, refs: list[int]) -> list[int]:
+    """The ``blkif_request_segment`` of each bus_dma segment, flat: ``gref, first_sect,
+    last_sect`` for segment 0, then 1...; ``refs[i]`` grants segment ``i``.
 
     ``first_sect`` is the segment's 512-byte offset in its page, ``last_sect``
     the last sector it covers (inclusive). The data tag guarantees what is
-    asserted: 512-aligned, never crossing a page.
+    asserted: 512-aligned, never crossing a page. The flat form is what
+    :mod:`gntdma.abi.blkif_hot` packs, with no object per segment.
     """
     if len(refs) < nsegs:
         raise KernelPanic(f"xbd_mksegarray: {nsegs} segments but {len(refs)} grant refs")
-    out: list[BlkifRequestSegment] = []
+    out: list[int] = []
+    append = out.append
     for i in range(nsegs):
         s = segs[i]
         off = s.ds_addr & PAGE_MASK
-        if off % BLKIF_SECTOR_SIZE != 0 or s.ds_len % BLKIF_SECTOR_SIZE != 0 or s.ds_len <= 0:
+        ln = s.ds_len
+        if off & _SECTOR_MASK or ln & _SECTOR_MASK or ln <= 0:
             raise KernelPanic(f"xbd_mksegarray: segment {i} {s} is not sector aligned")
-        fsect = off // BLKIF_SECTOR_SIZE
-        lsect = fsect + s.ds_len // BLKIF_SECTOR_SIZE - 1
+        fsect = off >> _SECTOR_SHIFT
+        lsect = fsect + (ln >> _SECTOR_SHIFT) - 1
         if lsect >= BLKIF_SECTORS_PER_PAGE:
             raise KernelPanic(f"xbd_mksegarray: segment {i} {s} crosses a page")
-        out.append(BlkifRequestSegment(gref=refs[i], first_sect=fsect, last_sect=lsect))
+        append(refs[i])
+        append(fsect)
+        append(lsect)
     return out
+
+
+def xbd_mksegarray(segs: list[bus_dma_segment_t], nsegs: int,
+                   refs: list[int]) -> list[BlkifRequestSegment]:
+    """One ``blkif_request_segment`` per bus_dma segment (:func:`xbd_mksegs` as objects)."""
+    flat = xbd_mksegs(segs, nsegs, refs)
+    return [BlkifRequestSegment(gref=flat[i], first_sect=flat[i + 1], last_sect=flat[i + 2])
+            for i in range(0, len(flat), 3)]
 
 
 # -- discard limits -----------------------------------------------------------------------------

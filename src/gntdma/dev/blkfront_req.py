@@ -25,11 +25,14 @@ from gntdma.abi.blkif import (
     BLKIF_RSP_EOPNOTSUPP,
     BLKIF_RSP_OKAY,
     BLKIF_SECTOR_SIZE,
-    BlkifAnyRequest,
-    BlkifRequest,
     BlkifRequestDiscard,
-    BlkifRequestIndirect,
     blkif_indirect_pages,
+)
+from gntdma.abi.blkif_hot import (
+    blkif_pack_indirect,
+    blkif_pack_rw,
+    blkif_pack_segs,
+    blkif_unpack_response,
 )
 from gntdma.abi.ring import RingProtocolError
 from gntdma.dev.blkfront_cmd import (
@@ -47,7 +50,7 @@ from gntdma.dev.blkfront_cmd import (
     XBDF_READONLY,
     XBDF_WAIT_IDLE,
     xbd_discard_pieces,
-    xbd_mksegarray,
+    xbd_mksegs,
 )
 from gntdma.dev.blkfront_softc import XBD_RW_OPS, xbd_command, xbd_softc_base
 from gntdma.sched import (
@@ -362,42 +365,39 @@ class xbd_softc_req(xbd_softc_base):
         if nsegs > self.xbd_max_request_segments:
             raise KernelPanic(f"{self.name}: {nsegs} segments, at most "
                               f"{self.xbd_max_request_segments}")
-        req: BlkifAnyRequest
-        if cm.cm_operation == BLKIF_OP_DISCARD:
-            req = BlkifRequestDiscard(handle=self.xbd_vdev, id=cm.cm_id,
-                                      sector_number=cm.cm_sector_number,
-                                      nr_sectors=cm.cm_nr_sectors)
+        abi = self.xbd_abi
+        op = cm.cm_operation
+        raw: bytes
+        if op == BLKIF_OP_DISCARD:
+            raw = abi.pack_request(BlkifRequestDiscard(handle=self.xbd_vdev, id=cm.cm_id,
+                                                       sector_number=cm.cm_sector_number,
+                                                       nr_sectors=cm.cm_nr_sectors))
             self._st_discards += 1
-        elif cm.cm_operation not in XBD_RW_OPS:
-            req = BlkifRequest(operation=cm.cm_operation, nr_segments=0, handle=self.xbd_vdev,
-                               id=cm.cm_id, sector_number=cm.cm_sector_number)
+        elif op not in XBD_RW_OPS:
+            raw = blkif_pack_rw(abi, op, 0, self.xbd_vdev, cm.cm_id, cm.cm_sector_number, ())
             self._st_flushes += 1
         else:
             assert cm.cm_map is not None
             refs = xen_dmamap_get_grefs(cm.cm_map)
-            sg = xbd_mksegarray(segs, nsegs, refs)
+            sg = xbd_mksegs(segs, nsegs, refs)
             if nsegs <= BLKIF_MAX_SEGMENTS_PER_REQUEST:
-                req = BlkifRequest(operation=cm.cm_operation, nr_segments=nsegs,
-                                   handle=self.xbd_vdev, id=cm.cm_id,
-                                   sector_number=cm.cm_sector_number, seg=tuple(sg))
+                raw = blkif_pack_rw(abi, op, nsegs, self.xbd_vdev, cm.cm_id,
+                                    cm.cm_sector_number, sg)
                 self._st_direct += 1
             else:
                 npages = blkif_indirect_pages(nsegs)
                 m = cm.cm_indirectionmap
                 assert m is not None and self.xbd_indirect_dmat is not None
-                self.xbd_kern.kva_write(cm.cm_indirectionpages, b"".join(s.pack() for s in sg))
+                self.xbd_kern.kva_write(cm.cm_indirectionpages, blkif_pack_segs(sg))
                 bus_dmamap_sync(self.xbd_indirect_dmat, m, BUS_DMASYNC_PREWRITE)
-                req = BlkifRequestIndirect(indirect_op=cm.cm_operation, nr_segments=nsegs,
-                                           id=cm.cm_id, sector_number=cm.cm_sector_number,
-                                           handle=self.xbd_vdev,
-                                           indirect_grefs=tuple(self._xbd_indirect_grefs(
-                                               cm, npages)))
+                raw = blkif_pack_indirect(abi, op, nsegs, cm.cm_id, cm.cm_sector_number,
+                                          self.xbd_vdev, self._xbd_indirect_grefs(cm, npages))
                 cm.cm_indirect = True
                 self._st_indirect += 1
-            op = BUS_DMASYNC_PREREAD if cm.cm_operation == BLKIF_OP_READ else BUS_DMASYNC_PREWRITE
-            bus_dmamap_sync(self._xbd_io_dmat(), cm.cm_map, op)
+            sync = BUS_DMASYNC_PREREAD if op == BLKIF_OP_READ else BUS_DMASYNC_PREWRITE
+            bus_dmamap_sync(self._xbd_io_dmat(), cm.cm_map, sync)
         cm.cm_nseg = nsegs
-        ring.put_request(self.xbd_abi.pack_request(req))
+        ring.put_request(raw)
         self._st_requests += 1
         occ = (ring.req_prod_pvt - ring.rsp_cons) & 0xFFFFFFFF
         self._st_occupancy_peak = max(self._st_occupancy_peak, occ)
@@ -453,22 +453,20 @@ class xbd_softc_req(xbd_softc_base):
 
     def _xbd_response(self, raw: bytes) -> bool:
         """Complete the command a response answers; False if the response is bogus."""
-        rsp = self.xbd_abi.unpack_response(raw)
-        cid = rsp.id
+        cid, rop, status = blkif_unpack_response(self.xbd_abi, raw)
         cm = self.xbd_cm_busy.get(cid) if 0 <= cid < len(self.xbd_shadow) else None
         if cm is None:
             self._xbd_broken(f"response id {cid} is not a request in flight")
             return False
-        if rsp.operation != cm.cm_operation and not (cm.cm_indirect
-                                                     and rsp.operation == BLKIF_OP_INDIRECT):
-            self._xbd_broken(f"response id {cid} has operation {rsp.operation}, "
+        if rop != cm.cm_operation and not (cm.cm_indirect and rop == BLKIF_OP_INDIRECT):
+            self._xbd_broken(f"response id {cid} has operation {rop}, "
                              f"the request {cm.cm_operation}")
             return False
         self._xbd_remove_busy(cm)
         self._xbd_cm_unload(cm)
         # Release any hold this command has on future command dispatch.
         self.xbd_cm_thaw(cm)
-        cm.cm_status = rsp.status
+        cm.cm_status = status
         self.xbd_bio_complete(cm)
         return True
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Final, final
 
+from gntdma.sched import _trace
 from gntdma.sched._core import HeldLock, KThread, Scheduler, ThreadState, current_scheduler
 from gntdma.sched._errors import KernelPanic
 from gntdma.sched._sync import _panic, check_order
@@ -116,12 +117,16 @@ def _holds_shared(t: KThread) -> bool:
 
 def _hold(t: KThread, sx: Sx, site: Site, shared: bool) -> None:
     t.held.append(HeldLock(sx, sx.cls, site, bool(sx.flags & SX_DUPOK), True, False, shared))
+    if _trace.active is not None:
+        _trace.active.lock_acquired(t, sx, shared)
 
 
 def _drop_held(t: KThread, sx: Sx) -> None:
     for i in range(len(t.held) - 1, -1, -1):
         if t.held[i].lock is sx:
             del t.held[i]
+            if _trace.active is not None:
+                _trace.active.lock_released(t, sx)
             return
 
 
@@ -140,6 +145,8 @@ def sx_xlock(sx: Sx) -> None:
         raise _panic(t, f"sx_xlock of {sx.name} @ {site_str(site)} while share locked")
     _enter(s, t, sx, site, "sx_xlock")
     while sx.owner is not None or sx.sharers:
+        if _trace.active is not None:
+            _trace.active.lock_wait(t, sx)
         sx.xwaiters.append(t)
         s.wait_onlock = True
         s.block(sx, "sx_xlock", 0.0)
@@ -161,6 +168,8 @@ def sx_slock(sx: Sx) -> None:
         return
     _enter(s, t, sx, site, "sx_slock")
     while sx.owner is not None or (sx.xwaiters and not _holds_shared(t)):
+        if _trace.active is not None:
+            _trace.active.lock_wait(t, sx)
         sx.swaiters.append(t)
         s.wait_onlock = True
         s.block(sx, "sx_slock", 0.0)
