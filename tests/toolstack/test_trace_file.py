@@ -62,6 +62,9 @@ def _broken(how: str) -> dict[str, Any]:
         ev[7]["ts"] = 3.9
     elif how == "flow ends before it starts":
         del ev[3]
+    elif how == "flow outside any slice":
+        ev.insert(0, {"ph": "s", "name": "evtchn", "cat": "evtchn", "id": 8, "pid": 1,
+                      "tid": 1, "ts": 0.5})
     elif how == "thread not named":
         del ev[13]
     elif how == "process not named":
@@ -79,7 +82,8 @@ def _broken(how: str) -> dict[str, Any]:
 
 @pytest.mark.parametrize("how", [
     "E never comes", "E without B", "not nested", "b never ended", "e without b",
-    "time goes back", "flow ends before it starts", "thread not named", "process not named",
+    "time goes back", "flow ends before it starts", "flow outside any slice",
+    "thread not named", "process not named",
     "no ts", "tid not an integer", "unknown phase", "no traceEvents"])
 def test_checker_rejects_a_broken_trace(how: str) -> None:
     doc = _broken(how)

@@ -18,7 +18,9 @@ The recorder turns what it is told into events of the Trace Event Format
   waits for a lock as ``wait <lock>``, sleeps as ``sleep <wmesg>``, handler
   runs of an event channel as ``evtchn port N``;
 - notifications as ``i`` instant events on the notifier's track, with a flow
-  (``s``/``f``) from the notifier to the handler run that serves them;
+  (``s``/``f``) from the notifier to the handler run that serves them (a flow
+  starts and ends in a slice, as viewers bind it: the innermost one open on
+  the notifier's track, or a short ``notify`` slice around it);
 - a bio from its creation to ``biodone``, and a deferred bus_dma load from
   ``EINPROGRESS`` to its callback, as async spans (``b``/``e``, same ``cat``
   and ``id``).
@@ -290,8 +292,14 @@ class TraceRecorder:
         if entry is None or entry[0] is not port:
             entry = self._flows[id(port)] = (port, [])
         entry[1].append(fid)
+        # A flow starts from the slice open around it: a short one if there is none.
+        bare = not tr.open
+        if bare:
+            self._begin(tr, ("notify",), "notify", "evtchn")
         self._emit({"ph": "s", "name": "evtchn", "cat": "evtchn", "id": fid,
                     "pid": tr.pid, "tid": tr.tid})
+        if bare:
+            self._end(tr, ("notify",))
 
     def evtchn_run(self, port: Any) -> None:
         """The current thread (``port``'s interrupt thread) runs its handler."""

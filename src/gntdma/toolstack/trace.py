@@ -131,7 +131,8 @@ def check_trace(doc: object) -> list[str]:
     never earlier than the event before it in the file; ``B``/``E`` balance per
     (pid, tid) and nest (an ``E`` ends the innermost open ``B`` of its name);
     every async ``b`` is ended by one ``e`` of the same pid, cat, id and name,
-    and every ``e`` ends an open ``b``; a flow's ``f`` follows its ``s``;
+    and every ``e`` ends an open ``b``; a flow's ``f`` follows its ``s``, and
+    both are inside a slice of their thread (what viewers bind a flow to);
     every thread with slices or instants has a ``thread_name`` and every
     process a ``process_name``.
     """
@@ -216,6 +217,8 @@ def check_trace(doc: object) -> list[str]:
             cat, aid = ev.get("cat"), ev.get("id")
             if not isinstance(cat, str) or not isinstance(aid, (int, str)):
                 bad(i, f"flow {ph} {name!r} without cat and id")
+            elif not stacks.get((pid, tid)):
+                bad(i, f"flow {ph} {name!r} id {aid!r} outside any slice of its thread")
             elif ph == "s":
                 flows.add((cat, aid))
             elif (cat, aid) not in flows:
