@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--max-preemptions", type=_positive_int, default=2,
                     help="bound for dfs (0 or more)")
     ex.add_argument("--out", type=Path, metavar="FILE", help="replay file of the first failure")
+    ex.add_argument("--dashboard", choices=("auto", "on", "off"), default="auto",
+                    help="a live display of the schedules done, failures found and rate "
+                    "(default auto: when stdout is a terminal)")
     ex.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
                     help="run the schedules on N worker processes (0: one per core; "
                     "default 1); the result is the same")
@@ -279,7 +282,7 @@ def _explore(args: argparse.Namespace, out: _Output) -> int:
                            pct_depth=args.pct_depth,
                            max_preemptions=args.max_preemptions, say=out.say,
                            jobs=jobs, shard=shard, out_results=args.out_results,
-                           dask=args.dask)
+                           dask=args.dask, dashboard=_dashboard(args))
 
 
 def main(argv: list[str] | None = None) -> int:

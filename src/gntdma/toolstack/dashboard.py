@@ -19,8 +19,9 @@ dashboard: the plain progress lines of the job are printed as before.
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Final, TextIO
+import time
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Final, TextIO, TypeVar
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -35,13 +36,16 @@ if TYPE_CHECKING:
     from gntdma.toolstack.host import Guest, Host
     from gntdma.toolstack.vbd import Vbd
 
-__all__ = ["DASHBOARD_MODES", "RunView", "dashboard_wanted", "render", "render_explore"]
+__all__ = ["DASHBOARD_MODES", "ExploreView", "RunView", "dashboard_wanted", "render",
+           "render_explore"]
 
 #: ``--dashboard`` values: auto (when stdout is a terminal), on, off.
 DASHBOARD_MODES: Final = ("auto", "on", "off")
 #: Reports kept on screen (the newest).
 _EVENTS_SHOWN: Final = 6
 _BAR: Final = 24
+
+T = TypeVar("T")
 
 
 def dashboard_wanted(mode: str, stream: TextIO | None = None) -> bool:
@@ -141,6 +145,50 @@ def render_explore(scenario: str, strategy: str, done: int, budget: int, failure
     t.add_row("rate", f"{rate:.0f} schedules/s")
     t.add_row("elapsed", f"{seconds:.1f} s")
     return Panel(t, title=f"explore {scenario} ({strategy})", title_align="left")
+
+
+class ExploreView:
+    """Explore's dashboard: schedules done, failures found, rate.
+
+    The explorer runs one schedule after another on this thread; :meth:`watch`
+    wraps its stream of strategies (one is taken per schedule) and refreshes the
+    display between two schedules, at most once a second of wall-clock time.
+    """
+
+    def __init__(self, scenario: str, strategy: str, budget: int,
+                 console: Console | None = None) -> None:
+        self.scenario, self.strategy, self.budget = scenario, strategy, budget
+        self.console = console if console is not None else Console()
+        self.live: Live | None = None
+        self.done = 0
+        self.t0 = self.last = 0.0
+
+    def _render(self, failures: int) -> RenderableType:
+        now = time.monotonic()
+        secs = now - self.t0
+        return render_explore(self.scenario, self.strategy, self.done, self.budget, failures,
+                              self.done / secs if secs > 0 else 0.0, secs)
+
+    def watch(self, stream: Iterator[T]) -> Iterator[T]:
+        """``stream``, counting the schedules taken and refreshing the display."""
+        self.t0 = self.last = time.monotonic()
+        self.live = Live(self._render(0), console=self.console, auto_refresh=False,
+                         transient=False)
+        self.live.start(refresh=True)
+        for i, item in enumerate(stream):
+            self.done = i  # the schedules before this one are done
+            if time.monotonic() - self.last >= 1.0:
+                self.last = time.monotonic()
+                self.live.update(self._render(0), refresh=True)
+            yield item
+
+    def stop(self, schedules: int, failures: int) -> None:
+        """The last frame: ``schedules`` explored, ``failures`` found."""
+        self.done = schedules
+        if self.live is not None:
+            self.live.update(self._render(failures), refresh=True)
+            self.live.stop()
+            self.live = None
 
 
 class RunView:

@@ -74,8 +74,12 @@ def explore_command(scenario: str, *, strategy: str = "random", schedules: int =
                     out: Path | None = None, max_steps: int = 200_000,
                     pct_depth: int = 3, max_preemptions: int = 2,
                     say: Any = print, jobs: int = 1, shard: tuple[int, int] | None = None,
-                    out_results: Path | None = None, dask: str | None = None) -> int:
+                    out_results: Path | None = None, dask: str | None = None,
+                    dashboard: bool = False) -> int:
     """Explore ``schedules`` schedules; 0 if none failed, 1 on a failure.
+
+    ``dashboard`` shows the schedules done, failures found and rate live (on
+    one process).
 
     ``jobs`` > 1 runs them on a local process pool, ``dask`` on a Dask cluster,
     ``shard`` only a slice of them (with a result file for ``merge_command``);
@@ -102,7 +106,20 @@ def explore_command(scenario: str, *, strategy: str = "random", schedules: int =
     fn = make_scenario(scenario, callback_delivery)
     stream = strategy_stream(strategy, seed, pct_depth=pct_depth,
                              max_preemptions=max_preemptions)
-    res = explore(fn, stream, budget=schedules, max_steps=max_steps)
+    view = None
+    if dashboard:
+        from gntdma.toolstack.dashboard import ExploreView
+
+        view = ExploreView(scenario, strategy, schedules)
+        stream = view.watch(stream)
+    try:
+        res = explore(fn, stream, budget=schedules, max_steps=max_steps)
+    except BaseException:
+        if view is not None:
+            view.stop(view.done, 0)
+        raise
+    if view is not None:
+        view.stop(res.schedules, sum(res.kinds.values()))
     say(f"{scenario}: {res.schedules} schedules explored with {strategy} "
         f"(seed {seed}, callback delivery {callback_delivery}) in {res.seconds:.1f} s, "
         f"{res.per_second:.0f} schedules/s")
