@@ -122,7 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "long (default 5)")
     run.add_argument("--hold", action="store_true",
                      help="after the job, keep the host and its xenstored socket up "
-                     "until SIGINT/SIGTERM")
+                     "until SIGINT/SIGTERM, and serve gntdma xl on a control socket")
+    run.add_argument("--control", type=Path, metavar="PATH",
+                     help="the control socket for gntdma xl (default with --hold: one in "
+                     "the run's temporary folder, named in the output)")
     _view_options(run)
     _tunable_options(run)
     _trace_options(run)
@@ -143,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="drop a connection still negotiating after this long (default 5; "
                     "0: never)")
     sv.add_argument("--seed", type=_positive_int, default=0)
+    sv.add_argument("--control", type=Path, metavar="PATH",
+                    help="the control socket for gntdma xl (default: one in the serve's "
+                    "temporary folder, named in the output)")
     _view_options(sv)
     _tunable_options(sv)
     sv.add_argument("--json", type=Path, metavar="PATH", help="write a JSON report")
@@ -151,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "temporary overlay)")
     _trace_options(sv)
     cli_xenstored.add_parser(sub)
+    xl = sub.add_parser("xl", help="xl-like console of a running host (run --hold, serve)")
+    xl.add_argument("--socket", type=Path, required=True, metavar="PATH",
+                    help="the host's control socket (printed by run --hold and serve)")
+    xl.add_argument("verb", choices=("list", "info", "block-list", "block-attach",
+                                     "block-detach", "network-list", "network-attach",
+                                     "network-detach", "destroy"))
+    xl.add_argument("args", nargs=argparse.REMAINDER, metavar="ARG")
     ex = sub.add_parser("explore", help="explore the interleavings of a scenario")
     ex.add_argument("scenario", nargs="?", help="scenario name (see --list)")
     ex.add_argument("--list", action="store_true", help="list the scenarios and exit")
@@ -200,7 +213,8 @@ def cmd_run(args: argparse.Namespace, out: _Output) -> int:
                                   hold=args.hold, overwrite=args.overwrite, log=out.say,
                                   guard=guard, stall_timeout=args.stall_timeout,
                                   dashboard=_dashboard(args), plots_dir=args.plots,
-                                  dma_debug=args.dma_debug, junk_fill=args.junk_fill)
+                                  control=args.control, dma_debug=args.dma_debug,
+                                  junk_fill=args.junk_fill)
             out.say(report.format())
         except Interrupted as e:
             print(f"gntdma run: interrupted by {e.name} while {e.phase}; what it made for "
@@ -231,7 +245,8 @@ def cmd_serve(args: argparse.Namespace, out: _Output) -> int:
                                 guard=guard, max_connections=args.nbd_max_connections,
                                 handshake_timeout=args.nbd_handshake_timeout,
                                 dashboard=_dashboard(args), plots_dir=args.plots,
-                                dma_debug=args.dma_debug, junk_fill=args.junk_fill)
+                                control=args.control, dma_debug=args.dma_debug,
+                                junk_fill=args.junk_fill)
             out.say(report.format())
         except Interrupted as e:
             print(f"gntdma serve: interrupted by {e.name} while {e.phase}; what it made for "
@@ -294,6 +309,10 @@ def main(argv: list[str] | None = None) -> int:
         return _traced(args, out, lambda _say: cmd_serve(args, out))
     if args.command == "xenstored":
         return cli_xenstored.run(args)
+    if args.command == "xl":
+        from gntdma.toolstack.xlcmd import xl_command
+
+        return xl_command(args.socket, args.verb, list(args.args))
     from gntdma.errors import ConfigError
     from gntdma.toolstack.explorecmd import replay_command
 

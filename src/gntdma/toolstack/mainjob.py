@@ -315,11 +315,15 @@ def run_block_job(host: Host, report: Report, plan: RunPlan, images: OpenImages,
                   pause: Callable[[], None] | None = None,
                   phase: Callable[[str], None] = lambda _p: None,
                   stall_timeout: float = DEFAULT_STALL_TIMEOUT,
-                  view: RunView | None = None) -> list[dict[str, Any]]:
+                  view: RunView | None = None,
+                  on_attached: Callable[[list[Vbd], NetJob | None], None] | None = None,
+                  ) -> list[dict[str, Any]]:
     """Create the guests and disks of ``plan``, run the workloads, detach; their figures.
 
     ``pause`` runs after the workloads, while the guests and disks are still up
-    (``gntdma run --hold``); ``phase`` is told what the job is doing; ``view``
+    (``gntdma run --hold``); ``phase`` is told what the job is doing;
+    ``on_attached`` is given the disks and the network once they are attached
+    (``gntdma xl`` may detach them); ``view``
     shows the dashboard and records the series while the workloads run.
 
     Raises:
@@ -334,6 +338,8 @@ def run_block_job(host: Host, report: Report, plan: RunPlan, images: OpenImages,
         guests.append(guest)
         disks_of.append(disks)
     every = [d for ds in disks_of for d in ds]
+    if on_attached is not None:
+        on_attached([d.vbd for d in every], net)
     warnings = [f"warning: {d.load.name}: the config can only just run: "
                 f"{d.vbd.sc.xbd_sizing_note}" for d in every if d.vbd.sc.xbd_sizing_note]
     for w in warnings:

@@ -31,6 +31,7 @@ import gntdma
 from gntdma.errors import ConfigError
 from gntdma.sched import WITNESS, Deadlock, KernelPanic
 from gntdma.toolstack.busdmademo import run_deferred_load_demo
+from gntdma.toolstack.control import HostConsole, check_control_path, hold_running
 from gntdma.toolstack.grantdemo import run_grant_demo
 from gntdma.toolstack.host import Host
 from gntdma.toolstack.interrupt import InterruptGuard, signals_deferred
@@ -45,7 +46,7 @@ from gntdma.toolstack.mainjob import (
 from gntdma.toolstack.preflight import RunPlan, check_options, check_output, plan_run
 from gntdma.toolstack.report import Report
 from gntdma.toolstack.tunables import apply_debug_options
-from gntdma.toolstack.xs import hold_until_signal, serve_host_xenstored
+from gntdma.toolstack.xs import serve_host_xenstored
 
 if TYPE_CHECKING:
     from gntdma.toolstack.dashboard import RunView
@@ -60,7 +61,8 @@ def run_main_job(configs: Sequence[Path] | Path | None = None, *, seed: int = 0,
                  stall_timeout: float = DEFAULT_STALL_TIMEOUT,
                  dashboard: bool = False, plots_dir: Path | None = None,
                  view: RunView | None = None,
-                 dma_debug: bool = True, junk_fill: bool = True) -> Report:
+                 control: Path | None = None, dma_debug: bool = True,
+                 junk_fill: bool = True) -> Report:
     """Run the job; the report says whether every check held.
 
     ``dma_debug``/``junk_fill`` False turn that kernel debugging off in every
@@ -70,7 +72,10 @@ def run_main_job(configs: Sequence[Path] | Path | None = None, *, seed: int = 0,
     ``plots_dir`` receives PNG plots of the workloads (named in the report);
     ``view`` is the caller's own (its console) instead of one made here.
 
-    With ``hold`` the host stays up after the job until SIGINT or SIGTERM. A
+    With ``hold`` the host stays up after the job until SIGINT or SIGTERM, and
+    serves ``gntdma xl`` on a control socket (``control``, or one in the run's
+    temporary folder, named in the output); ``control`` alone serves it while
+    the job runs. A
     workload that completes no I/O for ``stall_timeout`` seconds ends the job
     with a failed check saying what waits for what.
 
@@ -90,6 +95,8 @@ def run_main_job(configs: Sequence[Path] | Path | None = None, *, seed: int = 0,
         raise ConfigError(f"--stall-timeout must be a positive number of seconds, "
                           f"not {stall_timeout}")
     check_output(json_path, "--json")
+    if control is not None:
+        check_control_path(control)
     if plots_dir is not None:
         from gntdma.toolstack.plots import check_plots_dir
 
@@ -111,8 +118,10 @@ def run_main_job(configs: Sequence[Path] | Path | None = None, *, seed: int = 0,
         with signals_deferred():
             images = open_images(plan, tmp)
         try:
+            if control is None and hold:
+                control = tmp / "xl.sock"
             report = _run(plan, images, seed, duration, threads, log, hold, guard,
-                          stall_timeout, view)
+                          stall_timeout, view, control=control)
         finally:
             guard.disarm()
             images.close()
@@ -138,17 +147,21 @@ def run_main_job(configs: Sequence[Path] | Path | None = None, *, seed: int = 0,
 
 def _run(plan: RunPlan, images: OpenImages, seed: int, duration: float, threads: int,
          log: Callable[[str], None], hold: bool, guard: InterruptGuard,
-         stall_timeout: float, view: RunView | None = None) -> Report:
+         stall_timeout: float, view: RunView | None = None, *,
+         control: Path | None = None) -> Report:
     WITNESS.reset()
     report = Report()
     guard.phase = "building the host"
     host = Host(seed=seed)
     guard.arm(host.sched.call_later)
     xs_socket = None
+    xl: HostConsole | None = None
     done = False
     try:
         with signals_deferred():
             xs_socket = serve_host_xenstored(host.xenstored, log)
+            if control is not None:
+                xl = HostConsole(host, control, log)
         guard.phase = "running the self-test"
         probe = host.create_guest("selftest", memory_mb=16, max_grant_frames=2)
         log(f"self-test: {probe.name} (domid {probe.domid}, max_grant_frames "
@@ -161,17 +174,20 @@ def _run(plan: RunPlan, images: OpenImages, seed: int, duration: float, threads:
             log(f"job done: {report.format().splitlines()[-1]}; the guests and their disks "
                 "stay up")
             guard.disarm()
-            hold_until_signal(log)
+            hold_running(host.sched, log)
             guard.arm(host.sched.call_later)
 
         def phase(p: str) -> None:
             guard.phase = p
+            if p.startswith("detaching") and xl is not None:
+                xl.release(report)
 
         try:
             figures = run_block_job(host, report, plan, images, duration=duration,
                                     threads=threads, seed=seed, log=log,
                                     pause=pause if hold else None, phase=phase,
-                                    stall_timeout=stall_timeout, view=view)
+                                    stall_timeout=stall_timeout, view=view,
+                                    on_attached=xl.attached if xl is not None else None)
         except Stalled as e:
             # The workloads wait for something that does not come: say what, stop.
             _report_crashes(host, report)
@@ -207,6 +223,8 @@ def _run(plan: RunPlan, images: OpenImages, seed: int, duration: float, threads:
         # way through anything: tear down what can be, and let the first
         # exception be the one that is reported.
         try:
+            if xl is not None:
+                xl.close()
             if xs_socket is not None:
                 xs_socket.close()
         finally:

@@ -59,6 +59,7 @@ from gntdma.host.nbd import (
 from gntdma.host.nbd_proto import NbdExport
 from gntdma.sched import WITNESS, Deadlock, KernelPanic
 from gntdma.sys import MAXPHYS
+from gntdma.toolstack.control import HostConsole, check_control_path
 from gntdma.toolstack.domains import create_guest_from_config
 from gntdma.toolstack.host import Guest, Host
 from gntdma.toolstack.interrupt import InterruptGuard, signals_deferred
@@ -141,12 +142,15 @@ def serve_main(configs: Sequence[Path], *, nbd_path: Path | None = None,
                log: Callable[[str], None] = print, guard: InterruptGuard | None = None,
                stop: threading.Event | None = None, max_connections: int = MAX_CONNECTIONS,
                handshake_timeout: float = HANDSHAKE_TIMEOUT, dashboard: bool = False,
-               plots_dir: Path | None = None, dma_debug: bool = True,
-               junk_fill: bool = True) -> Report:
+               plots_dir: Path | None = None, control: Path | None = None,
+               dma_debug: bool = True, junk_fill: bool = True) -> Report:
     """Serve until SIGINT/SIGTERM (or ``stop``); the report says whether every check held.
 
     ``dma_debug``/``junk_fill`` False turn that kernel debugging off in every
     guest (``--no-dma-debug``, ``--no-junk``; :mod:`gntdma.toolstack.tunables`).
+
+    ``gntdma xl`` is served on the control socket ``control`` (default: one in
+    the serve's temporary folder, named in the output).
 
     ``dashboard`` shows the live dashboard instead of the live line; ``plots_dir``
     receives PNG plots of the time served (named in the report).
@@ -176,6 +180,8 @@ def serve_main(configs: Sequence[Path], *, nbd_path: Path | None = None,
         if len(str(nbd_path).encode()) > 107:
             raise ConfigError(f"--nbd {nbd_path}: a Unix socket path is at most 107 bytes")
     check_output(json_path, "--json")
+    if control is not None:
+        check_control_path(control)
     if plots_dir is not None:
         from gntdma.toolstack.plots import check_plots_dir
 
@@ -201,7 +207,7 @@ def serve_main(configs: Sequence[Path], *, nbd_path: Path | None = None,
             images = open_images(plan, tmp)
         try:
             report = _serve(plan, images, seed, nbd_path, tcp, log, guard, stop, limits,
-                            view)
+                            view, control=control if control is not None else tmp / "xl.sock")
         finally:
             guard.disarm()
             images.close()
@@ -306,13 +312,14 @@ def _serve(plan: RunPlan, images: OpenImages, seed: int, nbd_path: Path | None,
            tcp: tuple[str, int, str | None] | None, log: Callable[[str], None],
            guard: InterruptGuard, stop: threading.Event | None,
            limits: tuple[int, float] = (MAX_CONNECTIONS, HANDSHAKE_TIMEOUT),
-           view: RunView | None = None) -> Report:
+           view: RunView | None = None, *, control: Path | None = None) -> Report:
     WITNESS.reset()
     report = Report()
     guard.phase = "building the host"
     host = Host(seed=seed)
     guard.arm(host.sched.call_later)
     xs_socket = None
+    xl: HostConsole | None = None
     listener = None
     server: NbdServer | None = None
     guests: list[tuple[Guest, list[Vbd]]] = []
@@ -321,6 +328,8 @@ def _serve(plan: RunPlan, images: OpenImages, seed: int, nbd_path: Path | None,
     try:
         with signals_deferred():
             xs_socket = serve_host_xenstored(host.xenstored, log)
+            if control is not None:
+                xl = HostConsole(host, control, log)
         guard.phase = "attaching the disks"
         net = make_netjob(host, plan, log)
         for gi, gp in enumerate(plan.guests):
@@ -340,6 +349,8 @@ def _serve(plan: RunPlan, images: OpenImages, seed: int, nbd_path: Path | None,
                      f"{len(guests)} guest(s), {len(disks)} disk(s)")
         if net is not None:
             net.check_attached(report)
+        if xl is not None:
+            xl.attached([v for _g, vs in guests for v in vs], net)
         with signals_deferred():
             listener = _listen(nbd_path, tcp)
         addr = listener.getsockname()
@@ -373,6 +384,8 @@ def _serve(plan: RunPlan, images: OpenImages, seed: int, nbd_path: Path | None,
                 report.check("the host served to its end (no deadlock, no panic)", False,
                              str(e))
                 return report
+            if xl is not None:
+                xl.release(report)
             _finish(host, report, server, guests, net)
             done = True
     finally:
@@ -382,6 +395,8 @@ def _serve(plan: RunPlan, images: OpenImages, seed: int, nbd_path: Path | None,
             with contextlib.suppress(Exception):
                 net.detach()
         try:
+            if xl is not None:
+                xl.close()
             if xs_socket is not None:
                 xs_socket.close()
         finally:
