@@ -234,6 +234,8 @@ class Blkback:
             (xenbus switches the device to Closing); runs on the interrupt thread.
     """
 
+    feature_persistent = False  #: advertise feature-persistent (set before connect)
+
     def __init__(
         self,
         hc: Hypercalls,
@@ -338,7 +340,7 @@ class Blkback:
             BlkifKey.PHYSICAL_SECTOR_SIZE.value: str(BLKIF_SECTOR_SIZE),
             BlkifKey.FEATURE_FLUSH_CACHE.value: "1",
             BlkifKey.FEATURE_BARRIER.value: "0",
-            BlkifKey.FEATURE_PERSISTENT.value: "0",
+            BlkifKey.FEATURE_PERSISTENT.value: "1" if self.feature_persistent else "0",
             BlkifKey.FEATURE_DISCARD.value: "1" if discard else "0",
         }
         if discard:
@@ -350,8 +352,8 @@ class Blkback:
     # -- connect and disconnect -------------------------------------------------------
 
     def connect(self, ring_refs: Sequence[int], evtchn: int,
-                protocol: str | None = None) -> int:
-        """Map the frontend's ring, bind its port, start serving. Returns an errno.
+                protocol: str | None = None, persistent: bool = False) -> int:
+        """Map the ring, bind the port, serve (``persistent``: both ends agree). An errno.
 
         Args:
             ring_refs: the frontend's ``ring-ref`` (one) or ``ring-ref0..N-1``
@@ -374,7 +376,7 @@ class Blkback:
         n = len(ring_refs)
         if n < 1 or n > 1 << self.max_ring_page_order or n & (n - 1) != 0:
             return errno.EINVAL
-        mapped = self._io.map_ring(ring_refs)
+        mapped = self._io.map_ring(ring_refs, persistent and self.feature_persistent)
         if mapped is None:
             return errno.ENOENT
         handles, pages = mapped
@@ -442,7 +444,7 @@ class Blkback:
         mtx_unlock(self.lock)
         # Responses to drained requests are out and notified; now let go.
         self.hc.evtchn_close(port)
-        self._io.unmap_batch(handles)
+        self._io.unmap_ring(handles)  # and the persistent grants
         mtx_lock(self.lock)
         self._step(BlkbackEvent.DRAINED)
         cv_broadcast(self._drain_cv)

@@ -17,6 +17,18 @@ touches the frontend's grants or the backing store:
   after that: a frontend that sees the response may end its grants at once.
 - flush (``fdatasync``) and discard.
 
+Persistent grants (blkif ``feature-persistent``, when both ends advertise it:
+:attr:`BlkbackIO.persistent`), as Linux xen-blkback does them (``blkback.c``:
+``get_persistent_gnt``, ``add_persistent_gnt``, ``xen_blkbk_map``,
+``free_persistent_gnts``): a data segment's gref found in the device's table
+(keyed by gref, at most :attr:`BlkbackIO.max_persistent` entries,
+``max_persistent_grants`` 1056 by default) and not in use by another request
+is used without a map; any other gref is mapped writable (a persistent grant
+serves reads and writes) and, while the table has room and the gref is not in
+it, kept there after the request; else it is unmapped after the request as
+usual. :meth:`BlkbackIO.unmap_persistent` unmaps the table at disconnect.
+Indirect pages are mapped per request (Linux keeps them too).
+
 Every ``GnttabMapGrantRef`` and ``GnttabUnmapGrantRef`` blkback builds is built
 by :meth:`BlkbackIO._map_ops` and :meth:`BlkbackIO._unmap_ops`, and nowhere else.
 """
@@ -55,9 +67,11 @@ from gntdma.dev.blkback_req import (
 from gntdma.sched import KernelPanic, blocking_io
 from gntdma.xen.hypercall import Hypercalls
 
-__all__ = ["BackingStore", "BlkbackIO"]
+__all__ = ["BLKBACK_MAX_PERSISTENT_GRANTS", "BackingStore", "BlkbackIO"]
 
 SECTOR_SHIFT: Final = 9
+#: Linux xen-blkback's ``max_persistent_grants`` default (blkback.c ``max_pgrants``).
+BLKBACK_MAX_PERSISTENT_GRANTS: Final = 1056
 assert 1 << SECTOR_SHIFT == BLKIF_SECTOR_SIZE
 # Map flags as plain ints: IntFlag arithmetic builds a flag object per use, and
 # the hypervisor tests each op's flags.
@@ -103,6 +117,18 @@ class BackingStore(Protocol):
 
 
 @final
+class _PersistentGnt:
+    """One persistently mapped grant (Linux ``struct persistent_gnt``)."""
+
+    __slots__ = ("active", "handle")
+
+    def __init__(self, handle: int) -> None:
+        self.handle = handle
+        #: Used by a request in progress (another request maps the gref itself).
+        self.active = True
+
+
+@final
 class BlkbackIO:
     """The grant maps and disk I/O of one device, with their counters.
 
@@ -127,11 +153,21 @@ class BlkbackIO:
         self.mapped_peak = 0
         #: handle -> the host address (from the kernel's foreign-page range) it is mapped at.
         self._host_addrs: dict[int, int] = {}
+        #: Keep data grants mapped between requests (negotiated per connection).
+        self.persistent = False
+        self.max_persistent = BLKBACK_MAX_PERSISTENT_GRANTS
+        #: gref -> its persistent mapping (Linux's per-ring ``persistent_gnts`` tree).
+        self._pgnts: dict[int, _PersistentGnt] = {}
+        #: Data segments served by a persistent mapping, without a map.
+        self.persistent_hits = 0
 
     # -- the ring ----------------------------------------------------------------------
 
-    def map_ring(self, ring_refs: Sequence[int]) -> tuple[list[int], list[memoryview]] | None:
-        """Map the ring pages writable: (handles, pages), or None (nothing left mapped)."""
+    def map_ring(self, ring_refs: Sequence[int], persistent: bool = False
+                 ) -> tuple[list[int], list[memoryview]] | None:
+        """Map the ring pages writable: (handles, pages), or None (nothing left mapped).
+        ``persistent``: use persistent grants on this connection."""
+        self.persistent = persistent
         handles = self._map_batch(_MAP_HOST, ring_refs)
         if handles is None:
             return None
@@ -194,8 +230,14 @@ class BlkbackIO:
     def _transfer(self, req: BlkbackReq) -> int:
         """Map the data segments, one vectored read or write, unmap."""
         to_disk = req.op == BLKIF_OP_WRITE
-        flags = _MAP_HOST_RO if to_disk else _MAP_HOST
-        handles = self._map_batch(flags, [gref for gref, _f, _l in req.segs])
+        grefs = [gref for gref, _f, _l in req.segs]
+        used: list[_PersistentGnt] = []
+        if self.persistent:
+            got = self._map_persistent(grefs, used)
+            handles, temp = got if got is not None else (None, [])
+        else:
+            handles = self._map_batch(_MAP_HOST_RO if to_disk else _MAP_HOST, grefs)
+            temp = handles if handles is not None else []
         if handles is None:
             self.map_errors += 1
             return BLKIF_RSP_ERROR
@@ -217,8 +259,67 @@ class BlkbackIO:
         finally:
             for v in views:
                 v.release()
-            self.unmap_batch(handles)
+            for p in used:
+                p.active = False  # Linux put_persistent_gnt
+            self.unmap_batch(temp)
         return status
+
+    # -- persistent grants ------------------------------------------------------------
+
+    def _map_persistent(self, grefs: Sequence[int], used: list[_PersistentGnt]
+                        ) -> tuple[list[int], list[int]] | None:
+        """The handle of each gref (from the table, or mapped now), and those to unmap
+        after the request; None if a map failed (nothing of this request left in use).
+        The table entries used are appended to ``used`` (to be put back after)."""
+        table = self._pgnts
+        handles = [0] * len(grefs)
+        todo: list[int] = []
+        for i, g in enumerate(grefs):
+            p = table.get(g)
+            if p is not None and not p.active:
+                p.active = True
+                used.append(p)
+                handles[i] = p.handle
+            else:
+                todo.append(i)
+        self.persistent_hits += len(grefs) - len(todo)
+        temp: list[int] = []
+        if todo:
+            mapped = self._map_batch(_MAP_HOST, [grefs[i] for i in todo])
+            if mapped is None:
+                for p in used:
+                    p.active = False
+                used.clear()
+                return None
+            for i, h in zip(todo, mapped, strict=True):
+                handles[i] = h
+                g = grefs[i]
+                if g not in table and len(table) < self.max_persistent:
+                    p = table[g] = _PersistentGnt(h)
+                    used.append(p)
+                else:
+                    temp.append(h)
+        return handles, temp
+
+    @property
+    def persistent_grants(self) -> int:
+        """Grants mapped persistently now."""
+        return len(self._pgnts)
+
+    def unmap_ring(self, handles: list[int]) -> None:
+        """The connection is over: unmap the ring and every persistent grant."""
+        self.unmap_batch(handles)
+        self.unmap_persistent()
+
+    def unmap_persistent(self) -> None:
+        """Unmap every persistent grant (disconnect, nothing in flight: Linux
+        ``free_persistent_gnts``)."""
+        table = self._pgnts
+        if any(p.active for p in table.values()):
+            raise KernelPanic(f"{self.name}: persistent grants in use at disconnect")
+        handles = [p.handle for p in table.values()]
+        table.clear()
+        self.unmap_batch(handles)
 
     # -- grant maps ----------------------------------------------------------------------
 

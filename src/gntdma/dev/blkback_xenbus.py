@@ -37,8 +37,11 @@ Differences from Linux xen-blkback
 ----------------------------------
 Keys (Linux: ``xen_blkbk_probe`` and ``connect`` in ``xen-blkback/xenbus.c``):
 
-- ``feature-persistent``: we write 0 and never keep grants mapped between
-  requests; Linux writes 1 and, when the frontend agrees, keeps them.
+- ``feature-persistent``: off unless ``Blkback.feature_persistent`` is set
+  (then 1, and when the frontend's key is non-zero too, data grants stay
+  mapped between requests, at most 1056 per device, unmapped at disconnect);
+  Linux's ``feature_persistent`` module parameter is on by default, and Linux
+  also keeps indirect pages mapped and purges grants unused for 60 s.
 - ``multi-queue-max-queues``: not written (one ring); Linux writes its queue
   count and reads ``multi-queue-num-queues`` and ``queue-N/`` directories.
 - ``feature-barrier``: we write 0 and answer ``BLKIF_OP_WRITE_BARRIER`` with
@@ -249,7 +252,10 @@ class BlkbackXenbus(XenbusBackend):
         if error != 0 or info is None:
             self._fatal(error, f"bad frontend keys: {why}")
             return
-        error = self.bb.connect(info.ring_refs, info.evtchn, info.protocol)
+        # Linux connect_ring: feature-persistent, read as an unsigned, 0 when absent.
+        persistent = _u32(self._xenbus_otherend_reader()(
+            BlkifKey.FEATURE_PERSISTENT.value)) not in (None, 0)
+        error = self.bb.connect(info.ring_refs, info.evtchn, info.protocol, persistent)
         if error != 0:
             what = {errno.ENOENT: "a ring page does not map",
                     errno.EINVAL: "the ring size is not a power of two within the limit",

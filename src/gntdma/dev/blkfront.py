@@ -130,6 +130,7 @@ from gntdma.sys import (
 )
 from gntdma.xen.busdma import (
     BUS_DMA_XEN_DOMID_SHIFT,
+    BUS_DMA_XEN_PERSISTENT,
     BUS_DMA_XEN_PREALLOC_REFS,
     BUS_DMA_XEN_RO,
     xen_dmamap_get_grefs,
@@ -402,7 +403,8 @@ class xbd_softc(xbd_softc_req):
             return error
         dmat.name = f"{self.name} data"
         for cm in shadow:
-            error, map_ = bus_dmamap_create(dmat, 0)
+            error, map_ = bus_dmamap_create(
+                dmat, BUS_DMA_XEN_PERSISTENT if self.xbd_persistent else 0)
             if error != 0 or map_ is None:
                 for c in shadow:
                     if c.cm_map is not None:

@@ -177,6 +177,8 @@ class xbd_softc_base:
         self.xbd_indirect_segments_max = min(max(max_indirect_segments, 0),
                                              XBD_MAX_INDIRECT_SEGMENTS)
         self.xbd_grant_share = max(1, grant_share)
+        #: Data maps with BUS_DMA_XEN_PERSISTENT (both ends advertised feature-persistent).
+        self.xbd_persistent = False
         #: Why requests are smaller than asked for ("" if they are not): a warning.
         self.xbd_sizing_note = ""
         self.xbd_io_lock = Mutex(f"{name} io", type="xbd_io")

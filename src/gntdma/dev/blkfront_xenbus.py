@@ -27,6 +27,15 @@ that does the I/O. The sequence (``xen-abi.md`` 4.4, 4.5 and 6):
    (it disconnected before going Closing: nothing on the ring will be answered).
 5. Our directory removed (the toolstack's last step): the thread exits.
 
+Persistent grants (blkif.h ``feature-persistent``; Linux xen-blkfront
+``talk_to_blkback`` and ``blkfront_gather_backend_features``): with
+``persistent`` on, the frontend writes ``feature-persistent`` = 1 with its
+transport keys when its grant budget and memory can hold them (see
+:func:`xbd_persistent_segments`); when the backend's key is non-zero too, the
+data maps are created with ``BUS_DMA_XEN_PERSISTENT`` (their pages stay
+granted, the backend keeps them mapped) and requests are limited to the
+segments every command's pages can hold.
+
 A failure on the way (a step's errno, garbage in the backend's keys) is
 ``xenbus_dev_fatal``: ``<our dir>/error`` gets ``"<errno> <message>"``, then
 the close of step 4.
@@ -54,10 +63,12 @@ import errno
 import os
 from typing import Final, final
 
+from gntdma.abi.blkif import BLKIF_MAX_SEGMENTS_PER_REQUEST, BlkifKey
 from gntdma.dev.blkfront import XBD_CLOSE_TIMEOUT, xbd_softc
 from gntdma.dev.blkfront_cmd import (
     XBD_DEFAULT_MAX_INDIRECT_SEGMENTS,
     XBD_DEFAULT_RING_PAGE_ORDER,
+    XBD_INDIRECT_SEGS_TO_PAGES,
     XbdBackendFeatures,
 )
 from gntdma.sys import Kernel
@@ -79,6 +90,7 @@ __all__ = [
     "XBD_XENBUS_KEY_ERROR",
     "XbdXenbus",
     "xbd_attach",
+    "xbd_persistent_segments",
     "xbd_probe",
     "xbd_vdevice_to_unit",
 ]
@@ -109,6 +121,23 @@ def xbd_vdevice_to_unit(devid: int) -> int:
     return devid
 
 
+def xbd_persistent_segments(ncmds: int, wanted: int, refs: int, pages: int) -> int:
+    """Segments per request when every command keeps its pages granted for life.
+
+    ``ncmds`` commands each hold up to that many persistent pages and references
+    (and, past 11 segments, their indirect pages' references): all of it must fit
+    in ``refs`` references and ``pages`` pages of memory. The most segments up to
+    ``wanted`` that fit, or 0 when not even 11 (a direct request's most) do.
+    """
+    segs = max(wanted, BLKIF_MAX_SEGMENTS_PER_REQUEST)
+    while segs >= BLKIF_MAX_SEGMENTS_PER_REQUEST:
+        ind = XBD_INDIRECT_SEGS_TO_PAGES(segs) if segs > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0
+        if ncmds * (segs + ind) <= refs and ncmds * segs <= pages:
+            return segs
+        segs -= 1
+    return 0
+
+
 def xbd_probe(xs: XenStore, devid: int) -> int:
     """Whether ``device/vbd/<devid>`` is ours to drive: 0, or the error that says not."""
     error, dev = xenbus_frontend_device(xs, XBD_XENBUS_DEVTYPE, devid)
@@ -130,10 +159,15 @@ class XbdXenbus(XenbusDriver):
     _wmesg = "xbd"
 
     def __init__(self, kern: Kernel, dev: XenbusDevice, sc: xbd_softc, *,
-                 timeout: float = XBD_CLOSE_TIMEOUT) -> None:
+                 timeout: float = XBD_CLOSE_TIMEOUT, persistent: bool = False) -> None:
         super().__init__(kern, dev, sc.name)
         self.sc = sc
         self.timeout = timeout
+        #: Advertise ``feature-persistent`` (the setting; set before the backend's InitWait).
+        self.persistent = persistent
+        #: Whether we advertised it, and whether both ends did (the data maps use it).
+        self.persistent_advertised = False
+        self.persistent_used = False
 
     def stop(self) -> None:
         """Ask the thread to close the device (frontend-initiated close) and exit."""
@@ -203,7 +237,11 @@ class XbdXenbus(XenbusDriver):
         if error != 0 and error != errno.EALREADY:
             self._xbd_fatal(error, "cannot set up the ring and event channel")
             return error
-        error = self._xenbus_write_keys(self.sc.xbd_transport_keys())
+        keys = self.sc.xbd_transport_keys()
+        self.persistent_advertised = self.persistent and self._persistent_segs() != 0
+        if self.persistent_advertised:
+            keys[BlkifKey.FEATURE_PERSISTENT.value] = "1"
+        error = self._xenbus_write_keys(keys)
         if error != 0:
             self._xbd_fatal(error, "cannot write the ring references and event channel")
             return error
@@ -216,11 +254,36 @@ class XbdXenbus(XenbusDriver):
             self._xbd_fatal(error, "bad or missing backend keys (sectors, sector-size, "
                             "info, features)")
             return error
-        error = self.sc.xbd_connect(feats)
+        sc = self.sc
+        raw = self._xenbus_otherend_reader()(BlkifKey.FEATURE_PERSISTENT.value)
+        # Linux blkfront_gather_backend_features: both ends must advertise it.
+        both = (self.persistent_advertised and raw is not None and raw.strip().isdigit()
+                and int(raw) != 0)
+        # Once both advertised, both use it (the backend maps our grants writable).
+        self.persistent_used = sc.xbd_persistent = both
+        if both:
+            segs = max(self._persistent_segs(feats.max_indirect_segments),
+                       BLKIF_MAX_SEGMENTS_PER_REQUEST)
+            sc.xbd_indirect_segments_max = min(sc.xbd_indirect_segments_max, segs)
+        error = sc.xbd_connect(feats)
         if error != 0:
             self._xbd_fatal(error, "cannot connect to the backend")
             return error
         return self._xenbus_set_state(_S.Connected)
+
+    def _persistent_segs(self, backend_max: int | None = None) -> int:
+        """Segments per request persistent grants allow now (0: none): the disk's grant
+        budget, and a quarter of the guest's memory for the pages."""
+        sc = self.sc
+        ring = sc.xbd_ring
+        if ring is None:
+            return 0
+        wanted = sc.xbd_indirect_segments_max
+        if backend_max is not None:
+            wanted = min(wanted, backend_max)
+        refs = sc.xbd_gnttab.gnttab_ever_available() // max(1, sc.xbd_grant_share)
+        return xbd_persistent_segments(ring.nr_ents, wanted, refs,
+                                       sc.xbd_kern.vm.total // 4)
 
     def _xbd_close(self, *, backend_gone: bool) -> None:
         """Closing, free everything once the backend let go, Closed (``xbd_closing``)."""
@@ -247,12 +310,15 @@ def xbd_attach(kern: Kernel, hc: Hypercalls, gnttab: GntTab, xs: XenStore, devid
                ring_page_order: int = XBD_DEFAULT_RING_PAGE_ORDER,
                max_indirect_segments: int = XBD_DEFAULT_MAX_INDIRECT_SEGMENTS,
                grant_share: int = 1,
-               timeout: float = XBD_CLOSE_TIMEOUT) -> tuple[int, XbdXenbus | None]:
+               timeout: float = XBD_CLOSE_TIMEOUT,
+               persistent: bool = False) -> tuple[int, XbdXenbus | None]:
     """Attach blkfront to the guest's ``device/vbd/<devid>`` and start negotiating.
 
     Returns (0, driver) with the driver's thread started, or (error, None):
     the error of reading ``backend``/``backend-id`` (ENOENT, EINVAL when
     they disagree), or EINVAL for a softc that cannot be built (bad ring order).
+    ``persistent``: advertise ``feature-persistent`` and use persistent grants
+    when the backend advertises it too.
     The softc's ``handle`` (vdev) is the low 16 bits of ``devid``, as on the
     wire; ``name`` defaults to ``xbd<unit>``.
     """
@@ -268,6 +334,6 @@ def xbd_attach(kern: Kernel, hc: Hypercalls, gnttab: GntTab, xs: XenStore, devid
                        grant_share=grant_share)
     except ValueError:
         return errno.EINVAL, None
-    drv = XbdXenbus(kern, dev, sc, timeout=timeout)
+    drv = XbdXenbus(kern, dev, sc, timeout=timeout, persistent=persistent)
     drv.start()
     return 0, drv
