@@ -1,7 +1,12 @@
 """blkfront: synchronous block I/O for kernel threads, and a Python file view of a disk.
 
-:func:`xbd_read`, :func:`xbd_write`, :func:`xbd_flush` and :func:`xbd_discard`
-build a bio over a kernel buffer (``malloc(9)``, ``M_TEMP``), hand it to
+:func:`xbd_read_buf` and :func:`xbd_write_buf` do the I/O in the caller's own
+kernel buffer (a bio over its pages, as FreeBSD's ``physio`` hands the
+driver the pages of the caller's buffer): nothing is allocated, filled or
+copied on the way; the grants are of the caller's pages. :func:`xbd_read`
+and :func:`xbd_write` take and return Python bytes: they do the same through
+a kernel buffer of their own (``malloc(9)``, ``M_TEMP``) and copy in or out.
+With :func:`xbd_flush` and :func:`xbd_discard`, they hand a bio to
 ``xbd_strategy`` and ``biowait`` for it: they sleep, so they run on a kernel
 thread or on thread0 (which then runs the scheduler until the bio is done).
 They keep the C contract: an errno int (and the data for a read).
@@ -45,10 +50,37 @@ __all__ = [
     "xbd_discard",
     "xbd_flush",
     "xbd_read",
+    "xbd_read_buf",
     "xbd_write",
+    "xbd_write_buf",
 ]
 
 _WMESG: Final = "xbdio"
+
+
+def _xbd_rw(sc: xbd_softc, cmd: int, offset: int, va: int, length: int) -> int:
+    bp = bio(bio_cmd=cmd, bio_offset=offset, bio_bcount=length, bio_data=va)
+    sc.xbd_strategy(bp)
+    return biowait(bp, _WMESG)
+
+
+def xbd_read_buf(sc: xbd_softc, offset: int, va: int, length: int) -> int:
+    """Read ``length`` bytes at ``offset`` into the caller's kernel buffer at ``va``.
+
+    The disk's data lands in the caller's pages (granted to the backend for
+    the transfer); nothing is allocated or copied. Offset and length are
+    sector multiples. Returns the error. Sleeps.
+    """
+    return _xbd_rw(sc, BIO_READ, offset, va, length)
+
+
+def xbd_write_buf(sc: xbd_softc, offset: int, va: int, length: int) -> int:
+    """Write ``length`` bytes of the caller's kernel buffer at ``va`` at ``offset``.
+
+    The backend reads the caller's pages (granted read-only); nothing is
+    allocated or copied. Returns the error. Sleeps.
+    """
+    return _xbd_rw(sc, BIO_WRITE, offset, va, length)
 
 
 def _xbd_io(sc: xbd_softc, cmd: int, offset: int, length: int,
@@ -58,9 +90,7 @@ def _xbd_io(sc: xbd_softc, cmd: int, offset: int, length: int,
     try:
         if data is not None and length > 0:
             kern.kva_write(va, data)
-        bp = bio(bio_cmd=cmd, bio_offset=offset, bio_bcount=length, bio_data=va)
-        sc.xbd_strategy(bp)
-        error = biowait(bp, _WMESG)
+        error = _xbd_rw(sc, cmd, offset, va, length)
         out = kern.kva_read(va, length) if error == 0 and cmd == BIO_READ and length > 0 \
             else b""
         return error, out
