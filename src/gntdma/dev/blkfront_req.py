@@ -324,7 +324,8 @@ class xbd_softc_req(xbd_softc_base):
             # Keep the queue in order: the next bio may need fewer resources, so
             # bus_dma would not make it wait for this one.
             self._st_deferred += 1
-            self._st_t0[cm.cm_id] = current_scheduler().now()
+            if self.xbd_latency:
+                self._st_t0[cm.cm_id] = current_scheduler().now()
             cm.cm_flags |= XBDCF_ASYNC_MAPPING
             self.xbd_cm_freeze(cm, XBDCF_ASYNC_MAPPING)
         # Any other error was given to xbd_queue_cb, which completed the bio.
@@ -341,7 +342,7 @@ class xbd_softc_req(xbd_softc_base):
         mtx_assert(self.xbd_io_lock, MA_OWNED)
         is_async = bool(cm.cm_flags & XBDCF_ASYNC_MAPPING)
         cm.cm_flags &= ~XBDCF_ASYNC_MAPPING
-        if is_async:
+        if is_async and self.xbd_latency:
             self._xbd_lat(self.xbd_lat_deferred, cm.cm_id)
         ring = self.xbd_ring
         bp = cm.cm_bp
@@ -401,7 +402,8 @@ class xbd_softc_req(xbd_softc_base):
         self._st_requests += 1
         occ = (ring.req_prod_pvt - ring.rsp_cons) & 0xFFFFFFFF
         self._st_occupancy_peak = max(self._st_occupancy_peak, occ)
-        self._st_t0[cm.cm_id] = current_scheduler().now()
+        if self.xbd_latency:
+            self._st_t0[cm.cm_id] = current_scheduler().now()
         self._xbd_enqueue_cm(cm, XBD_Q_BUSY)
         if is_async:
             # Called back by bus_dma, not from xbd_startio: publish now, thaw, go on.
@@ -487,7 +489,8 @@ class xbd_softc_req(xbd_softc_base):
     def xbd_bio_complete(self, cm: xbd_command) -> None:
         bp = cm.cm_bp
         assert bp is not None
-        self._xbd_lat(self.xbd_lat_request, cm.cm_id)
+        if self.xbd_latency:
+            self._xbd_lat(self.xbd_lat_request, cm.cm_id)
         status = cm.cm_status
         if status == BLKIF_RSP_OKAY:
             error = 0

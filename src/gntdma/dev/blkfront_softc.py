@@ -233,7 +233,10 @@ class xbd_softc_base:
         self._st_occupancy_peak = 0
         # Latency histograms, log2 buckets of microseconds (bucket b: [2**(b-1), 2**b)):
         # ring requests (on the ring to answered) and deferred loads (EINPROGRESS to
-        # callback). ``_st_t0`` holds when a command was deferred or put on the ring.
+        # callback), kept while ``xbd_latency`` is set (a dashboard or plots watch the
+        # disk; off, the request path pays one test). ``_st_t0`` holds when a command
+        # was deferred or put on the ring.
+        self.xbd_latency = False
         self.xbd_lat_request = [0] * 40
         self.xbd_lat_deferred = [0] * 40
         self._st_t0: dict[int, float] = {}

@@ -118,6 +118,7 @@ class Metrics:
         self._dma_seen: dict[str, int] = {
             g.name: len(g.kernel.dma_debug.reports()) for g in self.guests}
         for d in self._disks:  # the series starts here: what came before is not counted
+            d.vbd.sc.xbd_latency = True
             fr = d.vbd.statistics().frontend
             d.bytes, d.requests = fr.bytes_read + fr.bytes_written, fr.requests
             d.hist = list(d.vbd.sc.xbd_lat_request)
