@@ -318,14 +318,6 @@ class XenDmaImpl(BounceImpl):
             self.persistent_loads += 1
         return m.pool.load(dmat, kind, a, ma, buflen, segs)
 
-    def map_waitok(self, dmat: BusDmaTag, map: BusDmaMap, mem: Any, callback: Any,
-                   callback_arg: Any) -> None:
-        super().map_waitok(dmat, map, mem, callback, callback_arg)
-        m = _xmap(map)
-        if m.pool is not None:  # never bounced: its own pages serve every load
-            m.pagesneeded = 0
-            m.whole_counted = False
-
     def map_sync(self, dmat: BusDmaTag, map: BusDmaMap, op: int) -> None:
         m = _xmap(map)
         if m.pool is not None:
