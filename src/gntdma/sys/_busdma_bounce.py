@@ -58,6 +58,8 @@ from gntdma.sys._busdma_impl import (
     AddrAt,
     BusDmaImpl,
     buffer_accessors,
+    buffer_pieces,
+    bus_dmamap_addpieces,
     bus_dmamap_addseg,
     vm_addr_bound_ok,
 )
@@ -514,23 +516,24 @@ class BounceImpl(BusDmaImpl):
         t, m = _btag(dmat), _bmap(map)
         if buflen < 0:
             return errno.EINVAL
-        addr_at, pieces_at = buffer_accessors(self.kern, kind, a, ma)
         # bus_dmamem_alloc memory satisfies the tag: FreeBSD loads it with the
         # "nobounce" map, so it is never bounced.
-        could_bounce = bool(t.bounce_flags & BUS_DMA_COULD_BOUNCE) and not m.dmamem
-        if could_bounce:
-            if not m.whole_counted and m.pagesneeded == 0:
-                m.pagesneeded = self._count(t, addr_at, buflen)
-            if m.pagesneeded > m.pagesreserved:
-                if t.bounce_zone is None:
-                    self._alloc_zone(t)
-                error = self._reserve_pages(t, m, flags)
-                if error != 0:
-                    return error
+        if not t.bounce_flags & BUS_DMA_COULD_BOUNCE or m.dmamem:  # pages looked up at once
+            added = bus_dmamap_addpieces(t, buffer_pieces(self.kern, kind, a, ma, buflen), segs)
+            return errno.EFBIG if added < buflen else 0
+        addr_at, pieces_at = buffer_accessors(self.kern, kind, a, ma)
+        if not m.whole_counted and m.pagesneeded == 0:
+            m.pagesneeded = self._count(t, addr_at, buflen)
+        if m.pagesneeded > m.pagesreserved:
+            if t.bounce_zone is None:
+                self._alloc_zone(t)
+            error = self._reserve_pages(t, m, flags)
+            if error != 0:
+                return error
         off = 0
         while off < buflen:
             cur = addr_at(off)
-            mb = could_bounce and self.must_bounce(t, cur)
+            mb = self.must_bounce(t, cur)
             sg = self._chunk(t, cur, buflen - off, mb)
             addr = self._add_bounce_page(t, m, cur, pieces_at(off, sg), sg) if mb else cur
             n = bus_dmamap_addseg(t, addr, sg, segs)

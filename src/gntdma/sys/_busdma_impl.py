@@ -135,6 +135,8 @@ __all__ = [
     "BusDmaImpl",
     "PiecesAt",
     "buffer_accessors",
+    "buffer_pieces",
+    "bus_dmamap_addpieces",
     "bus_dmamap_addseg",
     "vm_addr_bound_ok",
 ]
@@ -172,6 +174,68 @@ def buffer_accessors(kern: Kernel, kind: str, a: int,
         return (ma[o >> PAGE_SHIFT] << PAGE_SHIFT) | (o & PAGE_MASK)
 
     return m_addr, (lambda off, n: ma_pieces(ma, a + off, n))
+
+
+def buffer_pieces(kern: Kernel, kind: str, a: int, ma: Sequence[int],
+                  n: int) -> list[tuple[int, int]]:
+    """The (pa, len) pieces, one per page, of ``n`` bytes of one buffer of a memory
+    descriptor (as :func:`buffer_accessors` gives them), looked up at once: one page
+    table lookup per page of a kernel virtual buffer, the same fault at the first
+    unmapped page."""
+    if kind == "vaddr":
+        return kern.pmap_kextract_pieces(a, n)
+    if kind == "ma":
+        return ma_pieces(ma, a, n)
+    out: list[tuple[int, int]] = []
+    end = a + n
+    while a < end:
+        ln = min(end - a, PAGE_SIZE - (a & PAGE_MASK))
+        out.append((a, ln))
+        a += ln
+    return out
+
+
+def bus_dmamap_addpieces(dmat: BusDmaTag, pieces: list[tuple[int, int]],
+                         segs: list[bus_dma_segment_t]) -> int:
+    """Add page pieces that are never bounced to ``segs``; the bytes added.
+
+    Each piece is cut at ``maxsegsz`` and at boundary lines, the chunks the
+    bounce walk makes of a buffer that does not bounce (a piece never crosses a
+    page), and each chunk is added by the rules of :func:`bus_dmamap_addseg`,
+    written out here for the tag's limits read once: coalesced into the last
+    segment when contiguous, within ``maxsegsz`` and within one boundary window,
+    else a new segment. Stops when the segments run out (fewer bytes than the
+    pieces hold: EFBIG for the caller).
+    """
+    b = dmat.boundary
+    bmask = ~(b - 1) if b != 0 else 0
+    maxsegsz = dmat.maxsegsz
+    limit = dmat.segment_limit()
+    done = 0
+    for pa, ln in pieces:
+        while ln > 0:
+            sg = ln if ln < maxsegsz else maxsegsz
+            if b != 0 and (pa ^ (pa + sg - 1)) & bmask:
+                sg = ((pa + b) & bmask) - pa
+            if segs:
+                last = segs[-1]
+                start = last.ds_addr
+                merged = last.ds_len + sg
+                if (pa == start + last.ds_len and merged <= maxsegsz
+                        and (b == 0 or ((start ^ (start + merged - 1)) & bmask) == 0)):
+                    segs[-1] = bus_dma_segment_t(start, merged)
+                elif len(segs) >= limit:
+                    return done
+                else:
+                    segs.append(bus_dma_segment_t(pa, sg))
+            elif limit < 1:
+                return done
+            else:
+                segs.append(bus_dma_segment_t(pa, sg))
+            pa += sg
+            ln -= sg
+            done += sg
+    return done
 
 
 def vm_addr_bound_ok(pa: int, size: int, boundary: int) -> bool:
