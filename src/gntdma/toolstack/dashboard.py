@@ -21,7 +21,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Final, TextIO, TypeVar
+from typing import TYPE_CHECKING, Final, TextIO, TypeVar
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -250,7 +250,3 @@ class RunView:
             self.live.update(render(self.metrics, self.header), refresh=True)
             self.live.stop()
         self.live = None
-
-    def figures(self) -> dict[str, Any]:
-        """The series, for the JSON report."""
-        return self.metrics.to_json() if self.metrics is not None else {}

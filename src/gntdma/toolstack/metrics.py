@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from gntdma.sched import WITNESS
 
@@ -193,16 +193,3 @@ class Metrics:
             for b, n in enumerate(d.vbd.sc.xbd_lat_deferred):
                 out[b] += n
         return out
-
-    def to_json(self) -> dict[str, Any]:
-        """The series as plain figures (for a test or a notebook)."""
-        return {
-            "t": [s.t for s in self.samples],
-            "guests": {g.name: [[x.in_use, x.capacity, x.deferred_waiting]
-                                for s in self.samples for x in s.guests if x.name == g.name]
-                       for g in self.guests},
-            "disks": {d.name: [[x.in_flight, x.ring_size, x.mib_s, x.iops]
-                               for s in self.samples for x in s.disks if x.name == d.name]
-                      for d in (self.samples[-1].disks if self.samples else ())},
-            "events": [[e.t, e.kind, e.text] for e in self.events],
-        }
