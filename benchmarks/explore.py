@@ -17,13 +17,29 @@ sooner, is shown too. Seeds are
 0, 1000, 2000, ... so that the schedules of two seeds do not overlap (DFS
 enumerates the same schedules whatever the seed).
 ``--rules-only`` prints that table alone.
+
+Speed (issue 14, lever 5): schedules per second of ``gntdma explore
+gnttab-shortage-blkfront`` on one process against commit 9e4f0e8, both measured
+in this run, alternately (the old source is unpacked with ``git archive`` into
+``.cache/bench-9e4f0e8`` and run by a virtual environment there that has only
+greenlet; target 2.5x), and ``--jobs N`` for N = 1 .. the processors this
+process may use, as a ratio to ``--jobs 1`` (target 0.8 N). ``--speed-only``
+prints these alone; ``--json`` prints every figure as JSON after the tables.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import re
+import resource
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
+from typing import Any
 
 from gntdma.sched import (
     FifoStrategy,
@@ -126,19 +142,100 @@ def rules_to_failure(strategy: str, seeds: int, name: str,
             sum(1 for c in own if c <= budget))
 
 
-def rules_table(seeds: int, budget: int) -> None:
+def rules_table(seeds: int, budget: int) -> dict[str, dict[str, Any]]:
     print(f"issue 10 item 5 scenarios: median schedules to the scenario's bug over "
           f"{seeds} seeds, budget {budget}")
     print("  [seeds that found it]; (any: ...) when a failure of another kind came first")
     print(f"  {'scenario':<18} {'bug':<9}" + "".join(f"{s:>22}" for s in STRATS))
+    figures: dict[str, dict[str, Any]] = {}
     for name, kind in RULES.items():
         cells = []
         for strat in STRATS:
             med, anym, found = rules_to_failure(strat, seeds, name, budget)
+            figures.setdefault(name, {})[strat] = {"median": med, "any": anym,
+                                                   "found": found, "seeds": seeds}
             m = f"{med:.0f}" if med <= budget else f">{budget}"
             extra = f" (any: {anym:.0f})" if anym < med else ""
             cells.append(f"{m} [{found}/{seeds}]{extra}")
         print(f"  {name:<18} {kind:<9}" + "".join(f"{c:>22}" for c in cells))
+    return figures
+
+
+REPO = Path(__file__).resolve().parent.parent
+BASELINE = "9e4f0e8"
+_RATE = re.compile(r": (\d+) schedules explored .* in ([\d.]+) s, (\d+) schedules/s")
+
+
+def baseline_python(commit: str = BASELINE) -> tuple[str, Path]:
+    """The interpreter and source tree of ``commit``, made once under .cache/."""
+    base = REPO / ".cache" / f"bench-{commit}"
+    src = base / "src"
+    if not (src / "gntdma").is_dir():
+        base.mkdir(parents=True, exist_ok=True)
+        tree = subprocess.run(["git", "-C", str(REPO), "archive", commit, "src"],
+                              stdout=subprocess.PIPE, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(base)], input=tree, check=True)
+    py = base / "venv" / "bin" / "python"
+    if not py.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(base / "venv")], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "greenlet>=3.0"], check=True)
+    return str(py), src
+
+
+def explore_rate(python: str, src: Path, schedules: int,
+                 jobs: int | None = None) -> tuple[float, float]:
+    """Schedules per second of ``gntdma explore`` of ``src``: as it reports them (wall
+    clock), and per CPU second of the whole process tree (imports included), which
+    other load on the machine does not change."""
+    cmd = [python, "-m", "gntdma.cli", "explore", SCENARIO, "--schedules", str(schedules)]
+    if jobs is not None:
+        cmd += ["--jobs", str(jobs)]
+    env = dict(os.environ, PYTHONPATH=str(src))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, check=True,
+                         cwd=src.parent).stdout
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    m = _RATE.search(out)
+    assert m is not None, out
+    n, secs = int(m.group(1)), float(m.group(2))
+    return (n / secs if secs > 0 else float(m.group(3))), n / cpu
+
+
+def speed(schedules: int, rounds: int, scale_schedules: int) -> dict[str, Any]:
+    py, old_src = baseline_python()
+    new_src = REPO / "src"
+    pairs = []
+    for _ in range(rounds):  # alternately, so that drift hits both
+        old = explore_rate(py, old_src, schedules)
+        new = explore_rate(sys.executable, new_src, schedules)
+        pairs.append((old, new))
+    wall = [n[0] / o[0] for o, n in pairs]
+    cpu = [n[1] / o[1] for o, n in pairs]
+    one = {"baseline": BASELINE, "schedules": schedules, "rounds": rounds,
+           "baseline_per_s": statistics.median(o[0] for o, _ in pairs),
+           "per_s": statistics.median(n[0] for _, n in pairs),
+           "baseline_per_cpu_s": statistics.median(o[1] for o, _ in pairs),
+           "per_cpu_s": statistics.median(n[1] for _, n in pairs),
+           "ratio": statistics.median(wall), "ratio_cpu": statistics.median(cpu),
+           "target": 2.5}
+    print(f"{SCENARIO}, one process, {schedules} schedules, {rounds} alternate rounds "
+          "(load average {:.1f})".format(os.getloadavg()[0]))
+    print(f"  {'':<10} {'schedules/s':>12} {'per CPU s':>10}")
+    print(f"  {BASELINE:<10} {one['baseline_per_s']:12.0f} {one['baseline_per_cpu_s']:10.0f}")
+    print(f"  {'now':<10} {one['per_s']:12.0f} {one['per_cpu_s']:10.0f}")
+    print(f"  ratio      {one['ratio']:12.2f} {one['ratio_cpu']:10.2f}   (target >= 2.5)")
+    ncpu = len(os.sched_getaffinity(0))
+    rates = {n: explore_rate(sys.executable, new_src, scale_schedules, n)[0]
+             for n in range(1, ncpu + 1)}
+    print(f"{SCENARIO}, --jobs N, {scale_schedules} schedules (pool start included; "
+          "load average {:.1f}: the scaling needs N free cores)".format(os.getloadavg()[0]))
+    scaling = []
+    for n, r in rates.items():
+        sc = r / rates[1]
+        scaling.append({"jobs": n, "per_s": r, "scaling": sc, "target": 0.8 * n})
+        print(f"  --jobs {n:<3} {r:8.0f} schedules/s   x{sc:.2f} (target >= {0.8 * n:.1f})")
+    return {"one_process": one, "jobs": scaling, "load_average": os.getloadavg()[0]}
 
 
 def main() -> None:
@@ -149,21 +246,54 @@ def main() -> None:
                     help="schedules per seed for the item-5 scenarios")
     ap.add_argument("--rules-only", action="store_true",
                     help="only the table of the item-5 scenarios")
+    ap.add_argument("--speed-only", action="store_true",
+                    help="only the speed against 9e4f0e8 and the --jobs scaling")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="alternate rounds against 9e4f0e8 (default 3)")
+    ap.add_argument("--speed-schedules", type=int, default=600,
+                    help="schedules of a run against 9e4f0e8 (default 600)")
+    ap.add_argument("--scale-schedules", type=int, default=2000,
+                    help="schedules of a --jobs run (default 2000)")
+    ap.add_argument("--json", action="store_true", help="the figures as JSON too")
     args = ap.parse_args()
-    if not args.rules_only:
-        base = rate("run", args.schedules)
-        print(f"{SCENARIO}, default delivery, {args.schedules} runs each")
-        print(f"  {'run (FIFO, baseline)':<24} {base:8.0f} runs/s   ratio 1.00")
+    figures: dict[str, Any] = {}
+    if args.speed_only:
+        figures["speed"] = speed(args.speed_schedules, args.rounds, args.scale_schedules)
+    else:
+        if not args.rules_only:
+            figures["rates"] = rates_table(args.schedules)
+            figures["to_failure"] = to_failure_table(args.seeds)
+            figures["speed"] = speed(args.speed_schedules, args.rounds,
+                                     args.scale_schedules)
+        figures["rules"] = rules_table(args.seeds, args.budget)
+    if args.json:
+        print(json.dumps(figures, indent=2))
+
+
+def rates_table(schedules: int) -> dict[str, float]:
+    base = rate("run", schedules)
+    out = {"run": base}
+    print(f"{SCENARIO}, default delivery, {schedules} runs each")
+    print(f"  {'run (FIFO, baseline)':<24} {base:8.0f} runs/s   ratio 1.00")
+    for strat in STRATS:
+        r = rate(strat, schedules)
+        out[strat] = r
+        print(f"  {strat:<24} {r:8.0f} schedules/s   ratio {r / base:.2f}")
+    return out
+
+
+def to_failure_table(seeds: int) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for scenario in (SCENARIO, SCENARIO + "-recursive"):
+        print(f"{scenario}, inline delivery: schedules to the first failure "
+              f"(median of {seeds} seeds)")
+        out[scenario] = {}
         for strat in STRATS:
-            r = rate(strat, args.schedules)
-            print(f"  {strat:<24} {r:8.0f} schedules/s   ratio {r / base:.2f}")
-        for scenario in (SCENARIO, SCENARIO + "-recursive"):
-            print(f"{scenario}, inline delivery: schedules to the first failure "
-                  f"(median of {args.seeds} seeds)")
-            for strat in STRATS:
-                med, found = to_failure(strat, args.seeds, scenario)
-                print(f"  {strat:<8} median {med:6.0f}   found with {found}/{args.seeds} seeds")
-    rules_table(args.seeds, args.budget)
+            med, found = to_failure(strat, seeds, scenario)
+            out[scenario][strat] = {"median": med, "found": found, "seeds": seeds}
+            print(f"  {strat:<8} median {med:6.0f}   found with {found}/{seeds} seeds")
+    return out
+
 
 if __name__ == "__main__":
     main()
