@@ -166,6 +166,9 @@ def test_shards_merge_into_the_report_of_one_run(
                           "--out", str(tmp_path / "merged.json"))
     assert rc == 1, merged
     assert merged.splitlines()[0].startswith("merged 3 of 3 shards")
+    # A PCT shard learns k from its own slice only: the merge runs again what the
+    # earlier slices would have run with another k.
+    assert ("run again here" in merged.splitlines()[0]) == (strategy == "pct")
     _same_report(one, "\n".join(merged.splitlines()[1:]))
     assert (json.loads((tmp_path / "one.json").read_text())
             == json.loads((tmp_path / "merged.json").read_text()))
@@ -201,6 +204,8 @@ def test_merge_refuses_a_missing_doubled_or_foreign_shard(
 
 
 def test_bad_campaign_options_are_clear(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["explore", "lost-wakeup", "--out-results", "x.json"]) == 2
+    assert "--out-results is the result file of a --shard run" in capsys.readouterr().err
     assert cli.main(["explore", "lost-wakeup", "--shard", "3/2"]) == 2
     assert "--shard 3/2: I must be from 1 to N" in capsys.readouterr().err
     assert cli.main(["explore", "lost-wakeup", "--shard", "x"]) == 2

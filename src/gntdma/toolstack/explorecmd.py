@@ -93,6 +93,8 @@ def explore_command(scenario: str, *, strategy: str = "random", schedules: int =
         raise ConfigError("--schedules must be at least 1")
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, not {jobs}")
+    if out_results is not None and shard is None:
+        raise ConfigError("--out-results is the result file of a --shard run")
     if strategy == "dfs" and (shard is not None or dask is not None):
         raise ConfigError("dfs walks its tree of schedules in order: --shard and --dask "
                           "need random or pct")
