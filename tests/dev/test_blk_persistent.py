@@ -127,6 +127,8 @@ def test_backend_keeps_persistent_grants_mapped_until_disconnect(host: Host,
     again without a map; ``free_persistent_gnts`` unmaps them all at disconnect."""
     p = _pair(host, tmp_path, front=True, back=True)
     ncmds = len(p.front.sc.xbd_shadow)
+    # What every command can hold fits what blkback keeps: 32 x (32 + 1) = 1056.
+    assert ncmds == 32 and p.front.sc.xbd_max_request_segments == 32
 
     def writes() -> None:
         for i in range(2 * ncmds):  # every command, each with its one-page request

@@ -30,7 +30,8 @@ that does the I/O. The sequence (``xen-abi.md`` 4.4, 4.5 and 6):
 Persistent grants (blkif.h ``feature-persistent``; Linux xen-blkfront
 ``talk_to_blkback`` and ``blkfront_gather_backend_features``): with
 ``persistent`` on, the frontend writes ``feature-persistent`` = 1 with its
-transport keys when its grant budget and memory can hold them (see
+transport keys when its grant budget, :data:`XBD_MAX_PERSISTENT_GRANTS` (what
+the backend keeps mapped) and memory can hold them (see
 :func:`xbd_persistent_segments`); when the backend's key is non-zero too, the
 data maps are created with ``BUS_DMA_XEN_PERSISTENT`` (their pages stay
 granted, the backend keeps them mapped) and requests are limited to the
@@ -86,6 +87,7 @@ from gntdma.xen.xenbus import (
 )
 
 __all__ = [
+    "XBD_MAX_PERSISTENT_GRANTS",
     "XBD_XENBUS_DEVTYPE",
     "XBD_XENBUS_KEY_ERROR",
     "XbdXenbus",
@@ -95,6 +97,10 @@ __all__ = [
     "xbd_vdevice_to_unit",
 ]
 
+#: References the persistent grants of one disk may hold at most: what Linux
+#: xen-blkback keeps mapped by default (blkback.c ``max_pgrants``), which is its
+#: blkfront's defaults (32 ring slots x (32 segments + 1 indirect page)).
+XBD_MAX_PERSISTENT_GRANTS: Final = 1056
 #: The xenbus device type blkfront drives.
 XBD_XENBUS_DEVTYPE: Final = "vbd"
 #: Where ``xenbus_dev_fatal`` writes its message, in the driver's own directory.
@@ -281,7 +287,8 @@ class XbdXenbus(XenbusDriver):
         wanted = sc.xbd_indirect_segments_max
         if backend_max is not None:
             wanted = min(wanted, backend_max)
-        refs = sc.xbd_gnttab.gnttab_ever_available() // max(1, sc.xbd_grant_share)
+        refs = min(sc.xbd_gnttab.gnttab_ever_available() // max(1, sc.xbd_grant_share),
+                   XBD_MAX_PERSISTENT_GRANTS)
         return xbd_persistent_segments(ring.nr_ents, wanted, refs,
                                        sc.xbd_kern.vm.total // 4)
 

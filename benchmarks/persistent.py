@@ -1,0 +1,222 @@
+"""Persistent grants benchmark: per-load grants against persistent grants, one run.
+
+Run: .venv/bin/python benchmarks/persistent.py [--seconds S] [--size-mb N]
+     [--ring-page-order O] [--memory-mb M] [--case TEXT ...] [--json]
+
+The workloads of ``benchmarks/block.py`` that have a target (1 MiB sequential
+read and write at queue depth 1, 4 KiB random read and write at queue depth 32)
+run through one guest's blkfront, the grant tables and blkback, on two disks
+of the guest (two images of the same size and kind), alternating in one
+process: with per-load grants (the data maps
+grant and end every segment on each request, blkback maps and unmaps them
+around each transfer) and with persistent grants (blkif ``feature-persistent``
+on both ends: the data maps copy through pages granted once, blkback keeps
+them mapped). Queue depth 32 is 32 guest threads, each doing its I/O in a
+kernel buffer of its own. Both disks use the same ring order (default 0, one
+page and 32 commands, as Linux's blkfront default), so the comparison is one
+of the grant life cycle only. It prints MiB/s, IOPS and the ratio
+(persistent / per-load) of each workload, and, with ``--json``, the same
+figures as JSON after the table. The guest's debugging tunables (DMA-API
+debugging, junk fill) are those of a default guest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Final
+
+from gntdma.dev.blkback import Blkback
+from gntdma.dev.blkback_xenbus import xbb_attach
+from gntdma.dev.blkfront_io import xbd_read_buf, xbd_write_buf
+from gntdma.dev.blkfront_xenbus import XbdXenbus, xbd_attach
+from gntdma.host.image import DiskImage
+from gntdma.sched import ThreadState
+from gntdma.sys import M_TEMP, M_WAITOK
+from gntdma.toolstack.host import Guest, Host
+from gntdma.xen.xenbus import XenbusState
+
+MiB: Final = 1 << 20
+DEVID: Final = 51712
+#: (kind, op, block size, queue depth): the workloads of block.py with a target.
+CASES: Final[list[tuple[str, str, int, int]]] = [
+    ("seq", "read", MiB, 1), ("seq", "write", MiB, 1),
+    ("rand", "read", 4096, 32), ("rand", "write", 4096, 32),
+]
+
+
+def label(kind: str, op: str, bs: int, qd: int) -> str:
+    unit = f"{bs >> 20}M" if bs >= MiB else f"{bs >> 10}K"
+    return f"{kind} {unit} {op} qd{qd}"
+
+
+def offsets(kind: str, bs: int, size: int, n: int, seed: int) -> list[int]:
+    """The offsets one worker visits (computed before the measured time)."""
+    if kind == "seq":
+        start = seed * 64 * bs
+        return [(start + i * bs) % (size - bs + 1) // bs * bs for i in range(n)]
+    rng = random.Random(seed)
+    return [rng.randrange(size // bs) * bs for _ in range(n)]
+
+
+@dataclass
+class Disk:
+    """One attached disk: its image, backend and frontend."""
+
+    img: DiskImage
+    bb: Blkback
+    front: XbdXenbus
+    dirs: object
+
+    def close(self, host: Host) -> None:
+        from gntdma.toolstack.xs import DeviceDirs
+
+        assert isinstance(self.dirs, DeviceDirs)
+        host.xenstore.remove_device(self.dirs, timeout=10.0)
+        self.front.wait_done(10.0)
+        self.img.close()
+
+
+def attach(host: Host, g: Guest, path: Path, devid: int, persistent: bool,
+           ring_page_order: int) -> Disk:
+    img = DiskImage.open(path)
+    bb = Blkback(host.dom0.hc, host.dom0.kernel, g.domid, img, devid=devid)
+    bb.feature_persistent = persistent
+    dirs = host.xenstore.add_device(g.domid, 0, "vbd", devid)
+    assert host.dom0.xenstore is not None and g.xenstore is not None
+    error, back = xbb_attach(host.dom0.xenstore, host.dom0.kernel, bb)
+    assert error == 0 and back is not None, error
+    error, front = xbd_attach(g.kernel, g.hc, g.gnttab, g.xenstore, devid,
+                              ring_page_order=ring_page_order, persistent=persistent)
+    assert error == 0 and front is not None, error
+    connected = {XenbusState.Connected}
+    assert front.wait_state(connected, 10.0) == (0, XenbusState.Connected), front.error
+    assert back.wait_state(connected, 10.0) == (0, XenbusState.Connected), back.error
+    assert front.persistent_used is persistent
+    return Disk(img, bb, front, dirs)
+
+
+def measure(host: Host, disk: Disk, kind: str, op: str, bs: int, qd: int, size: int,
+            seconds: float) -> tuple[float, int]:
+    """(seconds, ios) through blkfront with ``qd`` guest threads, each in its own buffer."""
+    sc = disk.front.sc
+    kern = sc.xbd_kern
+    data = os.urandom(bs)
+    counts = [0] * qd
+    offs = [offsets(kind, bs, size, 4096, i) for i in range(qd)]
+    deadline = host.sched.now() + seconds
+
+    def worker(i: int) -> None:
+        va = kern.malloc(bs, M_TEMP, M_WAITOK)
+        kern.kva_write(va, data)
+        io = xbd_read_buf if op == "read" else xbd_write_buf
+        mine = offs[i]
+        n = 0
+        while host.sched.now() < deadline:
+            err = io(sc, mine[n % len(mine)], va, bs)
+            assert err == 0, err
+            n += 1
+        kern.free(va, M_TEMP)
+        counts[i] = n
+
+    t0 = time.perf_counter()
+    threads = [host.sched.spawn(worker, i, name=f"bench{i}") for i in range(qd)]
+    host.sched.run(until=lambda: all(t.state is ThreadState.DONE for t in threads))
+    for t in threads:
+        if t.exc is not None:
+            raise t.exc
+    return time.perf_counter() - t0, sum(counts)
+
+
+@dataclass(frozen=True, slots=True)
+class Figure:
+    workload: str
+    kind: str
+    op: str
+    block_size: int
+    queue_depth: int
+    per_load_mib_s: float
+    persistent_mib_s: float
+    per_load_iops: float
+    persistent_iops: float
+    ratio: float  #: persistent / per-load
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=2.0, help="per measurement")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="alternations of the two modes per workload (default 2)")
+    ap.add_argument("--size-mb", type=int, default=256)
+    ap.add_argument("--memory-mb", type=int, default=256, help="the guest's memory")
+    ap.add_argument("--ring-page-order", type=int, default=0, choices=range(5))
+    ap.add_argument("--case", action="append", default=[],
+                    help="run only workloads whose name contains TEXT (repeatable)")
+    ap.add_argument("--json", action="store_true", help="the figures as JSON too")
+    args = ap.parse_args()
+    size = args.size_mb * MiB
+    cases = [c for c in CASES if not args.case or any(t in label(*c) for t in args.case)]
+    if not cases:
+        ap.error(f"no workload matches {args.case}")
+    figures: list[Figure] = []
+    with tempfile.TemporaryDirectory(prefix="gntdma-bench-") as tmp:
+        paths = [Path(tmp) / f"bench{i}.img" for i in range(2)]
+        for path in paths:
+            DiskImage.create(path, size).close()
+            with open(path, "r+b") as f:  # real data, so reads hit the page cache
+                for off in range(0, size, 8 * MiB):
+                    f.seek(off)
+                    f.write(os.urandom(8 * MiB))
+        host = Host()
+        g = host.create_guest("bench", memory_mb=args.memory_mb)
+        disks = {mode: attach(host, g, paths[i], DEVID + 16 * i, mode == "persistent",
+                              args.ring_page_order)
+                 for i, mode in enumerate(("per-load", "persistent"))}
+        print(f"image {args.size_mb} MiB, guest {args.memory_mb} MiB, ring order "
+              f"{args.ring_page_order}, {args.seconds:g} s per measurement, "
+              f"{args.rounds} alternating round(s) per mode; kernel tunables, guest: "
+              f"{g.kernel.tunables.describe()}")
+        print(f"{'workload':<20} {'per-load MiB/s':>14} {'persist MiB/s':>14} "
+              f"{'per-load IOPS':>13} {'persist IOPS':>13} {'ratio':>6}")
+        for kind, op, bs, qd in cases:
+            totals = {mode: [0.0, 0] for mode in disks}
+            for _ in range(args.rounds):
+                for mode, disk in disks.items():
+                    el, n = measure(host, disk, kind, op, bs, qd, size, args.seconds)
+                    totals[mode][0] += el
+                    totals[mode][1] += int(n)
+            iops = {m: t[1] / t[0] for m, t in totals.items()}
+            fig = Figure(label(kind, op, bs, qd), kind, op, bs, qd,
+                         iops["per-load"] * bs / MiB, iops["persistent"] * bs / MiB,
+                         iops["per-load"], iops["persistent"],
+                         iops["persistent"] / iops["per-load"])
+            figures.append(fig)
+            print(f"{fig.workload:<20} {fig.per_load_mib_s:14.1f} {fig.persistent_mib_s:14.1f} "
+                  f"{fig.per_load_iops:13.0f} {fig.persistent_iops:13.0f} {fig.ratio:6.3f}")
+        stats = {m: d.bb.statistics() for m, d in disks.items()}
+        for m, st in stats.items():
+            print(f"{m}: blkback mapped {st.segments_mapped} grants for {st.segments} "
+                  f"segments, {st.mapped_now} mapped now")
+        for d in disks.values():
+            d.close(host)
+        host.destroy_guest(g)
+        host.close()
+    if args.json:
+        print(json.dumps({"seconds": args.seconds, "rounds": args.rounds,
+                          "size_mb": args.size_mb, "memory_mb": args.memory_mb,
+                          "ring_page_order": args.ring_page_order,
+                          "workloads": [asdict(f) for f in figures],
+                          "grant_maps": {m: {"segments": s.segments,
+                                             "segments_mapped": s.segments_mapped}
+                                         for m, s in stats.items()}}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
