@@ -44,7 +44,7 @@ from gntdma.xenstored._tree import (
     parent_path,
     perm_for,
 )
-from gntdma.xenstored._watch import Watch
+from gntdma.xenstored._watch import Watch, WatchIndex
 from gntdma.xenstored._wire import (
     XENSTORE_PAYLOAD_MAX,
     Message,
@@ -93,7 +93,8 @@ class Connection:
         self.ring = ring
         self.id = conn_id
         self.name = name or f"conn{conn_id}"
-        self.watches: list[Watch] = []
+        #: (path, token) -> (registration number, watch), in registration order
+        self._watches: dict[tuple[str, str], tuple[int, Watch]] = {}
         self.transactions: dict[int, Transaction] = {}
         self._next_txid = 1
         self._reader = MessageReader()
@@ -113,6 +114,15 @@ class Connection:
     @property
     def privileged(self) -> bool:
         return self.domid == 0
+
+    @property
+    def watches(self) -> list[Watch]:
+        """The connection's watches, in the order they were registered."""
+        return [w for _, w in self._watches.values()]
+
+    def find_watch(self, path: str, token: str) -> Watch | None:
+        entry = self._watches.get((path, token))
+        return entry[1] if entry is not None else None
 
     def set_callbacks(
         self,
@@ -203,6 +213,10 @@ class Xenstored:
         self.store = Store()
         self.quotas = quotas if quotas is not None else Quotas()
         self._connections: dict[int, Connection] = {}
+        #: the same connections by domid (each domain's own, in creation order)
+        self._domain_conns: dict[int, dict[int, Connection]] = {}
+        #: every connection's watches by path: firing visits only those that can fire
+        self._watch_index = WatchIndex()
         self._conn_ids = itertools.count(1)
         self._domains: dict[int, _Domain] = {}
         self._domain_exists = domain_exists
@@ -222,18 +236,38 @@ class Xenstored:
         with self.lock:
             conn = Connection(self, domid, next(self._conn_ids), name, ring)
             self._connections[conn.id] = conn
+            self._domain_conns.setdefault(domid, {})[conn.id] = conn
             return conn
 
     def _teardown(self, conn: Connection, reason: str) -> None:
         conn.closed = True
         conn.close_reason = reason
         self._reset(conn)
-        self._connections.pop(conn.id, None)
+        if self._connections.pop(conn.id, None) is not None:
+            conns = self._domain_conns[conn.domid]
+            del conns[conn.id]
+            if not conns:
+                del self._domain_conns[conn.domid]
 
     def _reset(self, conn: Connection) -> None:
         """Drop the watches and transactions of ``conn`` (RESET_WATCHES)."""
         conn.transactions.clear()
-        conn.watches.clear()
+        for seq, w in conn._watches.values():
+            self._watch_index.remove(conn.id, seq, w)
+        conn._watches.clear()
+
+    def add_watch(self, conn: Connection, watch: Watch) -> None:
+        """Register ``watch`` for ``conn`` (the caller checked it is new)."""
+        seq = self._watch_index.add(conn.id, watch)
+        conn._watches[(watch.path, watch.token)] = (seq, watch)
+
+    def remove_watch(self, conn: Connection, path: str, token: str) -> bool:
+        """Drop ``conn``'s watch on ``path`` with ``token``; False if it has none."""
+        entry = conn._watches.pop((path, token), None)
+        if entry is None:
+            return False
+        self._watch_index.remove(conn.id, *entry)
+        return True
 
     def _kill(self, conn: Connection, reason: str) -> None:
         """Close ``conn`` from our side; its queued output stays available."""
@@ -308,13 +342,22 @@ class Xenstored:
     # Watches.
 
     def _fire(self, changes: list[Change]) -> None:
+        """C xenstored's ``fire_watches`` (xenstored_watch.c): for each connection in
+        the order they were made that may see the change (``watch_permitted``,
+        ``check_perms_special``), an event for each of its watches the change
+        matches, in the order they were registered. Only connections with a
+        matching watch are looked at (the index), in that same order."""
         for change in changes:
-            for conn in list(self._connections.values()):
-                if not conn.watches or not self._may_see(conn, change):
-                    continue
-                for w in conn.watches:
-                    if w.matches(change.path, change.exact):
-                        conn._queue_event(w.event_payload(change.path), change.path)
+            last = -1
+            conn: Connection | None = None
+            for (conn_id, _), w in self._watch_index.matching(change.path, change.exact):
+                if conn_id != last:
+                    last = conn_id
+                    conn = self._connections.get(conn_id)
+                    if conn is not None and not self._may_see(conn, change):
+                        conn = None
+                if conn is not None:
+                    conn._queue_event(w.event_payload(change.path), change.path)
 
     def _may_see(self, conn: Connection, change: Change) -> bool:
         """``watch_permitted`` / ``check_perms_special`` of C xenstored."""
@@ -340,7 +383,7 @@ class Xenstored:
         return bool(perm_for(caller, perms) & _READ)
 
     def domain_watches(self, domid: int) -> int:
-        return sum(len(c.watches) for c in self._connections.values() if c.domid == domid)
+        return sum(len(c._watches) for c in self._domain_conns.get(domid, {}).values())
 
     # Domains.
 
@@ -385,8 +428,8 @@ class Xenstored:
         its watches and transactions go, its buffered output
         (``conn_free_buffered_data``) and partly read input (``conn->in``) are
         dropped, and the transport zeroes the ring's four indices."""
-        for conn in list(self._connections.values()):
-            if conn.domid != domid or not conn.ring:
+        for conn in list(self._domain_conns.get(domid, {}).values()):
+            if not conn.ring:
                 continue
             self._reset(conn)
             conn._out.clear()
@@ -419,9 +462,8 @@ class Xenstored:
             # destroy_domain: the struct domain goes, and with it every
             # permission entry naming it (a later domain with this domid is younger).
             self._domain_gen.pop(domid, None)
-            for conn in list(self._connections.values()):
-                if conn.domid == domid:
-                    self._kill(conn, f"domain {domid} released")
+            for conn in list(self._domain_conns.get(domid, {}).values()):
+                self._kill(conn, f"domain {domid} released")
             for dom in self._domains.values():
                 if dom.target == domid:
                     dom.target = None
@@ -500,7 +542,7 @@ class Xenstored:
             conns = self._connections.values()
             return XenstoredStatistics(
                 nodes=len(self.store.nodes),
-                watches=sum(len(c.watches) for c in conns),
+                watches=self._watch_index.size,
                 transactions=sum(len(c.transactions) for c in conns),
                 connections=len(self._connections),
                 domains=len(self._domains),
@@ -513,9 +555,9 @@ class Xenstored:
     def domain_usage(self, domid: int) -> dict[str, int]:
         """Quota accounting of one domain (CONTROL quota <domid>)."""
         with self.lock:
-            conns = [c for c in self._connections.values() if c.domid == domid]
+            conns = list(self._domain_conns.get(domid, {}).values())
             return {
                 "nodes": self.store.owner_counts[domid],
-                "watches": sum(len(c.watches) for c in conns),
+                "watches": sum(len(c._watches) for c in conns),
                 "transactions": sum(len(c.transactions) for c in conns),
             }

@@ -156,14 +156,14 @@ def _watch(xsd: Xenstored, conn: Connection, msg: Message, txn: Transaction | No
     path, token, relative = _watch_args(xsd, conn, msg)
     if not path.startswith("@") and not is_valid_path(path, xsd.quotas.path_max):
         raise XsError(errno.EINVAL, f"invalid watch path {path!r}")
-    if any(w.path == path and w.token == token for w in conn.watches):
+    if conn.find_watch(path, token) is not None:
         raise XsError(errno.EEXIST, "watch exists")
     # do_watch: "domain_watch(conn) > quota_nb_watch_per_domain", so a domain
     # may hold one watch more than the quota, as in C.
     if not conn.privileged and xsd.domain_watches(conn.domid) > xsd.quotas.watches:
         raise XsError(errno.E2BIG, "too many watches")
     watch = Watch(path, token, domain_path(conn.domid) if relative else None)
-    conn.watches.append(watch)
+    xsd.add_watch(conn, watch)
     # Fire once straight away, after the reply.
     event = watch.event_payload(path)
     if len(event) <= XENSTORE_PAYLOAD_MAX:
@@ -173,10 +173,8 @@ def _watch(xsd: Xenstored, conn: Connection, msg: Message, txn: Transaction | No
 
 def _unwatch(xsd: Xenstored, conn: Connection, msg: Message, txn: Transaction | None) -> bytes:
     path, token, _ = _watch_args(xsd, conn, msg)
-    for i, w in enumerate(conn.watches):
-        if w.path == path and w.token == token:
-            del conn.watches[i]
-            return _OK
+    if xsd.remove_watch(conn, path, token):
+        return _OK
     raise XsError(errno.ENOENT, "no such watch")
 
 
