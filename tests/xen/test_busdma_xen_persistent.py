@@ -16,15 +16,27 @@ from __future__ import annotations
 
 import errno
 
-from busdma_helpers import PAGE, Loads, driver_tag, pattern, peer_map, peer_unmap, xen_impl
-from hypothesis import settings
+from busdma_helpers import (
+    PAGE,
+    Loads,
+    driver_tag,
+    hold_refs,
+    pattern,
+    peer_map,
+    peer_unmap,
+    release_refs,
+    settle,
+    xen_impl,
+)
+from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from gntdma.abi.grant_table import GNTST_okay, GTF_permit_access, GTF_reading, GTF_writing
-from gntdma.sched import WITNESS, Mutex
+from gntdma.sched import WITNESS, Mutex, mtx_lock, mtx_unlock
 from gntdma.sys import (
     BUS_DMA_NOWAIT,
+    BUS_DMA_WAITOK,
     BUS_DMASYNC_POSTREAD,
     BUS_DMASYNC_POSTWRITE,
     BUS_DMASYNC_PREREAD,
@@ -34,6 +46,7 @@ from gntdma.sys import (
     BusDmaMap,
     BusDmaTag,
     DmaDebugKind,
+    MapState,
     bus_dma_tag_destroy,
     bus_dmamap_create,
     bus_dmamap_destroy,
@@ -258,13 +271,16 @@ def test_persistent_page_still_mapped_at_destroy_is_reported_kept_and_reclaimed(
 
 
 class PersistentMapMachine(RuleBasedStateMachine):
-    """Persistent maps under random loads, syncs, unloads, backend mappings, destroys.
+    """Persistent maps under random loads (NOWAIT or sleepable, references short or
+    not), syncs, unloads, backend mappings, destroys.
 
-    Invariants: a loaded map's refs are the first refs of the map, always the same
-    (a ref once taken stays with the map until destroy); each grants its segment's
-    frame writable to the backend; data goes both ways exactly; after teardown
-    nothing leaks (``host.leaks()``), nothing is reported but the expected
-    still-mapped destroys.
+    Invariants: a map's refs are always the same, in order (a ref once taken stays
+    with the map until destroy, and counts as held for life); each grants its
+    segment's frame writable to the backend; data goes both ways exactly; a load
+    fails (NOWAIT: ENOMEM) or waits (sleepable: EINPROGRESS) only while references
+    are short, and a waiting one completes once, under the driver lock, when they
+    come back; after teardown nothing leaks (``host.leaks()``), nothing is reported
+    but the expected still-mapped destroys.
     """
 
     def __init__(self) -> None:
@@ -275,12 +291,15 @@ class PersistentMapMachine(RuleBasedStateMachine):
         self.maps: list[BusDmaMap] = []
         self.refs: dict[int, list[int]] = {}  # id(map) -> its refs so far
         self.loaded: dict[int, tuple[int, int, bytes]] = {}  # id(map) -> (va, n, data)
+        #: id(map) -> (allocation, buffer, length, data, write, callbacks) of a waiting load
+        self.pending: dict[int, tuple[int, int, int, bytes, bool, Loads]] = {}
         self.pins: list[tuple[int, int]] = []  # (ref, backend handle) kept mapped
+        self.held: list[int] = []  # chains of references the test holds (a shortage)
         self.expected_reports = 0
 
     @initialize(nmaps=st.integers(1, 3))
     def setup(self, nmaps: int) -> None:
-        self.g = self.host.create_guest("g", memory_mb=8)
+        self.g = self.host.create_guest("g", memory_mb=8, max_grant_frames=1)
         self.be = self.host.create_guest("be", memory_mb=4)
         self.tag = driver_tag(self.g, self.lock, nsegments=5, maxsize=4 * PAGE,
                               backend=self.be.domid)
@@ -290,15 +309,8 @@ class PersistentMapMachine(RuleBasedStateMachine):
     def _m(self, i: int) -> BusDmaMap:
         return self.maps[i % len(self.maps)]
 
-    @rule(i=st.integers(0, 2), off=st.sampled_from([0, 512, 1024, 4095]),
-          n=st.integers(1, 3 * PAGE), seed=st.integers(0, 99), write=st.booleans())
-    def load(self, i: int, off: int, n: int, seed: int, write: bool) -> None:
-        m = self._m(i)
-        if id(m) in self.loaded:
-            return
-        data = pattern(n, seed)
-        va = _kbuf(self.g, data if write else bytes(n), off)
-        assert _load(self.tag, m, va, n, self.lock) == 0
+    def _check(self, m: BusDmaMap, va: int, n: int, data: bytes, write: bool) -> None:
+        """The loaded map's refs and grants, and the data both ways."""
         refs = xen_dmamap_get_grefs(m)
         known = self.refs.setdefault(id(m), [])
         assert refs[: len(known)] == known[: len(refs)]  # the same refs, in order
@@ -328,15 +340,74 @@ class PersistentMapMachine(RuleBasedStateMachine):
                 peer_unmap(self.be, h)
             bus_dmamap_sync(self.tag, m, BUS_DMASYNC_POSTREAD)
             assert self.g.kernel.kva_read(va, n) == data
+
+    @rule(i=st.integers(0, 2), off=st.sampled_from([0, 512, 1024, 4095]),
+          n=st.integers(1, 3 * PAGE), seed=st.integers(0, 99), write=st.booleans(),
+          nowait=st.booleans())
+    def load(self, i: int, off: int, n: int, seed: int, write: bool, nowait: bool) -> None:
+        m = self._m(i)
+        if id(m) in self.loaded or id(m) in self.pending:
+            return
+        data = pattern(n, seed)
+        va = _kbuf(self.g, data if write else bytes(n), off)
+        loads = Loads(self.lock)
+        mtx_lock(self.lock)
+        rv = bus_dmamap_load(self.tag, m, va, n, loads.cb, None,
+                             BUS_DMA_NOWAIT if nowait else BUS_DMA_WAITOK)
+        mtx_unlock(self.lock)
+        if rv == errno.ENOMEM:  # NOWAIT, references short: nothing kept but the map's own
+            assert nowait and self.held and m.state is MapState.IDLE
+            event("persistent load: ENOMEM")
+            self.g.kernel.free(va - off, M_DEVBUF)
+            return
+        if rv == errno.EINPROGRESS:
+            assert not nowait and self.held and loads.calls == []
+            event("persistent load: deferred")
+            self.pending[id(m)] = (va - off, va, n, data, write, loads)
+            return
+        assert rv == 0 and [c[2] for c in loads.calls] == [0] and loads.calls[0][3]
+        self._check(m, va, n, data, write)
         self.loaded[id(m)] = (va - off, n, data)
+
+    @rule(leave=st.integers(0, 4))
+    def shortage(self, leave: int) -> None:
+        if not self.held:
+            self.held = hold_refs(self.g, leave)
+
+    def _completed(self) -> None:
+        """Waiting loads whose references came back (any free: ours, or a reclaim)."""
+        settle(self.host)  # the free callbacks run on taskqueue_swi
+        for key, (alloc, va, n, data, write, loads) in list(self.pending.items()):
+            if not loads.calls:
+                continue
+            m = next(x for x in self.maps if id(x) == key)
+            assert len(loads.calls) == 1 and loads.calls[0][2] == 0 and loads.calls[0][3]
+            assert m.state is MapState.LOADED
+            del self.pending[key]
+            self._check(m, va, n, data, write)
+            self.loaded[key] = (alloc, n, data)
+
+    @rule()
+    def plenty(self) -> None:
+        release_refs(self.g, self.held)
+        self._completed()
+        assert self.pending == {}  # nothing waits while references are there
 
     @rule(i=st.integers(0, 2))
     def unload(self, i: int) -> None:
         m = self._m(i)
+        self._completed()
         got = self.loaded.pop(id(m), None)
         if got is not None:
             bus_dmamap_unload(self.tag, m)
             self.g.kernel.free(got[0], M_DEVBUF)
+        waiting = self.pending.pop(id(m), None)
+        if waiting is not None:  # cancels the wait: the callback never runs
+            mtx_lock(self.lock)
+            bus_dmamap_unload(self.tag, m)
+            mtx_unlock(self.lock)
+            assert waiting[5].calls == [] and m.state is MapState.IDLE
+            self.g.kernel.free(waiting[0], M_DEVBUF)
         # Unload ends nothing: every ref the map took is still granted.
         for ref in self.refs.get(id(m), []):
             assert _entry(self.g, ref)[0] == GTF_permit_access
@@ -355,6 +426,7 @@ class PersistentMapMachine(RuleBasedStateMachine):
             peer_unmap(self.be, h)
         self.pins.clear()
         self.host.sched.run(until=lambda: self.g.gnttab.statistics().reclaim_pending == 0)
+        self._completed()
 
     @precondition(lambda self: len(self.maps) > 0)
     @rule(i=st.integers(0, 2))
@@ -384,6 +456,7 @@ class PersistentMapMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         try:
             if self.maps:
+                release_refs(self.g, self.held)
                 self.backend_lets_go()
                 for i in range(len(self.maps)):
                     self.unload(i)
@@ -392,7 +465,7 @@ class PersistentMapMachine(RuleBasedStateMachine):
                 self.host.sched.run(
                     until=lambda: self.g.gnttab.statistics().reclaim_pending == 0)
                 assert self.g.gnttab.statistics().held_for_life == 0
-                self.host.sched.yield_()
+                settle(self.host)  # queued free callbacks and swi tasks run
                 assert self.host.leaks() == []
                 assert WITNESS.reports == []
         finally:
