@@ -41,7 +41,6 @@ import queue
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, TypeVar, final
 
 import greenlet
@@ -67,8 +66,10 @@ from gntdma.sched._kthread import (
     HeldLock,
     KThread,
     RealClock,
+    SchedulerStatistics,
     Strategy,
     ThreadState,
+    ThreadTable,
     VirtualClock,
     _Timer,
 )
@@ -93,16 +94,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class SchedulerStatistics:
-    threads: int
-    live_threads: int
-    switches: int
-    timers: int
-    io_in_flight: int
-    external_sources: int
 
 
 _current: Scheduler | None = None
@@ -161,7 +152,8 @@ class Scheduler:
         self.thread0 = KThread(0, "thread0", daemon=False, domain=None)
         self.thread0.state = ThreadState.RUNNING
         self.curthread: KThread = self.thread0
-        self.threads: list[KThread] = []
+        #: The threads alive; one that ended is dropped at once, with its greenlet.
+        self._table = ThreadTable()
         self._runq: deque[KThread] = deque()
         self._timers: list[_Timer] = []
         self._events: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -202,11 +194,15 @@ class Scheduler:
         global _current
         _current = None
 
+    @property
+    def threads(self) -> list[KThread]:
+        """The threads alive, in creation order (a thread that ended is forgotten)."""
+        return list(self._table.live.values())
+
     def statistics(self) -> SchedulerStatistics:
-        live = sum(1 for t in self.threads if t.state is not ThreadState.DONE)
         return SchedulerStatistics(
-            len(self.threads),
-            live,
+            self._table.spawned,
+            len(self._table.live),
             self.switches,
             sum(1 for t in self._timers if not t.cancelled),
             self._io_in_flight,
@@ -240,10 +236,11 @@ class Scheduler:
             finally:
                 self._release_on_exit(t)
                 t.state = ThreadState.DONE
+                self._table.forget(t)
                 self.curthread = self.thread0
 
         t._glet = greenlet.greenlet(body)
-        self.threads.append(t)
+        self._table.add(t)
         self._runq.append(t)
         return t
 
@@ -253,7 +250,7 @@ class Scheduler:
             t.exc = KernelPanic(f"thread {t.name} exited with locks held: {names}")
 
     def _alive(self) -> bool:
-        return any(not t.daemon and t.state is not ThreadState.DONE for t in self.threads)
+        return self._table.nondaemon > 0
 
     # -- scheduling points (called on the current thread) ----------------------
 
@@ -287,6 +284,8 @@ class Scheduler:
         self.wait_onlock = self.wait_idle = False
         t.lockwait = onlock
         t.wait_counted = onlock or (timeout <= 0 and not idle)
+        if t.wait_counted:
+            self._table.counted[t.tid] = t
         t.blocked_at = self.clock.now()
         if onlock and self._deadlock is None:
             cycle = lock_cycle(t)
@@ -310,6 +309,7 @@ class Scheduler:
         t.wchan = None
         t.lockwait = False
         t.wait_counted = False
+        self._table.counted.pop(t.tid, None)
         t.wake_result = result
         if t is not self.thread0:
             self._runq.append(t)
@@ -358,6 +358,7 @@ class Scheduler:
                     t.timer.cancelled = True
                     t.timer = None
                 t.wchan = None
+                self._table.counted.pop(t.tid, None)
                 t.state = ThreadState.RUNNING
             return
         assert self._hub is not None
@@ -516,7 +517,7 @@ class Scheduler:
         if deadline is None and not outside:
             return False
         limit = self.hung_limit()
-        hung_at = hung_deadline(self._blocked(), limit) if limit > 0 else None
+        hung_at = hung_deadline(self._table.counted_waits(), limit) if limit > 0 else None
         if hung_at is not None and (deadline is None or hung_at < deadline):
             deadline = hung_at
         if self.clock.virtual and not outside:
@@ -542,16 +543,13 @@ class Scheduler:
         return _rules.hung_task_timeout
 
     def _blocked(self) -> list[KThread]:
-        out = [t for t in self.threads if t.state is ThreadState.BLOCKED]
-        if self.thread0.state is ThreadState.BLOCKED:
-            out.insert(0, self.thread0)
-        return out
+        return self._table.blocked(self.thread0)
 
     def _check_hung(self, now: float) -> None:
         limit = self.hung_limit()
         if limit <= 0:
             return
-        report = hung_report(self._blocked(), limit, now)
+        report = hung_report(self._table.counted_waits(), limit, now)
         if report is not None:
             raise HungTask(report)
 
@@ -587,14 +585,14 @@ class Scheduler:
             finally:
                 self.curthread = prev
         t.state = ThreadState.DONE
+        self._table.forget(t)
 
     def shutdown(self) -> None:
         """Kill every thread still alive (daemons idle in their loops) and the I/O pool."""
-        for t in self.threads:
+        for t in list(self._table.live.values()):
             self.kill(t)
         self.curthread = self.thread0
         self._runq.clear()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-

@@ -24,8 +24,10 @@ __all__ = [
     "HeldLock",
     "KThread",
     "RealClock",
+    "SchedulerStatistics",
     "Strategy",
     "ThreadState",
+    "ThreadTable",
     "VirtualClock",
 ]
 
@@ -188,6 +190,68 @@ class KThread:
 
     def __repr__(self) -> str:
         return f"<KThread {self.tid} {self.name} {self.state.value}>"
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerStatistics:
+    threads: int  #: spawned so far
+    live_threads: int
+    switches: int
+    timers: int
+    io_in_flight: int
+    external_sources: int
+
+
+@final
+class ThreadTable:
+    """The scheduler's threads that have not ended, and the few it must find fast.
+
+    A thread is added when spawned and forgotten when it ends or is killed,
+    with its greenlet (whoever keeps the :class:`KThread` keeps its result and
+    exception, not its stack): nothing grows with the threads a run has ended.
+    ``counted`` holds the threads in a wait the hung-task watchdog counts
+    (``wait_counted``), so that the watchdog looks at them, not at every
+    idle service thread.
+    """
+
+    __slots__ = ("counted", "live", "nondaemon", "spawned")
+
+    def __init__(self) -> None:
+        #: tid -> thread, in creation order
+        self.live: dict[int, KThread] = {}
+        self.spawned = 0
+        self.nondaemon = 0  #: live non-daemon threads
+        self.counted: dict[int, KThread] = {}
+
+    def add(self, t: KThread) -> None:
+        self.live[t.tid] = t
+        self.spawned += 1
+        if not t.daemon:
+            self.nondaemon += 1
+
+    def forget(self, t: KThread) -> None:
+        """``t`` is done (idempotent)."""
+        if self.live.pop(t.tid, None) is not None and not t.daemon:
+            self.nondaemon -= 1
+        self.counted.pop(t.tid, None)
+        t._glet = None
+
+    def blocked(self, thread0: KThread) -> list[KThread]:
+        """Every blocked thread: thread0 first, then in creation order."""
+        out = [t for t in self.live.values() if t.state is ThreadState.BLOCKED]
+        if thread0.state is ThreadState.BLOCKED:
+            out.insert(0, thread0)
+        return out
+
+    def counted_waits(self) -> list[KThread]:
+        """The blocked threads the watchdog counts, in :meth:`blocked`'s order."""
+        out = [t for t in self.counted.values() if t.state is ThreadState.BLOCKED]
+        out.sort(key=_tid)
+        return out
+
+
+def _tid(t: KThread) -> int:
+    return t.tid
 
 
 @dataclass(order=True, slots=True)
