@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 from typing import final
 
@@ -40,6 +41,10 @@ class Domain:
         #: (``p2m_grant_map_rw``/``_ro`` entries that host maps add).
         self.grant_p2m: dict[int, tuple[int, int]] = {}
         self.ports: dict[int, EventPort] = {}
+        #: Closed ports below ``_next_port`` (a heap), and the first never used:
+        #: the lowest free port in O(log ports).
+        self._free_ports: list[int] = []
+        self._next_port = 1
         self.privileged = domid == 0
         self.dying = False
 
@@ -47,12 +52,23 @@ class Domain:
         return f"<Domain {self.domid} {self.name}>"
 
     def _alloc_port(self) -> EventPort | None:
-        for p in range(1, EVTCHN_2L_NR_CHANNELS):
-            if p not in self.ports:
-                ep = EventPort(p)
-                self.ports[p] = ep
-                return ep
-        return None
+        """``get_free_port`` (xen/common/event_channel.c): the lowest free port
+        (port 0 is never handed out), or None when every port is in use."""
+        if self._free_ports:
+            p = heapq.heappop(self._free_ports)
+        elif self._next_port < EVTCHN_2L_NR_CHANNELS:
+            p = self._next_port
+            self._next_port += 1
+        else:
+            return None
+        ep = EventPort(p)
+        self.ports[p] = ep
+        return ep
+
+    def _free_port(self, port: int) -> None:
+        """``port`` is closed: it is free again."""
+        del self.ports[port]
+        heapq.heappush(self._free_ports, port)
 
     def statistics(self) -> DomainStatistics:
         return DomainStatistics(

@@ -181,7 +181,7 @@ class Hypervisor(GrantOps):
             p.handler.stop()
             p.handler = None
         p.state = EVTCHNSTAT_closed
-        del caller.ports[port]
+        caller._free_port(port)
         return 0
 
     def evtchn_mask(self, caller_id: int, port: int) -> int:
