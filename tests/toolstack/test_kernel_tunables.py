@@ -32,6 +32,7 @@ def test_dma_debug_and_junk_fill_keys_set_the_guest_kernel_tunables() -> None:
     assert off.line_of("dma_debug") == 2 and off.line_of("junk_fill") == 3
     host = Host()
     try:
+        assert host.dom0.kernel.tunables == KernelTunables()  # a kernel booted without any
         for cfg, want in ((on, KernelTunables()), (off, KernelTunables(False, 0))):
             guest, vbds = create_guest_from_config(host, cfg)
             assert vbds == []
