@@ -327,8 +327,13 @@ class HostXenstore:
         self.rings: dict[int, DomainRing] = {}
         self.clients: dict[int, XenStore] = {}
         self.store_ports: dict[int, int] = {}
-        self.devices: list[DeviceDirs] = []
+        self._devices: dict[str, DeviceDirs] = {}  #: by frontend path, in order added
         self.closed = False
+
+    @property
+    def devices(self) -> list[DeviceDirs]:
+        """The devices added and not yet removed, in the order they were added."""
+        return list(self._devices.values())
 
     # Domains.
 
@@ -378,7 +383,7 @@ class HostXenstore:
         ``crashed``: the guest's kernel is dead, its client is dropped unrun.
         """
         domid = g.domid
-        for dev in [d for d in self.devices if domid in (d.frontend_id, d.backend_id)]:
+        for dev in [d for d in self._devices.values() if domid in (d.frontend_id, d.backend_id)]:
             self._remove_dirs(dev)
         client = self.clients.pop(domid, None)
         if client is not None and not crashed:
@@ -420,7 +425,7 @@ class HostXenstore:
             if domid not in self.rings:
                 raise XenstoreSetupError(f"dom{domid} has no xenstore")
         dev = DeviceDirs(devtype, devid, frontend, backend)
-        if any(d.frontend_path == dev.frontend_path for d in self.devices):
+        if dev.frontend_path in self._devices:
             raise XenstoreSetupError(f"{dev.frontend_path} exists")
         fe, be = dev.frontend_path, dev.backend_path
         initialising = str(int(XenbusState.Initialising))
@@ -447,7 +452,7 @@ class HostXenstore:
                 xs.write(f"{be}/{key}", value, tx)
 
         xs.transaction(create)
-        self.devices.append(dev)
+        self._devices[dev.frontend_path] = dev
         return dev
 
     def remove_device(self, dev: DeviceDirs, timeout: float = LIBXL_DESTROY_TIMEOUT, *,
@@ -487,8 +492,8 @@ class HostXenstore:
                 self._path_cleanup(path, tx)
 
         xs.transaction(destroy)
-        if dev in self.devices:
-            self.devices.remove(dev)
+        if self._devices.get(dev.frontend_path) == dev:
+            del self._devices[dev.frontend_path]
 
     def _path_cleanup(self, path: str, tx: int) -> None:
         """libxl__xs_path_cleanup: remove ``path``, then its parents that became empty."""
@@ -566,7 +571,7 @@ class HostXenstore:
                     if not fe.isdigit() or int(fe) not in alive:
                         out.append(f"xenstore: /local/domain/{name}/backend/{devtype}/{fe}"
                                    " of a dead frontend")
-        for dev in self.devices:
+        for dev in self._devices.values():
             if dev.frontend_id not in alive or dev.backend_id not in alive:
                 out.append(f"xenstore: device {dev.frontend_path} of a dead domain")
         return out
