@@ -29,12 +29,12 @@ from gntdma.sched import (
     PIDLE,
     KThread,
     Scheduler,
-    _trace,
     current_scheduler,
     msleep_spin,
     mtx_init,
     mtx_lock,
     mtx_unlock,
+    trace,
     wakeup,
 )
 
@@ -67,11 +67,11 @@ class PortHandler:
                 p.pending = False  # clear before handling
                 self.runs += 1
                 mtx_unlock(m)
-                if _trace.active is not None:
-                    _trace.active.evtchn_run(p)
+                if trace.active is not None:
+                    trace.active.evtchn_run(p)
                 self.fn(p.port)
-                if _trace.active is not None:
-                    _trace.active.evtchn_ran(p)
+                if trace.active is not None:
+                    trace.active.evtchn_ran(p)
                 mtx_lock(m)
                 continue
             msleep_spin(self, m, "intr", 0.0, PIDLE)
@@ -104,8 +104,8 @@ class EventPort:
 
     def raise_(self) -> bool:
         """Set pending; True if a delivery is due (newly pending and unmasked)."""
-        if _trace.active is not None:
-            _trace.active.evtchn_notify(self)
+        if trace.active is not None:
+            trace.active.evtchn_notify(self)
         if self.pending:
             return False
         self.pending = True

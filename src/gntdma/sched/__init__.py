@@ -4,6 +4,7 @@ The only scheduling points of kernel code live here (DESIGN section 3). This
 package imports the standard library and greenlet only.
 """
 
+from gntdma.sched import _trace as trace
 from gntdma.sched import rules
 from gntdma.sched._core import (
     Clock,
@@ -125,6 +126,7 @@ __all__ = [
     "Sx",
     "msleep_spin",
     "rules",
+    "trace",
     "sx_assert",
     "sx_destroy",
     "sx_downgrade",

@@ -30,12 +30,12 @@ from gntdma.sched import (
     KernelPanic,
     Mutex,
     Scheduler,
-    _trace,
     current_scheduler,
     msleep,
     mtx_init,
     mtx_lock,
     mtx_unlock,
+    trace,
     wakeup,
 )
 
@@ -108,8 +108,8 @@ class bio:
     bio_driver2: object = None
 
     def __post_init__(self) -> None:
-        if _trace.active is not None:
-            _trace.active.bio_start(self)
+        if trace.active is not None:
+            trace.active.bio_start(self)
 
 
 #: Mutexes in the pool of bio done locks (FreeBSD's MTX_POOL_SLEEP_SIZE is 1024).
@@ -138,8 +138,8 @@ def biodone(bp: bio) -> None:
     """Mark ``bp`` done; call its ``bio_done`` or wake ``biowait`` (under its done lock)."""
     if bp.bio_flags & BIO_DONE:
         raise KernelPanic(f"biodone: bio {id(bp):#x} already done")
-    if _trace.active is not None:
-        _trace.active.bio_done(bp)
+    if trace.active is not None:
+        trace.active.bio_done(bp)
     if bp.bio_error != 0:
         bp.bio_flags |= BIO_ERROR
     if bp.bio_done is not None:

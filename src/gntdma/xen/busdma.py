@@ -67,7 +67,7 @@ from typing import Any, Final, final
 
 from gntdma.abi.grant_table import GREFS_PER_GRANT_FRAME
 from gntdma.abi.xen import PAGE_SHIFT, PAGE_SIZE
-from gntdma.sched import KernelPanic, _trace
+from gntdma.sched import KernelPanic, trace
 from gntdma.sys import (
     BUS_DMA_BUS1,
     BUS_DMA_BUS2,
@@ -355,8 +355,8 @@ class XenDmaImpl(BounceImpl):
         m.grant_wait = True
         m.pending_segs = segs
         self.grant_deferred += 1
-        if _trace.active is not None:
-            _trace.active.load_deferred(m, len(segs))
+        if trace.active is not None:
+            trace.active.load_deferred(m, len(segs))
         gt.gnttab_request_free_callback(m.gnttab_cb, self._grant_callback, m,
                                         self._wait_count(len(segs) - len(m.refs)))
         return errno.EINPROGRESS
@@ -413,8 +413,8 @@ class XenDmaImpl(BounceImpl):
                 if self._never_served(m, len(segs)):  # more is held for life now
                     m.grant_wait = False
                     m.pending_segs = None
-                    if _trace.active is not None:
-                        _trace.active.load_done(m, errno.ENOSPC)
+                    if trace.active is not None:
+                        trace.active.load_done(m, errno.ENOSPC)
                     bus_dmamap_complete_deferred(dmat, m, segs, errno.ENOSPC, locked=True)
                     return
                 need = self._wait_count(len(segs) - len(m.refs))
@@ -425,8 +425,8 @@ class XenDmaImpl(BounceImpl):
             m.pending_segs = None
             segs = self.map_complete(dmat, m, segs, len(segs), 0)
             self.grant_deferred_completed += 1
-            if _trace.active is not None:
-                _trace.active.load_done(m, 0)
+            if trace.active is not None:
+                trace.active.load_done(m, 0)
             bus_dmamap_complete_deferred(dmat, m, segs, 0, locked=True)
         finally:
             dmat.lockfunc(dmat.lockfuncarg, BUS_DMA_UNLOCK)
@@ -459,8 +459,8 @@ class XenDmaImpl(BounceImpl):
             m.grant_wait = False
             m.pending_segs = None
             self.grant_deferred_cancelled += 1
-            if _trace.active is not None:
-                _trace.active.load_done(m, 0, cancelled=True)
+            if trace.active is not None:
+                trace.active.load_done(m, 0, cancelled=True)
         if m.pool is not None:  # the grants and the pages stay with the map
             m.pool.unload()
             m.pass_gen = -1
