@@ -23,11 +23,20 @@ forms (``GNTMAP_application_map``, ``GNTMAP_contains_pte``) are
 ``GNTST_general_error`` as for a translated mapper. Every successful map
 returns ``dev_bus_addr`` (``mfn_to_maddr(mfn)``); the machine frame of a page
 here is its frame number in the granter (no host-wide machine space).
+
+The hot ops. Map, unmap and copy run on plain ints (:meth:`GrantOps._map_ref`,
+:meth:`GrantOps._unmap_handle`, :meth:`GrantOps._copy_one`) and on the raw grant
+entries (:class:`gntdma.hv._gnttab.GrantTable`). Two forms call them: the
+dataclass form (:meth:`GrantOps.grant_table_op`, a result struct per op) and the
+array form (:meth:`GrantOps.grant_table_op_raw`): a buffer of packed wire
+structs, read and written back in place as Xen's ``copy_from_guest`` /
+``copy_to_guest`` do, with no object per op.
 """
 
 from __future__ import annotations
 
 import errno
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Final
@@ -73,16 +82,78 @@ from gntdma.hv._gnttab import (
     Mapping,
 )
 
-__all__ = ["GnttabOp", "GrantOps"]
+__all__ = [
+    "GNTTAB_COPY_FLAT",
+    "GNTTAB_COPY_STATUS_OFFSET",
+    "GNTTAB_MAP_GRANT_REF_OUT",
+    "GNTTAB_MAP_GRANT_REF_OUT_OFFSET",
+    "GNTTAB_OP_STATUS",
+    "GNTTAB_UNMAP_GRANT_REF_STATUS_OFFSET",
+    "GnttabOp",
+    "GrantOps",
+]
 
 # Plain ints: arithmetic on the IntFlag members builds a flag object per use.
 _HOST: Final = int(GNTMAP_host_map)
 _DEVICE: Final = int(GNTMAP_device_map)
 _READONLY: Final = int(GNTMAP_readonly)
 _HALVES: Final = _HOST | _DEVICE
+_KEPT: Final = _HALVES | _READONLY
 _PV_ONLY: Final = int(GNTMAP_application_map | GNTMAP_contains_pte)
 _COPY_SOURCE_GREF: Final = int(GNTCOPY_source_gref)
 _COPY_DEST_GREF: Final = int(GNTCOPY_dest_gref)
+_OKAY: Final = int(GNTST_okay)
+_GENERAL_ERROR: Final = int(GNTST_general_error)
+_BAD_DOMAIN: Final = int(GNTST_bad_domain)
+_BAD_GNTREF: Final = int(GNTST_bad_gntref)
+_BAD_HANDLE: Final = int(GNTST_bad_handle)
+_BAD_DEV_ADDR: Final = int(GNTST_bad_dev_addr)
+_BAD_PAGE: Final = int(GNTST_bad_page)
+_BAD_COPY_ARG: Final = int(GNTST_bad_copy_arg)
+_NO_SPACE: Final = int(GNTST_no_space)
+_PERMISSION_DENIED: Final = int(GNTST_permission_denied)
+_DOMID_SELF: Final = int(DOMID_SELF)
+
+
+
+def _offset(fields: Sequence[tuple[str, int, int]], member: str) -> int:
+    """Byte offset of ``member`` in a wire struct's ``FIELDS``."""
+    for name, offset, _size in fields:
+        if name == member:
+            return offset
+    raise AssertionError(f"no member {member}")
+
+
+# Precompiled views of the op structs, from their layouts in gntdma.abi.grant_table:
+# (status, handle, dev_bus_addr), what a map writes back at the offset of status;
+# a lone int16 status; struct gnttab_copy with both gnttab_copy_ptr members inline
+# (source.u, .domid, .offset, dest.u, .domid, .offset, len, flags, status).
+_MAP_LAYOUT: Final = GnttabMapGrantRef.LAYOUT
+GNTTAB_MAP_GRANT_REF_OUT: Final = struct.Struct(
+    "<" + "".join(_MAP_LAYOUT.codes[_MAP_LAYOUT.names.index("status"):]))
+GNTTAB_MAP_GRANT_REF_OUT_OFFSET: Final = _offset(GnttabMapGrantRef.FIELDS, "status")
+GNTTAB_OP_STATUS: Final = struct.Struct("<h")
+GNTTAB_UNMAP_GRANT_REF_STATUS_OFFSET: Final = _offset(GnttabUnmapGrantRef.FIELDS, "status")
+GNTTAB_COPY_STATUS_OFFSET: Final = _offset(GnttabCopy.FIELDS, "status")
+_COPY_PTR_CODE: Final = f"{GnttabCopyPtr.STRUCT.size}s"
+GNTTAB_COPY_FLAT: Final = struct.Struct(
+    "<" + GnttabCopyPtr.STRUCT.format[1:] * 2
+    + GnttabCopy.STRUCT.format.removeprefix("<" + _COPY_PTR_CODE * 2))
+assert GNTTAB_MAP_GRANT_REF_OUT_OFFSET + GNTTAB_MAP_GRANT_REF_OUT.size == \
+    GnttabMapGrantRef.STRUCT.size
+assert GNTTAB_COPY_FLAT.size == GnttabCopy.STRUCT.size
+
+_MAP_SIZE: Final = GnttabMapGrantRef.STRUCT.size
+_MAP_IN: Final = GnttabMapGrantRef.STRUCT.unpack_from
+_MAP_OUT: Final = GNTTAB_MAP_GRANT_REF_OUT.pack_into
+_MAP_OUT_OFF: Final = GNTTAB_MAP_GRANT_REF_OUT_OFFSET
+_UNMAP_SIZE: Final = GnttabUnmapGrantRef.STRUCT.size
+_UNMAP_IN: Final = GnttabUnmapGrantRef.STRUCT.unpack_from
+_UNMAP_STATUS_OFF: Final = GNTTAB_UNMAP_GRANT_REF_STATUS_OFFSET
+_COPY_SIZE: Final = GnttabCopy.STRUCT.size
+_COPY_IN: Final = GNTTAB_COPY_FLAT.unpack_from
+_COPY_STATUS_OFF: Final = GNTTAB_COPY_STATUS_OFFSET
+_STATUS_OUT: Final = GNTTAB_OP_STATUS.pack_into
 
 GnttabOp = GnttabMapGrantRef | GnttabUnmapGrantRef | GnttabSetupTable | GnttabQuerySize | GnttabCopy
 
@@ -97,22 +168,26 @@ _GNTTAB_HANDLERS: Final[dict[int, tuple[str, type, bool]]] = {
 }
 
 
-# The per-op results of the hot ops, built directly: what ``replace(op, status=...)``
-# gives (the structs are final), without its per-call field walk.
+# The per-op results of the dataclass form, built directly: what
+# ``replace(op, status=...)`` gives (the structs are final), without its field walk.
 def _map_result(op: GnttabMapGrantRef, status: int) -> GnttabMapGrantRef:
     return GnttabMapGrantRef(op.host_addr, op.flags, op.ref, op.dom, status, op.handle,
                              op.dev_bus_addr)
 
 
 def _unmap_result(op: GnttabUnmapGrantRef, status: int) -> GnttabUnmapGrantRef:
+    if status == op.status:  # frozen: the op itself is that result
+        return op
     return GnttabUnmapGrantRef(op.host_addr, op.dev_bus_addr, op.handle, status)
 
 
-def _pin_incr(flags: int, half: int) -> int:
-    """The ``GNTPIN_*_inc`` of one half of a mapping with ``flags``."""
-    if half == _DEVICE:
-        return GNTPIN_devr_inc if flags & _READONLY else GNTPIN_devw_inc
-    return GNTPIN_hstr_inc if flags & _READONLY else GNTPIN_hstw_inc
+def _map_incr(flags: int) -> int:
+    """The pins a map with ``flags`` takes: one of each half it maps."""
+    if flags & _READONLY:
+        return (GNTPIN_devr_inc if flags & _DEVICE else 0) + \
+               (GNTPIN_hstr_inc if flags & _HOST else 0)
+    return (GNTPIN_devw_inc if flags & _DEVICE else 0) + \
+           (GNTPIN_hstw_inc if flags & _HOST else 0)
 
 
 class GrantOps:
@@ -142,6 +217,58 @@ class GrantOps:
                 return -errno.EFAULT, []
         fn: Callable[[Domain, GnttabOp], GnttabOp] = getattr(self, name)
         return 0, [fn(caller, op) for op in ops]
+
+    def grant_table_op_raw(self, caller_id: int, cmd: int, buf: bytearray | memoryview,
+                           count: int) -> int:
+        """HYPERVISOR_grant_table_op on ``count`` packed op structs in ``buf``: rc.
+
+        The array form of :meth:`grant_table_op`, as the hypercall is on Xen:
+        each op is read from ``buf`` and its results written back in place
+        (``gnttab_map_grant_ref`` copies the whole op back, so a map writes its
+        status, and on success its handle and ``dev_bus_addr``;
+        ``gnttab_unmap_grant_ref`` and ``gnttab_copy`` write only ``status``,
+        ``__copy_field_to_guest(uop, &op, status)``). An op past the end of
+        ``buf`` is ``-EFAULT`` for the call, the ops before it done, as a fault
+        on ``copy_from_guest`` is. Same checks and statuses as the dataclass form.
+        """
+        caller = self.domains.get(caller_id)
+        if caller is None:
+            return -errno.ESRCH
+        handler = _GNTTAB_HANDLERS.get(cmd)
+        if handler is None:
+            return -errno.ENOSYS
+        _name, op_type, single = handler
+        if single and count != 1:
+            return -errno.EINVAL
+        if count < 0:
+            return -errno.EINVAL
+        size: int = op_type.STRUCT.size  # type: ignore[attr-defined]
+        n = min(count, len(buf) // size)
+        if cmd == GNTTABOP_map_grant_ref:
+            for off in range(0, n * _MAP_SIZE, _MAP_SIZE):
+                host_addr, flags, ref, dom, _st, _h, _dba = _MAP_IN(buf, off)
+                status, handle, dev_bus_addr = self._map_ref(caller, host_addr, flags, ref, dom)
+                if status == _OKAY:
+                    _MAP_OUT(buf, off + _MAP_OUT_OFF, status, handle, dev_bus_addr)
+                else:
+                    _STATUS_OUT(buf, off + _MAP_OUT_OFF, status)
+        elif cmd == GNTTABOP_unmap_grant_ref:
+            for off in range(0, n * _UNMAP_SIZE, _UNMAP_SIZE):
+                host_addr, dev_bus_addr, handle, _st = _UNMAP_IN(buf, off)
+                _STATUS_OUT(buf, off + _UNMAP_STATUS_OFF,
+                            self._unmap_handle(caller, host_addr, dev_bus_addr, handle))
+        elif cmd == GNTTABOP_copy:
+            for off in range(0, n * _COPY_SIZE, _COPY_SIZE):
+                su, sdom, soff, du, ddom, doff, length, flags, _st = _COPY_IN(buf, off)
+                _STATUS_OUT(buf, off + _COPY_STATUS_OFF,
+                            self._copy_one(caller, su, sdom, soff, du, ddom, doff, length,
+                                           flags))
+        else:
+            fn: Callable[[Domain, GnttabOp], GnttabOp] = getattr(self, _name)
+            for off in range(0, n * size, size):
+                fn(caller, op_type.unpack_from(buf, off)).pack_into(  # type: ignore[attr-defined]
+                    buf, off)
+        return 0 if n == count else -errno.EFAULT
 
     def _setup_table(self, caller: Domain, op: GnttabSetupTable) -> GnttabSetupTable:
         d = self._resolve(caller, op.dom)
@@ -188,47 +315,59 @@ class GrantOps:
         return 0
 
     def _map(self, caller: Domain, op: GnttabMapGrantRef) -> GnttabMapGrantRef:
-        # The order of map_grant_ref: flags, domain, maptrack handle, ref, pins,
-        # then the host mapping (undone, pins and handle, if it fails).
-        flags = op.flags
-        if flags & _HALVES == 0:
-            return _map_result(op, GNTST_bad_gntref)
-        if flags & _PV_ONLY:
-            return _map_result(op, GNTST_general_error)
-        granter = self.domains.get(op.dom)
-        if granter is None or granter.dying:
-            return _map_result(op, GNTST_bad_domain)
-        handle = caller.maptrack.get()
-        if handle is None:
-            return _map_result(op, GNTST_no_space)
-        if op.ref >= granter.gnttab.nr_entries:
-            caller.maptrack.put(handle)
-            return _map_result(op, GNTST_bad_gntref)
-        readonly = flags & _READONLY != 0
-        incr = (_pin_incr(flags, _DEVICE) if flags & _DEVICE else 0) + \
-               (_pin_incr(flags, _HOST) if flags & _HOST else 0)
-        status, frame = granter.gnttab.pin(op.ref, caller.domid, incr, readonly, True,
-                                           granter.memory.valid_pfn)
-        if status != GNTST_okay:
-            caller.maptrack.put(handle)
+        status, handle, dev_bus_addr = self._map_ref(caller, op.host_addr, int(op.flags),
+                                                     op.ref, op.dom)
+        if status != _OKAY:
             return _map_result(op, status)
+        return GnttabMapGrantRef(op.host_addr, op.flags, op.ref, op.dom, GNTST_okay, handle,
+                                 dev_bus_addr)
+
+    def _map_ref(self, caller: Domain, host_addr: int, flags: int, ref: int,
+                 dom: int) -> tuple[int, int, int]:
+        """One ``map_grant_ref``: (GNTST, handle, dev_bus_addr); 0, 0 unless okay.
+
+        The order of map_grant_ref: flags, domain, maptrack handle, ref, pins,
+        then the host mapping (undone, pins and handle, if it fails).
+        """
+        if flags & _HALVES == 0:
+            return _BAD_GNTREF, 0, 0
+        if flags & _PV_ONLY:
+            return _GENERAL_ERROR, 0, 0
+        granter = self.domains.get(dom)
+        if granter is None or granter.dying:
+            return _BAD_DOMAIN, 0, 0
+        maptrack = caller.maptrack
+        free = maptrack.free
+        handle = free.popleft() if len(free) > 1 else maptrack.get()
+        if handle is None:
+            return _NO_SPACE, 0, 0
+        gt = granter.gnttab
+        if ref >= gt.nr_entries:
+            free.append(handle)
+            return _BAD_GNTREF, 0, 0
+        readonly = flags & _READONLY != 0
+        incr = _map_incr(flags)
+        memory = granter.memory
+        status, frame = gt.pin(ref, caller.domid, incr, readonly, True, memory.valid_pfn)
+        if status != _OKAY:
+            free.append(handle)
+            return status, 0, 0
         view = None
         if flags & _HOST:
-            gfn = op.host_addr >> PAGE_SHIFT
-            if gfn in caller.grant_p2m or caller.memory.valid_pfn(gfn):
-                granter.gnttab.unpin(op.ref, incr, readonly)
-                caller.maptrack.put(handle)
-                return _map_result(op, GNTST_general_error)
-            caller.grant_p2m[gfn] = (granter.domid, frame)
-            view = granter.memory.page(frame)
+            gfn = host_addr >> PAGE_SHIFT
+            p2m = caller.grant_p2m
+            if gfn in p2m or caller.memory.valid_pfn(gfn):
+                gt.unpin(ref, incr, readonly)
+                free.append(handle)
+                return _GENERAL_ERROR, 0, 0
+            p2m[gfn] = (dom, frame)
+            view = memory.page(frame)
             if readonly:
                 view = view.toreadonly()
         dev_bus_addr = frame << PAGE_SHIFT
-        caller.maptrack.add(handle, Mapping(granter.domid, op.ref, frame,
-                                            flags & (_HALVES | _READONLY), op.host_addr,
-                                            dev_bus_addr, view))
-        return GnttabMapGrantRef(op.host_addr, flags, op.ref, op.dom, GNTST_okay, handle,
-                                 dev_bus_addr)
+        maptrack.add(handle, Mapping(dom, ref, frame, flags & _KEPT, host_addr, dev_bus_addr,
+                                     view))
+        return _OKAY, handle, dev_bus_addr
 
     def mapped_page(self, caller_id: int, handle: int) -> memoryview:
         """The view of the page host-mapped under ``handle`` in the caller's maptrack."""
@@ -238,40 +377,59 @@ class GrantOps:
         return m.view
 
     def _unmap(self, caller: Domain, op: GnttabUnmapGrantRef) -> GnttabUnmapGrantRef:
-        # unmap_common: the device address is checked first, then the host
-        # mapping is replaced; a half is removed only when its address is given.
-        m = caller.maptrack.entries.get(op.handle)
+        return _unmap_result(op, self._unmap_handle(caller, op.host_addr, op.dev_bus_addr,
+                                                    op.handle))
+
+    def _unmap_handle(self, caller: Domain, host_addr: int, dev_bus_addr: int,
+                      handle: int) -> int:
+        """One ``unmap_grant_ref``: the GNTST.
+
+        unmap_common: the device address is checked first, then the host
+        mapping is replaced; a half is removed only when its address is given.
+        """
+        m = caller.maptrack.entries.get(handle)
         if m is None:
-            return _unmap_result(op, GNTST_bad_handle)
-        dev = op.dev_bus_addr != 0 and m.flags & _DEVICE != 0
-        if dev and op.dev_bus_addr != m.dev_bus_addr:
-            return _unmap_result(op, GNTST_bad_dev_addr)
+            return _BAD_HANDLE
+        mflags = m.flags
+        dev = dev_bus_addr != 0 and mflags & _DEVICE != 0
+        if dev and dev_bus_addr != m.dev_bus_addr:
+            return _BAD_DEV_ADDR
         done = 0
-        if op.host_addr != 0 and m.flags & _HOST:
-            gfn = op.host_addr >> PAGE_SHIFT
-            if caller.grant_p2m.get(gfn) != (m.granter, m.frame):
-                return _unmap_result(op, GNTST_general_error)
-            del caller.grant_p2m[gfn]
-            done |= _HOST
+        if host_addr != 0 and mflags & _HOST:
+            gfn = host_addr >> PAGE_SHIFT
+            p2m = caller.grant_p2m
+            if p2m.get(gfn) != (m.granter, m.frame):
+                return _GENERAL_ERROR
+            del p2m[gfn]
+            done = _HOST
         if dev:
             done |= _DEVICE
-        self._unmap_halves(caller, op.handle, m, done)
-        return _unmap_result(op, GNTST_okay)
+        if done != 0:
+            self._unmap_halves(caller, handle, m, done)
+        return _OKAY
 
     def _unmap_halves(self, caller: Domain, handle: int, m: Mapping, done: int) -> None:
         granter = self.domains.get(m.granter)
-        readonly = m.flags & _READONLY != 0
-        for half in (_DEVICE, _HOST):
-            if done & half:
-                m.flags &= ~half
-                if granter is not None:
-                    granter.gnttab.unpin(m.ref, _pin_incr(m.flags, half), readonly)
-        if done & _HOST and m.view is not None:
-            m.view.release()
-            m.view = None
-        if m.flags & _HALVES == 0:
+        flags = m.flags
+        readonly = flags & _READONLY != 0
+        # The device half first, then the host half, each dropping its own pin.
+        if done & _DEVICE:
+            flags &= ~_DEVICE
+            if granter is not None:
+                granter.gnttab.unpin(m.ref, GNTPIN_devr_inc if readonly else GNTPIN_devw_inc,
+                                     readonly)
+        if done & _HOST:
+            flags &= ~_HOST
+            if granter is not None:
+                granter.gnttab.unpin(m.ref, GNTPIN_hstr_inc if readonly else GNTPIN_hstw_inc,
+                                     readonly)
+            if m.view is not None:
+                m.view.release()
+                m.view = None
+        m.flags = flags
+        if flags & _HALVES == 0:
             del caller.maptrack.entries[handle]
-            caller.maptrack.put(handle)
+            caller.maptrack.free.append(handle)
 
     def _unmap_all(self, caller: Domain, handle: int) -> None:
         """Both halves of a mapping, as when the mapping domain dies."""
@@ -283,52 +441,58 @@ class GrantOps:
         self._unmap_halves(caller, handle, m, m.flags & _HALVES)
 
     def _copy(self, caller: Domain, op: GnttabCopy) -> GnttabCopy:
-        # gnttab_copy_one: lock both domains, claim the source then the
-        # destination (the grant checks), and only then check the bounds
-        # (gnttab_copy_buf).
-        sides: list[tuple[GnttabCopyPtr, bool]] = [
-            (op.source, op.flags & _COPY_SOURCE_GREF != 0),
-            (op.dest, op.flags & _COPY_DEST_GREF != 0),
-        ]
-        doms: list[Domain] = []
-        for ptr, is_gref in sides:
-            if not is_gref and ptr.domid != DOMID_SELF:
-                return replace(op, status=GNTST_permission_denied)
-            d = self._resolve(caller, ptr.domid)
-            if d is None or d.dying:
-                return replace(op, status=GNTST_bad_domain)
-            doms.append(d)
-        pinned: list[tuple[Domain, int, int, bool]] = []
-        views: list[memoryview] = []
-        status: int = GNTST_okay
-        for (ptr, is_gref), d, readonly in zip(sides, doms, (True, False), strict=True):
-            if is_gref:
-                ref = ptr.ref
-                if ref >= d.gnttab.nr_entries:
-                    status = GNTST_bad_gntref
-                    break
-                incr = GNTPIN_hstr_inc if readonly else GNTPIN_hstw_inc
-                st, frame = d.gnttab.pin(ref, caller.domid, incr, readonly, False,
-                                         d.memory.valid_pfn)
-                if st != GNTST_okay:
-                    status = st
-                    break
-                pinned.append((d, ref, incr, readonly))
+        s, d = op.source, op.dest
+        status = self._copy_one(caller, s.u, s.domid, s.offset, d.u, d.domid, d.offset, op.len,
+                                op.flags)
+        return op if status == op.status else replace(op, status=status)
+
+    def _copy_one(self, caller: Domain, su: int, sdom: int, soff: int, du: int, ddom: int,
+                  doff: int, length: int, flags: int) -> int:
+        """One ``gnttab_copy_one``: the GNTST.
+
+        Lock both domains, claim the source then the destination (the grant
+        checks), and only then check the bounds (gnttab_copy_buf).
+        """
+        src_gref = flags & _COPY_SOURCE_GREF != 0
+        dst_gref = flags & _COPY_DEST_GREF != 0
+        if not src_gref and sdom != _DOMID_SELF:
+            return _PERMISSION_DENIED
+        sd = caller if sdom == _DOMID_SELF else self.domains.get(sdom)
+        if sd is None or sd.dying:
+            return _BAD_DOMAIN
+        if not dst_gref and ddom != _DOMID_SELF:
+            return _PERMISSION_DENIED
+        dd = caller if ddom == _DOMID_SELF else self.domains.get(ddom)
+        if dd is None or dd.dying:
+            return _BAD_DOMAIN
+        status, sframe = self._copy_claim(caller, sd, su, src_gref, True)
+        if status != _OKAY:
+            return status
+        status, dframe = self._copy_claim(caller, dd, du, dst_gref, False)
+        dst_pinned = dst_gref and status == _OKAY
+        if status == _OKAY:
+            if soff + length > PAGE_SIZE or doff + length > PAGE_SIZE:
+                status = _BAD_COPY_ARG
             else:
-                frame = ptr.u
-                if not d.memory.valid_pfn(frame):
-                    status = GNTST_bad_page
-                    break
-            views.append(d.memory.page(frame))
-        if status == GNTST_okay:
-            so, do = op.source.offset, op.dest.offset
-            if so + op.len > PAGE_SIZE or do + op.len > PAGE_SIZE:
-                status = GNTST_bad_copy_arg
-            else:
-                src, dst = views
-                dst[do : do + op.len] = src[so : so + op.len]
-        for v in views:
-            v.release()
-        for d, ref, incr, readonly in pinned:
-            d.gnttab.unpin(ref, incr, readonly)
-        return replace(op, status=status)
+                with sd.memory.page(sframe) as src, dd.memory.page(dframe) as dst:
+                    dst[doff : doff + length] = src[soff : soff + length]
+        # Released as they were claimed: the source, then the destination.
+        if src_gref:
+            sd.gnttab.unpin(su & 0xFFFFFFFF, GNTPIN_hstr_inc, True)
+        if dst_pinned:
+            dd.gnttab.unpin(du & 0xFFFFFFFF, GNTPIN_hstw_inc, False)
+        return status
+
+    @staticmethod
+    def _copy_claim(caller: Domain, d: Domain, u: int, is_gref: bool,
+                    readonly: bool) -> tuple[int, int]:
+        """Claim one side of a copy (``acquire_grant_for_copy`` for a grant ref,
+        ``get_paged_frame`` for the caller's own frame): (GNTST, frame)."""
+        if not is_gref:
+            return (_OKAY, u) if d.memory.valid_pfn(u) else (_BAD_PAGE, 0)
+        ref = u & 0xFFFFFFFF  # the union's ref view: the low 32 bits
+        gt = d.gnttab
+        if ref >= gt.nr_entries:
+            return _BAD_GNTREF, 0
+        return gt.pin(ref, caller.domid, GNTPIN_hstr_inc if readonly else GNTPIN_hstw_inc,
+                      readonly, False, d.memory.valid_pfn)
