@@ -52,10 +52,6 @@ from typing import Final, final
 
 from gntdma.abi.grant_table import (
     GNTTAB_NR_RESERVED_ENTRIES,
-    GRANT_ENTRY_V1,
-    GRANT_ENTRY_V1_DOMID_FRAME,
-    GRANT_ENTRY_V1_DOMID_OFFSET,
-    GRANT_ENTRY_V1_FLAGS,
     GRANT_REF_INVALID,
     GREFS_PER_GRANT_FRAME,
     GNTST_okay,
@@ -67,7 +63,6 @@ from gntdma.abi.grant_table import (
     GTF_reading,
     GTF_readonly,
     GTF_writing,
-    grant_entry_v1_slot,
 )
 from gntdma.abi.xen import DOMID_SELF
 from gntdma.sched import (
@@ -78,12 +73,12 @@ from gntdma.sched import (
     curthread,
     mtx_lock,
     mtx_unlock,
-    wmb,
 )
 from gntdma.xen.gnttab_types import (
     GNTTAB_LIST_END,
     GnttabFreeCallback,
     GntTabStatistics,
+    GrantEntries,
     GrantRefHead,
 )
 from gntdma.xen.hypercall import Hypercalls
@@ -95,6 +90,7 @@ __all__ = [
     "GntTab",
     "GntTabStatistics",
     "GnttabFreeCallback",
+    "GrantEntries",
     "GrantRefHead",
 ]
 
@@ -104,9 +100,6 @@ DEFAULT_MAX_NR_GRANT_FRAMES: Final = 4
 #: Allocations by others a waiting free callback lets pass before refs are kept for it.
 GNTTAB_MAX_OVERTAKINGS: Final = 8
 
-_FLAGS: Final = GRANT_ENTRY_V1_FLAGS
-_ENTRY: Final = GRANT_ENTRY_V1
-_DOMID_FRAME: Final = GRANT_ENTRY_V1_DOMID_FRAME
 # Plain ints: arithmetic on the IntFlag members builds a flag object per use.
 _PERMIT_ACCESS: Final = int(GTF_permit_access)
 _PERMIT_ACCESS_RO: Final = int(GTF_permit_access | GTF_readonly)
@@ -148,7 +141,8 @@ class GntTab:
         self._running: GnttabFreeCallback | None = None
         self.double_frees = 0
         self.reports: list[str] = []
-        self._frames: list[memoryview] = []
+        #: The table's frames and entries, with the count of entries granted.
+        self._entries = GrantEntries()
         self.peak_allocated = 0
         #: References allocated for a holder's whole life (rings, prealloc maps):
         #: a waiting allocation may not count on them coming back (DESIGN section 7).
@@ -168,7 +162,7 @@ class GntTab:
 
     @property
     def nr_frames(self) -> int:
-        return len(self._frames)
+        return len(self._entries.frames)
 
     @property
     def capacity(self) -> int:
@@ -195,8 +189,8 @@ class GntTab:
         if not isinstance(r, GnttabSetupTable) or r.status != GNTST_okay:
             return errno.ENOSPC
         old = len(self.next)
-        self._frames = self.hc.grant_frames()
-        new = len(self._frames) * GREFS_PER_GRANT_FRAME
+        self._entries.attach(self.hc.grant_frames())
+        new = len(self._entries.frames) * GREFS_PER_GRANT_FRAME
         first = max(old, GNTTAB_NR_RESERVED_ENTRIES)
         self.next.extend([GNTTAB_LIST_END] * (new - old))
         self.is_free.extend(bytes(new - old))
@@ -332,20 +326,13 @@ class GntTab:
 
     # -- granting ----------------------------------------------------------------
 
-    def _entry_off(self, ref: int) -> tuple[memoryview, int]:
-        f, off = grant_entry_v1_slot(ref)
-        return self._frames[f], off
-
     def gnttab_grant_foreign_access_ref(self, ref: int, domid: int, frame: int,
                                         readonly: bool) -> None:
         """Write the grant: domid and frame, a write barrier, then flags."""
         if not self.ref_is_valid(ref):
             self.reports.append(f"gnttab_grant_foreign_access_ref: invalid ref {ref:#x}")
             return
-        page, off = self._entry_off(ref)
-        _DOMID_FRAME.pack_into(page, off + GRANT_ENTRY_V1_DOMID_OFFSET, domid, frame)
-        wmb()
-        _FLAGS.pack_into(page, off, _PERMIT_ACCESS_RO if readonly else _PERMIT_ACCESS)
+        self._entries.grant(ref, domid, frame, _PERMIT_ACCESS_RO if readonly else _PERMIT_ACCESS)
 
     def gnttab_grant_foreign_access(self, domid: int, frame: int,
                                     readonly: bool) -> tuple[int, int]:
@@ -362,8 +349,7 @@ class GntTab:
         """The GTF_reading|GTF_writing bits of ``ref`` (0 when not pinned)."""
         if not self.ref_is_valid(ref):
             return 0
-        page, off = self._entry_off(ref)
-        return int(_FLAGS.unpack_from(page, off)[0]) & _PINNED
+        return self._entries.flags(ref) & _PINNED
 
     def gnttab_end_foreign_access_ref(self, ref: int) -> int:
         """Revoke the grant: 1 on success, 0 while the grantee still has it pinned.
@@ -374,12 +360,7 @@ class GntTab:
         if not self.ref_is_valid(ref):
             self.reports.append(f"gnttab_end_foreign_access_ref: invalid ref {ref:#x}")
             return 0
-        page, off = self._entry_off(ref)
-        flags = int(_FLAGS.unpack_from(page, off)[0])
-        if flags & _PINNED:
-            return 0
-        _FLAGS.pack_into(page, off, 0)
-        return 1
+        return self._entries.end(ref)
 
     def gnttab_end_foreign_access(self, ref: int,
                                   release: Callable[[], None] | None = None) -> int:
@@ -563,22 +544,16 @@ class GntTab:
 
     def entry(self, ref: int) -> tuple[int, int, int]:
         """(flags, domid, frame) of ``ref`` as written in the table."""
-        page, off = self._entry_off(ref)
-        flags, domid, frame = _ENTRY.unpack_from(page, off)
-        return int(flags), int(domid), int(frame)
+        return self._entries.entry(ref)
 
     def statistics(self) -> GntTabStatistics:
         usable = self.nr_frames * GREFS_PER_GRANT_FRAME - GNTTAB_NR_RESERVED_ENTRIES
-        granted = 0
-        for ref in range(GNTTAB_NR_RESERVED_ENTRIES, len(self.next)):
-            if self.entry(ref)[0] & 3:
-                granted += 1
         return GntTabStatistics(
             self.nr_frames,
             self.max_frames,
             self.free_count,
             usable - self.free_count,
-            granted,
+            self._entries.granted,
             len(self.callbacks),
             self.callbacks_run,
             len(self.reclaim),
