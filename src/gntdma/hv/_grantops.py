@@ -190,6 +190,10 @@ def _map_incr(flags: int) -> int:
            (GNTPIN_hstw_inc if flags & _HOST else 0)
 
 
+#: :func:`_map_incr` of every combination of the device, host and readonly bits.
+_MAP_INCR: Final = tuple(_map_incr(f) for f in range(_KEPT + 1))
+
+
 class GrantOps:
     """The grant-table hypercalls of :class:`gntdma.hv.Hypervisor`."""
 
@@ -346,7 +350,7 @@ class GrantOps:
             free.append(handle)
             return _BAD_GNTREF, 0, 0
         readonly = flags & _READONLY != 0
-        incr = _map_incr(flags)
+        incr = _MAP_INCR[flags & _KEPT]
         memory = granter.memory
         status, frame = gt.pin(ref, caller.domid, incr, readonly, True, memory.valid_pfn)
         if status != _OKAY:

@@ -33,6 +33,14 @@ class Hypercalls:
         """HYPERVISOR_grant_table_op: (rc, results)."""
         return self._hv.grant_table_op(self.domid, cmd, ops)
 
+    def grant_table_op_raw(self, cmd: int, buf: bytearray | memoryview, count: int) -> int:
+        """HYPERVISOR_grant_table_op on ``count`` packed op structs in ``buf``: rc.
+
+        The array form: results are written back into ``buf`` in place, with no
+        object per op (:meth:`gntdma.hv.Hypervisor.grant_table_op_raw`).
+        """
+        return self._hv.grant_table_op_raw(self.domid, cmd, buf, count)
+
     def grant_frames(self) -> list[memoryview]:
         """Map this domain's own grant-table frames (after setup_table)."""
         return self._hv.grant_frames(self.domid)
