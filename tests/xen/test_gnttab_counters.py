@@ -245,3 +245,43 @@ def test_grant_cycle_and_statistics_do_the_same_work_at_1_and_64_frames(host: Ho
         release(g, refs, pfn)
         host.destroy_guest(g)
     assert work[FULL] == work[1], work
+
+
+def test_backend_maps_a_batch_through_the_array_form_of_the_hypercall(host: Host) -> None:
+    # HYPERVISOR_grant_table_op(GNTTABOP_map_grant_ref, uop, count) with uop an
+    # array of struct gnttab_map_grant_ref in the caller's memory, written back
+    # in place (xen/common/grant_table.c, gnttab_map_grant_ref); a frontend's
+    # grants mapped by dom0 that way pin the entries as the struct form does.
+    g = host.create_guest("g")
+    pfns = [g.kernel.vm_page_alloc() for _ in range(3)]
+    refs = []
+    for i, pfn in enumerate(pfns):
+        assert pfn is not None
+        g.hc.own_page(pfn)[:1] = bytes([i + 1])
+        error, ref = g.gnttab.gnttab_grant_foreign_access(0, pfn, readonly=True)
+        assert error == 0
+        refs.append(ref)
+    hc = host.dom0.hc
+    pinned = g.domain.statistics().grants_pinned  # the xenstore ring's
+    m, u = GnttabMapGrantRef.STRUCT, GnttabUnmapGrantRef.STRUCT
+    addrs = [hc.foreign.alloc()[1] for _ in refs]
+    flags = int(GNTMAP_host_map | GNTMAP_readonly)
+    buf = bytearray(b"".join(m.pack(a, flags, r, g.domid, 0, 0, 0)
+                             for a, r in zip(addrs, refs, strict=True)))
+    assert hc.grant_table_op_raw(GNTTABOP_map_grant_ref, buf, len(refs)) == 0
+    results = [m.unpack_from(buf, i * m.size) for i in range(len(refs))]
+    assert [r[4] for r in results] == [GNTST_okay] * 3
+    assert [bytes(hc.mapped_page(r[5])[:1]) for r in results] == [b"\x01", b"\x02", b"\x03"]
+    assert [g.gnttab.gnttab_end_foreign_access_ref(r) for r in refs] == [0, 0, 0]
+    assert g.domain.statistics().grants_pinned == pinned + 3
+    ubuf = bytearray(b"".join(u.pack(a, 0, r[5], 0) for a, r in zip(addrs, results,
+                                                                    strict=True)))
+    assert hc.grant_table_op_raw(GNTTABOP_unmap_grant_ref, ubuf, len(refs)) == 0
+    assert [u.unpack_from(ubuf, i * u.size)[3] for i in range(3)] == [GNTST_okay] * 3
+    for a in addrs:
+        assert hc.foreign.free(a) == 0
+    for ref, pfn in zip(refs, pfns, strict=True):
+        assert g.gnttab.gnttab_end_foreign_access_ref(ref) == 1
+        g.gnttab.gnttab_free_grant_reference(ref)
+        assert pfn is not None
+        g.kernel.vm_page_free(pfn)
