@@ -18,6 +18,8 @@ import pytest
 from gntdma.sched import (
     Scheduler,
     VirtualClock,
+    _sx,
+    _sync,
     _trace,
     checkpoint,
     msleep,
@@ -195,7 +197,8 @@ def test_limit_stops_the_trace_and_says_so(sched: Scheduler) -> None:
         mtx_lock(m)
         mtx_unlock(m)
     assert rec.limit_reached
-    assert _trace.active is None  # the trace points cost nothing from here on
+    # The trace points cost a global check from here on, the locks' own included.
+    assert _trace.active is None and _sync._tr is None and _sx._tr is None
     doc = _doc(rec)
     assert check_trace(doc) == []
     marks = [e for e in doc["traceEvents"] if e["name"] == "trace limit reached"]

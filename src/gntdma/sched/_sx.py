@@ -51,6 +51,18 @@ __all__ = [
     "sx_xunlock",
 ]
 
+#: The trace recorder while tracing, else None (kept by ``_trace.on_switch``).
+_tr: _trace.TraceRecorder | None = None
+
+
+def _trace_switch(rec: _trace.TraceRecorder | None) -> None:
+    global _tr
+    _tr = rec
+
+
+_trace.on_switch(_trace_switch)
+
+
 #: sx_init_flags(9) options (sys/sys/sx.h).
 SX_DUPOK: Final = 0x01
 SX_NOWITNESS: Final = 0x04
@@ -117,16 +129,16 @@ def _holds_shared(t: KThread) -> bool:
 
 def _hold(t: KThread, sx: Sx, site: Site, shared: bool) -> None:
     t.held.append(HeldLock(sx, sx.cls, site, bool(sx.flags & SX_DUPOK), True, False, shared))
-    if _trace.active is not None:
-        _trace.active.lock_acquired(t, sx, shared)
+    if _tr is not None:
+        _tr.lock_acquired(t, sx, shared)
 
 
 def _drop_held(t: KThread, sx: Sx) -> None:
     for i in range(len(t.held) - 1, -1, -1):
         if t.held[i].lock is sx:
             del t.held[i]
-            if _trace.active is not None:
-                _trace.active.lock_released(t, sx)
+            if _tr is not None:
+                _tr.lock_released(t, sx)
             return
 
 
@@ -145,8 +157,8 @@ def sx_xlock(sx: Sx) -> None:
         raise _panic(t, f"sx_xlock of {sx.name} @ {site_str(site)} while share locked")
     _enter(s, t, sx, site, "sx_xlock")
     while sx.owner is not None or sx.sharers:
-        if _trace.active is not None:
-            _trace.active.lock_wait(t, sx)
+        if _tr is not None:
+            _tr.lock_wait(t, sx)
         sx.xwaiters.append(t)
         s.wait_onlock = True
         s.block(sx, "sx_xlock", 0.0)
@@ -168,8 +180,8 @@ def sx_slock(sx: Sx) -> None:
         return
     _enter(s, t, sx, site, "sx_slock")
     while sx.owner is not None or (sx.xwaiters and not _holds_shared(t)):
-        if _trace.active is not None:
-            _trace.active.lock_wait(t, sx)
+        if _tr is not None:
+            _tr.lock_wait(t, sx)
         sx.swaiters.append(t)
         s.wait_onlock = True
         s.block(sx, "sx_slock", 0.0)

@@ -60,6 +60,18 @@ __all__ = [
 ]
 
 
+#: The trace recorder while tracing, else None (kept by ``_trace.on_switch``).
+_tr: _trace.TraceRecorder | None = None
+
+
+def _trace_switch(rec: _trace.TraceRecorder | None) -> None:
+    global _tr
+    _tr = rec
+
+
+_trace.on_switch(_trace_switch)
+
+
 class MtxFlags(IntFlag):
     """mtx_init(9) options."""
 
@@ -131,8 +143,8 @@ def _panic(t: KThread, msg: str) -> KernelPanic:
         msg += "\n locks held by " + t.name + ":" + "".join(
             f"\n  {h.cls} @ {h.site}" for h in t.held)
     current_scheduler().witness.record_panic(t.name, msg, caller_site())
-    if _trace.active is not None:
-        _trace.active.instant("panic", {"message": msg}, t)
+    if _tr is not None:
+        _tr.instant("panic", {"message": msg}, t)
     return KernelPanic(msg)
 
 
@@ -161,15 +173,15 @@ def mtx_lock(m: Mutex) -> None:
             # A spin lock is never held across a scheduling point, so an owner here
             # is a thread that blocked with it: that panicked already.
             raise _panic(t, f"spin mutex {m.name} held by a sleeping thread")
-        if _trace.active is not None:
-            _trace.active.lock_wait(t, m)
+        if _tr is not None:
+            _tr.lock_wait(t, m)
         m.waiters.append(t)
         s.wait_onlock = True
         s.block(m, "mtx", 0.0)
     m.owner = t
     t.held.append(HeldLock(m, m.cls, site, m._dupok, False, m._spin))
-    if _trace.active is not None:
-        _trace.active.lock_acquired(t, m)
+    if _tr is not None:
+        _tr.lock_acquired(t, m)
     if m._spin:
         t.critnest += 1
 
@@ -205,8 +217,8 @@ def mtx_trylock(m: Mutex) -> int:
     m.owner = t
     # trylock never waits, so WITNESS records no order for it (as FreeBSD).
     t.held.append(HeldLock(m, m.cls, caller_site_raw(), m._dupok, False, m._spin))
-    if _trace.active is not None:
-        _trace.active.lock_acquired(t, m)
+    if _tr is not None:
+        _tr.lock_acquired(t, m)
     if m._spin:
         t.critnest += 1
     return 1
@@ -240,8 +252,8 @@ def _release(s: Scheduler, m: Mutex) -> None:
                 del held[i]
                 break
     m.owner = None
-    if _trace.active is not None:
-        _trace.active.lock_released(t, m)
+    if _tr is not None:
+        _tr.lock_released(t, m)
     if m._spin:
         t.critnest -= 1
     while m.waiters:
@@ -319,15 +331,15 @@ def cv_timedwait(cv: Condvar, m: Mutex, timo: float) -> int:
     sleep_check(s, t, cv.name, m)
     cv.waiters.append(t)
     depth = _drop_for_sleep(m)
-    if _trace.active is not None:
-        _trace.active.sleep(t, cv.name)
+    if _tr is not None:
+        _tr.sleep(t, cv.name)
     try:
         rv = s.block(cv, cv.name, timo)
     finally:
         if t in cv.waiters:
             cv.waiters.remove(t)
-        if _trace.active is not None:
-            _trace.active.woken(t)
+        if _tr is not None:
+            _tr.woken(t)
     _retake_after_sleep(m, depth)
     return rv
 
@@ -415,16 +427,16 @@ def _sleep(s: Scheduler, t: KThread, chan: object, m: Mutex | None, wmesg: str,
     ch.waiters.append(t)
     if m is not None:
         depth = _drop_for_sleep(m)
-    if _trace.active is not None:
-        _trace.active.sleep(t, wmesg)
+    if _tr is not None:
+        _tr.sleep(t, wmesg)
     try:
         s.wait_idle = (pri & PIDLE) != 0
         rv = s.block(ch, wmesg, timo)
     finally:
         if t in ch.waiters:
             ch.waiters.remove(t)
-        if _trace.active is not None:
-            _trace.active.woken(t)
+        if _tr is not None:
+            _tr.woken(t)
         if not ch.waiters and _channels.get(key) is ch:
             del _channels[key]
     if m is not None:
