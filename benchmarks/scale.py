@@ -34,6 +34,7 @@ import cProfile
 import gc
 import json
 import pstats
+import signal
 import sys
 import tempfile
 import time
@@ -143,6 +144,8 @@ def main() -> int:
     n = args.guests
     if n < 20:
         ap.error("--guests must be at least 20 (two windows of ten)")
+    # SIGTERM ends the run through the same unwinding as an error: images removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if not args.no_tracemalloc:
         tracemalloc.start()
     WITNESS.reset()
@@ -249,7 +252,7 @@ def main() -> int:
             for line in grown:
                 print(f"  {line}")
         print(f"RSS with {n} guests {rss_full.get('VmRSS', 0) >> 20} MiB, "
-              f"peak {result['peak_rss_bytes'] >> 20} MiB")  # type: ignore[operator]
+              f"peak {result['peak_rss_bytes'] >> 20} MiB")
         for line in leaks + witness + [f"{k} not back to the start" for k in kept]:
             print(f"LEAK {line}")
         print("PASS" if ok else "FAIL")

@@ -193,3 +193,27 @@ def test_port_allocation_takes_the_lowest_free_port_in_steps_independent_of_open
     assert [hv.evtchn_alloc_unbound(0, 0, 0)[1] for _ in range(4)] == [5, 700, 2000, 3002]
     n, (rc, port) = _lines(lambda: hv.evtchn_alloc_unbound(0, 0, 0))
     assert (rc, port) == (0, 3003) and n == costs[0]
+
+
+def test_adding_and_removing_a_device_does_not_walk_the_hosts_devices(host: Host) -> None:
+    """The toolstack's device list: a duplicate check, an add and a removal of one
+    guest's device cost the same with 5 devices of another guest on the host as
+    with 300 (libxl keeps them in xenstore, a directory per domain: nothing walks
+    every device of the host)."""
+    other, g = host.create_guest("other", memory_mb=4), host.create_guest("g", memory_mb=4)
+    xs = host.xenstore
+    costs = []
+    made = []
+    for existing in (5, 300):
+        while len(made) < existing:
+            made.append(xs.add_device(other.domid, 0, "vbd", 100 + len(made)))
+        n_add, dev = _lines(lambda: xs.add_device(g.domid, 0, "vbd", 51712))
+        n_rm, _ = _lines(lambda dev=dev: xs._remove_dirs(dev))  # type: ignore[misc]
+        costs.append((n_add, n_rm))
+    assert costs[1] == costs[0], costs
+    assert xs.devices == made
+    for dev in made:
+        xs._remove_dirs(dev)
+    assert xs.devices == []
+    host.destroy_guest(g)
+    host.destroy_guest(other)
