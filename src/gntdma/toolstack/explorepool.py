@@ -101,6 +101,7 @@ class Campaign:
                 return
             if self.pct and r.k != self.k:
                 del self.results[i]
+                bisect.insort(self._redo, i)
                 return
             self.explored += 1
             if self.keep:
@@ -116,6 +117,7 @@ class Campaign:
                 for j in [j for j, x in self.results.items()
                           if x.k is not None and self.k is not None and x.k < self.k]:
                     del self.results[j]
+                    bisect.insort(self._redo, j)
 
     def settle(self, chunk: Chunk) -> None:
         """A chunk is back (or lost): what it did not deliver is to run again."""
@@ -131,19 +133,19 @@ class Campaign:
         if self.done or front is None:
             return (), ()
         out: list[int] = []
+        # The frontier first: nothing is accepted before it is.
+        if front not in self.results and front not in self.inflight:
+            out.append(front)
         while self._redo and len(out) < size:
             i = self._redo.pop(0)
-            if i >= front and i not in self.results and i not in self.inflight:
+            if i > front and i not in self.results and i not in self.inflight \
+                    and i not in out:
                 out.append(i)
         while len(out) < size and self._fresh < len(self.indices):
             i = self.indices[self._fresh]
             self._fresh += 1
-            if i >= front and i not in self.results and i not in self.inflight:
+            if i > front and i not in self.results and i not in self.inflight:
                 out.append(i)
-        # The frontier itself may be missing (its result was dropped as stale).
-        if (front not in out and front not in self.results and front not in self.inflight
-                and len(out) < size):
-            out.insert(0, front)
         out.sort()
         self.inflight.update(out)
         return tuple(out), tuple(self.k for _ in out)
