@@ -31,6 +31,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
+from gntdma.errors import ConfigError
 from gntdma.toolstack.explorejobs import (
     PCT_FIRST_K,
     PCT_STEPS,
@@ -198,6 +199,9 @@ def _isolate_one(spec: CampaignSpec, index: int, k: int | None,
     if p.exitcode == 0 and done.exists():
         return ScheduleResult.from_json(json.loads(done.read_text()))
     how = _died(p.exitcode)
+    if not Path(base + ".steps").exists():  # it died before the schedule began
+        raise ConfigError(f"a worker process could not start ({how}); the "
+                          "scenario must be importable by a fresh interpreter")
     sched = read_recording(Path(base + ".steps"), spec.seed + index)
     report = (f"the process running schedule {index + 1} died ({how}) after "
               f"{len(sched.steps)} scheduling decisions")
@@ -219,7 +223,9 @@ def run_campaign(campaign: Campaign, executor_factory: Callable[[], Executor], *
     """Run what ``campaign`` needs on executors from ``executor_factory``; seconds taken."""
     t0 = time.perf_counter()
     if chunk is None:
-        chunk = max(1, min(32, len(campaign.indices) // (jobs * 8)))
+        # PCT results run ahead of the frontier are lost whenever k grows: keep
+        # fewer of them in flight.
+        chunk = max(1, min(4 if campaign.pct else 32, len(campaign.indices) // (jobs * 8)))
     campaign.advance()
     suspects: list[Chunk] = []
     futures: dict[Future[list[ScheduleResult]], Chunk] = {}
