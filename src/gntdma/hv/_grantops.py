@@ -176,8 +176,6 @@ def _map_result(op: GnttabMapGrantRef, status: int) -> GnttabMapGrantRef:
 
 
 def _unmap_result(op: GnttabUnmapGrantRef, status: int) -> GnttabUnmapGrantRef:
-    if status == op.status:  # frozen: the op itself is that result
-        return op
     return GnttabUnmapGrantRef(op.host_addr, op.dev_bus_addr, op.handle, status)
 
 
@@ -448,7 +446,7 @@ class GrantOps:
         s, d = op.source, op.dest
         status = self._copy_one(caller, s.u, s.domid, s.offset, d.u, d.domid, d.offset, op.len,
                                 op.flags)
-        return op if status == op.status else replace(op, status=status)
+        return replace(op, status=status)
 
     def _copy_one(self, caller: Domain, su: int, sdom: int, soff: int, du: int, ddom: int,
                   doff: int, length: int, flags: int) -> int:
