@@ -226,15 +226,20 @@ def speed(schedules: int, rounds: int, scale_schedules: int) -> dict[str, Any]:
     print(f"  {'now':<10} {one['per_s']:12.0f} {one['per_cpu_s']:10.0f}")
     print(f"  ratio      {one['ratio']:12.2f} {one['ratio_cpu']:10.2f}   (target >= 2.5)")
     ncpu = len(os.sched_getaffinity(0))
-    rates = {n: explore_rate(sys.executable, new_src, scale_schedules, n)[0]
+    rates = {n: explore_rate(sys.executable, new_src, scale_schedules, n)
              for n in range(1, ncpu + 1)}
     print(f"{SCENARIO}, --jobs N, {scale_schedules} schedules (pool start included; "
           "load average {:.1f}: the scaling needs N free cores)".format(os.getloadavg()[0]))
+    print("  CPU-bound scaling: N x the schedules per CPU second against --jobs 1 (what N "
+          "free cores give)")
     scaling = []
-    for n, r in rates.items():
-        sc = r / rates[1]
-        scaling.append({"jobs": n, "per_s": r, "scaling": sc, "target": 0.8 * n})
-        print(f"  --jobs {n:<3} {r:8.0f} schedules/s   x{sc:.2f} (target >= {0.8 * n:.1f})")
+    for n, (r, c) in rates.items():
+        sc = r / rates[1][0]
+        bound = n * c / rates[1][1]
+        scaling.append({"jobs": n, "per_s": r, "per_cpu_s": c, "scaling": sc,
+                        "cpu_bound_scaling": bound, "target": 0.8 * n})
+        print(f"  --jobs {n:<3} {r:8.0f} schedules/s   x{sc:.2f}   CPU-bound x{bound:.2f} "
+              f"(target >= {0.8 * n:.1f})")
     return {"one_process": one, "jobs": scaling, "load_average": os.getloadavg()[0]}
 
 
