@@ -36,9 +36,7 @@ from gntdma.abi.grant_table import (
     GNTTABOP_map_grant_ref,
     GNTTABOP_unmap_grant_ref,
     GnttabUnmapGrantRef,
-    GTF_reading,
     GTF_type_mask,
-    GTF_writing,
 )
 from gntdma.sched import WITNESS
 from gntdma.toolstack.host import Guest, Host
@@ -56,11 +54,15 @@ def scan_guest(g: Guest) -> tuple[int, int]:
 
 
 def scan_hv(g: Guest) -> tuple[int, int]:
-    """(entries in use, entries pinned) read entry by entry from the hypervisor's table."""
+    """(entries in use, entries pinned) read entry by entry from the hypervisor's table
+    and its active entries. A pin is the hypervisor's (``struct active_grant_entry``):
+    a granter that rewrites a pinned entry's flags clears ``GTF_reading`` and
+    ``GTF_writing`` in its table but not the pin."""
     table = g.domain.gnttab
     flags = [table.read(r)[0] for r in range(table.nr_entries)]
+    active = [table.active.get(r) for r in range(table.nr_entries)]
     return (sum(1 for f in flags if f & GTF_type_mask),
-            sum(1 for f in flags if f & (GTF_reading | GTF_writing)))
+            sum(1 for a in active if a is not None and a.pin != 0))
 
 
 class CountersMachine(RuleBasedStateMachine):
