@@ -220,3 +220,64 @@ def test_a_sink_gets_every_event_in_batches(sched: Scheduler) -> None:
     events = [e for b in got for e in b]
     assert check_trace({"traceEvents": events}) == []
     assert sum(1 for e in events if e["ph"] in "BE") == 10
+
+
+class _Port:
+    """What the recorder reads of an event channel port (hv/_evtchn.py's EventPort)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.handler = type("H", (), {"name": f"intr{port}"})()
+        self.pending = False
+        self.masked = False
+
+
+def _flow_ids(doc: dict[str, Any], ph: str) -> list[int]:
+    return sorted(e["id"] for e in doc["traceEvents"] if e["ph"] == ph)
+
+
+def test_a_notification_whose_handler_never_ran_has_its_flow_closed(
+        sched: Scheduler) -> None:
+    # An interrupted run: the notification was sent, its handler thread never ran
+    # it (hv/_evtchn.py: evtchn_notify without evtchn_run). Every flow that starts
+    # finishes, on the notifier's track, in a slice saying it was not served.
+    rec = _trace.start(TraceRecorder())
+    served, unserved = _Port(3), _Port(4)
+    rec.evtchn_notify(served)
+    rec.evtchn_notify(unserved)
+    rec.evtchn_run(served)
+    rec.evtchn_ran(served)
+    doc = _doc(rec)
+    assert _flow_ids(doc, "s") == _flow_ids(doc, "f") and len(_flow_ids(doc, "s")) == 2
+    assert ("B", "notify not served") in _on(doc, "thread0")
+    assert check_trace(doc) == []
+
+
+def test_a_notification_served_after_the_limit_still_finishes_its_flow(
+        sched: Scheduler) -> None:
+    rec = _trace.start(TraceRecorder(limit=8))
+    port = _Port(5)
+    rec.evtchn_notify(port)
+    m = mtx_init("m")
+    for _ in range(5):
+        mtx_lock(m)
+        mtx_unlock(m)
+    assert rec.limit_reached
+    rec.evtchn_run(port)  # no slice can begin past the limit: the flow waits for finish()
+    rec.evtchn_ran(port)
+    doc = _doc(rec)
+    assert _flow_ids(doc, "s") == _flow_ids(doc, "f") != []
+    assert check_trace(doc) == []
+
+
+def test_trace_marks_on_pid_0_have_a_process_name(sched: Scheduler) -> None:
+    rec = _trace.start(TraceRecorder())
+    m = mtx_init("m")
+    mtx_lock(m)
+    mtx_unlock(m)
+    rec.note("replay output", {"lines": ["ok"]})
+    doc = _doc(rec)
+    procs = {e["pid"]: e["args"]["name"] for e in doc["traceEvents"]
+             if e["ph"] == "M" and e["name"] == "process_name"}
+    assert procs.get(0) == "trace marks"
+    assert check_trace(doc) == []

@@ -69,6 +69,13 @@ def _broken(how: str) -> dict[str, Any]:
         del ev[13]
     elif how == "process not named":
         del ev[11]
+    elif how == "flow never finished":
+        del ev[8]
+    elif how == "flow finished twice":
+        ev.insert(9, ev[8] | {})
+    elif how == "global instant's pid not named":
+        ev.insert(11, {"ph": "i", "s": "g", "name": "replay output", "cat": "trace",
+                       "pid": 0, "tid": 0, "ts": 7.0})
     elif how == "no ts":
         del ev[2]["ts"]
     elif how == "tid not an integer":
@@ -84,6 +91,8 @@ def _broken(how: str) -> dict[str, Any]:
     "E never comes", "E without B", "not nested", "b never ended", "e without b",
     "time goes back", "flow ends before it starts", "flow outside any slice",
     "thread not named", "process not named",
+    # toolstack/trace.py check_trace: every s finished once, every pid named (issue 15 review)
+    "flow never finished", "flow finished twice", "global instant's pid not named",
     "no ts", "tid not an integer", "unknown phase", "no traceEvents"])
 def test_checker_rejects_a_broken_trace(how: str) -> None:
     doc = _broken(how)

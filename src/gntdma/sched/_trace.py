@@ -20,7 +20,12 @@ The recorder turns what it is told into events of the Trace Event Format
 - notifications as ``i`` instant events on the notifier's track, with a flow
   (``s``/``f``) from the notifier to the handler run that serves them (a flow
   starts and ends in a slice, as viewers bind it: the innermost one open on
-  the notifier's track, or a short ``notify`` slice around it);
+  the notifier's track, or a short ``notify`` slice around it); a notification
+  whose handler never ran by the end (an interrupted run, the limit reached)
+  has its flow closed by :meth:`finish` in a ``notify not served`` slice on
+  the notifier's track, so every flow that starts also finishes;
+- marks of the whole trace (``trace limit reached``, a command's output) as
+  global instants of pid 0, named ``trace marks``;
 - a bio from its creation to ``biodone``, and a deferred bus_dma load from
   ``EINPROGRESS`` to its callback, as async spans (``b``/``e``, same ``cat``
   and ``id``).
@@ -140,7 +145,11 @@ class TraceRecorder:
         self._tracks: dict[KThread, _Track] = {}
         self._async: dict[tuple[str, int], tuple[int, int, str, object]] = {}
         self._next_id = 1
-        self._flows: dict[int, tuple[object, list[int]]] = {}
+        #: Flows started at a notification and not yet finished, by port: their ids
+        #: and the notifier's track (where :meth:`finish` closes those never served).
+        self._flows: dict[int, tuple[object, list[tuple[int, _Track]]]] = {}
+        #: Whether a mark of the whole trace (pid 0) was made: pid 0 is then named.
+        self._marks = False
 
     # -- time and emission --------------------------------------------------------------------
 
@@ -170,6 +179,7 @@ class TraceRecorder:
             self.flush()
         if self.count >= self.limit and not self.limit_reached:
             self.limit_reached = True
+            self._marks = True
             self.events.append({"ph": "i", "s": "g", "name": "trace limit reached",
                                 "cat": "trace", "pid": 0, "tid": 0,
                                 "ts": self._now_ns() / 1000,
@@ -281,6 +291,7 @@ class TraceRecorder:
         ev: Event = {"ph": "i", "s": "g", "name": name, "cat": "trace", "pid": 0, "tid": 0}
         if args:
             ev["args"] = args
+        self._marks = True
         self._emit(ev, force=True)
 
     # -- event channels -----------------------------------------------------------------------
@@ -309,7 +320,7 @@ class TraceRecorder:
         entry = self._flows.get(id(port))
         if entry is None or entry[0] is not port:
             entry = self._flows[id(port)] = (port, [])
-        entry[1].append(fid)
+        entry[1].append((fid, tr))
         # A flow starts from the slice open around it: a short one if there is none.
         bare = not tr.open
         if bare:
@@ -321,11 +332,13 @@ class TraceRecorder:
 
     def evtchn_run(self, port: Any) -> None:
         """The current thread (``port``'s interrupt thread) runs its handler."""
+        if self.limit_reached:
+            return  # no slice to end a flow in: finish() closes the flows still open
         tr = self.track(_curthread())
         self._begin(tr, ("evtchn", id(port)), f"evtchn port {port.port}", "evtchn")
         entry = self._flows.pop(id(port), None)
         if entry is not None and entry[0] is port:
-            for fid in entry[1]:
+            for fid, _notifier in entry[1]:
                 self._emit({"ph": "f", "bp": "e", "name": "evtchn", "cat": "evtchn",
                             "id": fid, "pid": tr.pid, "tid": tr.tid})
 
@@ -385,6 +398,16 @@ class TraceRecorder:
         self.finished = True
         if active is self:
             stop()
+        # A notification whose handler never ran (the run was interrupted, the
+        # limit reached): its flow ends where it started, in a slice saying so.
+        for _port, pending in self._flows.values():
+            for fid, tr in pending:
+                for ph, extra in (("B", {"args": {"unserved": True}}),
+                                  ("f", {"bp": "e", "id": fid}), ("E", {})):
+                    name = "evtchn" if ph == "f" else "notify not served"
+                    self._emit({"ph": ph, "name": name, "cat": "evtchn", "pid": tr.pid,
+                                "tid": tr.tid, **extra}, force=True)
+        self._flows.clear()
         for tr in self._tracks.values():
             while tr.open:
                 _key, name, cat = tr.open.pop()
@@ -394,7 +417,9 @@ class TraceRecorder:
             self._emit({"ph": "e", "name": name, "cat": cat, "id": aid, "pid": pid,
                         "tid": 0, "args": {"unfinished": True}}, force=True)
         self._async.clear()
-        self._flows.clear()
+        if self._marks:
+            self.events.append({"ph": "M", "name": "process_name", "pid": 0, "tid": 0,
+                                "args": {"name": "trace marks"}})
         for name, pid in self._pids.items():
             domid = self._domids.get(pid)
             label = name if domid is None else f"{name} (domid {domid})"

@@ -131,10 +131,10 @@ def check_trace(doc: object) -> list[str]:
     never earlier than the event before it in the file; ``B``/``E`` balance per
     (pid, tid) and nest (an ``E`` ends the innermost open ``B`` of its name);
     every async ``b`` is ended by one ``e`` of the same pid, cat, id and name,
-    and every ``e`` ends an open ``b``; a flow's ``f`` follows its ``s``, and
-    both are inside a slice of their thread (what viewers bind a flow to);
-    every thread with slices or instants has a ``thread_name`` and every
-    process a ``process_name``.
+    and every ``e`` ends an open ``b``; every flow's ``s`` is followed by one
+    ``f``, and both are inside a slice of their thread (what viewers bind a
+    flow to); every thread with slices or instants has a ``thread_name`` and
+    every pid used (global instants' included) a ``process_name``.
     """
     if not isinstance(doc, dict) or not isinstance(doc.get("traceEvents"), list):
         return ["not a trace: no traceEvents list"]
@@ -144,6 +144,7 @@ def check_trace(doc: object) -> list[str]:
     stacks: dict[tuple[int, int], list[str]] = {}
     spans: dict[tuple[int, str, object], str] = {}
     flows: set[tuple[str, object]] = set()
+    finished: set[tuple[str, object]] = set()
     threads: set[tuple[int, int]] = set()
     pids: set[int] = set()
     named_threads: set[tuple[int, int]] = set()
@@ -184,11 +185,11 @@ def check_trace(doc: object) -> list[str]:
         if ts < last_ts:
             bad(i, f"ts {ts} earlier than the event before ({last_ts})")
         last_ts = ts
+        pids.add(pid)
         if ph == "i" and ev.get("s", "t") == "g":
             continue
         if ph in "BEi":
             threads.add((pid, tid))
-        pids.add(pid)
         if ph == "B":
             stacks.setdefault((pid, tid), []).append(name)
         elif ph == "E":
@@ -220,9 +221,15 @@ def check_trace(doc: object) -> list[str]:
             elif not stacks.get((pid, tid)):
                 bad(i, f"flow {ph} {name!r} id {aid!r} outside any slice of its thread")
             elif ph == "s":
+                if (cat, aid) in flows:
+                    bad(i, f"flow s {name!r} id {aid!r} started twice")
                 flows.add((cat, aid))
             elif (cat, aid) not in flows:
                 bad(i, f"flow f {name!r} id {aid!r} with no s before it")
+            elif (cat, aid) in finished:
+                bad(i, f"flow f {name!r} id {aid!r} finished twice")
+            else:
+                finished.add((cat, aid))
         elif ph == "i" and ev.get("s", "t") not in ("t", "p"):
             bad(i, f"instant {name!r} with bad scope {ev.get('s')!r}")
     for (pid, tid), stack in sorted(stacks.items()):
@@ -231,6 +238,8 @@ def check_trace(doc: object) -> list[str]:
                             f"(innermost {stack[-1]!r})")
     for (pid, cat, aid), name in spans.items():
         problems.append(f"async b {name!r} (pid {pid}, cat {cat}, id {aid!r}) never ended")
+    for cat, aid in sorted(flows - finished, key=repr):
+        problems.append(f"flow {aid!r} (cat {cat}) never finished")
     for pid, tid in sorted(threads - named_threads):
         problems.append(f"pid {pid} tid {tid}: no thread_name")
     for pid in sorted(pids - named_pids):
