@@ -210,15 +210,22 @@ class Store:
     def _set(self, path: str, node: Node) -> None:
         old = self.nodes.get(path)
         if old is not None:
-            self.owner_counts[old.owner] -= 1
+            self._uncount(old.owner)
         self.owner_counts[node.owner] += 1
         self.nodes[path] = node
+
+    def _uncount(self, owner: int) -> None:
+        """One node fewer for ``owner``; a domain owning none has no entry (the
+        counts do not grow with every domain the host ever had)."""
+        self.owner_counts[owner] -= 1
+        if self.owner_counts[owner] == 0:
+            del self.owner_counts[owner]
 
     def _delete(self, path: str) -> None:
         old = self.nodes.pop(path, None)
         if old is None:
             return
-        self.owner_counts[old.owner] -= 1
+        self._uncount(old.owner)
 
     # Transactions.
 
