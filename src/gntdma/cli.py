@@ -30,6 +30,8 @@ class _Output:
 
     def __init__(self) -> None:
         self.broken = False
+        #: The command was refused before anything ran (a ConfigError): no trace.
+        self.refused = False
 
     def say(self, line: str) -> None:
         if self.broken:
@@ -48,9 +50,30 @@ def _positive_int(text: str) -> int:
     return int(text, 10)
 
 
+def _path(text: str) -> Path:
+    """A path option's value: an empty one is refused (``Path('')`` is ``.``)."""
+    if text == "":
+        raise argparse.ArgumentTypeError("an empty path")
+    return Path(text)
+
+
+def _same_file(args: argparse.Namespace) -> str | None:
+    """Two output options of ``args`` naming one file (through ./, .. or a symlink)."""
+    seen: dict[str, str] = {}
+    for opt in ("trace", "json", "control"):
+        path = getattr(args, opt, None)
+        if path is None:
+            continue
+        real = os.path.realpath(path)
+        if real in seen:
+            return f"--{seen[real]} and --{opt} name the same file {path}"
+        seen[real] = opt
+    return None
+
+
 def _trace_options(p: argparse.ArgumentParser) -> None:
     """--trace and --trace-limit, of run, serve and replay."""
-    p.add_argument("--trace", type=Path, metavar="FILE",
+    p.add_argument("--trace", type=_path, metavar="FILE",
                    help="write a Chrome trace-event JSON file (open it in Perfetto or "
                    "chrome://tracing): thread tracks, locks, notifications, requests")
     p.add_argument("--trace-limit", type=int, default=4_000_000, metavar="N",
@@ -59,6 +82,10 @@ def _trace_options(p: argparse.ArgumentParser) -> None:
 
 def _traced(args: argparse.Namespace, out: _Output, fn: Callable[[Any], int]) -> int:
     """``fn(say)``, under ``--trace`` when given."""
+    same = _same_file(args)
+    if same is not None:
+        print(f"gntdma {args.command}: {same}", file=sys.stderr)
+        return 2
     if getattr(args, "trace", None) is None:
         return fn(out.say)
     from gntdma.errors import ConfigError
@@ -66,7 +93,7 @@ def _traced(args: argparse.Namespace, out: _Output, fn: Callable[[Any], int]) ->
 
     try:
         return run_traced(args.trace, fn, limit=args.trace_limit, command=args.command,
-                          say=out.say)
+                          say=out.say, refused=lambda: out.refused)
     except ConfigError as e:
         print(f"gntdma {args.command}: {e}", file=sys.stderr)
         return 2
@@ -87,7 +114,7 @@ def _view_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dashboard", choices=("auto", "on", "off"), default="auto",
                    help="the live dashboard instead of the progress lines (default auto: "
                    "when stdout is a terminal)")
-    p.add_argument("--plots", type=Path, metavar="DIR",
+    p.add_argument("--plots", type=_path, metavar="DIR",
                    help="write PNG plots (grant entries, deferred-load latency, ring "
                    "occupancy, throughput) into DIR (needs the plots extra)")
 
@@ -113,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="I/O threads per disk (default 4, at most 64)")
     run.add_argument("--seed", type=_positive_int, default=0,
                      help="seed of every random choice (0 to 2**64-1)")
-    run.add_argument("--json", type=Path, metavar="PATH", help="write a JSON report")
+    run.add_argument("--json", type=_path, metavar="PATH", help="write a JSON report")
     run.add_argument("--overwrite", action="store_true",
                      help="write existing images directly (their data is lost); by default "
                      "writes to an existing image go to a temporary overlay")
@@ -123,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--hold", action="store_true",
                      help="after the job, keep the host and its xenstored socket up "
                      "until SIGINT/SIGTERM, and serve gntdma xl on a control socket")
-    run.add_argument("--control", type=Path, metavar="PATH",
+    run.add_argument("--control", type=_path, metavar="PATH",
                      help="the control socket for gntdma xl (default with --hold: one in "
                      "the run's temporary folder, named in the output)")
     _view_options(run)
@@ -133,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "until SIGINT/SIGTERM")
     sv.add_argument("configs", nargs="*", type=Path, metavar="CONFIG",
                     help="xl.cfg-style guest configs, one guest each (default: the built-in one)")
-    sv.add_argument("--nbd", type=Path, metavar="PATH", help="serve on this Unix socket")
+    sv.add_argument("--nbd", type=_path, metavar="PATH", help="serve on this Unix socket")
     sv.add_argument("--nbd-listen", metavar="HOST:PORT",
                     help="serve on TCP instead (loopback only, unless --allow-remote)")
     sv.add_argument("--allow-remote", action="store_true",
@@ -146,19 +173,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="drop a connection still negotiating after this long (default 5; "
                     "0: never)")
     sv.add_argument("--seed", type=_positive_int, default=0)
-    sv.add_argument("--control", type=Path, metavar="PATH",
+    sv.add_argument("--control", type=_path, metavar="PATH",
                     help="the control socket for gntdma xl (default: one in the serve's "
                     "temporary folder, named in the output)")
     _view_options(sv)
     _tunable_options(sv)
-    sv.add_argument("--json", type=Path, metavar="PATH", help="write a JSON report")
+    sv.add_argument("--json", type=_path, metavar="PATH", help="write a JSON report")
     sv.add_argument("--overwrite", action="store_true",
                     help="write existing images directly (by default writes go to a "
                     "temporary overlay)")
     _trace_options(sv)
     cli_xenstored.add_parser(sub)
     xl = sub.add_parser("xl", help="xl-like console of a running host (run --hold, serve)")
-    xl.add_argument("--socket", type=Path, required=True, metavar="PATH",
+    xl.add_argument("--socket", type=_path, required=True, metavar="PATH",
                     help="the host's control socket (printed by run --hold and serve)")
     xl.add_argument("verb", choices=("list", "info", "block-list", "block-attach",
                                      "block-detach", "network-list", "network-attach",
@@ -221,6 +248,7 @@ def cmd_run(args: argparse.Namespace, out: _Output) -> int:
                   "itself is removed", file=sys.stderr)
             return e.status
         except ConfigError as e:
+            out.refused = True
             print(f"gntdma run: {e}", file=sys.stderr)
             return 2
         except OSError as e:
@@ -253,6 +281,7 @@ def cmd_serve(args: argparse.Namespace, out: _Output) -> int:
                   "itself is removed", file=sys.stderr)
             return e.status
         except (ConfigError, OSError) as e:
+            out.refused = isinstance(e, ConfigError)
             print(f"gntdma serve: {e}", file=sys.stderr)
             return 2
         except GntdmaError as e:

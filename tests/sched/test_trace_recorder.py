@@ -240,7 +240,7 @@ def test_a_notification_whose_handler_never_ran_has_its_flow_closed(
         sched: Scheduler) -> None:
     # An interrupted run: the notification was sent, its handler thread never ran
     # it (hv/_evtchn.py: evtchn_notify without evtchn_run). Every flow that starts
-    # finishes, on the notifier's track, in a slice saying it was not served.
+    # finishes: a start still in the recorder becomes an instant saying so.
     rec = _trace.start(TraceRecorder())
     served, unserved = _Port(3), _Port(4)
     rec.evtchn_notify(served)
@@ -248,7 +248,20 @@ def test_a_notification_whose_handler_never_ran_has_its_flow_closed(
     rec.evtchn_run(served)
     rec.evtchn_ran(served)
     doc = _doc(rec)
-    assert _flow_ids(doc, "s") == _flow_ids(doc, "f") and len(_flow_ids(doc, "s")) == 2
+    assert _flow_ids(doc, "s") == _flow_ids(doc, "f") and len(_flow_ids(doc, "s")) == 1
+    assert ("i", "notify not served") in _on(doc, "thread0")
+    assert check_trace(doc) == []
+
+
+def test_a_written_flow_start_never_served_is_closed_in_a_slice(sched: Scheduler) -> None:
+    # The start already went to the file (batches of 1): it cannot be taken back,
+    # so the flow ends where it started, in a slice saying it was not served.
+    got: list[dict[str, Any]] = []
+    rec = _trace.start(TraceRecorder(sink=got.extend, batch=1))
+    rec.evtchn_notify(_Port(4))
+    rec.finish()
+    doc = {"traceEvents": got}
+    assert _flow_ids(doc, "s") == _flow_ids(doc, "f") != []
     assert ("B", "notify not served") in _on(doc, "thread0")
     assert check_trace(doc) == []
 
@@ -266,7 +279,8 @@ def test_a_notification_served_after_the_limit_still_finishes_its_flow(
     rec.evtchn_run(port)  # no slice can begin past the limit: the flow waits for finish()
     rec.evtchn_ran(port)
     doc = _doc(rec)
-    assert _flow_ids(doc, "s") == _flow_ids(doc, "f") != []
+    assert _flow_ids(doc, "s") == _flow_ids(doc, "f")
+    assert ("i", "notify not served") in _on(doc, "thread0")
     assert check_trace(doc) == []
 
 

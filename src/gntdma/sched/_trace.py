@@ -22,8 +22,10 @@ The recorder turns what it is told into events of the Trace Event Format
   starts and ends in a slice, as viewers bind it: the innermost one open on
   the notifier's track, or a short ``notify`` slice around it); a notification
   whose handler never ran by the end (an interrupted run, the limit reached)
-  has its flow closed by :meth:`finish` in a ``notify not served`` slice on
-  the notifier's track, so every flow that starts also finishes;
+  has its flow dropped by :meth:`finish` (its ``s`` becomes an instant
+  ``notify not served``) or, if the ``s`` was already written, closed in a
+  ``notify not served`` slice on the notifier's track: every flow that starts
+  also finishes;
 - marks of the whole trace (``trace limit reached``, a command's output) as
   global instants of pid 0, named ``trace marks``;
 - a bio from its creation to ``biodone``, and a deferred bus_dma load from
@@ -145,9 +147,11 @@ class TraceRecorder:
         self._tracks: dict[KThread, _Track] = {}
         self._async: dict[tuple[str, int], tuple[int, int, str, object]] = {}
         self._next_id = 1
-        #: Flows started at a notification and not yet finished, by port: their ids
-        #: and the notifier's track (where :meth:`finish` closes those never served).
-        self._flows: dict[int, tuple[object, list[tuple[int, _Track]]]] = {}
+        #: Flows started at a notification and not yet finished, by port: their ids,
+        #: the notifier's track, the ``s`` event and its index (see :meth:`_unserved`).
+        self._flows: dict[int, tuple[object, list[tuple[int, _Track, Event, int]]]] = {}
+        #: Events handed to the sink so far (the index in the file of events[0]).
+        self._flushed = 0
         #: Whether a mark of the whole trace (pid 0) was made: pid 0 is then named.
         self._marks = False
 
@@ -192,6 +196,7 @@ class TraceRecorder:
         """Hand the events so far to the sink."""
         if self.sink is not None and self.events:
             out, self.events = self.events, []
+            self._flushed += len(out)
             self.sink(out)
 
     # -- processes and tracks -----------------------------------------------------------------
@@ -320,13 +325,15 @@ class TraceRecorder:
         entry = self._flows.get(id(port))
         if entry is None or entry[0] is not port:
             entry = self._flows[id(port)] = (port, [])
-        entry[1].append((fid, tr))
         # A flow starts from the slice open around it: a short one if there is none.
         bare = not tr.open
         if bare:
             self._begin(tr, ("notify",), "notify", "evtchn")
-        self._emit({"ph": "s", "name": "evtchn", "cat": "evtchn", "id": fid,
-                    "pid": tr.pid, "tid": tr.tid})
+        start: Event = {"ph": "s", "name": "evtchn", "cat": "evtchn", "id": fid,
+                        "pid": tr.pid, "tid": tr.tid}
+        at = self._flushed + len(self.events)  # its index in the file
+        self._emit(start)
+        entry[1].append((fid, tr, start, at))
         if bare:
             self._end(tr, ("notify",))
 
@@ -338,7 +345,7 @@ class TraceRecorder:
         self._begin(tr, ("evtchn", id(port)), f"evtchn port {port.port}", "evtchn")
         entry = self._flows.pop(id(port), None)
         if entry is not None and entry[0] is port:
-            for fid, _notifier in entry[1]:
+            for fid, _notifier, _start, _at in entry[1]:
                 self._emit({"ph": "f", "bp": "e", "name": "evtchn", "cat": "evtchn",
                             "id": fid, "pid": tr.pid, "tid": tr.tid})
 
@@ -398,15 +405,9 @@ class TraceRecorder:
         self.finished = True
         if active is self:
             stop()
-        # A notification whose handler never ran (the run was interrupted, the
-        # limit reached): its flow ends where it started, in a slice saying so.
         for _port, pending in self._flows.values():
-            for fid, tr in pending:
-                for ph, extra in (("B", {"args": {"unserved": True}}),
-                                  ("f", {"bp": "e", "id": fid}), ("E", {})):
-                    name = "evtchn" if ph == "f" else "notify not served"
-                    self._emit({"ph": ph, "name": name, "cat": "evtchn", "pid": tr.pid,
-                                "tid": tr.tid, **extra}, force=True)
+            for fid, tr, start, at in pending:
+                self._unserved(fid, tr, start, at)
         self._flows.clear()
         for tr in self._tracks.values():
             while tr.open:
@@ -432,6 +433,23 @@ class TraceRecorder:
             self.events.append({"ph": "M", "name": "thread_name", "pid": tr.pid,
                                 "tid": tr.tid, "args": {"name": tr.name}})
         self.flush()
+
+    def _unserved(self, fid: int, tr: _Track, start: Event, at: int) -> None:
+        """A notification whose handler never ran (an interrupted run, the limit
+        reached): its flow is dropped (the ``s`` not yet handed to the sink becomes
+        an instant ``notify not served``) or, already written, ends where it
+        started, in a ``notify not served`` slice."""
+        i = at - self._flushed
+        if 0 <= i < len(self.events) and self.events[i] is start:
+            self.events[i] = {"ph": "i", "s": "t", "name": "notify not served",
+                              "cat": "evtchn", "pid": tr.pid, "tid": tr.tid,
+                              "ts": start["ts"], "args": {"flow": fid}}
+            return
+        for ph, extra in (("B", {"args": {"unserved": True}}), ("f", {"bp": "e", "id": fid}),
+                          ("E", {})):
+            name = "evtchn" if ph == "f" else "notify not served"
+            self._emit({"ph": ph, "name": name, "cat": "evtchn", "pid": tr.pid,
+                        "tid": tr.tid, **extra}, force=True)
 
     def summary(self) -> dict[str, Any]:
         """What the trace holds, for the file and the report."""

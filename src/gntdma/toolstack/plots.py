@@ -48,20 +48,30 @@ def _matplotlib() -> None:
 
 def check_plots_dir(path: Path) -> None:
     """Refuse ``--plots path`` up front: matplotlib missing, or a directory that
-    cannot be made or written. Creates the directory if it is missing.
+    cannot be made or written. Makes nothing: :func:`write_plots` makes the
+    directory when the plots are written, at the end of a run that ran (a
+    refused or interrupted run leaves no directory behind).
 
     Raises:
         ConfigError: with what to do about it.
     """
     _matplotlib()
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"--plots {path}: not a directory")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--plots {path}: {e.strerror or e}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError(f"--plots {path}: not writable")
+    if str(path) == "":
+        raise ConfigError("--plots: an empty path")
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"--plots {path}: not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(f"--plots {path}: not writable")
+        return
+    # The nearest existing ancestor must be a directory the missing ones can be made in.
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"--plots {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--plots {path}: cannot make a directory in {parent}")
 
 
 def _shortages(t: list[float], waiting: list[int], done: list[int]) -> list[tuple[float, float]]:
@@ -157,9 +167,12 @@ def make_figures(metrics: Metrics) -> dict[str, Figure]:
 
 
 def write_plots(metrics: Metrics, directory: Path) -> list[Path]:
-    """Draw and save the plots of ``metrics`` into ``directory``; the files written."""
+    """Draw and save the plots of ``metrics`` into ``directory`` (made if missing);
+    the files written."""
+    figs = make_figures(metrics)
+    directory.mkdir(parents=True, exist_ok=True)
     out = []
-    for name, fig in make_figures(metrics).items():
+    for name, fig in figs.items():
         path = directory / name
         fig.savefig(path, dpi=PLOT_DPI)
         out.append(path)

@@ -35,32 +35,58 @@ _METADATA = frozenset({"process_name", "thread_name", "process_sort_index",
 
 
 class TraceWriter:
-    """Writes trace events to ``path`` as they come; :meth:`close` ends the JSON."""
+    """Writes trace events to ``path`` as they come; :meth:`close` ends the JSON.
+
+    The file is made at the first batch (or at :meth:`close`), not before: a
+    command refused before anything ran writes nothing (:meth:`discard`).
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._f: IO[str] = path.open("w", encoding="utf-8")
-        self._f.write('{"displayTimeUnit": "ms", "traceEvents": [')
+        self._f: IO[str] | None = None
         self._first = True
         self.written = 0
+
+    def _file(self) -> IO[str]:
+        if self._f is None:
+            self._f = self.path.open("w", encoding="utf-8")
+            self._f.write('{"displayTimeUnit": "ms", "traceEvents": [')
+        return self._f
+
+    def discard(self) -> None:
+        """Write nothing after all (remove the file if a batch already made it)."""
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+            self.path.unlink(missing_ok=True)
 
     def write(self, events: list[dict[str, Any]]) -> None:
         if not events:
             return
+        f = self._file()
         sep = "\n" if self._first else ",\n"
         self._first = False
-        self._f.write(sep + ",\n".join(json.dumps(ev, separators=(",", ":")) for ev in events))
+        f.write(sep + ",\n".join(json.dumps(ev, separators=(",", ":")) for ev in events))
         self.written += len(events)
 
     def close(self, other: dict[str, Any]) -> None:
-        self._f.write('\n],\n"otherData": ' + json.dumps(other) + "}\n")
-        self._f.close()
+        f = self._file()
+        f.write('\n],\n"otherData": ' + json.dumps(other) + "}\n")
+        f.close()
+        self._f = None
 
 
 @contextlib.contextmanager
 def tracing(path: Path, *, limit: int = DEFAULT_LIMIT, command: str = "",
-            say: Callable[[str], None] = print) -> Iterator[TraceRecorder]:
+            say: Callable[[str], None] = print,
+            refused: Callable[[], bool] | None = None) -> Iterator[TraceRecorder]:
     """Record a trace into ``path`` while the body runs (one recorder at a time).
+
+    The body raising :class:`~gntdma.errors.ConfigError`, or ``refused()``
+    true at its end, means the command was refused before anything ran
+    (DESIGN 11: nothing built or written): no file is written. Any other end
+    (an interruption included) writes the trace so far, every slice, span and
+    flow still open closed at its end.
 
     Raises:
         ConfigError: ``path`` cannot be written or ``limit`` is below 1 (checked
@@ -71,26 +97,45 @@ def tracing(path: Path, *, limit: int = DEFAULT_LIMIT, command: str = "",
     check_output(path, "--trace")
     if _trace.active is not None:
         raise ConfigError("--trace: a trace is already being recorded")
-    try:
-        writer = TraceWriter(path)
-    except OSError as e:
-        raise ConfigError(f"--trace {path}: {e.strerror or e}") from None
+    writer = TraceWriter(path)
     rec = _trace.start(TraceRecorder(limit=limit, sink=writer.write))
     try:
         yield rec
-    finally:
+    except ConfigError:
         rec.finish()
-        summary = rec.summary()
+        writer.discard()
+        raise
+    except BaseException:
+        _end(rec, writer, path, limit, command, say)
+        raise
+    if refused is not None and refused():
+        rec.finish()
+        writer.discard()
+    else:
+        _end(rec, writer, path, limit, command, say)
+
+
+def _end(rec: TraceRecorder, writer: TraceWriter, path: Path, limit: int, command: str,
+         say: Callable[[str], None]) -> None:
+    rec.finish()
+    summary = rec.summary()
+    try:
         writer.close({"command": command, **summary})
-        what = (f"the limit of {limit} events was reached, the trace ends there"
-                if rec.limit_reached else f"{summary['events']} events")
-        say(f"trace: {path} ({what}); open it in https://ui.perfetto.dev or chrome://tracing")
+    except OSError as e:
+        raise ConfigError(f"--trace {path}: {e.strerror or e}") from None
+    what = (f"the limit of {limit} events was reached, the trace ends there"
+            if rec.limit_reached else f"{summary['events']} events")
+    say(f"trace: {path} ({what}); open it in https://ui.perfetto.dev or chrome://tracing")
 
 
 def run_traced(path: Path | None, fn: Callable[[Callable[[str], None]], int], *,
                limit: int = DEFAULT_LIMIT, command: str = "",
-               say: Callable[[str], None] = print) -> int:
+               say: Callable[[str], None] = print,
+               refused: Callable[[], bool] | None = None) -> int:
     """``fn(say)`` under a trace into ``path`` (just ``fn(say)`` without a path).
+
+    ``refused()`` true when ``fn`` returns: it was refused before anything ran,
+    and no trace is written (as when it raises ConfigError; see :func:`tracing`).
 
     What ``fn`` says goes on to ``say`` and into the trace as a note at its end
     (a replay's outcome is then in the file with the schedule that led to it).
@@ -103,7 +148,7 @@ def run_traced(path: Path | None, fn: Callable[[Callable[[str], None]], int], *,
         lines.append(line)
         say(line)
 
-    with tracing(path, limit=limit, command=command, say=say) as rec:
+    with tracing(path, limit=limit, command=command, say=say, refused=refused) as rec:
         try:
             return fn(tee)
         finally:

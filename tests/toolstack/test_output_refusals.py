@@ -1,0 +1,89 @@
+"""``--trace``, ``--plots``, ``--json``, ``--control`` of run, serve and replay:
+refused up front, nothing written for a refused command, nothing left by an
+interrupted one but a valid trace (DESIGN 11; issue 15 review)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from tests.toolstack.run_helpers import run_cli, spawn, write_cfg
+
+from gntdma.toolstack.trace import check_trace_file
+
+
+@pytest.mark.parametrize("cmd", ["run", "serve"])
+def test_refused_config_writes_no_trace_and_makes_no_plots_dir(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], cmd: str) -> None:
+    bad = write_cfg(tmp_path / "bad.cfg", 'name = "b"\nmemory = 1\n')
+    extra = ["--nbd", str(tmp_path / "n.sock")] if cmd == "serve" else []
+    rc, out, err = run_cli(capsys, cmd, str(bad), *extra, "--plots", str(tmp_path / "P"),
+                           "--trace", str(tmp_path / "t.json"))
+    assert rc == 2 and f"{bad}:2:" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.cfg"]
+    assert "trace:" not in out
+
+
+def test_replay_of_a_corrupt_file_writes_no_trace(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    rc, out, _err = run_cli(capsys, "replay", str(bad), "--trace", str(tmp_path / "t.json"))
+    assert rc == 2 and "trace:" not in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json"]
+
+
+@pytest.mark.parametrize("how", ["same", "dot", "symlink"])
+def test_trace_and_json_naming_the_same_file_are_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], how: str) -> None:
+    trace = tmp_path / "x.json"
+    json_path = {"same": trace, "dot": tmp_path / "." / "x.json",
+                 "symlink": tmp_path / "link.json"}[how]
+    if how == "symlink":
+        json_path.symlink_to(trace)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    rc, out, err = run_cli(capsys, "run", "--duration", "0.001", "--trace", str(trace),
+                           "--json", str(json_path))
+    assert rc == 2 and out == "" and "name the same file" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("opt", ["--plots", "--trace", "--json", "--control"])
+def test_an_empty_path_option_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch, opt: str) -> None:
+    monkeypatch.chdir(tmp_path)  # Path("") is ".": the current folder
+    rc, out, err = run_cli(capsys, "run", "--duration", "0.001", opt, "")
+    assert rc == 2 and out == "" and "empty path" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupted_run_leaves_no_plots_dir_and_a_valid_trace(
+        tmp_path: Path, sig: int, status: int) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("x")
+    for plots in (tmp_path / "P", mine):
+        trace = tmp_path / "t.json"
+        p = spawn(tmp_path, "run", "--duration", "60", "--dashboard", "off", "--plots",
+                  str(plots), "--trace", str(trace), cwd=tmp_path)
+        assert p.stdout is not None
+        deadline = time.monotonic() + 120
+        for line in p.stdout:  # the progress lines of the main job: it runs
+            if line.lstrip().startswith("[") or time.monotonic() > deadline:
+                break
+        time.sleep(1.0)
+        p.send_signal(sig)
+        assert p.wait(timeout=120) == status
+        p.stdout.close()
+        assert p.stderr is not None
+        p.stderr.close()
+        assert not (tmp_path / "P").exists()  # the folder gntdma would have made
+        assert sorted(os.listdir(mine)) == ["keep.txt"]  # a user's folder stays as it was
+        assert check_trace_file(trace) == []
+        trace.unlink()
