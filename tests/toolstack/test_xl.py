@@ -282,3 +282,29 @@ def test_network_attach_list_detach_on_a_served_host(tmp_path: Path) -> None:
     rep = json.loads(report.read_text())
     assert all(c["ok"] for c in rep["checks"]), [c for c in rep["checks"] if not c["ok"]]
     assert ns not in os.listdir("/run/netns") if os.path.isdir("/run/netns") else True
+
+
+def test_xl_list_long_prints_the_domain_configs_as_json(tmp_path: Path) -> None:
+    # tools/xl/xl_info.c, main_list: "-l"/"--long" (getopt "lvhZcn") calls
+    # list_domains_details, a JSON array of printf_info_one_json's {"domid", "config"};
+    # more than one domain is help("list") and EXIT_FAILURE.
+    cfg = _config(tmp_path)
+    with held(tmp_path, "run", str(cfg), "--duration", "1", "--hold") as h:
+        h.wait_for("holding:")
+        for args in (("list", "-l"), ("list", "--long", "g1"), ("list", "g1", "-l")):
+            doc = json.loads(h.xl(*args).stdout)
+            g1 = [d for d in doc if d["config"]["c_info"]["name"] == "g1"]
+            assert len(g1) == 1, (args, doc)
+            c = g1[0]["config"]
+            assert c["b_info"]["max_grant_frames"] == 4
+            assert c["b_info"]["max_memkb"] == 32 * 1024
+            assert [(d["vdev"], d["readwrite"]) for d in c["disks"]] == [("xvda", 1)]
+            assert c["disks"][0]["pdev_path"].endswith("g1-xvda.img")
+            assert isinstance(g1[0]["domid"], int)
+        r = h.xl("list", "-x", check=False)
+        assert r.returncode == 2 and "Usage: xl [-v] list" in r.stderr
+        assert "invalid domain identifier" not in r.stderr
+        r = h.xl("list", "g1", "g1", check=False)
+        assert r.returncode == 1 and r.stderr.startswith("Usage: xl [-v] list")
+        status, err = h.stop()
+    assert status == 0, err

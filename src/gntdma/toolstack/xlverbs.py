@@ -24,6 +24,7 @@ destroy").
 
 from __future__ import annotations
 
+import json
 import platform
 import random
 from collections.abc import Callable
@@ -39,6 +40,7 @@ from gntdma.toolstack.vbd import Vbd, VbdError, attach_disk, detach_disk
 from gntdma.toolstack.vif import Vif, VifError, attach_vif, detach_vif, random_mac
 from gntdma.toolstack.xlcfg import parse_disk_spec, vdev_to_devid
 from gntdma.toolstack.xlvif import parse_vif_spec
+from gntdma.toolstack.xs import GUEST_SPECIAL_PAGES
 from gntdma.xenstored import XsError
 
 __all__ = ["VERBS", "Console"]
@@ -51,6 +53,11 @@ _DESTROY_TIMEOUT: Final = 30.0
 _XEN: Final = (4, 17, ".7")
 
 Answer = tuple[int, str, str]
+
+#: ``help("list")`` (xl_cmdtable.c), the options this console has.
+_LIST_USAGE: Final = ("Usage: xl [-v] list [options] [Domain]\n\n"
+                      "List information about all/some domains.\n\n"
+                      "Options:\n\n-l, --long              Output all VM details\n")
 
 
 class _Fail(Exception):
@@ -123,8 +130,24 @@ class Console:
     # -- list, info -----------------------------------------------------------------------
 
     def list_(self, args: list[str], cwd: str) -> Answer:
-        guests = ([self._domain(a) for a in args] if args
+        """``main_list`` (xl_info.c): ``-l``/``--long`` prints the domains' configs
+        as JSON (``list_domains_details``); at most one domain is named."""
+        details = False
+        names = []
+        for a in args:
+            if a in ("-l", "--long"):
+                details = True
+            elif a.startswith("-") and a != "-":
+                return 2, "", (f"xl list: option {a!r} is not supported (only -l, --long)\n"
+                               f"{_LIST_USAGE}")
+            else:
+                names.append(a)
+        if len(names) > 1:
+            return 1, "", _LIST_USAGE
+        guests = ([self._domain(a) for a in names] if names
                   else sorted(self.host.guests.values(), key=lambda g: g.domid))
+        if details:
+            return 0, json.dumps([self._config(g) for g in guests], indent=2) + "\n", ""
         lines = ["Name                                        ID   Mem VCPUs\tState\tTime(s)"
                  "   Grant frames"]
         for g in guests:
@@ -142,6 +165,27 @@ class Console:
             lines.append(f"{g.name:<40s} {g.domid:5d} {mem:5d} {1:5d}     {state}  "
                          f"{'-':>8s}   {st.nr_frames}/{st.max_frames}")
         return 0, "\n".join(lines) + "\n", ""
+
+    def _config(self, g: Guest) -> dict[str, object]:
+        """``printf_info_one_json``: ``{"domid", "config"}``, the config a subset of
+        ``libxl_domain_config`` (c_info, b_info, disks, nics) read from the host."""
+        disks = []
+        for _devid, fe in self._devs(g, "vbd"):
+            be = self._xs(f"{fe}/backend") or ""
+            disks.append({"pdev_path": self._xs(f"{be}/params") or "",
+                          "vdev": self._xs(f"{be}/dev") or "",
+                          "readwrite": 0 if self._xs(f"{be}/mode") == "r" else 1})
+        nics = []
+        for devid, fe in self._devs(g, "vif"):
+            be = self._xs(f"{fe}/backend") or ""
+            nics.append({"devid": devid, "mac": self._xs(f"{fe}/mac") or "",
+                         "bridge": self._xs(f"{be}/bridge") or ""})
+        pages = g.domain.memory.nr_pages - GUEST_SPECIAL_PAGES  # the config's memory
+        return {"domid": g.domid, "config": {
+            "c_info": {"type": "pv", "name": g.name},
+            "b_info": {"max_memkb": pages * 4, "target_memkb": pages * 4,
+                       "max_grant_frames": g.gnttab.statistics().max_frames},
+            "disks": disks, "nics": nics}}
 
     def info(self, args: list[str], cwd: str) -> Answer:
         u = platform.uname()
