@@ -1,4 +1,12 @@
-"""Hypothesis state machine: the guest grant table against a simple model."""
+"""Hypothesis state machine: the guest grant table against a simple model.
+
+The model follows DESIGN section 7 on free callbacks: a queued callback is
+overtaken once by each allocation that succeeds while it waits; the first one
+(in request order) overtaken ``max_overtakings`` times is starving, and the
+free references up to its count are kept for it: an allocation by anyone else
+takes only the rest, and the table grows (FreeBSD sys/xen/gnttab.c,
+get_free_entries: gnttab_expand when too few are free) until that rest suffices.
+"""
 
 from __future__ import annotations
 
@@ -28,9 +36,16 @@ from gntdma.abi.grant_table import (
 )
 from gntdma.sched import WITNESS
 from gntdma.toolstack.host import Host
-from gntdma.xen.gnttab import GNTTAB_LIST_END, GnttabFreeCallback, GrantRefHead
+from gntdma.xen.gnttab import (
+    GNTTAB_LIST_END,
+    GNTTAB_MAX_OVERTAKINGS,
+    GnttabFreeCallback,
+    GrantRefHead,
+)
 
 MAX_FRAMES = 3
+#: A lower bound than GNTTAB_MAX_OVERTAKINGS, so that runs of 40 steps often starve.
+OVERTAKINGS = 2
 
 
 class GnttabMachine(RuleBasedStateMachine):
@@ -44,13 +59,15 @@ class GnttabMachine(RuleBasedStateMachine):
         self.host = Host()
         self.g = self.host.create_guest("g", max_grant_frames=MAX_FRAMES)
         self.gt = self.g.gnttab
+        self.gt.max_overtakings = OVERTAKINGS
         self.frames = 1
         self.chain_refs: dict[int, list[int]] = {}  # id(head) -> refs in the chain
         self.heads: dict[int, GrantRefHead] = {}
         self.owned: set[int] = set()  # claimed refs held by the test
         self.granted: dict[int, tuple[int, bool, int]] = {}  # ref -> (frame, ro, grantee)
         self.mapped: dict[int, tuple[int, int]] = {}  # ref -> (dom0 handle, host address)
-        self.queued: dict[int, tuple[GnttabFreeCallback, int]] = {}
+        self.queued: dict[int, tuple[GnttabFreeCallback, int]] = {}  # in request order
+        self.overtaken: dict[int, int] = {}  # cb id -> allocations that passed it
         self.fired: list[tuple[int, int, int]] = []  # (cb id, count, free at run)
 
     def teardown(self) -> None:
@@ -78,6 +95,16 @@ class GnttabMachine(RuleBasedStateMachine):
         held = sum(len(r) for r in self.chain_refs.values()) + len(self.owned)
         return self.frames * 512 - 8 - held
 
+    def model_keep(self) -> int:
+        """The count of the starving callback, if one is queued (DESIGN section 7)."""
+        for cid, (_, count) in self.queued.items():
+            if self.overtaken.get(cid, 0) >= OVERTAKINGS:
+                return count
+        return 0
+
+    def model_kept(self) -> int:
+        return min(self.model_keep(), self.model_free())
+
     def _unmap(self, handle: int, addr: int) -> int:
         op = GnttabUnmapGrantRef(host_addr=addr, handle=handle)
         _, (r,) = self.host.dom0.hc.grant_table_op(GNTTABOP_unmap_grant_ref, [op])
@@ -91,9 +118,10 @@ class GnttabMachine(RuleBasedStateMachine):
     @rule(target=chains, count=st.integers(1, 700))
     def alloc(self, count: int) -> GrantRefHead:
         free = self.model_free()
+        keep = self.model_keep()
         error, head = self.gt.gnttab_alloc_grant_references(count)
-        if free < count:
-            need = -(-(count - free) // 512)
+        if free - min(keep, free) < count:
+            need = -(-(count + keep - free) // 512)
             if self.frames + need > MAX_FRAMES:
                 assert error == errno.ENOSPC and head.head == GNTTAB_LIST_END
                 return head
@@ -105,6 +133,8 @@ class GnttabMachine(RuleBasedStateMachine):
             refs.append(ref)
             ref = self.gt.next[ref]
         assert len(refs) == count
+        for cid in self.queued:
+            self.overtaken[cid] = self.overtaken.get(cid, 0) + 1
         self.chain_refs[id(head)] = refs
         self.heads[id(head)] = head
         return head
@@ -236,6 +266,7 @@ class GnttabMachine(RuleBasedStateMachine):
 
         self.gt.gnttab_request_free_callback(cb, fn, None, count)
         self.queued[id(cb)] = (cb, count)
+        self.overtaken[id(cb)] = 0
         self.host.sched.yield_()
         return cb
 
@@ -249,6 +280,7 @@ class GnttabMachine(RuleBasedStateMachine):
     @invariant()
     def free_count_matches(self) -> None:
         assert self.gt.free_count == self.model_free()
+        assert self.gt.kept == self.model_kept()
         assert self.gt.nr_frames == self.frames
 
     @invariant()
@@ -275,3 +307,36 @@ class GnttabMachine(RuleBasedStateMachine):
 GnttabMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40,
                                            deadline=None)
 test_gnttab_state_machine = GnttabMachine.TestCase
+
+
+def test_alloc_grows_past_the_references_kept_for_a_starving_callback() -> None:
+    # FreeBSD sys/xen/gnttab.c, get_free_entries: an allocation that finds too few
+    # free references grows the table (gnttab_expand) and fails only if it cannot.
+    # With the references kept for a starving callback (DESIGN section 7) the
+    # growth must leave ``count`` free beside the whole count it waits for: while
+    # fewer than that are free, every free one is kept.
+    host = Host()
+    try:
+        gt = host.create_guest("g", max_grant_frames=MAX_FRAMES).gnttab
+        ran: list[int] = []
+        cb = GnttabFreeCallback()
+        gt.gnttab_request_free_callback(cb, lambda _arg: ran.append(gt.free_count), None, 585)
+        heads = []
+        for _ in range(GNTTAB_MAX_OVERTAKINGS):
+            error, head = gt.gnttab_alloc_grant_references(1)
+            assert error == 0
+            heads.append(head)
+        assert gt.kept == 512 - 8 - GNTTAB_MAX_OVERTAKINGS  # every free one
+        error, head = gt.gnttab_alloc_grant_references(425)
+        assert error == 0 and head.head != GNTTAB_LIST_END
+        heads.append(head)
+        assert gt.nr_frames == 3  # 425 + 585 - 496 more: two frames
+        assert gt.kept == 585
+        host.sched.yield_()
+        assert len(ran) == 1 and ran[0] >= 585
+        for h in heads:
+            gt.gnttab_free_grant_references(h.head)
+        host.sched.yield_()
+        assert host.leaks() == []
+    finally:
+        host.close()

@@ -210,9 +210,12 @@ class GntTab:
         """Detach ``count`` refs as a chain; (error, head). Lock held."""
         if count <= 0:
             return errno.EINVAL, GNTTAB_LIST_END
-        avail = self.free_count - self._kept()
+        keep = self._keep_count()
+        avail = self.free_count - min(keep, self.free_count)
         if avail < count:
-            error = self._expand(count - avail)
+            # Grow until ``count`` are free beside all a starving callback waits
+            # for: while fewer than its count are free, every free one is kept.
+            error = self._expand(count + keep - self.free_count)
             if error != 0:
                 return error, GNTTAB_LIST_END
             self._check_free_callbacks()
@@ -469,12 +472,16 @@ class GntTab:
                 return cb
         return None
 
-    def _kept(self) -> int:
-        """Free references an allocation by the current thread may not take."""
+    def _keep_count(self) -> int:
+        """The count a starving callback waits for, unless the current thread runs it."""
         w = self._starving()
         if w is None or (w is self._reserved_for and curthread() is self._reserve_thread):
             return 0
-        return min(w.count, self.free_count)
+        return w.count
+
+    def _kept(self) -> int:
+        """Free references an allocation by the current thread may not take."""
+        return min(self._keep_count(), self.free_count)
 
     def _avail_for(self, cb: GnttabFreeCallback) -> int:
         w = self._starving()
