@@ -20,7 +20,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from gntdma.abi.blkif import BLKIF_MAX_SEGMENTS_PER_REQUEST
 from gntdma.dev.blkfront_io import XbdFile
@@ -471,8 +471,9 @@ def _check_workloads(host: Host, report: Report, plan: RunPlan, guests: Sequence
                      f"{peak} grant "
                      "references")
     for d in disks:
-        if not d.load.readonly:
-            _copy_and_discard(host, report, d, seed)
+        # A guest that crashes during the copy takes the copy with it: the next disk.
+        if (not d.load.readonly and d.vbd.guest.name not in host.crashed
+                and _copy_and_discard(host, report, d, seed)):
             break
 
 
@@ -496,7 +497,40 @@ def _size_runs(disks: Sequence[_Disk], log: Callable[[str], None]) -> None:
                 " KiB")
 
 
-def _copy_and_discard(host: Host, report: Report, d: _Disk, seed: int) -> None:
+T = TypeVar("T")
+
+
+class _GuestGone(Exception):
+    """The guest a toolstack job ran in crashed and was destroyed meanwhile."""
+
+
+def _in_guest(host: Host, guest: Guest, fn: Callable[[], T], name: str) -> T:
+    """``fn()`` on a thread of ``guest``'s kernel, as a process of that guest: a crash
+    of the guest meanwhile kills it with the guest's other threads (DESIGN 3), and
+    :class:`_GuestGone` is raised once the guest is destroyed. Run on thread0 or in
+    a thread of no domain, the guest's driver code would go on after the crash, into
+    the memory the destruction released."""
+    t = host.sched.spawn(fn, name=f"{guest.name}/{name}", domain=guest.kernel)
+    host.sched.run(until=lambda: t.state is ThreadState.DONE)
+    if guest.name in host.crashed:
+        host.wait_crashes()
+        raise _GuestGone(guest.name)
+    if t.exc is not None:
+        raise t.exc
+    return t.result  # type: ignore[return-value]
+
+
+def _copy_and_discard(host: Host, report: Report, d: _Disk, seed: int) -> bool:
+    """The file copy and the flush and discard on ``d``: False if its guest crashed
+    meanwhile (the checks not made; the crash is a check of its own)."""
+    try:
+        _copy_and_discard_in(host, report, d, seed)
+    except _GuestGone:
+        return False
+    return True
+
+
+def _copy_and_discard_in(host: Host, report: Report, d: _Disk, seed: int) -> None:
     v = d.vbd
     start = d.rio_sectors * SECTOR
     room = v.sc.xbd_media_size - start
@@ -505,12 +539,13 @@ def _copy_and_discard(host: Host, report: Report, d: _Disk, seed: int) -> None:
         nbytes = nbytes // (1 << 20) * (1 << 20)
     chunk = d.load.max_run * SECTOR  # what a buffer of the guest may hold
     if nbytes > 0:
-        ok, detail = file_copy(XbdFile(v.sc, chunk=chunk), start, nbytes, seed, chunk=chunk)
+        ok, detail = _in_guest(host, v.guest, lambda: file_copy(
+            XbdFile(v.sc, chunk=chunk), start, nbytes, seed, chunk=chunk), "copy")
         report.check(f"a file copied onto {d.load.name} and back: equal SHA-256", ok, detail)
     length = min(1 << 20, chunk, room - nbytes) // 4096 * 4096
     if length >= 3 * 4096:
         ok, detail = flush_discard(host.sched, v.sc, start + nbytes, length,
-                                   lambda fn: host.sched.call(fn, name=f"{v.vdev}/flush"))
+                                   lambda fn: _in_guest(host, v.guest, fn, f"{v.vdev}/flush"))
         report.check(f"flush and discard on {d.load.name}", ok, detail)
 
 
