@@ -128,3 +128,33 @@ def test_latency_percentiles_of_a_log2_histogram() -> None:
     hist[20] = 2  # two slow ones: p99 falls among them
     p99 = percentile(hist, 0.99)
     assert p99 is not None and (1 << 19) <= p99 <= (1 << 20)
+
+
+def test_the_devices_panel_and_the_ring_plot_show_each_nic(tmp_path: Path) -> None:
+    """Issue 15: "per device ring occupancy, throughput": the default guest's vif
+    (netfront's tx and rx rings, NET_TX_RING_SIZE = NET_RX_RING_SIZE = 256 on a 4 KiB
+    page a queue: xen/include/public/io/netif.h, __CONST_RING_SIZE) is a device of the
+    dashboard and of the ring-occupancy and throughput plots, beside the disks."""
+    from gntdma.host.netns import net_unavailable
+
+    if net_unavailable() is not None:
+        pytest.skip(f"no NICs here: {net_unavailable()}")
+    from gntdma.toolstack.plots import make_figures
+
+    view, console = _recording_view(width=140)
+    report = run_main_job(duration=2, view=view, log=lambda _l: None)
+    assert report.ok, report.format()
+    text = console.export_text()
+    assert re.search(r"guest1/vif\d+\.\d+ tx\s+\S+ \d+/\d+\s+\d+\.\d\s+\d+ pkt/s", text), text
+    assert re.search(r"guest1/vif\d+\.\d+ rx\s+\S+ \d+/\d+", text), text
+    m = view.metrics
+    assert m is not None
+    nics = m.samples[-1].nics
+    # 256 slots a ring per queue (netfront's default: 2 queues, multi-queue-num-queues)
+    assert len(nics) == 1 and nics[0].ring_size % 256 == 0
+    assert 0 < nics[0].rx_posted <= nics[0].ring_size
+    figs = make_figures(m)
+    labels = [t.get_text() for t in figs["ring-occupancy.png"].axes[0].get_legend().get_texts()]
+    assert any(lb.startswith(nics[0].name) and "rx posted" in lb for lb in labels), labels
+    labels = [t.get_text() for t in figs["throughput.png"].axes[0].get_legend().get_texts()]
+    assert f"{nics[0].name} tx" in labels and f"{nics[0].name} rx" in labels

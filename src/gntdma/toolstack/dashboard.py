@@ -33,8 +33,11 @@ from rich.text import Text
 from gntdma.toolstack.metrics import Event, Metrics, Sample
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from gntdma.toolstack.host import Guest, Host
     from gntdma.toolstack.vbd import Vbd
+    from gntdma.toolstack.vif import Vif
 
 __all__ = ["DASHBOARD_MODES", "ExploreView", "RunView", "dashboard_wanted", "render",
            "render_explore"]
@@ -102,7 +105,14 @@ def _devices_panel(s: Sample) -> Panel:
     for d in s.disks:
         t.add_row(d.name, _bar(d.in_flight, d.ring_size), f"{d.mib_s:.1f}", f"{d.iops:.0f}",
                   _us(d.p50_us), _us(d.p99_us), str(d.requests))
-    if not s.disks:
+    # A NIC's two rings; packets a second where a disk has IOPS, and no latency
+    # (nothing pairs a packet with an answer: see gntdma.toolstack.metrics).
+    for n in s.nics:
+        t.add_row(f"{n.name} tx", _bar(n.tx_in_flight, n.ring_size), f"{n.tx_mib_s:.1f}",
+                  f"{n.tx_pps:.0f} pkt/s", "-", "-", str(n.packets))
+        t.add_row(f"{n.name} rx", _bar(n.rx_posted, n.ring_size), f"{n.rx_mib_s:.1f}",
+                  f"{n.rx_pps:.0f} pkt/s", "-", "-", "")
+    if not s.disks and not s.nics:
         t.add_row("no disks", "", "", "", "", "", "")
     return Panel(t, title="devices: rings, throughput, latency", title_align="left")
 
@@ -206,11 +216,20 @@ class RunView:
         self.live: Live | None = None
         self.header = ""
         self._running = False
+        #: The NICs to show (see :meth:`set_vifs`).
+        self.vifs: Callable[[], Sequence[Vif]] | None = None
+
+    def set_vifs(self, vifs: Callable[[], Sequence[Vif]]) -> None:
+        """Show the NICs ``vifs()`` gives (asked at every sample), from now on."""
+        self.vifs = vifs
+        if self.metrics is not None:
+            self.metrics.vifs = vifs
 
     def attach(self, host: Host, guests: Sequence[Guest], vbds: Sequence[Vbd]) -> Metrics:
-        """Start the series (and the display) for these guests and disks."""
+        """Start the series (and the display) for these guests and disks (and the
+        NICs given to :meth:`set_vifs`)."""
         self.stop()
-        self.metrics = Metrics(host, guests, vbds)
+        self.metrics = Metrics(host, guests, vbds, self.vifs)
         self._running = True
         if self.dashboard:
             console = self.console if self.console is not None else Console()

@@ -5,8 +5,13 @@ tables, blkfront's statistics and latency histograms) and turns each second
 into a :class:`Sample`: per guest the grant entries in use against the
 capacity ``max_grant_frames`` gives, the deferred loads waiting and completed;
 per disk the ring occupancy, throughput, IOPS and latency percentiles of the
-second. It also collects the reports of the checkers as they appear
-(WITNESS, DMA-API debugging of each guest kernel, the watchdogs) as
+second; per NIC (a vif's netfront) the occupancy of its tx and rx rings and
+its packets and bytes a second each way. A NIC has no latency: netfront's
+transmit ring gives a packet's slots back when netback is done with them,
+and nothing pairs a packet with an answer (a ping's reply is another packet
+on the rx ring), so there is no request/response time to measure. It also
+collects the reports of the checkers as they appear (WITNESS, DMA-API
+debugging of each guest kernel, the watchdogs) as
 :class:`Event` records. Sampling never blocks and never takes a kernel lock:
 it runs on the hub, between two scheduling points of kernel threads.
 
@@ -23,10 +28,18 @@ from typing import TYPE_CHECKING
 from gntdma.sched import WITNESS
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from gntdma.toolstack.host import Guest, Host
     from gntdma.toolstack.vbd import Vbd
+    from gntdma.toolstack.vif import Vif
 
-__all__ = ["DiskSample", "Event", "GuestSample", "Metrics", "Sample", "percentile"]
+__all__ = ["DiskSample", "Event", "GuestSample", "Metrics", "NicSample", "Sample",
+           "percentile"]
+
+#: Slots of a netif tx or rx ring on a 4 KiB page (xen/include/public/io/netif.h:
+#: __CONST_RING_SIZE(netif_tx, XEN_PAGE_SIZE) and netif_rx: 256), per queue.
+NET_RING_SIZE = 256
 
 
 def percentile(hist: Sequence[int], q: float) -> float | None:
@@ -78,12 +91,28 @@ class DiskSample:
 
 
 @dataclass(frozen=True, slots=True)
+class NicSample:
+    """A NIC (a vif, seen from the guest's netfront) over the last second."""
+
+    name: str  #: guest/vifD.N
+    tx_in_flight: int  #: tx ring slots netback has not answered yet
+    rx_posted: int  #: rx ring slots holding a buffer for netback to fill
+    ring_size: int  #: slots of each ring (all queues)
+    tx_pps: float
+    rx_pps: float
+    tx_mib_s: float
+    rx_mib_s: float
+    packets: int  #: sent and received since the sampling began
+
+
+@dataclass(frozen=True, slots=True)
 class Sample:
     """Everything at second ``t`` of the run."""
 
     t: float
     guests: tuple[GuestSample, ...]
     disks: tuple[DiskSample, ...]
+    nics: tuple[NicSample, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,12 +132,26 @@ class _DiskState:
     hist: list[int] = field(default_factory=list)
 
 
-class Metrics:
-    """The series of a host's guests and disks; :meth:`sample` takes one second's."""
+@dataclass(eq=False)
+class _NicState:
+    vif: Vif
+    counts: tuple[int, int, int, int]  #: tx/rx packets, tx/rx bytes at the last sample
+    base: int  #: packets when the sampling began
 
-    def __init__(self, host: Host, guests: Sequence[Guest], vbds: Sequence[Vbd]) -> None:
+
+class Metrics:
+    """The series of a host's guests, disks and NICs; :meth:`sample` takes one second's.
+
+    ``vifs`` gives the NICs attached now (asked at every sample: one attached
+    later is sampled from then on, one detached is dropped).
+    """
+
+    def __init__(self, host: Host, guests: Sequence[Guest], vbds: Sequence[Vbd],
+                 vifs: Callable[[], Sequence[Vif]] | None = None) -> None:
         self.host = host
         self.guests = list(guests)
+        self.vifs = vifs
+        self._nics: dict[int, _NicState] = {}
         self._disks = [_DiskState(v) for v in vbds]
         self.t0 = host.sched.now()
         self._last_t = self.t0
@@ -154,10 +197,33 @@ class Metrics:
                 percentile(delta, 0.5), percentile(delta, 0.99), fr.requests,
                 fr.deferred_loads))
             d.bytes, d.requests, d.hist = nbytes, fr.requests, hist
-        s = Sample(now - self.t0, tuple(guests), tuple(disks))
+        s = Sample(now - self.t0, tuple(guests), tuple(disks), self._sample_nics(dt))
         self.samples.append(s)
         self.collect_reports()
         return s
+
+    def _sample_nics(self, dt: float) -> tuple[NicSample, ...]:
+        vifs = [v for v in (self.vifs() if self.vifs is not None else ())
+                if v.attached and v.guest.name not in self.host.crashed]
+        out = []
+        seen = set()
+        for v in vifs:
+            fr = v.netfront.statistics()
+            counts = (fr.tx_packets, fr.rx_packets, fr.tx_bytes, fr.rx_bytes)
+            st = self._nics.get(id(v))
+            if st is None or st.vif is not v:
+                st = self._nics[id(v)] = _NicState(v, counts, counts[0] + counts[1])
+            seen.add(id(v))
+            queues = v.netfront.queues
+            d = [(a - b) / dt for a, b in zip(counts, st.counts, strict=True)]
+            out.append(NicSample(
+                f"{v.guest.name}/{v.name}", sum(len(q.tx_pkts) for q in queues),
+                fr.rx_posted, NET_RING_SIZE * max(1, len(queues)), d[0], d[1],
+                d[2] / (1 << 20), d[3] / (1 << 20), counts[0] + counts[1] - st.base))
+            st.counts = counts
+        for k in set(self._nics) - seen:
+            del self._nics[k]
+        return tuple(out)
 
     def collect_reports(self) -> list[Event]:
         """The WITNESS and DMA-API debugging reports made since the last call."""

@@ -10,9 +10,11 @@ axes labelled) and then saved (:func:`write_plots`):
   the capacity, with the shortage periods (loads deferred) shaded;
 - ``deferred-latency.png``: the histogram of deferred-load latencies
   (EINPROGRESS to callback);
-- ``ring-occupancy.png``: requests in flight per device over time against
-  the ring size;
-- ``throughput.png``: MiB/s and IOPS per device over time.
+- ``ring-occupancy.png``: ring slots in use per device over time against the
+  ring size (a disk's requests in flight; a NIC's tx slots in flight and rx
+  buffers posted);
+- ``throughput.png``: MiB/s and IOPS (a NIC: packets/s) per device over time,
+  a NIC's each way.
 """
 
 from __future__ import annotations
@@ -141,11 +143,20 @@ def make_figures(metrics: Metrics) -> dict[str, Figure]:
                        label=f"{name} in flight")[0]
         ax.plot([p[0] for p in dts], [p[1].ring_size for p in dts], linestyle="--",
                 color=line.get_color(), label=f"{name} ring size")
+    nic_names = list(dict.fromkeys(n.name for s in samples for n in s.nics))
+    for name in nic_names:
+        nts = [(s.t, x) for s in samples for x in s.nics if x.name == name]
+        ts = [p[0] for p in nts]
+        line = ax.plot(ts, [p[1].tx_in_flight for p in nts], label=f"{name} tx in flight")[0]
+        ax.plot(ts, [p[1].rx_posted for p in nts], linestyle=":", color=line.get_color(),
+                label=f"{name} rx posted")
+        ax.plot(ts, [p[1].ring_size for p in nts], linestyle="--", color=line.get_color(),
+                label=f"{name} ring size")
     ax.set_title("ring occupancy")
     ax.set_xlabel("time (s)")
-    ax.set_ylabel("requests on the ring")
+    ax.set_ylabel("slots in use on the ring")
     ax.set_ylim(bottom=0)
-    if disk_names:
+    if disk_names or nic_names:
         ax.legend(loc="lower right", fontsize="small")
     figs["ring-occupancy.png"] = fig
 
@@ -155,12 +166,20 @@ def make_figures(metrics: Metrics) -> dict[str, Figure]:
         dts = [(s.t, x) for s in samples for x in s.disks if x.name == name]
         top.plot([p[0] for p in dts], [p[1].mib_s for p in dts], label=name)
         bottom.plot([p[0] for p in dts], [p[1].iops for p in dts], label=name)
+    for name in nic_names:
+        nts = [(s.t, x) for s in samples for x in s.nics if x.name == name]
+        ts = [p[0] for p in nts]
+        for way in ("tx", "rx"):
+            top.plot(ts, [getattr(p[1], f"{way}_mib_s") for p in nts], linestyle="--",
+                     label=f"{name} {way}")
+            bottom.plot(ts, [getattr(p[1], f"{way}_pps") for p in nts], linestyle="--",
+                        label=f"{name} {way} (packets/s)")
     top.set_title("throughput and IOPS")
     top.set_ylabel("MiB/s")
     top.set_xlabel("time (s)")
-    bottom.set_ylabel("IOPS")
+    bottom.set_ylabel("IOPS, packets/s")
     bottom.set_xlabel("time (s)")
-    if disk_names:
+    if disk_names or nic_names:
         top.legend(loc="upper right", fontsize="small")
     figs["throughput.png"] = fig
     return figs

@@ -50,6 +50,8 @@ from gntdma.toolstack.xs import serve_host_xenstored
 
 if TYPE_CHECKING:
     from gntdma.toolstack.dashboard import RunView
+    from gntdma.toolstack.netjob import NetJob
+    from gntdma.toolstack.vbd import Vbd
 
 __all__ = ["run_main_job"]
 
@@ -182,12 +184,18 @@ def _run(plan: RunPlan, images: OpenImages, seed: int, duration: float, threads:
             if p.startswith("detaching") and xl is not None:
                 xl.release(report)
 
+        def attached(vbds: list[Vbd], net: NetJob | None) -> None:
+            if view is not None and net is not None:  # the dashboard's NICs
+                view.set_vifs(lambda: [v for _g, v, _w in net.vifs])
+            if xl is not None:
+                xl.attached(vbds, net)
+
         try:
             figures = run_block_job(host, report, plan, images, duration=duration,
                                     threads=threads, seed=seed, log=log,
                                     pause=pause if hold else None, phase=phase,
                                     stall_timeout=stall_timeout, view=view,
-                                    on_attached=xl.attached if xl is not None else None)
+                                    on_attached=attached)
         except Stalled as e:
             # The workloads wait for something that does not come: say what, stop.
             _report_crashes(host, report)

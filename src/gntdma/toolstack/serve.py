@@ -351,6 +351,9 @@ def _serve(plan: RunPlan, images: OpenImages, seed: int, nbd_path: Path | None,
             net.check_attached(report)
         if xl is not None:
             xl.attached([v for _g, vs in guests for v in vs], net)
+        if view is not None and net is not None:
+            wired = net
+            view.set_vifs(lambda: [v for _g, v, _w in wired.vifs])
         with signals_deferred():
             listener = _listen(nbd_path, tcp)
         addr = listener.getsockname()
