@@ -29,9 +29,11 @@ from gntdma.abi.blkif import (
     BlkifRequestDiscard,
     BlkifRequestIndirect,
 )
+from gntdma.abi.grant_table import GnttabMapGrantRef, GNTTABOP_map_grant_ref
 from gntdma.dev.blkback import BackingStore, Blkback, BlkbackState
 from gntdma.host.image import DiskImage
 from gntdma.toolstack.host import Host
+from gntdma.xen.hypercall import Hypercalls
 
 ABIS = pytest.mark.parametrize("abi", [BLKIF_ABI_X86_64, BLKIF_ABI_X86_32],
                                ids=["x86_64", "x86_32"])
@@ -578,3 +580,43 @@ def test_probe_and_connect_keys(host: Host, tmp_path: Path) -> None:
         }
         assert repr(bb) == "<Blkback blkback.1.0 DISCONNECTED>"
 
+
+
+def test_map_ops_the_hypervisor_did_not_reach_are_not_mapped(
+        host: Host, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # blkback maps a request's segments with the array form of
+    # HYPERVISOR_grant_table_op. Xen (xen/common/grant_table.c, do_grant_table_op
+    # and gnttab_map_grant_ref, 4.17) reads and writes back the ops one by one
+    # and stops at a fault (-EFAULT) with the ops before it done: an op it did not
+    # reach keeps what the caller wrote, so its status must not read as
+    # GNTST_okay. Here the call reaches only the first of two segments: the
+    # request fails, the first segment is unmapped again (XSA-361) and every
+    # foreign address goes back.
+    r = make_rig(host, tmp_path, BLKIF_ABI_X86_64)
+    f = r.front
+    a, b = f.buf(fill=pattern(1)), f.buf(fill=pattern(2))
+    hc = host.dom0.hc
+    real = type(hc).grant_table_op_raw
+    cut: list[int] = []
+
+    def first_op_only(self: Hypercalls, cmd: int, buf: bytearray | memoryview,
+                      count: int) -> int:
+        if self is hc and cmd == GNTTABOP_map_grant_ref and count == 2:
+            cut.append(count)
+            size = GnttabMapGrantRef.STRUCT.size
+            return real(self, cmd, memoryview(buf)[:size], count)
+        return real(self, cmd, buf, count)
+
+    in_use = set(hc.foreign.in_use)
+    monkeypatch.setattr(type(hc), "grant_table_op_raw", first_op_only)
+    (rid,) = [f.rw(BLKIF_OP_READ, 0, [(a, 0, 7), (b, 0, 7)])]
+    f.push()
+    assert [rs.status for rs in f.wait(rid)] == [BLKIF_RSP_ERROR]
+    assert cut == [2]
+    assert f.data(a) == pattern(1) and f.data(b) == pattern(2)
+    st = r.bb.statistics()
+    assert st.map_errors == 1 and st.mapped_now == 1  # the ring page
+    assert r.mappings() == 1 and r.pinned() == 1
+    assert hc.foreign.in_use == in_use
+    monkeypatch.undo()
+    r.close()

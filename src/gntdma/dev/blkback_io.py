@@ -29,8 +29,14 @@ it, kept there after the request; else it is unmapped after the request as
 usual. :meth:`BlkbackIO.unmap_persistent` unmaps the table at disconnect.
 Indirect pages are mapped per request (Linux keeps them too).
 
-Every ``GnttabMapGrantRef`` and ``GnttabUnmapGrantRef`` blkback builds is built
-by :meth:`BlkbackIO._map_ops` and :meth:`BlkbackIO._unmap_ops`, and nowhere else.
+Every map and unmap goes through the array form of the hypercall
+(:meth:`Hypercalls.grant_table_op_raw`): the ``struct gnttab_map_grant_ref`` and
+``struct gnttab_unmap_grant_ref`` of a batch packed in one buffer, each op's
+results read back from it (Xen writes back a map's status, handle and
+``dev_bus_addr``, an unmap's status). Every such buffer blkback builds is built
+by :meth:`BlkbackIO._map_ops` and :meth:`BlkbackIO._unmap_ops`, and nowhere else;
+their ``status`` starts as ``GNTST_general_error``, so an op the hypervisor did
+not reach never reads as done.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from gntdma.abi.blkif import (
 from gntdma.abi.grant_table import (
     GNTMAP_host_map,
     GNTMAP_readonly,
+    GNTST_general_error,
     GNTST_okay,
     GnttabMapGrantRef,
     GNTTABOP_map_grant_ref,
@@ -77,6 +84,10 @@ assert 1 << SECTOR_SHIFT == BLKIF_SECTOR_SIZE
 # the hypervisor tests each op's flags.
 _MAP_HOST: Final = int(GNTMAP_host_map)
 _MAP_HOST_RO: Final = int(GNTMAP_host_map | GNTMAP_readonly)
+_OKAY: Final = int(GNTST_okay)
+_NOT_DONE: Final = int(GNTST_general_error)
+_MAP_OP: Final = GnttabMapGrantRef.STRUCT
+_UNMAP_OP: Final = GnttabUnmapGrantRef.STRUCT
 
 
 class BackingStore(Protocol):
@@ -323,43 +334,55 @@ class BlkbackIO:
 
     # -- grant maps ----------------------------------------------------------------------
 
-    def _map_ops(self, flags: int, grefs: Sequence[int]) -> list[GnttabMapGrantRef]:
-        """``GnttabMapGrantRef(host_addr, flags, g, frontend)`` for each gref, each at
-        its own address from the kernel's foreign-page range (Linux's blkback takes
-        its pages from ``gnttab_alloc_pages``); the addresses go back in
+    def _map_ops(self, flags: int, grefs: Sequence[int]) -> tuple[bytearray, list[int]]:
+        """The packed ``struct gnttab_map_grant_ref`` of each gref (``host_addr``,
+        ``flags``, ``g``, the frontend; status not done), each at its own address from
+        the kernel's foreign-page range (Linux's blkback takes its pages from
+        ``gnttab_alloc_pages``), and those addresses, in order; they go back in
         :meth:`_map_batch` or :meth:`unmap_batch`."""
         dom = self.frontend_domid
-        foreign = self.hc.foreign
-        ops: list[GnttabMapGrantRef] = []
-        for g in grefs:
-            error, addr = foreign.alloc()
+        alloc = self.hc.foreign.alloc
+        size = _MAP_OP.size
+        pack = _MAP_OP.pack_into
+        buf = bytearray(size * len(grefs))
+        addrs: list[int] = []
+        for off, g in zip(range(0, len(buf), size), grefs, strict=True):
+            error, addr = alloc()
             if error != 0:
                 raise KernelPanic(f"{self.name}: no address for a foreign page ({error})")
-            ops.append(GnttabMapGrantRef(host_addr=addr, flags=flags, ref=g, dom=dom))
-        return ops
+            pack(buf, off, addr, flags, g, dom, _NOT_DONE, 0, 0)
+            addrs.append(addr)
+        return buf, addrs
 
-    def _unmap_ops(self, handles: Sequence[int]) -> list[GnttabUnmapGrantRef]:
-        """``GnttabUnmapGrantRef(host_addr, handle=h)``: each at the address it was mapped at."""
+    def _unmap_ops(self, handles: Sequence[int]) -> bytearray:
+        """The packed ``struct gnttab_unmap_grant_ref`` of each handle: at the address it
+        was mapped at, no device address, status not done."""
         addrs = self._host_addrs
-        return [GnttabUnmapGrantRef(host_addr=addrs[h], handle=h) for h in handles]
+        size = _UNMAP_OP.size
+        pack = _UNMAP_OP.pack_into
+        buf = bytearray(size * len(handles))
+        for off, h in zip(range(0, len(buf), size), handles, strict=True):
+            pack(buf, off, addrs[h], 0, h, _NOT_DONE)
+        return buf
 
     def _map_batch(self, flags: int, grefs: Sequence[int]) -> list[int] | None:
         """Map every gref in one hypercall: the handles, or None (nothing left mapped)."""
-        ops = self._map_ops(flags, grefs)
-        rc, res = self.hc.grant_table_op(GNTTABOP_map_grant_ref, ops)
-        handles = [r.handle for r in res
-                   if isinstance(r, GnttabMapGrantRef) and r.status == GNTST_okay]
-        for op, r in zip(ops, res, strict=False):
-            if isinstance(r, GnttabMapGrantRef) and r.status == GNTST_okay:
-                self._host_addrs[r.handle] = op.host_addr
+        buf, addrs = self._map_ops(flags, grefs)
+        rc = self.hc.grant_table_op_raw(GNTTABOP_map_grant_ref, buf, len(addrs))
+        handles: list[int] = []
+        host_addrs = self._host_addrs
+        free = self.hc.foreign.free
+        for addr, (_a, _f, _r, _d, status, handle, _dba) in zip(
+                addrs, _MAP_OP.iter_unpack(buf), strict=True):
+            if status == _OKAY:
+                handles.append(handle)
+                host_addrs[handle] = addr
             else:
-                self.hc.foreign.free(op.host_addr)
-        for op in ops[len(res):]:
-            self.hc.foreign.free(op.host_addr)
+                free(addr)
         self.segments_mapped += len(handles)
         self.mapped_now += len(handles)
         self.mapped_peak = max(self.mapped_peak, self.mapped_now)
-        if rc != 0 or len(handles) != len(ops):
+        if rc != 0 or len(handles) != len(addrs):
             self.unmap_batch(handles)  # XSA-361: undo the elements that worked
             return None
         return handles
@@ -368,12 +391,15 @@ class BlkbackIO:
         """Unmap our own handles in one hypercall; a failure is a kernel panic."""
         if not handles:
             return
-        rc, res = self.hc.grant_table_op(GNTTABOP_unmap_grant_ref, self._unmap_ops(handles))
-        bad = [r for r in res
-               if not isinstance(r, GnttabUnmapGrantRef) or r.status != GNTST_okay]
-        if rc != 0 or len(res) != len(handles) or bad:
+        buf = self._unmap_ops(handles)
+        rc = self.hc.grant_table_op_raw(GNTTABOP_unmap_grant_ref, buf, len(handles))
+        bad = [(h, status) for h, (_a, _d, _h, status) in zip(
+            handles, _UNMAP_OP.iter_unpack(buf), strict=True) if status != _OKAY]
+        if rc != 0 or bad:
             raise KernelPanic(f"{self.name}: unmap of our own handles failed: rc {rc}, "
-                              f"{bad}")
+                              f"(handle, status) {bad}")
+        free = self.hc.foreign.free
+        addrs = self._host_addrs
         for h in handles:
-            self.hc.foreign.free(self._host_addrs.pop(h))
+            free(addrs.pop(h))
         self.mapped_now -= len(handles)
