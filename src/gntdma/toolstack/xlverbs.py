@@ -131,15 +131,20 @@ class Console:
 
     def list_(self, args: list[str], cwd: str) -> Answer:
         """``main_list`` (xl_info.c): ``-l``/``--long`` prints the domains' configs
-        as JSON (``list_domains_details``); at most one domain is named."""
+        as JSON (``list_domains_details``); at most one domain is named. Options
+        are getopt's (xl_utils.c, ``def_getopt``): ``-h`` is the help, an unknown
+        one "option `X' not supported." with status 2 (``-1`` is an option, not
+        a domain); xl's ``-v``, ``-Z``, ``-c``, ``-n`` are not offered here."""
         details = False
         names = []
         for a in args:
             if a in ("-l", "--long"):
                 details = True
+            elif a in ("-h", "--help"):
+                return 0, _LIST_USAGE, ""
             elif a.startswith("-") and a != "-":
-                return 2, "", (f"xl list: option {a!r} is not supported (only -l, --long)\n"
-                               f"{_LIST_USAGE}")
+                bad = a if a.startswith("--") else a[1]
+                return 2, "", f"option `{bad}' not supported.\n"
             else:
                 names.append(a)
         if len(names) > 1:
