@@ -194,16 +194,18 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("explore", help="explore the interleavings of a scenario")
     ex.add_argument("scenario", nargs="?", help="scenario name (see --list)")
     ex.add_argument("--list", action="store_true", help="list the scenarios and exit")
-    ex.add_argument("--strategy", default="random", help="random, pct or dfs")
-    ex.add_argument("--schedules", type=_positive_int, default=1000,
-                    help="schedules to explore")
-    ex.add_argument("--seed", type=_positive_int, default=0)
+    # The campaign's options default to None (see _EXPLORE_DEFAULTS): --merge takes
+    # its campaign from the shard files and refuses any of them given.
+    ex.add_argument("--strategy", help="random (default), pct or dfs")
+    ex.add_argument("--schedules", type=_positive_int,
+                    help="schedules to explore (default 1000)")
+    ex.add_argument("--seed", type=_positive_int)
     ex.add_argument("--callback-delivery", choices=("taskqueue", "inline"),
-                    default="taskqueue", help="grant free callbacks: gntdma's taskqueue "
+                    help="grant free callbacks: gntdma's taskqueue "
                     "delivery, or FreeBSD's inline delivery under the lock")
-    ex.add_argument("--pct-depth", type=_positive_int, default=3, help="at least 1")
-    ex.add_argument("--max-preemptions", type=_positive_int, default=2,
-                    help="bound for dfs (0 or more)")
+    ex.add_argument("--pct-depth", type=_positive_int, help="at least 1 (default 3)")
+    ex.add_argument("--max-preemptions", type=_positive_int,
+                    help="bound for dfs (0 or more, default 2)")
     ex.add_argument("--out", type=Path, metavar="FILE", help="replay file of the first failure")
     ex.add_argument("--dashboard", choices=("auto", "on", "off"), default="auto",
                     help="a live display of the schedules done, failures found and rate "
@@ -290,6 +292,18 @@ def cmd_serve(args: argparse.Namespace, out: _Output) -> int:
     return 0 if report.ok else 1
 
 
+#: explore's campaign options (what a shard file records) and their defaults.
+_EXPLORE_CAMPAIGN = (("the scenario", "scenario"), ("--strategy", "strategy"),
+                     ("--schedules", "schedules"), ("--seed", "seed"),
+                     ("--callback-delivery", "callback_delivery"),
+                     ("--pct-depth", "pct_depth"), ("--max-preemptions", "max_preemptions"),
+                     ("--shard", "shard"), ("--out-results", "out_results"),
+                     ("--dask", "dask"))
+_EXPLORE_DEFAULTS: dict[str, object] = {
+    "strategy": "random", "schedules": 1000, "seed": 0, "callback_delivery": "taskqueue",
+    "pct_depth": 3, "max_preemptions": 2}
+
+
 def _explore(args: argparse.Namespace, out: _Output) -> int:
     from gntdma.errors import ConfigError
     from gntdma.toolstack.explorecmd import explore_command, list_scenarios
@@ -303,8 +317,16 @@ def _explore(args: argparse.Namespace, out: _Output) -> int:
     if args.merge is not None:
         from gntdma.toolstack.explorecmd import merge_command
 
+        given = [f"{opt} {getattr(args, dest)}" for opt, dest in _EXPLORE_CAMPAIGN
+                 if getattr(args, dest) is not None]
+        if len(given) > 0:
+            raise ConfigError(f"--merge takes the campaign from its shard files: "
+                              f"{', '.join(given)} cannot be given with it")
         check_output(args.out, "--out")
         return merge_command(args.merge, say=out.say, out=args.out, jobs=jobs)
+    for dest, value in _EXPLORE_DEFAULTS.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, value)
     if args.scenario is None:
         raise ConfigError("give a scenario name (gntdma explore --list shows them)")
     if args.pct_depth < 1:

@@ -179,12 +179,30 @@ def _dask_executor(address: str) -> tuple[Any, Any, int]:
     except ImportError:
         raise ConfigError("--dask needs the optional dask extra "
                           "(pip install 'gntdma[dask]')") from None
+    _check_dask_address(address)
     try:
         client = distributed.Client(address, timeout=30)
-    except (OSError, TimeoutError) as e:
+    except (OSError, TimeoutError, ValueError) as e:
         raise ConfigError(f"--dask {address}: cannot reach the scheduler: {e}") from None
     threads = max(1, sum(client.nthreads().values()))
     return client, client.get_executor(), threads
+
+
+def _check_dask_address(address: str) -> None:
+    """Refuse an address this process cannot use before a client is made (a client
+    that fails in its constructor times out again when collected): an unknown
+    scheme, no port, or an ``inproc://`` address of another process."""
+    try:
+        comm: Any = importlib.import_module("distributed.comm")
+        scheme, loc = comm.parse_address(comm.resolve_address(address))
+        if scheme == "inproc":
+            inproc: Any = importlib.import_module("distributed.comm.inproc")
+            if inproc.global_manager.get_listener_for(loc) is None:
+                raise ValueError("no scheduler listens there in this process")
+    except ValueError as e:
+        raise ConfigError(f"--dask {address}: not an address of a scheduler this process "
+                          f"can reach: {e} (an inproc:// address works only inside its "
+                          "own process: start the cluster with protocol tcp://)") from None
 
 
 def _campaign_command(spec: CampaignSpec, *, say: Any, out: Path | None, jobs: int,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,17 +156,26 @@ def _run(spec: CampaignSpec, fn: ScenarioFn, index: int, k: int | None,
                           out.schedule.to_json())
 
 
+#: One schedule at a time in a process: schedules share process-wide state (the
+#: installed scheduler, WITNESS, memo caches), so two run side by side (a Dask
+#: worker with several threads, several workers in one process) would mix their
+#: runs. A worker's threads take turns; the parallelism is in processes.
+_ONE_AT_A_TIME = threading.Lock()
+
+
 def run_chunk(spec: CampaignSpec, indices: Sequence[int],
               ks: Sequence[int | None]) -> list[ScheduleResult]:
-    """Run schedules in the order given, up to and including the first that fails."""
-    fn = spec.scenario_fn()
-    results = []
-    for index, k in zip(indices, ks, strict=True):
-        r = _run(spec, fn, index, k)
-        results.append(r)
-        if r.kind is not None:
-            break
-    return results
+    """Run schedules in the order given, up to and including the first that fails
+    (one chunk at a time in a process)."""
+    with _ONE_AT_A_TIME:
+        fn = spec.scenario_fn()
+        results = []
+        for index, k in zip(indices, ks, strict=True):
+            r = _run(spec, fn, index, k)
+            results.append(r)
+            if r.kind is not None:
+                break
+        return results
 
 
 class _Tap:
