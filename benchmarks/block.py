@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import tempfile
@@ -170,11 +171,33 @@ def tunables_of(kern: Kernel) -> dict[str, object]:
     return {"sysctls": kern.tunables.sysctls(), "describe": kern.tunables.describe()}
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
+
+
+def _positive_float(text: str) -> float:
+    """An argparse type: a finite number above 0."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(x) or x <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number above 0, not {text}")
+    return x
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=float, default=2.0)
-    ap.add_argument("--size-mb", type=int, default=256)
+    ap.add_argument("--seconds", type=_positive_float, default=2.0)
+    ap.add_argument("--size-mb", type=_positive_int, default=256)
     ap.add_argument("--dma-debug", choices=("on", "off"), default="on",
                     help="the guest kernel's DMA-API debugging (default on)")
     ap.add_argument("--junk-fill", choices=("on", "off"), default="on",

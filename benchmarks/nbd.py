@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import signal
@@ -65,11 +66,33 @@ def _fio(uri: str, rw: str, bs: str, qd: int, seconds: float, size_mb: int) -> d
     return {"mib_s": side["bw_bytes"] / (1 << 20), "iops": side["iops"]}
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
+
+
+def _positive_float(text: str) -> float:
+    """An argparse type: a finite number above 0."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(x) or x <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number above 0, not {text}")
+    return x
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=float, default=5.0, help="per job and server")
-    ap.add_argument("--size-mb", type=int, default=256, help="image size")
-    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--seconds", type=_positive_float, default=5.0, help="per job and server")
+    ap.add_argument("--size-mb", type=_positive_int, default=256, help="image size")
+    ap.add_argument("--rounds", type=_positive_int, default=1)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     nbdkit = _ensure_nbdkit()

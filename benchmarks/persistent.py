@@ -15,7 +15,7 @@ them mapped). Queue depth 32 is 32 guest threads, each doing its I/O in a
 kernel buffer of its own. Both disks use the same ring order (default 0, one
 page and 32 commands, as Linux's blkfront default), so the comparison is one
 of the grant life cycle only. It prints MiB/s, IOPS and the ratio
-(persistent / per-load) of each workload, and, with ``--json``, the same
+(persistent / per-load) of each workload (no target: a comparison), and, with ``--json``, the same
 figures as JSON after the table. The guest's debugging tunables (DMA-API
 debugging, junk fill) are those of a default guest.
 """
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import tempfile
@@ -148,14 +149,36 @@ class Figure:
     ratio: float  #: persistent / per-load
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
+
+
+def _positive_float(text: str) -> float:
+    """An argparse type: a finite number above 0."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(x) or x <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number above 0, not {text}")
+    return x
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=float, default=2.0, help="per measurement")
-    ap.add_argument("--rounds", type=int, default=2,
+    ap.add_argument("--seconds", type=_positive_float, default=2.0, help="per measurement")
+    ap.add_argument("--rounds", type=_positive_int, default=2,
                     help="alternations of the two modes per workload (default 2)")
-    ap.add_argument("--size-mb", type=int, default=256)
-    ap.add_argument("--memory-mb", type=int, default=256, help="the guest's memory")
+    ap.add_argument("--size-mb", type=_positive_int, default=256)
+    ap.add_argument("--memory-mb", type=_positive_int, default=256, help="the guest's memory")
     ap.add_argument("--ring-page-order", type=int, default=0, choices=range(5))
     ap.add_argument("--case", action="append", default=[],
                     help="run only workloads whose name contains TEXT (repeatable)")
@@ -183,6 +206,8 @@ def main() -> None:
               f"{args.ring_page_order}, {args.seconds:g} s per measurement, "
               f"{args.rounds} alternating round(s) per mode; kernel tunables, guest: "
               f"{g.kernel.tunables.describe()}")
+        print("no target: a comparison of persistent and per-load grants (ratio = "
+              "persistent / per-load; block.py's targets are ratios to direct I/O)")
         print(f"{'workload':<20} {'per-load MiB/s':>14} {'persist MiB/s':>14} "
               f"{'per-load IOPS':>13} {'persist IOPS':>13} {'ratio':>6}")
         for kind, op, bs, qd in cases:
@@ -209,7 +234,7 @@ def main() -> None:
         host.destroy_guest(g)
         host.close()
     if args.json:
-        print(json.dumps({"seconds": args.seconds, "rounds": args.rounds,
+        print(json.dumps({"target": None, "seconds": args.seconds, "rounds": args.rounds,
                           "size_mb": args.size_mb, "memory_mb": args.memory_mb,
                           "ring_page_order": args.ring_page_order,
                           "workloads": [asdict(f) for f in figures],

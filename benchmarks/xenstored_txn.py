@@ -103,10 +103,21 @@ def worker(path: str, index: int, nodes: int, eagain: list[int], errors: list[st
         c.close()
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--clients", type=int, default=50)
-    parser.add_argument("--nodes", type=int, default=400, help="creations per client")
+    parser.add_argument("--clients", type=_positive_int, default=50)
+    parser.add_argument("--nodes", type=_positive_int, default=400, help="creations per client")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="gntxsb") as tmp:
         sock = os.path.join(tmp, "socket")

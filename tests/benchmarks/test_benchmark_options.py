@@ -1,0 +1,55 @@
+"""The benchmarks' options: a bad value is refused by argparse (status 2, its
+message), never a traceback from the middle of a run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+BAD = [
+    ("block", ["--seconds", "-1"], "--seconds: must be a number above 0"),
+    ("block", ["--seconds", "nan"], "--seconds: must be a number above 0"),
+    ("block", ["--size-mb", "0"], "--size-mb: must be at least 1"),
+    ("gnttab", ["--ops", "0"], "--ops: must be at least 1"),
+    ("gnttab", ["--rounds", "0"], "--rounds: must be at least 1"),
+    ("persistent", ["--rounds", "0"], "--rounds: must be at least 1"),
+    ("persistent", ["--seconds", "0"], "--seconds: must be a number above 0"),
+    ("persistent", ["--memory-mb", "0"], "--memory-mb: must be at least 1"),
+    ("explore", ["--schedules", "0"], "--schedules: must be at least 1"),
+    ("kernel_debug", ["--rounds", "0"], "--rounds: must be at least 1"),
+    ("locks", ["--pairs", "0"], "--pairs: must be at least 1"),
+    ("nbd", ["--size-mb", "-3"], "--size-mb: must be at least 1"),
+    ("net", ["--seconds", "inf"], "--seconds: must be a number above 0"),
+    ("scale", ["--disk-mb", "0"], "--disk-mb: must be at least 1"),
+    ("xenstored_txn", ["--clients", "0"], "--clients: must be at least 1"),
+]
+
+
+@pytest.mark.parametrize(("name", "args", "message"), BAD,
+                         ids=[f"{n}{' '.join(a)}" for n, a, _ in BAD])
+def test_benchmark_bad_option_is_a_usage_error(tmp_path: Path, name: str, args: list[str],
+                                               message: str) -> None:
+    r = subprocess.run([sys.executable, str(BENCHMARKS / f"{name}.py"), *args], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-800:]
+    assert "Traceback" not in r.stderr
+    assert f"{name}.py: error: argument {message}" in r.stderr, r.stderr[-800:]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_persistent_benchmark_says_it_has_no_target(tmp_path: Path) -> None:
+    """The issue sets no target for persistent grants: the table says so, the JSON too."""
+    r = subprocess.run([sys.executable, str(BENCHMARKS / "persistent.py"), "--seconds", "0.05",
+                        "--rounds", "1", "--size-mb", "16", "--json"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-800:]
+    assert "no target: a comparison of persistent and per-load grants" in r.stdout
+    doc = json.loads(r.stdout[r.stdout.index("\n{") + 1:])
+    assert doc["target"] is None
+    assert list(tmp_path.iterdir()) == []
