@@ -8,9 +8,12 @@ comment, ``access_node`` and ``finalize_transaction``): it copies nothing at its
 start; the first time one of its operations touches a path (the node itself,
 an ancestor consulted for an error or for creation, the subtree of an RM) it
 takes the live entry of that moment as its own copy, and later operations in
-the transaction see that copy. Its commit fails with EAGAIN when a path whose
-first access was a read holds a different entry in the live tree than the one
-copied; otherwise its changed copies go live.
+the transaction see that copy (an absent one included: a path first found
+missing stays missing for the transaction, even if a child of it is later read
+from the live tree; RM of that child is then EINVAL, as ``rm_node``'s). Its
+commit fails with EAGAIN when a path whose first access was a read holds a
+different entry in the live tree than the one copied; otherwise its changed
+copies go live.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import errno
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field, replace
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -202,6 +206,11 @@ class Ops:
             if err.errno == errno.ENOENT and self._get(parent(path)) is not None:
                 return
             raise
+        # rm_node reads the parent before walking the subtree: a transaction that
+        # recorded it absent (a failed read leaves no copy) gets EINVAL, nothing removed.
+        par = self._get(parent(path))
+        if par is None:
+            raise ModelError(errno.EINVAL)
         todo = [path]
         while todo:
             p = todo.pop()
@@ -213,7 +222,6 @@ class Ops:
                 continue
             todo += [f"{p}/{c}" for c in e.children]
             self._set(p, None)
-        par = self.tree[parent(path)]
         kept = tuple(c for c in par.children if c != base(path))
         self._set(parent(path), replace(par, children=kept))
 
@@ -247,7 +255,7 @@ class StoreMachine(RuleBasedStateMachine):
         }
         self.txns: dict[int, list[ModelTxn]] = {d: [] for d in DOMIDS}
 
-    def _run(self, domid: int, txi: int | None, name: str, *args: object) -> None:
+    def _run(self, domid: int, txi: int | None, name: str, *args: object) -> object:
         """Run one operation in the model and on the daemon; compare the outcomes."""
         txn = self.txns[domid][txi] if txi is not None else None
         ops = Ops(txn.view if txn is not None else self.live, domid)
@@ -264,6 +272,7 @@ class StoreMachine(RuleBasedStateMachine):
         except XsError as e:
             got = ("error", e.errno)
         assert got == expected, (domid, txi, name, args)
+        return got
 
     def _txi(self, data: st.DataObject, domid: int) -> int | None:
         n = len(self.txns[domid])
@@ -354,3 +363,38 @@ class StoreMachine(RuleBasedStateMachine):
 
 StoreMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
 test_store_against_model = StoreMachine.TestCase
+
+
+def test_rm_in_transaction_whose_view_lacks_the_parent_is_einval() -> None:
+    """A transaction that found ``/t/a`` absent keeps seeing it absent, even after
+    ``/t/a/b`` (which it reads afresh from the live tree) is created outside; its
+    RM of ``/t/a/b`` is EINVAL and removes nothing, and its commit is EAGAIN.
+
+    C xenstored 4.17.7: ``read_node`` in ``xenstored_core.c`` reads through
+    ``transaction_prepend`` (``xenstored_transaction.c``), which takes a node the
+    transaction has accessed from its own copy (``find_accessed_node``); a
+    failed read records the node as accessed with ``NO_GENERATION`` and no copy
+    (``access_node``), so later reads of it in the transaction are ENOENT. A node
+    not yet accessed comes from the live tree. ``do_rm`` passes ``get_node`` and
+    calls ``rm_node``, which reads the parent first and returns EINVAL when it is
+    missing, before the tree walk deletes anything.
+    """
+    m = StoreMachine()
+    m.start(domid=2)
+    # The transaction's mkdir /t is refused (n0) and leaves it a copy of /t.
+    assert m._run(2, 0, "mkdir", "/t") == ("error", errno.EACCES)
+    m._run(0, None, "set_perms", "/t", ["n2"])
+    # Its copy of /t still says n0: refused, /t/a recorded as absent.
+    assert m._run(2, 0, "mkdir", "/t/a") == ("error", errno.EACCES)
+    m._run(0, None, "mkdir", "/t/a/b")
+    assert m._run(2, 0, "rm", "/t/a/b") == ("error", errno.EINVAL)
+    m.same_tree()
+    m.same_counts()
+    assert m._run(2, 0, "read", "/t/a/b") == b""  # still there in the transaction
+    txn = m.txns[2].pop()
+    with pytest.raises(XsError) as err:
+        m.clients[2].end(txn.wire_id, True)
+    assert err.value.errno == errno.EAGAIN  # /t/a was read absent and now exists
+    m.same_tree()
+    m.same_counts()
+    m.teardown()
