@@ -222,6 +222,10 @@ class Ops:
                 continue
             todo += [f"{p}/{c}" for c in e.children]
             self._set(p, None)
+        if base(path) not in par.children:
+            # delete_child: a transaction's older copy of the parent does not list
+            # the node it read from the live tree: EIO, the subtree stays removed.
+            raise ModelError(errno.EIO)
         kept = tuple(c for c in par.children if c != base(path))
         self._set(parent(path), replace(par, children=kept))
 
@@ -395,6 +399,40 @@ def test_rm_in_transaction_whose_view_lacks_the_parent_is_einval() -> None:
     with pytest.raises(XsError) as err:
         m.clients[2].end(txn.wire_id, True)
     assert err.value.errno == errno.EAGAIN  # /t/a was read absent and now exists
+    m.same_tree()
+    m.same_counts()
+    m.teardown()
+
+
+def test_rm_in_transaction_whose_parent_copy_lacks_the_child_is_eio() -> None:
+    """A transaction lists ``/t/a`` (its copy has no children), ``/t/a/b`` is
+    created outside, then the transaction removes ``/t/a/b``: read from the live
+    tree, it is removed from the transaction's view, but the parent's copy does
+    not list it, so the RM is EIO (the removal stays); the commit is EAGAIN.
+
+    C xenstored 4.17.7, ``xenstored_core.c``: ``do_rm`` -> ``rm_node`` walks the
+    subtree (``walk_node_tree`` with ``delnode_sub``, deleting through
+    ``access_node``) and then calls ``delete_child`` on the parent it read, which
+    finds no entry for the child: ``corrupt()`` (a check of the live store) and
+    EIO. ``read_node`` takes ``/t/a`` from the transaction's copy
+    (``transaction_prepend``/``find_accessed_node`` in
+    ``xenstored_transaction.c``) and ``/t/a/b``, not yet accessed, from the live
+    tree.
+    """
+    m = StoreMachine()
+    m._run(0, None, "mkdir", "/t/a")
+    m.start(domid=0)
+    assert m._run(0, 0, "ls", "/t/a") == []
+    m._run(0, None, "mkdir", "/t/a/b")
+    assert m._run(0, 0, "rm", "/t/a/b") == ("error", errno.EIO)
+    assert m._run(0, 0, "read", "/t/a/b") == ("error", errno.ENOENT)
+    assert m._run(0, 0, "ls", "/t/a") == []
+    m.same_tree()
+    m.same_counts()
+    txn = m.txns[0].pop()
+    with pytest.raises(XsError) as err:
+        m.clients[0].end(txn.wire_id, True)
+    assert err.value.errno == errno.EAGAIN  # /t/a changed outside after its copy
     m.same_tree()
     m.same_counts()
     m.teardown()

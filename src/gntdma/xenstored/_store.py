@@ -499,6 +499,11 @@ class Access:
             self._remove(p)
             self._changed(Change(p, exact=p != path, node=n, parent=par))
         base = basename(path)
+        if base not in parent.children:
+            # delete_child: only a transaction's copy of the parent, taken before
+            # the node was created outside, can miss it; C calls corrupt() (a
+            # check of the live store, consistent here) and fails the RM.
+            raise XsError(errno.EIO, f"{parent_name} does not list {base}")
         children = tuple(c for c in parent.children if c != base)
         self._put(parent_name, replace(parent, children=children))
 
