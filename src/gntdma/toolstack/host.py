@@ -234,6 +234,7 @@ class Host:
         for t in list(self.sched.threads):
             if self._owns(g, t):
                 self.sched.kill(t)
+        self._prune_destroyers()
         self._destroyers.append(self.sched.spawn(
             self._destroy_crashed, g, crash, name=f"xl/{g.name}/destroy"))
 
@@ -251,9 +252,21 @@ class Host:
         """Sleep until every crashed guest has been destroyed (thread0 only)."""
         self.sched.run(until=lambda: all(t.state is ThreadState.DONE
                                          for t in self._destroyers))
+        self._prune_destroyers()
+
+    def _prune_destroyers(self) -> None:
+        """Forget the destroyer threads that finished (their CrashTeardown stays)."""
+        self._destroyers = [t for t in self._destroyers if t.state is not ThreadState.DONE]
 
     def destroy_guest(self, g: Guest) -> None:
-        """Shut the guest's kernel down and destroy its domain."""
+        """Destroy the guest's domain as ``libxl__destroy_domid`` does: the devices
+        the toolstack still has attached are removed by force first
+        (``libxl__devices_destroy``), then its kernel is shut down and the domain
+        destroyed. Sleeps when devices remain (thread0 or a toolstack thread). A
+        crashed guest's devices are its destroyer's (:meth:`crash_guest`)."""
+        if g.domid in self.guests and g.name not in self.crashed:  # else its destroyer's
+            for dev in reversed(self.devices.pop(g.domid, [])):
+                dev.destroy()
         self._destroy_domain(g, crashed=g.name in self.crashed)
 
     def _destroy_domain(self, g: Guest, *, crashed: bool) -> None:
