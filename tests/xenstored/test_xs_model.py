@@ -211,23 +211,31 @@ class Ops:
         par = self._get(parent(path))
         if par is None:
             raise ModelError(errno.EINVAL)
-        todo = [path]
-        while todo:
-            p = todo.pop()
-            e = self.tree.get(p)
-            if e is None:
-                # Only in a transaction: its copy of the parent lists a child that
-                # was removed outside after the copy. Skipped; the commit fails
-                # anyway (the parent was read first and changed).
-                continue
-            todo += [f"{p}/{c}" for c in e.children]
-            self._set(p, None)
+        self._walk_rm(path, self.tree[path])
         if base(path) not in par.children:
             # delete_child: a transaction's older copy of the parent does not list
             # the node it read from the live tree: EIO, the subtree stays removed.
             raise ModelError(errno.EIO)
         kept = tuple(c for c in par.children if c != base(path))
         self._set(parent(path), replace(par, children=kept))
+
+    def _walk_rm(self, path: str, e: E) -> None:
+        """Remove ``path``'s subtree depth first, children in order, each node after
+        its children. A listed child not found (only in a transaction: its copy of
+        the node is older than the live child's removal, or it recorded the child
+        absent) stops the walk with EIO, each node of the walk keeping the children
+        not yet removed."""
+        for i, c in enumerate(e.children):
+            child = self._get(f"{path}/{c}")
+            try:
+                if child is None:
+                    raise ModelError(errno.EIO)
+                self._walk_rm(f"{path}/{c}", child)
+            except ModelError:
+                if i > 0:
+                    self._set(path, replace(e, children=e.children[i:]))
+                raise
+        self._set(path, None)
 
     def set_perms(self, path: str, perms: list[str]) -> None:
         e = self.lookup(path, {"w", "o"})
@@ -427,6 +435,39 @@ def test_rm_in_transaction_whose_parent_copy_lacks_the_child_is_eio() -> None:
     assert m._run(0, 0, "rm", "/t/a/b") == ("error", errno.EIO)
     assert m._run(0, 0, "read", "/t/a/b") == ("error", errno.ENOENT)
     assert m._run(0, 0, "ls", "/t/a") == []
+    m.same_tree()
+    m.same_counts()
+    txn = m.txns[0].pop()
+    with pytest.raises(XsError) as err:
+        m.clients[0].end(txn.wire_id, True)
+    assert err.value.errno == errno.EAGAIN  # /t/a changed outside after its copy
+    m.same_tree()
+    m.same_counts()
+    m.teardown()
+
+
+def test_rm_in_transaction_stops_at_a_listed_child_it_cannot_find_with_eio() -> None:
+    """The transaction copies ``/t/a`` (children b, c), ``/t/a/c`` is removed
+    outside, then the transaction removes ``/t/a``: the walk removes ``/t/a/b``,
+    finds no ``/t/a/c`` and stops; the RM is EIO, ``/t/a`` stays in the
+    transaction listing only ``c``; the commit is EAGAIN.
+
+    C xenstored 4.17.7, ``xenstored_core.c``: ``rm_node`` walks the subtree with
+    ``walk_node_tree`` (``delnode_sub`` on exit, then ``rm_from_parent``
+    rewriting the parent without the child); a listed child ``read_node`` cannot
+    find, with no ``enoent`` function, is ``WALK_TREE_ERROR_STOP``, on which
+    ``rm_node`` calls ``corrupt()`` and answers EIO without ``delete_child``.
+    """
+    m = StoreMachine()
+    m._run(0, None, "mkdir", "/t/a/b")
+    m._run(0, None, "mkdir", "/t/a/c")
+    m.start(domid=0)
+    assert m._run(0, 0, "ls", "/t/a") == ["b", "c"]
+    m._run(0, None, "rm", "/t/a/c")
+    assert m._run(0, 0, "rm", "/t/a") == ("error", errno.EIO)
+    assert m._run(0, 0, "ls", "/t/a") == ["c"]
+    assert m._run(0, 0, "ls", "/t") == ["a"]
+    assert m._run(0, 0, "read", "/t/a/b") == ("error", errno.ENOENT)
     m.same_tree()
     m.same_counts()
     txn = m.txns[0].pop()

@@ -275,6 +275,16 @@ class Store:
             stack.extend(child_path(path, c) for c in reversed(node.children))
 
 
+@dataclass(slots=True)
+class _WalkFrame:
+    """One node of ``remove_tree``'s walk; ``next`` indexes its next child."""
+
+    path: str
+    node: Node
+    parent: Node
+    next: int = 0
+
+
 class Access:
     """One caller's view of the store, outside or inside a transaction."""
 
@@ -481,23 +491,29 @@ class Access:
         parent = self.get(parent_name)
         if parent is None:
             raise XsError(errno.EINVAL, f"no parent for {path}")
-        # Post-order, children in creation order, as the C tree walk.
-        order: list[tuple[str, Node, Node]] = []
-        stack: list[tuple[str, Node, Node, bool]] = [(path, node, parent, False)]
+        # Depth first, children in creation order, each node removed once its
+        # children are (walk_node_tree with delnode_sub).
+        stack = [_WalkFrame(path, node, parent)]
         while stack:
-            p, n, par, expanded = stack.pop()
-            if expanded:
-                order.append((p, n, par))
-                continue
-            stack.append((p, n, par, True))
-            for c in reversed(n.children):
-                cp = child_path(p, c)
+            f = stack[-1]
+            if f.next < len(f.node.children):
+                cp = child_path(f.path, f.node.children[f.next])
+                f.next += 1
                 cn = self.get(cp)
-                if cn is not None:
-                    stack.append((cp, cn, n, False))
-        for p, n, par in order:
-            self._remove(p)
-            self._changed(Change(p, exact=p != path, node=n, parent=par))
+                if cn is None:
+                    # Only in a transaction: a listed child it cannot find stops the
+                    # walk, each node of it keeping the children not yet removed
+                    # (rm_from_parent wrote them); rm_node calls corrupt(): EIO.
+                    for g in stack:
+                        if g.next > 1:
+                            kept = g.node.children[g.next - 1 :]
+                            self._put(g.path, replace(g.node, children=kept))
+                    raise XsError(errno.EIO, f"{cp} is listed but not found")
+                stack.append(_WalkFrame(cp, cn, f.node))
+                continue
+            stack.pop()
+            self._remove(f.path)
+            self._changed(Change(f.path, exact=f.path != path, node=f.node, parent=f.parent))
         base = basename(path)
         if base not in parent.children:
             # delete_child: only a transaction's copy of the parent, taken before
