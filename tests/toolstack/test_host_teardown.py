@@ -6,7 +6,9 @@ from __future__ import annotations
 import gc
 from pathlib import Path
 
-from gntdma.sched import WITNESS, KThread
+import pytest
+
+from gntdma.sched import WITNESS, KThread, ThreadState
 from gntdma.toolstack.domains import create_guest_from_config
 from gntdma.toolstack.host import Host
 from gntdma.toolstack.xlcfg import parse_config
@@ -50,7 +52,8 @@ def test_finished_crash_destroyers_are_not_kept(tmp_path: Path) -> None:
         WITNESS.reset()
 
 
-def test_destroy_guest_removes_attached_devices_by_force(tmp_path: Path) -> None:
+@pytest.mark.parametrize("on", ["thread0", "a toolstack thread"])
+def test_destroy_guest_removes_attached_devices_by_force(tmp_path: Path, on: str) -> None:
     """libxl_domain.c libxl__destroy_domid -> libxl__devices_destroy: destroying a
     domain removes its remaining devices by force, so dom0 keeps no grant mapping
     or event channel of it."""
@@ -59,7 +62,11 @@ def test_destroy_guest_removes_attached_devices_by_force(tmp_path: Path) -> None
     try:
         g, vbds = _guest_with_disk(h, tmp_path, "g")
         assert [v.attached for v in vbds] == [True]
-        h.destroy_guest(g)
+        if on == "thread0":
+            h.destroy_guest(g)
+        else:
+            t = h.sched.spawn(h.destroy_guest, g, name="xl/g/destroy")
+            h.sched.run(until=lambda: t.state is ThreadState.DONE)
         h.sched.yield_()
         assert h.leaks() == [], h.leaks()
         assert g.domid not in h.devices
