@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import tempfile
@@ -35,6 +34,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Final
+
+from bench_args import positive_float, positive_int
 
 from gntdma.dev.blkfront import xbd_softc
 from gntdma.dev.blkfront_io import xbd_read_buf, xbd_write_buf
@@ -171,33 +172,11 @@ def tunables_of(kern: Kernel) -> dict[str, object]:
     return {"sysctls": kern.tunables.sysctls(), "describe": kern.tunables.describe()}
 
 
-def _positive_int(text: str) -> int:
-    """An argparse type: an integer of at least 1."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
-    return n
-
-
-def _positive_float(text: str) -> float:
-    """An argparse type: a finite number above 0."""
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(x) or x <= 0:
-        raise argparse.ArgumentTypeError(f"must be a number above 0, not {text}")
-    return x
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=_positive_float, default=2.0)
-    ap.add_argument("--size-mb", type=_positive_int, default=256)
+    ap.add_argument("--seconds", type=positive_float, default=2.0)
+    ap.add_argument("--size-mb", type=positive_int, default=256)
     ap.add_argument("--dma-debug", choices=("on", "off"), default="on",
                     help="the guest kernel's DMA-API debugging (default on)")
     ap.add_argument("--junk-fill", choices=("on", "off"), default="on",

@@ -41,6 +41,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench_args import positive_int
+
 from gntdma.sched import (
     FifoStrategy,
     Schedule,
@@ -243,32 +245,21 @@ def speed(schedules: int, rounds: int, scale_schedules: int) -> dict[str, Any]:
     return {"one_process": one, "jobs": scaling, "load_average": os.getloadavg()[0]}
 
 
-def _positive_int(text: str) -> int:
-    """An argparse type: an integer of at least 1."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
-    return n
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--schedules", type=_positive_int, default=300)
-    ap.add_argument("--seeds", type=_positive_int, default=7)
-    ap.add_argument("--budget", type=_positive_int, default=2000,
+    ap.add_argument("--schedules", type=positive_int, default=300)
+    ap.add_argument("--seeds", type=positive_int, default=7)
+    ap.add_argument("--budget", type=positive_int, default=2000,
                     help="schedules per seed for the item-5 scenarios")
     ap.add_argument("--rules-only", action="store_true",
                     help="only the table of the item-5 scenarios")
     ap.add_argument("--speed-only", action="store_true",
                     help="only the speed against 9e4f0e8 and the --jobs scaling")
-    ap.add_argument("--rounds", type=_positive_int, default=3,
+    ap.add_argument("--rounds", type=positive_int, default=3,
                     help="alternate rounds against 9e4f0e8 (default 3)")
-    ap.add_argument("--speed-schedules", type=_positive_int, default=600,
+    ap.add_argument("--speed-schedules", type=positive_int, default=600,
                     help="schedules of a run against 9e4f0e8 (default 600)")
-    ap.add_argument("--scale-schedules", type=_positive_int, default=2000,
+    ap.add_argument("--scale-schedules", type=positive_int, default=2000,
                     help="schedules of a --jobs run (default 2000)")
     ap.add_argument("--json", action="store_true", help="the figures as JSON too")
     args = ap.parse_args()

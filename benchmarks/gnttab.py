@@ -37,6 +37,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from bench_args import positive_int
+
 from gntdma.abi.grant_table import (
     GNTMAP_host_map,
     GnttabMapGrantRef,
@@ -203,21 +205,10 @@ def measure(benches: dict[int, Bench], rounds: int) -> dict[int, dict[str, float
     return best
 
 
-def _positive_int(text: str) -> int:
-    """An argparse type: an integer of at least 1."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
-    return n
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ops", type=_positive_int, default=20000, help="operations per round")
-    ap.add_argument("--rounds", type=_positive_int, default=5, help="rounds; the best is kept")
+    ap.add_argument("--ops", type=positive_int, default=20000, help="operations per round")
+    ap.add_argument("--rounds", type=positive_int, default=5, help="rounds; the best is kept")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = ap.parse_args()
     host = Host()

@@ -21,6 +21,8 @@ import json
 import time
 from collections.abc import Callable
 
+from bench_args import positive_int
+
 from gntdma.sched import Scheduler
 from gntdma.sys import (
     BUS_DMA_NOWAIT,
@@ -109,21 +111,10 @@ def measure(rounds: int) -> dict[str, dict[str, float]]:
         Scheduler.uninstall()
 
 
-def _positive_int(text: str) -> int:
-    """An argparse type: an integer of at least 1."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
-    return n
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=_positive_int, default=5)
+    ap.add_argument("--rounds", type=positive_int, default=5)
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = ap.parse_args()
     res = measure(args.rounds)

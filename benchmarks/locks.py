@@ -28,6 +28,8 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
+from bench_args import positive_int
+
 from gntdma.sched import Mutex, Scheduler, Sx, _witness, mtx_lock, mtx_unlock, sx_xlock, sx_xunlock
 
 _SCHED_DIR = os.path.dirname(os.path.abspath(_witness.__file__))
@@ -144,22 +146,11 @@ def measure(pairs: int, repeat: int) -> dict[str, object]:
     }
 
 
-def _positive_int(text: str) -> int:
-    """An argparse type: an integer of at least 1."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
-    return n
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pairs", type=_positive_int, default=200_000)
-    ap.add_argument("--repeat", type=_positive_int, default=5)
+    ap.add_argument("--pairs", type=positive_int, default=200_000)
+    ap.add_argument("--repeat", type=positive_int, default=5)
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = ap.parse_args()
     res = measure(args.pairs, args.repeat)

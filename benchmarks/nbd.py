@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import signal
@@ -27,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from bench_args import positive_float, positive_int
 
 JOBS = (
     ("seq-read-1M-qd8", "read", "1M", 8),
@@ -66,33 +67,11 @@ def _fio(uri: str, rw: str, bs: str, qd: int, seconds: float, size_mb: int) -> d
     return {"mib_s": side["bw_bytes"] / (1 << 20), "iops": side["iops"]}
 
 
-def _positive_int(text: str) -> int:
-    """An argparse type: an integer of at least 1."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
-    return n
-
-
-def _positive_float(text: str) -> float:
-    """An argparse type: a finite number above 0."""
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(x) or x <= 0:
-        raise argparse.ArgumentTypeError(f"must be a number above 0, not {text}")
-    return x
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=_positive_float, default=5.0, help="per job and server")
-    ap.add_argument("--size-mb", type=_positive_int, default=256, help="image size")
-    ap.add_argument("--rounds", type=_positive_int, default=1)
+    ap.add_argument("--seconds", type=positive_float, default=5.0, help="per job and server")
+    ap.add_argument("--size-mb", type=positive_int, default=256, help="image size")
+    ap.add_argument("--rounds", type=positive_int, default=1)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     nbdkit = _ensure_nbdkit()

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 from typing import Any
+
+from bench_args import positive_float, positive_int
 
 from gntdma.host.netload import congestion_control, iperf3, ping, pump
 from gntdma.host.netns import Netns, ip, net_unavailable, unique_name
@@ -47,32 +48,10 @@ def _veth(a: Netns, b: Netns) -> tuple[str, str]:
     return "198.19.0.2", "198.19.0.1"
 
 
-def _positive_int(text: str) -> int:
-    """An argparse type: an integer of at least 1."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
-    return n
-
-
-def _positive_float(text: str) -> float:
-    """An argparse type: a finite number above 0."""
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(x) or x <= 0:
-        raise argparse.ArgumentTypeError(f"must be a number above 0, not {text}")
-    return x
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=_positive_float, default=3.0, help="each iperf3 run")
-    ap.add_argument("--rounds", type=_positive_int, default=2)
+    ap.add_argument("--seconds", type=positive_float, default=3.0, help="each iperf3 run")
+    ap.add_argument("--rounds", type=positive_int, default=2)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     why = net_unavailable()

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import tempfile
@@ -32,6 +31,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Final
+
+from bench_args import positive_float, positive_int
 
 from gntdma.dev.blkback import Blkback
 from gntdma.dev.blkback_xenbus import xbb_attach
@@ -149,36 +150,14 @@ class Figure:
     ratio: float  #: persistent / per-load
 
 
-def _positive_int(text: str) -> int:
-    """An argparse type: an integer of at least 1."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
-    return n
-
-
-def _positive_float(text: str) -> float:
-    """An argparse type: a finite number above 0."""
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(x) or x <= 0:
-        raise argparse.ArgumentTypeError(f"must be a number above 0, not {text}")
-    return x
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=_positive_float, default=2.0, help="per measurement")
-    ap.add_argument("--rounds", type=_positive_int, default=2,
+    ap.add_argument("--seconds", type=positive_float, default=2.0, help="per measurement")
+    ap.add_argument("--rounds", type=positive_int, default=2,
                     help="alternations of the two modes per workload (default 2)")
-    ap.add_argument("--size-mb", type=_positive_int, default=256)
-    ap.add_argument("--memory-mb", type=_positive_int, default=256, help="the guest's memory")
+    ap.add_argument("--size-mb", type=positive_int, default=256)
+    ap.add_argument("--memory-mb", type=positive_int, default=256, help="the guest's memory")
     ap.add_argument("--ring-page-order", type=int, default=0, choices=range(5))
     ap.add_argument("--case", action="append", default=[],
                     help="run only workloads whose name contains TEXT (repeatable)")

@@ -43,6 +43,7 @@ from collections import Counter
 from pathlib import Path
 
 import greenlet
+from bench_args import positive_int
 
 from gntdma.dev.blkfront_io import xbd_read, xbd_write
 from gntdma.sched import WITNESS
@@ -147,22 +148,11 @@ def window(times: list[float], first: int, last: int) -> float:
     return sum(part) / len(part)
 
 
-def _positive_int(text: str) -> int:
-    """An argparse type: an integer of at least 1."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
-    return n
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--guests", type=_positive_int, default=1000)
-    ap.add_argument("--memory", type=_positive_int, default=16, help="MiB per guest (default 16)")
-    ap.add_argument("--disk-mb", type=_positive_int, default=64)
+    ap.add_argument("--guests", type=positive_int, default=1000)
+    ap.add_argument("--memory", type=positive_int, default=16, help="MiB per guest (default 16)")
+    ap.add_argument("--disk-mb", type=positive_int, default=64)
     ap.add_argument("--json", action="store_true", help="the figures as JSON")
     ap.add_argument("--no-tracemalloc", action="store_true")
     ap.add_argument("--profile", metavar="FILE", help="cProfile the creations into FILE")

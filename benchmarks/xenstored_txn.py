@@ -26,6 +26,8 @@ import tempfile
 import threading
 import time
 
+from bench_args import positive_int
+
 HDR = struct.Struct("=IIII")
 XS_TRANSACTION_START, XS_TRANSACTION_END, XS_WRITE, XS_ERROR, XS_DIRECTORY_PART = 6, 7, 11, 16, 22
 TOP = "/bench"
@@ -103,21 +105,10 @@ def worker(path: str, index: int, nodes: int, eagain: list[int], errors: list[st
         c.close()
 
 
-def _positive_int(text: str) -> int:
-    """An argparse type: an integer of at least 1."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
-    return n
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--clients", type=_positive_int, default=50)
-    parser.add_argument("--nodes", type=_positive_int, default=400, help="creations per client")
+    parser.add_argument("--clients", type=positive_int, default=50)
+    parser.add_argument("--nodes", type=positive_int, default=400, help="creations per client")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="gntxsb") as tmp:
         sock = os.path.join(tmp, "socket")
