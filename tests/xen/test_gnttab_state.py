@@ -340,3 +340,44 @@ def test_alloc_grows_past_the_references_kept_for_a_starving_callback() -> None:
         assert host.leaks() == []
     finally:
         host.close()
+
+
+def test_cancelling_a_starving_callback_hands_its_kept_references_to_the_waiters() -> None:
+    # FreeBSD sys/xen/gnttab.c, gnttab_cancel_free_callback only unlinks the
+    # callback, and check_free_callbacks/do_free_callbacks run on each free.
+    # With the references kept for a starving callback (DESIGN section 7), the
+    # cancel itself releases free references: a waiter they now satisfy must be
+    # delivered then, not at some later free that may never come.
+    host = Host()
+    try:
+        gt = host.create_guest("g", max_grant_frames=1).gnttab
+        error, held = gt.gnttab_alloc_grant_references(gt.free_count - GNTTAB_MAX_OVERTAKINGS)
+        assert error == 0
+        big, small = GnttabFreeCallback(), GnttabFreeCallback()
+        ran: list[str] = []
+        gt.gnttab_request_free_callback(big, lambda _arg: ran.append("big"), None,
+                                        GNTTAB_MAX_OVERTAKINGS + 1)
+        refs = []
+        for _ in range(GNTTAB_MAX_OVERTAKINGS):  # each overtakes the big one
+            error, head = gt.gnttab_alloc_grant_references(1)
+            assert error == 0
+            refs.append(head.head)
+        gt.gnttab_free_grant_references(refs.pop())
+        host.sched.yield_()
+        assert gt.free_count == 1 and gt.kept == 1  # kept for the starving one
+        error, _ = gt.gnttab_alloc_grant_references(1)
+        assert error == errno.ENOSPC
+        gt.gnttab_request_free_callback(small, lambda _arg: ran.append("small"), None, 1)
+        host.sched.yield_()
+        assert ran == []
+        gt.gnttab_cancel_free_callback(big)
+        assert gt.kept == 0
+        host.sched.yield_()
+        assert ran == ["small"]
+        for ref in refs:
+            gt.gnttab_free_grant_references(ref)
+        gt.gnttab_free_grant_references(held.head)
+        host.sched.yield_()
+        assert host.leaks() == [] and gt.reports == []
+    finally:
+        host.close()

@@ -454,13 +454,17 @@ class GntTab:
         mtx_unlock(self.lock)
 
     def gnttab_cancel_free_callback(self, cb: GnttabFreeCallback) -> None:
-        """Unqueue ``cb``; a callback that is not queued is left alone."""
+        """Unqueue ``cb``; a callback that is not queued is left alone. Cancelling the
+        starving callback releases the references kept for it to the other waiters."""
         mtx_lock(self.lock)
+        starving = self._starving() is cb
         if cb.queued:
             self.callbacks.remove(cb)
             cb.queued = False
         cb.gen += 1  # a run already picked by the task is dropped too
         cb.overtaken = 0
+        if starving:
+            self._check_free_callbacks()
         mtx_unlock(self.lock)
 
     def _starving(self) -> GnttabFreeCallback | None:
