@@ -66,7 +66,7 @@ CASES: Final[list[tuple[str, str, int, int]]] = [
 _CACHE: dict[tuple[str, int, int, int], list[int]] = {}
 
 
-def _offsets(kind: str, bs: int, size: int, n: int, seed: int) -> list[int]:
+def offsets(kind: str, bs: int, size: int, n: int, seed: int) -> list[int]:
     """Offsets for one worker, computed once (outside the measured time)."""
     key = (kind, bs, size, seed)
     if key not in _CACHE:
@@ -82,7 +82,7 @@ def _offsets(kind: str, bs: int, size: int, n: int, seed: int) -> list[int]:
 def _warm(kinds: list[tuple[str, str, int, int]], size: int) -> None:
     for kind, _op, bs, qd in kinds:
         for i in range(qd):
-            _offsets(kind, bs, size, 4096, i)
+            offsets(kind, bs, size, 4096, i)
 
 
 def label(kind: str, op: str, bs: int, qd: int) -> str:
@@ -99,7 +99,7 @@ def direct(path: Path, kind: str, op: str, bs: int, qd: int, size: int,
     counts = [0] * qd
 
     def worker(i: int) -> None:
-        offs = _offsets(kind, bs, size, 4096, i)
+        offs = offsets(kind, bs, size, 4096, i)
         b = bytearray(buf)
         n = 0
         while time.perf_counter() < deadline:
@@ -128,7 +128,7 @@ def through_gntdma(host: Host, sc: xbd_softc, kind: str, op: str, bs: int, qd: i
     deadline = host.sched.now() + seconds
 
     def worker(i: int) -> None:
-        offs = _offsets(kind, bs, size, 4096, i)
+        offs = offsets(kind, bs, size, 4096, i)
         va = kern.malloc(bs, M_TEMP, M_WAITOK)
         kern.kva_write(va, data)
         io = xbd_read_buf if op == "read" else xbd_write_buf

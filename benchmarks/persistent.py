@@ -25,22 +25,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Final
 
 from bench_args import positive_float, positive_int
+from block import offsets, through_gntdma
 
 from gntdma.dev.blkback import Blkback
 from gntdma.dev.blkback_xenbus import xbb_attach
-from gntdma.dev.blkfront_io import xbd_read_buf, xbd_write_buf
 from gntdma.dev.blkfront_xenbus import XbdXenbus, xbd_attach
 from gntdma.host.image import DiskImage
-from gntdma.sched import ThreadState
-from gntdma.sys import M_TEMP, M_WAITOK
 from gntdma.toolstack.host import Guest, Host
 from gntdma.xen.xenbus import XenbusState
 
@@ -56,15 +52,6 @@ CASES: Final[list[tuple[str, str, int, int]]] = [
 def label(kind: str, op: str, bs: int, qd: int) -> str:
     unit = f"{bs >> 20}M" if bs >= MiB else f"{bs >> 10}K"
     return f"{kind} {unit} {op} qd{qd}"
-
-
-def offsets(kind: str, bs: int, size: int, n: int, seed: int) -> list[int]:
-    """The offsets one worker visits (computed before the measured time)."""
-    if kind == "seq":
-        start = seed * 64 * bs
-        return [(start + i * bs) % (size - bs + 1) // bs * bs for i in range(n)]
-    rng = random.Random(seed)
-    return [rng.randrange(size // bs) * bs for _ in range(n)]
 
 
 @dataclass
@@ -106,34 +93,11 @@ def attach(host: Host, g: Guest, path: Path, devid: int, persistent: bool,
 
 def measure(host: Host, disk: Disk, kind: str, op: str, bs: int, qd: int, size: int,
             seconds: float) -> tuple[float, int]:
-    """(seconds, ios) through blkfront with ``qd`` guest threads, each in its own buffer."""
-    sc = disk.front.sc
-    kern = sc.xbd_kern
-    data = os.urandom(bs)
-    counts = [0] * qd
-    offs = [offsets(kind, bs, size, 4096, i) for i in range(qd)]
-    deadline = host.sched.now() + seconds
-
-    def worker(i: int) -> None:
-        va = kern.malloc(bs, M_TEMP, M_WAITOK)
-        kern.kva_write(va, data)
-        io = xbd_read_buf if op == "read" else xbd_write_buf
-        mine = offs[i]
-        n = 0
-        while host.sched.now() < deadline:
-            err = io(sc, mine[n % len(mine)], va, bs)
-            assert err == 0, err
-            n += 1
-        kern.free(va, M_TEMP)
-        counts[i] = n
-
-    t0 = time.perf_counter()
-    threads = [host.sched.spawn(worker, i, name=f"bench{i}") for i in range(qd)]
-    host.sched.run(until=lambda: all(t.state is ThreadState.DONE for t in threads))
-    for t in threads:
-        if t.exc is not None:
-            raise t.exc
-    return time.perf_counter() - t0, sum(counts)
+    """(seconds, ios) through blkfront with ``qd`` guest threads, each in its own buffer
+    (block.py's measurement, its offsets drawn before the measured time)."""
+    for i in range(qd):
+        offsets(kind, bs, size, 4096, i)
+    return through_gntdma(host, disk.front.sc, kind, op, bs, qd, size, seconds)
 
 
 @dataclass(frozen=True, slots=True)
