@@ -73,7 +73,23 @@ def _say(signum: int) -> None:
 
 
 def _signum_of(e: BaseException) -> int:
-    """The signal an exception stands for, or 0 for any other exception."""
+    """The signal an exception stands for, or 0 for any other exception.
+
+    Python wraps an exception raised at some points of class creation (a
+    dataclass field's ``__set_name__`` while a module imports) in a
+    RuntimeError: the signal is then the wrapped exception's.
+    """
+    seen = 0
+    cause: BaseException | None = e
+    while cause is not None and seen < 8:
+        signum = _own_signum(cause)
+        if signum != 0:
+            return signum
+        cause, seen = cause.__cause__, seen + 1
+    return 0
+
+
+def _own_signum(e: BaseException) -> int:
     if isinstance(e, _Stopped):
         return e.signum
     if isinstance(e, KeyboardInterrupt):

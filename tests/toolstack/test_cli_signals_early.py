@@ -120,3 +120,27 @@ def test_serve_signal_early_interrupts_late_ends_normally(
     assert os.listdir(tmp) == []
     if delay <= 0.05:  # still importing: never got as far as serving
         assert p.returncode == 128 + sig
+
+
+def test_a_signal_wrapped_by_class_creation_is_still_one_line(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A signal that arrives while a dataclass field's ``__set_name__`` runs (a module
+    importing) reaches main wrapped in a RuntimeError (``type.__new__``): still the
+    signal's one line and 128 + signum, not a traceback."""
+    from gntdma import cli, entry
+
+    def interrupted(_argv: list[str]) -> int:
+        try:
+            entry._handler(int(signal.SIGINT), None)
+        except BaseException as e:
+            raise RuntimeError("Error calling __set_name__ on 'Field' instance") from e
+        return 0
+
+    monkeypatch.setattr(cli, "main", interrupted)
+    try:
+        assert entry.main(["run"]) == 130
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT
+                          else signal.SIG_DFL)
+    assert capsys.readouterr().err == "gntdma run: interrupted by SIGINT\n"
