@@ -37,7 +37,7 @@ from __future__ import annotations
 import errno
 import heapq
 import itertools
-import queue
+import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -155,8 +155,17 @@ class Scheduler:
         #: The threads alive; one that ended is dropped at once, with its greenlet.
         self._table = ThreadTable()
         self._runq: deque[KThread] = deque()
-        self._timers: list[_Timer] = []
-        self._events: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        #: (deadline, sequence, timer): compared in C, never by Python code, so a
+        #: signal handler that sets a timer cannot land inside a heap operation
+        self._timers: list[tuple[float, int, _Timer]] = []
+        #: Events from other OS threads (I/O completions, the reactor): appended
+        #: there, run by the hub. ``_wakeup`` is released by a poster and waited
+        #: on by the hub: ``Lock.acquire(timeout=)`` ends at its deadline even when
+        #: a signal interrupts it (CPython 3.11's ``SimpleQueue.get(timeout=)``
+        #: then waits forever).
+        self._events: deque[Callable[[], None]] = deque()
+        self._wakeup = threading.Lock()
+        self._wakeup.acquire()
         self._io_in_flight = 0
         self._external = 0
         self._pool: ThreadPoolExecutor | None = None
@@ -204,7 +213,7 @@ class Scheduler:
             self._table.spawned,
             len(self._table.live),
             self.switches,
-            sum(1 for t in self._timers if not t.cancelled),
+            sum(1 for _d, _s, t in self._timers if not t.cancelled),
             self._io_in_flight,
             self._external,
         )
@@ -294,7 +303,7 @@ class Scheduler:
         if timeout > 0:
             tm = _Timer(self.clock.now() + timeout, next(self._timer_seq), t, None)
             t.timer = tm
-            heapq.heappush(self._timers, tm)
+            heapq.heappush(self._timers, (tm.deadline, tm.seq, tm))
         self._switch_out()
         return t.wake_result
 
@@ -369,7 +378,7 @@ class Scheduler:
     def call_later(self, delay: float, fn: Callable[[], None]) -> Callable[[], None]:
         """Run ``fn`` in the hub after ``delay`` seconds; returns a canceller."""
         tm = _Timer(self.clock.now() + delay, next(self._timer_seq), None, fn)
-        heapq.heappush(self._timers, tm)
+        heapq.heappush(self._timers, (tm.deadline, tm.seq, tm))
 
         def cancel() -> None:
             tm.cancelled = True
@@ -378,7 +387,11 @@ class Scheduler:
 
     def post(self, fn: Callable[[], None]) -> None:
         """Queue ``fn`` to run in the hub. Safe from any OS thread."""
-        self._events.put(fn)
+        self._events.append(fn)
+        try:
+            self._wakeup.release()
+        except RuntimeError:
+            pass  # the hub is already woken
 
     def add_external_source(self) -> None:
         """Something outside (a socket, a reactor) may post events at any time."""
@@ -483,17 +496,15 @@ class Scheduler:
                 raise exc
 
     def _drain_events(self) -> None:
-        while True:
-            try:
-                fn = self._events.get_nowait()
-            except queue.Empty:
-                return
-            fn()
+        events = self._events
+        while events:
+            events.popleft()()
 
     def _fire_timers(self) -> None:
         now = self.clock.now()
-        while self._timers and (self._timers[0].cancelled or self._timers[0].deadline <= now):
-            tm = heapq.heappop(self._timers)
+        timers = self._timers
+        while timers and (timers[0][2].cancelled or timers[0][0] <= now):
+            tm = heapq.heappop(timers)[2]
             if tm.cancelled:
                 continue
             if tm.thread is not None:
@@ -503,9 +514,9 @@ class Scheduler:
                 tm.fn()
 
     def _next_deadline(self) -> float | None:
-        while self._timers and self._timers[0].cancelled:
+        while self._timers and self._timers[0][2].cancelled:
             heapq.heappop(self._timers)
-        return self._timers[0].deadline if self._timers else None
+        return self._timers[0][0] if self._timers else None
 
     def _wait_for_something(self) -> bool:
         """Nothing runnable: wait for a timer, I/O or an external event.
@@ -526,14 +537,14 @@ class Scheduler:
             if hung_at is not None:
                 self._check_hung(self.clock.now())
             return True
-        timeout = None if deadline is None else max(0.0, deadline - self.clock.now())
-        try:
-            fn = self._events.get(timeout=timeout)
-        except queue.Empty:
+        timeout = -1.0 if deadline is None else max(0.0, deadline - self.clock.now())
+        if not self._events:
+            self._wakeup.acquire(True, timeout)
+        if not self._events:
             if hung_at is not None:
                 self._check_hung(self.clock.now())
             return True
-        fn()
+        self._events.popleft()()
         return True
 
     def hung_limit(self) -> float:

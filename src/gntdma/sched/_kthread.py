@@ -254,7 +254,7 @@ def _tid(t: KThread) -> int:
     return t.tid
 
 
-@dataclass(order=True, slots=True)
+@dataclass(slots=True, eq=False)
 class _Timer:
     deadline: float
     seq: int
