@@ -95,6 +95,11 @@ __all__ = [
 
 T = TypeVar("T")
 
+# The states the hub tests at every step, bound once (a global, not a class lookup).
+_RUNNABLE = ThreadState.RUNNABLE
+_RUNNING = ThreadState.RUNNING
+_DONE = ThreadState.DONE
+
 
 _current: Scheduler | None = None
 
@@ -335,15 +340,18 @@ class Scheduler:
                 self._loop(until=lambda: self.switches >= target or not self._runq)
                 t.state = ThreadState.RUNNING
             return
-        if not self._runq and self.thread0.state is not ThreadState.RUNNABLE:
+        if not self._runq and self.thread0.state is not _RUNNABLE:
             # Nobody else to run. (thread0 yielding in place is runnable without
             # being queued: go back to the hub so that it can go on.)
             return
-        t.state = ThreadState.RUNNABLE
+        t.state = _RUNNABLE
         self._runq.append(t)
         self._last = t
         self._last_point = point
-        self._switch_out(point)
+        # _switch_out for a kernel thread (t is not thread0 here): back to the hub.
+        hub = self._hub
+        assert hub is not None
+        hub.switch()
 
     def point(self, point: str) -> None:
         """A scheduling point that preempts only under a preemptive strategy.
@@ -441,17 +449,25 @@ class Scheduler:
             raise KernelPanic("scheduler loop re-entered")
         self._in_loop = True
         self._hub = greenlet.getcurrent()
+        # The hub's per-step work, bound once: the queues are never replaced, and
+        # draining or firing nothing is skipped (each does nothing then).
+        events = self._events
+        timers = self._timers
+        runq = self._runq
+        run_one = self._run_one
         try:
             while True:
                 if self._deadlock is not None:
                     report, self._deadlock = self._deadlock, None
                     raise Deadlock(report)
-                self._drain_events()
-                self._fire_timers()
+                if events:
+                    self._drain_events()
+                if timers:
+                    self._fire_timers()
                 if until():
                     return
-                if self._runq:
-                    self._run_one()
+                if runq:
+                    run_one()
                     continue
                 if not self._wait_for_something():
                     if until():
@@ -461,24 +477,28 @@ class Scheduler:
             self._in_loop = False
 
     def _run_one(self) -> None:
-        self.steps += 1
-        if self.max_steps and self.steps > self.max_steps:
+        steps = self.steps = self.steps + 1
+        if self.max_steps and steps > self.max_steps:
             raise StepLimitExceeded(f"no end after {self.max_steps} scheduling steps")
-        if self.steps & 1023 == 0 and not self.clock.virtual:
+        if steps & 1023 == 0 and not self.clock.virtual:
             self._check_hung(self.clock.now())
         last, self._last = self._last, None
         point, self._last_point = self._last_point, "switch"
         # ``point`` is where ``last`` yielded ("checkpoint" for an explicit yield);
         # "switch" when the previous thread blocked.
-        idx = self.strategy.pick(self._runq, last, point) if len(self._runq) > 1 else 0
-        if idx == 0:
-            t = self._runq.popleft()
+        runq = self._runq
+        if len(runq) > 1:
+            idx = self.strategy.pick(runq, last, point)
+            if idx == 0:
+                t = runq.popleft()
+            else:
+                t = runq[idx]
+                del runq[idx]
         else:
-            t = self._runq[idx]
-            del self._runq[idx]
-        if t.state is not ThreadState.RUNNABLE:
+            t = runq.popleft()
+        if t.state is not _RUNNABLE:
             return
-        t.state = ThreadState.RUNNING
+        t.state = _RUNNING
         self.curthread = t
         self.switches += 1
         glet = t._glet
@@ -487,7 +507,7 @@ class Scheduler:
             glet.parent = greenlet.getcurrent()
         glet.switch()
         self.curthread = self.thread0
-        if t.state is ThreadState.DONE and t.exc is not None:
+        if t.state is _DONE and t.exc is not None:
             exc = t.exc
             self.failures.append((t, exc))
             handler = self.on_thread_exception

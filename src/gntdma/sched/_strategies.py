@@ -74,8 +74,9 @@ class _Recording:
         self._rng = random.Random(seed)
 
     def _record(self, runnable: Sequence[KThread], idx: int) -> int:
-        self.schedule.steps.append(runnable[idx].tid)
-        self.schedule.runnable.append([t.tid for t in runnable])
+        schedule = self.schedule
+        schedule.steps.append(runnable[idx].tid)
+        schedule.runnable.append([t.tid for t in runnable])
         return idx
 
     def next_u64(self) -> int:
@@ -97,8 +98,16 @@ def _current_index(runnable: Sequence[KThread], current: KThread | None) -> int 
 class RandomStrategy(_Recording):
     """Uniformly random choice at every scheduling point."""
 
+    def __init__(self, seed: int) -> None:
+        super().__init__(seed)
+        # randrange(n) for an int n > 0 is _randbelow(n) (random.py, Random.randrange):
+        # the same draws in the same order, without randrange's argument checks.
+        self._randbelow: Callable[[int], int] = self._rng._randbelow  # type: ignore[attr-defined]
+
     def pick(self, runnable: Sequence[KThread], current: KThread | None, point: str) -> int:
-        return self._record(runnable, self._rng.randrange(len(runnable)))
+        n = len(runnable)
+        idx = self._randbelow(n) if n > 0 else self._rng.randrange(n)
+        return self._record(runnable, idx)
 
 
 @final

@@ -101,6 +101,19 @@ MA_RECURSED: Final = 0x04
 MA_NOTRECURSED: Final = 0x08
 
 
+#: flags -> (MtxFlags(flags), recurse ok, spin, dupok, witnessed), filled as met.
+_FLAG_BITS: dict[int, tuple[MtxFlags, bool, bool, bool, bool]] = {}
+
+
+def _flag_bits(flags: int) -> tuple[MtxFlags, bool, bool, bool, bool]:
+    f = MtxFlags(flags)
+    bits = (f, bool(f & MTX_RECURSE), bool(f & MTX_SPIN), bool(f & MTX_DUPOK),
+            not f & MTX_NOWITNESS)
+    if len(_FLAG_BITS) < 256:
+        _FLAG_BITS[int(f)] = bits
+    return bits
+
+
 @final
 class Mutex:
     """A FreeBSD mutex. The lock class is its name (``type`` if given)."""
@@ -111,13 +124,13 @@ class Mutex:
     def __init__(self, name: str, flags: int = MTX_DEF, type: str | None = None) -> None:
         self.name = name
         self.cls = type if type is not None else name
-        self.flags = MtxFlags(flags)
         # The flag bits as plain bools: testing the IntFlag on every lock builds
-        # a flag object per test.
-        self._recurse_ok = bool(self.flags & MTX_RECURSE)
-        self._spin = bool(self.flags & MTX_SPIN)
-        self._dupok = bool(self.flags & MTX_DUPOK)
-        self._witness = not self.flags & MTX_NOWITNESS
+        # a flag object per test. Each distinct flags value is converted once.
+        kind = flags.__class__
+        bits = _FLAG_BITS.get(flags) if kind is int or kind is MtxFlags else None
+        if bits is None:
+            bits = _flag_bits(flags)
+        self.flags, self._recurse_ok, self._spin, self._dupok, self._witness = bits
         self.owner: KThread | None = None
         self.recurse = 0
         self.waiters: deque[KThread] = deque()
