@@ -59,6 +59,7 @@ from gntdma.sys._busdma_impl import (
     BusDmaImpl,
     buffer_accessors,
     buffer_pieces,
+    buffer_pieces_unbounced,
     bus_dmamap_addpieces,
     bus_dmamap_addseg,
     vm_addr_bound_ok,
@@ -276,9 +277,8 @@ class BounceImpl(BusDmaImpl):
         return 0
 
     def _alloc_bounce_pages(self, t: BounceTag, numpages: int) -> int:
-        bz = t.bounce_zone
+        bz, count = t.bounce_zone, 0
         assert bz is not None
-        count = 0
         while count < numpages and bz.total_bpages < self.kern.bounce_max_pages:
             va = self.kern.contigmalloc(PAGE_SIZE, M_BUSDMA, M_NOWAIT, 0, bz.lowaddr,
                                         bz.alignment, 0)
@@ -507,8 +507,8 @@ class BounceImpl(BusDmaImpl):
     def _count_memdesc(self, t: BounceTag, mem: memdesc) -> int:
         n = 0
         for kind, a, ln, ma in memdesc_buffers(mem):
-            addr_at, _ = buffer_accessors(self.kern, kind, a, ma)
-            n += self._count(t, addr_at, ln)
+            if buffer_pieces_unbounced(self.kern, t, kind, a, ma, ln) is None:
+                n += self._count(t, buffer_accessors(self.kern, kind, a, ma)[0], ln)
         return n
 
     def _load(self, dmat: BusDmaTag, map: BusDmaMap, kind: str, a: int, ma: Sequence[int],
@@ -522,7 +522,8 @@ class BounceImpl(BusDmaImpl):
             added = bus_dmamap_addpieces(t, buffer_pieces(self.kern, kind, a, ma, buflen), segs)
             return errno.EFBIG if added < buflen else 0
         addr_at, pieces_at = buffer_accessors(self.kern, kind, a, ma)
-        if not m.whole_counted and m.pagesneeded == 0:
+        pages = buffer_pieces_unbounced(self.kern, t, kind, a, ma, buflen)  # None: it may bounce
+        if not m.whole_counted and m.pagesneeded == 0 and pages is None:  # else the count is 0
             m.pagesneeded = self._count(t, addr_at, buflen)
         if m.pagesneeded > m.pagesreserved:
             if t.bounce_zone is None:
@@ -530,6 +531,8 @@ class BounceImpl(BusDmaImpl):
             error = self._reserve_pages(t, m, flags)
             if error != 0:
                 return error
+        if pages is not None:  # the walk's chunks are the pages
+            return errno.EFBIG if bus_dmamap_addpieces(t, pages, segs) < buflen else 0
         off = 0
         while off < buflen:
             cur = addr_at(off)

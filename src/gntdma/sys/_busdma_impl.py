@@ -136,6 +136,7 @@ __all__ = [
     "PiecesAt",
     "buffer_accessors",
     "buffer_pieces",
+    "buffer_pieces_unbounced",
     "bus_dmamap_addpieces",
     "bus_dmamap_addseg",
     "vm_addr_bound_ok",
@@ -193,6 +194,40 @@ def buffer_pieces(kern: Kernel, kind: str, a: int, ma: Sequence[int],
         out.append((a, ln))
         a += ln
     return out
+
+
+def buffer_pieces_unbounced(kern: Kernel, dmat: BusDmaTag, kind: str, a: int,
+                            ma: Sequence[int], n: int) -> list[tuple[int, int]] | None:
+    """The pieces of :func:`buffer_pieces` when the bounce walk of ``dmat`` would take
+    the buffer page by page and bounce none of it, else None.
+
+    The walk (``_bus_dmamap_count_pages`` / ``_bus_dmamap_load_buffer`` of FreeBSD's
+    x86 ``busdma_bounce.c``) starts a chunk at each page while a chunk is never cut
+    inside a page (``maxsegsz`` at least a page, no boundary line inside a page) and
+    none bounces; a chunk bounces when ``must_bounce`` holds of its start: above
+    ``lowaddr`` and at most ``highaddr``, or off the tag's alignment. So when no
+    page start bounces, the walk's chunks are the pages, its count is 0 and its
+    segments are those of :func:`bus_dmamap_addpieces`. None also when a page is
+    not mapped (or past a page array), so that the walk faults where it would.
+    """
+    b = dmat.boundary
+    if dmat.maxsegsz < PAGE_SIZE or 0 < b < PAGE_SIZE or dmat.alignment > PAGE_SIZE:
+        return None
+    if kind == "vaddr":
+        pieces = kern.pmap_kextract_pieces_mapped(a, n)
+        if pieces is None:
+            return None
+    elif kind == "ma":
+        if n > 0 and (a + n - 1) >> PAGE_SHIFT >= len(ma):
+            return None
+        pieces = ma_pieces(ma, a, n)
+    else:
+        pieces = buffer_pieces(kern, kind, a, ma, n)
+    lowaddr, highaddr, amask = dmat.lowaddr, dmat.highaddr, dmat.alignment - 1
+    for pa, _ln in pieces:
+        if lowaddr < pa <= highaddr or pa & amask != 0:
+            return None
+    return pieces
 
 
 def bus_dmamap_addpieces(dmat: BusDmaTag, pieces: list[tuple[int, int]],

@@ -217,6 +217,20 @@ class Kernel:
     def pmap_kextract_pieces(self, va: int, n: int) -> list[tuple[int, int]]:
         """(pa, len) of each page piece of ``[va, va+n)``: ``pmap_kextract`` of each piece
         (the same fault on the first unmapped one), one dict lookup per page."""
+        out = self.pmap_kextract_pieces_mapped(va, n)
+        if out is None:  # a page is unmapped: fault at the first one, as piece by piece
+            out = []
+            end = va + n
+            while va < end:
+                ln = min(end - va, PAGE_SIZE - (va & PAGE_MASK))
+                out.append((self.pmap_kextract(va), ln))
+                va += ln
+        return out
+
+    def pmap_kextract_pieces_mapped(self, va: int, n: int) -> list[tuple[int, int]] | None:
+        """:meth:`pmap_kextract_pieces` if every page of ``[va, va+n)`` is mapped, else
+        None (no fault: a caller that must fault where a page-by-page walk would
+        walks again)."""
         if n <= 0:
             return []
         end = va + n
@@ -224,14 +238,7 @@ class Kernel:
         try:
             pfns = [ptes[vpn] for vpn in range(va >> PAGE_SHIFT, ((end - 1) >> PAGE_SHIFT) + 1)]
         except KeyError:
-            pfns = []
-        if not pfns:  # a page is unmapped: fault at the first one, as piece by piece
-            out: list[tuple[int, int]] = []
-            while va < end:
-                ln = min(end - va, PAGE_SIZE - (va & PAGE_MASK))
-                out.append((self.pmap_kextract(va), ln))
-                va += ln
-            return out
+            return None
         out = [(pfn << PAGE_SHIFT, PAGE_SIZE) for pfn in pfns]
         off = va & PAGE_MASK
         out[0] = ((pfns[0] << PAGE_SHIFT) | off, min(n, PAGE_SIZE - off))
