@@ -87,6 +87,11 @@ __all__ = ["BUILTIN_SCENARIOS", "SCENARIOS", "ScenarioFn", "make_scenario"]
 ScenarioFn = Callable[[Scheduler], list[str]]
 
 _PATTERN = bytes(range(256))
+#: The flags of the backend's map and of the I/O lock, combined once (an enum
+#: flag's ``|`` is Python code, run here for every grant the backend maps).
+_RO_MAP = GNTMAP_host_map | GNTMAP_readonly
+_XBD_IO = MTX_DEF | MTX_DUPOK
+_XBD_IO_RECURSE = MTX_RECURSE | MTX_DUPOK
 
 
 @dataclass(eq=False)
@@ -138,7 +143,7 @@ def _setup_disks(s: Scheduler, delivery: str, ndisks: int, ncmds: int, pages: in
         # FreeBSD's xbd_io_lock is MTX_DEF, not recursive; the seed made it
         # recursive to get past the recursion panic, and then met the reversal.
         # Every disk's lock is of the one class "xbd_io", as in FreeBSD.
-        lock = Mutex("xbd_io", (MTX_RECURSE if recursive else MTX_DEF) | MTX_DUPOK)
+        lock = Mutex("xbd_io", _XBD_IO_RECURSE if recursive else _XBD_IO)
         error, tag = bus_dma_tag_create(
             xen_get_dma_tag(g.kernel), 512, PAGE_SIZE, BUS_SPACE_MAXADDR, BUS_SPACE_MAXADDR,
             pages * PAGE_SIZE, pages, PAGE_SIZE, 0, busdma_lock_mutex, lock)
@@ -239,8 +244,7 @@ def _backend(d: _Driver, total: int) -> None:
         for ref, seg in zip(c.refs, c.segs, strict=True):
             error, addr = hc.foreign.alloc()
             assert error == 0
-            op = GnttabMapGrantRef(host_addr=addr, flags=GNTMAP_host_map | GNTMAP_readonly,
-                                   ref=ref, dom=d.guest.domid)
+            op = GnttabMapGrantRef(host_addr=addr, flags=_RO_MAP, ref=ref, dom=d.guest.domid)
             _, (r,) = hc.grant_table_op(GNTTABOP_map_grant_ref, [op])
             assert isinstance(r, GnttabMapGrantRef)
             if r.status != GNTST_okay:
