@@ -24,10 +24,9 @@ forms (``GNTMAP_application_map``, ``GNTMAP_contains_pte``) are
 returns ``dev_bus_addr`` (``mfn_to_maddr(mfn)``); the machine frame of a page
 here is its frame number in the granter (no host-wide machine space).
 
-The hot ops. Map, unmap and copy run on plain ints (:meth:`GrantOps._map_refs`,
-:meth:`GrantOps._unmap_handles`, one loop over all the ops of a call, and
-:meth:`GrantOps._copy_one`) and on the raw grant entries
-(:class:`gntdma.hv._gnttab.GrantTable`). Two forms call them: the
+The hot ops. Map, unmap and copy run on plain ints (:meth:`GrantOps._map_ref`,
+:meth:`GrantOps._unmap_handle`, :meth:`GrantOps._copy_one`) and on the raw grant
+entries (:class:`gntdma.hv._gnttab.GrantTable`). Two forms call them: the
 dataclass form (:meth:`GrantOps.grant_table_op`, a result struct per op) and the
 array form (:meth:`GrantOps.grant_table_op_raw`): a buffer of packed wire
 structs, read and written back in place as Xen's ``copy_from_guest`` /
@@ -38,7 +37,7 @@ from __future__ import annotations
 
 import errno
 import struct
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Final
 
@@ -114,11 +113,6 @@ _BAD_COPY_ARG: Final = int(GNTST_bad_copy_arg)
 _NO_SPACE: Final = int(GNTST_no_space)
 _PERMISSION_DENIED: Final = int(GNTST_permission_denied)
 _DOMID_SELF: Final = int(DOMID_SELF)
-# The result of a map that failed: (GNTST, handle 0, dev_bus_addr 0).
-_FAILED_BAD_GNTREF: Final = (_BAD_GNTREF, 0, 0)
-_FAILED_GENERAL_ERROR: Final = (_GENERAL_ERROR, 0, 0)
-_FAILED_BAD_DOMAIN: Final = (_BAD_DOMAIN, 0, 0)
-_FAILED_NO_SPACE: Final = (_NO_SPACE, 0, 0)
 
 
 
@@ -160,8 +154,6 @@ _COPY_SIZE: Final = GnttabCopy.STRUCT.size
 _COPY_IN: Final = GNTTAB_COPY_FLAT.unpack_from
 _COPY_STATUS_OFF: Final = GNTTAB_COPY_STATUS_OFFSET
 _STATUS_OUT: Final = GNTTAB_OP_STATUS.pack_into
-_MAP_ITER: Final = GnttabMapGrantRef.STRUCT.iter_unpack
-_UNMAP_ITER: Final = GnttabUnmapGrantRef.STRUCT.iter_unpack
 
 GnttabOp = GnttabMapGrantRef | GnttabUnmapGrantRef | GnttabSetupTable | GnttabQuerySize | GnttabCopy
 
@@ -255,20 +247,18 @@ class GrantOps:
         size: int = op_type.STRUCT.size  # type: ignore[attr-defined]
         n = min(count, len(buf) // size)
         if cmd == GNTTABOP_map_grant_ref:
-            # The ops are read first (a copy: nothing keeps a view of the caller's
-            # buffer), then every result is written back.
-            results = self._map_refs(caller, _MAP_ITER(bytes(buf[: n * _MAP_SIZE])))
-            for off, (status, handle, dev_bus_addr) in zip(
-                    range(_MAP_OUT_OFF, n * _MAP_SIZE, _MAP_SIZE), results, strict=True):
+            for off in range(0, n * _MAP_SIZE, _MAP_SIZE):
+                host_addr, flags, ref, dom, _st, _h, _dba = _MAP_IN(buf, off)
+                status, handle, dev_bus_addr = self._map_ref(caller, host_addr, flags, ref, dom)
                 if status == _OKAY:
-                    _MAP_OUT(buf, off, status, handle, dev_bus_addr)
+                    _MAP_OUT(buf, off + _MAP_OUT_OFF, status, handle, dev_bus_addr)
                 else:
-                    _STATUS_OUT(buf, off, status)
+                    _STATUS_OUT(buf, off + _MAP_OUT_OFF, status)
         elif cmd == GNTTABOP_unmap_grant_ref:
-            statuses = self._unmap_handles(caller, _UNMAP_ITER(bytes(buf[: n * _UNMAP_SIZE])))
-            for off, status in zip(range(_UNMAP_STATUS_OFF, n * _UNMAP_SIZE, _UNMAP_SIZE),
-                                   statuses, strict=True):
-                _STATUS_OUT(buf, off, status)
+            for off in range(0, n * _UNMAP_SIZE, _UNMAP_SIZE):
+                host_addr, dev_bus_addr, handle, _st = _UNMAP_IN(buf, off)
+                _STATUS_OUT(buf, off + _UNMAP_STATUS_OFF,
+                            self._unmap_handle(caller, host_addr, dev_bus_addr, handle))
         elif cmd == GNTTABOP_copy:
             for off in range(0, n * _COPY_SIZE, _COPY_SIZE):
                 su, sdom, soff, du, ddom, doff, length, flags, _st = _COPY_IN(buf, off)
@@ -336,76 +326,52 @@ class GrantOps:
 
     def _map_ref(self, caller: Domain, host_addr: int, flags: int, ref: int,
                  dom: int) -> tuple[int, int, int]:
-        """One ``map_grant_ref``: (GNTST, handle, dev_bus_addr); 0, 0 unless okay."""
-        return self._map_refs(caller, ((host_addr, flags, ref, dom, 0, 0, 0),))[0]
-
-    def _map_refs(self, caller: Domain, ops: Iterable[tuple[int, int, int, int, int, int, int]]
-                  ) -> list[tuple[int, int, int]]:
-        """``map_grant_ref`` of each op, in order: (GNTST, handle, dev_bus_addr) each;
-        0, 0 unless okay. An op is a ``struct gnttab_map_grant_ref`` as unpacked
-        (host_addr, flags, ref, dom, and the three out fields, not read).
+        """One ``map_grant_ref``: (GNTST, handle, dev_bus_addr); 0, 0 unless okay.
 
         The order of map_grant_ref: flags, domain, maptrack handle, ref, pins,
-        then the host mapping (undone, pins and handle, if it fails). What no op
-        changes (the caller's maptrack, physmap and memory) is looked up once
-        for the whole call; each op gets every check of its own.
+        then the host mapping (undone, pins and handle, if it fails).
         """
-        domains = self.domains
-        cdomid = caller.domid
+        if flags & _HALVES == 0:
+            return _BAD_GNTREF, 0, 0
+        if flags & _PV_ONLY:
+            return _GENERAL_ERROR, 0, 0
+        granter = self.domains.get(dom)
+        if granter is None or granter.dying:
+            return _BAD_DOMAIN, 0, 0
         maptrack = caller.maptrack
         free = maptrack.free
+        handle = free.popleft() if len(free) > 1 else maptrack.get()
+        if handle is None:
+            return _NO_SPACE, 0, 0
+        gt = granter.gnttab
+        if ref >= gt.nr_entries:
+            free.append(handle)
+            return _BAD_GNTREF, 0, 0
+        readonly = flags & _READONLY != 0
+        incr = _MAP_INCR[flags & _KEPT]
+        memory = granter.memory
+        status, frame = gt.pin(ref, caller.domid, incr, readonly, True, memory.valid_pfn)
+        if status != _OKAY:
+            free.append(handle)
+            return status, 0, 0
+        view = None
+        if flags & _HOST:
+            gfn = host_addr >> PAGE_SHIFT
+            p2m = caller.grant_p2m
+            if gfn in p2m or caller.memory.valid_pfn(gfn):
+                gt.unpin(ref, incr, readonly)
+                free.append(handle)
+                return _GENERAL_ERROR, 0, 0
+            p2m[gfn] = (dom, frame)
+            view = memory.page(frame)
+            if readonly:
+                view = view.toreadonly()
+        dev_bus_addr = frame << PAGE_SHIFT
         entries = maptrack.entries
-        p2m = caller.grant_p2m
-        own_pfn = caller.memory.valid_pfn
-        out: list[tuple[int, int, int]] = []
-        put = out.append
-        for host_addr, flags, ref, dom, _st, _h, _dba in ops:
-            if flags & _HALVES == 0:
-                put(_FAILED_BAD_GNTREF)
-                continue
-            if flags & _PV_ONLY:
-                put(_FAILED_GENERAL_ERROR)
-                continue
-            granter = domains.get(dom)
-            if granter is None or granter.dying:
-                put(_FAILED_BAD_DOMAIN)
-                continue
-            handle = free.popleft() if len(free) > 1 else maptrack.get()
-            if handle is None:
-                put(_FAILED_NO_SPACE)
-                continue
-            gt = granter.gnttab
-            if ref >= gt.nr_entries:
-                free.append(handle)
-                put(_FAILED_BAD_GNTREF)
-                continue
-            readonly = flags & _READONLY != 0
-            incr = _MAP_INCR[flags & _KEPT]
-            memory = granter.memory
-            status, frame = gt.pin(ref, cdomid, incr, readonly, True, memory.valid_pfn)
-            if status != _OKAY:
-                free.append(handle)
-                put((status, 0, 0))
-                continue
-            view = None
-            if flags & _HOST:
-                gfn = host_addr >> PAGE_SHIFT
-                if gfn in p2m or own_pfn(gfn):
-                    gt.unpin(ref, incr, readonly)
-                    free.append(handle)
-                    put(_FAILED_GENERAL_ERROR)
-                    continue
-                p2m[gfn] = (dom, frame)
-                view = memory.page(frame)
-                if readonly:
-                    view = view.toreadonly()
-            dev_bus_addr = frame << PAGE_SHIFT
-            entries[handle] = Mapping(dom, ref, frame, flags & _KEPT, host_addr, dev_bus_addr,
-                                      view)
-            if len(entries) > maptrack.peak:
-                maptrack.peak = len(entries)
-            put((_OKAY, handle, dev_bus_addr))
-        return out
+        entries[handle] = Mapping(dom, ref, frame, flags & _KEPT, host_addr, dev_bus_addr, view)
+        if len(entries) > maptrack.peak:  # Maptrack.add, inline
+            maptrack.peak = len(entries)
+        return _OKAY, handle, dev_bus_addr
 
     def mapped_page(self, caller_id: int, handle: int) -> memoryview:
         """The view of the page host-mapped under ``handle`` in the caller's maptrack."""
@@ -420,46 +386,31 @@ class GrantOps:
 
     def _unmap_handle(self, caller: Domain, host_addr: int, dev_bus_addr: int,
                       handle: int) -> int:
-        """One ``unmap_grant_ref``: the GNTST."""
-        return self._unmap_handles(caller, ((host_addr, dev_bus_addr, handle, 0),))[0]
-
-    def _unmap_handles(self, caller: Domain, ops: Iterable[tuple[int, int, int, int]]
-                       ) -> list[int]:
-        """``unmap_grant_ref`` of each op, in order: the GNTST of each. An op is a
-        ``struct gnttab_unmap_grant_ref`` as unpacked (host_addr, dev_bus_addr,
-        handle, and status, not read).
+        """One ``unmap_grant_ref``: the GNTST.
 
         unmap_common: the device address is checked first, then the host
         mapping is replaced; a half is removed only when its address is given.
         """
-        entries = caller.maptrack.entries
-        p2m = caller.grant_p2m
-        out: list[int] = []
-        put = out.append
-        for host_addr, dev_bus_addr, handle, _st in ops:
-            m = entries.get(handle)
-            if m is None:
-                put(_BAD_HANDLE)
-                continue
-            mflags = m.flags
-            dev = dev_bus_addr != 0 and mflags & _DEVICE != 0
-            if dev and dev_bus_addr != m.dev_bus_addr:
-                put(_BAD_DEV_ADDR)
-                continue
-            done = 0
-            if host_addr != 0 and mflags & _HOST:
-                gfn = host_addr >> PAGE_SHIFT
-                if p2m.get(gfn) != (m.granter, m.frame):
-                    put(_GENERAL_ERROR)
-                    continue
-                del p2m[gfn]
-                done = _HOST
-            if dev:
-                done |= _DEVICE
-            if done != 0:
-                self._unmap_halves(caller, handle, m, done)
-            put(_OKAY)
-        return out
+        m = caller.maptrack.entries.get(handle)
+        if m is None:
+            return _BAD_HANDLE
+        mflags = m.flags
+        dev = dev_bus_addr != 0 and mflags & _DEVICE != 0
+        if dev and dev_bus_addr != m.dev_bus_addr:
+            return _BAD_DEV_ADDR
+        done = 0
+        if host_addr != 0 and mflags & _HOST:
+            gfn = host_addr >> PAGE_SHIFT
+            p2m = caller.grant_p2m
+            if p2m.get(gfn) != (m.granter, m.frame):
+                return _GENERAL_ERROR
+            del p2m[gfn]
+            done = _HOST
+        if dev:
+            done |= _DEVICE
+        if done != 0:
+            self._unmap_halves(caller, handle, m, done)
+        return _OKAY
 
     def _unmap_halves(self, caller: Domain, handle: int, m: Mapping, done: int) -> None:
         granter = self.domains.get(m.granter)
