@@ -125,3 +125,27 @@ def test_introduce_of_domain_0_resets_only_dom0s_own_connection(xsd: Xenstored) 
     assert errno_of(ring_client.read, "/tool", ring_tx) == errno.ENOENT
     assert len(sock.conn.watches) == 1
     sock.read("/tool", sock_tx)  # the caller's own transaction survives
+
+
+def test_rm_in_a_transaction_that_reaches_its_node_quota_mid_walk_is_eio() -> None:
+    """RM of ``/q/a`` in a transaction of domain 4 allowed 3 nodes: it touches
+    ``/q/a``, ``/q`` and ``/q/a/b``, then reading ``/q/a/c`` is over the quota.
+    C xenstored 4.17.7: ``access_node`` (xenstored_transaction.c) fails that read
+    with ENOSPC, so ``read_node`` returns NULL; ``walk_node_tree`` (xenstored_core.c)
+    stops with ``WALK_TREE_ERROR_STOP`` whatever the errno (RM has no ``enoent``
+    function), and ``rm_node`` calls ``corrupt()`` and answers EIO, not ENOSPC.
+    The transaction keeps ``/q/a`` listing the child not removed, as on the
+    other stopped walks."""
+    xsd = Xenstored(domain_exists=lambda domid: True)  # domain 4 was created by a host
+    dom0 = Client(xsd)
+    dom0.mkdir("/q")
+    dom0.set_perms("/q", ["b4"])
+    d4 = Client(xsd, domid=4)
+    d4.mkdir("/q/a/b")
+    d4.mkdir("/q/a/c")
+    xsd.quotas = Quotas(transaction_nodes=3)
+    tx = d4.start()
+    assert errno_of(d4.rm, "/q/a", tx) == errno.EIO
+    assert d4.ls("/q/a", tx) == ["c"]
+    d4.end(tx, False)
+    assert d4.ls("/q/a") == ["b", "c"]  # nothing of it outside the transaction

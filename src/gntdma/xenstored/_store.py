@@ -499,16 +499,21 @@ class Access:
             if f.next < len(f.node.children):
                 cp = child_path(f.path, f.node.children[f.next])
                 f.next += 1
-                cn = self.get(cp)
+                try:
+                    cn = self.get(cp)
+                    why = "is listed but not found"
+                except XsError as e:  # the transaction's node quota (access_node)
+                    cn, why = None, f"cannot be read ({e})"
                 if cn is None:
-                    # Only in a transaction: a listed child it cannot find stops the
+                    # Only in a transaction: a listed child it cannot read (not found,
+                    # or over the quota: read_node fails whatever the errno) stops the
                     # walk, each node of it keeping the children not yet removed
                     # (rm_from_parent wrote them); rm_node calls corrupt(): EIO.
                     for g in stack:
                         if g.next > 1:
                             kept = g.node.children[g.next - 1 :]
                             self._put(g.path, replace(g.node, children=kept))
-                    raise XsError(errno.EIO, f"{cp} is listed but not found")
+                    raise XsError(errno.EIO, f"{cp} {why}")
                 stack.append(_WalkFrame(cp, cn, f.node))
                 continue
             stack.pop()
