@@ -443,10 +443,10 @@ class XenDmaImpl(BounceImpl):
         if m.pool is not None:  # only pages never granted before (writable)
             m.granted = m.pool.grant(self.gnttab, m.refs, m.granted, domid, len(segs))
             return segs
-        for i, s in enumerate(segs):
-            assert (s.ds_addr & (PAGE_SIZE - 1)) + s.ds_len <= PAGE_SIZE
-            self.gnttab.gnttab_grant_foreign_access_ref(m.refs[i], domid,
-                                                        s.ds_addr >> PAGE_SHIFT, m.readonly)
+        frames = [s.ds_addr >> PAGE_SHIFT for s in segs]
+        assert all((s.ds_addr & (PAGE_SIZE - 1)) + s.ds_len <= PAGE_SIZE for s in segs)
+        self.gnttab.gnttab_grant_foreign_access_refs(m.refs[: len(segs)], domid, frames,
+                                                     m.readonly)
         m.granted = len(segs)
         return segs
 
@@ -477,11 +477,8 @@ class XenDmaImpl(BounceImpl):
         """End access to every granted ref; those the backend still maps go to reclaim,
         with the page behind each wired until the backend lets go (DESIGN section 4).
         A prealloc map gets replacements (``replace``)."""
-        busy: list[int] = []
         gt = self.gnttab
-        for ref in m.refs[: m.granted]:
-            if gt.gnttab_end_foreign_access_ref(ref) == 0:
-                busy.append(ref)
+        busy = gt.gnttab_end_foreign_access_refs(m.refs[: m.granted])
         m.granted = 0
         if not busy:
             return

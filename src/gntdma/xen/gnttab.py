@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import errno
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Final, final
 
 from gntdma.abi.grant_table import (
@@ -337,6 +337,16 @@ class GntTab:
             return
         self._entries.grant(ref, domid, frame, _PERMIT_ACCESS_RO if readonly else _PERMIT_ACCESS)
 
+    def gnttab_grant_foreign_access_refs(self, refs: Sequence[int], domid: int,
+                                         frames: Sequence[int], readonly: bool) -> None:
+        """:meth:`gnttab_grant_foreign_access_ref` of each ref to its frame, in order."""
+        if refs and (min(refs) < GNTTAB_NR_RESERVED_ENTRIES or max(refs) >= len(self.next)):
+            for ref, frame in zip(refs, frames, strict=True):
+                self.gnttab_grant_foreign_access_ref(ref, domid, frame, readonly)
+            return
+        self._entries.grant_many(refs, domid, frames,
+                                 _PERMIT_ACCESS_RO if readonly else _PERMIT_ACCESS)
+
     def gnttab_grant_foreign_access(self, domid: int, frame: int,
                                     readonly: bool) -> tuple[int, int]:
         """Allocate one ref and grant it: (error, ref)."""
@@ -364,6 +374,12 @@ class GntTab:
             self.reports.append(f"gnttab_end_foreign_access_ref: invalid ref {ref:#x}")
             return 0
         return self._entries.end(ref)
+
+    def gnttab_end_foreign_access_refs(self, refs: Sequence[int]) -> list[int]:
+        """:meth:`gnttab_end_foreign_access_ref` of each ref, in order: those it gave 0."""
+        if refs and (min(refs) < GNTTAB_NR_RESERVED_ENTRIES or max(refs) >= len(self.next)):
+            return [ref for ref in refs if self.gnttab_end_foreign_access_ref(ref) == 0]
+        return self._entries.end_many(refs)
 
     def gnttab_end_foreign_access(self, ref: int,
                                   release: Callable[[], None] | None = None) -> int:
