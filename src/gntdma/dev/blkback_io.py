@@ -255,9 +255,9 @@ class BlkbackIO:
         views: list[memoryview] = []
         status = BLKIF_RSP_OKAY
         try:
-            for h, (_gref, first, last) in zip(handles, req.segs, strict=True):
-                views.append(self.hc.mapped_page(h)[first << SECTOR_SHIFT:
-                                                    (last + 1) << SECTOR_SHIFT])
+            for page, (_gref, first, last) in zip(self.hc.mapped_pages(handles), req.segs,
+                                                  strict=True):
+                views.append(page[first << SECTOR_SHIFT:(last + 1) << SECTOR_SHIFT])
             offset = req.sector_number << SECTOR_SHIFT
             try:
                 if to_disk:

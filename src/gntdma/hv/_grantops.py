@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import errno
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import Final
 
@@ -379,6 +379,17 @@ class GrantOps:
         if m is None or m.view is None:
             raise KeyError(f"domain {caller_id} has no host mapping with handle {handle}")
         return m.view
+
+    def mapped_pages(self, caller_id: int, handles: Iterable[int]) -> list[memoryview]:
+        """:meth:`mapped_page` of each handle, in order."""
+        entries = self.domains[caller_id].maptrack.entries
+        out: list[memoryview] = []
+        for handle in handles:
+            m = entries.get(handle)
+            if m is None or m.view is None:
+                raise KeyError(f"domain {caller_id} has no host mapping with handle {handle}")
+            out.append(m.view)
+        return out
 
     def _unmap(self, caller: Domain, op: GnttabUnmapGrantRef) -> GnttabUnmapGrantRef:
         return _unmap_result(op, self._unmap_handle(caller, op.host_addr, op.dev_bus_addr,

@@ -49,6 +49,10 @@ class Hypercalls:
         """The page this domain mapped under ``handle``."""
         return self._hv.mapped_page(self.domid, handle)
 
+    def mapped_pages(self, handles: Sequence[int]) -> list[memoryview]:
+        """The pages this domain mapped under ``handles``, in order."""
+        return self._hv.mapped_pages(self.domid, handles)
+
     def own_page(self, pfn: int) -> memoryview:
         """One of this domain's own pseudo-physical pages."""
         return self._hv.domains[self.domid].memory.page(pfn)
