@@ -341,17 +341,14 @@ class BlkbackIO:
         ``gnttab_alloc_pages``), and those addresses, in order; they go back in
         :meth:`_map_batch` or :meth:`unmap_batch`."""
         dom = self.frontend_domid
-        alloc = self.hc.foreign.alloc
+        error, addrs = self.hc.foreign.alloc_many(len(grefs))
+        if error != 0:
+            raise KernelPanic(f"{self.name}: no address for a foreign page ({error})")
         size = _MAP_OP.size
         pack = _MAP_OP.pack_into
         buf = bytearray(size * len(grefs))
-        addrs: list[int] = []
-        for off, g in zip(range(0, len(buf), size), grefs, strict=True):
-            error, addr = alloc()
-            if error != 0:
-                raise KernelPanic(f"{self.name}: no address for a foreign page ({error})")
+        for off, g, addr in zip(range(0, len(buf), size), grefs, addrs, strict=True):
             pack(buf, off, addr, flags, g, dom, _NOT_DONE, 0, 0)
-            addrs.append(addr)
         return buf, addrs
 
     def _unmap_ops(self, handles: Sequence[int]) -> bytearray:
@@ -398,8 +395,6 @@ class BlkbackIO:
         if rc != 0 or bad:
             raise KernelPanic(f"{self.name}: unmap of our own handles failed: rc {rc}, "
                               f"(handle, status) {bad}")
-        free = self.hc.foreign.free
         addrs = self._host_addrs
-        for h in handles:
-            free(addrs.pop(h))
+        self.hc.foreign.free_many([addrs.pop(h) for h in handles])
         self.mapped_now -= len(handles)

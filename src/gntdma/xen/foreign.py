@@ -28,6 +28,7 @@ __all__ = ["FOREIGN_FIRST_PFN", "FOREIGN_NR_PAGES", "ForeignPages"]
 FOREIGN_FIRST_PFN: Final = 0x1000000
 #: Pages in the range: as many as a default maptrack table has handles (1024 * 256).
 FOREIGN_NR_PAGES: Final = 0x40000
+_PAGE_MASK: Final = (1 << PAGE_SHIFT) - 1
 
 
 @final
@@ -55,6 +56,41 @@ class ForeignPages:
             return errno.ENOMEM, 0
         self.in_use.add(pfn)
         return 0, pfn << PAGE_SHIFT
+
+    def alloc_many(self, n: int) -> tuple[int, list[int]]:
+        """``n`` addresses, those ``n`` calls of :meth:`alloc` would give, in order:
+        (0, addresses), or (ENOMEM, []) with none taken if the range has fewer left."""
+        free = self._free
+        fresh = max(0, n - len(free))
+        if self._next + fresh > self.first_pfn + self.nr_pages:
+            return errno.ENOMEM, []
+        cut = len(free) - min(n, len(free))  # alloc pops the most recently freed first
+        pfns = free[cut:][::-1]
+        del free[cut:]
+        pfns.extend(range(self._next, self._next + fresh))
+        self._next += fresh
+        self.in_use.update(pfns)
+        return 0, [pfn << PAGE_SHIFT for pfn in pfns]
+
+    def free_many(self, addrs: list[int]) -> int:
+        """:meth:`free` of each address, in order: 0, or EINVAL if one was not handed out
+        (the others are freed)."""
+        in_use, free = self.in_use, self._free
+        pfns = [a >> PAGE_SHIFT for a in addrs]
+        if (not any(map(_PAGE_MASK.__and__, addrs)) and len(set(pfns)) == len(pfns)
+                and in_use.issuperset(pfns)):  # each handed out once: all go back
+            in_use.difference_update(pfns)
+            free.extend(pfns)
+            return 0
+        error = 0
+        for host_addr in addrs:
+            pfn = host_addr >> PAGE_SHIFT
+            if host_addr & _PAGE_MASK != 0 or pfn not in in_use:
+                error = errno.EINVAL
+                continue
+            in_use.discard(pfn)
+            free.append(pfn)
+        return error
 
     def free(self, host_addr: int) -> int:
         """Give back an address from :meth:`alloc`: 0, or EINVAL if it was not handed out."""
