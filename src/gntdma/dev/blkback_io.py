@@ -80,6 +80,8 @@ SECTOR_SHIFT: Final = 9
 #: Linux xen-blkback's ``max_persistent_grants`` default (blkback.c ``max_pgrants``).
 BLKBACK_MAX_PERSISTENT_GRANTS: Final = 1056
 assert 1 << SECTOR_SHIFT == BLKIF_SECTOR_SIZE
+#: The last sector of a page: a segment from sector 0 to it is the whole page.
+_LAST_SECT: Final = (PAGE_SIZE >> SECTOR_SHIFT) - 1
 # Map flags as plain ints: IntFlag arithmetic builds a flag object per use, and
 # the hypervisor tests each op's flags.
 _MAP_HOST: Final = int(GNTMAP_host_map)
@@ -252,18 +254,24 @@ class BlkbackIO:
         if handles is None:
             self.map_errors += 1
             return BLKIF_RSP_ERROR
-        views: list[memoryview] = []
+        views: list[memoryview] = []  # the partial-page views made here, released after
+        iov: list[memoryview] = []
         status = BLKIF_RSP_OKAY
         try:
             for page, (_gref, first, last) in zip(self.hc.mapped_pages(handles), req.segs,
                                                   strict=True):
-                views.append(page[first << SECTOR_SHIFT:(last + 1) << SECTOR_SHIFT])
+                if first == 0 and last == _LAST_SECT:  # the whole page: the mapping's view
+                    iov.append(page)
+                    continue
+                v = page[first << SECTOR_SHIFT:(last + 1) << SECTOR_SHIFT]
+                views.append(v)
+                iov.append(v)
             offset = req.sector_number << SECTOR_SHIFT
             try:
                 if to_disk:
-                    req.nbytes = blocking_io(self.store.pwritev, views, offset)
+                    req.nbytes = blocking_io(self.store.pwritev, iov, offset)
                 else:
-                    req.nbytes = blocking_io(self.store.preadv, views, offset)
+                    req.nbytes = blocking_io(self.store.preadv, iov, offset)
             except OSError:
                 self.io_errors += 1
                 status = BLKIF_RSP_ERROR
