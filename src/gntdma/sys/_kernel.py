@@ -233,6 +233,10 @@ class Kernel:
         walks again)."""
         if n <= 0:
             return []
+        off = va & PAGE_MASK
+        if off + n <= PAGE_SIZE:  # within one page
+            pfn = self._ptes.get(va >> PAGE_SHIFT)
+            return None if pfn is None else [((pfn << PAGE_SHIFT) | off, n)]
         end = va + n
         ptes = self._ptes
         try:
@@ -240,7 +244,6 @@ class Kernel:
         except KeyError:
             return None
         out = [(pfn << PAGE_SHIFT, PAGE_SIZE) for pfn in pfns]
-        off = va & PAGE_MASK
         out[0] = ((pfns[0] << PAGE_SHIFT) | off, min(n, PAGE_SIZE - off))
         if len(out) > 1:
             out[-1] = (pfns[-1] << PAGE_SHIFT, end - ((end - 1) & ~PAGE_MASK))
