@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from gntdma.dev.blkfront_io import xbd_discard, xbd_flush, xbd_read, xbd_write
+from gntdma.host.image import DiskImage
 from gntdma.hv import MAPTRACK_PER_FRAME
 from gntdma.sched import WITNESS, KThread, ThreadState, tsleep
 from gntdma.toolstack.domains import create_guest_from_config, destroy_guest
@@ -376,7 +377,9 @@ def test_config_errors_leave_nothing_behind(host: Host, tmp_path: Path) -> None:
     with pytest.raises(VbdError, match="exists"):
         attach_disk(host, g, parse_disk_spec("vdev=xvda,size=4M,target=b.img"),
                     image_dir=tmp_path)
-    # An image of the wrong size (b.img was made at 4M by the attach above).
+    assert not (tmp_path / "b.img").exists()  # the failed attach removed the image it made
+    # An image of the wrong size.
+    DiskImage.create(tmp_path / "b.img", 4 << 20).close()
     with pytest.raises(VbdError, match="not the"):
         attach_disk(host, g, parse_disk_spec("vdev=xvdb,size=8M,target=b.img"),
                     image_dir=tmp_path)

@@ -196,6 +196,30 @@ def _release(host: Host, dirs: DeviceDirs | None, front: XbdXenbus | None,
     return clean
 
 
+def _open_image(path: Path, spec: DiskSpec) -> tuple[DiskImage, bool]:
+    """:func:`~gntdma.host.image.open_image` of the spec's image; True if this call
+    made the file (made here with ``O_EXCL``, so a file that was there, or that
+    another process made meanwhile, is never taken for ours). A new image that
+    cannot be set up (its size too large for the file system, ...) is removed
+    before the error goes up."""
+    if spec.size is None or os.path.lexists(path):
+        return open_image(path, size=spec.size, readonly=spec.readonly), False
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
+    except FileExistsError:  # made meanwhile: not ours, taken as it is
+        return open_image(path, size=spec.size, readonly=spec.readonly), False
+    try:
+        image = DiskImage.create(path, spec.size, exist_ok=True)  # the empty file: sized
+        if spec.readonly:
+            image.close()
+            image = DiskImage.open(path, readonly=True)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        raise
+    return image, True
+
+
 def attach_disk(host: Host, guest: Guest, spec: DiskSpec, *, image_dir: str | Path,
                 timeout: float = VBD_CONNECT_TIMEOUT,
                 workers: int = BLKBACK_DEFAULT_WORKERS,
@@ -226,9 +250,10 @@ def attach_disk(host: Host, guest: Guest, spec: DiskSpec, *, image_dir: str | Pa
         raise VbdError(f"{guest.name}: no xenstore (the domain is being destroyed)")
     path = spec.path(image_dir)
     what = f"{guest.name} {spec.vdev} ({path})"
+    created = False  # the image file is this call's: removed again if the attach fails
     if image is None:
         try:
-            image = open_image(path, size=spec.size, readonly=spec.readonly)
+            image, created = _open_image(path, spec)
         except OSError as e:
             raise VbdError(f"{what}: {e}") from e
     dirs: DeviceDirs | None = None
@@ -286,6 +311,9 @@ def attach_disk(host: Host, guest: Guest, spec: DiskSpec, *, image_dir: str | Pa
                 # unplug that would wait for the dead frontend.
                 dirs = None
             _release(host, dirs, front, back, bb, image, min(timeout, LIBXL_DESTROY_TIMEOUT))
+            if created:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
 
 
 #: Seconds between two looks at whether the guest crashed, while a disk connects.

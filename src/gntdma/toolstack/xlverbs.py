@@ -28,6 +28,7 @@ import json
 import platform
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Final, final
 
 import gntdma
@@ -58,6 +59,76 @@ Answer = tuple[int, str, str]
 _LIST_USAGE: Final = ("Usage: xl [-v] list [options] [Domain]\n\n"
                       "List information about all/some domains.\n\n"
                       "Options:\n\n-l, --long              Output all VM details\n")
+
+
+@dataclass(frozen=True, slots=True)
+class _Cmd:
+    """A verb's entry of ``cmd_table`` (xl_cmdtable.c) and the ``num_opts_req`` its
+    ``main_*`` gives ``SWITCH_FOREACH_OPT`` (xl_utils.h)."""
+
+    min_args: int
+    usage: str
+    desc: str
+    can_dryrun: bool = False
+    modifies: bool = False
+    options: str = ""
+
+    def help(self, verb: str) -> str:
+        """``help(command)`` (xl.c): what ``-h`` and too few arguments print on stdout."""
+        text = (f"Usage: xl [-vtT{'f' if self.modifies else ''}"
+                f"{'N' if self.can_dryrun else ''}] {verb} {self.usage}\n\n{self.desc}.\n\n")
+        return text + (f"Options:\n\n{self.options}\n" if self.options else "")
+
+
+#: RELEASE-4.17.7: xl_cmdtable.c for the texts, xl_block.c (main_blockattach 2,
+#: main_blocklist 1, main_blockdetach 2), xl_nic.c (main_networkattach 1,
+#: main_networklist 1, main_networkdetach 2), xl_vmcontrol.c (main_destroy 1),
+#: xl_info.c (main_list, main_info: 0) for the arguments each requires.
+_CMDS: Final = {
+    "list": _Cmd(0, "[options] [Domain]\n", "List information about all/some domains"),
+    "info": _Cmd(0, "", "Get information about Xen host"),
+    "block-attach": _Cmd(2, "<Domain> <disk-spec-component(s)>...",
+                         "Create a new virtual block device", True, True),
+    "block-list": _Cmd(1, "<Domain(s)>", "List virtual block devices for a domain"),
+    "block-detach": _Cmd(2, "[option] <Domain> <DevId>",
+                         "Destroy a domain's virtual block device", False, True),
+    "network-attach": _Cmd(1, "<Domain> [type=<type>] [mac=<mac>] [bridge=<bridge>] "
+                           "[ip=<ip>] [script=<script>] [backend=<BackDomain>] "
+                           "[vifname=<name>] [rate=<rate>] [model=<model>] "
+                           "[accel=<accel>] [mtu=<mtu>]",
+                           "Create a new virtual network device", True, True),
+    "network-list": _Cmd(1, "<Domain(s)>", "List virtual network interfaces for a domain"),
+    "network-detach": _Cmd(2, "<Domain> <DevId|mac>",
+                           "Destroy a domain's virtual network device", False, True),
+    "destroy": _Cmd(1, "[options] <Domain>\n", "Terminate a domain immediately",
+                    False, True),
+}
+
+
+def _getopt(verb: str, args: list[str]) -> Answer | list[str]:
+    """``def_getopt`` (xl_utils.c) for a verb that takes no option of its own here:
+    ``-h``/``--help`` is the help (status 0); another option "option `X' not
+    supported." (status 2); fewer arguments than the verb requires "'xl VERB'
+    requires at least N argument(s)." and the help (status 2, xl's ``exit(2)``).
+    Otherwise the arguments, ``--`` taken out (getopt's end of the options)."""
+    cmd = _CMDS[verb]
+    rest: list[str] = []
+    it = iter(args)
+    for a in it:
+        if a == "--":
+            rest.extend(it)
+            break
+        if a in ("-h", "--help"):
+            return 0, cmd.help(verb), ""
+        if a.startswith("-") and a != "-":
+            bad = a if a.startswith("--") else a[1]
+            return 2, "", f"option `{bad}' not supported.\n"
+        rest.append(a)
+    if len(rest) < cmd.min_args:
+        n = cmd.min_args
+        return 2, cmd.help(verb), (f"'xl {verb}' requires at least {n} "
+                                   f"argument{'s' if n > 1 else ''}.\n\n")
+    return rest
 
 
 class _Fail(Exception):
@@ -101,6 +172,11 @@ class Console:
                            f"{', '.join(sorted(VERBS))})\n")
         if self.released:
             return 1, "", "the host is shutting down\n"
+        if verb != "list":  # list reads its own options (-l)
+            got = _getopt(verb, args)
+            if isinstance(got, tuple):
+                return got
+            args = got
         try:
             return fn(self, args, cwd)
         except _Fail as e:
@@ -253,9 +329,6 @@ class Console:
         return 0, "\n".join(out) + "\n", "".join(e + "\n" for e in err)
 
     def block_attach(self, args: list[str], cwd: str) -> Answer:
-        if len(args) < 2:
-            raise _Fail("'xl block-attach' requires at least 2 arguments: "
-                        "<Domain> <disk-spec-component(s)>...")
         g = self._live(args[0])
         try:
             spec = parse_disk_spec(",".join(args[1:]), source="command line")
@@ -274,8 +347,6 @@ class Console:
         return 0, "", ""
 
     def block_detach(self, args: list[str], cwd: str) -> Answer:
-        if len(args) != 2:
-            raise _Fail("'xl block-detach' requires 2 arguments: <Domain> <DevId>")
         g = self._live(args[0])
         devid = _devid(args[1])
         vbd = self.vbds.get((g.domid, devid)) if devid is not None else None
@@ -320,9 +391,6 @@ class Console:
         return self.net
 
     def network_attach(self, args: list[str], cwd: str) -> Answer:
-        if len(args) < 1:
-            raise _Fail("'xl network-attach' requires at least 1 argument: <Domain> "
-                        "[<nic-spec-component(s)>...]")
         g = self._live(args[0])
         try:
             spec = parse_vif_spec(",".join(args[1:]))
@@ -349,8 +417,6 @@ class Console:
         return 0, "", ""
 
     def network_detach(self, args: list[str], cwd: str) -> Answer:
-        if len(args) != 2:
-            raise _Fail("'xl network-detach' requires 2 arguments: <Domain> <DevId|mac>")
         g = self._live(args[0])
         which = args[1]
         for entry in list(self.net.vifs if self.net is not None else []):
@@ -374,8 +440,6 @@ class Console:
     # -- destroy ----------------------------------------------------------------------------
 
     def destroy(self, args: list[str], cwd: str) -> Answer:
-        if len(args) != 1:
-            raise _Fail("'xl destroy' requires 1 argument: <Domain>")
         g = self._domain(args[0])
         if g.domid == 0:
             raise _Fail("Not destroying dom 0")
