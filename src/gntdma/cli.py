@@ -58,8 +58,11 @@ def _path(text: str) -> Path:
 
 
 def _same_file(args: argparse.Namespace) -> str | None:
-    """Two output options of ``args`` naming one file (through ./, .. or a symlink)."""
+    """Two output options of ``args`` naming one file (through ./, .. or a symlink),
+    or one naming an input of the command (a config, a disk image it names, the
+    replay file): checked before anything is opened."""
     seen: dict[str, str] = {}
+    outputs: list[tuple[str, Path | None]] = []
     for opt in ("trace", "json", "control"):
         path = getattr(args, opt, None)
         if path is None:
@@ -68,6 +71,19 @@ def _same_file(args: argparse.Namespace) -> str | None:
         if real in seen:
             return f"--{seen[real]} and --{opt} name the same file {path}"
         seen[real] = opt
+        outputs.append((f"--{opt}", path))
+    if not outputs:
+        return None
+    from gntdma.errors import ConfigError
+    from gntdma.toolstack.preflight import check_not_inputs, input_files
+
+    inputs = input_files(getattr(args, "configs", None) or [])
+    if getattr(args, "file", None) is not None:
+        inputs.append((args.file, f"the replay file {args.file}"))
+    try:
+        check_not_inputs(outputs, inputs)
+    except ConfigError as e:
+        return str(e)
     return None
 
 

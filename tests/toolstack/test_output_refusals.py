@@ -87,3 +87,56 @@ def test_an_interrupted_run_leaves_no_plots_dir_and_a_valid_trace(
         assert sorted(os.listdir(mine)) == ["keep.txt"]  # a user's folder stays as it was
         assert check_trace_file(trace) == []
         trace.unlink()
+
+
+def _cfg_with_image(tmp_path: Path) -> tuple[Path, Path]:
+    img = tmp_path / "d.img"
+    img.write_bytes(b"\x5a" * (1 << 20))
+    cfg = write_cfg(tmp_path / "g.cfg", "name='g'\nmemory=16\n"
+                    f"disk=['vdev=xvda, target={img}']\n")
+    return cfg, img
+
+
+@pytest.mark.parametrize("opt", ["--json", "--trace"])
+@pytest.mark.parametrize("victim", ["image", "config", "image-via-symlink"])
+def test_an_output_option_naming_an_input_of_the_run_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], opt: str, victim: str) -> None:
+    """DESIGN 11: an existing image is never overwritten without an explicit option,
+    and a run refused before it starts writes nothing: ``--json``/``--trace`` naming
+    the config's disk image or the config itself is refused with status 2 and the
+    file is left as it was (``--overwrite`` is about images a config creates, not
+    about turning one into a report)."""
+    cfg, img = _cfg_with_image(tmp_path)
+    target = {"image": img, "config": cfg, "image-via-symlink": tmp_path / "l.json"}[victim]
+    if victim == "image-via-symlink":
+        target.symlink_to(img)
+    before = {p: p.read_bytes() for p in (cfg, img)}
+    rc, out, err = run_cli(capsys, "run", str(cfg), "--duration", "0.05", opt, str(target))
+    assert rc == 2, (out, err)
+    assert "would be overwritten" in err and err.count("\n") == 1, err
+    assert {p: p.read_bytes() for p in (cfg, img)} == before
+
+
+def test_replay_trace_onto_the_replay_file_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rp = tmp_path / "r.json"
+    rp.write_text('{"format": "gntdma-replay"}\n')
+    before = rp.read_bytes()
+    rc, _out, err = run_cli(capsys, "replay", str(rp), "--trace", str(rp))
+    assert rc == 2 and "would be overwritten" in err, err
+    assert rp.read_bytes() == before
+
+
+@pytest.mark.skipif(not Path("/proc/self").exists(), reason="needs /proc")
+@pytest.mark.parametrize("opt", ["--json", "--trace", "--plots"])
+def test_an_output_that_cannot_be_written_is_refused_before_the_run(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], opt: str) -> None:
+    """/proc takes no new file, even from root (for whom ``os.access`` says yes):
+    refused with status 2 before anything runs (no report, no check line), one line,
+    no traceback (issue 11 item 9)."""
+    cfg, _img = _cfg_with_image(tmp_path)
+    rc, out, err = run_cli(capsys, "run", str(cfg), "--duration", "0.05", opt,
+                           "/proc/gntdma-out")
+    assert rc == 2, (out[-500:], err)
+    assert out == "" and "Traceback" not in err and err.count("\n") == 1, (out[-500:], err)
+    assert "/proc/gntdma-out" in err

@@ -20,6 +20,7 @@ axes labelled) and then saved (:func:`write_plots`):
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -63,8 +64,13 @@ def check_plots_dir(path: Path) -> None:
     if path.exists():
         if not path.is_dir():
             raise ConfigError(f"--plots {path}: not a directory")
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise ConfigError(f"--plots {path}: not writable")
+        # Tried for real (os.access says yes to root on /proc or a read-only mount).
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".gntdma-probe-", dir=path)
+        except OSError as e:
+            raise ConfigError(f"--plots {path}: not writable ({e.strerror or e})") from None
+        os.close(fd)
+        os.unlink(probe)
         return
     # The nearest existing ancestor must be a directory the missing ones can be made in.
     parent = path.absolute().parent
@@ -72,8 +78,11 @@ def check_plots_dir(path: Path) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise ConfigError(f"--plots {path}: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"--plots {path}: cannot make a directory in {parent}")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".gntdma-probe-", dir=parent))
+    except OSError as e:
+        raise ConfigError(f"--plots {path}: cannot make a directory in {parent} "
+                          f"({e.strerror or e})") from None
 
 
 def _shortages(t: list[float], waiting: list[int], done: list[int]) -> list[tuple[float, float]]:

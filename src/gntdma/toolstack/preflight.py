@@ -41,8 +41,10 @@ __all__ = [
     "DiskPlan",
     "GuestPlan",
     "RunPlan",
+    "check_not_inputs",
     "check_options",
     "check_output",
+    "input_files",
     "plan_run",
 ]
 
@@ -127,7 +129,12 @@ def check_options(*, duration: float, threads: int, seed: int) -> tuple[int, lis
 
 
 def check_output(path: Path | None, option: str) -> None:
-    """A file the run will write must be writable before the run starts."""
+    """A file the run will write must be writable before the run starts.
+
+    Tried for real, not with ``os.access`` (which says yes to root for a file in
+    /proc or on a read-only file system): an existing file is opened for writing
+    without truncating it; a missing one is created and removed again.
+    """
     if path is None:
         return
     if path.is_dir():
@@ -135,11 +142,56 @@ def check_output(path: Path | None, option: str) -> None:
     parent = path.parent if str(path.parent) != "" else Path(".")
     if not parent.is_dir():
         raise ConfigError(f"{option} {path}: no such directory {parent}")
-    if path.exists():
-        if not os.access(path, os.W_OK):
-            raise ConfigError(f"{option} {path}: not writable")
-    elif not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"{option} {path}: cannot create a file in {parent}")
+    existed = os.path.lexists(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | (0 if existed else os.O_CREAT | os.O_EXCL), 0o644)
+    except OSError as e:
+        what = "not writable" if existed else f"cannot create a file in {parent}"
+        raise ConfigError(f"{option} {path}: {what} ({e.strerror or e})") from None
+    os.close(fd)
+    if not existed:
+        os.unlink(path)
+
+
+def input_files(configs: Sequence[Path]) -> list[tuple[Path, str]]:
+    """What a run reads or changes in place, with what it is: each config and each
+    disk image it names. An output option must never name one of them. A config
+    that cannot be read is left out (the run itself reports it)."""
+    out: list[tuple[Path, str]] = []
+    for p in configs:
+        out.append((p, f"the config {p}"))
+        try:
+            cfg = load_config(p)
+        except (ConfigError, OSError):
+            continue
+        for spec in cfg.disks:
+            out.append((spec.path(cfg.base_dir), f"the disk image of {spec.vdev} in {p}"))
+    return out
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)  # hard links too
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_not_inputs(outputs: Sequence[tuple[str, Path | None]],
+                     inputs: Sequence[tuple[Path, str]]) -> None:
+    """Refuse an output option that names an input of the run (DESIGN 11: an
+    existing image is never overwritten without an explicit option, and no user
+    file is lost).
+
+    Raises:
+        ConfigError: naming the option and what the file is.
+    """
+    for option, path in outputs:
+        if path is None:
+            continue
+        for inp, what in inputs:
+            if _same(path, inp):
+                raise ConfigError(f"{option} {path} is {what}: refused (it would be "
+                                  "overwritten)")
 
 
 def _where(cfg: GuestConfig, spec: DiskSpec) -> str:
