@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             _finished = True
             raise
         _received = signum  # a second signal from here on is ignored
+        for sig in _SIGNALS:  # also while the interpreter finalizes (SIG_IGN outlasts it)
+            signal.signal(sig, signal.SIG_IGN)
         _say(signum)
         return 128 + signum
     _finished = True

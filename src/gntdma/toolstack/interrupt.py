@@ -24,7 +24,7 @@ from typing import Any
 
 import greenlet
 
-__all__ = ["InterruptGuard", "Interrupted", "signals_deferred"]
+__all__ = ["InterruptGuard", "Interrupted", "ignore_later_signals", "signals_deferred"]
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -65,6 +65,24 @@ def signals_deferred() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+def ignore_later_signals() -> None:
+    """A signal has ended the command: SIGINT and SIGTERM are ignored from now on.
+
+    Its cleanup, its last line and the interpreter's exit go on undisturbed (one
+    line, the first signal's status). ``SIG_IGN`` outlasts the interpreter's
+    finalization, which puts the default action back for a Python handler (a
+    late SIGTERM would kill the process with -15). Main thread only.
+    """
+    if threading.current_thread() is threading.main_thread():
+        for sig in _SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
+
+def signals_ignored() -> bool:
+    """True once :func:`ignore_later_signals` has run (or SIGINT was ignored anyway)."""
+    return signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+
+
 class InterruptGuard:
     """SIGINT/SIGTERM handlers for a run (installed only in the main thread)."""
 
@@ -90,8 +108,13 @@ class InterruptGuard:
         # old handler (the console script's: one line, 130/143) once they are, never
         # a half-restored state; a second signal after the first is dropped.
         with signals_deferred():
-            for sig, old in self._old.items():
-                signal.signal(sig, old)
+            if self.signum != 0 or signals_ignored():
+                # Ended by a signal (this guard's, or serve's normal end): later
+                # ones are ignored to the process's exit.
+                ignore_later_signals()
+            else:
+                for sig, old in self._old.items():
+                    signal.signal(sig, old)
             self._old.clear()
             if self.signum != 0:
                 while signal.sigtimedwait(_SIGNALS, 0) is not None:

@@ -62,7 +62,7 @@ from gntdma.sys import MAXPHYS
 from gntdma.toolstack.control import HostConsole, check_control_path
 from gntdma.toolstack.domains import create_guest_from_config
 from gntdma.toolstack.host import Guest, Host
-from gntdma.toolstack.interrupt import InterruptGuard, signals_deferred
+from gntdma.toolstack.interrupt import InterruptGuard, ignore_later_signals, signals_deferred
 from gntdma.toolstack.mainjob import OpenImages, default_config, open_images
 from gntdma.toolstack.netjob import NetJob, attach_guest_vifs, make_netjob
 from gntdma.toolstack.preflight import RunPlan, check_output, plan_run
@@ -304,6 +304,9 @@ class _StopSignals:
             self.signum = signum
 
     def __exit__(self, *exc: object) -> None:
+        if self.signum != 0 and self._old:
+            ignore_later_signals()  # the serve is ending: a second signal changes nothing
+            return
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
