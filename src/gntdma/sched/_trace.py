@@ -322,18 +322,19 @@ class TraceRecorder:
             return
         fid = self._next_id
         self._next_id += 1
-        entry = self._flows.get(id(port))
-        if entry is None or entry[0] is not port:
-            entry = self._flows[id(port)] = (port, [])
         # A flow starts from the slice open around it: a short one if there is none.
         bare = not tr.open
         if bare:
             self._begin(tr, ("notify",), "notify", "evtchn")
-        start: Event = {"ph": "s", "name": "evtchn", "cat": "evtchn", "id": fid,
-                        "pid": tr.pid, "tid": tr.tid}
-        at = self._flushed + len(self.events)  # its index in the file
-        self._emit(start)
-        entry[1].append((fid, tr, start, at))
+        if not self.limit_reached:  # (the short slice may have reached it: no flow then)
+            entry = self._flows.get(id(port))
+            if entry is None or entry[0] is not port:
+                entry = self._flows[id(port)] = (port, [])
+            start: Event = {"ph": "s", "name": "evtchn", "cat": "evtchn", "id": fid,
+                            "pid": tr.pid, "tid": tr.tid}
+            at = self._flushed + len(self.events)  # its index in the file
+            self._emit(start)
+            entry[1].append((fid, tr, start, at))
         if bare:
             self._end(tr, ("notify",))
 
@@ -345,9 +346,11 @@ class TraceRecorder:
         self._begin(tr, ("evtchn", id(port)), f"evtchn port {port.port}", "evtchn")
         entry = self._flows.pop(id(port), None)
         if entry is not None and entry[0] is port:
+            # Each ``s`` was written: its ``f`` too, in the slice just begun, even if
+            # that slice's B reached the limit.
             for fid, _notifier, _start, _at in entry[1]:
                 self._emit({"ph": "f", "bp": "e", "name": "evtchn", "cat": "evtchn",
-                            "id": fid, "pid": tr.pid, "tid": tr.tid})
+                            "id": fid, "pid": tr.pid, "tid": tr.tid}, force=True)
 
     def evtchn_ran(self, port: Any) -> None:
         """The handler of ``port`` returned."""
