@@ -11,8 +11,9 @@ The recorder turns what it is told into events of the Trace Event Format
 (the format ``chrome://tracing`` and Perfetto read), kept as plain dicts:
 
 - one process (pid) per domain, named after it; a thread of no domain goes
-  with the domain its name starts with (``guest1/xbd0-int``) if there is one,
-  else in the process "host" (thread0 among them); one track (tid) per
+  with the domain its name starts with (``guest1/xbd0-int``), or whose domid
+  it starts with (``dom0/blkback0``), if there is one, else in the process
+  "host" (thread0 among them); one track (tid) per
   kernel thread, named after it (``M`` metadata, written by :meth:`finish`);
 - lock holds as ``B``/``E`` slices named after the lock on the holder's track,
   waits for a lock as ``wait <lock>``, sleeps as ``sleep <wmesg>``, handler
@@ -220,7 +221,12 @@ class TraceRecorder:
         if tr is None:
             pid = None
             if t.domain is None and "/" in t.name:  # "guest1/xbd0-int": a thread for guest1
-                pid = self._pids.get(t.name.split("/", 1)[0])
+                prefix = t.name.split("/", 1)[0]
+                pid = self._pids.get(prefix)
+                if pid is None and prefix.startswith("dom") and prefix[3:].isdigit():
+                    # "dom0/blkback0": a thread for the domain of domid 0 (Domain-0)
+                    domid = int(prefix[3:])
+                    pid = next((p for p, d in self._domids.items() if d == domid), None)
             if pid is None:
                 pid = self._pid(t.domain)
             tr = self._tracks[t] = _Track(pid, len(self._tracks) + 1, t.name)
