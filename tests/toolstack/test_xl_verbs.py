@@ -16,6 +16,7 @@ import resource
 from pathlib import Path
 
 import pytest
+from tests.toolstack.run_helpers import run_cli, write_cfg
 
 from gntdma.host.image import DiskImage
 from gntdma.toolstack.host import Host
@@ -98,3 +99,23 @@ def test_failed_attach_keeps_an_image_that_was_there(host: Host, tmp_path: Path)
     assert (tmp_path / "empty.img").stat().st_size == 0
     assert sorted(os.listdir(tmp_path)) == ["empty.img", "old.img"]
     assert con.release() is True
+
+
+@pytest.mark.parametrize("access", ["rw", "ro"])
+def test_refused_run_leaves_no_image_it_made(capsys: pytest.CaptureFixture[str],
+                                             tmp_path: Path, access: str) -> None:
+    """``gntdma run`` whose new image cannot be sized (EFBIG) is refused with nothing
+    left; size=16T is refused before anything is made (more than the free space)."""
+    for size, limit in (("16M", 1 << 20), ("16T", None)):
+        cfg = write_cfg(tmp_path / "g.cfg", "name = 'g'\nmemory = 16\nmax_grant_frames = 2\n"
+                        f"disk = [ 'vdev=xvda, access={access}, size={size}, "
+                        "target=big.img' ]\n")
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        if limit is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+        try:
+            rc, _out, err = run_cli(capsys, "run", str(cfg), "--duration", "0.05")
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        assert rc == 2 and "disk xvda" in err, err
+        assert sorted(os.listdir(tmp_path)) == ["g.cfg"], size

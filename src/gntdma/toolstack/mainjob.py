@@ -32,7 +32,7 @@ from gntdma.toolstack.host import CrashTeardown, Guest, GuestCrashed, Host
 from gntdma.toolstack.netjob import NetJob, attach_guest_vifs, make_netjob
 from gntdma.toolstack.preflight import DiskPlan, GuestPlan, RunPlan
 from gntdma.toolstack.report import Report
-from gntdma.toolstack.vbd import Vbd, detach_disk
+from gntdma.toolstack.vbd import Vbd, detach_disk, new_image
 from gntdma.toolstack.workload import (
     RUN_SECTORS,
     DiskLoad,
@@ -117,10 +117,10 @@ def _open(d: DiskPlan, overlay_dir: Path) -> tuple[DiskImage, bool]:
         return DiskImage.snapshot(d.path, overlay_dir), False
     if d.mode == "overwrite":
         return DiskImage.open(d.path), False
-    if d.mode == "readonly":
-        return open_image(d.path, size=d.spec.size, readonly=True), not d.exists
-    assert d.spec.size is not None
-    return DiskImage.create(d.path, d.spec.size), True
+    if d.mode == "readonly" and d.exists:
+        return open_image(d.path, size=d.spec.size, readonly=True), False
+    assert d.spec.size is not None  # a new image: removed again if it cannot be set up
+    return new_image(d.path, d.spec.size, readonly=d.mode == "readonly"), True
 
 
 def open_images(plan: RunPlan, overlay_dir: Path) -> OpenImages:

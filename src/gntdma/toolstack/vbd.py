@@ -67,6 +67,7 @@ __all__ = [
     "attach_disk",
     "destroy_disk",
     "detach_disk",
+    "new_image",
 ]
 
 #: The xenbus device type of a disk.
@@ -196,28 +197,41 @@ def _release(host: Host, dirs: DeviceDirs | None, front: XbdXenbus | None,
     return clean
 
 
-def _open_image(path: Path, spec: DiskSpec) -> tuple[DiskImage, bool]:
-    """:func:`~gntdma.host.image.open_image` of the spec's image; True if this call
-    made the file (made here with ``O_EXCL``, so a file that was there, or that
-    another process made meanwhile, is never taken for ours). A new image that
-    cannot be set up (its size too large for the file system, ...) is removed
-    before the error goes up."""
-    if spec.size is None or os.path.lexists(path):
-        return open_image(path, size=spec.size, readonly=spec.readonly), False
+def new_image(path: Path, size: int, *, readonly: bool = False) -> DiskImage:
+    """Make the image ``path``, sparse at ``size`` bytes (opened read-only for
+    ``readonly``, as :func:`~gntdma.host.image.open_image` opens a new one).
+
+    The file is made here with ``O_EXCL``, so it is this call's: if it cannot be
+    set up (its size too large for the file system, ...), it is removed before
+    the error goes up (DESIGN 11: nothing left behind).
+
+    Raises:
+        FileExistsError: ``path`` exists (never touched).
+        OSError: it cannot be made or set up (an ImageError among them).
+    """
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
     try:
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
-    except FileExistsError:  # made meanwhile: not ours, taken as it is
-        return open_image(path, size=spec.size, readonly=spec.readonly), False
-    try:
-        image = DiskImage.create(path, spec.size, exist_ok=True)  # the empty file: sized
-        if spec.readonly:
+        image = DiskImage.create(path, size, exist_ok=True)  # the empty file: sized
+        if readonly:
             image.close()
             image = DiskImage.open(path, readonly=True)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         raise
-    return image, True
+    return image
+
+
+def _open_image(path: Path, spec: DiskSpec) -> tuple[DiskImage, bool]:
+    """:func:`~gntdma.host.image.open_image` of the spec's image; True if this call
+    made the file (:func:`new_image`: a file that was there, or that another
+    process made meanwhile, is never taken for ours)."""
+    if spec.size is not None and not os.path.lexists(path):
+        try:
+            return new_image(path, spec.size, readonly=spec.readonly), True
+        except FileExistsError:  # made meanwhile: not ours, taken as it is
+            pass
+    return open_image(path, size=spec.size, readonly=spec.readonly), False
 
 
 def attach_disk(host: Host, guest: Guest, spec: DiskSpec, *, image_dir: str | Path,
