@@ -140,3 +140,14 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_run(
     assert rc == 2, (out[-500:], err)
     assert out == "" and "Traceback" not in err and err.count("\n") == 1, (out[-500:], err)
     assert "/proc/gntdma-out" in err
+
+
+def test_an_output_fifo_with_no_reader_is_refused_not_waited_on(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg, _img = _cfg_with_image(tmp_path)
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    t0 = time.monotonic()
+    rc, out, err = run_cli(capsys, "run", str(cfg), "--duration", "0.05", "--json", str(fifo))
+    assert rc == 2 and out == "" and "not writable" in err, err
+    assert time.monotonic() - t0 < 30

@@ -144,7 +144,9 @@ def check_output(path: Path | None, option: str) -> None:
         raise ConfigError(f"{option} {path}: no such directory {parent}")
     existed = os.path.lexists(path)
     try:
-        fd = os.open(path, os.O_WRONLY | (0 if existed else os.O_CREAT | os.O_EXCL), 0o644)
+        # O_NONBLOCK: a FIFO with no reader is refused (ENXIO), not waited on.
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK
+                     | (0 if existed else os.O_CREAT | os.O_EXCL), 0o644)
     except OSError as e:
         what = "not writable" if existed else f"cannot create a file in {parent}"
         raise ConfigError(f"{option} {path}: {what} ({e.strerror or e})") from None
