@@ -261,9 +261,10 @@ class RunView:
         if not self._running:
             return
         self._running = False
-        if m is not None and (not m.samples or m.host.sched.now() - m.t0 - m.samples[-1].t
-                              >= 0.2):
-            m.sample()  # the part of a second since the last tick
+        if m is not None and (not m.samples or m.host.sched.now() - m.t0 > m.samples[-1].t):
+            # The part of a second since the last tick, however short: the last frame
+            # is the state at the end (a tick just before it showed loads still waiting).
+            m.sample()
         if self.live is not None and self.metrics is not None:
             self.metrics.collect_reports()
             self.live.update(render(self.metrics, self.header), refresh=True)

@@ -79,7 +79,7 @@ def ignore_later_signals() -> None:
 
 
 def signals_ignored() -> bool:
-    """True once :func:`ignore_later_signals` has run (or SIGINT was ignored anyway)."""
+    """True once :func:`ignore_later_signals` has run (serve's signal ended its serving)."""
     return signal.getsignal(signal.SIGINT) == signal.SIG_IGN
 
 
