@@ -124,7 +124,7 @@ def checkpoint() -> None:
 
 def random_u64() -> int:
     """A random 64-bit value chosen by the strategy (never call ``random``)."""
-    return current_scheduler().strategy.next_u64()
+    return current_scheduler()._strategy.next_u64()
 
 
 def blocking_io(fn: Callable[..., T], *args: Any) -> T:
@@ -148,7 +148,9 @@ class Scheduler:
     ) -> None:
         if io_mode not in ("inline", "pool"):
             raise ValueError(f"io_mode must be 'inline' or 'pool', not {io_mode!r}")
-        self.strategy: Strategy = strategy if strategy is not None else FifoStrategy()
+        self._strategy: Strategy = strategy if strategy is not None else FifoStrategy()
+        #: The strategy's ``preemptive``, read by every scheduling point.
+        self.preemptive: bool = self._strategy.preemptive
         self.clock: Clock = clock if clock is not None else RealClock()
         self.io_mode = io_mode
         self.witness = witness if witness is not None else WITNESS
@@ -207,6 +209,15 @@ class Scheduler:
     def uninstall() -> None:
         global _current
         _current = None
+
+    @property
+    def strategy(self) -> Strategy:
+        return self._strategy
+
+    @strategy.setter
+    def strategy(self, strategy: Strategy) -> None:
+        self._strategy = strategy
+        self.preemptive = strategy.preemptive
 
     @property
     def threads(self) -> list[KThread]:
@@ -358,7 +369,7 @@ class Scheduler:
 
         Never inside a spin mutex's critical section.
         """
-        if self.strategy.preemptive and self.curthread.critnest == 0:
+        if self.preemptive and self.curthread.critnest == 0:
             self.yield_(point)
 
     def _switch_out(self, point: str = "block") -> None:
@@ -488,7 +499,7 @@ class Scheduler:
         # "switch" when the previous thread blocked.
         runq = self._runq
         if len(runq) > 1:
-            idx = self.strategy.pick(runq, last, point)
+            idx = self._strategy.pick(runq, last, point)
             if idx == 0:
                 t = runq.popleft()
             else:

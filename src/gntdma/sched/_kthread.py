@@ -21,6 +21,7 @@ from gntdma.sched._witness import Site, site_str
 __all__ = [
     "Clock",
     "FifoStrategy",
+    "Held",
     "HeldLock",
     "KThread",
     "RealClock",
@@ -110,6 +111,37 @@ class FifoStrategy:
         return self._rng.getrandbits(64)
 
 
+class Held(Protocol):
+    """What a thread's list of held locks holds: a :class:`HeldLock`, or a mutex.
+
+    A mutex has one owner at a time, so it is its own record (its ``site_at``
+    is where its owner took it): taking one builds no object.
+    """
+
+    @property
+    def lock(self) -> Any: ...
+
+    @property
+    def cls(self) -> str: ...
+
+    @property
+    def site_at(self) -> Site: ...
+
+    @property
+    def site(self) -> str: ...
+
+    @property
+    def dupok(self) -> bool: ...
+
+    @property
+    def sleepable(self) -> bool: ...
+
+    @property
+    def spin(self) -> bool: ...
+
+    shared: bool
+
+
 @dataclass(slots=True)
 class HeldLock:
     """A lock a thread holds: the lock, its class, and where it was taken.
@@ -169,7 +201,7 @@ class KThread:
         self.wait_site_at: Site | None = None
         self.wake_result = 0
         self.timer: _Timer | None = None
-        self.held: list[HeldLock] = []
+        self.held: list[Held] = []
         #: Spin mutexes held: a critical section while > 0.
         self.critnest = 0
         #: When the thread last blocked, on the run's clock.

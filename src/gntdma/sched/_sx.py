@@ -22,7 +22,7 @@ from typing import Final, final
 from gntdma.sched import _trace
 from gntdma.sched._core import HeldLock, KThread, Scheduler, ThreadState, current_scheduler
 from gntdma.sched._errors import KernelPanic
-from gntdma.sched._sync import _panic, check_order
+from gntdma.sched._sync import _panic, check_order_lazy
 from gntdma.sched._witness import Site, caller_site, caller_site_raw, site_str
 
 __all__ = [
@@ -115,7 +115,7 @@ def _enter(s: Scheduler, t: KThread, sx: Sx, site: Site, op: str) -> None:
         raise _panic(t, "acquiring blockable sleep lock with spinlock or critical "
                         f"section held (sx) {sx.name} @ {site_str(site)}")
     if not sx.flags & SX_NOWITNESS and t.held:
-        check_order(s, t, sx.cls, site, False, True)
+        check_order_lazy(s, t, sx.cls, site[0], site[1], False, True)
     s.point(op)
 
 

@@ -18,12 +18,22 @@ from __future__ import annotations
 
 from collections import deque
 from enum import IntFlag
+from sys import _getframe
+from types import CodeType
 from typing import Final, final
 
 from gntdma.sched import _trace
-from gntdma.sched._core import HeldLock, KThread, Scheduler, ThreadState, current_scheduler
+from gntdma.sched._core import KThread, Scheduler, ThreadState, current_scheduler
 from gntdma.sched._errors import KernelPanic
-from gntdma.sched._witness import Site, caller_site, caller_site_raw, site_str
+from gntdma.sched._kthread import Held
+from gntdma.sched._witness import (
+    _IN_SCHED,
+    Site,
+    caller_site,
+    caller_site_raw,
+    site_of,
+    site_str,
+)
 
 __all__ = [
     "MA_NOTOWNED",
@@ -116,10 +126,16 @@ def _flag_bits(flags: int) -> tuple[MtxFlags, bool, bool, bool, bool]:
 
 @final
 class Mutex:
-    """A FreeBSD mutex. The lock class is its name (``type`` if given)."""
+    """A FreeBSD mutex. The lock class is its name (``type`` if given).
 
-    __slots__ = ("_dupok", "_recurse_ok", "_spin", "_witness", "cls", "flags", "name", "owner",
-                 "recurse", "waiters")
+    A mutex has one owner at a time, so it is its owner's record of the hold
+    (:class:`Held`: ``lock`` is itself, ``site_at`` where it was taken), as
+    FreeBSD keeps the acquisition's file and line in the lock itself.
+    """
+
+    __slots__ = ("_dupok", "_recurse_ok", "_spin", "_witness", "cls", "dupok", "flags", "name",
+                 "owner", "recurse", "shared", "site_code", "site_lasti", "sleepable", "spin",
+                 "waiters")
 
     def __init__(self, name: str, flags: int = MTX_DEF, type: str | None = None) -> None:
         self.name = name
@@ -131,9 +147,29 @@ class Mutex:
         if bits is None:
             bits = _flag_bits(flags)
         self.flags, self._recurse_ok, self._spin, self._dupok, self._witness = bits
+        self.spin = self._spin
+        self.dupok = self._dupok
+        self.sleepable = False  #: FreeBSD's LO_SLEEPABLE: never for a mutex
+        self.shared = False
         self.owner: KThread | None = None
         self.recurse = 0
         self.waiters: deque[KThread] = deque()
+        #: Where the owner took it: the site token (see ``caller_site_raw``) in two parts.
+        self.site_code: CodeType | None = None
+        self.site_lasti = 0
+
+    @property
+    def lock(self) -> Mutex:
+        return self
+
+    @property
+    def site_at(self) -> Site:
+        return self.site_code, self.site_lasti
+
+    @property
+    def site(self) -> str:
+        """``file:line`` where the owner took it (formatted only when asked for)."""
+        return site_str((self.site_code, self.site_lasti))
 
     def __repr__(self) -> str:
         owner = self.owner.name if self.owner is not None else None
@@ -173,14 +209,23 @@ def mtx_lock(m: Mutex) -> None:
             raise _panic(t, f"recursing on non-recursive mutex {m.name} @ {caller_site()}")
         m.recurse += 1
         return
-    site = caller_site_raw()
+    # caller_site_raw() inlined for a caller outside gntdma.sched (nearly always).
+    f = _getframe(1)
+    fcode = f.f_code
+    code: CodeType | None
+    if _IN_SCHED.get(fcode.co_filename) is False:
+        code = fcode
+        lasti = f.f_lasti
+    else:
+        code, lasti = site_of(f)
     if not m._spin and t.critnest > 0:
         # sys/kern/subr_witness.c, witness_checkorder: sleep locks before spin locks.
         raise _panic(t, "acquiring blockable sleep lock with spinlock or critical "
-                        f"section held (sleep mutex) {m.name} @ {site_str(site)}")
+                        f"section held (sleep mutex) {m.name} @ {site_str((code, lasti))}")
     if m._witness and t.held:  # holding nothing, there is no order to check
-        check_order(s, t, m.cls, site, m._spin, False)
-    s.point("mtx_lock")
+        check_order_lazy(s, t, m.cls, code, lasti, m._spin, False)
+    if s.preemptive and t.critnest == 0:  # s.point("mtx_lock")
+        s.yield_("mtx_lock")
     while m.owner is not None:
         if m._spin:
             # A spin lock is never held across a scheduling point, so an owner here
@@ -192,11 +237,38 @@ def mtx_lock(m: Mutex) -> None:
         s.wait_onlock = True
         s.block(m, "mtx", 0.0)
     m.owner = t
-    t.held.append(HeldLock(m, m.cls, site, m._dupok, False, m._spin))
+    m.site_code = code
+    m.site_lasti = lasti
+    t.held.append(m)
     if _tr is not None:
         _tr.lock_acquired(t, m)
     if m._spin:
         t.critnest += 1
+
+
+def check_order_lazy(s: Scheduler, t: KThread, cls: str, code: CodeType | None, lasti: int,
+                     spin: bool, sleepable: bool) -> None:
+    """``check_order`` of a site in two parts, with nothing built when nothing is new.
+
+    The usual case: every held lock of the same kind is of another class, the
+    order from it to ``cls`` is known, and ``cls`` is not sleepable after a
+    non-sleepable lock. ``check_order`` would then record and report nothing.
+    """
+    w = s.witness
+    if not w.enabled:
+        return
+    order = w.order
+    for h in t.held:
+        if h.spin == spin:
+            hcls = h.cls
+            if (hcls == cls or (sleepable and not h.sleepable)
+                    or cls not in order.get(hcls, _NO_EDGES)):
+                check_order(s, t, cls, (code, lasti), spin, sleepable)
+                return
+
+
+#: No successors in the order graph.
+_NO_EDGES: Final[dict[str, object]] = {}
 
 
 def check_order(s: Scheduler, t: KThread, cls: str, site: Site, spin: bool,
@@ -229,7 +301,8 @@ def mtx_trylock(m: Mutex) -> int:
         return 0
     m.owner = t
     # trylock never waits, so WITNESS records no order for it (as FreeBSD).
-    t.held.append(HeldLock(m, m.cls, caller_site_raw(), m._dupok, False, m._spin))
+    m.site_code, m.site_lasti = caller_site_raw()
+    t.held.append(m)
     if _tr is not None:
         _tr.lock_acquired(t, m)
     if m._spin:
@@ -244,7 +317,8 @@ def mtx_unlock(m: Mutex) -> None:
     """
     s = current_scheduler()
     _release(s, m)
-    s.point("mtx_unlock")
+    if s.preemptive and s.curthread.critnest == 0:  # s.point("mtx_unlock")
+        s.yield_("mtx_unlock")
 
 
 def _release(s: Scheduler, m: Mutex) -> None:
@@ -257,11 +331,11 @@ def _release(s: Scheduler, m: Mutex) -> None:
         m.recurse -= 1
         return
     held = t.held
-    if held and held[-1].lock is m:  # usually the last lock taken is released first
+    if held and held[-1] is m:  # usually the last lock taken is released first
         held.pop()
     else:
         for i in range(len(held) - 2, -1, -1):
-            if held[i].lock is m:
+            if held[i] is m:  # a mutex is its own record
                 del held[i]
                 break
     m.owner = None
@@ -479,7 +553,7 @@ def sleep_check(s: Scheduler, t: KThread, wmesg: str, interlock: object | None) 
     s.witness.record_sleep(t.name, text, caller_site())
 
 
-def list_lock(h: HeldLock) -> str:
+def list_lock(h: Held) -> str:
     """One line of WITNESS's lock list (witness_list_lock), without the address."""
     lock = h.lock
     name = getattr(lock, "name", h.cls)

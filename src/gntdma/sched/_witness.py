@@ -69,9 +69,17 @@ def caller_site_raw() -> Site:
     object for the function itself, and no line number is computed here.
     """
     try:
-        f: FrameType | None = sys._getframe(2)
+        f = sys._getframe(2)
     except ValueError:
         return _NO_SITE
+    code = f.f_code
+    if _IN_SCHED.get(code.co_filename) is False:  # the caller's caller: nearly always
+        return code, f.f_lasti
+    return site_of(f)
+
+
+def site_of(f: FrameType | None) -> Site:
+    """The site token of the first frame from ``f`` outwards outside ``gntdma.sched``."""
     in_sched = _IN_SCHED
     while f is not None:
         code = f.f_code
