@@ -60,7 +60,7 @@ from gntdma.sys._busdma_impl import (
     buffer_accessors,
     buffer_pieces,
     buffer_pieces_unbounced,
-    bus_dmamap_addpieces,
+    bus_dmamap_addpages,
     bus_dmamap_addseg,
     vm_addr_bound_ok,
 )
@@ -519,7 +519,7 @@ class BounceImpl(BusDmaImpl):
         # bus_dmamem_alloc memory satisfies the tag: FreeBSD loads it with the
         # "nobounce" map, so it is never bounced.
         if not t.bounce_flags & BUS_DMA_COULD_BOUNCE or m.dmamem:  # pages looked up at once
-            added = bus_dmamap_addpieces(t, buffer_pieces(self.kern, kind, a, ma, buflen), segs)
+            added = bus_dmamap_addpages(t, buffer_pieces(self.kern, kind, a, ma, buflen), segs)
             return errno.EFBIG if added < buflen else 0
         addr_at, pieces_at = buffer_accessors(self.kern, kind, a, ma)
         pages = buffer_pieces_unbounced(self.kern, t, kind, a, ma, buflen)  # None: it may bounce
@@ -532,7 +532,7 @@ class BounceImpl(BusDmaImpl):
             if error != 0:
                 return error
         if pages is not None:  # the walk's chunks are the pages
-            return errno.EFBIG if bus_dmamap_addpieces(t, pages, segs) < buflen else 0
+            return errno.EFBIG if bus_dmamap_addpages(t, pages, segs) < buflen else 0
         off = 0
         while off < buflen:
             cur = addr_at(off)

@@ -114,6 +114,8 @@ Recipe: a grant-table implementation
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from itertools import islice, repeat
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from gntdma.sys._busdma_types import (
@@ -137,10 +139,13 @@ __all__ = [
     "buffer_accessors",
     "buffer_pieces",
     "buffer_pieces_unbounced",
+    "bus_dmamap_addpages",
     "bus_dmamap_addpieces",
     "bus_dmamap_addseg",
     "vm_addr_bound_ok",
 ]
+
+_tuple_new = tuple.__new__
 
 #: The physical address at an offset into a buffer.
 AddrAt = Callable[[int], int]
@@ -271,6 +276,37 @@ def bus_dmamap_addpieces(dmat: BusDmaTag, pieces: list[tuple[int, int]],
             ln -= sg
             done += sg
     return done
+
+
+def bus_dmamap_addpages(dmat: BusDmaTag, pieces: list[tuple[int, int]],
+                        segs: list[bus_dma_segment_t]) -> int:
+    """:func:`bus_dmamap_addpieces` of the pieces of one buffer, one per page, as
+    :func:`buffer_pieces` gives them (each piece but the first starts a page, each but
+    the last ends one); the bytes added.
+
+    With a boundary of one page and ``maxsegsz`` of at least a page, the rules cut no
+    piece (none crosses a page) and coalesce none but the first: a piece that starts a
+    page would cross the boundary line with the segment before it. The segments are
+    then the pieces, made at once, the first perhaps coalesced into ``segs[-1]``.
+    Any other tag, or too few segments left, takes :func:`bus_dmamap_addpieces`.
+    """
+    if dmat.boundary != PAGE_SIZE or dmat.maxsegsz < PAGE_SIZE or not pieces:
+        return bus_dmamap_addpieces(dmat, pieces, segs)
+    merge = False
+    if segs:
+        start, sln = segs[-1]
+        pa, ln = pieces[0]
+        merged = sln + ln
+        merge = (pa == start + sln and merged <= dmat.maxsegsz
+                 and (start ^ (start + merged - 1)) & ~PAGE_MASK == 0)
+    if len(segs) + len(pieces) - merge > dmat.segment_limit():
+        return bus_dmamap_addpieces(dmat, pieces, segs)
+    if merge:
+        segs[-1] = bus_dma_segment_t(start, merged)
+        segs.extend(map(_tuple_new, repeat(bus_dma_segment_t), islice(pieces, 1, None)))
+    else:
+        segs.extend(map(_tuple_new, repeat(bus_dma_segment_t), pieces))
+    return sum(map(itemgetter(1), pieces))
 
 
 def vm_addr_bound_ok(pa: int, size: int, boundary: int) -> bool:

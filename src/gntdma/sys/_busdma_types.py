@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from gntdma.sched import KernelPanic
 from gntdma.sys._bio import BIO_UNMAPPED, bio, uio
@@ -124,9 +124,13 @@ BUS_SPACE_UNRESTRICTED: Final = ~0
 # -- segments, callbacks ----------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class bus_dma_segment_t:
-    """One DMA segment: bus (physical) address and length."""
+class bus_dma_segment_t(NamedTuple):
+    """One DMA segment: bus (physical) address and length.
+
+    Immutable, with the C field names. A named pair, so that the segments of a
+    buffer's (pa, len) pieces are made without a Python call per segment
+    (``tuple.__new__(bus_dma_segment_t, piece)``).
+    """
 
     ds_addr: int
     ds_len: int
