@@ -549,7 +549,7 @@ def bus_dmamap_sync(dmat: BusDmaTag, map: BusDmaMap, op: int) -> None:
     dmat.impl.map_sync(dmat, map, op)
     if dbg.enabled:
         if pre != 0:
-            dbg.own(id(map), map.desc(), _map_client_ranges(kern, map),
+            dbg.own(id(map), map.desc, _map_client_ranges(kern, map),
                     read=bool(op & BUS_DMASYNC_PREREAD), write=bool(op & BUS_DMASYNC_PREWRITE))
         if post != 0:
             dbg.release(id(map), read=bool(op & BUS_DMASYNC_POSTREAD),

@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from enum import Enum
+from itertools import repeat
 from types import FrameType
 from typing import Final, final
 
@@ -94,15 +95,40 @@ class BusDmaCounters:
     total_bounced: int = 0
 
 
-@dataclass(slots=True)
 class _Own:
-    key: int
-    desc: str
-    ranges: list[tuple[int, int]]  # [start, end) physical
-    read: bool = False
-    write: bool = False
-    reported: bool = False
-    pfns: set[int] = field(default_factory=set)
+    """The device's ownership of one map's client buffer."""
+
+    __slots__ = ("desc", "key", "pfns", "ranges", "read", "reported", "write")
+
+    def __init__(self, key: int, desc: str | Callable[[], str], ranges: list[tuple[int, int]],
+                 pfns: list[int]) -> None:
+        self.key = key
+        #: The map's description, or the function that gives it (called for a report).
+        self.desc = desc
+        self.ranges = ranges  # [start, end) physical
+        self.read = False
+        self.write = False
+        self.reported = False
+        #: The pages of ``ranges``, each once.
+        self.pfns = pfns
+
+
+#: Up to this many pages, a map's pages are indexed one by one (cheaper than at once).
+_FEW: Final = 8
+
+
+def _pfns(ranges: list[tuple[int, int]]) -> list[int]:
+    """The pages of ``[start, end)`` ranges, each once, in order."""
+    if len(ranges) == 1:
+        start, end = ranges[0]
+        first, last = start >> PAGE_SHIFT, (end - 1) >> PAGE_SHIFT
+        return [first] if first == last else list(range(first, last + 1))
+    firsts = [start >> PAGE_SHIFT for start, _ in ranges]
+    if firsts == [(end - 1) >> PAGE_SHIFT for _, end in ranges]:  # each within a page
+        return list(dict.fromkeys(firsts))
+    return list(dict.fromkeys(pfn for start, end in ranges
+                              for pfn in range(start >> PAGE_SHIFT,
+                                               ((end - 1) >> PAGE_SHIFT) + 1)))
 
 
 @final
@@ -115,7 +141,8 @@ class DmaDebug:
         self.enabled = enabled
         self._reports: list[DmaDebugReport] = []
         self._owners: dict[int, _Own] = {}
-        self._by_pfn: dict[int, set[int]] = {}
+        #: The maps (keys) owning each page, in the order they came.
+        self._by_pfn: dict[int, tuple[int, ...]] = {}
 
     # -- reports -------------------------------------------------------------------
 
@@ -142,18 +169,28 @@ class DmaDebug:
 
     # -- device ownership of buffers --------------------------------------------------
 
-    def own(self, key: int, desc: str, ranges: Sequence[tuple[int, int]],
+    def own(self, key: int, desc: str | Callable[[], str], ranges: Sequence[tuple[int, int]],
             read: bool, write: bool) -> None:
-        """The device owns ``ranges`` ((pa, len) pairs) of map ``key`` after a PRE sync."""
+        """The device owns ``ranges`` ((pa, len) pairs) of map ``key`` after a PRE sync.
+
+        ``desc`` names the map in reports: a string, or a function giving it, called
+        only for a report."""
         if not self.enabled:
             return
         rec = self._owners.get(key)
         if rec is None:
-            rec = _Own(key, desc, [(pa, pa + ln) for pa, ln in ranges if ln > 0])
-            for start, end in rec.ranges:
-                for pfn in range(start >> PAGE_SHIFT, ((end - 1) >> PAGE_SHIFT) + 1):
-                    rec.pfns.add(pfn)
-                    self._by_pfn.setdefault(pfn, set()).add(key)
+            if len(ranges) == 1:  # one piece (an I/O within a page)
+                pa, ln = ranges[0]
+                spans = [(pa, pa + ln)] if ln > 0 else []
+            else:
+                spans = [(pa, pa + ln) for pa, ln in ranges if ln > 0]
+            rec = _Own(key, desc, spans, _pfns(spans))
+            by_pfn = self._by_pfn
+            if len(rec.pfns) > _FEW and by_pfn.keys().isdisjoint(rec.pfns):  # none shared
+                by_pfn.update(zip(rec.pfns, repeat((key,))))
+            else:
+                for pfn in rec.pfns:
+                    by_pfn[pfn] = (*by_pfn.get(pfn, ()), key)
             self._owners[key] = rec
         rec.read = rec.read or read
         rec.write = rec.write or write
@@ -175,12 +212,20 @@ class DmaDebug:
         rec = self._owners.pop(key, None)
         if rec is None:
             return
-        for pfn in rec.pfns:
-            keys = self._by_pfn.get(pfn)
-            if keys is not None:
-                keys.discard(key)
-                if not keys:
-                    del self._by_pfn[pfn]
+        by_pfn = self._by_pfn
+        alone = (key,)
+        if len(rec.pfns) <= _FEW:
+            for pfn in rec.pfns:
+                ks = by_pfn.pop(pfn, alone)
+                if ks != alone:
+                    by_pfn[pfn] = tuple(k for k in ks if k != key)
+            return
+        keys = list(map(by_pfn.pop, rec.pfns, repeat(alone)))
+        if keys.count(alone) == len(keys):  # no page shared with another map
+            return
+        for pfn, ks in zip(rec.pfns, keys, strict=True):
+            if ks != alone:
+                by_pfn[pfn] = tuple(k for k in ks if k != key)
 
     @property
     def watching(self) -> bool:
@@ -199,17 +244,18 @@ class DmaDebug:
             keys = self._by_pfn.get(pfn)
             if not keys:
                 continue
-            for key in list(keys):
+            for key in keys:
                 rec = self._owners[key]
                 if rec.reported or not (rec.read or (rec.write and write)):
                     continue
                 if any(s < end and pa < e for s, e in rec.ranges):
                     rec.reported = True
+                    desc = rec.desc if isinstance(rec.desc, str) else rec.desc()
                     what = "write to" if write else "read of"
                     owner = "PREREAD" if rec.read else "PREWRITE"
                     self.report(
                         DmaDebugKind.CPU_ACCESS_DEVICE_OWNED,
                         f"CPU {what} va {va:#x} (pa {pa:#x}, {n} bytes) owned by the device "
-                        f"after {owner} sync without the POST sync: {rec.desc}",
-                        map=rec.desc,
+                        f"after {owner} sync without the POST sync: {desc}",
+                        map=desc,
                     )
