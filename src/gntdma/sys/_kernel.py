@@ -57,6 +57,7 @@ from gntdma.sys._malloc import (
     TypeCounters,
 )
 from gntdma.sys._param import KVA_BASE, PAGE_MASK, PAGE_SHIFT, PAGE_SIZE
+from gntdma.sys._physcopy import phys_copy as _phys_copy
 from gntdma.sys._taskqueue import TaskQueue
 from gntdma.sys._tunables import KernelTunables, junk_item
 from gntdma.sys._uma import SlabAllocator
@@ -330,6 +331,9 @@ class Kernel:
             self._phys_page(pa >> PAGE_SHIFT)[off : off + ln] = mv[pos : pos + ln]
             pa += ln
             pos += ln
+
+    #: ``phys_write(dst[i], phys_read(src[i], lens[i]))`` for each i, in one call.
+    phys_copy = _phys_copy
 
     def _phys_page(self, pfn: int) -> memoryview:
         if not self.vm.exists(pfn):

@@ -27,12 +27,23 @@ never granted, so the backend can only ever write the pool.
 
 The references and grants belong to :mod:`gntdma.xen.busdma`; this module
 keeps the pages and does the copies.
+
+A chunk never crosses a page of the caller's buffer, so each pool page stands
+for one physical piece of it: a load records, per segment, the pool address,
+the caller's address and the length, and a sync copies all of them in one
+``Kernel.phys_copy``. Under a tag whose boundary and ``maxsegsz`` are both
+``PAGE_SIZE`` (the root Xen tag's, which its children inherit unless they
+tighten them) the chunks are exactly the buffer's page pieces, looked up in one
+call, and no two segments can merge (two pool pages are never one boundary
+window), so the segments are built in one pass; any other tag takes the chunk
+walk of the bounce layer, one ``bus_dmamap_addseg`` per chunk. Both give the
+same segments, pages and errors.
 """
 
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Final, final
 
 from gntdma.sched import KernelPanic
@@ -44,11 +55,11 @@ from gntdma.sys import (
     PAGE_MASK,
     PAGE_SHIFT,
     PAGE_SIZE,
-    BouncePage,
     BusDmaTag,
     Kernel,
     bus_dma_segment_t,
     bus_dmamap_addseg,
+    ma_pieces,
     vm_addr_bound_ok,
 )
 from gntdma.xen.gnttab import GntTab
@@ -60,53 +71,46 @@ Pieces = list[tuple[int, int]]
 _KINDS: Final = ("vaddr", "phys", "ma")
 
 
-def _accessors(kern: Kernel, kind: str, a: int, ma: Sequence[int]
-               ) -> tuple[Callable[[int], int], Callable[[int, int], Pieces]]:
-    """The physical address at an offset of one buffer, and the pieces of a range of it."""
-    if kind == "phys":
-        return (lambda off: a + off), (lambda off, n: [(a + off, n)])
-
-    def addr(off: int) -> int:
-        if kind == "vaddr":
-            return kern.pmap_kextract(a + off)
-        o = a + off
-        return (ma[o >> PAGE_SHIFT] << PAGE_SHIFT) | (o & PAGE_MASK)
-
-    def pieces(off: int, n: int) -> Pieces:
-        out: Pieces = []
-        while n > 0:
-            ln = min(n, PAGE_SIZE - ((a + off) & PAGE_MASK))
-            out.append((addr(off), ln))
-            off += ln
-            n -= ln
-        return out
-
-    return addr, pieces
+def _phys_pieces(pa: int, n: int) -> Pieces:
+    """The page pieces of ``[pa, pa+n)``."""
+    if n <= 0:
+        return []
+    first = min(n, PAGE_SIZE - (pa & PAGE_MASK))
+    return [(pa, first)] + [(a, min(PAGE_SIZE, pa + n - a))
+                            for a in range(pa + first, pa + n, PAGE_SIZE)]
 
 
 @final
 class PersistentPool:
     """The pages of one persistent map and what the current load put on them."""
 
-    __slots__ = ("active", "kern", "pages")
+    __slots__ = ("bufs", "dsts", "kern", "lens", "pages")
 
     def __init__(self, kern: Kernel) -> None:
         self.kern = kern
         #: (va, pa) of each pool page, in order; page i serves segment i of every load.
         self.pages: list[tuple[int, int]] = []
-        #: The current load's pages, one per segment (pieces of the caller's buffer).
-        self.active: list[BouncePage] = []
+        #: The current load, one entry per segment: the pool address its data goes to,
+        #: the physical address of the caller's piece it stands for, and the length.
+        self.dsts: list[int] = []
+        self.bufs: list[int] = []
+        self.lens: list[int] = []
 
     def __len__(self) -> int:
         return len(self.pages)
+
+    @property
+    def nactive(self) -> int:
+        """Pool pages the current load uses (one per segment)."""
+        return len(self.dsts)
 
     def grant(self, gt: GntTab, refs: list[int], granted: int, domid: int,
               nsegs: int) -> int:
         """Grant the pages of a load of ``nsegs`` segments that were never granted
         (``refs[i]`` grants page i; the first ``granted`` are granted already),
         writable: a persistent grant serves both directions. Returns the new count."""
-        if len(self.active) != nsegs:
-            raise KernelPanic(f"busdma_xen: {nsegs} segments on {len(self.active)} "
+        if len(self.dsts) != nsegs:
+            raise KernelPanic(f"busdma_xen: {nsegs} segments on {len(self.dsts)} "
                               f"persistent pages")
         for i in range(granted, nsegs):
             gt.gnttab_grant_foreign_access_ref(refs[i], domid, self.pages[i][1] >> PAGE_SHIFT,
@@ -114,7 +118,8 @@ class PersistentPool:
         return max(granted, nsegs)
 
     def _page(self, t: BusDmaTag, i: int) -> bool:
-        """Whether pool page ``i`` exists, added now if needed (False: no memory)."""
+        """Whether pool pages up to ``i`` exist, added now if needed (False: no memory
+        for one; those added before it stay)."""
         while len(self.pages) <= i:
             va = self.kern.contigmalloc(PAGE_SIZE, M_BUSDMA_XEN, M_NOWAIT, 0, t.lowaddr,
                                         PAGE_SIZE, 0)
@@ -133,54 +138,101 @@ class PersistentPool:
         assert kind in _KINDS
         if buflen < 0:
             return errno.EINVAL
-        addr_at, pieces_at = _accessors(self.kern, kind, a, ma)
+        if t.boundary == PAGE_SIZE and t.maxsegsz == PAGE_SIZE:
+            return self._load_pages(t, kind, a, ma, buflen, segs)
+        return self._load_chunks(t, kind, a, ma, buflen, segs)
+
+    def _load_pages(self, t: BusDmaTag, kind: str, a: int, ma: Sequence[int], buflen: int,
+                    segs: list[bus_dma_segment_t]) -> int:
+        """:meth:`load` under a tag whose chunks are the buffer's page pieces.
+
+        What the chunk walk does, in one pass: the walk stops at the first chunk with
+        no segment left (after adding its page), so only the pieces up to that one
+        are looked up and given pages.
+        """
+        if buflen == 0:
+            return 0
+        room = t.segment_limit() - len(segs)
+        span = min(buflen, PAGE_SIZE - (a & PAGE_MASK) + room * PAGE_SIZE)
+        if kind == "vaddr":
+            pieces = self.kern.pmap_kextract_pieces(a, span)
+        elif kind == "phys":
+            pieces = _phys_pieces(a, span)
+        else:
+            pieces = ma_pieces(ma, a, span)
+        base = len(self.dsts)
+        error = 0
+        if not self._page(t, base + len(pieces) - 1):
+            error = errno.ENOMEM
+            pieces = pieces[: len(self.pages) - base]
+        elif len(pieces) > room:
+            error = errno.EFBIG
+            pieces = pieces[:room]
+        al = t.alignment - 1
+        # A piece sits on its pool page at its own offset when the tag's alignment
+        # allows it, else at 0 (the page starts on the alignment; the piece fits).
+        pool = self.pages[base : base + len(pieces)]
+        dsts = [pa + (o if (o := b & PAGE_MASK) & al == 0 else 0)
+                for (_va, pa), (b, _n) in zip(pool, pieces, strict=True)]
+        lens = [n for _b, n in pieces]
+        segs.extend([bus_dma_segment_t(d, n) for d, n in zip(dsts, lens, strict=True)])
+        self.dsts.extend(dsts)
+        self.bufs.extend([b for b, _n in pieces])
+        self.lens.extend(lens)
+        return error
+
+    def _load_chunks(self, t: BusDmaTag, kind: str, a: int, ma: Sequence[int], buflen: int,
+                     segs: list[bus_dma_segment_t]) -> int:
+        """:meth:`load` by the bounce layer's chunk walk (a chunk ends at a page end, at
+        ``maxsegsz`` and at a boundary line), one ``bus_dmamap_addseg`` each."""
+        kern = self.kern
         off = 0
         while off < buflen:
-            cur = addr_at(off)
+            if kind == "vaddr":
+                cur = kern.pmap_kextract(a + off)
+            elif kind == "phys":
+                cur = a + off
+            else:
+                o = a + off
+                cur = (ma[o >> PAGE_SHIFT] << PAGE_SHIFT) | (o & PAGE_MASK)
             sg = min(PAGE_SIZE - (cur & PAGE_MASK), buflen - off, t.maxsegsz)
             b = t.boundary
             if b != 0 and not vm_addr_bound_ok(cur, sg, b):
                 sg = ((cur + b) & ~(b - 1)) - cur
-            i = len(self.active)
+            i = len(self.dsts)
             if not self._page(t, i):
                 return errno.ENOMEM
-            va, page = self.pages[i]
+            page = self.pages[i][1]
             pgoff = cur & PAGE_MASK
             if pgoff & (t.alignment - 1) != 0:
                 pgoff = 0  # the page starts on the tag's alignment; the chunk fits from 0
             n = bus_dmamap_addseg(t, page + pgoff, sg, segs)
             if n == 0:
                 break
-            self.active.append(BouncePage(va, page, pgoff, n, pieces_at(off, n)))
+            # Within one page of the caller's buffer: one physical piece.
+            self.dsts.append(page + pgoff)
+            self.bufs.append(cur)
+            self.lens.append(n)
             off += n
         return errno.EFBIG if off < buflen else 0
 
     def sync(self, op: int) -> None:
         """PREWRITE: caller's buffer -> pool pages; POSTREAD: pool pages -> caller's buffer."""
-        kern = self.kern
         if op & BUS_DMASYNC_PREWRITE:
-            for bp in self.active:
-                if len(bp.src) == 1:
-                    kern.phys_write(bp.busaddr + bp.offset, kern.phys_read(*bp.src[0]))
-                else:
-                    kern.phys_write(bp.busaddr + bp.offset,
-                                    b"".join(kern.phys_read(pa, n) for pa, n in bp.src))
+            self.kern.phys_copy(self.dsts, self.bufs, self.lens)
         if op & BUS_DMASYNC_POSTREAD:
-            for bp in self.active:
-                data = kern.phys_read(bp.busaddr + bp.offset, bp.datacount)
-                pos = 0
-                for pa, n in bp.src:
-                    kern.phys_write(pa, data[pos : pos + n])
-                    pos += n
+            self.kern.phys_copy(self.bufs, self.dsts, self.lens)
 
     def unload(self) -> None:
         """The load is over: the pages stay with the map, granted."""
-        self.active.clear()
+        self.dsts.clear()
+        self.bufs.clear()
+        self.lens.clear()
 
     def free(self) -> None:
         """Give the pages back (map destroy, after the grants were ended). A page the
         backend still maps is wired: the page allocator keeps it until it is let go."""
-        self.active.clear()
+        self.unload()
         for va, _pa in self.pages:
             self.kern.contigfree(va, PAGE_SIZE, M_BUSDMA_XEN)
         self.pages.clear()
