@@ -93,7 +93,7 @@ from gntdma.sys import (
     memdesc_length,
 )
 from gntdma.xen.busdma_persist import PersistentPool
-from gntdma.xen.gnttab import GNTTAB_LIST_END, GntTab, GnttabFreeCallback, GrantRefHead
+from gntdma.xen.gnttab import GntTab, GnttabFreeCallback
 
 __all__ = [
     "BUSDMA_XEN_TAG_INIT",
@@ -383,10 +383,10 @@ class XenDmaImpl(BounceImpl):
         need = nsegs - len(m.refs)
         if need <= 0:
             return 0
-        error, head = self.gnttab.gnttab_alloc_grant_references(need)
+        error, refs = self.gnttab.gnttab_alloc_grant_reference_list(need)
         if error != 0:
             return error
-        m.refs.extend(self.gnttab.gnttab_claim_grant_reference(head) for _ in range(need))
+        m.refs.extend(refs)
         if m.pool is not None:  # kept for the map's life
             m.held += need
             self.gnttab.gnttab_hold_for_life(need)
@@ -533,10 +533,7 @@ class XenDmaImpl(BounceImpl):
             for ref in refs:
                 gt.gnttab_free_grant_reference(ref)
             return
-        head = GrantRefHead(GNTTAB_LIST_END)
-        for ref in refs:
-            gt.gnttab_release_grant_reference(head, ref)
-        gt.gnttab_free_grant_references(head.head)
+        gt.gnttab_free_grant_reference_list(refs)
 
     def _release_refs(self, m: XenDmaMap) -> None:
         self._cancel_topup(m)

@@ -74,12 +74,17 @@ from gntdma.sched import (
     mtx_lock,
     mtx_unlock,
 )
+from gntdma.xen.gnttab_callbacks import GntTabFreeCallbacks
 from gntdma.xen.gnttab_types import (
     GNTTAB_LIST_END,
     GnttabFreeCallback,
     GntTabStatistics,
     GrantEntries,
     GrantRefHead,
+    any_set,
+    chain_link,
+    chain_refs,
+    set_each,
 )
 from gntdma.xen.hypercall import Hypercalls
 
@@ -107,7 +112,7 @@ _PINNED: Final = int(GTF_reading | GTF_writing)
 
 
 @final
-class GntTab:
+class GntTab(GntTabFreeCallbacks):
     """The grant table of one guest kernel."""
 
     def __init__(
@@ -206,10 +211,10 @@ class GntTab:
         frames = -(-more // GREFS_PER_GRANT_FRAME)
         return self._grow_to(self.nr_frames + frames)
 
-    def _get_free_entries(self, count: int) -> tuple[int, int]:
-        """Detach ``count`` refs as a chain; (error, head). Lock held."""
+    def _get_free_entries(self, count: int) -> tuple[int, list[int]]:
+        """Detach ``count`` refs as a chain; (error, its refs in order). Lock held."""
         if count <= 0:
-            return errno.EINVAL, GNTTAB_LIST_END
+            return errno.EINVAL, []
         keep = self._keep_count()
         avail = self.free_count - min(keep, self.free_count)
         if avail < count:
@@ -217,24 +222,20 @@ class GntTab:
             # for: while fewer than its count are free, every free one is kept.
             error = self._expand(count + keep - self.free_count)
             if error != 0:
-                return error, GNTTAB_LIST_END
+                return error, []
             self._check_free_callbacks()
             if self.free_count - self._kept() < count:  # an inline callback took them
-                return errno.ENOSPC, GNTTAB_LIST_END
-        head = ref = self.free_head
-        is_free = self.is_free
-        is_free[ref] = 0
-        for _ in range(count - 1):
-            ref = self.next[ref]
-            is_free[ref] = 0
-        self.free_head = self.next[ref]
-        self.next[ref] = GNTTAB_LIST_END
+                return errno.ENOSPC, []
+        refs = chain_refs(self.next, self.free_head, count)
+        set_each(self.is_free, refs, 0)
+        self.free_head = self.next[refs[-1]]
+        self.next[refs[-1]] = GNTTAB_LIST_END
         self.free_count -= count
         self._note_peak()
         if self._reserved_for is None or curthread() is not self._reserve_thread:
             for cb in self.callbacks:  # each waiting callback was overtaken once more
                 cb.overtaken += 1
-        return 0, head
+        return 0, refs
 
     def _note_peak(self) -> None:
         usable = self.nr_frames * GREFS_PER_GRANT_FRAME - GNTTAB_NR_RESERVED_ENTRIES
@@ -252,12 +253,23 @@ class GntTab:
 
     def gnttab_alloc_grant_references(self, count: int) -> tuple[int, GrantRefHead]:
         """Take ``count`` refs as a private chain: (0, head), ENOSPC or EINVAL."""
+        error, refs = self._alloc(count)
+        return error, GrantRefHead(refs[0] if error == 0 else GNTTAB_LIST_END)
+
+    def gnttab_alloc_grant_reference_list(self, count: int) -> tuple[int, list[int]]:
+        """:meth:`gnttab_alloc_grant_references` and a claim of every ref, in one call:
+        (0, the refs in the order the claims give them), or (error, [])."""
+        error, refs = self._alloc(count)
+        if error == 0:
+            set_each(self.next, refs, GNTTAB_LIST_END)
+        return error, refs
+
+    def _alloc(self, count: int) -> tuple[int, list[int]]:
         mtx_lock(self.lock)
         try:
-            error, head = self._get_free_entries(count)
+            return self._get_free_entries(count)
         finally:
             mtx_unlock(self.lock)
-        return error, GrantRefHead(head)
 
     def gnttab_claim_grant_reference(self, head: GrantRefHead) -> int:
         """Pop one ref from a private chain; GNTTAB_LIST_END when it is empty."""
@@ -308,6 +320,28 @@ class GntTab:
         self.next[tail] = self.free_head
         self.free_head = head
         self.free_count += count
+        self._check_free_callbacks()
+        mtx_unlock(self.lock)
+
+    def gnttab_free_grant_reference_list(self, refs: list[int]) -> None:
+        """:meth:`gnttab_release_grant_reference` of each ref, in order, onto a new chain,
+        then :meth:`gnttab_free_grant_references` of it, in one call: the free list ends
+        as freeing the refs one by one leaves it. A ref that is invalid, repeated or free
+        takes those calls, and their reports."""
+        nxt, is_free = self.next, self.is_free
+        if (not refs or len(set(refs)) != len(refs) or min(refs) < GNTTAB_NR_RESERVED_ENTRIES
+                or max(refs) >= len(nxt) or any_set(is_free, refs)):
+            head = GrantRefHead()
+            for ref in refs:
+                self.gnttab_release_grant_reference(head, ref)
+            self.gnttab_free_grant_references(head.head)
+            return
+        chain_link(nxt, refs)
+        mtx_lock(self.lock)
+        set_each(is_free, refs, 1)
+        nxt[refs[0]] = self.free_head
+        self.free_head = refs[-1]
+        self.free_count += len(refs)
         self._check_free_callbacks()
         mtx_unlock(self.lock)
 
@@ -446,127 +480,6 @@ class GntTab:
         if still:
             current_scheduler().call_later(0.01, self._schedule_reclaim)
 
-    # -- free callbacks -------------------------------------------------------------
-
-    def gnttab_request_free_callback(self, cb: GnttabFreeCallback,
-                                     fn: Callable[[object], None], arg: object,
-                                     count: int) -> None:
-        """Run ``fn(arg)`` once ``count`` references are free.
-
-        A callback that is already queued is left as it is (and reported). A
-        callback re-requested from its own run keeps the overtakings it waited through.
-        """
-        mtx_lock(self.lock)
-        if cb.queued:
-            self.reports.append("gnttab_request_free_callback: callback already queued")
-            mtx_unlock(self.lock)
-            return
-        cb.fn, cb.arg, cb.count, cb.queued = fn, arg, count, True
-        cb.gen += 1
-        if cb is not self._running:
-            cb.overtaken = 0
-        self.callbacks.append(cb)
-        self._check_free_callbacks()
-        mtx_unlock(self.lock)
-
-    def gnttab_cancel_free_callback(self, cb: GnttabFreeCallback) -> None:
-        """Unqueue ``cb``; a callback that is not queued is left alone. Cancelling the
-        starving callback releases the references kept for it to the other waiters."""
-        mtx_lock(self.lock)
-        starving = self._starving() is cb
-        if cb.queued:
-            self.callbacks.remove(cb)
-            cb.queued = False
-        cb.gen += 1  # a run already picked by the task is dropped too
-        cb.overtaken = 0
-        if starving:
-            self._check_free_callbacks()
-        mtx_unlock(self.lock)
-
-    def _starving(self) -> GnttabFreeCallback | None:
-        """The callback the free references are kept for, if any (lock held)."""
-        if self._reserved_for is not None:
-            return self._reserved_for
-        for cb in self.callbacks:
-            if cb.overtaken >= self.max_overtakings:
-                return cb
-        return None
-
-    def _keep_count(self) -> int:
-        """The count a starving callback waits for, unless the current thread runs it."""
-        w = self._starving()
-        if w is None or (w is self._reserved_for and curthread() is self._reserve_thread):
-            return 0
-        return w.count
-
-    def _kept(self) -> int:
-        """Free references an allocation by the current thread may not take."""
-        return min(self._keep_count(), self.free_count)
-
-    def _avail_for(self, cb: GnttabFreeCallback) -> int:
-        w = self._starving()
-        if w is None or w is cb:
-            return self.free_count
-        return self.free_count - min(w.count, self.free_count)
-
-    def _check_free_callbacks(self) -> None:
-        """Lock held. Inline: run ready callbacks now; taskqueue: queue the task."""
-        if not self.callbacks:
-            return
-        if self.delivery == "inline":
-            # FreeBSD's do_free_callbacks: each one once, against the count at that moment.
-            for cb in list(self.callbacks):
-                if cb.queued and self._avail_for(cb) >= cb.count:
-                    self.callbacks.remove(cb)
-                    cb.queued = False
-                    self._run_callback(cb)
-            return
-        if self._task_queued:
-            return
-        if any(self._avail_for(cb) >= cb.count for cb in self.callbacks):
-            self._task_queued = True
-            self._enqueue_swi(self._callback_task)
-
-    def _run_callback(self, cb: GnttabFreeCallback) -> None:
-        """Run ``cb`` (dequeued); a starving one may use the references kept for it."""
-        saved = self._reserved_for, self._reserve_thread, self._running
-        starving = cb.overtaken >= self.max_overtakings
-        if starving:
-            self._reserved_for, self._reserve_thread = cb, curthread()
-        self._running = cb
-        cb.runs += 1
-        self.callbacks_run += 1
-        fn = cb.fn
-        assert fn is not None
-        try:
-            fn(cb.arg)
-        finally:
-            self._reserved_for, self._reserve_thread, self._running = saved
-            if starving:  # what was kept for it may now serve the others
-                self._check_free_callbacks_locked()
-
-    def _check_free_callbacks_locked(self) -> None:
-        mtx_lock(self.lock)
-        self._check_free_callbacks()
-        mtx_unlock(self.lock)
-
-    def _callback_task(self) -> None:
-        """On taskqueue_swi: visit each queued callback once, as do_free_callbacks does,
-        running it (no lock held) if the free references satisfy its count now."""
-        mtx_lock(self.lock)
-        self._task_queued = False
-        visit = [(cb, cb.gen) for cb in self.callbacks]
-        mtx_unlock(self.lock)
-        for cb, gen in visit:
-            mtx_lock(self.lock)
-            ready = cb.queued and cb.gen == gen and self._avail_for(cb) >= cb.count
-            if ready:
-                self.callbacks.remove(cb)
-                cb.queued = False
-            mtx_unlock(self.lock)
-            if ready:
-                self._run_callback(cb)
-
     # -- inspection -------------------------------------------------------------------
 
     def entry(self, ref: int) -> tuple[int, int, int]:
@@ -576,19 +489,10 @@ class GntTab:
     def statistics(self) -> GntTabStatistics:
         usable = self.nr_frames * GREFS_PER_GRANT_FRAME - GNTTAB_NR_RESERVED_ENTRIES
         return GntTabStatistics(
-            self.nr_frames,
-            self.max_frames,
-            self.free_count,
-            usable - self.free_count,
-            self._entries.granted,
-            len(self.callbacks),
-            self.callbacks_run,
-            len(self.reclaim),
-            self.peak_allocated,
-            self._kept_for_others(),
-            self.double_frees,
-            self.held_for_life,
-        )
+            self.nr_frames, self.max_frames, self.free_count, usable - self.free_count,
+            self._entries.granted, len(self.callbacks), self.callbacks_run, len(self.reclaim),
+            self.peak_allocated, self._kept_for_others(), self.double_frees,
+            self.held_for_life)
 
     def _kept_for_others(self) -> int:
         w = self._starving()

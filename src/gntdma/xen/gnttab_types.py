@@ -6,7 +6,7 @@ Part of :mod:`gntdma.xen.gnttab` (which re-exports every name here).
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableSequence, Sequence
 from dataclasses import dataclass
 from typing import Final, final
 
@@ -30,9 +30,47 @@ __all__ = [
     "GnttabFreeCallback",
     "GrantEntries",
     "GrantRefHead",
+    "any_set",
+    "chain_link",
+    "chain_refs",
+    "set_each",
 ]
 
 GNTTAB_LIST_END: Final[int] = GRANT_REF_INVALID
+
+
+def chain_refs(nxt: Sequence[int], head: int, count: int) -> list[int]:
+    """The first ``count`` refs of the chain at ``head`` threaded through ``nxt``, in order."""
+    refs = [head]
+    append = refs.append
+    ref = head
+    for _ in range(count - 1):
+        ref = nxt[ref]
+        append(ref)
+    return refs
+
+
+def chain_link(nxt: MutableSequence[int], refs: Sequence[int]) -> None:
+    """Thread ``refs`` as releasing each in order onto an empty chain does: ``refs[-1]``
+    first, each ref's next the one before it, ``refs[0]`` last (``GNTTAB_LIST_END``)."""
+    prev = GNTTAB_LIST_END
+    for ref in refs:
+        nxt[ref] = prev
+        prev = ref
+
+
+def set_each(seq: MutableSequence[int], indices: Sequence[int], value: int) -> None:
+    """``seq[i] = value`` for each of ``indices``, in order."""
+    for i in indices:
+        seq[i] = value
+
+
+def any_set(seq: Sequence[int], indices: Sequence[int]) -> bool:
+    """Whether ``seq[i]`` is not 0 for one of ``indices``."""
+    for i in indices:
+        if seq[i] != 0:
+            return True
+    return False
 
 
 @final

@@ -1,0 +1,91 @@
+"""Allocating and freeing the references of a whole load at once.
+
+FreeBSD's ``sys/xen/gnttab.c`` takes references with ``gnttab_alloc_grant_references``
+(a private chain cut from the head of the free list, ``get_free_entries``) and one
+``gnttab_claim_grant_reference`` per reference; busdma_xen gives them back with
+``gnttab_release_grant_reference`` of each onto a chain and one
+``gnttab_free_grant_references`` (``put_free_entry`` of the chain, the free
+callbacks checked once). ``GntTab.gnttab_alloc_grant_reference_list`` and
+``gnttab_free_grant_reference_list`` do each in one call, and must leave the
+table, the free list order and the reports exactly as those calls do, misuse
+included (an invalid, repeated or already free reference).
+"""
+
+from __future__ import annotations
+
+import random
+
+from gntdma.toolstack.host import Host
+from gntdma.xen.gnttab import GntTab, GrantRefHead
+
+
+def _state(gt: GntTab) -> tuple[object, ...]:
+    return (list(gt.next), bytes(gt.is_free), gt.free_head, gt.free_count, gt.double_frees,
+            list(gt.reports), gt.peak_allocated, gt.nr_frames)
+
+
+def _alloc_one_by_one(gt: GntTab, n: int) -> tuple[int, list[int]]:
+    error, head = gt.gnttab_alloc_grant_references(n)
+    if error != 0:
+        return error, []
+    return 0, [gt.gnttab_claim_grant_reference(head) for _ in range(n)]
+
+
+def _free_one_by_one(gt: GntTab, refs: list[int]) -> None:
+    head = GrantRefHead()
+    for ref in refs:
+        gt.gnttab_release_grant_reference(head, ref)
+    gt.gnttab_free_grant_references(head.head)
+
+
+def test_reference_lists_leave_the_table_as_alloc_claim_release_and_free_leave_it(
+        host: Host) -> None:
+    rng = random.Random(14)
+    one = host.create_guest("one", max_grant_frames=3).gnttab
+    many = host.create_guest("many", max_grant_frames=3).gnttab
+    held: list[list[int]] = []
+    leaked: list[int] = []
+    misuse = 0
+    for step in range(1500):
+        if held and rng.random() < 0.45:
+            refs = held.pop(rng.randrange(len(held)))
+            bad = rng.random()
+            if bad < 0.05:
+                leaked.extend(refs)  # the chain loops: a double free, nothing freed
+                refs = [*refs, refs[0]]  # repeated
+            elif bad < 0.1:
+                refs = [*refs, rng.choice([3, 1 << 20])]  # reserved, past the end
+            misuse += bad < 0.1
+            _free_one_by_one(one, refs)
+            many.gnttab_free_grant_reference_list(refs)
+        else:
+            n = rng.choice([1, 2, 11, 256, rng.randint(0, 600)])
+            want = _alloc_one_by_one(one, n)
+            got = many.gnttab_alloc_grant_reference_list(n)
+            assert got == want, step
+            if want[0] == 0:
+                held.append(want[1])
+        assert _state(many) == _state(one), step
+    many.gnttab_free_grant_reference_list([])
+    _free_one_by_one(one, [])
+    assert _state(many) == _state(one)
+    assert misuse > 20 and one.double_frees > 0 and one.reports
+    # A ref already free among them: the same double-free report, nothing freed (the
+    # release of the free ref rewrites its link on the free list in both: put back).
+    refs = held.pop()
+    _free_one_by_one(one, refs[-1:])
+    many.gnttab_free_grant_reference_list(refs[-1:])
+    link = one.next[refs[-1]]
+    _free_one_by_one(one, refs)
+    many.gnttab_free_grant_reference_list(refs)
+    assert _state(many) == _state(one)
+    assert one.reports[-1].startswith("gnttab_free_grant_references: double free")
+    leaked.extend(refs[:-1])
+    for gt in (one, many):
+        gt.next[refs[-1]] = link
+        for ref in leaked:
+            gt.gnttab_free_grant_reference(ref)
+    for refs in held:
+        _free_one_by_one(one, refs)
+        many.gnttab_free_grant_reference_list(refs)
+    assert _state(many) == _state(one)
