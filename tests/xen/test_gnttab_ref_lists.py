@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
+from gntdma.abi.grant_table import GTF_permit_access
+from gntdma.sched import RandomStrategy, current_scheduler
 from gntdma.toolstack.host import Host
 from gntdma.xen.gnttab import GntTab, GrantRefHead
 
@@ -89,3 +93,35 @@ def test_reference_lists_leave_the_table_as_alloc_claim_release_and_free_leave_i
         _free_one_by_one(one, refs)
         many.gnttab_free_grant_reference_list(refs)
     assert _state(many) == _state(one)
+
+
+def test_granting_many_refs_is_a_scheduling_point_at_each_barrier_under_preemption(
+        host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``gnttab_grant_foreign_access_ref`` has its ``wmb()`` between the frame and the
+    flags of each entry (FreeBSD ``sys/xen/gnttab.c``): under a preemptive strategy
+    another domain may run there, for every entry of a load."""
+    g = host.create_guest("g")
+    gt = g.gnttab
+    error, refs = gt.gnttab_alloc_grant_reference_list(6)
+    assert error == 0
+    sched = current_scheduler()
+    points: list[tuple[str, bool]] = []
+    real = sched.point
+
+    def point(name: str) -> None:
+        points.append((name, sched.strategy.preemptive))
+        real(name)
+
+    monkeypatch.setattr(sched, "point", point)
+    saved = sched.strategy
+    for strategy, barriers in ((saved, 0), (RandomStrategy(7), 6)):
+        sched.strategy = strategy
+        try:
+            points.clear()
+            gt.gnttab_grant_foreign_access_refs(refs, 0, list(range(300, 306)), False)
+        finally:
+            sched.strategy = saved
+        assert [p for p in points if p == ("wmb", True)] == [("wmb", True)] * barriers
+        assert [gt.entry(r) for r in refs] == [(GTF_permit_access, 0, 300 + i) for i in range(6)]
+        assert gt.gnttab_end_foreign_access_refs(refs) == []
+    gt.gnttab_free_grant_reference_list(refs)

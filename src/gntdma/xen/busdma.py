@@ -443,8 +443,8 @@ class XenDmaImpl(BounceImpl):
         if m.pool is not None:  # only pages never granted before (writable)
             m.granted = m.pool.grant(self.gnttab, m.refs, m.granted, domid, len(segs))
             return segs
-        frames = [s.ds_addr >> PAGE_SHIFT for s in segs]
-        assert all((s.ds_addr & (PAGE_SIZE - 1)) + s.ds_len <= PAGE_SIZE for s in segs)
+        frames = [addr >> PAGE_SHIFT for addr, _ in segs]
+        assert all((addr & (PAGE_SIZE - 1)) + n <= PAGE_SIZE for addr, n in segs)
         self.gnttab.gnttab_grant_foreign_access_refs(m.refs[: len(segs)], domid, frames,
                                                      m.readonly)
         m.granted = len(segs)
