@@ -22,9 +22,7 @@ from gntdma.abi.grant_table import (
     GTF_writing,
     grant_entry_v1_slot,
 )
-from gntdma.sched import current_scheduler, wmb
-
-_sched_wmb: Final = wmb
+from gntdma.sched import wmb
 
 __all__ = [
     "GNTTAB_LIST_END",
@@ -184,14 +182,8 @@ class GrantEntries:
 
     def grant_many(self, refs: Sequence[int], domid: int, frames: Sequence[int],
                    flags: int) -> None:
-        """:meth:`grant` of each ref to its frame, in order (a write barrier in each).
-
-        The barrier is a scheduling point only under a strategy that preempts: under
-        one that does not, it is not called, unless it is not the scheduler's (a test
-        watching the order of the writes replaces it)."""
+        """:meth:`grant` of each ref to its frame, in order (a write barrier in each)."""
         u16s, u32s = self._u16, self._u32
-        barrier = (None if wmb is _sched_wmb and not current_scheduler().strategy.preemptive
-                   else wmb)
         for ref, frame in zip(refs, frames, strict=True):
             f = ref >> _REF_SHIFT
             i = ref & _REF_MASK
@@ -199,8 +191,7 @@ class GrantEntries:
             at = i * _U16_PER_ENTRY
             u16[at + _DOMID_AT] = domid
             u32s[f][i * _U32_PER_ENTRY + _FRAME_AT] = frame
-            if barrier is not None:
-                barrier()
+            wmb()
             if u16[at + _FLAGS_AT] & _TYPE_MASK == 0:
                 self.granted += 1
             u16[at + _FLAGS_AT] = flags
