@@ -45,6 +45,9 @@ def phys_copy(kern: Kernel, dst: Sequence[int], src: Sequence[int],
         return
     page = kern.physmem.page
     for d, s, n in zip(dst, src, lens, strict=True):
+        if n == PAGE_SIZE and (d | s) & PAGE_MASK == 0:  # whole pages: no slices
+            page(d >> PAGE_SHIFT)[:] = page(s >> PAGE_SHIFT)
+            continue
         do = d & PAGE_MASK
         so = s & PAGE_MASK
         if do + n <= PAGE_SIZE and so + n <= PAGE_SIZE and n >= 0:
