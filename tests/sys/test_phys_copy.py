@@ -14,9 +14,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import HIGH_PAGES, HIGH_PFN, LOW_PAGES, make_kernel
 from gntdma.sched import KernelPanic, Scheduler, VirtualClock
-from gntdma.sys import PAGE_SIZE, Kernel
+from gntdma.sys import PAGE_SIZE, BytePhysMem, Kernel
+
+#: 2 MiB below 4 GiB and 2 MiB above, with a hole between.
+LOW_PAGES = 512
+HIGH_PAGES = 512
+HIGH_PFN = 0x100000
+
+
+def make_kernel(seed: int = 1) -> Kernel:
+    return Kernel("guest", BytePhysMem([(0, LOW_PAGES), (HIGH_PFN, HIGH_PAGES)]), seed)
 
 #: pfns the tests copy between: the low range and the high range.
 _PFNS = st.one_of(st.integers(0, LOW_PAGES - 2), st.integers(HIGH_PFN, HIGH_PFN + HIGH_PAGES - 2))
