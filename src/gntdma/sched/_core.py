@@ -34,7 +34,6 @@ scheduling point preempts it, and blocking panics, as on FreeBSD.
 
 from __future__ import annotations
 
-import errno
 import heapq
 import itertools
 import threading
@@ -45,21 +44,9 @@ from typing import Any, TypeVar, final
 
 import greenlet
 
-from gntdma.sched import rules as _rules
-from gntdma.sched._deadlock import (
-    cycle_report,
-    global_report,
-    hung_deadline,
-    hung_report,
-    lock_cycle,
-)
-from gntdma.sched._errors import (
-    Deadlock,
-    DeadlockReport,
-    HungTask,
-    KernelPanic,
-    StepLimitExceeded,
-)
+from gntdma.sched._deadlock import cycle_report, lock_cycle
+from gntdma.sched._errors import DeadlockReport, KernelPanic
+from gntdma.sched._hub import Hub
 from gntdma.sched._kthread import (
     Clock,
     FifoStrategy,
@@ -95,10 +82,8 @@ __all__ = [
 
 T = TypeVar("T")
 
-# The states the hub tests at every step, bound once (a global, not a class lookup).
+# A state yield_ tests at every point, bound once (a global, not a class lookup).
 _RUNNABLE = ThreadState.RUNNABLE
-_RUNNING = ThreadState.RUNNING
-_DONE = ThreadState.DONE
 
 
 _current: Scheduler | None = None
@@ -133,7 +118,7 @@ def blocking_io(fn: Callable[..., T], *args: Any) -> T:
 
 
 @final
-class Scheduler:
+class Scheduler(Hub):
     """Runs kernel threads one at a time under a strategy and a clock."""
 
     def __init__(
@@ -192,6 +177,13 @@ class Scheduler:
         self.wait_idle = False
         self._last: KThread | None = None
         self._last_point = "switch"
+        #: While the hub waits in ``_run_one`` for the thread it switched to: a thread
+        #: that yields or blocks then takes the hub's next step itself (``_step``)
+        #: and switches to the thread chosen, or goes on if that is itself.
+        self._parked = False
+        self._until: Callable[[], bool] | None = None
+        #: An exception of the strategy's pick in such a step, raised by the hub.
+        self._pick_exc: BaseException | None = None
         self.failures: list[tuple[KThread, BaseException]] = []
         #: Called with (thread, exception) when a thread dies of an exception;
         #: returns True if it handled it (a domain crash), False to stop run().
@@ -259,10 +251,10 @@ class Scheduler:
             except BaseException as exc:  # recorded for the hub
                 t.exc = exc
             finally:
+                # curthread stays t: the hub (or kill) learns from it who ended.
                 self._release_on_exit(t)
                 t.state = ThreadState.DONE
                 self._table.forget(t)
-                self.curthread = self.thread0
 
         t._glet = greenlet.greenlet(body)
         self._table.add(t)
@@ -323,22 +315,6 @@ class Scheduler:
         self._switch_out()
         return t.wake_result
 
-    def wake(self, t: KThread, result: int = 0) -> None:
-        """Make a blocked thread runnable. Never a scheduling point."""
-        if t.state is not ThreadState.BLOCKED:
-            return
-        if t.timer is not None:
-            t.timer.cancelled = True
-            t.timer = None
-        t.state = ThreadState.RUNNABLE
-        t.wchan = None
-        t.lockwait = False
-        t.wait_counted = False
-        self._table.counted.pop(t.tid, None)
-        t.wake_result = result
-        if t is not self.thread0:
-            self._runq.append(t)
-
     def yield_(self, point: str = "yield") -> None:
         """Let other runnable threads run before the current one continues."""
         t = self.curthread
@@ -359,7 +335,14 @@ class Scheduler:
         self._runq.append(t)
         self._last = t
         self._last_point = point
-        # _switch_out for a kernel thread (t is not thread0 here): back to the hub.
+        # _switch_out for a kernel thread (t is not thread0 here).
+        if self._parked:
+            nxt = self._step()
+            if nxt is t:
+                return
+            if nxt is not None:
+                self._switch_to(nxt)
+                return
         hub = self._hub
         assert hub is not None
         hub.switch()
@@ -389,6 +372,11 @@ class Scheduler:
                 self._table.counted.pop(t.tid, None)
                 t.state = ThreadState.RUNNING
             return
+        if self._parked:
+            nxt = self._step()
+            if nxt is not None:  # never t: it is blocked
+                self._switch_to(nxt)
+                return
         assert self._hub is not None
         self._hub.switch()
 
@@ -455,151 +443,7 @@ class Scheduler:
             raise t.exc
         return t.result  # type: ignore[return-value]
 
-    def _loop(self, until: Callable[[], bool]) -> None:
-        if self._in_loop:
-            raise KernelPanic("scheduler loop re-entered")
-        self._in_loop = True
-        self._hub = greenlet.getcurrent()
-        # The hub's per-step work, bound once: the queues are never replaced, and
-        # draining or firing nothing is skipped (each does nothing then).
-        events = self._events
-        timers = self._timers
-        runq = self._runq
-        run_one = self._run_one
-        try:
-            while True:
-                if self._deadlock is not None:
-                    report, self._deadlock = self._deadlock, None
-                    raise Deadlock(report)
-                if events:
-                    self._drain_events()
-                if timers:
-                    self._fire_timers()
-                if until():
-                    return
-                if runq:
-                    run_one()
-                    continue
-                if not self._wait_for_something():
-                    if until():
-                        return
-                    raise Deadlock(self.deadlock_report())
-        finally:
-            self._in_loop = False
-
-    def _run_one(self) -> None:
-        steps = self.steps = self.steps + 1
-        if self.max_steps and steps > self.max_steps:
-            raise StepLimitExceeded(f"no end after {self.max_steps} scheduling steps")
-        if steps & 1023 == 0 and not self.clock.virtual:
-            self._check_hung(self.clock.now())
-        last, self._last = self._last, None
-        point, self._last_point = self._last_point, "switch"
-        # ``point`` is where ``last`` yielded ("checkpoint" for an explicit yield);
-        # "switch" when the previous thread blocked.
-        runq = self._runq
-        if len(runq) > 1:
-            idx = self._strategy.pick(runq, last, point)
-            if idx == 0:
-                t = runq.popleft()
-            else:
-                t = runq[idx]
-                del runq[idx]
-        else:
-            t = runq.popleft()
-        if t.state is not _RUNNABLE:
-            return
-        t.state = _RUNNING
-        self.curthread = t
-        self.switches += 1
-        glet = t._glet
-        assert glet is not None
-        if not glet:  # not started yet: it must return to the hub when it ends
-            glet.parent = greenlet.getcurrent()
-        glet.switch()
-        self.curthread = self.thread0
-        if t.state is _DONE and t.exc is not None:
-            exc = t.exc
-            self.failures.append((t, exc))
-            handler = self.on_thread_exception
-            if handler is None or not handler(t, exc):
-                exc.add_note(f"in kernel thread {t.name}")
-                raise exc
-
-    def _drain_events(self) -> None:
-        events = self._events
-        while events:
-            events.popleft()()
-
-    def _fire_timers(self) -> None:
-        now = self.clock.now()
-        timers = self._timers
-        while timers and (timers[0][2].cancelled or timers[0][0] <= now):
-            tm = heapq.heappop(timers)[2]
-            if tm.cancelled:
-                continue
-            if tm.thread is not None:
-                tm.thread.timer = None
-                self.wake(tm.thread, errno.EWOULDBLOCK)
-            elif tm.fn is not None:
-                tm.fn()
-
-    def _next_deadline(self) -> float | None:
-        while self._timers and self._timers[0][2].cancelled:
-            heapq.heappop(self._timers)
-        return self._timers[0][0] if self._timers else None
-
-    def _wait_for_something(self) -> bool:
-        """Nothing runnable: wait for a timer, I/O or an external event.
-
-        Returns False when nothing can ever happen again.
-        """
-        deadline = self._next_deadline()
-        outside = self._io_in_flight > 0 or self._external > 0
-        if deadline is None and not outside:
-            return False
-        limit = self.hung_limit()
-        hung_at = hung_deadline(self._table.counted_waits(), limit) if limit > 0 else None
-        if hung_at is not None and (deadline is None or hung_at < deadline):
-            deadline = hung_at
-        if self.clock.virtual and not outside:
-            assert deadline is not None
-            self.clock.advance_to(deadline)
-            if hung_at is not None:
-                self._check_hung(self.clock.now())
-            return True
-        timeout = -1.0 if deadline is None else max(0.0, deadline - self.clock.now())
-        if not self._events:
-            self._wakeup.acquire(True, timeout)
-        if not self._events:
-            if hung_at is not None:
-                self._check_hung(self.clock.now())
-            return True
-        self._events.popleft()()
-        return True
-
-    def hung_limit(self) -> float:
-        """The hung-task threshold in seconds now (0: the watchdog is off)."""
-        if self.hung_timeout is not None:
-            return self.hung_timeout
-        return _rules.hung_task_timeout
-
-    def _blocked(self) -> list[KThread]:
-        return self._table.blocked(self.thread0)
-
-    def _check_hung(self, now: float) -> None:
-        limit = self.hung_limit()
-        if limit <= 0:
-            return
-        report = hung_report(self._table.counted_waits(), limit, now)
-        if report is not None:
-            raise HungTask(report)
-
     # -- reports and teardown ------------------------------------------------------
-
-    def deadlock_report(self) -> DeadlockReport:
-        """Who waits for what, who holds it, and the wait-for cycle if any."""
-        return global_report(self._blocked())
 
     def kill(self, t: KThread) -> None:
         """End ``t`` where it waits (its domain is gone): it never runs again.

@@ -103,11 +103,27 @@ class RandomStrategy(_Recording):
         # randrange(n) for an int n > 0 is _randbelow(n) (random.py, Random.randrange):
         # the same draws in the same order, without randrange's argument checks.
         self._randbelow: Callable[[int], int] = self._rng._randbelow  # type: ignore[attr-defined]
+        # _randbelow is _randbelow_with_getrandbits for random.Random: draw k bits
+        # until the value is below n, k = n.bit_length(); pick does that in place.
+        self._getrandbits: Callable[[int], int] | None = (
+            self._rng.getrandbits
+            if getattr(self._randbelow, "__func__", None)
+            is getattr(random.Random, "_randbelow_with_getrandbits", None) else None)
 
     def pick(self, runnable: Sequence[KThread], current: KThread | None, point: str) -> int:
         n = len(runnable)
-        idx = self._randbelow(n) if n > 0 else self._rng.randrange(n)
-        return self._record(runnable, idx)
+        getrandbits = self._getrandbits
+        if getrandbits is not None and n > 0:
+            k = n.bit_length()
+            idx = getrandbits(k)
+            while idx >= n:
+                idx = getrandbits(k)
+        else:
+            idx = self._randbelow(n) if n > 0 else self._rng.randrange(n)
+        schedule = self.schedule  # _record, in place
+        schedule.steps.append(runnable[idx].tid)
+        schedule.runnable.append([t.tid for t in runnable])
+        return idx
 
 
 @final
