@@ -15,8 +15,14 @@ them mapped). Queue depth 32 is 32 guest threads, each doing its I/O in a
 kernel buffer of its own. Both disks use the same ring order (default 0, one
 page and 32 commands, as Linux's blkfront default), so the comparison is one
 of the grant life cycle only. It prints MiB/s, IOPS and the ratio
-(persistent / per-load) of each workload (no target: a comparison), and, with ``--json``, the same
-figures as JSON after the table. The guest's debugging tunables (DMA-API
+(persistent / per-load) of each workload (no target: a comparison), the ring requests
+each I/O took and their segments (blkfront splits an I/O into requests of at most
+the segments it negotiated: with persistent grants, those every command's pages
+can hold within the grants blkback keeps mapped, 32 at ring order 0, as Linux's
+blkfront default ``max_indirect_segments``), and, with ``--json``, the same
+figures as JSON after the table. A ring order whose commands cannot hold even
+11 persistent segments each (order 2 and above) negotiates no persistent grants:
+the benchmark says so and ends with status 1. The guest's debugging tunables (DMA-API
 debugging, junk fill) are those of a default guest.
 """
 
@@ -87,7 +93,11 @@ def attach(host: Host, g: Guest, path: Path, devid: int, persistent: bool,
     connected = {XenbusState.Connected}
     assert front.wait_state(connected, 10.0) == (0, XenbusState.Connected), front.error
     assert back.wait_state(connected, 10.0) == (0, XenbusState.Connected), back.error
-    assert front.persistent_used is persistent
+    if front.persistent_used is not persistent:
+        raise SystemExit(f"persistent.py: ring order {ring_page_order}: blkfront did not use "
+                         f"persistent grants (xbd_persistent_segments: its "
+                         f"{front.sc.xbd_ring.nr_ents if front.sc.xbd_ring else 0} commands "
+                         f"cannot each hold 11 persistent segments within the grant budget)")
     return Disk(img, bb, front, dirs)
 
 
@@ -98,6 +108,13 @@ def measure(host: Host, disk: Disk, kind: str, op: str, bs: int, qd: int, size: 
     for i in range(qd):
         offsets(kind, bs, size, 4096, i)
     return through_gntdma(host, disk.front.sc, kind, op, bs, qd, size, seconds)
+
+
+def requests_and_segments(disk: Disk) -> tuple[int, int]:
+    """The read and write requests blkback has served on ``disk`` and their segments."""
+    st = disk.bb.statistics()
+    reqs = sum(n for op, n in st.requests_by_op.items() if op in ("read", "write", "indirect"))
+    return reqs, st.segments
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +129,10 @@ class Figure:
     per_load_iops: float
     persistent_iops: float
     ratio: float  #: persistent / per-load
+    per_load_requests_per_io: float  #: ring requests per I/O
+    persistent_requests_per_io: float
+    per_load_segments_per_request: float
+    persistent_segments_per_request: float
 
 
 def main() -> None:
@@ -152,22 +173,36 @@ def main() -> None:
         print("no target: a comparison of persistent and per-load grants (ratio = "
               "persistent / per-load; block.py's targets are ratios to direct I/O)")
         print(f"{'workload':<20} {'per-load MiB/s':>14} {'persist MiB/s':>14} "
-              f"{'per-load IOPS':>13} {'persist IOPS':>13} {'ratio':>6}")
+              f"{'per-load IOPS':>13} {'persist IOPS':>13} {'ratio':>6} "
+              f"{'reqs/io (l/p)':>13} {'segs/req (l/p)':>14}")
         for kind, op, bs, qd in cases:
             totals = {mode: [0.0, 0] for mode in disks}
+            served = {mode: [0, 0] for mode in disks}  # requests, segments
             for _ in range(args.rounds):
                 for mode, disk in disks.items():
+                    r0, s0 = requests_and_segments(disk)
                     el, n = measure(host, disk, kind, op, bs, qd, size, args.seconds)
+                    r1, s1 = requests_and_segments(disk)
                     totals[mode][0] += el
                     totals[mode][1] += int(n)
+                    served[mode][0] += r1 - r0
+                    served[mode][1] += s1 - s0
             iops = {m: t[1] / t[0] for m, t in totals.items()}
+            per_io = {m: served[m][0] / max(1, totals[m][1]) for m in disks}
+            per_req = {m: served[m][1] / max(1, served[m][0]) for m in disks}
             fig = Figure(label(kind, op, bs, qd), kind, op, bs, qd,
                          iops["per-load"] * bs / MiB, iops["persistent"] * bs / MiB,
                          iops["per-load"], iops["persistent"],
-                         iops["persistent"] / iops["per-load"])
+                         iops["persistent"] / iops["per-load"],
+                         per_io["per-load"], per_io["persistent"],
+                         per_req["per-load"], per_req["persistent"])
             figures.append(fig)
+            reqs = f"{fig.per_load_requests_per_io:.2f}/{fig.persistent_requests_per_io:.2f}"
+            segs = (f"{fig.per_load_segments_per_request:.1f}/"
+                    f"{fig.persistent_segments_per_request:.1f}")
             print(f"{fig.workload:<20} {fig.per_load_mib_s:14.1f} {fig.persistent_mib_s:14.1f} "
-                  f"{fig.per_load_iops:13.0f} {fig.persistent_iops:13.0f} {fig.ratio:6.3f}")
+                  f"{fig.per_load_iops:13.0f} {fig.persistent_iops:13.0f} {fig.ratio:6.3f} "
+                  f"{reqs:>13} {segs:>14}")
         stats = {m: d.bb.statistics() for m, d in disks.items()}
         for m, st in stats.items():
             print(f"{m}: blkback mapped {st.segments_mapped} grants for {st.segments} "
