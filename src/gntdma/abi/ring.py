@@ -43,6 +43,7 @@ Rules
 from __future__ import annotations
 
 import struct
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Final, final
@@ -162,7 +163,8 @@ def sring_init(buf: RingArea) -> None:
 
 
 class _Ring:
-    __slots__ = ("_hdr", "_mb", "_pages", "_rmb", "_wmb", "entry_size", "nr_ents")
+    __slots__ = ("_hdr", "_idx", "_mask", "_mb", "_pages", "_rmb", "_slots", "_wmb",
+                 "entry_size", "nr_ents")
 
     def __init__(self, buf: RingArea, entry_size: int, area_size: int | None,
                  wmb: Barrier, rmb: Barrier, mb: Barrier) -> None:
@@ -185,21 +187,42 @@ class _Ring:
         self._wmb = wmb
         self._rmb = rmb
         self._mb = mb
+        self._mask = self.nr_ents - 1
+        #: The four u32 indices of the header as a view of u32 (a host of the ABI's
+        #: little-endian order), else None and read with struct.
+        self._idx: memoryview | None = (
+            self._hdr[:_RSP_EVENT + 4].cast("I")
+            if sys.byteorder == "little" and _U32.size == struct.calcsize("I") else None)
+        #: A view of each slot, if the ring is one buffer (no slot straddles a page).
+        self._slots: list[memoryview] | None = None
+        if len(pages) == 1:
+            es = entry_size
+            self._slots = [self._hdr[o:o + es] for o in
+                           range(SRING_HEADER_SIZE, SRING_HEADER_SIZE + self.nr_ents * es, es)]
 
     def _get(self, off: int) -> int:
-        v: int = _U32.unpack_from(self._hdr, off)[0]
+        idx = self._idx
+        if idx is not None:
+            v: int = idx[off >> 2]
+            return v
+        v = _U32.unpack_from(self._hdr, off)[0]
         return v
 
     def _set(self, off: int, value: int) -> None:
+        idx = self._idx
+        if idx is not None:
+            idx[off >> 2] = value & _M
+            return
         _U32.pack_into(self._hdr, off, value & _M)
 
     def _slot(self, idx: int) -> int:
-        return SRING_HEADER_SIZE + (idx & (self.nr_ents - 1)) * self.entry_size
+        return SRING_HEADER_SIZE + (idx & self._mask) * self.entry_size
 
     def _read_slot(self, idx: int) -> bytes:
+        slots = self._slots
+        if slots is not None:
+            return bytes(slots[idx & self._mask])
         off = self._slot(idx)
-        if len(self._pages) == 1:
-            return bytes(self._hdr[off:off + self.entry_size])
         out = bytearray()
         end = off + self.entry_size
         while off < end:  # a slot may straddle two pages
@@ -213,10 +236,11 @@ class _Ring:
         size = len(data)
         if size > self.entry_size:
             raise ValueError(f"{size}-byte entry in a ring of {self.entry_size}-byte slots")
-        off = self._slot(idx)
-        if len(self._pages) == 1:
-            self._hdr[off:off + size] = data
+        slots = self._slots
+        if slots is not None:
+            slots[idx & self._mask][:size] = data
             return
+        off = self._slot(idx)
         src = memoryview(data).cast("B")
         done = 0
         while done < size:
@@ -226,11 +250,19 @@ class _Ring:
             done += n
 
     def _push(self, prod_off: int, event_off: int, new: int) -> bool:
-        old = self._get(prod_off)
-        self._wmb()  # the peer sees the slots before the producer index
-        self._set(prod_off, new)
-        self._mb()  # the peer sees the new index before we read its event index
-        return ((new - self._get(event_off)) & _M) < ((new - old) & _M)
+        idx = self._idx
+        if idx is None:
+            old = self._get(prod_off)
+            self._wmb()  # the peer sees the slots before the producer index
+            self._set(prod_off, new)
+            self._mb()  # the peer sees the new index before we read its event index
+            return ((new - self._get(event_off)) & _M) < ((new - old) & _M)
+        p = prod_off >> 2  # the same, on the u32 view of the header
+        old = idx[p]
+        self._wmb()
+        idx[p] = new & _M
+        self._mb()
+        return ((new - idx[event_off >> 2]) & _M) < ((new - old) & _M)
 
     def header(self) -> SringHeader:
         """A snapshot of the shared header (for statistics and tests)."""
@@ -267,8 +299,8 @@ class FrontRing(_Ring):
         return self.nr_ents - ((self.req_prod_pvt - self.rsp_cons) & _M)
 
     def full(self) -> bool:
-        """``RING_FULL``."""
-        return self.free_requests() == 0
+        """``RING_FULL``: no free request slot (``free_requests() == 0``)."""
+        return (self.req_prod_pvt - self.rsp_cons) & _M == self.nr_ents
 
     def put_request(self, data: bytes | bytearray | memoryview) -> None:
         """Write a request into the next private slot (not yet visible to the backend).
@@ -288,7 +320,8 @@ class FrontRing(_Ring):
         return self._push(_REQ_PROD, _REQ_EVENT, self.req_prod_pvt)
 
     def _responses(self) -> tuple[int, int]:
-        prod = self._get(_RSP_PROD)
+        idx = self._idx
+        prod: int = idx[_RSP_PROD >> 2] if idx is not None else self._get(_RSP_PROD)
         n = (prod - self.rsp_cons) & _M
         if n > self.nr_ents:
             raise RingProtocolError(
@@ -358,7 +391,8 @@ class BackRing(_Ring):
         self._req_seen = self.req_cons
 
     def _requests(self) -> tuple[int, int]:
-        prod = self._get(_REQ_PROD)
+        idx = self._idx
+        prod: int = idx[_REQ_PROD >> 2] if idx is not None else self._get(_REQ_PROD)
         if (prod - self.rsp_prod_pvt) & _M > self.nr_ents:
             raise RingProtocolError(
                 f"frontend req_prod {prod} has more than {self.nr_ents} requests outstanding"
