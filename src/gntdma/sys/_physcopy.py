@@ -37,7 +37,10 @@ def phys_copy(kern: Kernel, dst: Sequence[int], src: Sequence[int],
         return
     lo = min(min(dst), min(src)) >> PAGE_SHIFT
     hi = max(max(dst), max(src)) >> PAGE_SHIFT
-    if not any(f <= lo and hi < f + n for f, n in kern.vm.ranges):
+    for first, npages in kern.vm.ranges:
+        if first <= lo and hi < first + npages:
+            break
+    else:
         # Pages in more than one memory range, or one that may not exist: piece by
         # piece, each checked as phys_read and phys_write check it.
         for d, s, n in zip(dst, src, lens, strict=True):

@@ -84,12 +84,14 @@ def _phys_pieces(pa: int, n: int) -> Pieces:
 class PersistentPool:
     """The pages of one persistent map and what the current load put on them."""
 
-    __slots__ = ("bufs", "dsts", "kern", "lens", "pages")
+    __slots__ = ("bufs", "dsts", "kern", "lens", "pages", "pas")
 
     def __init__(self, kern: Kernel) -> None:
         self.kern = kern
         #: (va, pa) of each pool page, in order; page i serves segment i of every load.
         self.pages: list[tuple[int, int]] = []
+        #: The pa of each pool page (``pages[i][1]``).
+        self.pas: list[int] = []
         #: The current load, one entry per segment: the pool address its data goes to,
         #: the physical address of the caller's piece it stands for, and the length.
         self.dsts: list[int] = []
@@ -113,8 +115,7 @@ class PersistentPool:
             raise KernelPanic(f"busdma_xen: {nsegs} segments on {len(self.dsts)} "
                               f"persistent pages")
         for i in range(granted, nsegs):
-            gt.gnttab_grant_foreign_access_ref(refs[i], domid, self.pages[i][1] >> PAGE_SHIFT,
-                                               False)
+            gt.gnttab_grant_foreign_access_ref(refs[i], domid, self.pas[i] >> PAGE_SHIFT, False)
         return max(granted, nsegs)
 
     def _page(self, t: BusDmaTag, i: int) -> bool:
@@ -125,7 +126,9 @@ class PersistentPool:
                                         PAGE_SIZE, 0)
             if va == 0:
                 return False
-            self.pages.append((va, self.kern.pmap_kextract(va)))
+            pa = self.kern.pmap_kextract(va)
+            self.pages.append((va, pa))
+            self.pas.append(pa)
         return True
 
     def load(self, t: BusDmaTag, kind: str, a: int, ma: Sequence[int], buflen: int,
@@ -168,17 +171,18 @@ class PersistentPool:
         elif len(pieces) > room:
             error = errno.EFBIG
             pieces = pieces[:room]
+        if not pieces:
+            return error
+        bufs, lens = zip(*pieces, strict=True)
         al = t.alignment - 1
         # A piece sits on its pool page at its own offset when the tag's alignment
         # allows it, else at 0 (the page starts on the alignment; the piece fits).
-        pool = self.pages[base : base + len(pieces)]
         dsts = [pa + (o if (o := b & PAGE_MASK) & al == 0 else 0)
-                for (_va, pa), (b, _n) in zip(pool, pieces, strict=True)]
-        lens = [n for _b, n in pieces]
-        segs.extend([bus_dma_segment_t(d, n) for d, n in zip(dsts, lens, strict=True)])
-        self.dsts.extend(dsts)
-        self.bufs.extend([b for b, _n in pieces])
-        self.lens.extend(lens)
+                for pa, b in zip(self.pas[base : base + len(bufs)], bufs, strict=True)]
+        segs.extend(map(bus_dma_segment_t, dsts, lens))
+        self.dsts += dsts
+        self.bufs += bufs
+        self.lens += lens
         return error
 
     def _load_chunks(self, t: BusDmaTag, kind: str, a: int, ma: Sequence[int], buflen: int,
@@ -202,7 +206,7 @@ class PersistentPool:
             i = len(self.dsts)
             if not self._page(t, i):
                 return errno.ENOMEM
-            page = self.pages[i][1]
+            page = self.pas[i]
             pgoff = cur & PAGE_MASK
             if pgoff & (t.alignment - 1) != 0:
                 pgoff = 0  # the page starts on the tag's alignment; the chunk fits from 0
@@ -236,3 +240,4 @@ class PersistentPool:
         for va, _pa in self.pages:
             self.kern.contigfree(va, PAGE_SIZE, M_BUSDMA_XEN)
         self.pages.clear()
+        self.pas.clear()
