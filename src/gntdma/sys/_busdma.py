@@ -41,7 +41,7 @@ from typing import Any
 
 from gntdma.sched import KernelPanic
 from gntdma.sys._bio import bio, uio
-from gntdma.sys._busdma_impl import BusDmaImpl
+from gntdma.sys._busdma_impl import BusDmaImpl, buffer_client_ranges, segments_length
 from gntdma.sys._busdma_types import (
     BUS_DMA_LOAD_MBUF,
     BUS_DMA_LOCK,
@@ -62,10 +62,8 @@ from gntdma.sys._busdma_types import (
     BusDmaMap,
     BusDmaTag,
     MapState,
-    MemBuffer,
     bus_dma_segment_t,
     kernel_state,
-    ma_pieces,
     memdesc,
     memdesc_bio,
     memdesc_buffers,
@@ -326,7 +324,7 @@ def _finish(dmat: BusDmaTag, map: BusDmaMap, mem: memdesc | None,
         map.state = MapState.LOADED
         map.dm_segs = list(segs)
         map.dm_mem = mem
-        map.dm_mapsize = sum(s.ds_len for s in segs)
+        map.dm_mapsize = segments_length(segs)
         dmat.kern.busdma.maps_loaded += 1
 
 
@@ -514,20 +512,8 @@ def _map_client_ranges(kern: Kernel, map: BusDmaMap) -> list[tuple[int, int]]:
     cached = map.dm_ranges
     if cached is not None and cached[1] == gen and cached[0] == bufs:
         return cached[2]
-    out = _buffer_ranges(kern, bufs)
+    out = buffer_client_ranges(kern, map, bufs)
     map.dm_ranges = (bufs, gen, out)
-    return out
-
-
-def _buffer_ranges(kern: Kernel, bufs: list[MemBuffer]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for kind, a, n, ma in bufs:
-        if kind == "phys":
-            out.append((a, n))
-        elif kind == "ma":
-            out.extend(ma_pieces(ma, a, n))
-        else:
-            out.extend(kern.pmap_kextract_pieces(a, n))
     return out
 
 

@@ -47,13 +47,22 @@ pages is not freed; the last page coming back frees a zone no tag uses.
 from __future__ import annotations
 
 import errno
-from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from gntdma.sched import KernelPanic
 from gntdma.sys._busdma import busdma_replay_load
+from gntdma.sys._busdma_bounce_types import (
+    BUS_DMA_COULD_BOUNCE,
+    BUS_DMA_MIN_ALLOC_COMP,
+    BounceMap,
+    BouncePage,
+    BounceTag,
+    BounceZone,
+    bounce_map,
+    bounce_tag,
+)
 from gntdma.sys._busdma_impl import (
     AddrAt,
     BusDmaImpl,
@@ -62,6 +71,7 @@ from gntdma.sys._busdma_impl import (
     buffer_pieces_unbounced,
     bus_dmamap_addpages,
     bus_dmamap_addseg,
+    map_pieces_unbounced,
     vm_addr_bound_ok,
 )
 from gntdma.sys._busdma_types import (
@@ -101,71 +111,6 @@ __all__ = [
     "bounce_impl",
 ]
 
-#: bounce_flags of a tag.
-BUS_DMA_COULD_BOUNCE: Final = 0x1
-BUS_DMA_MIN_ALLOC_COMP: Final = 0x2
-
-
-@dataclass(slots=True)
-class BouncePage:
-    vaddr: int
-    busaddr: int
-    offset: int = 0
-    datacount: int = 0
-    #: (pa, len) pieces of the client buffer this page stands for.
-    src: list[tuple[int, int]] = field(default_factory=list)
-
-
-@dataclass(eq=False, slots=True)
-class BounceZone:
-    name: str
-    lowaddr: int
-    alignment: int
-    total_bpages: int = 0
-    free_bpages: int = 0
-    reserved_bpages: int = 0
-    active_bpages: int = 0
-    #: pages back from an unload but wired (a grant of them is still mapped)
-    held_bpages: int = 0
-    total_bounced: int = 0
-    total_deferred: int = 0
-    map_count: int = 0
-    tag_refs: int = 0
-    pages: deque[BouncePage] = field(default_factory=deque)  # free and reserved pages
-    waiting: deque[BounceMap] = field(default_factory=deque)
-
-
-class BounceTag(BusDmaTag):
-    def __init__(self, kern: Kernel, impl: BusDmaImpl) -> None:
-        super().__init__(kern, impl)
-        self.bounce_flags = 0
-        self.bounce_zone: BounceZone | None = None
-
-
-class BounceMap(BusDmaMap):
-    def __init__(self, dmat: BusDmaTag, flags: int) -> None:
-        super().__init__(dmat, flags)
-        self.bpages: list[BouncePage] = []
-        self.pagesneeded = 0
-        self.pagesreserved = 0
-        self.whole_counted = False
-        self.bounce_waiting = False
-        self.dmamem_kind = ""
-        self.dmamem_size = 0
-
-
-def _btag(dmat: BusDmaTag) -> BounceTag:
-    if not isinstance(dmat, BounceTag):
-        raise KernelPanic(f"bounce busdma: {dmat!r} is not a bounce tag")
-    return dmat
-
-
-def _bmap(map: BusDmaMap) -> BounceMap:
-    if not isinstance(map, BounceMap):
-        raise KernelPanic(f"bounce busdma: {map!r} is not a bounce map")
-    return map
-
-
 def bounce_impl(kern: Kernel) -> BounceImpl:
     """The kernel's instance of the generic implementation."""
     st = kernel_state(kern)
@@ -200,7 +145,7 @@ class BounceImpl(BusDmaImpl):
             maxsize, nsegments, maxsegsz, flags, lockfunc, lockfuncarg)
         if error != 0 or tag is None:
             return error, None
-        t = _btag(tag)
+        t = bounce_tag(tag)
         t.impl = self
         if isinstance(parent, BounceTag) and parent.bounce_flags & BUS_DMA_COULD_BOUNCE:
             t.bounce_flags |= BUS_DMA_COULD_BOUNCE
@@ -293,9 +238,13 @@ class BounceImpl(BusDmaImpl):
 
     def _update_counters(self) -> None:
         c = self.kern.busdma
-        c.bounce_zones = len(self.state.zones)
-        c.bounce_pages = sum(z.total_bpages for z in self.state.zones)
-        c.bounce_pages_free = sum(z.free_bpages for z in self.state.zones)
+        zones = self.state.zones
+        c.bounce_zones = len(zones)
+        if len(zones) == 1:  # the usual case: no sums to build
+            c.bounce_pages, c.bounce_pages_free = zones[0].total_bpages, zones[0].free_bpages
+            return
+        c.bounce_pages = sum(z.total_bpages for z in zones)
+        c.bounce_pages_free = sum(z.free_bpages for z in zones)
 
     def _reserve(self, bz: BounceZone, m: BounceMap, commit: bool) -> int:
         """Reserve what ``m`` still needs; returns how many pages are still missing."""
@@ -356,7 +305,7 @@ class BounceImpl(BusDmaImpl):
             pfn = bp.busaddr >> PAGE_SHIFT
             if self.kern.vm.is_wired(pfn):
                 bz.held_bpages += 1
-                self.kern.vm.on_unwired(pfn, self._unholder(bz, bp))
+                self.kern.vm.on_unwired(pfn, partial(self._unhold_bounce_page, bz, bp))
             else:
                 bz.pages.appendleft(bp)
                 bz.free_bpages += 1
@@ -373,9 +322,6 @@ class BounceImpl(BusDmaImpl):
         if m in self.state.callbacks:
             self.state.callbacks.remove(m)
         self._serve_waiters(bz)
-
-    def _unholder(self, bz: BounceZone, bp: BouncePage) -> Callable[[], None]:
-        return lambda: self._unhold_bounce_page(bz, bp)
 
     def _unhold_bounce_page(self, bz: BounceZone, bp: BouncePage) -> None:
         """A held bounce page is no longer wired: back to its zone."""
@@ -419,8 +365,8 @@ class BounceImpl(BusDmaImpl):
     # -- maps ------------------------------------------------------------------------------
 
     def map_create(self, dmat: BusDmaTag, flags: int) -> tuple[int, BusDmaMap | None]:
-        t = _btag(dmat)
-        m = _bmap(self.map_class(dmat, flags))
+        t = bounce_tag(dmat)
+        m = bounce_map(self.map_class(dmat, flags))
         if t.bounce_flags & BUS_DMA_COULD_BOUNCE:
             bz = self._alloc_zone(t)
             maxp = self.kern.bounce_max_pages
@@ -440,7 +386,7 @@ class BounceImpl(BusDmaImpl):
         return 0, m
 
     def map_destroy(self, dmat: BusDmaTag, map: BusDmaMap) -> int:
-        t, m = _btag(dmat), _bmap(map)
+        t, m = bounce_tag(dmat), bounce_map(map)
         if m.bpages or m.pagesreserved != 0:
             return errno.EBUSY
         if t.bounce_zone is not None:
@@ -448,7 +394,7 @@ class BounceImpl(BusDmaImpl):
         return 0
 
     def mem_alloc(self, dmat: BusDmaTag, flags: int) -> tuple[int, int, BusDmaMap | None]:
-        t = _btag(dmat)
+        t = bounce_tag(dmat)
         k = self.kern
         mflags = M_NOWAIT if flags & BUS_DMA_NOWAIT else M_WAITOK
         if flags & BUS_DMA_ZERO:
@@ -466,13 +412,13 @@ class BounceImpl(BusDmaImpl):
             kind = "contig"
         if va == 0:
             return errno.ENOMEM, 0, None
-        m = _bmap(self.map_class(dmat, flags))
+        m = bounce_map(self.map_class(dmat, flags))
         m.dmamem_kind = kind
         m.dmamem_size = size
         return 0, va, m
 
     def mem_free(self, dmat: BusDmaTag, vaddr: int, map: BusDmaMap) -> None:
-        m = _bmap(map)
+        m = bounce_map(map)
         if m.dmamem_kind == "malloc":
             self.kern.free(vaddr, M_DEVBUF)
         else:
@@ -504,16 +450,17 @@ class BounceImpl(BusDmaImpl):
             off += self._chunk(t, cur, buflen - off, mb)
         return n
 
-    def _count_memdesc(self, t: BounceTag, mem: memdesc) -> int:
+    def _count_memdesc(self, t: BounceTag, m: BounceMap, mem: memdesc) -> int:
         n = 0
         for kind, a, ln, ma in memdesc_buffers(mem):
-            if buffer_pieces_unbounced(self.kern, t, kind, a, ma, ln) is None:
+            if map_pieces_unbounced(self.kern, t, m, kind, a, ma, ln,
+                                    buffer_pieces_unbounced) is None:
                 n += self._count(t, buffer_accessors(self.kern, kind, a, ma)[0], ln)
         return n
 
     def _load(self, dmat: BusDmaTag, map: BusDmaMap, kind: str, a: int, ma: Sequence[int],
               buflen: int, flags: int, segs: list[bus_dma_segment_t]) -> int:
-        t, m = _btag(dmat), _bmap(map)
+        t, m = bounce_tag(dmat), bounce_map(map)
         if buflen < 0:
             return errno.EINVAL
         # bus_dmamem_alloc memory satisfies the tag: FreeBSD loads it with the
@@ -522,7 +469,8 @@ class BounceImpl(BusDmaImpl):
             added = bus_dmamap_addpages(t, buffer_pieces(self.kern, kind, a, ma, buflen), segs)
             return errno.EFBIG if added < buflen else 0
         addr_at, pieces_at = buffer_accessors(self.kern, kind, a, ma)
-        pages = buffer_pieces_unbounced(self.kern, t, kind, a, ma, buflen)  # None: it may bounce
+        pages = map_pieces_unbounced(self.kern, t, m, kind, a, ma, buflen,  # None: may bounce
+                                     buffer_pieces_unbounced)
         if not m.whole_counted and m.pagesneeded == 0 and pages is None:  # else the count is 0
             m.pagesneeded = self._count(t, addr_at, buflen)
         if m.pagesneeded > m.pagesreserved:
@@ -564,17 +512,17 @@ class BounceImpl(BusDmaImpl):
     def map_waitok(self, dmat: BusDmaTag, map: BusDmaMap, mem: memdesc,
                    callback: BusDmaCallback, callback_arg: Any) -> None:
         super().map_waitok(dmat, map, mem, callback, callback_arg)
-        t, m = _btag(dmat), _bmap(map)
+        t, m = bounce_tag(dmat), bounce_map(map)
         if (t.bounce_flags & BUS_DMA_COULD_BOUNCE and not m.dmamem and not m.bpages
                 and m.pagesneeded == 0 and m.pagesreserved == 0):
-            m.pagesneeded = self._count_memdesc(t, mem)
+            m.pagesneeded = self._count_memdesc(t, m, mem)
             m.whole_counted = True
 
     def map_unload(self, dmat: BusDmaTag, map: BusDmaMap) -> None:
-        self._free_bounce_pages(_btag(dmat), _bmap(map))
+        self._free_bounce_pages(bounce_tag(dmat), bounce_map(map))
 
     def map_sync(self, dmat: BusDmaTag, map: BusDmaMap, op: int) -> None:
-        t, m = _btag(dmat), _bmap(map)
+        t, m = bounce_tag(dmat), bounce_map(map)
         if not m.bpages:
             return
         kern = self.kern

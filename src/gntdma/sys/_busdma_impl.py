@@ -123,6 +123,7 @@ from gntdma.sys._busdma_types import (
     BusDmaLockFunc,
     BusDmaMap,
     BusDmaTag,
+    MemBuffer,
     bus_dma_segment_t,
     ma_pieces,
     memdesc,
@@ -141,7 +142,10 @@ __all__ = [
     "buffer_pieces_unbounced",
     "bus_dmamap_addpages",
     "bus_dmamap_addpieces",
+    "buffer_client_ranges",
     "bus_dmamap_addseg",
+    "map_pieces_unbounced",
+    "segments_length",
     "vm_addr_bound_ok",
 ]
 
@@ -235,6 +239,27 @@ def buffer_pieces_unbounced(kern: Kernel, dmat: BusDmaTag, kind: str, a: int,
     return pieces
 
 
+def map_pieces_unbounced(
+        kern: Kernel, dmat: BusDmaTag, map: BusDmaMap, kind: str, a: int, ma: Sequence[int],
+        n: int, walk: Callable[[Kernel, BusDmaTag, str, int, Sequence[int], int],
+                               list[tuple[int, int]] | None]) -> list[tuple[int, int]] | None:
+    """``walk(kern, dmat, kind, a, ma, n)`` (:func:`buffer_pieces_unbounced`), kept on
+    ``map`` for the last buffer asked for.
+
+    A sleepable load asks for each buffer twice (its count of bounce pages, then the
+    load), and DMA-API debugging takes the client ranges of the loaded buffer at its
+    PRE sync: asked again for the same buffer while no kernel mapping changed
+    (``Kernel.pmap_gen``), it gives the same list, which no caller changes.
+    """
+    key = ((kind, a, n, ma), kern.pmap_gen)
+    memo = map.dm_pieces
+    if memo is not None and memo[0] == key:
+        return memo[1]
+    pieces = walk(kern, dmat, kind, a, ma, n)
+    map.dm_pieces = (key, pieces)
+    return pieces
+
+
 def bus_dmamap_addpieces(dmat: BusDmaTag, pieces: list[tuple[int, int]],
                          segs: list[bus_dma_segment_t]) -> int:
     """Add page pieces that are never bounced to ``segs``; the bytes added.
@@ -307,6 +332,32 @@ def bus_dmamap_addpages(dmat: BusDmaTag, pieces: list[tuple[int, int]],
     else:
         segs.extend(map(_tuple_new, repeat(bus_dma_segment_t), pieces))
     return sum(map(itemgetter(1), pieces))
+
+
+def segments_length(segs: list[bus_dma_segment_t]) -> int:
+    """The bytes the segments cover (the mapsize of a load)."""
+    return sum(map(itemgetter(1), segs))
+
+
+def buffer_client_ranges(kern: Kernel, map: BusDmaMap,
+                         bufs: list[MemBuffer]) -> list[tuple[int, int]]:
+    """The (pa, len) client ranges of the buffers ``bufs`` of a load on ``map``: the
+    pieces :func:`map_pieces_unbounced` kept for the same buffer under the same kernel
+    mappings, else looked up (a kernel virtual buffer faults on an unmapped page)."""
+    out: list[tuple[int, int]] = []
+    memo = map.dm_pieces
+    for buf in bufs:
+        kind, a, n, ma = buf
+        if (memo is not None and memo[1] is not None and kind != "phys"
+                and memo[0] == (buf, kern.pmap_gen)):
+            out.extend(memo[1])
+        elif kind == "phys":
+            out.append((a, n))
+        elif kind == "ma":
+            out.extend(ma_pieces(ma, a, n))
+        else:
+            out.extend(kern.pmap_kextract_pieces(a, n))
+    return out
 
 
 def vm_addr_bound_ok(pa: int, size: int, boundary: int) -> bool:

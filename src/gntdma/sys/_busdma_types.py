@@ -173,9 +173,8 @@ MEMDESC_MBUF: Final = 7
 MEMDESC_VMPAGES: Final = 9
 
 
-@dataclass(frozen=True, slots=True)
-class memdesc:
-    """What a load describes. Build it with the ``memdesc_*`` functions."""
+class memdesc(NamedTuple):
+    """What a load describes (immutable). Build it with the ``memdesc_*`` functions."""
 
     md_type: int
     md_vaddr: int = 0
@@ -231,6 +230,12 @@ MemBuffer = tuple[str, int, int, tuple[int, ...]]
 def memdesc_buffers(mem: memdesc) -> list[MemBuffer]:
     """The buffers a load of ``mem`` hands to the implementation, in order."""
     t = mem.md_type
+    if t == MEMDESC_BIO:  # the usual load first
+        bp = mem.md_bio
+        assert bp is not None
+        if bp.bio_flags & BIO_UNMAPPED:
+            return [("ma", bp.bio_ma_offset, bp.bio_bcount, tuple(bp.bio_ma))]
+        return [("vaddr", bp.bio_data, bp.bio_bcount, ())]
     if t == MEMDESC_VADDR:
         return [("vaddr", mem.md_vaddr, mem.md_len, ())]
     if t == MEMDESC_PADDR:
@@ -241,12 +246,6 @@ def memdesc_buffers(mem: memdesc) -> list[MemBuffer]:
         return [("phys", s.ds_addr, s.ds_len, ()) for s in mem.md_list]
     if t == MEMDESC_VMPAGES:
         return [("ma", mem.md_offset, mem.md_len, mem.md_ma)]
-    if t == MEMDESC_BIO:
-        bp = mem.md_bio
-        assert bp is not None
-        if bp.bio_flags & BIO_UNMAPPED:
-            return [("ma", bp.bio_ma_offset, bp.bio_bcount, tuple(bp.bio_ma))]
-        return [("vaddr", bp.bio_data, bp.bio_bcount, ())]
     if t == MEMDESC_UIO:
         u = mem.md_uio
         assert u is not None
@@ -352,6 +351,9 @@ class BusDmaMap:
         #: DMA-API debugging: the client ranges of ``dm_mem`` at the last PRE sync, with
         #: what they were computed from (the buffers and the pmap generation).
         self.dm_ranges: tuple[object, int, list[tuple[int, int]]] | None = None
+        #: The last buffer's pieces, if it needs no bounce page, and what they were
+        #: computed from (``map_pieces_unbounced``).
+        self.dm_pieces: tuple[object, list[tuple[int, int]] | None] | None = None
         #: Saved by map_waitok for a load that may be deferred.
         self.mem: memdesc | None = None
         self.callback: BusDmaCallback | None = None
