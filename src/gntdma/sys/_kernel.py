@@ -34,7 +34,7 @@ sleep and the wakeup that ends a free (both under ``vm_domainset_lock``, see
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Final, final
 
 from gntdma.sched import (
@@ -183,14 +183,13 @@ class Kernel:
                 raise KernelPanic(f"kva_free: {vpn << PAGE_SHIFT:#x} still mapped")
         del self._kva_ranges[va]
 
-    def pmap_qenter(self, va: int, pfns: list[int] | tuple[int, ...]) -> None:
+    def pmap_qenter(self, va: int, pfns: Sequence[int]) -> None:
         """Map consecutive virtual pages from ``va`` to the pages ``pfns``."""
         if va & PAGE_MASK:
             raise KernelPanic(f"pmap_qenter: unaligned va {va:#x}")
         vpn = va >> PAGE_SHIFT
         self.pmap_gen += 1
-        for i, pfn in enumerate(pfns):
-            self._ptes[vpn + i] = pfn
+        self._ptes.update(zip(range(vpn, vpn + len(pfns)), pfns, strict=True))
 
     def pmap_qremove(self, va: int, count: int) -> None:
         vpn = va >> PAGE_SHIFT
@@ -442,7 +441,7 @@ class Kernel:
             c.failures += 1
             return 0
         va = self.kva_alloc(npages)
-        self.pmap_qenter(va, list(range(pfn, pfn + npages)))
+        self.pmap_qenter(va, range(pfn, pfn + npages))
         self._account(va, npages << PAGE_SHIFT, mtype, _KIND_CONTIG)
         return va
 
@@ -510,8 +509,9 @@ class Kernel:
         c.frees += 1
 
     def _fill(self, va: int, size: int, pattern: bytes) -> None:
+        page = self.physmem.page
         for pfn, off, ln in self._pieces(va, size):
-            self.physmem.page(pfn)[off : off + ln] = pattern[:ln]
+            page(pfn)[off : off + ln] = pattern if ln == PAGE_SIZE else pattern[:ln]
 
     def _pages_alloc(self, npages: int, low: int, high: int) -> int:
         pfns: list[int] = []

@@ -141,6 +141,16 @@ def _scatter_order(ranges: tuple[tuple[int, int], ...], seed: int) -> tuple[int,
     return tuple(order)
 
 
+@functools.lru_cache(maxsize=32)
+def _present_map(ranges: tuple[tuple[int, int], ...]) -> bytes:
+    """One byte per pfn below the highest: 1 where ``ranges`` has a page, else 0
+    (a pure function of ``ranges``, memoized like :func:`_scatter_order`)."""
+    out = bytearray(max(f + n for f, n in ranges))
+    for first, n in ranges:
+        out[first : first + n] = b"\x01" * n
+    return bytes(out)
+
+
 @final
 class VmPhys:
     """The physical page allocator of one kernel."""
@@ -152,11 +162,10 @@ class VmPhys:
         #: One past the highest pfn (FreeBSD's Maxmem).
         self.maxmem = max(f + n for f, n in ranges)
         self.total = sum(n for _, n in ranges)
-        self.free_map = bytearray(self.maxmem)
-        self.nfree = 0
-        for first, n in ranges:
-            self.free_map[first : first + n] = b"\x01" * n
-            self.nfree += n
+        #: 1 for each pfn that exists (immutable, shared by kernels of the same layout).
+        self._present = _present_map(self.ranges)
+        self.free_map = bytearray(self._present)
+        self.nfree = self.total
         self._order: deque[int] = deque(_scatter_order(self.ranges, seed))
         #: pfn -> wire count (only wired pages appear).
         self.wired: dict[int, int] = {}
@@ -165,7 +174,7 @@ class VmPhys:
         self._unwired_waiters: dict[int, list[Callable[[], None]]] = {}
 
     def exists(self, pfn: int) -> bool:
-        return any(f <= pfn < f + n for f, n in self.ranges)
+        return 0 <= pfn < self.maxmem and self._present[pfn] == 1
 
     def npages_between(self, low: int, high: int | None = None) -> int:
         """How many pages of this memory, free or not, lie in ``[low, high]`` (bytes):
@@ -240,7 +249,7 @@ class VmPhys:
 
     def free(self, pfn: int) -> None:
         """Give a page back; a wired page is kept out of circulation until unwired."""
-        if not (0 <= pfn < self.maxmem) or not self.exists(pfn):
+        if not (0 <= pfn < self.maxmem) or self._present[pfn] != 1:
             raise KernelPanic(f"vm_page_free: pfn {pfn:#x} does not exist")
         if self.free_map[pfn] == 1 or pfn in self.free_deferred:
             raise KernelPanic(f"vm_page_free: pfn {pfn:#x} is already free")
@@ -258,7 +267,7 @@ class VmPhys:
 
     def wire(self, pfn: int) -> None:
         """``vm_page_wire``: one more hold on ``pfn``; a free page leaves circulation."""
-        if not (0 <= pfn < self.maxmem) or not self.exists(pfn):
+        if not (0 <= pfn < self.maxmem) or self._present[pfn] != 1:
             raise KernelPanic(f"vm_page_wire: pfn {pfn:#x} does not exist")
         count = self.wired.get(pfn, 0)
         if count == 0 and self.free_map[pfn] == 1:

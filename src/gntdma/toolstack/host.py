@@ -282,8 +282,9 @@ class Host:
     def leaks(self) -> list[str]:
         """Everything still held that a clean teardown must have given back."""
         out: list[str] = []
+        held = self.xenstore.held()
         for s in self.hv.statistics().domains:
-            s = self.xenstore.discount(s)  # the xenstore rings' own ports and mappings
+            s = self.xenstore.discount(s, held)  # the xenstore rings' own ports and mappings
             if s.mappings:
                 out.append(f"{s.name}: {s.mappings} grant mappings still held")
             if s.grants_pinned:

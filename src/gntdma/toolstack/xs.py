@@ -92,6 +92,7 @@ GUEST_SPECIAL_PAGES: Final = 1
 LIBXL_DESTROY_TIMEOUT: Final = 10.0
 
 _T = TypeVar("_T")
+_ZERO_PAGE: Final = bytes(PAGE_SIZE)
 
 
 class XenstoreSetupError(GntdmaError):
@@ -342,7 +343,7 @@ class HostXenstore:
         hv, domid = self._hv, g.domid
         gfn = store_pfn(g.domain.memory)
         page = g.domain.memory.page(gfn)
-        page[:] = bytes(PAGE_SIZE)
+        page[:] = _ZERO_PAGE
         page.release()
         rc, port = hv.evtchn_alloc_unbound(0, domid, 0)
         if rc != 0:
@@ -530,9 +531,11 @@ class HostXenstore:
                 gst[2] += 1
         return {d: HeldByXenstore(*c) for d, c in counts.items()}
 
-    def discount(self, s: DomainStatistics) -> DomainStatistics:
-        """``s`` without what the live xenstore rings hold (those are not leaks)."""
-        h = self.held().get(s.domid)
+    def discount(self, s: DomainStatistics,
+                 held: Mapping[int, HeldByXenstore] | None = None) -> DomainStatistics:
+        """``s`` without what the live xenstore rings hold (those are not leaks);
+        ``held`` is :meth:`held` if the caller has it already."""
+        h = (self.held() if held is None else held).get(s.domid)
         if h is None:
             return s
         return replace(s, ports=s.ports - h.ports, mappings=s.mappings - h.mappings,

@@ -257,7 +257,8 @@ class Store:
             if a.node is None:
                 self._delete(path)
             else:
-                self._set(path, replace(a.node, generation=self.next_generation()))
+                n = a.node
+                self._set(path, Node(n.value, n.perms, n.children, self.next_generation()))
         return [
             Change(path, exact, old_perms=txn.accessed[path].perms)
             for path, exact in txn.events.items()
@@ -316,7 +317,8 @@ class Access:
         if node is None or len(node.perms) == 1:
             return node
         perms = adjust_perms(node.perms, node.generation, self.domains.older)
-        return node if perms is node.perms else replace(node, perms=perms)
+        return node if perms is node.perms else Node(node.value, perms, node.children,
+                                                     node.generation)
 
     def _first_access(self, txn: Transaction, path: str, *, check_gen: bool) -> AccessedNode:
         """``access_node`` on a node the transaction has not touched yet."""
@@ -337,13 +339,14 @@ class Access:
     def _put(self, path: str, node: Node) -> None:
         txn = self.txn
         if txn is None:
-            self.store._set(path, replace(node, generation=self.store.next_generation()))
+            store = self.store
+            store._set(path, Node(node.value, node.perms, node.children, store.next_generation()))
             return
         a = self._accessed(txn, path)
         if a.node is not None:
             txn.entry_delta[a.node.owner] -= 1
         txn.entry_delta[node.owner] += 1
-        a.node = replace(node, generation=self.store.next_generation())
+        a.node = Node(node.value, node.perms, node.children, self.store.next_generation())
         a.modified = True
 
     def _remove(self, path: str) -> None:
@@ -396,17 +399,23 @@ class Access:
         A missing node is ENOENT only if the nearest existing ancestor grants
         some of ``want``; otherwise EACCES, so that nothing leaks.
         """
+        node = self._find(path, want)
+        if node is None:
+            raise XsError(errno.ENOENT, path)
+        return node
+
+    def _find(self, path: str, want: XsPerm) -> Node | None:
+        """:meth:`lookup`, but None where it raises ENOENT (no exception to catch)."""
         if not is_valid_path(path, self.quotas.path_max):
             raise XsError(errno.EINVAL, f"invalid path {path!r}")
         node = self.get(path)
         if node is not None:
             if self.perm(node.perms) & want == want:
                 return node
-            err = errno.EACCES
-        else:
-            err = errno.ENOENT
-        if self._parent_perm(path) & want:
-            raise XsError(err, path)
+            if self._parent_perm(path) & want:
+                raise XsError(errno.EACCES, path)
+        elif self._parent_perm(path) & want:
+            return None
         raise XsError(errno.EACCES, path)
 
     # Operations.
@@ -421,7 +430,7 @@ class Access:
         if node is None:
             node = self._create(path, value)
         else:
-            node = replace(node, value=value)
+            node = Node(value, node.perms, node.children, node.generation)
             self._check_size(node)
             self._put(path, node)
         self._changed(Change(path, node=node))
@@ -433,12 +442,7 @@ class Access:
             self._changed(Change(path, node=node))
 
     def _lookup_for_write(self, path: str) -> Node | None:
-        try:
-            return self.lookup(path, _W)
-        except XsError as e:
-            if e.errno != errno.ENOENT:
-                raise
-            return None
+        return self._find(path, _W)
 
     def _create(self, path: str, value: bytes) -> Node:
         """``construct_node`` + ``create_node``: ``path`` and its missing parents."""
@@ -459,7 +463,8 @@ class Access:
                 owned += self.txn.entry_delta[self.caller.domid]
             if owned + len(missing) > self.quotas.nodes:
                 raise XsError(errno.ENOSPC, f"domain {self.caller.domid} node quota")
-        new_parent = replace(parent, children=(*parent.children, basename(missing[0])))
+        new_parent = Node(parent.value, parent.perms, (*parent.children, basename(missing[0])),
+                          parent.generation)
         nodes = [(parent_name, new_parent)]
         for i, p in enumerate(missing):
             children = (basename(missing[i + 1]),) if i + 1 < len(missing) else ()
@@ -526,7 +531,7 @@ class Access:
             # check of the live store, consistent here) and fails the RM.
             raise XsError(errno.EIO, f"{parent_name} does not list {base}")
         children = tuple(c for c in parent.children if c != base)
-        self._put(parent_name, replace(parent, children=children))
+        self._put(parent_name, Node(parent.value, parent.perms, children, parent.generation))
 
     def set_perms(self, name: str, perm_strings: list[str]) -> None:
         if not perm_strings:
@@ -550,7 +555,7 @@ class Access:
         node = self.lookup(path, _W | _OWNER)
         if not self.caller.privileged and perms[0].domid != node.owner:
             raise XsError(errno.EPERM, "only the control domain may change the owner")
-        new = replace(node, perms=perms)
+        new = Node(node.value, perms, node.children, node.generation)
         self._check_size(new)
         self._put(path, new)
         self._changed(Change(path, node=new, old_perms=node.perms))

@@ -20,6 +20,7 @@ Rules follow C xenstored 4.17 (``xenstored_core.c``, ``xs_lib.c``):
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,6 +61,7 @@ PERM_SIZE: Final = 8
 
 _VALID_CHARS = re.compile(r"[A-Za-z0-9\-/_@]*\Z")
 _LOCAL_PREFIX = re.compile(r"/local/domain/(\d{1,5})/")
+_STRTOL = re.compile(r"[ \t\n\v\f\r]*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")
 
 
 class XsPerm(IntFlag):
@@ -96,7 +98,7 @@ class Perm:
 
 def _strtol(text: str) -> int | None:
     """C ``strtol(text, &end, 0)`` that must consume all of a non-empty text."""
-    m = re.fullmatch(r"[ \t\n\v\f\r]*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)", text)
+    m = _STRTOL.fullmatch(text)
     if m is None:
         return None
     digits = m.group(2)
@@ -111,8 +113,12 @@ def _strtol(text: str) -> int | None:
     return value
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_perm(text: str) -> Perm | None:
-    """Parse ``[nrwb]<domid>`` the way ``xs_strings_to_perms`` does; None if invalid."""
+    """Parse ``[nrwb]<domid>`` the way ``xs_strings_to_perms`` does; None if invalid.
+
+    Memoized (a pure function; :class:`Perm` is immutable): a host sets the same
+    permission strings on every domain it creates."""
     if not text or text[0] not in _ACCESS:
         return None
     value = _strtol(text[1:])
@@ -201,8 +207,12 @@ def domain_path(domid: int) -> str:
     return f"/local/domain/{domid}"
 
 
+@functools.lru_cache(maxsize=4096)
 def is_valid_path(path: str, path_max: int = XENSTORE_REL_PATH_MAX) -> bool:
-    """``is_valid_nodename`` of C xenstored (with ``quota_max_path_len`` = path_max)."""
+    """``is_valid_nodename`` of C xenstored (with ``quota_max_path_len`` = path_max).
+
+    Memoized (a pure function of its arguments): the same paths are checked on
+    every host a campaign builds."""
     if not path.startswith("/"):
         return False
     if path.endswith("/") and path != "/":

@@ -92,6 +92,8 @@ class WatchIndex:
 
     def matching(self, path: str, exact: bool) -> list[tuple[WatchKey, Watch]]:
         """The watches a change of ``path`` fires, in firing order."""
+        if not self._by_path:  # no watch at all (a host being built or torn down)
+            return []
         if exact:
             ws = self._by_path.get(path)
             return sorted(ws.items()) if ws else []
