@@ -16,6 +16,7 @@ BAD = [
     ("block", ["--seconds", "-1"], "--seconds: must be a number above 0"),
     ("block", ["--seconds", "nan"], "--seconds: must be a number above 0"),
     ("block", ["--size-mb", "0"], "--size-mb: must be at least 1"),
+    ("block", ["--grants", "none"], "--grants: invalid choice: 'none'"),
     ("gnttab", ["--ops", "0"], "--ops: must be at least 1"),
     ("gnttab", ["--rounds", "0"], "--rounds: must be at least 1"),
     ("persistent", ["--rounds", "0"], "--rounds: must be at least 1"),
@@ -52,4 +53,31 @@ def test_persistent_benchmark_says_it_has_no_target(tmp_path: Path) -> None:
     assert "no target: a comparison of persistent and per-load grants" in r.stdout
     doc = json.loads(r.stdout[r.stdout.index("\n{") + 1:])
     assert doc["target"] is None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_block_benchmark_measures_each_grant_mode_against_the_targets(tmp_path: Path) -> None:
+    """``--grants both``: every workload through the per-load disk and the persistent
+    disk, each against the same direct figure, and the targets counted per mode."""
+    r = subprocess.run([sys.executable, str(BENCHMARKS / "block.py"), "--seconds", "0.05",
+                        "--size-mb", "8", "--case", "1M read qd1", "--case", "4K write qd32",
+                        "--json"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-800:]
+    doc = json.loads(r.stdout[r.stdout.index("\n{") + 1:])
+    assert doc["grants"] == ["per-load", "persistent"]
+    rows = {(w["workload"], w["grants"]): w for w in doc["workloads"]}
+    assert set(rows) == {(w, g) for w in ("seq 1M read qd1", "rand 4K write qd32")
+                         for g in ("per-load", "persistent")}
+    for (w, _g), row in rows.items():
+        other = rows[(w, "per-load")]
+        assert row["direct_iops"] == other["direct_iops"]  # one direct figure per workload
+        assert row["gntdma_iops"] > 0
+        assert row["ratio"] == row["gntdma_iops"] / row["direct_iops"]
+        assert row["target"] == {"seq 1M read qd1": 0.15, "rand 4K write qd32": 0.3}[w]
+        assert row["result"] == ("pass" if row["ratio"] >= row["target"] else "miss")
+    assert doc["targets"] == 2
+    assert doc["targets_met"] == {
+        g: sum(rows[(w, g)]["result"] == "pass" for w in ("seq 1M read qd1", "rand 4K write qd32"))
+        for g in ("per-load", "persistent")}
+    assert "targets met with persistent grants:" in r.stdout
     assert list(tmp_path.iterdir()) == []

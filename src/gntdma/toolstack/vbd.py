@@ -239,7 +239,8 @@ def attach_disk(host: Host, guest: Guest, spec: DiskSpec, *, image_dir: str | Pa
                 workers: int = BLKBACK_DEFAULT_WORKERS,
                 ring_page_order: int = XBD_DEFAULT_RING_PAGE_ORDER,
                 max_indirect_segments: int = XBD_DEFAULT_MAX_INDIRECT_SEGMENTS,
-                image: DiskImage | None = None, grant_share: int = 1) -> Vbd:
+                image: DiskImage | None = None, grant_share: int = 1,
+                persistent: bool = False) -> Vbd:
     """Give ``guest`` the disk ``spec`` describes and wait until it is connected.
 
     Args:
@@ -253,6 +254,8 @@ def attach_disk(host: Host, guest: Guest, spec: DiskSpec, *, image_dir: str | Pa
         grant_share: disks of the guest still to attach, this one included:
             blkfront takes at most that share of the grant references not held
             for life (``xbd_softc``'s ``grant_share``).
+        persistent: both ends advertise blkif ``feature-persistent`` (persistent
+            grants; off by default, see DESIGN 7).
 
     Raises:
         VbdError: the image cannot be opened or created, the device exists, a
@@ -278,6 +281,7 @@ def attach_disk(host: Host, guest: Guest, spec: DiskSpec, *, image_dir: str | Pa
     try:
         bb = Blkback(dom0.hc, dom0.kernel, guest.domid, image, devid=spec.devid,
                      workers=workers, feature_discard=spec.discard)
+        bb.feature_persistent = persistent
         try:
             dirs = host.xenstore.add_device(guest.domid, dom0.domid, VBD_DEVTYPE, spec.devid,
                                             front=_frontend_keys(spec),
@@ -292,7 +296,7 @@ def attach_disk(host: Host, guest: Guest, spec: DiskSpec, *, image_dir: str | Pa
             error, front = xbd_attach(guest.kernel, guest.hc, guest.gnttab, guest.xenstore,
                                       spec.devid, ring_page_order=ring_page_order,
                                       max_indirect_segments=max_indirect_segments,
-                                      grant_share=grant_share)
+                                      grant_share=grant_share, persistent=persistent)
         if front is None:
             raise VbdError(f"{what}: blkfront's xenbus driver did not attach: "
                            f"{os.strerror(error)}")
