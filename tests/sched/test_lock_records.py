@@ -19,10 +19,14 @@ import pytest
 from gntdma.sched import (
     MTX_DUPOK,
     MTX_SPIN,
+    Condvar,
     Mutex,
     Scheduler,
     Sx,
     _sync,
+    cv_timedwait,
+    msleep,
+    msleep_spin,
     mtx_lock,
     mtx_unlock,
     sx_xlock,
@@ -104,3 +108,26 @@ def test_order_check_skips_only_what_changes_nothing(
     slow = _reports(sched, seed)
     assert fast == slow
     assert fast[1]  # the programs do order locks
+
+
+def test_a_mutex_retaken_after_a_sleep_is_recorded_at_the_sleep_call(sched: Scheduler) -> None:
+    """msleep, msleep_spin and cv_timedwait retake their interlock at their own call."""
+    m, sp, cv = Mutex("retake_m"), Mutex("retake_spin", MTX_SPIN), Condvar("retake_cv")
+    chan = object()
+    sites: list[str] = []
+
+    def sleeper() -> None:
+        mtx_lock(m)
+        msleep(chan, m, "retake", 0.001)  # MSLEEP-SITE
+        sites.append(sched.curthread.held[-1].site)
+        cv_timedwait(cv, m, 0.001)  # CV-SITE
+        sites.append(sched.curthread.held[-1].site)
+        mtx_unlock(m)
+        mtx_lock(sp)
+        msleep_spin(chan, sp, "retake_spin", 0.001)  # SPIN-SITE
+        sites.append(sched.curthread.held[-1].site)
+        mtx_unlock(sp)
+
+    sched.call(sleeper)
+    marks = ("# MSLEEP", "# CV", "# SPIN")
+    assert sites == [f"{__file__}:{_line(mark + '-SITE')}" for mark in marks]

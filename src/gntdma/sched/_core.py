@@ -301,9 +301,9 @@ class Scheduler(Hub):
         self.wait_onlock = self.wait_idle = False
         t.lockwait = onlock
         t.wait_counted = onlock or (timeout <= 0 and not idle)
-        if t.wait_counted:
+        if t.wait_counted:  # only a counted wait's start is ever read (the watchdog)
             self._table.counted[t.tid] = t
-        t.blocked_at = self.clock.now()
+            t.blocked_at = self.clock.now()
         if onlock and self._deadlock is None:
             cycle = lock_cycle(t)
             if cycle is not None:

@@ -204,7 +204,7 @@ class KThread:
         self.held: list[Held] = []
         #: Spin mutexes held: a critical section while > 0.
         self.critnest = 0
-        #: When the thread last blocked, on the run's clock.
+        #: When the thread last entered a wait the watchdog counts, on the run's clock.
         self.blocked_at = 0.0
         #: Whether the hung-task watchdog counts the current wait.
         self.wait_counted = False

@@ -216,6 +216,8 @@ def mtx_lock(m: Mutex) -> None:
     if _IN_SCHED.get(fcode.co_filename) is False:
         code = fcode
         lasti = f.f_lasti
+    elif _retaking is not None and _retaking[0] is m:  # from _retake_after_sleep
+        code, lasti = _retaking[1]
     else:
         code, lasti = site_of(f)
     if not m._spin and t.critnest > 0:
@@ -291,7 +293,8 @@ def mtx_trylock(m: Mutex) -> int:
     """
     s = current_scheduler()
     t = s.curthread
-    s.point("mtx_trylock")
+    if s.preemptive and s.curthread.critnest == 0:  # s.point("mtx_trylock")
+        s.yield_("mtx_trylock")
     if m.owner is t:
         if not m._recurse_ok:
             raise _panic(t, f"recursing on non-recursive mutex {m.name} @ {caller_site()}")
@@ -385,8 +388,18 @@ def _drop_for_sleep(m: Mutex) -> int:
     return depth
 
 
+#: The mutex _retake_after_sleep takes and its site, found from the sleep's caller
+#: (the frames between are all in gntdma.sched: the site mtx_lock's walk finds).
+_retaking: tuple[Mutex, Site] | None = None
+
+
 def _retake_after_sleep(m: Mutex, depth: int) -> None:
-    mtx_lock(m)
+    global _retaking
+    _retaking = (m, site_of(_getframe(2)))  # the caller of msleep's _sleep or cv_timedwait
+    try:
+        mtx_lock(m)
+    finally:
+        _retaking = None
     m.recurse = depth
 
 
@@ -439,7 +452,8 @@ def cv_signal(cv: Condvar) -> None:
         if w.wchan is cv and w.state is ThreadState.BLOCKED:
             s.wake(w)
             break
-    s.point("cv_signal")
+    if s.preemptive and s.curthread.critnest == 0:  # s.point("cv_signal")
+        s.yield_("cv_signal")
 
 
 def cv_broadcast(cv: Condvar) -> None:
@@ -449,7 +463,8 @@ def cv_broadcast(cv: Condvar) -> None:
         w = cv.waiters.popleft()
         if w.wchan is cv and w.state is ThreadState.BLOCKED:
             s.wake(w)
-    s.point("cv_broadcast")
+    if s.preemptive and s.curthread.critnest == 0:  # s.point("cv_broadcast")
+        s.yield_("cv_broadcast")
 
 
 # -- sleep(9) on wait channels ----------------------------------------------------
@@ -466,6 +481,8 @@ class _Channel:
 
 
 _channels: dict[int, _Channel] = {}
+#: Channels no one sleeps on any more, kept for the next sleep on a quiet channel.
+_spare: list[_Channel] = []
 
 
 def msleep(chan: object, m: Mutex | None, wmesg: str, timo: float = 0.0,
@@ -487,7 +504,8 @@ def msleep(chan: object, m: Mutex | None, wmesg: str, timo: float = 0.0,
             raise _panic(t, f"msleep on {wmesg} without holding {m.name}")
     sleep_check(s, t, wmesg, m)
     if m is None:
-        s.point("tsleep")
+        if s.preemptive and s.curthread.critnest == 0:  # s.point("tsleep")
+            s.yield_("tsleep")
     return _sleep(s, t, chan, m, wmesg, timo, pri)
 
 
@@ -508,7 +526,12 @@ def _sleep(s: Scheduler, t: KThread, chan: object, m: Mutex | None, wmesg: str,
     key = id(chan)
     ch = _channels.get(key)
     if ch is None or ch.chan is not chan:
-        ch = _Channel(chan, wmesg)
+        if _spare:
+            ch = _spare.pop()
+            ch.chan = chan
+            ch.name = wmesg
+        else:
+            ch = _Channel(chan, wmesg)
         _channels[key] = ch
     depth = 0
     ch.waiters.append(t)
@@ -526,6 +549,9 @@ def _sleep(s: Scheduler, t: KThread, chan: object, m: Mutex | None, wmesg: str,
             _tr.woken(t)
         if not ch.waiters and _channels.get(key) is ch:
             del _channels[key]
+            if len(_spare) < 64:
+                ch.chan = None  # nothing kept alive by a spare channel
+                _spare.append(ch)
     if m is not None:
         _retake_after_sleep(m, depth)
     return rv
@@ -539,7 +565,10 @@ def sleep_check(s: Scheduler, t: KThread, wmesg: str, interlock: object | None) 
     and witness_list_lock word it. A spin mutex held makes it a panic (a switch
     in a critical section); a sleep mutex, a report.
     """
-    if not t.held:
+    for h in t.held:  # usually none, or only the interlock (a mutex is its own lock)
+        if h is not interlock and not h.sleepable and h.lock is not interlock:
+            break
+    else:
         return
     bad = [h for h in t.held if h.lock is not interlock and not h.sleepable]
     if not bad:
@@ -577,7 +606,8 @@ def wakeup(chan: object) -> None:
         for w in list(ch.waiters):
             s.wake(w)
         ch.waiters.clear()
-    s.point("wakeup")
+    if s.preemptive and s.curthread.critnest == 0:  # s.point("wakeup")
+        s.yield_("wakeup")
 
 
 def wakeup_one(chan: object) -> None:
@@ -586,7 +616,8 @@ def wakeup_one(chan: object) -> None:
     ch = _channels.get(id(chan))
     if ch is not None and ch.chan is chan and ch.waiters:
         s.wake(ch.waiters.popleft())
-    s.point("wakeup_one")
+    if s.preemptive and s.curthread.critnest == 0:  # s.point("wakeup_one")
+        s.yield_("wakeup_one")
 
 
 # -- memory barriers of ring code ---------------------------------------------------
@@ -594,15 +625,21 @@ def wakeup_one(chan: object) -> None:
 
 def wmb() -> None:
     """Write barrier: the other domain may run here. A point only when preemptive."""
-    current_scheduler().point("wmb")
+    s = current_scheduler()
+    if s.preemptive and s.curthread.critnest == 0:  # s.point("wmb")
+        s.yield_("wmb")
 
 
 def rmb() -> None:
     """Read barrier. A scheduling point only when preemptive."""
-    current_scheduler().point("rmb")
+    s = current_scheduler()
+    if s.preemptive and s.curthread.critnest == 0:  # s.point("rmb")
+        s.yield_("rmb")
 
 
 def mb() -> None:
     """Full barrier. A scheduling point only when preemptive."""
-    current_scheduler().point("mb")
+    s = current_scheduler()
+    if s.preemptive and s.curthread.critnest == 0:  # s.point("mb")
+        s.yield_("mb")
 
