@@ -136,9 +136,18 @@ def _view_options(p: argparse.ArgumentParser) -> None:
 
 
 def _dashboard(args: argparse.Namespace) -> bool:
+    if args.dashboard == "off" or (args.dashboard == "auto" and not _isatty(sys.stdout)):
+        return False  # what dashboard_wanted says, without importing rich for nothing
     from gntdma.toolstack.dashboard import dashboard_wanted
 
     return dashboard_wanted(args.dashboard)
+
+
+def _isatty(stream: object) -> bool:
+    try:
+        return bool(stream.isatty())  # type: ignore[attr-defined]
+    except (AttributeError, ValueError):
+        return False
 
 
 def build_parser() -> argparse.ArgumentParser:
