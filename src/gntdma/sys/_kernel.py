@@ -189,7 +189,10 @@ class Kernel:
             raise KernelPanic(f"pmap_qenter: unaligned va {va:#x}")
         vpn = va >> PAGE_SHIFT
         self.pmap_gen += 1
-        self._ptes.update(zip(range(vpn, vpn + len(pfns)), pfns, strict=True))
+        ptes = self._ptes
+        for pfn in pfns:
+            ptes[vpn] = pfn
+            vpn += 1
 
     def pmap_qremove(self, va: int, count: int) -> None:
         vpn = va >> PAGE_SHIFT

@@ -166,12 +166,23 @@ class VmPhys:
         self._present = _present_map(self.ranges)
         self.free_map = bytearray(self._present)
         self.nfree = self.total
-        self._order: deque[int] = deque(_scatter_order(self.ranges, seed))
+        # The order queue: the pages freed since boot, most recent last (taken
+        # first), in front of the boot order (shared, immutable) from _boot_next on.
+        self._boot: tuple[int, ...] = _scatter_order(self.ranges, seed)
+        self._boot_next = 0
+        self._freed: list[int] = []
         #: pfn -> wire count (only wired pages appear).
         self.wired: dict[int, int] = {}
         #: Wired pages that were freed (or free when wired): free once unwired.
         self.free_deferred: set[int] = set()
         self._unwired_waiters: dict[int, list[Callable[[], None]]] = {}
+
+    @property
+    def _order(self) -> deque[int]:
+        """The order queue as it stands, front first (the next page to try)."""
+        q = deque(reversed(self._freed))
+        q.extend(self._boot[self._boot_next :])
+        return q
 
     def exists(self, pfn: int) -> bool:
         return 0 <= pfn < self.maxmem and self._present[pfn] == 1
@@ -193,13 +204,24 @@ class VmPhys:
         the lowest free page in the window.
         """
         if low <= 0 and (high is None or (high >> PAGE_SHIFT) >= self.maxmem - 1):
-            order = self._order
             fm = self.free_map
-            while order:
-                pfn = order.popleft()
+            freed = self._freed
+            while freed:
+                pfn = freed.pop()
                 if fm[pfn] == 1:
                     self._take(pfn, 1)
                     return pfn
+            boot = self._boot
+            i = self._boot_next
+            end = len(boot)
+            while i < end:
+                pfn = boot[i]
+                i += 1
+                if fm[pfn] == 1:
+                    self._boot_next = i
+                    self._take(pfn, 1)
+                    return pfn
+            self._boot_next = i
             return None
         lo = (low + PAGE_MASK) >> PAGE_SHIFT
         hi = self.maxmem if high is None else min(self.maxmem, ((high + 1) >> PAGE_SHIFT))
@@ -261,7 +283,7 @@ class VmPhys:
     def _release(self, pfn: int) -> None:
         self.free_map[pfn] = 1
         self.nfree += 1
-        self._order.appendleft(pfn)
+        self._freed.append(pfn)
 
     # -- wiring ----------------------------------------------------------------------
 

@@ -148,7 +148,7 @@ def _setup_disks(s: Scheduler, delivery: str, ndisks: int, ncmds: int, pages: in
             error, m = bus_dmamap_create(tag, 0)
             assert error == 0 and m is not None
             n = pages * PAGE_SIZE - 512
-            data = (_PATTERN * (n // 256 + 2))[(disk * 7 + i + 1) * 37 % 256 :][:n]
+            data = _cmd_data(n, (disk * 7 + i + 1) * 37 % 256)
             buf = g.kernel.malloc(len(data), M_DEVBUF, M_WAITOK)
             g.kernel.kva_write(buf, data)
             cmds.append(_Cmd(i, m, buf, data))
@@ -381,3 +381,14 @@ def make_scenario(name: str, delivery: str) -> ScenarioFn:
 _RO_MAP = GNTMAP_host_map | GNTMAP_readonly
 _XBD_IO = MTX_DEF | MTX_DUPOK
 _XBD_IO_RECURSE = MTX_RECURSE | MTX_DUPOK
+
+#: The bytes of each command, by (length, first byte): the same for every schedule.
+_CMD_DATA: dict[tuple[int, int], bytes] = {}
+
+
+def _cmd_data(n: int, start: int) -> bytes:
+    """``n`` bytes of the 0..255 pattern from ``start`` (memoized: bytes are immutable)."""
+    data = _CMD_DATA.get((n, start))
+    if data is None:
+        data = _CMD_DATA[(n, start)] = (_PATTERN * (n // 256 + 2))[start:][:n]
+    return data
