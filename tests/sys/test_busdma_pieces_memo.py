@@ -13,16 +13,22 @@ from __future__ import annotations
 from gntdma_sys_testlib import Rec, mk_map, mk_tag
 
 from gntdma.sys import (
+    BIO_READ,
     BUS_DMASYNC_POSTREAD,
     BUS_DMASYNC_PREREAD,
     M_DEVBUF,
     M_WAITOK,
+    MEMDESC_BIO,
     PAGE_SIZE,
     DmaDebugKind,
     Kernel,
+    bio,
     bus_dmamap_load,
     bus_dmamap_sync,
     bus_dmamap_unload,
+    memdesc,
+    memdesc_bio,
+    memdesc_length,
 )
 
 
@@ -56,3 +62,10 @@ def test_a_page_moved_between_two_loads_of_a_buffer_is_looked_up_again(kern: Ker
     kern.dma_debug.reset()
     kern.free(buf, M_DEVBUF)
     kern.free(obuf, M_DEVBUF)
+
+
+def test_memdesc_bio_is_the_descriptor_of_the_bio_with_every_other_field_its_default() -> None:
+    bp = bio(bio_cmd=BIO_READ, bio_bcount=4096, bio_data=0x1000)
+    mem = memdesc_bio(bp)
+    assert type(mem) is memdesc and mem == memdesc(MEMDESC_BIO, md_bio=bp)
+    assert mem.md_bio is bp and memdesc_length(mem) == 4096

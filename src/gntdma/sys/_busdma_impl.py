@@ -150,6 +150,7 @@ __all__ = [
 ]
 
 _tuple_new = tuple.__new__
+_DS_LEN = itemgetter(1)  # bus_dma_segment_t.ds_len
 
 #: The physical address at an offset into a buffer.
 AddrAt = Callable[[int], int]
@@ -331,12 +332,12 @@ def bus_dmamap_addpages(dmat: BusDmaTag, pieces: list[tuple[int, int]],
         segs.extend(map(_tuple_new, repeat(bus_dma_segment_t), islice(pieces, 1, None)))
     else:
         segs.extend(map(_tuple_new, repeat(bus_dma_segment_t), pieces))
-    return sum(map(itemgetter(1), pieces))
+    return sum(map(_DS_LEN, pieces))
 
 
 def segments_length(segs: list[bus_dma_segment_t]) -> int:
     """The bytes the segments cover (the mapsize of a load)."""
-    return sum(map(itemgetter(1), segs))
+    return sum(map(_DS_LEN, segs))
 
 
 def buffer_client_ranges(kern: Kernel, map: BusDmaMap,

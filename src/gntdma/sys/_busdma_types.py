@@ -188,6 +188,9 @@ class memdesc(NamedTuple):
     md_len: int = 0
 
 
+_tuple_new = tuple.__new__
+
+
 def memdesc_vaddr(vaddr: int, length: int) -> memdesc:
     return memdesc(MEMDESC_VADDR, md_vaddr=vaddr, md_len=length)
 
@@ -206,7 +209,8 @@ def memdesc_plist(plist: Sequence[bus_dma_segment_t]) -> memdesc:
 
 
 def memdesc_bio(bp: bio) -> memdesc:
-    return memdesc(MEMDESC_BIO, md_bio=bp)
+    # memdesc(MEMDESC_BIO, md_bio=bp), built with no Python call (one per I/O)
+    return _tuple_new(memdesc, (MEMDESC_BIO, 0, 0, (), bp, None, None, (), 0, 0))
 
 
 def memdesc_uio(u: uio) -> memdesc:
@@ -272,6 +276,10 @@ def memdesc_length(mem: memdesc) -> int:
         m = mem.md_mbuf
         assert m is not None
         return m.m_pkthdr.len if m.m_flags & M_PKTHDR else m_length(m)
+    if mem.md_type == MEMDESC_BIO:  # its one buffer's length
+        bp = mem.md_bio
+        assert bp is not None
+        return bp.bio_bcount
     return sum(b[2] for b in memdesc_buffers(mem))
 
 

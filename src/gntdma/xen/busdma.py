@@ -121,6 +121,7 @@ BUS_DMA_XEN_RO: Final = 1 << BUS_DMA_XEN_GNTTAB_FLAGS_SHIFT
 BUS_DMA_XEN_PREALLOC_REFS: Final = BUS_DMA_BUS2
 #: Map-create flag: keep the map's pages granted across loads (persistent grants).
 BUS_DMA_XEN_PERSISTENT: Final = BUS_DMA_BUS3
+_PAGE_MASK: Final = PAGE_SIZE - 1
 #: Private tag-create flag: the parent is a machine tag, not a Xen tag.
 BUSDMA_XEN_TAG_INIT: Final = BUS_DMA_BUS1
 
@@ -443,8 +444,9 @@ class XenDmaImpl(BounceImpl):
         if m.pool is not None:  # only pages never granted before (writable)
             m.granted = m.pool.grant(self.gnttab, m.refs, m.granted, domid, len(segs))
             return segs
-        frames = [addr >> PAGE_SHIFT for addr, _ in segs]
-        assert all((addr & (PAGE_SIZE - 1)) + n <= PAGE_SIZE for addr, n in segs)
+        frames = [addr >> PAGE_SHIFT for addr, n in segs if (addr & _PAGE_MASK) + n <= PAGE_SIZE]
+        if len(frames) != len(segs):
+            raise KernelPanic(f"busdma_xen: a segment of {m.desc()} crosses a page")
         self.gnttab.gnttab_grant_foreign_access_refs(m.refs[: len(segs)], domid, frames,
                                                      m.readonly)
         m.granted = len(segs)

@@ -238,8 +238,10 @@ class GntTab(GntTabFreeCallbacks):
         return 0, refs
 
     def _note_peak(self) -> None:
-        usable = self.nr_frames * GREFS_PER_GRANT_FRAME - GNTTAB_NR_RESERVED_ENTRIES
-        self.peak_allocated = max(self.peak_allocated, usable - self.free_count)
+        used = (len(self._entries.frames) * GREFS_PER_GRANT_FRAME - GNTTAB_NR_RESERVED_ENTRIES
+                - self.free_count)
+        if used > self.peak_allocated:
+            self.peak_allocated = used
 
     def ref_is_valid(self, ref: int) -> bool:
         """Whether ``ref`` is a reference of the table (not reserved, not past its end)."""
