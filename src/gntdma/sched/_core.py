@@ -136,6 +136,11 @@ class Scheduler(Hub):
         self._strategy: Strategy = strategy if strategy is not None else FifoStrategy()
         #: The strategy's ``preemptive``, read by every scheduling point.
         self.preemptive: bool = self._strategy.preemptive
+        #: Something set in place of ``point`` (a test watching every scheduling point).
+        self._point_hook: Callable[[str], None] | None = None
+        #: Whether a scheduling point may do anything: a preemptive strategy, or a
+        #: hook. The primitives call ``point`` only then (it costs a call each).
+        self.point_active: bool = self.preemptive
         self.clock: Clock = clock if clock is not None else RealClock()
         self.io_mode = io_mode
         self.witness = witness if witness is not None else WITNESS
@@ -210,6 +215,7 @@ class Scheduler(Hub):
     def strategy(self, strategy: Strategy) -> None:
         self._strategy = strategy
         self.preemptive = strategy.preemptive
+        self.point_active = self.preemptive or self._point_hook is not None
 
     @property
     def threads(self) -> list[KThread]:
@@ -347,13 +353,26 @@ class Scheduler(Hub):
         assert hub is not None
         hub.switch()
 
-    def point(self, point: str) -> None:
+    def _point(self, point: str) -> None:
         """A scheduling point that preempts only under a preemptive strategy.
 
         Never inside a spin mutex's critical section.
         """
         if self.preemptive and self.curthread.critnest == 0:
             self.yield_(point)
+
+    @property
+    def point(self) -> Callable[[str], None]:
+        """``_point``, or what was set in its place (``sched.point = watcher``)."""
+        hook = self._point_hook
+        return self._point if hook is None else hook
+
+    @point.setter
+    def point(self, fn: Callable[[str], None]) -> None:
+        own = getattr(fn, "__func__", None) is Scheduler._point and (
+            getattr(fn, "__self__", None) is self)
+        self._point_hook = None if own else fn
+        self.point_active = self.preemptive or self._point_hook is not None
 
     def _switch_out(self, point: str = "block") -> None:
         t = self.curthread
@@ -433,7 +452,13 @@ class Scheduler(Hub):
 
     def run(self, until: Callable[[], bool] | None = None) -> None:
         """Run threads until every non-daemon thread is done (or ``until()``)."""
-        self._loop(until=until if until is not None else (lambda: not self._alive()))
+        if until is None:
+            table = self._table  # never replaced: not self._alive(), without two calls
+
+            def until() -> bool:
+                return table.nondaemon <= 0
+
+        self._loop(until=until)
 
     def call(self, fn: Callable[..., T], *args: object, name: str = "call") -> T:
         """Run ``fn(*args)`` on a new kernel thread to completion and return its result."""

@@ -139,7 +139,8 @@ class Held(Protocol):
     @property
     def spin(self) -> bool: ...
 
-    shared: bool
+    @property
+    def shared(self) -> bool: ...
 
 
 @dataclass(slots=True)

@@ -116,8 +116,8 @@ def _enter(s: Scheduler, t: KThread, sx: Sx, site: Site, op: str) -> None:
                         f"section held (sx) {sx.name} @ {site_str(site)}")
     if not sx.flags & SX_NOWITNESS and t.held:
         check_order_lazy(s, t, sx.cls, site[0], site[1], False, True)
-    if s.preemptive and s.curthread.critnest == 0:  # s.point(op)
-        s.yield_(op)
+    if s.point_active:
+        s.point(op)
 
 
 def _recursed(t: KThread, sx: Sx, site: Site) -> KernelPanic:
@@ -195,8 +195,8 @@ def sx_try_xlock(sx: Sx) -> int:
     s = current_scheduler()
     t = s.curthread
     site = caller_site_raw()
-    if s.preemptive and s.curthread.critnest == 0:  # s.point("sx_try_xlock")
-        s.yield_("sx_try_xlock")
+    if s.point_active:
+        s.point("sx_try_xlock")
     if sx.owner is t:
         if not sx.flags & SX_RECURSE:
             return 0
@@ -214,8 +214,8 @@ def sx_try_slock(sx: Sx) -> int:
     s = current_scheduler()
     t = s.curthread
     site = caller_site_raw()
-    if s.preemptive and s.curthread.critnest == 0:  # s.point("sx_try_slock")
-        s.yield_("sx_try_slock")
+    if s.point_active:
+        s.point("sx_try_slock")
     if sx.owner is not None:
         return 0
     if t in sx.sharers:
@@ -255,8 +255,8 @@ def sx_xunlock(sx: Sx) -> None:
         sx.owner = None
         _drop_held(t, sx)
         _wake_next(s, sx)
-    if s.preemptive and s.curthread.critnest == 0:  # s.point("sx_xunlock")
-        s.yield_("sx_xunlock")
+    if s.point_active:
+        s.point("sx_xunlock")
 
 
 def sx_sunlock(sx: Sx) -> None:
@@ -273,8 +273,8 @@ def sx_sunlock(sx: Sx) -> None:
         _drop_held(t, sx)
         if not sx.sharers:
             _wake_next(s, sx)
-    if s.preemptive and s.curthread.critnest == 0:  # s.point("sx_sunlock")
-        s.yield_("sx_sunlock")
+    if s.point_active:
+        s.point("sx_sunlock")
 
 
 def sx_unlock(sx: Sx) -> None:
@@ -296,7 +296,7 @@ def sx_try_upgrade(sx: Sx) -> int:
     del sx.sharers[t]
     sx.owner = t
     for h in t.held:
-        if h.lock is sx:
+        if h.lock is sx and isinstance(h, HeldLock):  # an sx's hold is a HeldLock
             h.shared = False
     return 1
 
@@ -310,11 +310,11 @@ def sx_downgrade(sx: Sx) -> None:
     sx.owner = None
     sx.sharers[t] = 1
     for h in t.held:
-        if h.lock is sx:
+        if h.lock is sx and isinstance(h, HeldLock):  # an sx's hold is a HeldLock
             h.shared = True
     _wake_sharers(s, sx)
-    if s.preemptive and s.curthread.critnest == 0:  # s.point("sx_downgrade")
-        s.yield_("sx_downgrade")
+    if s.point_active:
+        s.point("sx_downgrade")
 
 
 def sx_xlocked(sx: Sx) -> bool:

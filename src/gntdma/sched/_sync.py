@@ -133,9 +133,12 @@ class Mutex:
     FreeBSD keeps the acquisition's file and line in the lock itself.
     """
 
-    __slots__ = ("_dupok", "_recurse_ok", "_spin", "_witness", "cls", "dupok", "flags", "name",
-                 "owner", "recurse", "shared", "site_code", "site_lasti", "sleepable", "spin",
-                 "waiters")
+    __slots__ = ("_recurse_ok", "_witness", "cls", "dupok", "flags", "name", "owner", "recurse",
+                 "site_code", "site_lasti", "spin", "waiters")
+
+    #: FreeBSD's LO_SLEEPABLE: never for a mutex; a mutex is never held shared.
+    sleepable: Final = False
+    shared: Final = False
 
     def __init__(self, name: str, flags: int = MTX_DEF, type: str | None = None) -> None:
         self.name = name
@@ -146,14 +149,11 @@ class Mutex:
         bits = _FLAG_BITS.get(flags) if kind is int or kind is MtxFlags else None
         if bits is None:
             bits = _flag_bits(flags)
-        self.flags, self._recurse_ok, self._spin, self._dupok, self._witness = bits
-        self.spin = self._spin
-        self.dupok = self._dupok
-        self.sleepable = False  #: FreeBSD's LO_SLEEPABLE: never for a mutex
-        self.shared = False
+        self.flags, self._recurse_ok, self.spin, self.dupok, self._witness = bits
         self.owner: KThread | None = None
         self.recurse = 0
-        self.waiters: deque[KThread] = deque()
+        #: The threads waiting for it, made at the first contention.
+        self.waiters: deque[KThread] | None = None
         #: Where the owner took it: the site token (see ``caller_site_raw``) in two parts.
         self.site_code: CodeType | None = None
         self.site_lasti = 0
@@ -161,6 +161,10 @@ class Mutex:
     @property
     def lock(self) -> Mutex:
         return self
+
+    @property
+    def _spin(self) -> bool:
+        return self.spin
 
     @property
     def site_at(self) -> Site:
@@ -220,22 +224,25 @@ def mtx_lock(m: Mutex) -> None:
         code, lasti = _retaking[1]
     else:
         code, lasti = site_of(f)
-    if not m._spin and t.critnest > 0:
+    if not m.spin and t.critnest > 0:
         # sys/kern/subr_witness.c, witness_checkorder: sleep locks before spin locks.
         raise _panic(t, "acquiring blockable sleep lock with spinlock or critical "
                         f"section held (sleep mutex) {m.name} @ {site_str((code, lasti))}")
     if m._witness and t.held:  # holding nothing, there is no order to check
-        check_order_lazy(s, t, m.cls, code, lasti, m._spin, False)
-    if s.preemptive and t.critnest == 0:  # s.point("mtx_lock")
-        s.yield_("mtx_lock")
+        check_order_lazy(s, t, m.cls, code, lasti, m.spin, False)
+    if s.point_active:
+        s.point("mtx_lock")
     while m.owner is not None:
-        if m._spin:
+        if m.spin:
             # A spin lock is never held across a scheduling point, so an owner here
             # is a thread that blocked with it: that panicked already.
             raise _panic(t, f"spin mutex {m.name} held by a sleeping thread")
         if _tr is not None:
             _tr.lock_wait(t, m)
-        m.waiters.append(t)
+        waiters = m.waiters
+        if waiters is None:
+            waiters = m.waiters = deque()
+        waiters.append(t)
         s.wait_onlock = True
         s.block(m, "mtx", 0.0)
     m.owner = t
@@ -244,7 +251,7 @@ def mtx_lock(m: Mutex) -> None:
     t.held.append(m)
     if _tr is not None:
         _tr.lock_acquired(t, m)
-    if m._spin:
+    if m.spin:
         t.critnest += 1
 
 
@@ -293,8 +300,8 @@ def mtx_trylock(m: Mutex) -> int:
     """
     s = current_scheduler()
     t = s.curthread
-    if s.preemptive and s.curthread.critnest == 0:  # s.point("mtx_trylock")
-        s.yield_("mtx_trylock")
+    if s.point_active:
+        s.point("mtx_trylock")
     if m.owner is t:
         if not m._recurse_ok:
             raise _panic(t, f"recursing on non-recursive mutex {m.name} @ {caller_site()}")
@@ -308,7 +315,7 @@ def mtx_trylock(m: Mutex) -> int:
     t.held.append(m)
     if _tr is not None:
         _tr.lock_acquired(t, m)
-    if m._spin:
+    if m.spin:
         t.critnest += 1
     return 1
 
@@ -320,8 +327,8 @@ def mtx_unlock(m: Mutex) -> None:
     """
     s = current_scheduler()
     _release(s, m)
-    if s.preemptive and s.curthread.critnest == 0:  # s.point("mtx_unlock")
-        s.yield_("mtx_unlock")
+    if s.point_active:
+        s.point("mtx_unlock")
 
 
 def _release(s: Scheduler, m: Mutex) -> None:
@@ -344,10 +351,11 @@ def _release(s: Scheduler, m: Mutex) -> None:
     m.owner = None
     if _tr is not None:
         _tr.lock_released(t, m)
-    if m._spin:
+    if m.spin:
         t.critnest -= 1
-    while m.waiters:
-        w = m.waiters.popleft()
+    waiters = m.waiters
+    while waiters:
+        w = waiters.popleft()
         if w.wchan is m and w.state is ThreadState.BLOCKED:
             s.wake(w)
             break
@@ -423,7 +431,7 @@ def cv_timedwait(cv: Condvar, m: Mutex, timo: float) -> int:
     """As cv_wait, with a timeout; returns 0 or EWOULDBLOCK. Always a scheduling point."""
     s = current_scheduler()
     t = s.curthread
-    if m._spin:
+    if m.spin:
         # sys/kern/kern_mutex.c, unlock_spin (the lock class's lc_unlock).
         raise _panic(t, "spin locks can only use msleep_spin")
     if m.owner is not t:
@@ -452,8 +460,8 @@ def cv_signal(cv: Condvar) -> None:
         if w.wchan is cv and w.state is ThreadState.BLOCKED:
             s.wake(w)
             break
-    if s.preemptive and s.curthread.critnest == 0:  # s.point("cv_signal")
-        s.yield_("cv_signal")
+    if s.point_active:
+        s.point("cv_signal")
 
 
 def cv_broadcast(cv: Condvar) -> None:
@@ -463,8 +471,8 @@ def cv_broadcast(cv: Condvar) -> None:
         w = cv.waiters.popleft()
         if w.wchan is cv and w.state is ThreadState.BLOCKED:
             s.wake(w)
-    if s.preemptive and s.curthread.critnest == 0:  # s.point("cv_broadcast")
-        s.yield_("cv_broadcast")
+    if s.point_active:
+        s.point("cv_broadcast")
 
 
 # -- sleep(9) on wait channels ----------------------------------------------------
@@ -497,15 +505,15 @@ def msleep(chan: object, m: Mutex | None, wmesg: str, timo: float = 0.0,
     s = current_scheduler()
     t = s.curthread
     if m is not None:
-        if m._spin:
+        if m.spin:
             # sys/kern/kern_synch.c, _sleep: KASSERT "spin locks can only use msleep_spin".
             raise _panic(t, "spin locks can only use msleep_spin")
         if m.owner is not t:
             raise _panic(t, f"msleep on {wmesg} without holding {m.name}")
     sleep_check(s, t, wmesg, m)
     if m is None:
-        if s.preemptive and s.curthread.critnest == 0:  # s.point("tsleep")
-            s.yield_("tsleep")
+        if s.point_active:
+            s.point("tsleep")
     return _sleep(s, t, chan, m, wmesg, timo, pri)
 
 
@@ -513,7 +521,7 @@ def msleep_spin(chan: object, m: Mutex, wmesg: str, timo: float = 0.0, pri: int 
     """msleep(9) with a spin mutex as interlock; 0 or EWOULDBLOCK. Always a point."""
     s = current_scheduler()
     t = s.curthread
-    if not m._spin:
+    if not m.spin:
         raise _panic(t, f"msleep_spin on {wmesg} with sleep mutex {m.name}")
     if m.owner is not t:
         raise _panic(t, f"msleep_spin on {wmesg} without holding {m.name}")
@@ -606,8 +614,8 @@ def wakeup(chan: object) -> None:
         for w in list(ch.waiters):
             s.wake(w)
         ch.waiters.clear()
-    if s.preemptive and s.curthread.critnest == 0:  # s.point("wakeup")
-        s.yield_("wakeup")
+    if s.point_active:
+        s.point("wakeup")
 
 
 def wakeup_one(chan: object) -> None:
@@ -616,8 +624,8 @@ def wakeup_one(chan: object) -> None:
     ch = _channels.get(id(chan))
     if ch is not None and ch.chan is chan and ch.waiters:
         s.wake(ch.waiters.popleft())
-    if s.preemptive and s.curthread.critnest == 0:  # s.point("wakeup_one")
-        s.yield_("wakeup_one")
+    if s.point_active:
+        s.point("wakeup_one")
 
 
 # -- memory barriers of ring code ---------------------------------------------------
@@ -626,20 +634,20 @@ def wakeup_one(chan: object) -> None:
 def wmb() -> None:
     """Write barrier: the other domain may run here. A point only when preemptive."""
     s = current_scheduler()
-    if s.preemptive and s.curthread.critnest == 0:  # s.point("wmb")
-        s.yield_("wmb")
+    if s.point_active:
+        s.point("wmb")
 
 
 def rmb() -> None:
     """Read barrier. A scheduling point only when preemptive."""
     s = current_scheduler()
-    if s.preemptive and s.curthread.critnest == 0:  # s.point("rmb")
-        s.yield_("rmb")
+    if s.point_active:
+        s.point("rmb")
 
 
 def mb() -> None:
     """Full barrier. A scheduling point only when preemptive."""
     s = current_scheduler()
-    if s.preemptive and s.curthread.critnest == 0:  # s.point("mb")
-        s.yield_("mb")
+    if s.point_active:
+        s.point("mb")
 
