@@ -332,7 +332,6 @@ _EXPLORE_DEFAULTS: dict[str, object] = {
 def _explore(args: argparse.Namespace, out: _Output) -> int:
     from gntdma.errors import ConfigError
     from gntdma.toolstack.explorecmd import explore_command, list_scenarios
-    from gntdma.toolstack.preflight import check_output
 
     if args.list:
         for line in list_scenarios():
@@ -347,7 +346,7 @@ def _explore(args: argparse.Namespace, out: _Output) -> int:
         if len(given) > 0:
             raise ConfigError(f"--merge takes the campaign from its shard files: "
                               f"{', '.join(given)} cannot be given with it")
-        check_output(args.out, "--out")
+        _check_output(args.out, "--out")
         return merge_command(args.merge, say=out.say, out=args.out, jobs=jobs)
     for dest, value in _EXPLORE_DEFAULTS.items():
         if getattr(args, dest) is None:
@@ -360,8 +359,8 @@ def _explore(args: argparse.Namespace, out: _Output) -> int:
         raise ConfigError(f"--max-preemptions must be 0 or more, not {args.max_preemptions}")
     if not 0 <= args.seed < 1 << 64:
         raise ConfigError(f"--seed must be from 0 to 2**64-1, not {args.seed}")
-    check_output(args.out, "--out")
-    check_output(args.out_results, "--out-results")
+    _check_output(args.out, "--out")
+    _check_output(args.out_results, "--out-results")
     shard = None
     if args.shard is not None:
         from gntdma.toolstack.exploremerge import parse_shard
@@ -374,6 +373,13 @@ def _explore(args: argparse.Namespace, out: _Output) -> int:
                            max_preemptions=args.max_preemptions, say=out.say,
                            jobs=jobs, shard=shard, out_results=args.out_results,
                            dask=args.dask, dashboard=_dashboard(args))
+
+
+def _check_output(path: Path | None, option: str) -> None:
+    if path is not None:  # preflight (and the config parser it imports) only when needed
+        from gntdma.toolstack.preflight import check_output
+
+        check_output(path, option)
 
 
 def main(argv: list[str] | None = None) -> int:

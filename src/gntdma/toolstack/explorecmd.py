@@ -7,7 +7,7 @@ import json
 import pickle
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gntdma.errors import ConfigError
 from gntdma.sched import (
@@ -21,20 +21,13 @@ from gntdma.sched import (
     strategy_stream,
 )
 from gntdma.toolstack.explorejobs import CampaignSpec
-from gntdma.toolstack.exploremerge import (
-    merge_campaign,
-    read_results,
-    shard_indices,
-    write_results,
-)
-from gntdma.toolstack.explorepool import (
-    Campaign,
-    local_pool,
-    replay_in_child,
-    run_campaign,
-    run_local,
-)
 from gntdma.toolstack.scenarios import SCENARIOS, make_scenario
+
+if TYPE_CHECKING:
+    from gntdma.toolstack.explorepool import Campaign
+
+# exploremerge and explorepool (multiprocessing, concurrent.futures) are imported
+# where a campaign, a merge or a replay needs them: one process exploring does not.
 
 __all__ = ["explore_command", "list_scenarios", "merge_command", "replay_command"]
 
@@ -224,6 +217,9 @@ def _check_dask_address(address: str) -> None:
 def _campaign_command(spec: CampaignSpec, *, say: Any, out: Path | None, jobs: int,
                       shard: tuple[int, int] | None, out_results: Path | None,
                       dask: str | None) -> int:
+    from gntdma.toolstack.exploremerge import shard_indices, write_results
+    from gntdma.toolstack.explorepool import Campaign, local_pool, run_campaign, run_local
+
     if jobs > 1 or dask is not None:
         try:
             pickle.dumps(spec)
@@ -261,6 +257,9 @@ def _campaign_command(spec: CampaignSpec, *, say: Any, out: Path | None, jobs: i
 def merge_command(paths: list[Path], *, say: Any = print, out: Path | None = None,
                   jobs: int = 1) -> int:
     """Combine shard result files into the report of one unsharded run."""
+    from gntdma.toolstack.exploremerge import merge_campaign, read_results
+    from gntdma.toolstack.explorepool import local_pool, run_campaign, run_local
+
     files = [read_results(p) for p in paths]
     campaign, seconds = merge_campaign(files)
     rerun = 0
@@ -322,6 +321,8 @@ def replay_command(path: Path, say: Any = print, scenario: str | None = None) ->
 def _replay_crash(doc: dict[str, Any], schedule: Schedule, recorded: dict[str, Any],
                   say: Any) -> int:
     """A schedule that killed the process running it, replayed in a process of its own."""
+    from gntdma.toolstack.explorepool import replay_in_child
+
     died, end = replay_in_child(str(doc["scenario"]), str(doc["callback_delivery"]),
                                 schedule.to_json(), int(doc.get("max_steps", 200_000)))
     if "divergence" in end:
