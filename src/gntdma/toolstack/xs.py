@@ -66,7 +66,6 @@ from gntdma.xen.xenbus import (
 from gntdma.xen.xenstore import XenStore, xs_attach
 from gntdma.xenstored import Message, MessageReader, Xenstored, XsdType, XsError, errno_from_name
 from gntdma.xenstored._ring import DomainRing
-from gntdma.xenstored._socket import XenstoredServer
 
 if TYPE_CHECKING:
     from gntdma.toolstack.host import Guest
@@ -612,6 +611,9 @@ class XenstoredSocket:
                                             dir=_runtime_dir())
             path = os.path.join(self._tmpdir, "xenstored.sock")
         self.path = path
+        # The socket server is imported here: a host without a socket does not need it.
+        from gntdma.xenstored._socket import XenstoredServer
+
         try:
             self.server = XenstoredServer(xenstored, path)
             self.server.start()

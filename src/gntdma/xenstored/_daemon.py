@@ -17,7 +17,6 @@ import threading
 from types import FrameType
 
 from gntdma.xenstored._core import Xenstored
-from gntdma.xenstored._socket import ServerError, XenstoredServer
 
 __all__ = ["configure_parser", "main", "run"]
 
@@ -42,6 +41,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    # Imported here: building gntdma's argument parser imports this module.
+    from gntdma.xenstored._socket import ServerError, XenstoredServer
+
     try:
         server = XenstoredServer(Xenstored(), args.socket)
     except ServerError as e:
