@@ -5,9 +5,10 @@ Theory of operation
 A kernel thread is a greenlet. One scheduler runs all of them on one OS thread:
 the *hub* (the greenlet that called :meth:`Scheduler.run`) picks a runnable
 thread, switches to it, and gets control back when that thread reaches a
-scheduling point and blocks or yields. Control never changes anywhere else, so
-kernel code between two scheduling points runs atomically, like code under a
-spin lock on a uniprocessor.
+scheduling point and blocks or yields (or, while the hub waits, that thread
+takes the hub's next step itself and hands over to the thread chosen: see
+``_hub``). Control never changes anywhere else, so kernel code between two
+scheduling points runs atomically, like code under a spin lock on a uniprocessor.
 
 Code that is not on a kernel thread (tests, the toolstack, the CLI) runs as
 *thread0*, like FreeBSD's proc0 during boot: it may take locks and call kernel

@@ -611,9 +611,10 @@ def wakeup(chan: object) -> None:
     s = current_scheduler()
     ch = _channels.get(id(chan))
     if ch is not None and ch.chan is chan:
-        for w in list(ch.waiters):
+        waiters = ch.waiters
+        for w in waiters:  # wake() leaves the deque as it is
             s.wake(w)
-        ch.waiters.clear()
+        waiters.clear()
     if s.point_active:
         s.point("wakeup")
 
