@@ -41,6 +41,18 @@ from gntdma.sched._explore import (
     strategy_stream,
 )
 from gntdma.sched._reactor import Reactor
+from gntdma.sched._sleepq import (
+    Condvar,
+    cv_broadcast,
+    cv_signal,
+    cv_timedwait,
+    cv_wait,
+    msleep,
+    msleep_spin,
+    tsleep,
+    wakeup,
+    wakeup_one,
+)
 from gntdma.sched._strategies import (
     DfsStrategy,
     HypothesisStrategy,
@@ -86,15 +98,8 @@ from gntdma.sched._sync import (
     MTX_RECURSE,
     MTX_SPIN,
     PIDLE,
-    Condvar,
     Mutex,
-    cv_broadcast,
-    cv_signal,
-    cv_timedwait,
-    cv_wait,
     mb,
-    msleep,
-    msleep_spin,
     mtx_assert,
     mtx_destroy,
     mtx_init,
@@ -103,9 +108,6 @@ from gntdma.sched._sync import (
     mtx_trylock,
     mtx_unlock,
     rmb,
-    tsleep,
-    wakeup,
-    wakeup_one,
     wmb,
 )
 from gntdma.sched._witness import WITNESS, Witness, WitnessReport, caller_site
