@@ -109,7 +109,13 @@ def gntpin_oflow(pin: int, incr: int) -> bool:
 
 @dataclass(slots=True)
 class ActiveEntry:
-    """Pins on one grant entry (Xen's ``struct active_grant_entry``)."""
+    """Pins on one grant entry (Xen's ``struct active_grant_entry``).
+
+    Xen keeps one per grant entry for the table's life; here an entry is in
+    :attr:`GrantTable.active` while pinned, and the object of an entry whose
+    last pin went is kept in :attr:`GrantTable.spare` for the next first pin
+    (filled in anew, not built).
+    """
 
     pin: int = 0
     frame: int = 0
@@ -127,6 +133,8 @@ class GrantTable:
         self.frames: list[memoryview] = []
         self._buffers: list[bytearray] = []
         self.active: dict[int, ActiveEntry] = {}
+        #: Active entry objects no entry uses now, for the next first pin.
+        self.spare: list[ActiveEntry] = []
         #: ``nr_grant_entries``: kept with the frames, read by every map and copy.
         self.nr_entries = 0
         self.grow(INITIAL_NR_GRANT_FRAMES)
@@ -193,7 +201,15 @@ class GrantTable:
             return _GENERAL_ERROR, 0
         if not valid_frame(frame):
             return _BAD_PAGE, 0
-        self.active[ref] = ActiveEntry(incr, frame, domid)
+        spare = self.spare
+        if spare:
+            act = spare.pop()
+            act.pin = incr
+            act.frame = frame
+            act.domid = domid
+        else:
+            act = ActiveEntry(incr, frame, domid)
+        self.active[ref] = act
         _pack_flags(page, off, flags | (_READING if readonly else _READING | _WRITING))
         return _OKAY, frame
 
@@ -205,6 +221,7 @@ class GrantTable:
         pin -= decr
         if pin == 0:
             del self.active[ref]
+            self.spare.append(act)
             clear = _READING if readonly else _READING | _WRITING
         else:
             act.pin = pin
@@ -245,6 +262,9 @@ class Mapping:
     ``flags`` are the ``GNTMAP_*`` halves still mapped (host and/or device, and
     readonly); the host half is at ``host_addr`` in the mapper's physmap, and
     ``view`` is the mapper's direct view of it (None once the host half is gone).
+    Xen's maptrack is an array of them; here a live one is in
+    :attr:`Maptrack.entries`, and the object of a handle put back is kept in
+    :attr:`Maptrack.spare` for a later map (filled in anew, not built).
     """
 
     granter: int
@@ -274,6 +294,8 @@ class Maptrack:
         self.entries: dict[int, Mapping] = {}
         #: The free list (the map path pops its head inline while it has two or more).
         self.free: deque[int] = deque()
+        #: Mapping objects no handle uses now, for the next maps.
+        self.spare: list[Mapping] = []
         self.peak = 0
 
     @property

@@ -81,6 +81,7 @@ from gntdma.hv._gnttab import (
     GNTPIN_hstw_inc,
     Mapping,
 )
+from gntdma.hv._grantrun import RUN_MIN_OPS, map_run, unmap_run
 
 __all__ = [
     "GNTTAB_COPY_FLAT",
@@ -246,7 +247,13 @@ class GrantOps:
             return -errno.EINVAL
         size: int = op_type.STRUCT.size  # type: ignore[attr-defined]
         n = min(count, len(buf) // size)
-        if cmd == GNTTABOP_map_grant_ref:
+        if cmd == GNTTABOP_map_grant_ref and n >= RUN_MIN_OPS:
+            map_run(self.domains, caller, buf, n, self._map_ref, _MAP_OUT, _MAP_OUT_OFF,
+                    _STATUS_OUT)
+        elif cmd == GNTTABOP_unmap_grant_ref and n >= RUN_MIN_OPS:
+            unmap_run(self.domains, caller, buf, n, self._unmap_handle, _STATUS_OUT,
+                      _UNMAP_STATUS_OFF)
+        elif cmd == GNTTABOP_map_grant_ref:
             for off in range(0, n * _MAP_SIZE, _MAP_SIZE):
                 host_addr, flags, ref, dom, _st, _h, _dba = _MAP_IN(buf, off)
                 status, handle, dev_bus_addr = self._map_ref(caller, host_addr, flags, ref, dom)
@@ -368,7 +375,19 @@ class GrantOps:
                 view = view.toreadonly()
         dev_bus_addr = frame << PAGE_SHIFT
         entries = maptrack.entries
-        entries[handle] = Mapping(dom, ref, frame, flags & _KEPT, host_addr, dev_bus_addr, view)
+        spare = maptrack.spare
+        if spare:
+            m = spare.pop()
+            m.granter = dom
+            m.ref = ref
+            m.frame = frame
+            m.flags = flags & _KEPT
+            m.host_addr = host_addr
+            m.dev_bus_addr = dev_bus_addr
+            m.view = view
+        else:
+            m = Mapping(dom, ref, frame, flags & _KEPT, host_addr, dev_bus_addr, view)
+        entries[handle] = m
         if len(entries) > maptrack.peak:  # Maptrack.add, inline
             maptrack.peak = len(entries)
         return _OKAY, handle, dev_bus_addr
@@ -443,8 +462,10 @@ class GrantOps:
                 m.view = None
         m.flags = flags
         if flags & _HALVES == 0:
-            del caller.maptrack.entries[handle]
-            caller.maptrack.free.append(handle)
+            maptrack = caller.maptrack
+            del maptrack.entries[handle]
+            maptrack.free.append(handle)
+            maptrack.spare.append(m)
 
     def _unmap_all(self, caller: Domain, handle: int) -> None:
         """Both halves of a mapping, as when the mapping domain dies."""
