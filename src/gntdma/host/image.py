@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import operator
 import os
 import stat
 from collections.abc import Callable, Sequence
@@ -114,7 +115,15 @@ def _punch_hole(fd: int, offset: int, length: int) -> int:
     return err if err != 0 else errno.EIO
 
 
+_LAYOUT: Final = operator.attrgetter("format", "ndim")
+_BYTES_1D: Final = ("B", 1)
+
+
 def _byte_views(bufs: Sequence[Buffer]) -> list[memoryview]:
+    # Views of bytes already (blkback's pages and slices of them): taken as they
+    # are, tested without a Python loop.
+    if set(map(type, bufs)) <= {memoryview} and all(map(_BYTES_1D.__eq__, map(_LAYOUT, bufs))):
+        return list(cast(Sequence[memoryview], bufs))
     out: list[memoryview] = []
     for b in bufs:
         v = memoryview(b)
@@ -291,10 +300,9 @@ class DiskImage:
                 ended early (``EIO``), or the image is closed (``EBADF``).
             OSError: the read failed.
         """
-        views = self._check_range(bufs, offset)
+        views, total = self._check_range(bufs, offset)
         if self._cow is not None:
             return self._cow.preadv(views, offset)
-        total = sum(len(v) for v in views)
         done = 0
         while views:
             n = os.preadv(self._fd, views[:_IOV_MAX], offset + done)
@@ -302,6 +310,8 @@ class DiskImage:
                 raise ImageError(errno.EIO, f"disk image ended at byte {offset + done}, "
                                  f"inside the disk", self.path)
             done += n
+            if done == total:  # all of it (the common case): nothing to advance over
+                break
             views = _advance(views, n)
         return total
 
@@ -313,10 +323,9 @@ class DiskImage:
             OSError: the write failed (``ENOSPC`` on the host, ...).
         """
         self._check_writable("write")
-        views = self._check_range(bufs, offset)
+        views, total = self._check_range(bufs, offset)
         if self._cow is not None:
             return self._cow.pwritev(views, offset)
-        total = sum(len(v) for v in views)
         done = 0
         while views:
             n = os.pwritev(self._fd, views[:_IOV_MAX], offset + done)
@@ -324,6 +333,8 @@ class DiskImage:
                 raise ImageError(errno.EIO, f"disk image write made no progress at byte "
                                  f"{offset + done}", self.path)
             done += n
+            if done == total:  # all of it (the common case): nothing to advance over
+                break
             views = _advance(views, n)
         return total
 
@@ -393,14 +404,19 @@ class DiskImage:
         if self._readonly:
             raise ImageError(errno.EROFS, f"{what} on a read-only disk image", self.path)
 
-    def _check_range(self, bufs: Sequence[Buffer], offset: int) -> list[memoryview]:
+    def _check_range(self, bufs: Sequence[Buffer], offset: int
+                     ) -> tuple[list[memoryview], int]:
+        """The non-empty byte views of ``bufs`` and their total length."""
         self._check_open()
-        views = [v for v in _byte_views(bufs) if len(v) > 0]
-        total = sum(len(v) for v in views)
+        views = _byte_views(bufs)
+        lens = list(map(len, views))
+        total = sum(lens)
+        if 0 in lens:
+            views = [v for v in views if len(v) > 0]
         if offset < 0 or offset + total > self._size:
             raise ImageError(errno.EINVAL, f"{total} bytes at {offset} are not inside the "
                              f"{self._size}-byte disk", self.path)
-        return views
+        return views, total
 
 
 def _check_size(path: Path, size: int) -> None:
