@@ -11,6 +11,7 @@ be exactly those of the hub taking every step.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 
 import greenlet
@@ -18,6 +19,7 @@ import pytest
 
 from gntdma.sched import (
     Condvar,
+    KThread,
     Mutex,
     RandomStrategy,
     Scheduler,
@@ -121,3 +123,23 @@ def test_a_yield_that_keeps_its_thread_does_not_switch() -> None:
     assert s.steps > 1000
     assert switches[0] <= 6  # each thread's end (and its start from the hub)
     assert switches[1] < s.steps  # a thread that keeps running does not switch at all
+
+
+def test_a_thread_that_blocks_keeps_no_thread_it_handed_over_to(sched: Scheduler) -> None:
+    """An idle daemon hands over to a worker as it blocks; the worker ends while the
+    daemon sleeps on: nothing of the daemon's keeps the worker alive."""
+    chan = object()
+
+    def daemon() -> None:
+        while True:
+            tsleep(chan, "idle")
+
+    def worker() -> None:
+        pass
+
+    sched.spawn(daemon, name="handoff-daemon", daemon=True)
+    sched.spawn(worker, name="handoff-worker")
+    sched.run()
+    gc.collect()
+    names = [o.name for o in gc.get_objects() if isinstance(o, KThread)]
+    assert "handoff-daemon" in names and "handoff-worker" not in names

@@ -347,8 +347,9 @@ class Scheduler(Hub):
             nxt = self._step()
             if nxt is t:
                 return
-            if nxt is not None:
-                self._switch_to(nxt)
+            if nxt is not None:  # now curthread
+                del nxt  # not kept by this frame while t waits (see _switch_to)
+                self._switch_to()
                 return
         hub = self._hub
         assert hub is not None
@@ -394,8 +395,9 @@ class Scheduler(Hub):
             return
         if self._parked:
             nxt = self._step()
-            if nxt is not None:  # never t: it is blocked
-                self._switch_to(nxt)
+            if nxt is not None:  # never t: it is blocked; now curthread
+                del nxt  # not kept by this frame while t waits (see _switch_to)
+                self._switch_to()
                 return
         assert self._hub is not None
         self._hub.switch()

@@ -130,9 +130,14 @@ class Hub:
                 self.switches += 1
                 return nxt
 
-    def _switch_to(self, t: KThread) -> None:
-        """Switch from the current kernel thread to ``t``, chosen by ``_step``."""
-        glet = t._glet
+    def _switch_to(self) -> None:
+        """Switch from the thread that took the step to the one it chose (curthread).
+
+        No frame of the thread that switches keeps the chosen thread: a thread
+        that blocks for long (an idle daemon) must not keep alive a thread that
+        ends meanwhile (only its greenlet, dead, until the sleeper runs again).
+        """
+        glet = self.curthread._glet
         assert glet is not None
         if not glet:  # not started yet: it must return to the hub when it ends
             glet.parent = self._hub
