@@ -42,8 +42,11 @@ not reach never reads as done.
 from __future__ import annotations
 
 import errno
+import struct
+import sys
+from array import array
 from collections.abc import Sequence
-from typing import Final, Protocol, final
+from typing import Final, Literal, Protocol, cast, final
 
 from gntdma.abi.blkif import (
     BLKIF_OP_DISCARD,
@@ -90,6 +93,58 @@ _OKAY: Final = int(GNTST_okay)
 _NOT_DONE: Final = int(GNTST_general_error)
 _MAP_OP: Final = GnttabMapGrantRef.STRUCT
 _UNMAP_OP: Final = GnttabUnmapGrantRef.STRUCT
+
+#: A member of every op of a packed array: (its code, index in the array viewed as
+#: that code, stride, index among the struct's values).
+_IntCode = Literal["Q", "I", "h", "H"]
+_Column = tuple[_IntCode, int, int, int]
+
+
+def _column(cls: type[GnttabMapGrantRef] | type[GnttabUnmapGrantRef], name: str) -> _Column:
+    layout = cls.LAYOUT
+    i = layout.names.index(name)
+    code = cast(_IntCode, layout.codes[i])
+    assert code in ("Q", "I", "h", "H")
+    offset = next(off for member, off, _size in cls.FIELDS if member == name)
+    size = struct.calcsize("<" + code)
+    assert offset % size == 0 and cls.STRUCT.size % size == 0
+    return code, offset // size, cls.STRUCT.size // size, i
+
+
+_MAP_ADDR: Final = _column(GnttabMapGrantRef, "host_addr")
+_MAP_REF: Final = _column(GnttabMapGrantRef, "ref")
+_MAP_STATUS: Final = _column(GnttabMapGrantRef, "status")
+_MAP_HANDLE: Final = _column(GnttabMapGrantRef, "handle")
+_UNMAP_ADDR: Final = _column(GnttabUnmapGrantRef, "host_addr")
+_UNMAP_HANDLE: Final = _column(GnttabUnmapGrantRef, "handle")
+_UNMAP_STATUS: Final = _column(GnttabUnmapGrantRef, "status")
+#: The wire structs are little-endian: on a little-endian host with the standard
+#: sizes a member of every op is one strided slice of the buffer cast to its code.
+_COLUMNS: Final = sys.byteorder == "little" and all(
+    struct.calcsize(c) == struct.calcsize("<" + c) for c in "QIhH")
+
+
+def _put_column(buf: bytearray, col: _Column, op: struct.Struct, values: Sequence[int]
+                ) -> None:
+    """Write ``values`` into member ``col`` of the ops in ``buf``, in order."""
+    code, first, stride, i = col
+    if _COLUMNS:
+        with memoryview(buf) as whole, whole.cast(code) as v:
+            v[first::stride] = array(code, values)
+        return
+    for off, x in zip(range(0, len(buf), op.size), values, strict=True):
+        fields = list(op.unpack_from(buf, off))
+        fields[i] = x
+        op.pack_into(buf, off, *fields)
+
+
+def _get_column(buf: bytearray, col: _Column, op: struct.Struct) -> list[int]:
+    """Member ``col`` of every op in ``buf``, in order."""
+    code, first, stride, i = col
+    if _COLUMNS:
+        with memoryview(buf) as whole, whole.cast(code) as v:
+            return v[first::stride].tolist()
+    return [fields[i] for fields in op.iter_unpack(buf)]
 
 
 class BackingStore(Protocol):
@@ -243,7 +298,8 @@ class BlkbackIO:
     def _transfer(self, req: BlkbackReq) -> int:
         """Map the data segments, one vectored read or write, unmap."""
         to_disk = req.op == BLKIF_OP_WRITE
-        grefs = [gref for gref, _f, _l in req.segs]
+        segs = req.segs
+        grefs, firsts, lasts = zip(*segs, strict=True) if segs else ((), (), ())
         used: list[_PersistentGnt] = []
         if self.persistent:
             got = self._map_persistent(grefs, used)
@@ -255,17 +311,21 @@ class BlkbackIO:
             self.map_errors += 1
             return BLKIF_RSP_ERROR
         views: list[memoryview] = []  # the partial-page views made here, released after
-        iov: list[memoryview] = []
         status = BLKIF_RSP_OKAY
         try:
-            for page, (_gref, first, last) in zip(self.hc.mapped_pages(handles), req.segs,
-                                                  strict=True):
-                if first == 0 and last == _LAST_SECT:  # the whole page: the mapping's view
-                    iov.append(page)
-                    continue
-                v = page[first << SECTOR_SHIFT:(last + 1) << SECTOR_SHIFT]
-                views.append(v)
-                iov.append(v)
+            pages = self.hc.mapped_pages(handles)
+            n = len(segs)
+            if len(pages) == n and firsts.count(0) == n and lasts.count(_LAST_SECT) == n:
+                iov = pages  # every segment a whole page: the mappings' views
+            else:
+                iov = []
+                for page, (_gref, first, last) in zip(pages, segs, strict=True):
+                    if first == 0 and last == _LAST_SECT:  # the whole page
+                        iov.append(page)
+                        continue
+                    v = page[first << SECTOR_SHIFT:(last + 1) << SECTOR_SHIFT]
+                    views.append(v)
+                    iov.append(v)
             offset = req.sector_number << SECTOR_SHIFT
             try:
                 if to_disk:
@@ -352,38 +412,43 @@ class BlkbackIO:
         error, addrs = self.hc.foreign.alloc_many(len(grefs))
         if error != 0:
             raise KernelPanic(f"{self.name}: no address for a foreign page ({error})")
-        size = _MAP_OP.size
-        pack = _MAP_OP.pack_into
-        buf = bytearray(size * len(grefs))
-        for off, g, addr in zip(range(0, len(buf), size), grefs, addrs, strict=True):
-            pack(buf, off, addr, flags, g, dom, _NOT_DONE, 0, 0)
+        if len(addrs) != len(grefs):
+            raise KernelPanic(f"{self.name}: {len(addrs)} foreign addresses for "
+                              f"{len(grefs)} grants")
+        buf = bytearray(_MAP_OP.pack(0, flags, 0, dom, _NOT_DONE, 0, 0) * len(grefs))
+        _put_column(buf, _MAP_ADDR, _MAP_OP, addrs)
+        _put_column(buf, _MAP_REF, _MAP_OP, grefs)
         return buf, addrs
 
     def _unmap_ops(self, handles: Sequence[int]) -> bytearray:
         """The packed ``struct gnttab_unmap_grant_ref`` of each handle: at the address it
         was mapped at, no device address, status not done."""
-        addrs = self._host_addrs
-        size = _UNMAP_OP.size
-        pack = _UNMAP_OP.pack_into
-        buf = bytearray(size * len(handles))
-        for off, h in zip(range(0, len(buf), size), handles, strict=True):
-            pack(buf, off, addrs[h], 0, h, _NOT_DONE)
+        buf = bytearray(_UNMAP_OP.pack(0, 0, 0, _NOT_DONE) * len(handles))
+        _put_column(buf, _UNMAP_ADDR, _UNMAP_OP,
+                    list(map(self._host_addrs.__getitem__, handles)))
+        _put_column(buf, _UNMAP_HANDLE, _UNMAP_OP, handles)
         return buf
 
     def _map_batch(self, flags: int, grefs: Sequence[int]) -> list[int] | None:
         """Map every gref in one hypercall: the handles, or None (nothing left mapped)."""
         buf, addrs = self._map_ops(flags, grefs)
-        rc = self.hc.grant_table_op_raw(GNTTABOP_map_grant_ref, buf, len(addrs))
-        handles: list[int] = []
+        n = len(addrs)
+        rc = self.hc.grant_table_op_raw(GNTTABOP_map_grant_ref, buf, n)
+        statuses = _get_column(buf, _MAP_STATUS, _MAP_OP)
+        got = _get_column(buf, _MAP_HANDLE, _MAP_OP)
         host_addrs = self._host_addrs
-        free = self.hc.foreign.free
-        for addr, (_a, _f, _r, _d, status, handle, _dba) in zip(
-                addrs, _MAP_OP.iter_unpack(buf), strict=True):
-            if status == _OKAY:
-                handles.append(handle)
-                host_addrs[handle] = addr
-            else:
-                free(addr)
+        if statuses.count(_OKAY) == n:  # every op done (each one's status read)
+            handles = got
+            host_addrs.update(zip(handles, addrs, strict=True))
+        else:
+            handles = []
+            free = self.hc.foreign.free
+            for addr, status, handle in zip(addrs, statuses, got, strict=True):
+                if status == _OKAY:
+                    handles.append(handle)
+                    host_addrs[handle] = addr
+                else:
+                    free(addr)
         self.segments_mapped += len(handles)
         self.mapped_now += len(handles)
         self.mapped_peak = max(self.mapped_peak, self.mapped_now)
@@ -397,12 +462,13 @@ class BlkbackIO:
         if not handles:
             return
         buf = self._unmap_ops(handles)
-        rc = self.hc.grant_table_op_raw(GNTTABOP_unmap_grant_ref, buf, len(handles))
-        bad = [(h, status) for h, (_a, _d, _h, status) in zip(
-            handles, _UNMAP_OP.iter_unpack(buf), strict=True) if status != _OKAY]
-        if rc != 0 or bad:
+        n = len(handles)
+        rc = self.hc.grant_table_op_raw(GNTTABOP_unmap_grant_ref, buf, n)
+        statuses = _get_column(buf, _UNMAP_STATUS, _UNMAP_OP)
+        if rc != 0 or statuses.count(_OKAY) != n:
+            bad = [(h, status) for h, status in zip(handles, statuses, strict=True)
+                   if status != _OKAY]
             raise KernelPanic(f"{self.name}: unmap of our own handles failed: rc {rc}, "
                               f"(handle, status) {bad}")
-        addrs = self._host_addrs
-        self.hc.foreign.free_many([addrs.pop(h) for h in handles])
+        self.hc.foreign.free_many(list(map(self._host_addrs.pop, handles)))
         self.mapped_now -= len(handles)

@@ -29,6 +29,9 @@ FOREIGN_FIRST_PFN: Final = 0x1000000
 #: Pages in the range: as many as a default maptrack table has handles (1024 * 256).
 FOREIGN_NR_PAGES: Final = 0x40000
 _PAGE_MASK: Final = (1 << PAGE_SHIFT) - 1
+#: pfn -> its address, address -> its pfn, as C calls for map().
+_pfn_addr: Final = PAGE_SHIFT.__rlshift__
+_addr_pfn: Final = PAGE_SHIFT.__rrshift__
 
 
 @final
@@ -70,13 +73,13 @@ class ForeignPages:
         pfns.extend(range(self._next, self._next + fresh))
         self._next += fresh
         self.in_use.update(pfns)
-        return 0, [pfn << PAGE_SHIFT for pfn in pfns]
+        return 0, list(map(_pfn_addr, pfns))
 
     def free_many(self, addrs: list[int]) -> int:
         """:meth:`free` of each address, in order: 0, or EINVAL if one was not handed out
         (the others are freed)."""
         in_use, free = self.in_use, self._free
-        pfns = [a >> PAGE_SHIFT for a in addrs]
+        pfns = list(map(_addr_pfn, addrs))
         if (not any(map(_PAGE_MASK.__and__, addrs)) and len(set(pfns)) == len(pfns)
                 and in_use.issuperset(pfns)):  # each handed out once: all go back
             in_use.difference_update(pfns)
