@@ -187,6 +187,7 @@ class Scheduler(Hub):
         #: that yields or blocks then takes the hub's next step itself (``_step``)
         #: and switches to the thread chosen, or goes on if that is itself.
         self._parked = False
+        self._start_chosen = False
         self._until: Callable[[], bool] | None = None
         #: An exception of the strategy's pick in such a step, raised by the hub.
         self._pick_exc: BaseException | None = None

@@ -64,6 +64,8 @@ class Hub:
     _last: KThread | None
     _last_point: str
     _parked: bool
+    #: ``_switch_to`` went back to the hub to start the thread chosen (curthread).
+    _start_chosen: bool
     _until: Callable[[], bool] | None
     _pick_exc: BaseException | None
     failures: list[tuple[KThread, BaseException]]
@@ -139,8 +141,16 @@ class Hub:
         """
         glet = self.curthread._glet
         assert glet is not None
-        if not glet:  # not started yet: it must return to the hub when it ends
-            glet.parent = self._hub
+        if not glet:
+            # Not started yet: the hub starts it (see _run_one). A greenlet starts
+            # at the Python depth of whoever switches to it first, so threads
+            # starting each other would nest one depth per thread
+            # (RecursionError past a few hundred new threads).
+            self._start_chosen = True
+            hub = self._hub
+            assert hub is not None
+            hub.switch()
+            return
         glet.switch()
 
     def _loop(self, until: Callable[[], bool]) -> None:
@@ -209,6 +219,12 @@ class Hub:
         self._parked = True
         try:
             glet.switch()
+            while self._start_chosen:  # a thread's step chose a thread not started yet
+                self._start_chosen = False
+                glet = self.curthread._glet
+                assert glet is not None
+                glet.parent = greenlet.getcurrent()
+                glet.switch()
         finally:
             self._parked = False
         # Back from whichever thread blocked, yielded or ended last (threads may
