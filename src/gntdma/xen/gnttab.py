@@ -328,11 +328,19 @@ class GntTab(GntTabFreeCallbacks):
     def gnttab_free_grant_reference_list(self, refs: list[int]) -> None:
         """:meth:`gnttab_release_grant_reference` of each ref, in order, onto a new chain,
         then :meth:`gnttab_free_grant_references` of it, in one call: the free list ends
-        as freeing the refs one by one leaves it. A ref that is invalid, repeated or free
-        takes those calls, and their reports."""
+        as freeing the refs one by one leaves it. A list with an invalid or a repeated
+        ref is freed one ref at a time (a repeated ref would make the chain a loop and
+        lose the refs after it), with their reports; one with a ref already free takes
+        the chain calls, and their reports."""
+        if not refs:
+            return
         nxt, is_free = self.next, self.is_free
-        if (not refs or len(set(refs)) != len(refs) or min(refs) < GNTTAB_NR_RESERVED_ENTRIES
-                or max(refs) >= len(nxt) or any_set(is_free, refs)):
+        if (len(set(refs)) != len(refs) or min(refs) < GNTTAB_NR_RESERVED_ENTRIES
+                or max(refs) >= len(nxt)):
+            for ref in refs:
+                self.gnttab_free_grant_reference(ref)
+            return
+        if any_set(is_free, refs):
             head = GrantRefHead()
             for ref in refs:
                 self.gnttab_release_grant_reference(head, ref)
