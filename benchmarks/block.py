@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Final
 
-from bench_args import positive_float, positive_int
+from bench_args import check_space, positive_float, positive_int, remove_on_signal
 
 from gntdma.dev.blkfront import xbd_softc
 from gntdma.dev.blkfront_io import xbd_read_buf, xbd_write_buf
@@ -215,8 +215,10 @@ def main() -> None:
              if not args.case or any(t in label(*c) for t in args.case)]
     if not cases:
         ap.error(f"no workload matches {args.case}")
+    check_space(ap, "--size-mb", size * len(modes))
     figures: list[Figure] = []
     with tempfile.TemporaryDirectory(prefix="gntdma-bench-") as tmp:
+        remove_on_signal(tmp)
         cfg = parse_config(
             f'name = "bench"\nmemory = 128\nmax_grant_frames = 64\n'
             f"dma_debug = {int(args.dma_debug == 'on')}\n"

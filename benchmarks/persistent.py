@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Final
 
-from bench_args import positive_float, positive_int
+from bench_args import check_space, positive_float, positive_int, remove_on_signal
 from block import offsets, through_gntdma
 
 from gntdma.dev.blkback import Blkback
@@ -91,8 +91,11 @@ def attach(host: Host, g: Guest, path: Path, devid: int, persistent: bool,
                               ring_page_order=ring_page_order, persistent=persistent)
     assert error == 0 and front is not None, error
     connected = {XenbusState.Connected}
-    assert front.wait_state(connected, 10.0) == (0, XenbusState.Connected), front.error
-    assert back.wait_state(connected, 10.0) == (0, XenbusState.Connected), back.error
+    if (front.wait_state(connected, 10.0) != (0, XenbusState.Connected)
+            or back.wait_state(connected, 10.0) != (0, XenbusState.Connected)):
+        raise SystemExit(f"persistent.py: a disk of the {g.name} guest did not connect "
+                         f"(frontend: {front.error or front.state.name}; backend: "
+                         f"{back.error or back.state.name}); --memory-mb too small?")
     if front.persistent_used is not persistent:
         raise SystemExit(f"persistent.py: ring order {ring_page_order}: blkfront did not use "
                          f"persistent grants (xbd_persistent_segments: its "
@@ -152,8 +155,10 @@ def main() -> None:
     cases = [c for c in CASES if not args.case or any(t in label(*c) for t in args.case)]
     if not cases:
         ap.error(f"no workload matches {args.case}")
+    check_space(ap, "--size-mb", 2 * size)
     figures: list[Figure] = []
     with tempfile.TemporaryDirectory(prefix="gntdma-bench-") as tmp:
+        remove_on_signal(tmp)
         paths = [Path(tmp) / f"bench{i}.img" for i in range(2)]
         for path in paths:
             DiskImage.create(path, size).close()

@@ -43,7 +43,7 @@ from collections import Counter
 from pathlib import Path
 
 import greenlet
-from bench_args import positive_int
+from bench_args import check_output, positive_int
 
 from gntdma.dev.blkfront_io import xbd_read, xbd_write
 from gntdma.sched import WITNESS
@@ -160,6 +160,8 @@ def main() -> int:
     n = args.guests
     if n < 20:
         ap.error("--guests must be at least 20 (two windows of ten)")
+    if args.profile is not None:
+        check_output(ap, "--profile", args.profile)
     # SIGTERM ends the run through the same unwinding as an error: images removed.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if not args.no_tracemalloc:
