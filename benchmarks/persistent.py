@@ -168,9 +168,12 @@ def main() -> None:
                     f.write(os.urandom(8 * MiB))
         host = Host()
         g = host.create_guest("bench", memory_mb=args.memory_mb)
-        disks = {mode: attach(host, g, paths[i], DEVID + 16 * i, mode == "persistent",
-                              args.ring_page_order)
-                 for i, mode in enumerate(("per-load", "persistent"))}
+        try:
+            disks = {mode: attach(host, g, paths[i], DEVID + 16 * i, mode == "persistent",
+                                  args.ring_page_order)
+                     for i, mode in enumerate(("per-load", "persistent"))}
+        except SystemExit as e:  # a disk that cannot work with these options: usage error
+            ap.error(str(e).removeprefix("persistent.py: "))
         print(f"image {args.size_mb} MiB, guest {args.memory_mb} MiB, ring order "
               f"{args.ring_page_order}, {args.seconds:g} s per measurement, "
               f"{args.rounds} alternating round(s) per mode; kernel tunables, guest: "

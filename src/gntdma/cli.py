@@ -47,7 +47,11 @@ class _Output:
 
 
 def _positive_int(text: str) -> int:
-    return int(text, 10)
+    """A decimal integer option (its range is checked by the command)."""
+    try:
+        return int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a decimal integer: {text!r}") from None
 
 
 def _path(text: str) -> Path:

@@ -29,6 +29,8 @@ BAD = [
     ("persistent", ["--rounds", "0"], "--rounds: must be at least 1"),
     ("persistent", ["--seconds", "0"], "--seconds: must be a number above 0"),
     ("persistent", ["--memory-mb", "0"], "--memory-mb: must be at least 1"),
+    ("persistent", ["--memory-mb", "1", "--seconds", "0.01", "--size-mb", "4"],
+     "a disk of the bench guest did not connect"),
     ("explore", ["--schedules", "0"], "--schedules: must be at least 1"),
     ("kernel_debug", ["--rounds", "0"], "--rounds: must be at least 1"),
     ("locks", ["--pairs", "0"], "--pairs: must be at least 1"),

@@ -75,3 +75,16 @@ def test_bad_arguments_are_clear(capsys: pytest.CaptureFixture[str], tmp_path: P
     bad.write_text("{}")
     assert cli.main(["replay", str(bad)]) == 2
     assert "not a gntdma replay file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["explore", "lost-wakeup", "--seed", "abc"],
+                                  ["explore", "lost-wakeup", "--schedules", "1.5"],
+                                  ["run", "--threads", "x"]])
+def test_a_non_integer_option_says_so_without_internal_names(
+        capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "not a decimal integer" in err
+    assert "_positive_int" not in err
