@@ -34,10 +34,12 @@ from gntdma.sched._kthread import Clock, KThread, Strategy, ThreadState, ThreadT
 
 __all__ = ["Hub"]
 
-# The states the hub tests at every step, bound once (a global, not a class lookup).
+# The states the hub tests at every step, bound once (a global, not an Enum class
+# attribute, which costs a Python call on CPython 3.11).
 _RUNNABLE = ThreadState.RUNNABLE
 _RUNNING = ThreadState.RUNNING
 _DONE = ThreadState.DONE
+_BLOCKED = ThreadState.BLOCKED
 
 
 class Hub:
@@ -73,12 +75,12 @@ class Hub:
 
     def wake(self, t: KThread, result: int = 0) -> None:
         """Make a blocked thread runnable. Never a scheduling point."""
-        if t.state is not ThreadState.BLOCKED:
+        if t.state is not _BLOCKED:
             return
         if t.timer is not None:
             t.timer.cancelled = True
             t.timer = None
-        t.state = ThreadState.RUNNABLE
+        t.state = _RUNNABLE
         t.wchan = None
         t.lockwait = False
         t.wait_counted = False

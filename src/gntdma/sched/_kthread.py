@@ -40,6 +40,11 @@ class ThreadState(Enum):
     DONE = "done"
 
 
+# Bound once: an Enum class attribute costs a Python call on CPython 3.11.
+_RUNNABLE = ThreadState.RUNNABLE
+_BLOCKED = ThreadState.BLOCKED
+
+
 class Clock(Protocol):
     """Where time comes from: the real monotonic clock, or a virtual one."""
 
@@ -195,7 +200,7 @@ class KThread:
         self.name = name
         self.daemon = daemon
         self.domain = domain
-        self.state = ThreadState.RUNNABLE
+        self.state = _RUNNABLE
         self.wchan: object | None = None
         self.wmesg = ""
         #: Where the thread last blocked, unformatted (see ``wait_site``).
@@ -271,14 +276,14 @@ class ThreadTable:
 
     def blocked(self, thread0: KThread) -> list[KThread]:
         """Every blocked thread: thread0 first, then in creation order."""
-        out = [t for t in self.live.values() if t.state is ThreadState.BLOCKED]
-        if thread0.state is ThreadState.BLOCKED:
+        out = [t for t in self.live.values() if t.state is _BLOCKED]
+        if thread0.state is _BLOCKED:
             out.insert(0, thread0)
         return out
 
     def counted_waits(self) -> list[KThread]:
         """The blocked threads the watchdog counts, in :meth:`blocked`'s order."""
-        out = [t for t in self.counted.values() if t.state is ThreadState.BLOCKED]
+        out = [t for t in self.counted.values() if t.state is _BLOCKED]
         out.sort(key=_tid)
         return out
 

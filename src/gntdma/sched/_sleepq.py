@@ -17,10 +17,10 @@ from __future__ import annotations
 from collections import deque
 from typing import final
 
-from gntdma.sched import _trace
-from gntdma.sched._core import KThread, Scheduler, ThreadState, current_scheduler
+from gntdma.sched import _core, _trace
+from gntdma.sched._core import KThread, Scheduler, current_scheduler
 from gntdma.sched._errors import KernelPanic
-from gntdma.sched._kthread import Held
+from gntdma.sched._kthread import _BLOCKED, Held
 from gntdma.sched._sync import (
     PIDLE,
     Mutex,
@@ -76,7 +76,9 @@ def cv_wait(cv: Condvar, m: Mutex) -> None:
 
 def cv_timedwait(cv: Condvar, m: Mutex, timo: float) -> int:
     """As cv_wait, with a timeout; returns 0 or EWOULDBLOCK. Always a scheduling point."""
-    s = current_scheduler()
+    s = _core._current  # current_scheduler() without the call
+    if s is None:
+        s = current_scheduler()
     t = s.curthread
     if m.spin:
         # sys/kern/kern_mutex.c, unlock_spin (the lock class's lc_unlock).
@@ -101,25 +103,39 @@ def cv_timedwait(cv: Condvar, m: Mutex, timo: float) -> int:
 
 def cv_signal(cv: Condvar) -> None:
     """Wake one waiter. A scheduling point only when preemptive."""
-    s = current_scheduler()
+    s = _core._current  # current_scheduler() without the call
+    if s is None:
+        s = current_scheduler()
     while cv.waiters:
         w = cv.waiters.popleft()
-        if w.wchan is cv and w.state is ThreadState.BLOCKED:
+        if w.wchan is cv and w.state is _BLOCKED:
             s.wake(w)
             break
     if s.point_active:
-        s.point("cv_signal")
+        hook = s.point_hook
+        if hook is None:
+            if s.curthread.critnest == 0:  # Scheduler._point in place
+                s.yield_("cv_signal")
+        else:
+            hook("cv_signal")
 
 
 def cv_broadcast(cv: Condvar) -> None:
     """Wake every waiter. A scheduling point only when preemptive."""
-    s = current_scheduler()
+    s = _core._current  # current_scheduler() without the call
+    if s is None:
+        s = current_scheduler()
     while cv.waiters:
         w = cv.waiters.popleft()
-        if w.wchan is cv and w.state is ThreadState.BLOCKED:
+        if w.wchan is cv and w.state is _BLOCKED:
             s.wake(w)
     if s.point_active:
-        s.point("cv_broadcast")
+        hook = s.point_hook
+        if hook is None:
+            if s.curthread.critnest == 0:  # Scheduler._point in place
+                s.yield_("cv_broadcast")
+        else:
+            hook("cv_broadcast")
 
 
 # -- sleep(9) on wait channels ----------------------------------------------------
@@ -149,7 +165,9 @@ def msleep(chan: object, m: Mutex | None, wmesg: str, timo: float = 0.0,
     scheduling point before the sleeper is queued: on SMP a wakeup can come in
     between and be lost, so the explorer lets it.
     """
-    s = current_scheduler()
+    s = _core._current  # current_scheduler() without the call
+    if s is None:
+        s = current_scheduler()
     t = s.curthread
     if m is not None:
         if m.spin:
@@ -160,13 +178,20 @@ def msleep(chan: object, m: Mutex | None, wmesg: str, timo: float = 0.0,
     sleep_check(s, t, wmesg, m)
     if m is None:
         if s.point_active:
-            s.point("tsleep")
+            hook = s.point_hook
+            if hook is None:
+                if s.curthread.critnest == 0:  # Scheduler._point in place
+                    s.yield_("tsleep")
+            else:
+                hook("tsleep")
     return _sleep(s, t, chan, m, wmesg, timo, pri)
 
 
 def msleep_spin(chan: object, m: Mutex, wmesg: str, timo: float = 0.0, pri: int = 0) -> int:
     """msleep(9) with a spin mutex as interlock; 0 or EWOULDBLOCK. Always a point."""
-    s = current_scheduler()
+    s = _core._current  # current_scheduler() without the call
+    if s is None:
+        s = current_scheduler()
     t = s.curthread
     if not m.spin:
         raise _panic(t, f"msleep_spin on {wmesg} with sleep mutex {m.name}")
@@ -255,7 +280,9 @@ def tsleep(chan: object, wmesg: str, timo: float = 0.0, pri: int = 0) -> int:
 
 def wakeup(chan: object) -> None:
     """Wake every thread sleeping on ``chan``. A scheduling point only when preemptive."""
-    s = current_scheduler()
+    s = _core._current  # current_scheduler() without the call
+    if s is None:
+        s = current_scheduler()
     ch = _channels.get(id(chan))
     if ch is not None and ch.chan is chan:
         waiters = ch.waiters
@@ -263,14 +290,26 @@ def wakeup(chan: object) -> None:
             s.wake(w)
         waiters.clear()
     if s.point_active:
-        s.point("wakeup")
+        hook = s.point_hook
+        if hook is None:
+            if s.curthread.critnest == 0:  # Scheduler._point in place
+                s.yield_("wakeup")
+        else:
+            hook("wakeup")
 
 
 def wakeup_one(chan: object) -> None:
     """Wake the first thread sleeping on ``chan``. A point only when preemptive."""
-    s = current_scheduler()
+    s = _core._current  # current_scheduler() without the call
+    if s is None:
+        s = current_scheduler()
     ch = _channels.get(id(chan))
     if ch is not None and ch.chan is chan and ch.waiters:
         s.wake(ch.waiters.popleft())
     if s.point_active:
-        s.point("wakeup_one")
+        hook = s.point_hook
+        if hook is None:
+            if s.curthread.critnest == 0:  # Scheduler._point in place
+                s.yield_("wakeup_one")
+        else:
+            hook("wakeup_one")

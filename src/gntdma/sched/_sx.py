@@ -20,8 +20,9 @@ from collections import deque
 from typing import Final, final
 
 from gntdma.sched import _trace
-from gntdma.sched._core import HeldLock, KThread, Scheduler, ThreadState, current_scheduler
+from gntdma.sched._core import HeldLock, KThread, Scheduler, current_scheduler
 from gntdma.sched._errors import KernelPanic
+from gntdma.sched._kthread import _BLOCKED
 from gntdma.sched._sync import _panic, check_order_lazy
 from gntdma.sched._witness import Site, caller_site, caller_site_raw, site_str
 
@@ -230,7 +231,7 @@ def _wake_next(s: Scheduler, sx: Sx) -> None:
     """The lock is free: wake one exclusive waiter, else every shared waiter."""
     while sx.xwaiters:
         w = sx.xwaiters.popleft()
-        if w.wchan is sx and w.state is ThreadState.BLOCKED:
+        if w.wchan is sx and w.state is _BLOCKED:
             s.wake(w)
             return
     _wake_sharers(s, sx)
@@ -239,7 +240,7 @@ def _wake_next(s: Scheduler, sx: Sx) -> None:
 def _wake_sharers(s: Scheduler, sx: Sx) -> None:
     while sx.swaiters:
         w = sx.swaiters.popleft()
-        if w.wchan is sx and w.state is ThreadState.BLOCKED:
+        if w.wchan is sx and w.state is _BLOCKED:
             s.wake(w)
 
 

@@ -23,9 +23,10 @@ from sys import _getframe
 from types import CodeType
 from typing import Final, final
 
-from gntdma.sched import _trace
-from gntdma.sched._core import KThread, Scheduler, ThreadState, current_scheduler
+from gntdma.sched import _core, _trace
+from gntdma.sched._core import KThread, Scheduler, current_scheduler
 from gntdma.sched._errors import KernelPanic
+from gntdma.sched._kthread import _BLOCKED
 from gntdma.sched._witness import (
     _IN_SCHED,
     Site,
@@ -196,7 +197,9 @@ def mtx_lock(m: Mutex) -> None:
 
     Recursing on a mutex without MTX_RECURSE panics.
     """
-    s = current_scheduler()
+    s = _core._current  # current_scheduler() without the call
+    if s is None:
+        s = current_scheduler()
     t = s.curthread
     if m.owner is t:
         if not m._recurse_ok:
@@ -221,7 +224,12 @@ def mtx_lock(m: Mutex) -> None:
     if m._witness and t.held:  # holding nothing, there is no order to check
         check_order_lazy(s, t, m.cls, code, lasti, m.spin, False)
     if s.point_active:
-        s.point("mtx_lock")
+        hook = s.point_hook
+        if hook is None:
+            if t.critnest == 0:  # Scheduler._point in place
+                s.yield_("mtx_lock")
+        else:
+            hook("mtx_lock")
     while m.owner is not None:
         if m.spin:
             # A spin lock is never held across a scheduling point, so an owner here
@@ -234,6 +242,7 @@ def mtx_lock(m: Mutex) -> None:
             waiters = m.waiters = deque()
         waiters.append(t)
         s.wait_onlock = True
+        s.wait_site = (code, lasti)  # the site block would find: this one
         s.block(m, "mtx", 0.0)
     m.owner = t
     m.site_code = code
@@ -288,7 +297,9 @@ def mtx_trylock(m: Mutex) -> int:
 
     A scheduling point only under a preemptive strategy.
     """
-    s = current_scheduler()
+    s = _core._current  # current_scheduler() without the call
+    if s is None:
+        s = current_scheduler()
     t = s.curthread
     if s.point_active:
         s.point("mtx_trylock")
@@ -315,10 +326,17 @@ def mtx_unlock(m: Mutex) -> None:
 
     Unlock by a thread that does not own the mutex panics.
     """
-    s = current_scheduler()
+    s = _core._current  # current_scheduler() without the call
+    if s is None:
+        s = current_scheduler()
     _release(s, m)
     if s.point_active:
-        s.point("mtx_unlock")
+        hook = s.point_hook
+        if hook is None:
+            if s.curthread.critnest == 0:  # Scheduler._point in place
+                s.yield_("mtx_unlock")
+        else:
+            hook("mtx_unlock")
 
 
 def _release(s: Scheduler, m: Mutex) -> None:
@@ -346,7 +364,7 @@ def _release(s: Scheduler, m: Mutex) -> None:
     waiters = m.waiters
     while waiters:
         w = waiters.popleft()
-        if w.wchan is m and w.state is ThreadState.BLOCKED:
+        if w.wchan is m and w.state is _BLOCKED:
             s.wake(w)
             break
 
@@ -406,21 +424,42 @@ def _retake_after_sleep(m: Mutex, depth: int) -> None:
 
 def wmb() -> None:
     """Write barrier: the other domain may run here. A point only when preemptive."""
-    s = current_scheduler()
+    s = _core._current  # current_scheduler() without the call
+    if s is None:
+        s = current_scheduler()
     if s.point_active:
-        s.point("wmb")
+        hook = s.point_hook
+        if hook is None:
+            if s.curthread.critnest == 0:  # Scheduler._point in place
+                s.yield_("wmb")
+        else:
+            hook("wmb")
 
 
 def rmb() -> None:
     """Read barrier. A scheduling point only when preemptive."""
-    s = current_scheduler()
+    s = _core._current  # current_scheduler() without the call
+    if s is None:
+        s = current_scheduler()
     if s.point_active:
-        s.point("rmb")
+        hook = s.point_hook
+        if hook is None:
+            if s.curthread.critnest == 0:  # Scheduler._point in place
+                s.yield_("rmb")
+        else:
+            hook("rmb")
 
 
 def mb() -> None:
     """Full barrier. A scheduling point only when preemptive."""
-    s = current_scheduler()
+    s = _core._current  # current_scheduler() without the call
+    if s is None:
+        s = current_scheduler()
     if s.point_active:
-        s.point("mb")
+        hook = s.point_hook
+        if hook is None:
+            if s.curthread.critnest == 0:  # Scheduler._point in place
+                s.yield_("mb")
+        else:
+            hook("mb")
 
