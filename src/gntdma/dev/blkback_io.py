@@ -27,7 +27,11 @@ is used without a map; any other gref is mapped writable (a persistent grant
 serves reads and writes) and, while the table has room and the gref is not in
 it, kept there after the request; else it is unmapped after the request as
 usual. :meth:`BlkbackIO.unmap_persistent` unmaps the table at disconnect.
-Indirect pages are mapped per request (Linux keeps them too).
+Indirect pages take the same path (Linux ``xen_blkbk_parse_indirect`` maps them
+with ``xen_blkbk_map``): with persistent grants they are mapped writable, kept
+in the table while it has room, and put back once their descriptors are read.
+A frontend may grant more than the table holds (Linux xen-blkfront grants ring
+slots x (segments + indirect pages)): those beyond it are mapped per request.
 
 Every map and unmap goes through the array form of the hypercall
 (:meth:`Hypercalls.grant_table_op_raw`): the ``struct gnttab_map_grant_ref`` and
@@ -277,22 +281,34 @@ class BlkbackIO:
 
     def _read_indirect(self, grefs: tuple[int, ...], nr_segments: int
                        ) -> tuple[int, list[BlkbackSeg]]:
-        """Map the indirect pages read-only, copy the descriptors out, unmap.
+        """Map the indirect pages read-only, copy the descriptors out, unmap (with
+        persistent grants: from the table or mapped writable, as data pages are, and
+        put back; Linux ``xen_blkbk_parse_indirect``, ``xen_blkbk_map``).
 
         Returns (0, segments) or (EFAULT, []) if a page does not map.
         """
-        handles = self._map_batch(_MAP_HOST_RO, grefs)
+        used: list[_PersistentGnt] = []
+        if self.persistent:
+            got = self._map_persistent(grefs, used)
+            handles, temp, _hits = got if got is not None else (None, [], 0)
+        else:
+            handles = self._map_batch(_MAP_HOST_RO, grefs)
+            temp = handles if handles is not None else []
         if handles is None:
             self.map_errors += 1
             return errno.EFAULT, []
         chunks: list[bytes] = []
         left = nr_segments * BLKBACK_SEG_SIZE
-        for h in handles:
-            n = min(left, PAGE_SIZE)
-            with self.hc.mapped_page(h)[:n] as v:
-                chunks.append(bytes(v))  # one copy: each descriptor is read once
-            left -= n
-        self.unmap_batch(handles)
+        try:
+            for h in handles:
+                n = min(left, PAGE_SIZE)
+                with self.hc.mapped_page(h)[:n] as v:
+                    chunks.append(bytes(v))  # one copy: each descriptor is read once
+                left -= n
+        finally:
+            for p in used:
+                p.active = False  # Linux put_persistent_gnt (xen_blkbk_unmap)
+            self.unmap_batch(temp)
         return 0, blkback_unpack_segs(b"".join(chunks))
 
     def _transfer(self, req: BlkbackReq) -> int:
@@ -303,7 +319,8 @@ class BlkbackIO:
         used: list[_PersistentGnt] = []
         if self.persistent:
             got = self._map_persistent(grefs, used)
-            handles, temp = got if got is not None else (None, [])
+            handles, temp, hits = got if got is not None else (None, [], 0)
+            self.persistent_hits += hits
         else:
             handles = self._map_batch(_MAP_HOST_RO if to_disk else _MAP_HOST, grefs)
             temp = handles if handles is not None else []
@@ -346,9 +363,10 @@ class BlkbackIO:
     # -- persistent grants ------------------------------------------------------------
 
     def _map_persistent(self, grefs: Sequence[int], used: list[_PersistentGnt]
-                        ) -> tuple[list[int], list[int]] | None:
-        """The handle of each gref (from the table, or mapped now), and those to unmap
-        after the request; None if a map failed (nothing of this request left in use).
+                        ) -> tuple[list[int], list[int], int] | None:
+        """The handle of each gref (from the table, or mapped now), those to unmap after
+        the request, and how many the table served without a map; None if a map failed
+        (nothing of this request left in use).
         The table entries used are appended to ``used`` (to be put back after)."""
         table = self._pgnts
         handles = [0] * len(grefs)
@@ -361,7 +379,7 @@ class BlkbackIO:
                 handles[i] = p.handle
             else:
                 todo.append(i)
-        self.persistent_hits += len(grefs) - len(todo)
+        hits = len(grefs) - len(todo)
         temp: list[int] = []
         if todo:
             mapped = self._map_batch(_MAP_HOST, [grefs[i] for i in todo])
@@ -378,7 +396,7 @@ class BlkbackIO:
                     used.append(p)
                 else:
                     temp.append(h)
-        return handles, temp
+        return handles, temp, hits
 
     @property
     def persistent_grants(self) -> int:

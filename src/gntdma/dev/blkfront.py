@@ -337,7 +337,9 @@ class xbd_softc(xbd_softc_req):
         return 0
 
     def _xbd_alloc_indirect(self, shadow: list[xbd_command], npages: int) -> BusDmaTag | None:
-        """Indirect pages for every command, granted read-only; None (all undone) on failure."""
+        """Indirect pages for every command, granted read-only (writable with persistent
+        grants: Linux xen-blkfront grants them as its data pages, and xen-blkback's
+        ``xen_blkbk_map`` maps them writable then); None (all undone) on failure."""
         kern = self.xbd_kern
         size = npages << PAGE_SHIFT
         error, dmat = bus_dma_tag_create(
@@ -368,7 +370,7 @@ class xbd_softc(xbd_softc_req):
                 break
             got: list[int] = []
             bus_dmamap_load(dmat, map_, cm.cm_indirectionpages, size, indirect_cb, got,
-                            BUS_DMA_NOWAIT | BUS_DMA_XEN_RO)
+                            BUS_DMA_NOWAIT | (0 if self.xbd_persistent else BUS_DMA_XEN_RO))
             error = got[0] if got else errno.EIO
             if error != 0:
                 break

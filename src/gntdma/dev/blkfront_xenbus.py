@@ -30,12 +30,16 @@ that does the I/O. The sequence (``xen-abi.md`` 4.4, 4.5 and 6):
 Persistent grants (blkif.h ``feature-persistent``; Linux xen-blkfront
 ``talk_to_blkback`` and ``blkfront_gather_backend_features``): with
 ``persistent`` on, the frontend writes ``feature-persistent`` = 1 with its
-transport keys when its grant budget, :data:`XBD_MAX_PERSISTENT_GRANTS` (what
-the backend keeps mapped) and memory can hold them (see
+transport keys when its grant budget and memory can hold them (see
 :func:`xbd_persistent_segments`); when the backend's key is non-zero too, the
 data maps are created with ``BUS_DMA_XEN_PERSISTENT`` (their pages stay
-granted, the backend keeps them mapped) and requests are limited to the
-segments every command's pages can hold.
+granted, the backend keeps them mapped), the indirect pages are granted
+writable (they are persistent grants too) and requests are limited to the
+segments every command's pages can hold. As Linux's ``blkfront_setup_indirect``
+and ``fill_grant_buffer`` (ring slots x (segments + indirect pages) grants,
+whatever the backend keeps mapped), the backend's table (Linux xen-blkback's
+``max_pgrants``, 1056) sets no limit: blkback maps the grants beyond it per
+request (``xen_blkbk_map``).
 
 A failure on the way (a step's errno, garbage in the backend's keys) is
 ``xenbus_dev_fatal``: ``<our dir>/error`` gets ``"<errno> <message>"``, then
@@ -87,7 +91,6 @@ from gntdma.xen.xenbus import (
 )
 
 __all__ = [
-    "XBD_MAX_PERSISTENT_GRANTS",
     "XBD_XENBUS_DEVTYPE",
     "XBD_XENBUS_KEY_ERROR",
     "XbdXenbus",
@@ -97,10 +100,6 @@ __all__ = [
     "xbd_vdevice_to_unit",
 ]
 
-#: References the persistent grants of one disk may hold at most: what Linux
-#: xen-blkback keeps mapped by default (blkback.c ``max_pgrants``), which is its
-#: blkfront's defaults (32 ring slots x (32 segments + 1 indirect page)).
-XBD_MAX_PERSISTENT_GRANTS: Final = 1056
 #: The xenbus device type blkfront drives.
 XBD_XENBUS_DEVTYPE: Final = "vbd"
 #: Where ``xenbus_dev_fatal`` writes its message, in the driver's own directory.
@@ -279,7 +278,9 @@ class XbdXenbus(XenbusDriver):
 
     def _persistent_segs(self, backend_max: int | None = None) -> int:
         """Segments per request persistent grants allow now (0: none): the disk's grant
-        budget, and a quarter of the guest's memory for the pages."""
+        budget, and a quarter of the guest's memory for the pages. Not what the backend
+        keeps mapped: Linux ``blkfront_setup_indirect`` sizes its grants by its own
+        ``max_indirect_segments`` and the backend's ``feature-max-indirect-segments``."""
         sc = self.sc
         ring = sc.xbd_ring
         if ring is None:
@@ -287,8 +288,7 @@ class XbdXenbus(XenbusDriver):
         wanted = sc.xbd_indirect_segments_max
         if backend_max is not None:
             wanted = min(wanted, backend_max)
-        refs = min(sc.xbd_gnttab.gnttab_ever_available() // max(1, sc.xbd_grant_share),
-                   XBD_MAX_PERSISTENT_GRANTS)
+        refs = sc.xbd_gnttab.gnttab_ever_available() // max(1, sc.xbd_grant_share)
         return xbd_persistent_segments(ring.nr_ents, wanted, refs,
                                        sc.xbd_kern.vm.total // 4)
 
