@@ -40,7 +40,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gntdma.sched import KernelPanic
-from gntdma.sys._bio import bio, uio
+from gntdma.sys._bio import BIO_UNMAPPED, bio, uio
 from gntdma.sys._busdma_impl import BusDmaImpl, buffer_client_ranges, segments_length
 from gntdma.sys._busdma_types import (
     BUS_DMA_LOAD_MBUF,
@@ -55,6 +55,7 @@ from gntdma.sys._busdma_types import (
     BUS_SPACE_MAXADDR,
     BUS_SPACE_MAXSIZE,
     BUS_SPACE_UNRESTRICTED,
+    MEMDESC_BIO,
     MEMDESC_MBUF,
     BusDmaCallback,
     BusDmaCallback2,
@@ -104,6 +105,8 @@ __all__ = [
 
 _SYNC_ALL = (BUS_DMASYNC_PREREAD | BUS_DMASYNC_POSTREAD | BUS_DMASYNC_PREWRITE
              | BUS_DMASYNC_POSTWRITE)
+_SYNC_PRE = BUS_DMASYNC_PREREAD | BUS_DMASYNC_PREWRITE
+_SYNC_POST = BUS_DMASYNC_POSTREAD | BUS_DMASYNC_POSTWRITE
 
 
 def _default_impl(kern: Kernel) -> BusDmaImpl:
@@ -299,15 +302,32 @@ def _run(dmat: BusDmaTag, map: BusDmaMap, mem: memdesc,
     map.load_flags = flags
     map.last_op_unload = False
     segs: list[bus_dma_segment_t] = []
-    error = busdma_load_memdesc(dmat, map, mem, flags, segs)
+    impl = dmat.impl
+    if mem.md_type == MEMDESC_BIO:  # one buffer: busdma_load_memdesc's hook called here
+        bp = mem.md_bio
+        assert bp is not None
+        if bp.bio_flags & BIO_UNMAPPED:
+            error = impl.load_ma(dmat, map, tuple(bp.bio_ma), bp.bio_bcount, bp.bio_ma_offset,
+                                 flags, segs)
+        else:
+            error = impl.load_buffer(dmat, map, bp.bio_data, bp.bio_bcount, flags, segs)
+    else:
+        error = busdma_load_memdesc(dmat, map, mem, flags, segs)
     if error == errno.EINPROGRESS:
         if not map.deferred:
             map.deferred = True
             dmat.kern.busdma.deferred_pending += 1
             dmat.kern.busdma.deferred_total += 1
         return error, segs
-    segs = dmat.impl.map_complete(dmat, map, segs, len(segs), error)
-    _finish(dmat, map, mem, segs, error)
+    segs = impl.map_complete(dmat, map, segs, len(segs), error)
+    if error != 0 or map.deferred:
+        _finish(dmat, map, mem, segs, error)
+    else:  # _finish of a load that completed at once
+        map.state = MapState.LOADED
+        map.dm_segs = list(segs)
+        map.dm_mem = mem
+        map.dm_mapsize = segments_length(segs)
+        dmat.kern.busdma.maps_loaded += 1
     return error, segs
 
 
@@ -350,16 +370,29 @@ def _call(callback: BusDmaCallback, arg: Any, segs: list[bus_dma_segment_t], err
 def bus_dmamap_load_mem(dmat: BusDmaTag, map: BusDmaMap, mem: memdesc,
                         callback: BusDmaCallback, callback_arg: Any, flags: int) -> int:
     """Load a memory descriptor (the common path of every callback loader)."""
-    error = _start(dmat, map, mem, "bus_dmamap_load")
+    if map.destroyed or map.dmat is not dmat or map.state is not MapState.IDLE:
+        error = _start(dmat, map, mem, "bus_dmamap_load")  # a panic or EINVAL, reported
+    else:  # _start of an idle map of this tag
+        map.last_op_unload = False  # an unload after any load attempt is not a double unload
+        if mem.md_type == MEMDESC_BIO:
+            bp = mem.md_bio
+            assert bp is not None
+            total = bp.bio_bcount
+        else:
+            total = memdesc_length(mem)
+        error = errno.EINVAL if total < 0 or total > dmat.maxsize else 0
     if error != 0:
         callback(callback_arg, [], 0, error)
         return error
     if not flags & BUS_DMA_NOWAIT:
         dmat.impl.map_waitok(dmat, map, mem, callback, callback_arg)
     error, segs = _run(dmat, map, mem, flags)
+    if error == 0:  # _call
+        callback(callback_arg, list(segs), len(segs), 0)
+        return 0
     if error == errno.EINPROGRESS:
         return error
-    _call(callback, callback_arg, segs, error)
+    callback(callback_arg, [], 0, error)
     return error if error in (errno.ENOMEM, errno.EINVAL) else 0
 
 
@@ -481,7 +514,8 @@ def bus_dmamap_complete_deferred(dmat: BusDmaTag, map: BusDmaMap,
 
 def bus_dmamap_unload(dmat: BusDmaTag, map: BusDmaMap) -> None:
     """Unload (no implicit sync). Cancels a deferred load. A never-loaded map is a no-op."""
-    _check_map(dmat, map, "bus_dmamap_unload")
+    if map.destroyed or map.dmat is not dmat:
+        _check_map(dmat, map, "bus_dmamap_unload")
     kern = dmat.kern
     if map.state is MapState.IDLE:
         if map.last_op_unload:
@@ -519,11 +553,12 @@ def _map_client_ranges(kern: Kernel, map: BusDmaMap) -> list[tuple[int, int]]:
 
 def bus_dmamap_sync(dmat: BusDmaTag, map: BusDmaMap, op: int) -> None:
     """PRE ops before the device touches the buffer, POST ops after. Bounce copies here."""
-    _check_map(dmat, map, "bus_dmamap_sync")
+    if map.destroyed or map.dmat is not dmat:
+        _check_map(dmat, map, "bus_dmamap_sync")
     kern = dmat.kern
     dbg = kern.dma_debug
-    pre = op & (BUS_DMASYNC_PREREAD | BUS_DMASYNC_PREWRITE)
-    post = op & (BUS_DMASYNC_POSTREAD | BUS_DMASYNC_POSTWRITE)
+    pre = op & _SYNC_PRE
+    post = op & _SYNC_POST
     if op == 0 or op & ~_SYNC_ALL or (pre != 0 and post != 0):
         dbg.report(DmaDebugKind.SYNC_BAD_OP, f"sync op {op:#x} on {map.desc()}",
                    tag=dmat.desc(), map=map.desc())

@@ -297,6 +297,15 @@ class BounceImpl(BusDmaImpl):
         bz = t.bounce_zone
         if bz is None:
             return
+        if not m.bpages and m.pagesreserved == 0 and not m.bounce_waiting and not bz.waiting:
+            # Nothing to give back and no map waiting: what the walk below leaves
+            # (no page count changes, so the counters stand as they are).
+            m.pagesneeded = 0
+            m.whole_counted = False
+            callbacks = self.state.callbacks
+            if callbacks and m in callbacks:
+                callbacks.remove(m)
+            return
         for bp in m.bpages:
             bp.src = []
             bp.datacount = 0
@@ -460,7 +469,11 @@ class BounceImpl(BusDmaImpl):
 
     def _load(self, dmat: BusDmaTag, map: BusDmaMap, kind: str, a: int, ma: Sequence[int],
               buflen: int, flags: int, segs: list[bus_dma_segment_t]) -> int:
-        t, m = bounce_tag(dmat), bounce_map(map)
+        if not isinstance(dmat, BounceTag):
+            raise KernelPanic(f"bounce busdma: {dmat!r} is not a bounce tag")
+        if not isinstance(map, BounceMap):
+            raise KernelPanic(f"bounce busdma: {map!r} is not a bounce map")
+        t, m = dmat, map
         if buflen < 0:
             return errno.EINVAL
         # bus_dmamem_alloc memory satisfies the tag: FreeBSD loads it with the
@@ -468,11 +481,10 @@ class BounceImpl(BusDmaImpl):
         if not t.bounce_flags & BUS_DMA_COULD_BOUNCE or m.dmamem:  # pages looked up at once
             added = bus_dmamap_addpages(t, buffer_pieces(self.kern, kind, a, ma, buflen), segs)
             return errno.EFBIG if added < buflen else 0
-        addr_at, pieces_at = buffer_accessors(self.kern, kind, a, ma)
         pages = map_pieces_unbounced(self.kern, t, m, kind, a, ma, buflen,  # None: may bounce
                                      buffer_pieces_unbounced)
         if not m.whole_counted and m.pagesneeded == 0 and pages is None:  # else the count is 0
-            m.pagesneeded = self._count(t, addr_at, buflen)
+            m.pagesneeded = self._count(t, buffer_accessors(self.kern, kind, a, ma)[0], buflen)
         if m.pagesneeded > m.pagesreserved:
             if t.bounce_zone is None:
                 self._alloc_zone(t)
@@ -481,6 +493,7 @@ class BounceImpl(BusDmaImpl):
                 return error
         if pages is not None:  # the walk's chunks are the pages
             return errno.EFBIG if bus_dmamap_addpages(t, pages, segs) < buflen else 0
+        addr_at, pieces_at = buffer_accessors(self.kern, kind, a, ma)
         off = 0
         while off < buflen:
             cur = addr_at(off)
@@ -511,15 +524,26 @@ class BounceImpl(BusDmaImpl):
 
     def map_waitok(self, dmat: BusDmaTag, map: BusDmaMap, mem: memdesc,
                    callback: BusDmaCallback, callback_arg: Any) -> None:
-        super().map_waitok(dmat, map, mem, callback, callback_arg)
-        t, m = bounce_tag(dmat), bounce_map(map)
+        # BusDmaImpl.map_waitok: the load to replay
+        map.mem = mem
+        map.callback = callback
+        map.callback_arg = callback_arg
+        if not isinstance(dmat, BounceTag):
+            raise KernelPanic(f"bounce busdma: {dmat!r} is not a bounce tag")
+        if not isinstance(map, BounceMap):
+            raise KernelPanic(f"bounce busdma: {map!r} is not a bounce map")
+        t, m = dmat, map
         if (t.bounce_flags & BUS_DMA_COULD_BOUNCE and not m.dmamem and not m.bpages
                 and m.pagesneeded == 0 and m.pagesreserved == 0):
             m.pagesneeded = self._count_memdesc(t, m, mem)
             m.whole_counted = True
 
     def map_unload(self, dmat: BusDmaTag, map: BusDmaMap) -> None:
-        self._free_bounce_pages(bounce_tag(dmat), bounce_map(map))
+        if not isinstance(dmat, BounceTag):
+            raise KernelPanic(f"bounce busdma: {dmat!r} is not a bounce tag")
+        if not isinstance(map, BounceMap):
+            raise KernelPanic(f"bounce busdma: {map!r} is not a bounce map")
+        self._free_bounce_pages(dmat, map)
 
     def map_sync(self, dmat: BusDmaTag, map: BusDmaMap, op: int) -> None:
         t, m = bounce_tag(dmat), bounce_map(map)

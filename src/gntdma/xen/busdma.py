@@ -78,6 +78,7 @@ from gntdma.sys import (
     BUS_SPACE_MAXADDR,
     BUS_SPACE_MAXSIZE,
     BUS_SPACE_UNRESTRICTED,
+    MEMDESC_BIO,
     BounceImpl,
     BounceMap,
     BounceTag,
@@ -292,8 +293,12 @@ class XenDmaImpl(BounceImpl):
 
     def load_buffer(self, dmat: BusDmaTag, map: BusDmaMap, buf: int, buflen: int, flags: int,
                     segs: list[bus_dma_segment_t]) -> int:
-        error = (self._pload(dmat, map, "vaddr", buf, (), buflen, segs) if _xmap(map).pool
-                 is not None else super().load_buffer(dmat, map, buf, buflen, flags & 0xFFFF, segs))
+        if not isinstance(map, XenDmaMap):
+            raise KernelPanic(f"busdma_xen: {map!r} is not a Xen map")
+        # BounceImpl.load_buffer is this _load
+        error = (self._pload(dmat, map, "vaddr", buf, (), buflen, segs) if map.pool
+                 is not None else self._load(dmat, map, "vaddr", buf, (), buflen, flags & 0xFFFF,
+                                             segs))
         return self._after(dmat, map, buflen, flags, segs, error)
 
     def load_phys(self, dmat: BusDmaTag, map: BusDmaMap, paddr: int, buflen: int, flags: int,
@@ -320,16 +325,20 @@ class XenDmaImpl(BounceImpl):
         return m.pool.load(dmat, kind, a, ma, buflen, segs)
 
     def map_sync(self, dmat: BusDmaTag, map: BusDmaMap, op: int) -> None:
-        m = _xmap(map)
-        if m.pool is not None:
-            m.pool.sync(op)
+        if not isinstance(map, XenDmaMap):
+            raise KernelPanic(f"busdma_xen: {map!r} is not a Xen map")
+        if map.pool is not None:
+            map.pool.sync(op)
             return
-        super().map_sync(dmat, map, op)
+        if map.bpages:  # BounceImpl.map_sync does nothing for a map without bounce pages
+            super().map_sync(dmat, map, op)
 
     def _after(self, dmat: BusDmaTag, map: BusDmaMap, buflen: int, flags: int,
                segs: list[bus_dma_segment_t], error: int) -> int:
         """After the bounce layer added one buffer's segments: references."""
-        m = _xmap(map)
+        if not isinstance(map, XenDmaMap):
+            raise KernelPanic(f"busdma_xen: {map!r} is not a Xen map")
+        m = map
         if m.pass_gen != m.load_gen:  # a new pass over the load (first, or a replay)
             m.pass_gen = m.load_gen
             m.pass_bytes = 0
@@ -344,7 +353,13 @@ class XenDmaImpl(BounceImpl):
                 self.nowait_shortages += 1
                 return errno.ENOMEM
             return 0
-        total = memdesc_length(m.mem) if m.mem is not None else m.pass_bytes
+        mem = m.mem
+        if mem is None:
+            total = m.pass_bytes
+        elif mem.md_type == MEMDESC_BIO and mem.md_bio is not None:  # its one buffer's length
+            total = mem.md_bio.bio_bcount
+        else:
+            total = memdesc_length(mem)
         if m.pass_bytes < total:
             return 0  # more buffers to come: allocate once every segment is known
         if self._take_refs(m, len(segs)) == 0:
@@ -437,7 +452,11 @@ class XenDmaImpl(BounceImpl):
         segs = super().map_complete(dmat, map, segs, nsegs, error)
         if error != 0:
             return segs
-        t, m = _xtag(dmat), _xmap(map)
+        if not isinstance(dmat, XenDmaTag):
+            raise KernelPanic(f"busdma_xen: {dmat!r} is not a Xen tag")
+        if not isinstance(map, XenDmaMap):
+            raise KernelPanic(f"busdma_xen: {map!r} is not a Xen map")
+        t, m = dmat, map
         domid = 0 if t.domid is None else t.domid  # the root tag grants to dom0
         if len(m.refs) < len(segs):
             raise KernelPanic(f"busdma_xen: {len(segs)} segments but {len(m.refs)} refs")
@@ -455,7 +474,9 @@ class XenDmaImpl(BounceImpl):
     # -- unload ------------------------------------------------------------------------------
 
     def map_unload(self, dmat: BusDmaTag, map: BusDmaMap) -> None:
-        m = _xmap(map)
+        if not isinstance(map, XenDmaMap):
+            raise KernelPanic(f"busdma_xen: {map!r} is not a Xen map")
+        m = map
         if m.grant_wait:
             self.gnttab.gnttab_cancel_free_callback(m.gnttab_cb)
             m.grant_wait = False
@@ -480,6 +501,8 @@ class XenDmaImpl(BounceImpl):
         with the page behind each wired until the backend lets go (DESIGN section 4).
         A prealloc map gets replacements (``replace``)."""
         gt = self.gnttab
+        if m.granted == 0:
+            return  # nothing to end
         busy = gt.gnttab_end_foreign_access_refs(m.refs[: m.granted])
         m.granted = 0
         if not busy:
@@ -522,20 +545,12 @@ class XenDmaImpl(BounceImpl):
         """Give the map's refs back as one private chain (one gnttab lock round).
 
         Released in order onto the chain, the free list ends up as freeing them one by
-        one would leave it. Should a ref be invalid, free them one at a time, so that
-        the per-ref reports stay as they were; a repeated ref would make the chain a
-        loop, so that case also takes the one-at-a-time path.
+        one would leave it. Should a ref be invalid or repeated, the list call frees
+        them one at a time itself, so that the per-ref reports stay as they were.
         """
         if not refs:
             return
-        gt = self.gnttab
-        # Valid refs are a range: the lowest and the highest tell for all of them.
-        if len(set(refs)) != len(refs) or not (gt.ref_is_valid(min(refs))
-                                               and gt.ref_is_valid(max(refs))):
-            for ref in refs:
-                gt.gnttab_free_grant_reference(ref)
-            return
-        gt.gnttab_free_grant_reference_list(refs)
+        self.gnttab.gnttab_free_grant_reference_list(refs)
 
     def _release_refs(self, m: XenDmaMap) -> None:
         self._cancel_topup(m)
@@ -588,7 +603,8 @@ def xen_get_dma_tag(kern: Kernel) -> BusDmaTag:
 
 def xen_dmamap_get_grefs(map: BusDmaMap) -> list[int]:
     """The grant references of a loaded map, one per segment, in segment order."""
-    m = _xmap(map)
-    if m.state is not MapState.LOADED:
+    if not isinstance(map, XenDmaMap):
+        raise KernelPanic(f"busdma_xen: {map!r} is not a Xen map")
+    if map.state is not MapState.LOADED:
         return []
-    return list(m.refs[: m.dm_nsegs])
+    return map.refs[: len(map.dm_segs)]
