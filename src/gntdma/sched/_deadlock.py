@@ -74,6 +74,15 @@ def lock_cycle(t: KThread) -> list[KThread] | None:
     Only lock waits are edges: a thread asleep on a channel or a condition
     variable waits for nobody in particular.
     """
+    wchan = t.wchan
+    if not getattr(wchan, "sharers", None):
+        # The usual case: one holder at most (a mutex, an sx held exclusive), not
+        # itself waiting for a lock; walk below would find no cycle.
+        owner = getattr(wchan, "owner", None)
+        if owner is None or not hasattr(owner, "held"):
+            return None
+        if owner is not t and not owner.lockwait:
+            return None
     path: list[KThread] = [t]
     seen: set[int] = {id(t)}
 
