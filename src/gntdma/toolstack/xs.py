@@ -65,6 +65,8 @@ from gntdma.xen.xenbus import (
 )
 from gntdma.xen.xenstore import XenStore, xs_attach
 from gntdma.xenstored import Message, MessageReader, Xenstored, XsdType, XsError, errno_from_name
+from gntdma.xenstored._home import mkdir as xs_mkdir
+from gntdma.xenstored._home import peek_children, write_with_perms
 from gntdma.xenstored._ring import DomainRing
 
 if TYPE_CHECKING:
@@ -358,10 +360,11 @@ class HostXenstore:
                 home = self.xenstored.introduce_domain(domid, gfn=gfn, port=port)
             else:
                 home = "/local/domain/0"
-                self.xenstored.mkdir(home)
+                xs_mkdir(self.xenstored, home)
+            perms = ["n0", f"r{domid}"]
             for key, value in (("name", g.name), ("domid", str(domid))):
-                self.xenstored.write(f"{home}/{key}", value.encode())
-                self.xenstored.set_perms(f"{home}/{key}", ["n0", f"r{domid}"])
+                # A write then a set_perms, in one step (same nodes and events).
+                write_with_perms(self.xenstored, f"{home}/{key}", value.encode(), perms)
             self.rings[domid] = DomainRing(self.xenstored, hv, self._sched, domid,
                                            gfn=gfn, port=port)
             error, client = xs_attach(g.hc, gfn, port, name=g.name, domain=g.kernel)
@@ -541,10 +544,8 @@ class HostXenstore:
                        grants_pinned=s.grants_pinned - h.grants_pinned)
 
     def _ls(self, path: str) -> list[str]:
-        try:
-            return self.xenstored.directory(path)
-        except XsError:
-            return []
+        """The daemon's DIRECTORY of ``path``; [] if it has no such node."""
+        return peek_children(self.xenstored, path)
 
     def leaks(self, live: Iterable[int]) -> list[str]:
         """Xenstore leftovers: state of dead domains, open transactions, stale devices."""

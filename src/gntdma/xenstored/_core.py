@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gntdma.xenstored import _requests
+from gntdma.xenstored import _home, _requests
 from gntdma.xenstored._store import SPECIAL_PATHS, Access, Change, Quotas, Store, Transaction
 from gntdma.xenstored._tree import (
     DOMID_FIRST_RESERVED,
@@ -40,7 +40,6 @@ from gntdma.xenstored._tree import (
     Perm,
     XsPerm,
     adjust_perms,
-    domain_path,
     parent_path,
     perm_for,
 )
@@ -401,14 +400,7 @@ class Xenstored:
         """
         with self.lock:
             self._check_guest(domid)
-            self._domain_gen.setdefault(domid, self.store.generation)
-            home = domain_path(domid)
-            acc = self.access(None)
-            acc.mkdir(home)
-            node = self.store.nodes[home]
-            if node.perms != (Perm(domid, XsPerm.XS_PERM_NONE),):
-                acc.set_perms(home, [f"n{domid}"])
-            self._fire(acc.changes)
+            home = _home.introduce_home(self, domid)
             self._introduce(domid, gfn, port)
             return home
 

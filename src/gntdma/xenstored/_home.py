@@ -1,0 +1,198 @@
+"""A domain's home as the toolstack builds it, in one step under the core lock.
+
+The toolstack writes a few nodes for every domain it creates: INTRODUCE makes
+``/local/domain/<domid>`` (owned by the domain), then each of ``name`` and
+``domid`` is a WRITE followed by a SET_PERMS. Run through :class:`Access`, each
+of those looks the path up again, asks every ancestor for permissions and
+builds its nodes twice. The functions here do the same to the store directly
+when the caller is the daemon itself (privileged, outside transactions) and
+the node is a new leaf below an existing node, which is the toolstack's case:
+
+- the same nodes, with the same values, permissions (XSA-322 marks included),
+  children and generation numbers: the global generation count advances once
+  per node written, as :meth:`Access._put` does;
+- the same node counts per owner, and the same domain generations
+  (``alloc_permref`` and ``older`` are called as the per-request path calls them);
+- the same :class:`Change` values (the watch code decides from them who may
+  see an event), fired at the same points, so every watch event is queued in
+  the same order;
+- the same errors at the same points.
+
+Anything else (an existing node, a missing parent, an invalid path or
+permission string) goes through the per-request path. :func:`peek_children`
+is ``DIRECTORY`` for the daemon itself, for leak checks.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from gntdma.xenstored._store import Change
+from gntdma.xenstored._tree import (
+    DOMID_FIRST_RESERVED,
+    Node,
+    Perm,
+    XsPerm,
+    adjust_perms,
+    basename,
+    domain_path,
+    is_valid_path,
+    parent_path,
+    parse_perm,
+)
+from gntdma.xenstored._wire import XsError
+
+if TYPE_CHECKING:
+    from gntdma.xenstored._core import Xenstored
+
+__all__ = ["introduce_home", "mkdir", "peek_children", "write_with_perms"]
+
+_NONE = XsPerm.XS_PERM_NONE
+
+
+def _read(xsd: Xenstored, node: Node) -> tuple[Perm, ...]:
+    """The permissions ``Access.get`` reports for a live node (XSA-322 marks)."""
+    perms = node.perms
+    if len(perms) == 1:
+        return perms
+    return adjust_perms(perms, node.generation, xsd.older)
+
+
+def _parse(perm_strings: Sequence[str]) -> tuple[Perm, ...] | None:
+    """``Access.set_perms``'s parse; None where it raises EINVAL."""
+    if len(perm_strings) == 0:
+        return None
+    out = []
+    for s in perm_strings:
+        p = parse_perm(s)
+        if p is None:
+            return None
+        out.append(p)
+    return tuple(out)
+
+
+def _absent(xsd: Xenstored, path: str) -> tuple[str, Node, list[str]] | None:
+    """For a valid absent ``path``: its nearest existing ancestor (path and live
+    node) and the nodes to create, top-most first. None for any other path
+    (what the fast path does not handle)."""
+    if not path.startswith("/") or path == "/":
+        return None
+    nodes = xsd.store.nodes
+    if not is_valid_path(path, xsd.quotas.path_max) or path in nodes:
+        return None
+    missing = [path]
+    up = parent_path(path)
+    node = nodes.get(up)
+    while node is None:
+        if up == "/":
+            return None
+        missing.append(up)
+        up = parent_path(up)
+        node = nodes.get(up)
+    missing.reverse()
+    return up, node, missing
+
+
+def _create(xsd: Xenstored, up: str, parent: Node, missing: list[str], value: bytes) -> Change:
+    """``Access._create`` by the daemon itself: the ancestor lists the top-most
+    missing node, then each missing node, top-most first, each with a new
+    generation and the ancestor's permissions as read; the last one holds
+    ``value``. The change of ``Access.write`` and ``Access.mkdir``."""
+    store = xsd.store
+    perms = _read(xsd, parent)
+    store._set(up, Node(parent.value, perms, (*parent.children, basename(missing[0])),
+                        store.next_generation()))
+    last = len(missing) - 1
+    for i in range(last):
+        store._set(missing[i], Node(b"", perms, (basename(missing[i + 1]),),
+                                    store.next_generation()))
+    store._set(missing[last], Node(value, perms, (), store.next_generation()))
+    return Change(missing[last], node=Node(value, perms, (), 0))
+
+
+def _set_perms(xsd: Xenstored, path: str, parsed: tuple[Perm, ...]) -> Change:
+    """``Access.set_perms`` of an existing node by the daemon itself."""
+    perms = tuple(p if xsd.alloc_permref(p.domid) else replace(p, ignore=True) for p in parsed)
+    if perms[0].ignore:
+        raise XsError(errno.ENOENT, f"owner domain {perms[0].domid} does not exist")
+    store = xsd.store
+    node = store.nodes[path]
+    old = _read(xsd, node)
+    new = Node(node.value, perms, node.children, node.generation)
+    store._set(path, Node(new.value, perms, new.children, store.next_generation()))
+    return Change(path, node=new, old_perms=old)
+
+
+def write_with_perms(xsd: Xenstored, path: str, value: bytes,
+                     perm_strings: Sequence[str]) -> None:
+    """``xsd.write(path, value)`` then ``xsd.set_perms(path, perm_strings)``."""
+    with xsd.lock:
+        where = _absent(xsd, path)
+        parsed = _parse(perm_strings)
+        if where is None or parsed is None:
+            xsd.write(path, value)
+            xsd.set_perms(path, list(perm_strings))
+            return
+        xsd._fire([_create(xsd, *where, value)])
+        xsd._fire([_set_perms(xsd, path, parsed)])
+
+
+def mkdir(xsd: Xenstored, path: str) -> None:
+    """``xsd.mkdir(path)``."""
+    with xsd.lock:
+        where = _absent(xsd, path)
+        if where is None:
+            xsd.mkdir(path)
+            return
+        xsd._fire([_create(xsd, *where, b"")])
+
+
+def introduce_home(xsd: Xenstored, domid: int) -> str:
+    """The store half of :meth:`Xenstored.introduce_domain`: ``/local/domain/<domid>``
+    made if absent and owned by the domain, both changes fired together."""
+    store = xsd.store
+    home = domain_path(domid)
+    where = _absent(xsd, home) if 0 < domid < DOMID_FIRST_RESERVED else None
+    if where is None:
+        xsd._domain_gen.setdefault(domid, store.generation)
+        acc = xsd.access(None)
+        acc.mkdir(home)
+        node = store.nodes[home]
+        if node.perms != (Perm(domid, _NONE),):
+            acc.set_perms(home, [f"n{domid}"])
+        xsd._fire(acc.changes)
+        return home
+    xsd._domain_gen.setdefault(domid, store.generation)
+    changes = [_create(xsd, *where, b"")]
+    owner = (Perm(domid, _NONE),)
+    if store.nodes[home].perms != owner:
+        changes.append(_set_perms(xsd, home, owner))
+    xsd._fire(changes)
+    return home
+
+
+def peek_children(xsd: Xenstored, path: str) -> list[str]:
+    """``xsd.directory(path)``, or [] where it raises (no node, invalid path)."""
+    with xsd.lock:
+        if not path.startswith("/"):
+            try:
+                return xsd.directory(path)
+            except XsError:
+                return []
+        if not is_valid_path(path, xsd.quotas.path_max):
+            return []
+        nodes = xsd.store.nodes
+        node = nodes.get(path)
+        if node is not None:
+            _read(xsd, node)  # Access.get's reading of the permissions (XSA-322)
+            return list(node.children)
+        while path != "/":  # ENOENT: ask_parents read the nearest existing ancestor
+            path = parent_path(path)
+            up = nodes.get(path)
+            if up is not None:
+                _read(xsd, up)
+                break
+        return []
