@@ -2,7 +2,7 @@
 
 Run: .venv/bin/python benchmarks/block.py [--seconds S] [--size-mb N] [--json]
      [--dma-debug on|off] [--junk-fill on|off] [--case TEXT ...]
-     [--grants per-load|persistent|both]
+     [--grants per-load|persistent|both] [--max-persistent-grants N]
 
 For each workload (sequential 1 MiB and random 4 KiB, reads and writes, queue
 depth 1 and 32) it measures the same I/O twice in one run: directly on the
@@ -24,13 +24,22 @@ tunables each kernel (the guest's and dom0's, which runs blkback) used;
 
 Grants: ``--grants per-load`` measures the disk as ``xl create`` attaches it
 (per-load grants: each request's pages granted, mapped, unmapped and ended
-around its transfer; ring order 2); ``--grants persistent`` a second disk of
-the same guest on an image of the same size and content, attached with
-persistent grants (blkif ``feature-persistent`` on both ends, DESIGN 7; ring
-order 0 and up to 32 segments per request, the defaults of Linux's blkfront,
-so that every command's pages fit in blkback's 1056 persistent grants);
-``both`` (the default) measures both, each against the same direct figure,
-and says for each whether it meets the target.
+around its transfer; ring order 2, 128 commands); ``--grants persistent`` a
+second disk of the same guest on an image of the same size and content,
+attached with persistent grants (blkif ``feature-persistent`` on both ends,
+DESIGN 7); ``both`` (the default) measures both, each against the same direct
+figure, and says for each whether it meets the target. Both disks use the same
+segments per request (256, what blkback advertises: a 1 MiB I/O is one
+request); the persistent disk uses ring order 0 (32 commands, as many as
+queue depth 32 needs, Linux blkfront's default) because its commands keep
+their pages granted for life: at order 2, 128 commands x 256 pages would be
+128 MiB of the 128 MiB guest (blkfront takes at most a quarter) and 128 x 257
+references more than its 64 grant frames hold, so its requests would be cut
+short. blkback keeps as many grants mapped as the frontend grants (32 x (256
++ 1 indirect page) = 8224; Linux xen-blkback's ``max_persistent_grants``
+parameter, 1056 by default: ``--max-persistent-grants 1056`` measures that, where
+a queue-depth-1 stream turning over the 32 commands finds 1 grant in 8 mapped).
+The table gives each disk's ring requests per I/O and segments per request.
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ from typing import Final
 from bench_args import check_space, positive_float, positive_int, remove_on_signal
 
 from gntdma.dev.blkfront import xbd_softc
+from gntdma.dev.blkfront_cmd import XBD_INDIRECT_SEGS_TO_PAGES
 from gntdma.dev.blkfront_io import xbd_read_buf, xbd_write_buf
 from gntdma.sched import ThreadState
 from gntdma.sys import M_TEMP, M_WAITOK, Kernel
@@ -172,6 +182,8 @@ class Figure:
     block_size: int
     queue_depth: int
     grants: str  #: "per-load" or "persistent"
+    requests_per_io: float  #: ring requests blkback served per I/O
+    segments_per_request: float
     direct_mib_s: float
     gntdma_mib_s: float
     direct_iops: float
@@ -179,6 +191,13 @@ class Figure:
     ratio: float
     target: float | None  #: the ratio to reach, None if the workload has none
     result: str  #: "pass", "miss" or "-" (no target)
+
+
+def served(disk: Vbd) -> tuple[int, int]:
+    """The read and write requests blkback has served on ``disk`` and their segments."""
+    st = disk.blkback.statistics()
+    reqs = sum(n for op, n in st.requests_by_op.items() if op in ("read", "write", "indirect"))
+    return reqs, st.segments
 
 
 def fill(path: Path, size: int) -> None:
@@ -207,6 +226,9 @@ def main() -> None:
                     help="run only workloads whose name contains TEXT (repeatable)")
     ap.add_argument("--grants", choices=(*MODES, "both"), default="both",
                     help="per-load grants, persistent grants, or both (default)")
+    ap.add_argument("--max-persistent-grants", type=positive_int, default=None,
+                    help="blkback's persistent grant table of the persistent disk "
+                         "(default: the frontend's grants)")
     ap.add_argument("--json", action="store_true", help="the figures as JSON too")
     args = ap.parse_args()
     modes = MODES if args.grants == "both" else (args.grants,)
@@ -236,6 +258,11 @@ def main() -> None:
             disks["persistent"] = attach_disk(host, guest, spec, image_dir=tmp,
                                               ring_page_order=0, persistent=True)
             assert disks["persistent"].frontend.persistent_used
+            psc = disks["persistent"].sc
+            segs = psc.xbd_max_request_segments
+            disks["persistent"].blkback.max_persistent_grants = (
+                args.max_persistent_grants or len(psc.xbd_shadow)
+                * (segs + XBD_INDIRECT_SEGS_TO_PAGES(segs)))
             fill(Path(tmp) / "bench-persistent.img", size)
         tunables = {"guest": tunables_of(guest.kernel), "dom0": tunables_of(host.dom0.kernel)}
         print(f"image {size >> 20} MiB, {args.seconds:g} s per measurement")
@@ -243,28 +270,37 @@ def main() -> None:
             print(f"kernel tunables, {who}: {t['describe']} {t['sysctls']}")
         print("targets (ratio to direct): " + ", ".join(
             f"{label(*c)} >= {v:g}" for c, v in TARGETS.items()))
-        print(f"grants: {', '.join(modes)}")
+        print(f"grants: {', '.join(modes)}; " + "; ".join(
+            f"{m}: ring order {d.sc.xbd_ring_page_order}, {len(d.sc.xbd_shadow)} commands, "
+            f"{d.sc.xbd_max_request_segments} segments per request at most"
+            + (f", blkback keeps {d.blkback.max_persistent_grants} grants mapped at most"
+               if m == "persistent" else "") for m, d in disks.items()))
         print(f"{'workload':<20} {'grants':<10} {'direct MiB/s':>12} {'gntdma MiB/s':>12} "
-              f"{'direct IOPS':>11} {'gntdma IOPS':>11} {'ratio':>6} {'target':>6} result")
+              f"{'direct IOPS':>11} {'gntdma IOPS':>11} {'ratio':>6} {'target':>6} result "
+              f"{'reqs/io':>7} {'segs/req':>8}")
         _warm(cases, size)
         for kind, op, bs, qd in cases:
             de, dn = direct(path, kind, op, bs, qd, size, args.seconds)
             d_iops = dn / de
             for mode in modes:
+                r0, s0 = served(disks[mode])
                 ge, gn = through_gntdma(host, disks[mode].sc, kind, op, bs, qd, size,
                                         args.seconds)
+                r1, s1 = served(disks[mode])
                 g_iops = gn / ge
                 ratio = g_iops / d_iops
                 target = TARGETS.get((kind, op, bs, qd))
                 result = "-" if target is None else ("pass" if ratio >= target else "miss")
                 fig = Figure(label(kind, op, bs, qd), kind, op, bs, qd, mode,
+                             (r1 - r0) / max(1, gn), (s1 - s0) / max(1, r1 - r0),
                              d_iops * bs / MiB, g_iops * bs / MiB, d_iops, g_iops, ratio,
                              target, result)
                 figures.append(fig)
                 tgt = "-" if target is None else f"{target:g}"
                 print(f"{fig.workload:<20} {mode:<10} {fig.direct_mib_s:12.1f} "
                       f"{fig.gntdma_mib_s:12.1f} {d_iops:11.0f} {g_iops:11.0f} {ratio:6.3f} "
-                      f"{tgt:>6} {result}")
+                      f"{tgt:>6} {result:<6} {fig.requests_per_io:7.2f} "
+                      f"{fig.segments_per_request:8.1f}")
         for d in reversed(disks.values()):
             detach_disk(host, d)
         host.destroy_guest(guest)

@@ -1,7 +1,8 @@
 """Persistent grants benchmark: per-load grants against persistent grants, one run.
 
 Run: .venv/bin/python benchmarks/persistent.py [--seconds S] [--size-mb N]
-     [--ring-page-order O] [--memory-mb M] [--case TEXT ...] [--json]
+     [--ring-page-order O] [--memory-mb M] [--max-persistent-grants N]
+     [--case TEXT ...] [--json]
 
 The workloads of ``benchmarks/block.py`` that have a target (1 MiB sequential
 read and write at queue depth 1, 4 KiB random read and write at queue depth 32)
@@ -18,12 +19,16 @@ of the grant life cycle only. It prints MiB/s, IOPS and the ratio
 (persistent / per-load) of each workload (no target: a comparison), the ring requests
 each I/O took and their segments (blkfront splits an I/O into requests of at most
 the segments it negotiated: with persistent grants, those every command's pages
-can hold within the grants blkback keeps mapped, 32 at ring order 0, as Linux's
-blkfront default ``max_indirect_segments``), and, with ``--json``, the same
-figures as JSON after the table. A ring order whose commands cannot hold even
-11 persistent segments each (order 2 and above) negotiates no persistent grants:
-the benchmark says so and ends with status 1. The guest's debugging tunables (DMA-API
-debugging, junk fill) are those of a default guest.
+can hold within the guest's grant table and a quarter of its memory, as Linux's
+``blkfront_setup_indirect`` sizes them whatever blkback keeps mapped: 256, as
+the per-load disk, at ring order 0 in a 256 MiB guest), and, with ``--json``,
+the same figures as JSON after the table. blkback keeps as many grants mapped
+as the frontend grants (commands x (segments + indirect pages)), or
+``--max-persistent-grants`` (Linux xen-blkback's ``max_persistent_grants``,
+1056 by default there; the grants beyond it are mapped per request). A ring
+order whose commands cannot hold even 11 persistent segments each negotiates
+no persistent grants: the benchmark says so and ends with status 2. The guest's
+debugging tunables (DMA-API debugging, junk fill) are those of a default guest.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from block import offsets, through_gntdma
 
 from gntdma.dev.blkback import Blkback
 from gntdma.dev.blkback_xenbus import xbb_attach
+from gntdma.dev.blkfront_cmd import XBD_INDIRECT_SEGS_TO_PAGES
 from gntdma.dev.blkfront_xenbus import XbdXenbus, xbd_attach
 from gntdma.host.image import DiskImage
 from gntdma.toolstack.host import Guest, Host
@@ -79,7 +85,10 @@ class Disk:
 
 
 def attach(host: Host, g: Guest, path: Path, devid: int, persistent: bool,
-           ring_page_order: int) -> Disk:
+           ring_page_order: int, max_persistent_grants: int | None = None) -> Disk:
+    """Attach a disk and wait until it is connected; with persistent grants, blkback
+    keeps ``max_persistent_grants`` mapped at most (None: as many as the frontend
+    grants)."""
     img = DiskImage.open(path)
     bb = Blkback(host.dom0.hc, host.dom0.kernel, g.domid, img, devid=devid)
     bb.feature_persistent = persistent
@@ -101,6 +110,10 @@ def attach(host: Host, g: Guest, path: Path, devid: int, persistent: bool,
                          f"persistent grants (xbd_persistent_segments: its "
                          f"{front.sc.xbd_ring.nr_ents if front.sc.xbd_ring else 0} commands "
                          f"cannot each hold 11 persistent segments within the grant budget)")
+    sc = front.sc
+    segs = sc.xbd_max_request_segments
+    bb.max_persistent_grants = max_persistent_grants or len(sc.xbd_shadow) * (
+        segs + XBD_INDIRECT_SEGS_TO_PAGES(segs))
     return Disk(img, bb, front, dirs)
 
 
@@ -147,6 +160,8 @@ def main() -> None:
     ap.add_argument("--size-mb", type=positive_int, default=256)
     ap.add_argument("--memory-mb", type=positive_int, default=256, help="the guest's memory")
     ap.add_argument("--ring-page-order", type=int, default=0, choices=range(5))
+    ap.add_argument("--max-persistent-grants", type=positive_int, default=None,
+                    help="blkback's persistent grant table (default: the frontend's grants)")
     ap.add_argument("--case", action="append", default=[],
                     help="run only workloads whose name contains TEXT (repeatable)")
     ap.add_argument("--json", action="store_true", help="the figures as JSON too")
@@ -170,13 +185,17 @@ def main() -> None:
         g = host.create_guest("bench", memory_mb=args.memory_mb)
         try:
             disks = {mode: attach(host, g, paths[i], DEVID + 16 * i, mode == "persistent",
-                                  args.ring_page_order)
+                                  args.ring_page_order, args.max_persistent_grants)
                      for i, mode in enumerate(("per-load", "persistent"))}
         except SystemExit as e:  # a disk that cannot work with these options: usage error
             ap.error(str(e).removeprefix("persistent.py: "))
         print(f"image {args.size_mb} MiB, guest {args.memory_mb} MiB, ring order "
               f"{args.ring_page_order}, {args.seconds:g} s per measurement, "
-              f"{args.rounds} alternating round(s) per mode; kernel tunables, guest: "
+              f"{args.rounds} alternating round(s) per mode, "
+              f"{disks['persistent'].front.sc.xbd_max_request_segments} segments per "
+              f"persistent request at most, blkback keeps "
+              f"{disks['persistent'].bb.max_persistent_grants} persistent grants mapped at "
+              f"most; kernel tunables, guest: "
               f"{g.kernel.tunables.describe()}")
         print("no target: a comparison of persistent and per-load grants (ratio = "
               "persistent / per-load; block.py's targets are ratios to direct I/O)")

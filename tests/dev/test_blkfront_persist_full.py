@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from gntdma.dev.blkback import Blkback, BlkbackState
 from gntdma.dev.blkback_io import BLKBACK_MAX_PERSISTENT_GRANTS
 from gntdma.dev.blkback_xenbus import xbb_attach
@@ -33,10 +35,11 @@ PAGE = 4096
 MIB = 1 << 20
 
 
-def _pair(host: Host, tmp_path: Path, memory_mb: int) -> tuple[Guest, Blkback, XbdXenbus]:
+def _pair(host: Host, tmp_path: Path, memory_mb: int,
+          **kw: int) -> tuple[Guest, Blkback, XbdXenbus]:
     g = host.create_guest("g", memory_mb=memory_mb)
     img = open_image(tmp_path / "d.img", size=64 * MIB)
-    bb = Blkback(host.dom0.hc, host.dom0.kernel, g.domid, img, devid=DEVID)
+    bb = Blkback(host.dom0.hc, host.dom0.kernel, g.domid, img, devid=DEVID, **kw)
     bb.feature_persistent = True
     host.xenstore.add_device(g.domid, 0, "vbd", DEVID)
     assert host.dom0.xenstore is not None and g.xenstore is not None
@@ -140,4 +143,38 @@ def test_grants_beyond_max_pgrants_are_mapped_per_request(host: Host,
     assert again.segments_mapped > st.segments_mapped  # those beyond: per request
     assert again.mapped_now == st.mapped_now
     assert io.persistent_grants == BLKBACK_MAX_PERSISTENT_GRANTS
+    _close(host, g, bb, front)
+
+
+def test_max_persistent_grants_parameter_bounds_the_table(host: Host,
+                                                          tmp_path: Path) -> None:
+    """Linux xen-blkback's ``max_persistent_grants`` module parameter (``max_pgrants``,
+    read by ``xen_blkbk_map`` at each map): a table as large as the frontend's grants
+    (32 x (256 + 1)) keeps every one of them, so a second pass maps nothing; a
+    negative size is refused; lowering it unmaps nothing and keeps no more."""
+    with pytest.raises(ValueError):
+        Blkback(host.dom0.hc, host.dom0.kernel, 1, None,  # type: ignore[arg-type]
+                max_persistent_grants=-1)
+    g, bb, front = _pair(host, tmp_path, memory_mb=256, max_persistent_grants=32 * 257)
+    sc = front.sc
+    assert bb.max_persistent_grants == 32 * 257
+    data = os.urandom(MIB)
+
+    def passes() -> None:
+        for _ in range(len(sc.xbd_shadow)):
+            assert xbd_write(sc, 0, data) == 0
+            error, got = xbd_read(sc, 0, MIB)
+            assert error == 0 and got == data
+
+    host.sched.call(passes)
+    st = bb.statistics()
+    host.sched.call(passes)
+    again = bb.statistics()
+    assert again.segments_mapped == st.segments_mapped
+    assert again.mapped_now == st.mapped_now > st.ring_pages + BLKBACK_MAX_PERSISTENT_GRANTS
+    bb.max_persistent_grants = 10
+    host.sched.call(passes)
+    assert bb.statistics().mapped_now == again.mapped_now
+    with pytest.raises(ValueError):
+        bb.max_persistent_grants = -1
     _close(host, g, bb, front)

@@ -103,6 +103,7 @@ from gntdma.abi.blkif import (
 )
 from gntdma.abi.blkif_hot import blkif_pack_response
 from gntdma.abi.ring import BackRing, RingProtocolError, SringHeader
+from gntdma.dev.blkback_io import BLKBACK_MAX_PERSISTENT_GRANTS as _MAX_PGNTS
 from gntdma.dev.blkback_io import SECTOR_SHIFT, BackingStore, BlkbackIO
 from gntdma.dev.blkback_req import (
     BLKBACK_OP_NAMES,
@@ -130,15 +131,9 @@ from gntdma.sys import Kernel
 from gntdma.xen.hypercall import Hypercalls
 
 __all__ = [
-    "BLKBACK_DEFAULT_MAX_INDIRECT_SEGMENTS",
-    "BLKBACK_DEFAULT_MAX_RING_PAGE_ORDER",
-    "BLKBACK_DEFAULT_WORKERS",
-    "BLKBACK_TRANSITIONS",
-    "BackingStore",
-    "Blkback",
-    "BlkbackEvent",
-    "BlkbackState",
-    "BlkbackStatistics",
+    "BLKBACK_DEFAULT_MAX_INDIRECT_SEGMENTS", "BLKBACK_DEFAULT_MAX_RING_PAGE_ORDER",
+    "BLKBACK_DEFAULT_WORKERS", "BLKBACK_TRANSITIONS", "BackingStore", "Blkback",
+    "BlkbackEvent", "BlkbackState", "BlkbackStatistics",
 ]
 
 #: Segments per indirect request advertised by default (Linux ``MAX_INDIRECT_SEGMENTS``).
@@ -230,6 +225,7 @@ class Blkback:
             0 (no indirect requests) .. 4096 (8 pages of 512).
         max_ring_page_order: advertised ``max-ring-page-order``, 0 .. 4.
         feature_discard: advertise and serve ``BLKIF_OP_DISCARD``.
+        max_persistent_grants: :attr:`max_persistent_grants`.
         on_ring_error: called with the reason when the frontend breaks the ring
             (xenbus switches the device to Closing); runs on the interrupt thread.
     """
@@ -248,6 +244,7 @@ class Blkback:
         max_indirect_segments: int = BLKBACK_DEFAULT_MAX_INDIRECT_SEGMENTS,
         max_ring_page_order: int = BLKBACK_DEFAULT_MAX_RING_PAGE_ORDER,
         feature_discard: bool = True,
+        max_persistent_grants: int = _MAX_PGNTS,
         on_ring_error: Callable[[str], None] | None = None,
     ) -> None:
         if workers < 1:
@@ -285,21 +282,13 @@ class Blkback:
         self._in_intr = False
         # statistics
         self._protocol = ""
-        self._connects = 0
         self._by_op: dict[str, int] = {}
-        self._segments = 0
-        self._bytes_read = 0
-        self._bytes_written = 0
-        self._sectors_discarded = 0
-        self._responses = 0
-        self._errors = 0
-        self._eopnotsupp = 0
-        self._in_flight = 0
-        self._in_flight_peak = 0
-        self._interrupts = 0
-        self._notifications = 0
+        self._segments = self._bytes_read = self._bytes_written = self._sectors_discarded = 0
+        self._connects = self._responses = self._errors = self._eopnotsupp = 0
+        self._in_flight = self._in_flight_peak = self._interrupts = self._notifications = 0
         self._ring_errors = 0
         self._io = BlkbackIO(hc, frontend_domid, store, self.name)
+        self.max_persistent_grants = max_persistent_grants
 
     def __repr__(self) -> str:
         return f"<Blkback {self.name} {self.state.name}>"
@@ -312,6 +301,17 @@ class Blkback:
     @store.setter
     def store(self, store: BackingStore) -> None:
         self._io.store = store
+
+    @property
+    def max_persistent_grants(self) -> int:
+        """Persistent grants kept mapped at most (Linux xen-blkback ``max_pgrants``)."""
+        return self._io.max_persistent
+
+    @max_persistent_grants.setter
+    def max_persistent_grants(self, n: int) -> None:
+        if n < 0:
+            raise ValueError(f"max_persistent_grants {n} is negative")
+        self._io.max_persistent = n
 
     def _step(self, event: BlkbackEvent) -> None:
         """Move to the state :data:`BLKBACK_TRANSITIONS` gives. Lock held."""
@@ -362,11 +362,11 @@ class Blkback:
             protocol: the frontend's ``protocol`` key (None or "" = native).
 
         Returns:
-            0; ``EISCONN`` if already connected (or closing); ``ENOSYS`` for a
-            protocol this host does not speak; ``EINVAL`` for a ring size that
-            is not a power of two up to the maximum; ``ENOENT`` if a ring page
-            does not map; ``EIO`` if the shared indices are already impossible;
-            the negated hypercall error if the port does not bind.
+            0; ``EISCONN`` if already connected (or closing); ``ENOSYS`` for a protocol
+            this host does not speak; ``EINVAL`` for a ring size that is not a power of
+            two up to the maximum; ``ENOENT`` if a ring page does not map; ``EIO`` if the
+            shared indices are already impossible; the negated hypercall error if the port
+            does not bind.
         """
         if (self.state, BlkbackEvent.CONNECT) not in BLKBACK_TRANSITIONS:
             return errno.EISCONN

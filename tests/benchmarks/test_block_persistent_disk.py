@@ -1,0 +1,44 @@
+"""benchmarks/block.py: the persistent disk is comparable with the per-load disk.
+
+Linux xen-blkfront ``blkfront_setup_indirect`` sizes persistent requests by its
+``max_indirect_segments`` and the backend's ``feature-max-indirect-segments``,
+not by xen-blkback's ``max_pgrants``: both disks send a 1 MiB I/O as one request of
+256 segments, and the table says how many requests each I/O took.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def test_block_benchmark_persistent_disk_has_the_per_load_disks_request_size(
+        tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, str(BENCHMARKS / "block.py"), "--seconds", "0.05",
+                        "--size-mb", "8", "--case", "1M read qd1", "--json"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-800:]
+    assert "reqs/io" in r.stdout and "segs/req" in r.stdout
+    assert "blkback keeps 8224 grants mapped at most" in r.stdout  # 32 x (256 + 1)
+    doc = json.loads(r.stdout[r.stdout.index("\n{") + 1:])
+    rows = {w["grants"]: w for w in doc["workloads"]}
+    assert set(rows) == {"per-load", "persistent"}
+    for row in rows.values():
+        assert row["requests_per_io"] == 1.0
+        assert row["segments_per_request"] == 256.0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_block_benchmark_max_persistent_grants_option(tmp_path: Path) -> None:
+    """``--max-persistent-grants 1056``: Linux xen-blkback's default table."""
+    r = subprocess.run([sys.executable, str(BENCHMARKS / "block.py"), "--seconds", "0.05",
+                        "--size-mb", "8", "--case", "1M write qd1", "--grants", "persistent",
+                        "--max-persistent-grants", "1056"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-800:]
+    assert "blkback keeps 1056 grants mapped at most" in r.stdout
+    assert list(tmp_path.iterdir()) == []
