@@ -46,6 +46,7 @@ from gntdma.sched import (
 )
 from gntdma.sys._callout import Softclock
 from gntdma.sys._dmadebug import BusDmaCounters, DmaDebug
+from gntdma.sys._kleaks import kernel_leaks, kernel_statistics
 from gntdma.sys._kstats import KernelStatistics
 from gntdma.sys._malloc import (
     M_KMEM,
@@ -96,6 +97,8 @@ class Kernel:
         self._allocs: dict[int, tuple[int, MallocType, int]] = {}
         self._slab = SlabAllocator(self)
         self._types: dict[MallocType, TypeCounters] = {}
+        #: ``_types`` by id(type), the type kept alive (its id stays its own): no hashing.
+        self._types_by_id: dict[int, tuple[MallocType, TypeCounters]] = {}
         self._inject: dict[MallocType | None, int] = {}
         self._vmwait = VmWait()
         #: FreeBSD's Giant, for callouts initialised with mpsafe=0.
@@ -345,9 +348,13 @@ class Kernel:
     # -- malloc(9) ----------------------------------------------------------------------
 
     def _counters(self, mtype: MallocType) -> TypeCounters:
-        c = self._types.get(mtype)
+        e = self._types_by_id.get(id(mtype))
+        if e is not None:
+            return e[1]
+        c = self._types.get(mtype)  # an equal type met before under another object
         if c is None:
             c = self._types[mtype] = TypeCounters()
+        self._types_by_id[id(mtype)] = (mtype, c)
         return c
 
     def inject_malloc_failure(self, mtype: MallocType | None = None, count: int = 1) -> None:
@@ -409,18 +416,21 @@ class Kernel:
         if rec is None:
             raise KernelPanic(f"free: address {va:#x} not allocated (double free?)")
         size, mt, kind = rec
-        if mt != mtype:
+        if mt is not mtype and mt != mtype:
             raise KernelPanic(f"free: {va:#x} is {mt.name}, freed as {mtype.name}")
         if kind == _KIND_CONTIG:
             raise KernelPanic(f"free: {va:#x} came from contigmalloc; use contigfree")
         self._unaccount(va, size, mt)
-        if junk_item(self.tunables.junk_divisor, va, size):
-            self._fill(va, size, _JUNK)
         if kind == _KIND_SLAB:
+            if junk_item(self.tunables.junk_divisor, va, size):
+                self._fill(va, size, _JUNK)
             self._slab.free(va)
         else:
-            self._pages_free(va, size >> PAGE_SHIFT)
-        self._vm_freed()
+            npages = size >> PAGE_SHIFT
+            if junk_item(self.tunables.junk_divisor, va, size):
+                self._fill_pages(va, npages, _JUNK)
+            self._pages_free(va, npages)
+        self._vmwait.freed()
 
     def malloc_usable_size(self, va: int) -> int:
         rec = self._allocs.get(va)
@@ -435,7 +445,7 @@ class Kernel:
         c = self._counters(mtype)
         if size <= 0:
             raise KernelPanic(f"contigmalloc: bad size {size}")
-        if self._injected(mtype, flags):
+        if self._inject and self._injected(mtype, flags):
             c.failures += 1
             return 0
         npages = (size + PAGE_MASK) >> PAGE_SHIFT
@@ -452,16 +462,16 @@ class Kernel:
         rec = self._allocs.get(va)
         if rec is None or rec[2] != _KIND_CONTIG:
             raise KernelPanic(f"contigfree: {va:#x} not from contigmalloc")
-        if rec[1] != mtype:
+        if rec[1] is not mtype and rec[1] != mtype:
             raise KernelPanic(f"contigfree: {va:#x} is {rec[1].name}, freed as {mtype.name}")
         npages = rec[0] >> PAGE_SHIFT
         if (size + PAGE_MASK) >> PAGE_SHIFT != npages:
             raise KernelPanic(f"contigfree: {va:#x} size {size} != allocated {rec[0]}")
         self._unaccount(va, rec[0], mtype)
         if junk_item(self.tunables.junk_divisor, va, rec[0]):
-            self._fill(va, rec[0], _JUNK)
+            self._fill_pages(va, npages, _JUNK)
         self._pages_free(va, npages)
-        self._vm_freed()
+        self._vmwait.freed()
 
     def kmem_alloc_attr(self, size: int, flags: int, low: int, high: int) -> int:
         """Page-backed memory whose pages (scattered) all lie in ``[low, high]``; va or 0."""
@@ -516,6 +526,21 @@ class Kernel:
         for pfn, off, ln in self._pieces(va, size):
             page(pfn)[off : off + ln] = pattern if ln == PAGE_SIZE else pattern[:ln]
 
+    def _fill_pages(self, va: int, npages: int, pattern: bytes) -> None:
+        """``_fill(va, npages << PAGE_SHIFT, pattern)`` of a page-aligned range."""
+        ptes = self._ptes
+        vpn = va >> PAGE_SHIFT
+        pfns: list[int] = []
+        for i in range(npages):
+            pfn = ptes.get(vpn + i)
+            if pfn is None:  # a page unmapped: the fault of _pieces, nothing written
+                self._fill(va, npages << PAGE_SHIFT, pattern)
+                return
+            pfns.append(pfn)
+        page = self.physmem.page
+        for pfn in pfns:
+            page(pfn)[:] = pattern
+
     def _pages_alloc(self, npages: int, low: int, high: int) -> int:
         pfns: list[int] = []
         for _ in range(npages):
@@ -530,11 +555,19 @@ class Kernel:
         return va
 
     def _pages_free(self, va: int, npages: int) -> None:
-        pfns = [self._ptes[(va >> PAGE_SHIFT) + i] for i in range(npages)]
-        self.pmap_qremove(va, npages)
-        self.kva_free(va, npages)
+        ptes = self._ptes
+        vpn = va >> PAGE_SHIFT
+        pfns = [ptes[vpn + i] for i in range(npages)]
+        # pmap_qremove, then kva_free (no page of the range is left mapped to check).
+        self.pmap_gen += 1
+        for i in range(npages):
+            del ptes[vpn + i]
+        if self._kva_ranges.get(va) != npages:
+            raise KernelPanic(f"kva_free: {va:#x} ({npages} pages) was not allocated")
+        del self._kva_ranges[va]
+        free = self.vm.free
         for p in pfns:
-            self.vm.free(p)
+            free(p)
 
     # -- deferred work -------------------------------------------------------------------
 
@@ -545,47 +578,11 @@ class Kernel:
     # -- statistics, leaks, shutdown -------------------------------------------------------
 
     def statistics(self) -> KernelStatistics:
-        mstats = self.malloc_statistics()
-        b = self.busdma
-        return KernelStatistics(
-            name=self.name,
-            pages_total=self.vm.total,
-            pages_free=self.vm.nfree,
-            pages_in_use=self.vm.total - self.vm.nfree,
-            kva_pages_mapped=len(self._ptes),
-            malloc=mstats,
-            malloc_bytes=sum(s.memuse for s in mstats.values()),
-            taskqueue_pending=self.taskqueue_thread.pending() + self.taskqueue_swi.pending(),
-            callouts_pending=self.softclock.pending(),
-            dma_tags=b.tags,
-            dma_maps=b.maps,
-            dma_maps_loaded=b.maps_loaded,
-            dma_deferred_pending=b.deferred_pending,
-            bounce_pages=b.bounce_pages,
-            bounce_pages_free=b.bounce_pages_free,
-            dma_debug_reports=len(self.dma_debug.reports()),
-        )
+        return kernel_statistics(self, len(self._ptes))
 
     def leaks(self) -> list[str]:
         """What an idle kernel should not hold: memory, pending work, bus_dma objects."""
-        st = self.statistics()
-        out = [f"malloc type {n}: {s.memuse} bytes in {s.inuse} allocations"
-               for n, s in sorted(st.malloc.items()) if s.memuse != 0 or s.inuse != 0]
-        if st.pages_in_use != 0:
-            out.append(f"{st.pages_in_use} physical pages in use")
-        if st.kva_pages_mapped != 0:
-            out.append(f"{st.kva_pages_mapped} kernel virtual pages mapped")
-        if st.taskqueue_pending != 0:
-            out.append(f"{st.taskqueue_pending} tasks pending")
-        if st.callouts_pending != 0:
-            out.append(f"{st.callouts_pending} callouts pending")
-        if st.dma_tags != 0:
-            out.append(f"{st.dma_tags} bus_dma tags alive")
-        if st.dma_maps != 0:
-            out.append(f"{st.dma_maps} bus_dma maps alive ({st.dma_maps_loaded} loaded)")
-        if st.dma_deferred_pending != 0:
-            out.append(f"{st.dma_deferred_pending} deferred bus_dma loads pending")
-        return out
+        return kernel_leaks(self, self._types, len(self._ptes))
 
     def assert_no_leaks(self) -> None:
         """Raise AssertionError listing everything :meth:`leaks` finds."""

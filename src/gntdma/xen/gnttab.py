@@ -200,8 +200,8 @@ class GntTab(GntTabFreeCallbacks):
         self.next.extend([GNTTAB_LIST_END] * (new - old))
         self.is_free.extend(bytes(new - old))
         self.is_free[first:new] = b"\x01" * (new - first)
-        for ref in range(first, new - 1):
-            self.next[ref] = ref + 1
+        # Each new ref links to the next (one slice; WITNESS sites below keep their lines).
+        self.next[first : new - 1] = range(first + 1, new)
         self.next[new - 1] = self.free_head
         self.free_head = first
         self.free_count += new - old
