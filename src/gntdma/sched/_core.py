@@ -139,6 +139,7 @@ class Scheduler(Hub):
         if io_mode not in ("inline", "pool"):
             raise ValueError(f"io_mode must be 'inline' or 'pool', not {io_mode!r}")
         self._strategy: Strategy = strategy if strategy is not None else FifoStrategy()
+        self._first_only = type(self._strategy) is FifoStrategy
         #: The strategy's ``preemptive``, read by every scheduling point.
         self.preemptive: bool = self._strategy.preemptive
         #: Something set in place of ``point`` (a test watching every scheduling point).
@@ -225,6 +226,7 @@ class Scheduler(Hub):
     @strategy.setter
     def strategy(self, strategy: Strategy) -> None:
         self._strategy = strategy
+        self._first_only = type(strategy) is FifoStrategy
         self.preemptive = strategy.preemptive
         self.point_active = self.preemptive or self.point_hook is not None
 

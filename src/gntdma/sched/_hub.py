@@ -46,6 +46,9 @@ class Hub:
     """The scheduler's hub; :class:`gntdma.sched.Scheduler` sets the state below."""
 
     _strategy: Strategy
+    #: The strategy is the run strategy (``FifoStrategy``), whose pick is always 0:
+    #: the hub takes the first runnable thread without calling it.
+    _first_only: bool
     clock: Clock
     thread0: KThread
     curthread: KThread
@@ -115,7 +118,7 @@ class Hub:
             self.steps = steps
             last, self._last = self._last, None
             point, self._last_point = self._last_point, "switch"
-            if len(runq) > 1:
+            if len(runq) > 1 and not self._first_only:
                 try:
                     idx = self._strategy.pick(runq, last, point)
                 except BaseException as exc:  # the hub raises it, as when it picks
@@ -200,7 +203,7 @@ class Hub:
         # ``point`` is where ``last`` yielded ("checkpoint" for an explicit yield);
         # "switch" when the previous thread blocked.
         runq = self._runq
-        if len(runq) > 1:
+        if len(runq) > 1 and not self._first_only:
             idx = self._strategy.pick(runq, last, point)
             if idx == 0:
                 t = runq.popleft()

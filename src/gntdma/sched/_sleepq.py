@@ -15,6 +15,7 @@ non-sleepable lock held is reported by WITNESS (``sleep_check``).
 from __future__ import annotations
 
 from collections import deque
+from sys import _getframe
 from typing import final
 
 from gntdma.sched import _core, _trace
@@ -28,7 +29,7 @@ from gntdma.sched._sync import (
     _panic,
     _retake_after_sleep,
 )
-from gntdma.sched._witness import caller_site
+from gntdma.sched._witness import caller_site, site_of
 
 __all__ = [
     "Condvar",
@@ -86,18 +87,22 @@ def cv_timedwait(cv: Condvar, m: Mutex, timo: float) -> int:
     if m.owner is not t:
         raise _panic(t, f"cv_wait on {cv.name} without holding {m.name}")
     sleep_check(s, t, cv.name, m)
+    # The site of the wait and of the retake: block and _retake_after_sleep would
+    # each find it from here (every frame between is in gntdma.sched).
+    site = site_of(_getframe(1))
     cv.waiters.append(t)
-    depth = _drop_for_sleep(m)
+    depth = _drop_for_sleep(m, s)
     if _tr is not None:
         _tr.sleep(t, cv.name)
     try:
+        s.wait_site = site
         rv = s.block(cv, cv.name, timo)
     finally:
         if t in cv.waiters:
             cv.waiters.remove(t)
         if _tr is not None:
             _tr.woken(t)
-    _retake_after_sleep(m, depth)
+    _retake_after_sleep(m, depth, site)
     return rv
 
 
@@ -214,13 +219,17 @@ def _sleep(s: Scheduler, t: KThread, chan: object, m: Mutex | None, wmesg: str,
             ch = _Channel(chan, wmesg)
         _channels[key] = ch
     depth = 0
+    # The site of the wait and of the retake: block and _retake_after_sleep would
+    # each find it from here (every frame between is in gntdma.sched).
+    site = site_of(_getframe(1))
     ch.waiters.append(t)
     if m is not None:
-        depth = _drop_for_sleep(m)
+        depth = _drop_for_sleep(m, s)
     if _tr is not None:
         _tr.sleep(t, wmesg)
     try:
         s.wait_idle = (pri & PIDLE) != 0
+        s.wait_site = site
         rv = s.block(ch, wmesg, timo)
     finally:
         if t in ch.waiters:
@@ -233,7 +242,7 @@ def _sleep(s: Scheduler, t: KThread, chan: object, m: Mutex | None, wmesg: str,
                 ch.chan = None  # nothing kept alive by a spare channel
                 _spare.append(ch)
     if m is not None:
-        _retake_after_sleep(m, depth)
+        _retake_after_sleep(m, depth, site)
     return rv
 
 

@@ -329,18 +329,47 @@ def mtx_unlock(m: Mutex) -> None:
     s = _core._current  # current_scheduler() without the call
     if s is None:
         s = current_scheduler()
-    _release(s, m)
+    # _release(s, m) in place: the same steps, without the call.
+    t = s.curthread
+    if m.owner is not t:
+        owner = m.owner.name if m.owner is not None else "nobody"
+        raise _panic(t, f"mutex {m.name} not owned by {t.name} (owner {owner}) @ {caller_site()}")
+    if m.recurse > 0:
+        m.recurse -= 1
+    else:
+        held = t.held
+        if held and held[-1] is m:  # usually the last lock taken is released first
+            held.pop()
+        else:
+            for i in range(len(held) - 2, -1, -1):
+                if held[i] is m:  # a mutex is its own record
+                    del held[i]
+                    break
+        m.owner = None
+        if _tr is not None:
+            _tr.lock_released(t, m)
+        if m.spin:
+            t.critnest -= 1
+        waiters = m.waiters
+        while waiters:
+            w = waiters.popleft()
+            if w.wchan is m and w.state is _BLOCKED:
+                s.wake(w)
+                break
     if s.point_active:
         hook = s.point_hook
         if hook is None:
-            if s.curthread.critnest == 0:  # Scheduler._point in place
+            if t.critnest == 0:  # Scheduler._point in place
                 s.yield_("mtx_unlock")
         else:
             hook("mtx_unlock")
 
 
 def _release(s: Scheduler, m: Mutex) -> None:
-    """mtx_unlock without the scheduling point (for sleeps: no window before blocking)."""
+    """mtx_unlock without the scheduling point (for sleeps: no window before blocking).
+
+    mtx_unlock makes the same steps in place: a change here is a change there.
+    """
     t = s.curthread
     if m.owner is not t:
         owner = m.owner.name if m.owner is not None else "nobody"
@@ -391,7 +420,7 @@ def mtx_assert(m: Mutex, what: int) -> None:
         raise KernelPanic(f"mtx_assert: bad what {what:#x}")
 
 
-def _drop_for_sleep(m: Mutex) -> int:
+def _drop_for_sleep(m: Mutex, s: Scheduler | None = None) -> int:
     """Release ``m`` entirely for a sleep; returns the recursion depth to restore.
 
     The caller is already on the sleep queue and no scheduling point comes
@@ -400,7 +429,7 @@ def _drop_for_sleep(m: Mutex) -> int:
     """
     depth = m.recurse
     m.recurse = 0
-    _release(current_scheduler(), m)
+    _release(current_scheduler() if s is None else s, m)
     return depth
 
 
@@ -409,9 +438,12 @@ def _drop_for_sleep(m: Mutex) -> int:
 _retaking: tuple[Mutex, Site] | None = None
 
 
-def _retake_after_sleep(m: Mutex, depth: int) -> None:
+def _retake_after_sleep(m: Mutex, depth: int, site: Site | None = None) -> None:
+    """Retake ``m`` at ``site``: the sleep's own caller, found here if not given."""
     global _retaking
-    _retaking = (m, site_of(_getframe(2)))  # the caller of msleep's _sleep or cv_timedwait
+    if site is None:
+        site = site_of(_getframe(2))  # the caller of msleep's _sleep or cv_timedwait
+    _retaking = (m, site)
     try:
         mtx_lock(m)
     finally:
