@@ -30,8 +30,12 @@ keeps the pages and does the copies.
 
 A chunk never crosses a page of the caller's buffer, so each pool page stands
 for one physical piece of it: a load records, per segment, the pool address,
-the caller's address and the length, and a sync copies all of them in one
-``Kernel.phys_copy``. Under a tag whose boundary and ``maxsegsz`` are both
+the caller's address and the length, and a sync copies all of them, as
+``Kernel.phys_copy`` does, with the pool page's view taken once when the page
+joined the pool (the pool owns its pages until it frees them, and releases
+their views first) instead of looked up per copy; when the caller's pieces are
+not all within one memory range, ``Kernel.phys_copy`` itself copies them (with
+its panic on a page that does not exist). Under a tag whose boundary and ``maxsegsz`` are both
 ``PAGE_SIZE`` (the root Xen tag's, which its children inherit unless they
 tighten them) the chunks are exactly the buffer's page pieces, looked up in one
 call, and no two segments can merge (two pool pages are never one boundary
@@ -44,6 +48,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Sequence
+from functools import partial
 from typing import Final, final
 
 from gntdma.sched import KernelPanic
@@ -69,6 +74,8 @@ __all__ = ["PersistentPool"]
 #: (physical address, length) pieces of a caller's buffer.
 Pieces = list[tuple[int, int]]
 _KINDS: Final = ("vaddr", "phys", "ma")
+#: A segment from its (address, length) pair without a Python-level call.
+_SEG: Final = partial(tuple.__new__, bus_dma_segment_t)
 
 
 def _phys_pieces(pa: int, n: int) -> Pieces:
@@ -84,7 +91,7 @@ def _phys_pieces(pa: int, n: int) -> Pieces:
 class PersistentPool:
     """The pages of one persistent map and what the current load put on them."""
 
-    __slots__ = ("bufs", "dsts", "kern", "lens", "pages", "pas")
+    __slots__ = ("bufs", "dsts", "kern", "lens", "pages", "pas", "views")
 
     def __init__(self, kern: Kernel) -> None:
         self.kern = kern
@@ -92,6 +99,8 @@ class PersistentPool:
         self.pages: list[tuple[int, int]] = []
         #: The pa of each pool page (``pages[i][1]``).
         self.pas: list[int] = []
+        #: A writable view of each pool page, released before the page is freed.
+        self.views: list[memoryview] = []
         #: The current load, one entry per segment: the pool address its data goes to,
         #: the physical address of the caller's piece it stands for, and the length.
         self.dsts: list[int] = []
@@ -129,6 +138,7 @@ class PersistentPool:
             pa = self.kern.pmap_kextract(va)
             self.pages.append((va, pa))
             self.pas.append(pa)
+            self.views.append(self.kern.physmem.page(pa >> PAGE_SHIFT))
         return True
 
     def load(self, t: BusDmaTag, kind: str, a: int, ma: Sequence[int], buflen: int,
@@ -179,7 +189,7 @@ class PersistentPool:
         # allows it, else at 0 (the page starts on the alignment; the piece fits).
         dsts = [pa + (o if (o := b & PAGE_MASK) & al == 0 else 0)
                 for pa, b in zip(self.pas[base : base + len(bufs)], bufs, strict=True)]
-        segs.extend(map(bus_dma_segment_t, dsts, lens))
+        segs.extend(map(_SEG, zip(dsts, lens, strict=True)))
         self.dsts += dsts
         self.bufs += bufs
         self.lens += lens
@@ -223,9 +233,47 @@ class PersistentPool:
     def sync(self, op: int) -> None:
         """PREWRITE: caller's buffer -> pool pages; POSTREAD: pool pages -> caller's buffer."""
         if op & BUS_DMASYNC_PREWRITE:
-            self.kern.phys_copy(self.dsts, self.bufs, self.lens)
+            self._copy(True)
         if op & BUS_DMASYNC_POSTREAD:
-            self.kern.phys_copy(self.bufs, self.dsts, self.lens)
+            self._copy(False)
+
+    def _copy(self, to_pool: bool) -> None:
+        """``Kernel.phys_copy`` between the pool pages and the caller's pieces, the pool
+        side through its views (segment i is on pool page i)."""
+        bufs = self.bufs
+        if not bufs:
+            return
+        kern = self.kern
+        lo = min(bufs) >> PAGE_SHIFT
+        hi = max(bufs) >> PAGE_SHIFT
+        for first, npages in kern.vm.ranges:
+            if first <= lo and hi < first + npages:
+                break
+        else:  # phys_copy checks each piece as phys_read and phys_write do
+            if to_pool:
+                kern.phys_copy(self.dsts, bufs, self.lens)
+            else:
+                kern.phys_copy(bufs, self.dsts, self.lens)
+            return
+        page = kern.physmem.page
+        for view, d, b, n in zip(self.views, self.dsts, bufs, self.lens, strict=False):
+            if n == PAGE_SIZE and (d | b) & PAGE_MASK == 0:  # whole pages: no slices
+                if to_pool:
+                    view[:] = page(b >> PAGE_SHIFT)
+                else:
+                    page(b >> PAGE_SHIFT)[:] = view
+                continue
+            do = d & PAGE_MASK
+            bo = b & PAGE_MASK
+            if do + n <= PAGE_SIZE and bo + n <= PAGE_SIZE and n >= 0:
+                if to_pool:
+                    view[do : do + n] = page(b >> PAGE_SHIFT)[bo : bo + n]
+                else:
+                    page(b >> PAGE_SHIFT)[bo : bo + n] = view[do : do + n]
+            elif to_pool:
+                kern.phys_write(d, kern.phys_read(b, n))
+            else:
+                kern.phys_write(b, kern.phys_read(d, n))
 
     def unload(self) -> None:
         """The load is over: the pages stay with the map, granted."""
@@ -237,6 +285,9 @@ class PersistentPool:
         """Give the pages back (map destroy, after the grants were ended). A page the
         backend still maps is wired: the page allocator keeps it until it is let go."""
         self.unload()
+        for v in self.views:
+            v.release()
+        self.views.clear()
         for va, _pa in self.pages:
             self.kern.contigfree(va, PAGE_SIZE, M_BUSDMA_XEN)
         self.pages.clear()
