@@ -309,10 +309,15 @@ class FrontRing(_Ring):
             OverflowError: the ring is full.
             ValueError: ``data`` is longer than a slot.
         """
-        if self.full():
+        prod = self.req_prod_pvt
+        if (prod - self.rsp_cons) & _M == self.nr_ents:  # full()
             raise OverflowError("put_request on a full ring")
-        self._write_slot(self.req_prod_pvt, data)
-        self.req_prod_pvt = (self.req_prod_pvt + 1) & _M
+        slots = self._slots
+        if slots is not None and len(data) <= self.entry_size:  # _write_slot of one buffer
+            slots[prod & self._mask][:len(data)] = data
+        else:
+            self._write_slot(prod, data)
+        self.req_prod_pvt = (prod + 1) & _M
 
     def push_requests(self) -> bool:
         """``RING_PUSH_REQUESTS_AND_CHECK_NOTIFY``: publish; True if the backend must be
@@ -350,10 +355,12 @@ class FrontRing(_Ring):
         Raises:
             IndexError: no response seen by the last :meth:`unconsumed_responses`.
         """
-        if self.rsp_cons == self._rsp_seen:
+        cons = self.rsp_cons
+        if cons == self._rsp_seen:
             raise IndexError("get_response past the responses seen")
-        data = self._read_slot(self.rsp_cons)
-        self.rsp_cons = (self.rsp_cons + 1) & _M
+        slots = self._slots
+        data = bytes(slots[cons & self._mask]) if slots is not None else self._read_slot(cons)
+        self.rsp_cons = (cons + 1) & _M
         return data
 
     def final_check_for_responses(self) -> bool:
@@ -420,10 +427,12 @@ class BackRing(_Ring):
         Raises:
             IndexError: no request seen by the last :meth:`unconsumed_requests`.
         """
-        if self.req_cons == self._req_seen:
+        cons = self.req_cons
+        if cons == self._req_seen:
             raise IndexError("get_request past the requests seen")
-        data = self._read_slot(self.req_cons)
-        self.req_cons = (self.req_cons + 1) & _M
+        slots = self._slots
+        data = bytes(slots[cons & self._mask]) if slots is not None else self._read_slot(cons)
+        self.req_cons = (cons + 1) & _M
         return data
 
     def put_response(self, data: bytes | bytearray | memoryview) -> None:
@@ -433,10 +442,15 @@ class BackRing(_Ring):
             OverflowError: every consumed request already has its response.
             ValueError: ``data`` is longer than a slot.
         """
-        if self.req_cons == self.rsp_prod_pvt:
+        prod = self.rsp_prod_pvt
+        if self.req_cons == prod:
             raise OverflowError("put_response without a consumed request")
-        self._write_slot(self.rsp_prod_pvt, data)
-        self.rsp_prod_pvt = (self.rsp_prod_pvt + 1) & _M
+        slots = self._slots
+        if slots is not None and len(data) <= self.entry_size:  # _write_slot of one buffer
+            slots[prod & self._mask][:len(data)] = data
+        else:
+            self._write_slot(prod, data)
+        self.rsp_prod_pvt = (prod + 1) & _M
 
     def push_responses(self) -> bool:
         """``RING_PUSH_RESPONSES_AND_CHECK_NOTIFY``: publish; True if the frontend must be

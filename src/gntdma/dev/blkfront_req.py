@@ -37,9 +37,12 @@ from gntdma.abi.blkif_hot import (
 from gntdma.abi.ring import RingProtocolError
 from gntdma.dev.blkfront_cmd import (
     XBD_Q_BUSY,
+    XBD_Q_NONE,
     XBD_STATE_CONNECTED,
     XBDCF_ASYNC_MAPPING,
+    XBDCF_FROZEN,
     XBDCF_Q_FREEZE,
+    XBDCF_Q_MASK,
     XBDF_BARRIER,
     XBDF_BROKEN,
     XBDF_CM_SHORTAGE,
@@ -58,6 +61,7 @@ from gntdma.sched import (
     KernelPanic,
     current_scheduler,
     mtx_assert,
+    mtx_lock,
     wakeup,
 )
 from gntdma.sys import (
@@ -115,20 +119,27 @@ class xbd_softc_req(xbd_softc_base):
         write to a read-only disk), EOPNOTSUPP (flush or delete the backend
         does not offer, or refused).
         """
-        self._xbd_lock()
+        mtx_lock(self.xbd_io_lock)  # _xbd_lock
         try:
             self._st_bios += 1
             error = self._xbd_check_bio(bp)
             if error != 0:
                 self._xbd_bio_done(bp, error)
                 return
-            if (bp.bio_cmd in (BIO_READ, BIO_WRITE) and bp.bio_bcount == 0):
-                self._xbd_bio_done(bp, 0)
-                return
-            if (bp.bio_cmd in (BIO_READ, BIO_WRITE)
-                    and self._xbd_bio_pages(bp) > self.xbd_max_request_segments):
-                self.xbd_bioq.extend(self._xbd_split(bp))
-            elif bp.bio_cmd == BIO_DELETE:
+            cmd = bp.bio_cmd
+            if cmd == BIO_READ or cmd == BIO_WRITE:
+                if bp.bio_bcount == 0:
+                    self._xbd_bio_done(bp, 0)
+                    return
+                # _xbd_bio_pages
+                first = (bp.bio_ma_offset if bp.bio_flags & BIO_UNMAPPED else bp.bio_data) \
+                    & PAGE_MASK
+                if (first + bp.bio_bcount + PAGE_MASK) >> PAGE_SHIFT \
+                        > self.xbd_max_request_segments:
+                    self.xbd_bioq.extend(self._xbd_split(bp))
+                else:
+                    self.xbd_bioq.append(bp)
+            elif cmd == BIO_DELETE:
                 pieces = xbd_discard_pieces(
                     bp.bio_offset // BLKIF_SECTOR_SIZE, bp.bio_bcount // BLKIF_SECTOR_SIZE,
                     self.xbd_discard_max_sectors, self.xbd_discard_granularity,
@@ -255,14 +266,19 @@ class xbd_softc_req(xbd_softc_base):
                 or self.xbd_flags & (XBDF_DETACHING | XBDF_BROKEN)):
             return
         queued = 0
-        while not ring.full():
+        ready, bioq = self.xbd_cm_ready, self.xbd_bioq
+        # Nothing ready and nothing queued: xbd_bio_command would find no bio.
+        while (ready or bioq) and not ring.full():
             if self.xbd_qfrozen_cnt != 0:
                 break
-            cm = self._xbd_dequeue(self.xbd_cm_ready)
-            if cm is None:
+            cm: xbd_command | None
+            if ready:  # _xbd_dequeue
+                cm = ready.popleft()
+                cm.cm_flags = (cm.cm_flags & ~XBDCF_Q_MASK) | XBD_Q_NONE
+            else:
                 cm = self.xbd_bio_command()
-            if cm is None:
-                break
+                if cm is None:
+                    break
             if cm.cm_flags & XBDCF_Q_FREEZE:
                 # Freeze the queue until this command completes.
                 self.xbd_cm_freeze(cm, XBDCF_Q_FREEZE)
@@ -282,11 +298,13 @@ class xbd_softc_req(xbd_softc_base):
             self._xbd_bio_done(bioq.popleft(), errno.EOPNOTSUPP)
         if not bioq:
             return None
-        cm = self._xbd_dequeue(self.xbd_cm_free)
-        if cm is None:
+        free = self.xbd_cm_free
+        if not free:
             self.xbd_freeze(XBDF_CM_SHORTAGE)
             return None
-        bp = self.xbd_bioq.popleft()
+        cm = free.popleft()  # _xbd_dequeue
+        cm.cm_flags = (cm.cm_flags & ~XBDCF_Q_MASK) | XBD_Q_NONE
+        bp = bioq.popleft()
         cm.cm_bp = bp
         cm.cm_sector_number = bp.bio_offset // BLKIF_SECTOR_SIZE
         cm.cm_bytes = bp.bio_bcount
@@ -340,7 +358,7 @@ class xbd_softc_req(xbd_softc_base):
         cm = arg
         assert isinstance(cm, xbd_command)
         mtx_assert(self.xbd_io_lock, MA_OWNED)
-        is_async = bool(cm.cm_flags & XBDCF_ASYNC_MAPPING)
+        is_async = cm.cm_flags & XBDCF_ASYNC_MAPPING != 0
         cm.cm_flags &= ~XBDCF_ASYNC_MAPPING
         if is_async and self.xbd_latency:
             self._xbd_lat(self.xbd_lat_deferred, cm.cm_id)
@@ -378,7 +396,8 @@ class xbd_softc_req(xbd_softc_base):
             raw = blkif_pack_rw(abi, op, 0, self.xbd_vdev, cm.cm_id, cm.cm_sector_number, ())
             self._st_flushes += 1
         else:
-            assert cm.cm_map is not None
+            dmat = self.xbd_io_dmat
+            assert cm.cm_map is not None and dmat is not None
             refs = xen_dmamap_get_grefs(cm.cm_map)
             sg = xbd_mksegs(segs, nsegs, refs)
             if nsegs <= BLKIF_MAX_SEGMENTS_PER_REQUEST:
@@ -396,15 +415,20 @@ class xbd_softc_req(xbd_softc_base):
                 cm.cm_indirect = True
                 self._st_indirect += 1
             sync = BUS_DMASYNC_PREREAD if op == BLKIF_OP_READ else BUS_DMASYNC_PREWRITE
-            bus_dmamap_sync(self._xbd_io_dmat(), cm.cm_map, sync)
+            bus_dmamap_sync(dmat, cm.cm_map, sync)
         cm.cm_nseg = nsegs
         ring.put_request(raw)
         self._st_requests += 1
         occ = (ring.req_prod_pvt - ring.rsp_cons) & 0xFFFFFFFF
-        self._st_occupancy_peak = max(self._st_occupancy_peak, occ)
+        if occ > self._st_occupancy_peak:
+            self._st_occupancy_peak = occ
         if self.xbd_latency:
             self._st_t0[cm.cm_id] = current_scheduler().now()
-        self._xbd_enqueue_cm(cm, XBD_Q_BUSY)
+        # _xbd_enqueue_cm(cm, XBD_Q_BUSY)
+        if cm.cm_flags & XBDCF_Q_MASK != XBD_Q_NONE:
+            raise KernelPanic(f"{self.name}: {cm!r} enqueued on {XBD_Q_BUSY} while on a queue")
+        cm.cm_flags = (cm.cm_flags & ~XBDCF_Q_MASK) | XBD_Q_BUSY
+        self.xbd_cm_busy[cm.cm_id] = cm
         if is_async:
             # Called back by bus_dma, not from xbd_startio: publish now, thaw, go on.
             if not cm.cm_flags & XBDCF_Q_FREEZE:
@@ -464,23 +488,29 @@ class xbd_softc_req(xbd_softc_base):
             self._xbd_broken(f"response id {cid} has operation {rop}, "
                              f"the request {cm.cm_operation}")
             return False
-        self._xbd_remove_busy(cm)
+        # _xbd_remove_busy
+        if cm.cm_flags & XBDCF_Q_MASK != XBD_Q_BUSY or self.xbd_cm_busy.pop(cid, None) is not cm:
+            raise KernelPanic(f"{self.name}: {cm!r} is not busy")
+        cm.cm_flags = (cm.cm_flags & ~XBDCF_Q_MASK) | XBD_Q_NONE
         self._xbd_cm_unload(cm)
         # Release any hold this command has on future command dispatch.
-        self.xbd_cm_thaw(cm)
+        if cm.cm_flags & XBDCF_FROZEN:
+            self.xbd_cm_thaw(cm)
         cm.cm_status = status
         self.xbd_bio_complete(cm)
         return True
 
     def _xbd_cm_unload(self, cm: xbd_command) -> None:
         """POST syncs and unload: ends grant access and frees the data references."""
-        if cm.cm_operation in XBD_RW_OPS and cm.cm_map is not None:
-            dmat = self._xbd_io_dmat()
-            op = BUS_DMASYNC_POSTREAD if cm.cm_operation == BLKIF_OP_READ \
-                else BUS_DMASYNC_POSTWRITE
-            if cm.cm_map.state is MapState.LOADED:
-                bus_dmamap_sync(dmat, cm.cm_map, op)
-            bus_dmamap_unload(dmat, cm.cm_map)
+        op = cm.cm_operation
+        m = cm.cm_map
+        if (op == BLKIF_OP_READ or op == BLKIF_OP_WRITE) and m is not None:
+            dmat = self.xbd_io_dmat
+            assert dmat is not None
+            if m.state is MapState.LOADED:
+                bus_dmamap_sync(dmat, m, BUS_DMASYNC_POSTREAD if op == BLKIF_OP_READ
+                                else BUS_DMASYNC_POSTWRITE)
+            bus_dmamap_unload(dmat, m)
         if cm.cm_indirect and cm.cm_indirectionmap is not None:
             assert self.xbd_indirect_dmat is not None
             bus_dmamap_sync(self.xbd_indirect_dmat, cm.cm_indirectionmap,

@@ -350,7 +350,6 @@ class xbd_softc_base:
         """Back to the free pool (FreeBSD ``xbd_free_command``)."""
         if cm.cm_flags & XBDCF_FROZEN:
             raise KernelPanic(f"{self.name}: freeing frozen {cm!r}")
-        cm.cm_flags = XBDCF_INITIALIZER
         cm.cm_bp = None
         cm.cm_operation = 0
         cm.cm_sector_number = 0
@@ -359,8 +358,11 @@ class xbd_softc_base:
         cm.cm_bytes = 0
         cm.cm_status = 0
         cm.cm_indirect = False
-        self._xbd_enqueue_cm(cm, XBD_Q_FREE)
-        self.xbd_thaw(XBDF_CM_SHORTAGE)
+        # XBDCF_INITIALIZER, then _xbd_enqueue_cm(cm, XBD_Q_FREE) of a command in no queue
+        cm.cm_flags = (XBDCF_INITIALIZER & ~XBDCF_Q_MASK) | XBD_Q_FREE
+        self.xbd_cm_free.append(cm)
+        if self.xbd_flags & XBDF_CM_SHORTAGE:
+            self.xbd_thaw(XBDF_CM_SHORTAGE)
 
     # -- statistics ----------------------------------------------------------------------------
 
