@@ -16,14 +16,23 @@ path of this daemon, run on a twin daemon with the same history.
 
 from __future__ import annotations
 
+import errno
 import random
 from collections.abc import Callable
 from functools import partial
 
 import pytest
 
-from gntdma.xenstored import Message, Xenstored, XsdType, XsError
-from gntdma.xenstored._home import _absent, introduce_home, mkdir, peek_children, write_with_perms
+from gntdma.xenstored import Message, MessageReader, Xenstored, XsdType, XsError
+from gntdma.xenstored._home import (
+    _absent,
+    _forgets_domains,
+    introduce_home,
+    mkdir,
+    peek_children,
+    write_with_perms,
+)
+from gntdma.xenstored._store import SPECIAL_PATHS, Change
 from gntdma.xenstored._tree import Perm, XsPerm, domain_path
 
 DOMIDS = (0, 1, 2, 3, 5)
@@ -55,7 +64,7 @@ def _random_perms(rng: random.Random) -> list[str]:
 class _Twin:
     """One daemon, its host's domains and its clients, driven by a seeded history."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, owner: int | None = None) -> None:
         self.exists = {0, 1, 2}
         self.xsd = Xenstored(domain_exists=lambda domid: domid in self.exists)
         self.conns = []
@@ -63,6 +72,19 @@ class _Twin:
         self._watchers(rng, (0, 1, 2, 0))
         for _ in range(rng.randrange(0, 40)):
             self._step(rng)
+        if owner is not None:  # subtrees here and there that one domain owns
+            for _ in range(rng.randrange(0, 12)):
+                try:
+                    path = _random_path(rng)
+                    self.xsd.mkdir(path)
+                    self.xsd.set_perms(path, [f"n{owner}", *_random_perms(rng)[:1]])
+                except XsError:
+                    pass
+            if rng.random() < 0.4:  # a domain the daemon knows of, gone from the host
+                self.exists.add(9)
+                self.xsd.mkdir("/stale")
+                self.xsd.set_perms("/stale", ["n0", "r9"])
+                self.exists.discard(9)
         # Clients of domains that may be younger than nodes naming them (XSA-322).
         self._watchers(rng, (1, 2, 3, 5))
         for conn in self.conns:
@@ -133,6 +155,29 @@ def _old_introduce(xsd: Xenstored, domid: int) -> str:
         return home
 
 
+def _old_release(xsd: Xenstored, domid: int) -> None:
+    """``Xenstored.release_domain`` as it was: the walk over every node."""
+    with xsd.lock:
+        if domid not in xsd._domains:
+            raise XsError(errno.ENOENT, f"domain {domid} is not introduced")
+        del xsd._domains[domid]
+        xsd._domain_gen.pop(domid, None)
+        for conn in list(xsd._domain_conns.get(domid, {}).values()):
+            xsd._kill(conn, f"domain {domid} released")
+        for dom in xsd._domains.values():
+            if dom.target == domid:
+                dom.target = None
+        acc = xsd.access(None)
+        acc.remove_domain_nodes(domid)
+        xsd._fire(acc.changes)
+        for name in SPECIAL_PATHS:
+            perms = xsd.store.special_perms[name]
+            owner = perms[0] if perms[0].domid != domid else Perm(0, perms[0].access)
+            rest = tuple(p for p in perms[1:] if p.domid != domid)
+            xsd.store.special_perms[name] = (owner, *rest)
+        xsd._fire([Change("@releaseDomain", exact=True)])
+
+
 def _old_directory(xsd: Xenstored, path: str) -> list[str]:
     try:
         return xsd.directory(path)
@@ -150,8 +195,8 @@ def _two_requests(xsd: Xenstored, *, path: str, value: bytes, perms: list[str]) 
 
 
 def _compare(seed: int, fast: Callable[[Xenstored], object],
-             slow: Callable[[Xenstored], object]) -> None:
-    assert _Twin(seed).run(fast) == _Twin(seed).run(slow)
+             slow: Callable[[Xenstored], object], owner: int | None = None) -> None:
+    assert _Twin(seed, owner).run(fast) == _Twin(seed, owner).run(slow)
 
 
 SEEDS = range(300)
@@ -232,3 +277,42 @@ def test_a_write_with_perms_naming_a_domain_the_host_lacks_fails_as_set_perms(
         outcomes.append(xsd.store.nodes)
     assert outcomes[0] == outcomes[2]
     assert outcomes[1] == outcomes[3]
+
+
+def test_a_release_removes_what_the_walk_over_every_node_removed_in_its_order() -> None:
+    """``remove_domain_nodes``: every subtree whose top node the domain owns, in
+    the pre-order of the tree (children in creation order), and the permission
+    reads of the walk where they make the daemon forget a gone domain."""
+    forgets = owners = 0
+    for seed in SEEDS:
+        rng = random.Random(seed * 7 + 5)
+        domid = rng.choice(DOMIDS[1:])
+        twin = _Twin(seed, domid)
+        forgets += _forgets_domains(twin.xsd)
+        owners += domid in twin.xsd._domains and twin.xsd.store.owner_counts[domid] > 1
+        _compare(seed, partial(Xenstored.release_domain, domid=domid),
+                 partial(_old_release, domid=domid), domid)
+    assert forgets > len(SEEDS) // 10  # both ways were compared
+    assert len(SEEDS) - forgets > len(SEEDS) // 3
+    assert owners > len(SEEDS) // 10  # and domains owning more than their home
+
+
+def test_a_release_removes_owned_subtrees_in_tree_order() -> None:
+    xsd = Xenstored(domain_exists=lambda d: True)
+    xsd.introduce_domain(3)
+    for path in ("/b/x", "/a/y/z", "/a/w", "/local/domain/0/backend/vbd/3", "/c"):
+        xsd.mkdir(path)
+    for path in ("/b/x", "/a/y", "/a", "/local/domain/0/backend/vbd/3"):
+        xsd.set_perms(path, ["n3"])
+    watcher = xsd.connect(0)
+    watcher.feed(Message(XsdType.XS_WATCH, 1, 0, _z("/", "t")).encode())
+    watcher.data_to_send()
+    xsd.release_domain(3)
+    events = [m.payload.split(b"\0")[0].decode()
+              for m in MessageReader().feed(watcher.data_to_send())]
+    # A watch on "/" hears each top removed (the nodes below are exact changes).
+    assert events == ["/local/domain/3", "/local/domain/0/backend/vbd/3", "/b/x", "/a"]
+    assert set(xsd.store.nodes) == {"/", "/tool", "/tool/xenstored", "/local",
+                                    "/local/domain", "/local/domain/0",
+                                    "/local/domain/0/backend", "/local/domain/0/backend/vbd",
+                                    "/b", "/c"}

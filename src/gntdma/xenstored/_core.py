@@ -460,7 +460,7 @@ class Xenstored:
                 if dom.target == domid:
                     dom.target = None
             acc = self.access(None)
-            acc.remove_domain_nodes(domid)
+            _home.remove_domain_nodes(self, acc, domid)
             self._fire(acc.changes)
             for name in SPECIAL_PATHS:
                 perms = self.store.special_perms[name]

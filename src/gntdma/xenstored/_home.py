@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from gntdma.xenstored._store import Change
+from gntdma.xenstored._store import Access, Change
 from gntdma.xenstored._tree import (
     DOMID_FIRST_RESERVED,
     Node,
@@ -48,7 +48,7 @@ from gntdma.xenstored._wire import XsError
 if TYPE_CHECKING:
     from gntdma.xenstored._core import Xenstored
 
-__all__ = ["introduce_home", "mkdir", "peek_children", "write_with_perms"]
+__all__ = ["introduce_home", "mkdir", "peek_children", "remove_domain_nodes", "write_with_perms"]
 
 _NONE = XsPerm.XS_PERM_NONE
 
@@ -196,3 +196,58 @@ def peek_children(xsd: Xenstored, path: str) -> list[str]:
                 _read(xsd, up)
                 break
         return []
+
+
+def _forgets_domains(xsd: Xenstored) -> bool:
+    """Would reading a node's permissions forget a domain (``Xenstored._known``:
+    one the host created, never introduced, and has destroyed since)?"""
+    exists = xsd._domain_exists
+    if exists is None:
+        return False
+    doms = xsd._domains
+    return any(d != 0 and d not in doms and not exists(d) for d in xsd._domain_gen)
+
+
+def _position(nodes: dict[str, Node], path: str, owned: set[str]) -> tuple[int, ...] | None:
+    """Where the walk from "/" meets ``path``: the index of each node among its
+    parent's children, root first. None if the walk never gets there: an
+    ancestor is removed before (owned too), or a parent does not list it."""
+    key = []
+    while path != "/":
+        up = parent_path(path)
+        if up in owned:
+            return None
+        parent = nodes.get(up)
+        if parent is None:
+            return None
+        try:
+            key.append(parent.children.index(basename(path)))
+        except ValueError:
+            return None
+        path = up
+    key.reverse()
+    return tuple(key)
+
+
+def remove_domain_nodes(xsd: Xenstored, acc: Access, domid: int) -> None:
+    """``acc.remove_domain_nodes(domid)`` (``acc``: the daemon's own, outside
+    transactions) without visiting every node: the subtrees whose top node
+    ``domid`` owns are found among the nodes it owns and removed in the order
+    the pre-order walk meets them. Reading a node's permissions has no effect
+    then, unless it would make the daemon forget a domain: the walk itself
+    runs in that case, as it reads every node it visits."""
+    if _forgets_domains(xsd):
+        acc.remove_domain_nodes(domid)
+        return
+    nodes = xsd.store.nodes
+    owned = {p for p, n in nodes.items() if n.perms[0].domid == domid and p != "/"}
+    tops = []
+    for path in owned:
+        key = _position(nodes, path, owned)
+        if key is not None:
+            tops.append((key, path))
+    tops.sort()
+    for _, path in tops:
+        node = acc.get(path)
+        assert node is not None
+        acc.remove_tree(path, node)
