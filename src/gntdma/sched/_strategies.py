@@ -179,17 +179,23 @@ class PctStrategy(_Recording):
 
     def pick(self, runnable: Sequence[KThread], current: KThread | None, point: str) -> int:
         self._step += 1
-        for t in runnable:
-            if t.tid not in self._prio:
-                self._prio[t.tid] = self.depth + self._rng.randrange(1 << 30)
+        prio = self._prio
+        tids = [t.tid for t in runnable]  # made once: the priorities and the record
+        for tid in tids:
+            if tid not in prio:
+                prio[tid] = self.depth + self._rng.randrange(1 << 30)
         fair_yield = point == "checkpoint" and self._step > self.k
         if not fair_yield:
             self._counted += 1
         if current is not None and (self._step in self._changes or fair_yield):
-            self._prio[current.tid] = self._low
+            prio[current.tid] = self._low
             self._low -= 1
-        best = max(range(len(runnable)), key=lambda i: self._prio[runnable[i].tid])
-        return self._record(runnable, best)
+        prios = [prio[tid] for tid in tids]
+        best = prios.index(max(prios))  # the first of the highest, as max() with a key
+        schedule = self.schedule  # _record, in place
+        schedule.steps.append(tids[best])
+        schedule.runnable.append(tids)
+        return best
 
     def finished(self, steps: int) -> None:
         """The run ended after ``steps`` scheduler steps; reports its choices as k."""
@@ -302,17 +308,20 @@ class DfsStrategy(_Recording):
     def pick(self, runnable: Sequence[KThread], current: KThread | None, point: str) -> int:
         cur = _current_index(runnable, current)
         n = len(runnable)
-        if cur is not None and point == "checkpoint":
-            order = [i for i in range(n) if i != cur] + [cur]
-        else:
-            default = cur if cur is not None else 0
-            order = [default] + [i for i in range(n) if i != default]
         step = len(self._trail)
         rank = self._prefix[step] if step < len(self._prefix) else 0
         if rank >= n:
             raise ReplayDivergence(f"DFS step {step}: rank {rank} of {n} threads")
-        idx = order[rank]
-        self._trail.append(_Choice(n, order[0], rank, cur is not None))
+        # The order of the choices, without building it: after a yield the others
+        # in index order, then the yielder ([i for i != cur] + [cur]); otherwise
+        # the default first, then the others in index order.
+        if cur is not None and point == "checkpoint":
+            first = 1 if cur == 0 and n > 1 else 0
+            idx = cur if rank == n - 1 else (rank if rank < cur else rank + 1)
+        else:
+            first = cur if cur is not None else 0
+            idx = first if rank == 0 else (rank - 1 if rank - 1 < first else rank)
+        self._trail.append(_Choice(n, first, rank, cur is not None))
         return self._record(runnable, idx)
 
 

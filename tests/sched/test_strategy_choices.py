@@ -1,0 +1,62 @@
+"""The choices DFS and PCT make at one step, against their definitions.
+
+DFS (iterative context bounding, Musuvathi and Qadeer, PLDI 2007): rank 0
+continues the current thread (the first runnable one when it blocked), rank
+j > 0 takes the j-th other thread in runnable order; after an explicit yield
+the others come first and the yielder last. PCT (Burckhardt et al., ASPLOS
+2010): the highest priority runnable thread runs, the first of them on a tie.
+The picks compute these without building the lists; the lists are the
+definition checked here.
+"""
+
+from __future__ import annotations
+
+import random
+
+from gntdma.sched import DfsStrategy, KThread, PctStrategy
+
+
+def _threads(n: int) -> list[KThread]:
+    return [KThread(10 + i, f"t{i}", False, None) for i in range(n)]
+
+
+def test_dfs_takes_the_ranked_choice_of_its_order() -> None:
+    for n in range(1, 8):
+        runnable = _threads(n)
+        for cur in [None, *range(n)]:
+            current = None if cur is None else runnable[cur]
+            for point in ("checkpoint", "switch", "mtx_lock"):
+                if cur is not None and point == "checkpoint":
+                    order = [i for i in range(n) if i != cur] + [cur]
+                else:
+                    first = 0 if cur is None else cur
+                    order = [first] + [i for i in range(n) if i != first]
+                for rank in range(n):
+                    dfs = DfsStrategy(0)
+                    dfs._prefix = [rank]
+                    idx = dfs.pick(runnable, current, point)
+                    assert idx == order[rank], (n, cur, point, rank)
+                    choice = dfs._trail[0]
+                    assert (choice.n, choice.default, choice.rank, choice.preempting) == (
+                        n, order[0], rank, cur is not None)
+                    assert dfs.schedule.steps == [runnable[idx].tid]
+                    assert dfs.schedule.runnable == [[t.tid for t in runnable]]
+
+
+def test_pct_runs_the_first_of_the_highest_priorities() -> None:
+    rng = random.Random(5)
+    runnable = _threads(5)
+    pct = PctStrategy(3, depth=3, max_steps=50)
+    for step in range(300):
+        k = rng.randint(1, 5)
+        now = rng.sample(runnable, k)
+        current = rng.choice([None, *now])
+        point = rng.choice(["checkpoint", "switch"])
+        # Give two threads the same priority now and then: the first one wins.
+        if step % 7 == 0 and k > 1 and all(t.tid in pct._prio for t in now):
+            pct._prio[now[1].tid] = pct._prio[now[0].tid]
+        idx = pct.pick(now, current, point)
+        prios = [pct._prio[t.tid] for t in now]
+        assert idx == max(range(k), key=lambda i: prios[i])
+        assert pct.schedule.steps[-1] == now[idx].tid
+        assert pct.schedule.runnable[-1] == [t.tid for t in now]
