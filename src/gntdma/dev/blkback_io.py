@@ -189,18 +189,6 @@ class BackingStore(Protocol):
 
 
 @final
-class _PersistentGnt:
-    """One persistently mapped grant (Linux ``struct persistent_gnt``)."""
-
-    __slots__ = ("active", "handle")
-
-    def __init__(self, handle: int) -> None:
-        self.handle = handle
-        #: Used by a request in progress (another request maps the gref itself).
-        self.active = True
-
-
-@final
 class BlkbackIO:
     """The grant maps and disk I/O of one device, with their counters.
 
@@ -228,8 +216,13 @@ class BlkbackIO:
         #: Keep data grants mapped between requests (negotiated per connection).
         self.persistent = False
         self.max_persistent = BLKBACK_MAX_PERSISTENT_GRANTS
-        #: gref -> its persistent mapping (Linux's per-ring ``persistent_gnts`` tree).
-        self._pgnts: dict[int, _PersistentGnt] = {}
+        #: gref -> the handle of its persistent mapping (Linux's per-ring
+        #: ``persistent_gnts`` tree; ``struct persistent_gnt``'s handle and page).
+        self._pgnts: dict[int, int] = {}
+        #: gref -> the mapping's page view, as the hypervisor gave it (not a new view).
+        self._pviews: dict[int, memoryview] = {}
+        #: The grefs of the table in use by a request now (Linux ``persistent_gnt.active``).
+        self._pbusy: set[int] = set()
         #: Data segments served by a persistent mapping, without a map.
         self.persistent_hits = 0
 
@@ -287,7 +280,7 @@ class BlkbackIO:
 
         Returns (0, segments) or (EFAULT, []) if a page does not map.
         """
-        used: list[_PersistentGnt] = []
+        used: list[int] = []
         if self.persistent:
             got = self._map_persistent(grefs, used)
             handles, temp, _hits = got if got is not None else (None, [], 0)
@@ -306,8 +299,7 @@ class BlkbackIO:
                     chunks.append(bytes(v))  # one copy: each descriptor is read once
                 left -= n
         finally:
-            for p in used:
-                p.active = False  # Linux put_persistent_gnt (xen_blkbk_unmap)
+            self._pbusy.difference_update(used)  # Linux put_persistent_gnt (xen_blkbk_unmap)
             self.unmap_batch(temp)
         return 0, blkback_unpack_segs(b"".join(chunks))
 
@@ -316,10 +308,18 @@ class BlkbackIO:
         to_disk = req.op == BLKIF_OP_WRITE
         segs = req.segs
         grefs, firsts, lasts = zip(*segs, strict=True) if segs else ((), (), ())
-        used: list[_PersistentGnt] = []
+        used: list[int] = []
+        pages: list[memoryview] | None = None
         if self.persistent:
-            got = self._map_persistent(grefs, used)
-            handles, temp, hits = got if got is not None else (None, [], 0)
+            pages = self._persistent_views(grefs)
+            if pages is not None:  # every gref from the table: no map, no lookup
+                handles: list[int] | None = []
+                temp: list[int] = []
+                used = list(grefs)
+                hits = len(grefs)
+            else:
+                got = self._map_persistent(grefs, used)
+                handles, temp, hits = got if got is not None else (None, [], 0)
             self.persistent_hits += hits
         else:
             handles = self._map_batch(_MAP_HOST_RO if to_disk else _MAP_HOST, grefs)
@@ -330,7 +330,8 @@ class BlkbackIO:
         views: list[memoryview] = []  # the partial-page views made here, released after
         status = BLKIF_RSP_OKAY
         try:
-            pages = self.hc.mapped_pages(handles)
+            if pages is None:
+                pages = self.hc.mapped_pages(handles)
             n = len(segs)
             if len(pages) == n and firsts.count(0) == n and lasts.count(_LAST_SECT) == n:
                 iov = pages  # every segment a whole page: the mappings' views
@@ -355,28 +356,44 @@ class BlkbackIO:
         finally:
             for v in views:
                 v.release()
-            for p in used:
-                p.active = False  # Linux put_persistent_gnt
+            self._pbusy.difference_update(used)  # Linux put_persistent_gnt
             self.unmap_batch(temp)
         return status
 
     # -- persistent grants ------------------------------------------------------------
 
-    def _map_persistent(self, grefs: Sequence[int], used: list[_PersistentGnt]
+    def _persistent_views(self, grefs: Sequence[int]) -> list[memoryview] | None:
+        """The page views of ``grefs`` when the table holds every one of them, none in
+        use and none twice (then all are in use now); else None (nothing taken)."""
+        views = self._pviews
+        if not grefs or not views.keys() >= set(grefs):
+            return None
+        busy = self._pbusy
+        n = len(busy)
+        if not busy.isdisjoint(grefs):
+            return None
+        busy.update(grefs)
+        if len(busy) != n + len(grefs):  # a gref twice: the second one maps itself
+            busy.difference_update(grefs)
+            return None
+        return list(map(views.__getitem__, grefs))
+
+    def _map_persistent(self, grefs: Sequence[int], used: list[int]
                         ) -> tuple[list[int], list[int], int] | None:
         """The handle of each gref (from the table, or mapped now), those to unmap after
         the request, and how many the table served without a map; None if a map failed
         (nothing of this request left in use).
-        The table entries used are appended to ``used`` (to be put back after)."""
+        The table's grefs used are appended to ``used`` (to be put back after)."""
         table = self._pgnts
+        busy = self._pbusy
         handles = [0] * len(grefs)
         todo: list[int] = []
         for i, g in enumerate(grefs):
-            p = table.get(g)
-            if p is not None and not p.active:
-                p.active = True
-                used.append(p)
-                handles[i] = p.handle
+            h = table.get(g)
+            if h is not None and g not in busy:
+                busy.add(g)
+                used.append(g)
+                handles[i] = h
             else:
                 todo.append(i)
         hits = len(grefs) - len(todo)
@@ -384,16 +401,17 @@ class BlkbackIO:
         if todo:
             mapped = self._map_batch(_MAP_HOST, [grefs[i] for i in todo])
             if mapped is None:
-                for p in used:
-                    p.active = False
+                busy.difference_update(used)
                 used.clear()
                 return None
             for i, h in zip(todo, mapped, strict=True):
                 handles[i] = h
                 g = grefs[i]
                 if g not in table and len(table) < self.max_persistent:
-                    p = table[g] = _PersistentGnt(h)
-                    used.append(p)
+                    table[g] = h
+                    self._pviews[g] = self.hc.mapped_page(h)
+                    busy.add(g)
+                    used.append(g)
                 else:
                     temp.append(h)
         return handles, temp, hits
@@ -412,10 +430,11 @@ class BlkbackIO:
         """Unmap every persistent grant (disconnect, nothing in flight: Linux
         ``free_persistent_gnts``)."""
         table = self._pgnts
-        if any(p.active for p in table.values()):
+        if self._pbusy:
             raise KernelPanic(f"{self.name}: persistent grants in use at disconnect")
-        handles = [p.handle for p in table.values()]
+        handles = list(table.values())
         table.clear()
+        self._pviews.clear()
         self.unmap_batch(handles)
 
     # -- grant maps ----------------------------------------------------------------------

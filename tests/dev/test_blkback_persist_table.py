@@ -1,0 +1,120 @@
+"""blkback's persistent grant table against a hand-written frontend.
+
+Source: Linux drivers/block/xen-blkback/blkback.c ``xen_blkbk_map`` (a gref in the
+ring's ``persistent_gnts`` tree is used without a map, ``get_persistent_gnt``
+refuses one already in use, so a gref twice in one request is mapped again for
+the second; a new gref is kept while ``persistent_gnt_c < max_pgrants``),
+``xen_blkbk_parse_indirect`` (indirect pages through ``xen_blkbk_map``) and
+``free_persistent_gnts``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from test_blkback_lib import Buf, Front, Rig, pattern
+
+from gntdma.abi.blkif import (
+    BLKIF_ABI_X86_64,
+    BLKIF_OP_INDIRECT,
+    BLKIF_OP_READ,
+    BLKIF_OP_WRITE,
+    BLKIF_RSP_OKAY,
+    BlkifRequestIndirect,
+    BlkifRequestSegment,
+)
+from gntdma.dev.blkback import Blkback
+from gntdma.host.image import DiskImage
+from gntdma.toolstack.host import Host
+
+PAGE = 4096
+
+
+def _rig(host: Host, tmp: Path, **kw: int) -> Rig:
+    g = host.create_guest(f"guest{len(host.guests)}", memory_mb=8)
+    img = DiskImage.create(tmp / "disk.img", 1 << 20)
+    front = Front(host, g, BLKIF_ABI_X86_64)
+    st = host.hv.statistics()
+    bb = Blkback(host.dom0.hc, host.dom0.kernel, g.domid, img, devid=51712, **kw)
+    bb.feature_persistent = True
+    assert bb.connect(front.ring_refs, front.port, BLKIF_ABI_X86_64.protocol,
+                      persistent=True) == 0
+    return Rig(host, g, img, front, bb, st.mappings, st.grants_pinned)
+
+
+def _close(r: Rig, bufs: list[Buf]) -> None:
+    """Disconnect (every persistent grant unmapped: ``free_persistent_gnts``), then end
+    the frontend's grants."""
+    assert r.bb.disconnect() == 0
+    assert r.bb.statistics().mapped_now == 0
+    for b in bufs:
+        r.front.release(b)
+    r.front.close()
+    r.img.close()
+
+
+def test_a_gref_twice_in_one_request_is_mapped_again_for_the_second(
+        host: Host, tmp_path: Path) -> None:
+    r = _rig(host, tmp_path)
+    f = r.front
+    b = f.buf(False, pattern(1))
+    rid = f.rw(BLKIF_OP_WRITE, 0, [(b, 0, 7)])
+    f.push()
+    assert f.status(rid) == BLKIF_RSP_OKAY
+    st = r.bb.statistics()
+    assert st.mapped_now == st.ring_pages + 1  # kept
+    rid = f.rw(BLKIF_OP_READ, 8, [(b, 0, 3), (b, 4, 7)])  # the same page twice
+    f.push()
+    assert f.status(rid) == BLKIF_RSP_OKAY
+    again = r.bb.statistics()
+    assert again.segments_mapped == st.segments_mapped + 1  # the second use only
+    assert again.mapped_now == st.mapped_now  # and unmapped after the request
+    rid = f.rw(BLKIF_OP_READ, 0, [(b, 0, 7)])
+    f.push()
+    assert f.status(rid) == BLKIF_RSP_OKAY
+    assert r.bb.statistics().segments_mapped == again.segments_mapped  # from the table
+    assert f.data(b) == pattern(1)
+    _close(r, [b])
+
+
+def test_indirect_pages_enter_the_table_and_are_used_again(host: Host,
+                                                           tmp_path: Path) -> None:
+    """The indirect page is granted writable, as Linux xen-blkfront's persistent
+    grants are: blkback maps it as a data page and keeps it."""
+    r = _rig(host, tmp_path)
+    f = r.front
+    bufs = [f.buf(False, pattern(i)) for i in range(20)]
+    raw = b"".join(BlkifRequestSegment(b.ref, 0, 7).pack() for b in bufs)
+    ipage = f.buf(False, raw + bytes(PAGE - len(raw)))
+
+    def indirect(op: int) -> int:
+        rid = f.new_id()
+        f.put(BlkifRequestIndirect(operation=BLKIF_OP_INDIRECT, indirect_op=op,
+                                   nr_segments=20, id=rid, sector_number=0, handle=0,
+                                   indirect_grefs=(ipage.ref,)))
+        f.push()
+        return f.status(rid)
+
+    assert indirect(BLKIF_OP_WRITE) == BLKIF_RSP_OKAY
+    st = r.bb.statistics()
+    assert st.mapped_now == st.ring_pages + 20 + 1
+    for b in bufs:
+        f.page(b.pfn)[:] = bytes(PAGE)
+    assert indirect(BLKIF_OP_READ) == BLKIF_RSP_OKAY
+    again = r.bb.statistics()
+    assert again.segments_mapped == st.segments_mapped  # not one map more
+    assert [f.data(b) for b in bufs] == [pattern(i) for i in range(20)]
+    _close(r, [*bufs, ipage])
+
+
+def test_max_persistent_grants_zero_keeps_nothing(host: Host, tmp_path: Path) -> None:
+    r = _rig(host, tmp_path, max_persistent_grants=0)
+    f = r.front
+    b = f.buf(False, pattern(2))
+    for _ in range(2):
+        rid = f.rw(BLKIF_OP_WRITE, 0, [(b, 0, 7)])
+        f.push()
+        assert f.status(rid) == BLKIF_RSP_OKAY
+        st = r.bb.statistics()
+        assert st.mapped_now == st.ring_pages
+    _close(r, [b])
