@@ -183,12 +183,21 @@ class PersistentPool:
             pieces = pieces[:room]
         if not pieces:
             return error
-        bufs, lens = zip(*pieces, strict=True)
-        al = t.alignment - 1
         # A piece sits on its pool page at its own offset when the tag's alignment
         # allows it, else at 0 (the page starts on the alignment; the piece fits).
-        dsts = [pa + (o if (o := b & PAGE_MASK) & al == 0 else 0)
-                for pa, b in zip(self.pas[base : base + len(bufs)], bufs, strict=True)]
+        # Only the first piece can start inside a page: the others start a page.
+        b0, n0 = pieces[0]
+        o = b0 & PAGE_MASK
+        d0 = self.pas[base] + (o if o & (t.alignment - 1) == 0 else 0)
+        if len(pieces) == 1:
+            segs.append(_SEG((d0, n0)))
+            self.dsts.append(d0)
+            self.bufs.append(b0)
+            self.lens.append(n0)
+            return error
+        bufs, lens = zip(*pieces, strict=True)
+        dsts = self.pas[base : base + len(bufs)]
+        dsts[0] = d0
         segs.extend(map(_SEG, zip(dsts, lens, strict=True)))
         self.dsts += dsts
         self.bufs += bufs
