@@ -38,10 +38,13 @@ Differences from Linux xen-blkback
 Keys (Linux: ``xen_blkbk_probe`` and ``connect`` in ``xen-blkback/xenbus.c``):
 
 - ``feature-persistent``: off unless ``Blkback.feature_persistent`` is set
-  (then 1, and when the frontend's key is non-zero too, data grants stay
-  mapped between requests, at most 1056 per device, unmapped at disconnect);
-  Linux's ``feature_persistent`` module parameter is on by default, and Linux
-  also keeps indirect pages mapped and purges grants unused for 60 s.
+  (then 1, and when the frontend's key is non-zero too, data and indirect
+  grants stay mapped between requests, at most ``Blkback.max_persistent_grants``
+  per device, 1056 by default, unmapped at disconnect); Linux's
+  ``feature_persistent`` module parameter is on by default, and Linux also
+  purges grants unused for 60 s, and unused ones while the frontend uses more
+  than the table holds (``purge_persistent_gnt``; not done here: the table keeps
+  the first grants it took, those beyond it are mapped per request).
 - ``multi-queue-max-queues``: not written (one ring); Linux writes its queue
   count and reads ``multi-queue-num-queues`` and ``queue-N/`` directories.
 - ``feature-barrier``: we write 0 and answer ``BLKIF_OP_WRITE_BARRIER`` with
