@@ -287,7 +287,8 @@ class GrantOps:
             return replace(op, status=GNTST_permission_denied)
         if op.nr_frames > d.gnttab.max_frames or not d.gnttab.grow(op.nr_frames):
             return replace(op, status=GNTST_general_error)
-        return replace(op, status=GNTST_okay)
+        # What replace() builds (the class is final), without its walk of the fields.
+        return GnttabSetupTable(op.dom, op.nr_frames, GNTST_okay, op.frame_list)
 
     def _query_size(self, caller: Domain, op: GnttabQuerySize) -> GnttabQuerySize:
         d = self._resolve(caller, op.dom)
@@ -295,8 +296,7 @@ class GrantOps:
             return replace(op, status=GNTST_bad_domain)
         if d is not caller and not caller.privileged:
             return replace(op, status=GNTST_permission_denied)
-        return replace(op, nr_frames=d.gnttab.nr_frames, max_nr_frames=d.gnttab.max_frames,
-                       status=GNTST_okay)
+        return GnttabQuerySize(op.dom, d.gnttab.nr_frames, d.gnttab.max_frames, GNTST_okay)
 
     def grant_frames(self, caller_id: int) -> list[memoryview]:
         """The caller's own grant-table frames, writable (what setup_table's frame list names)."""

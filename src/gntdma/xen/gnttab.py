@@ -127,7 +127,7 @@ class GntTab(GntTabFreeCallbacks):
         self.hc = hc
         self.delivery = callback_delivery
         self._enqueue_swi = enqueue_swi
-        flags = MTX_DEF | MTX_RECURSE if callback_delivery == "inline" else MTX_DEF
+        flags = _LIST_LOCK_RECURSE if callback_delivery == "inline" else MTX_DEF
         self.lock = Mutex("gnttab_list", flags)
         self.next: list[int] = []
         #: 1 for each ref on the free list (detects a double free).
@@ -197,11 +197,11 @@ class GntTab(GntTabFreeCallbacks):
         self._entries.attach(self.hc.grant_frames())
         new = len(self._entries.frames) * GREFS_PER_GRANT_FRAME
         first = max(old, GNTTAB_NR_RESERVED_ENTRIES)
-        self.next.extend([GNTTAB_LIST_END] * (new - old))
-        self.is_free.extend(bytes(new - old))
-        self.is_free[first:new] = b"\x01" * (new - first)
-        # Each new ref links to the next (one slice; WITNESS sites below keep their lines).
-        self.next[first : new - 1] = range(first + 1, new)
+        # The new entries: each ref free and linked to the next, the last to the old
+        # head; reserved ones not (memoized: the same for every table of this size).
+        links, free = _new_refs(old, new, first)
+        self.next.extend(links)
+        self.is_free.extend(free)
         self.next[new - 1] = self.free_head
         self.free_head = first
         self.free_count += new - old
@@ -512,3 +512,27 @@ class GntTab(GntTabFreeCallbacks):
     def kept(self) -> int:
         """Free references kept for a starving callback: no one else can take them."""
         return self._kept_for_others()
+
+# At the end of the module so that the lines above, which WITNESS reports and
+# saved replay files quote as sites, keep their numbers.
+#: The inline delivery's list lock flags, combined once.
+_LIST_LOCK_RECURSE: Final = MTX_DEF | MTX_RECURSE
+#: (old, new) -> what _grow_to appends: the next links and the free bits of refs
+#: old..new-1 (the last ref's link is set to the free list's head after).
+_NEW_REFS: dict[tuple[int, int], tuple[tuple[int, ...], bytes]] = {}
+
+
+def _new_refs(old: int, new: int, first: int) -> tuple[tuple[int, ...], bytes]:
+    """The entries ``old..new-1`` of ``next`` and ``is_free`` for a table growing from
+    ``old`` to ``new`` refs, of which ``first`` on are usable: those before
+    ``first`` (reserved) neither free nor linked, each usable one free and linked
+    to the next (the last to ``GNTTAB_LIST_END``, for the caller to set)."""
+    got = _NEW_REFS.get((old, new))
+    if got is None:
+        links = [GNTTAB_LIST_END] * (new - old)
+        links[first - old : new - 1 - old] = range(first + 1, new)
+        free = bytes(first - old) + b"\x01" * (new - first)
+        got = (tuple(links), free)
+        if len(_NEW_REFS) < 256:
+            _NEW_REFS[(old, new)] = got
+    return got
