@@ -1,6 +1,7 @@
-"""PersistentPool's syncs through the views of its own pages copy exactly what
-``Kernel.phys_copy`` copies (PREWRITE into the pool, POSTREAD out of it), for
-buffers at any offset and length, and the views go before the pages are freed."""
+"""PersistentPool's syncs through the views of its own pages (and of the callers'
+pages it copied) copy exactly what ``Kernel.phys_copy`` copies (PREWRITE into the
+pool, POSTREAD out of it), for buffers at any offset and length; the callers'
+views kept are bounded, and every view goes before the pages are freed."""
 
 from __future__ import annotations
 
@@ -51,10 +52,11 @@ def test_pool_syncs_copy_what_phys_copy_copies(host: Host) -> None:
             assert k.kva_read(va + off, n) == back
             pool.unload()
             k.free(va, M_DEVBUF)
-        views = list(pool.views)
-        assert len(views) == len(pool)
+            assert len(pool.bufviews) <= max(64, 2 * len(pool))
+        views = list(pool.views) + list(pool.bufviews.values())
+        assert len(pool.views) == len(pool) and pool.bufviews
         pool.free()
-        assert pool.views == [] and len(pool) == 0
+        assert pool.views == [] and pool.bufviews == {} and len(pool) == 0
         for v in views:  # released before the pages went back
             try:
                 v[0]

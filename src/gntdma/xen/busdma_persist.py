@@ -91,7 +91,7 @@ def _phys_pieces(pa: int, n: int) -> Pieces:
 class PersistentPool:
     """The pages of one persistent map and what the current load put on them."""
 
-    __slots__ = ("bufs", "dsts", "kern", "lens", "pages", "pas", "views")
+    __slots__ = ("bufs", "bufviews", "dsts", "kern", "lens", "pages", "pas", "views")
 
     def __init__(self, kern: Kernel) -> None:
         self.kern = kern
@@ -101,6 +101,10 @@ class PersistentPool:
         self.pas: list[int] = []
         #: A writable view of each pool page, released before the page is freed.
         self.views: list[memoryview] = []
+        #: Views of the callers' pages the syncs copied (pfn -> view), as
+        #: ``physmem.page`` gave them: at most :meth:`_bufviews_max`, all released
+        #: when it would hold more and when the pool is freed.
+        self.bufviews: dict[int, memoryview] = {}
         #: The current load, one entry per segment: the pool address its data goes to,
         #: the physical address of the caller's piece it stands for, and the length.
         self.dsts: list[int] = []
@@ -264,25 +268,42 @@ class PersistentPool:
             else:
                 kern.phys_copy(bufs, self.dsts, self.lens)
             return
+        cached = self.bufviews
+        if len(cached) + len(bufs) > self._bufviews_max():
+            self._release_bufviews()
+        get = cached.get
         page = kern.physmem.page
         for view, d, b, n in zip(self.views, self.dsts, bufs, self.lens, strict=False):
+            pfn = b >> PAGE_SHIFT
+            bv = get(pfn)
+            if bv is None:
+                bv = cached[pfn] = page(pfn)
             if n == PAGE_SIZE and (d | b) & PAGE_MASK == 0:  # whole pages: no slices
                 if to_pool:
-                    view[:] = page(b >> PAGE_SHIFT)
+                    view[:] = bv
                 else:
-                    page(b >> PAGE_SHIFT)[:] = view
+                    bv[:] = view
                 continue
             do = d & PAGE_MASK
             bo = b & PAGE_MASK
             if do + n <= PAGE_SIZE and bo + n <= PAGE_SIZE and n >= 0:
                 if to_pool:
-                    view[do : do + n] = page(b >> PAGE_SHIFT)[bo : bo + n]
+                    view[do : do + n] = bv[bo : bo + n]
                 else:
-                    page(b >> PAGE_SHIFT)[bo : bo + n] = view[do : do + n]
+                    bv[bo : bo + n] = view[do : do + n]
             elif to_pool:
                 kern.phys_write(d, kern.phys_read(b, n))
             else:
                 kern.phys_write(b, kern.phys_read(d, n))
+
+    def _bufviews_max(self) -> int:
+        """Callers' page views kept at most: twice the pool's pages (64 at least)."""
+        return max(64, 2 * len(self.pages))
+
+    def _release_bufviews(self) -> None:
+        for v in self.bufviews.values():
+            v.release()
+        self.bufviews.clear()
 
     def unload(self) -> None:
         """The load is over: the pages stay with the map, granted."""
@@ -294,6 +315,7 @@ class PersistentPool:
         """Give the pages back (map destroy, after the grants were ended). A page the
         backend still maps is wired: the page allocator keeps it until it is let go."""
         self.unload()
+        self._release_bufviews()
         for v in self.views:
             v.release()
         self.views.clear()
