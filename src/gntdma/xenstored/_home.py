@@ -26,6 +26,7 @@ is ``DIRECTORY`` for the daemon itself, for leak checks.
 from __future__ import annotations
 
 import errno
+import functools
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -61,8 +62,10 @@ def _read(xsd: Xenstored, node: Node) -> tuple[Perm, ...]:
     return adjust_perms(perms, node.generation, xsd.older)
 
 
-def _parse(perm_strings: Sequence[str]) -> tuple[Perm, ...] | None:
-    """``Access.set_perms``'s parse; None where it raises EINVAL."""
+@functools.lru_cache(maxsize=256)
+def _parse(perm_strings: tuple[str, ...]) -> tuple[Perm, ...] | None:
+    """``Access.set_perms``'s parse; None where it raises EINVAL. Memoized (a
+    pure function; a host sets the same lists on every domain it creates)."""
     if len(perm_strings) == 0:
         return None
     out = []
@@ -103,13 +106,15 @@ def _create(xsd: Xenstored, up: str, parent: Node, missing: list[str], value: by
     ``value``. The change of ``Access.write`` and ``Access.mkdir``."""
     store = xsd.store
     perms = _read(xsd, parent)
-    store._set(up, Node(parent.value, perms, (*parent.children, basename(missing[0])),
-                        store.next_generation()))
+    gen = store.generation + 1
+    store._set(up, Node(parent.value, perms, (*parent.children, basename(missing[0])), gen))
     last = len(missing) - 1
     for i in range(last):
-        store._set(missing[i], Node(b"", perms, (basename(missing[i + 1]),),
-                                    store.next_generation()))
-    store._set(missing[last], Node(value, perms, (), store.next_generation()))
+        gen += 1
+        store._set(missing[i], Node(b"", perms, (basename(missing[i + 1]),), gen))
+    gen += 1
+    store._set(missing[last], Node(value, perms, (), gen))
+    store.generation = gen
     return Change(missing[last], node=Node(value, perms, (), 0))
 
 
@@ -122,7 +127,8 @@ def _set_perms(xsd: Xenstored, path: str, parsed: tuple[Perm, ...]) -> Change:
     node = store.nodes[path]
     old = _read(xsd, node)
     new = Node(node.value, perms, node.children, node.generation)
-    store._set(path, Node(new.value, perms, new.children, store.next_generation()))
+    store.generation += 1
+    store._set(path, Node(new.value, perms, new.children, store.generation))
     return Change(path, node=new, old_perms=old)
 
 
@@ -131,7 +137,7 @@ def write_with_perms(xsd: Xenstored, path: str, value: bytes,
     """``xsd.write(path, value)`` then ``xsd.set_perms(path, perm_strings)``."""
     with xsd.lock:
         where = _absent(xsd, path)
-        parsed = _parse(perm_strings)
+        parsed = _parse(tuple(perm_strings))
         if where is None or parsed is None:
             xsd.write(path, value)
             xsd.set_perms(path, list(perm_strings))

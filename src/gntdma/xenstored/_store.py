@@ -208,18 +208,24 @@ class Store:
         return self.generation
 
     def _set(self, path: str, node: Node) -> None:
-        old = self.nodes.get(path)
+        nodes = self.nodes
+        counts = self.owner_counts
+        old = nodes.get(path)
         if old is not None:
-            self._uncount(old.owner)
-        self.owner_counts[node.owner] += 1
-        self.nodes[path] = node
+            self._uncount(old.perms[0].domid)
+        owner = node.perms[0].domid
+        counts[owner] = counts.get(owner, 0) + 1  # no Counter.__missing__ call
+        nodes[path] = node
 
     def _uncount(self, owner: int) -> None:
         """One node fewer for ``owner``; a domain owning none has no entry (the
         counts do not grow with every domain the host ever had)."""
-        self.owner_counts[owner] -= 1
-        if self.owner_counts[owner] == 0:
-            del self.owner_counts[owner]
+        counts = self.owner_counts
+        n = counts.get(owner, 0) - 1
+        if n == 0:
+            del counts[owner]
+        else:
+            counts[owner] = n
 
     def _delete(self, path: str) -> None:
         old = self.nodes.pop(path, None)
