@@ -61,7 +61,6 @@ from gntdma.sched import (
     KernelPanic,
     current_scheduler,
     mtx_assert,
-    mtx_lock,
     wakeup,
 )
 from gntdma.sys import (
@@ -119,7 +118,7 @@ class xbd_softc_req(xbd_softc_base):
         write to a read-only disk), EOPNOTSUPP (flush or delete the backend
         does not offer, or refused).
         """
-        mtx_lock(self.xbd_io_lock)  # _xbd_lock
+        self._xbd_lock()  # (its mtx_lock is the site WITNESS reports)
         try:
             self._st_bios += 1
             error = self._xbd_check_bio(bp)

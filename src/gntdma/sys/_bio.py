@@ -119,27 +119,17 @@ _HASH_MULTIPLIER: Final = 11400714819323198485  # 2**64 * (sqrt(5) - 1) / 2
 _MASK64: Final = (1 << 64) - 1
 
 _pools: weakref.WeakKeyDictionary[Scheduler, list[Mutex]] = weakref.WeakKeyDictionary()
-#: The scheduler last asked for (a weak reference) and its pool: a bio is waited for
-#: and completed under the same scheduler, so the dictionary is seldom consulted.
-_last_pool: tuple[weakref.ref[Scheduler], list[Mutex]] | None = None
 
 
 def bio_done_lock(bp: bio) -> Mutex:
     """The done lock of ``bp`` (``mtx_pool_find(mtxpool_sleep, bp)``)."""
-    global _last_pool
     s = current_scheduler()
-    last = _last_pool
-    if last is not None and last[0]() is s:
-        pool = last[1]
-    else:
-        got = _pools.get(s)
-        if got is None:
-            # kern_mtxpool.c, mtx_pool_setup_dynamic: MTX_DEF mutexes named "sleep mtxpool",
-            # leaf locks (nothing else is taken while one is held).
-            got = [mtx_init("sleep mtxpool", MTX_DEF) for _ in range(_POOL_SIZE)]
-            _pools[s] = got
-        pool = got
-        _last_pool = (weakref.ref(s), pool)
+    last = _last_pool  # (a weak reference to the scheduler last asked for, its pool)
+    if last is None or last[0]() is not s:
+        # A bio is waited for and completed under one scheduler: the dictionary of
+        # pools is seldom asked (_pool_of, at the end of the module).
+        last = _pool_of(s)
+    pool = last[1]
     # mtx_pool_find: a Fibonacci hash of the address.
     return pool[((id(bp) * _HASH_MULTIPLIER) & _MASK64) >> _POOL_SHIFT]
 
@@ -233,3 +223,22 @@ def uiomove(kern: Kernel, cp: int, n: int, uio_: uio) -> int:
         cp += cnt
         n -= cnt
     return 0
+
+
+# At the end of the module so that the lines above, which WITNESS reports and
+# saved replay files quote as sites (biodone's and biowait's), keep their numbers.
+#: The scheduler :func:`bio_done_lock` last asked for (a weak reference) and its pool.
+_last_pool: tuple[weakref.ref[Scheduler], list[Mutex]] | None = None
+
+
+def _pool_of(s: Scheduler) -> tuple[weakref.ref[Scheduler], list[Mutex]]:
+    """The pool of bio done locks of ``s``, made at its first use, kept as the last."""
+    global _last_pool
+    pool = _pools.get(s)
+    if pool is None:
+        # kern_mtxpool.c, mtx_pool_setup_dynamic: MTX_DEF mutexes named "sleep mtxpool",
+        # leaf locks (nothing else is taken while one is held).
+        pool = [mtx_init("sleep mtxpool", MTX_DEF) for _ in range(_POOL_SIZE)]
+        _pools[s] = pool
+    _last_pool = (weakref.ref(s), pool)
+    return _last_pool

@@ -269,7 +269,7 @@ class GntTab(GntTabFreeCallbacks):
     def _alloc(self, count: int) -> tuple[int, list[int]]:
         mtx_lock(self.lock)
         try:
-            return self._get_free_entries(count)
+            return _get_free_entries_now(self, count)
         finally:
             mtx_unlock(self.lock)
 
@@ -335,12 +335,12 @@ class GntTab(GntTabFreeCallbacks):
         if not refs:
             return
         nxt, is_free = self.next, self.is_free
-        if (len(set(refs)) != len(refs) or min(refs) < GNTTAB_NR_RESERVED_ENTRIES
-                or max(refs) >= len(nxt)):
+        kind = _free_list_kind(refs, nxt, is_free)  # which of the three ways below
+        if kind == _FREE_EACH:  # an invalid or a repeated ref
             for ref in refs:
                 self.gnttab_free_grant_reference(ref)
             return
-        if any_set(is_free, refs):
+        if kind == _FREE_CHAIN_CALLS:  # a ref already free
             head = GrantRefHead()
             for ref in refs:
                 self.gnttab_release_grant_reference(head, ref)
@@ -536,3 +536,46 @@ def _new_refs(old: int, new: int, first: int) -> tuple[tuple[int, ...], bytes]:
         if len(_NEW_REFS) < 256:
             _NEW_REFS[(old, new)] = got
     return got
+
+
+# The allocation and free fast paths, here for the same reason.
+#: How gnttab_free_grant_reference_list frees a list: on one chain, one ref at a time
+#: (an invalid or a repeated ref), or with the chain calls (a ref already free).
+_FREE_CHAIN: Final = 0
+_FREE_EACH: Final = 1
+_FREE_CHAIN_CALLS: Final = 2
+
+
+def _free_list_kind(refs: list[int], nxt: list[int], is_free: bytearray) -> int:
+    """How :meth:`GntTab.gnttab_free_grant_reference_list` frees ``refs`` (not empty)."""
+    if len(refs) == 1:  # the checks below for one ref, without the set, min and max
+        ref = refs[0]
+        if not GNTTAB_NR_RESERVED_ENTRIES <= ref < len(nxt):
+            return _FREE_EACH
+        return _FREE_CHAIN_CALLS if is_free[ref] != 0 else _FREE_CHAIN
+    if (len(set(refs)) != len(refs) or min(refs) < GNTTAB_NR_RESERVED_ENTRIES
+            or max(refs) >= len(nxt)):
+        return _FREE_EACH
+    return _FREE_CHAIN_CALLS if any_set(is_free, refs) else _FREE_CHAIN
+
+
+def _get_free_entries_now(gt: GntTab, count: int) -> tuple[int, list[int]]:
+    """:meth:`GntTab._get_free_entries` (lock held), its steps in place when no
+    callback waits (none to keep references for, none overtaken) and ``count``
+    references are free (no growth): the first ``count`` of the free chain, each
+    marked allocated, the chain's new head after them."""
+    if count <= 0 or gt.callbacks or gt._reserved_for is not None or gt.free_count < count:
+        return gt._get_free_entries(count)
+    nxt, is_free = gt.next, gt.is_free
+    refs = [gt.free_head] if count == 1 else chain_refs(nxt, gt.free_head, count)
+    for ref in refs:
+        is_free[ref] = 0
+    last = refs[-1]
+    gt.free_head = nxt[last]
+    nxt[last] = GNTTAB_LIST_END
+    gt.free_count -= count
+    used = (len(gt._entries.frames) * GREFS_PER_GRANT_FRAME - GNTTAB_NR_RESERVED_ENTRIES
+            - gt.free_count)  # _note_peak
+    if used > gt.peak_allocated:
+        gt.peak_allocated = used
+    return 0, refs
