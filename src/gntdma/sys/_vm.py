@@ -246,6 +246,15 @@ class VmPhys:
         apages = max(1, alignment >> PAGE_SHIFT)
         lo = (max(low, 0) + PAGE_MASK) >> PAGE_SHIFT
         hi = min(self.maxmem, (high + 1) >> PAGE_SHIFT)
+        if npages == 1 and apages == 1 and boundary == 0:
+            # One page, no alignment or boundary to meet (a bounce page): the
+            # lowest free page of the window, as the search below finds it.
+            pos = self.free_map.find(1, lo, hi) if lo < hi else -1
+            if pos < 0:
+                return None
+            self.free_map[pos] = 0
+            self.nfree -= 1
+            return pos
         pattern = b"\x01" * npages
         start = -(-lo // apages) * apages
         while start + npages <= hi:
