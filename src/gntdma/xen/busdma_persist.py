@@ -30,12 +30,14 @@ keeps the pages and does the copies.
 
 A chunk never crosses a page of the caller's buffer, so each pool page stands
 for one physical piece of it: a load records, per segment, the pool address,
-the caller's address and the length, and a sync copies all of them, as
-``Kernel.phys_copy`` does, with the pool page's view taken once when the page
-joined the pool (the pool owns its pages until it frees them, and releases
-their views first) instead of looked up per copy; when the caller's pieces are
-not all within one memory range, ``Kernel.phys_copy`` itself copies them (with
-its panic on a page that does not exist). Under a tag whose boundary and ``maxsegsz`` are both
+the caller's address and the length, and a sync copies all of them as
+``Kernel.phys_copy`` does, through views instead of two page lookups per
+piece: each pool page's view is taken when the page joins the pool, and the
+view of a caller's page when a sync first copies it (kept up to twice the
+pool's pages; all released when more would be kept, and when the pool is
+freed, before its pages go back). When the caller's pieces are not all within
+one memory range, ``Kernel.phys_copy`` itself copies them (with its panic on a
+page that does not exist). Under a tag whose boundary and ``maxsegsz`` are both
 ``PAGE_SIZE`` (the root Xen tag's, which its children inherit unless they
 tighten them) the chunks are exactly the buffer's page pieces, looked up in one
 call, and no two segments can merge (two pool pages are never one boundary
@@ -274,24 +276,23 @@ class PersistentPool:
         get = cached.get
         page = kern.physmem.page
         for view, d, b, n in zip(self.views, self.dsts, bufs, self.lens, strict=False):
-            pfn = b >> PAGE_SHIFT
-            bv = get(pfn)
-            if bv is None:
-                bv = cached[pfn] = page(pfn)
-            if n == PAGE_SIZE and (d | b) & PAGE_MASK == 0:  # whole pages: no slices
-                if to_pool:
-                    view[:] = bv
-                else:
-                    bv[:] = view
-                continue
             do = d & PAGE_MASK
             bo = b & PAGE_MASK
             if do + n <= PAGE_SIZE and bo + n <= PAGE_SIZE and n >= 0:
-                if to_pool:
+                pfn = b >> PAGE_SHIFT
+                bv = get(pfn)
+                if bv is None:
+                    bv = cached[pfn] = page(pfn)
+                if n == PAGE_SIZE:  # whole pages (both offsets 0): no slices
+                    if to_pool:
+                        view[:] = bv
+                    else:
+                        bv[:] = view
+                elif to_pool:
                     view[do : do + n] = bv[bo : bo + n]
                 else:
                     bv[bo : bo + n] = view[do : do + n]
-            elif to_pool:
+            elif to_pool:  # across a page: as phys_copy copies it
                 kern.phys_write(d, kern.phys_read(b, n))
             else:
                 kern.phys_write(b, kern.phys_read(d, n))
