@@ -63,6 +63,7 @@ from gntdma.sys._busdma_types import (
     BusDmaMap,
     BusDmaTag,
     MapState,
+    MemBuffer,
     bus_dma_segment_t,
     kernel_state,
     memdesc,
@@ -529,7 +530,16 @@ def bus_dmamap_unload(dmat: BusDmaTag, map: BusDmaMap) -> None:
     dmat.impl.map_unload(dmat, map)
     if was_loaded:
         kern.busdma.maps_loaded -= 1
-    _reset(map)
+    # _reset
+    map.state = MapState.IDLE
+    map.dm_segs = []
+    map.dm_mem = None
+    map.dm_ranges = None
+    map.dm_mapsize = 0
+    map.mem = None
+    map.callback = None
+    map.callback_arg = None
+    map.load_gen += 1
     map.last_op_unload = True
     if kern.dma_debug.enabled:
         kern.dma_debug.drop(id(map))
@@ -541,7 +551,11 @@ def _map_client_ranges(kern: Kernel, map: BusDmaMap) -> list[tuple[int, int]]:
     mem = map.dm_mem
     if mem is None:
         return []
-    bufs = memdesc_buffers(mem)
+    bp = mem.md_bio
+    if mem.md_type == MEMDESC_BIO and bp is not None and not bp.bio_flags & BIO_UNMAPPED:
+        bufs: list[MemBuffer] = [("vaddr", bp.bio_data, bp.bio_bcount, ())]  # memdesc_buffers
+    else:
+        bufs = memdesc_buffers(mem)
     gen = kern.pmap_gen
     cached = map.dm_ranges
     if cached is not None and cached[1] == gen and cached[0] == bufs:
@@ -571,10 +585,10 @@ def bus_dmamap_sync(dmat: BusDmaTag, map: BusDmaMap, op: int) -> None:
     if dbg.enabled:
         if pre != 0:
             dbg.own(id(map), map.desc, _map_client_ranges(kern, map),
-                    read=bool(op & BUS_DMASYNC_PREREAD), write=bool(op & BUS_DMASYNC_PREWRITE))
+                    read=op & BUS_DMASYNC_PREREAD != 0, write=op & BUS_DMASYNC_PREWRITE != 0)
         if post != 0:
-            dbg.release(id(map), read=bool(op & BUS_DMASYNC_POSTREAD),
-                        write=bool(op & BUS_DMASYNC_POSTWRITE))
+            dbg.release(id(map), read=op & BUS_DMASYNC_POSTREAD != 0,
+                        write=op & BUS_DMASYNC_POSTWRITE != 0)
 
 
 # -- DMA-API debugging at detach ------------------------------------------------------------------

@@ -182,9 +182,13 @@ class DmaDebug:
             if len(ranges) == 1:  # one piece (an I/O within a page)
                 pa, ln = ranges[0]
                 spans = [(pa, pa + ln)] if ln > 0 else []
+                first, last = pa >> PAGE_SHIFT, (pa + ln - 1) >> PAGE_SHIFT
+                # _pfns of the one span, within a page
+                pfns = [first] if ln > 0 and first == last else _pfns(spans)
             else:
                 spans = [(pa, pa + ln) for pa, ln in ranges if ln > 0]
-            rec = _Own(key, desc, spans, _pfns(spans))
+                pfns = _pfns(spans)
+            rec = _Own(key, desc, spans, pfns)
             by_pfn = self._by_pfn
             if len(rec.pfns) > _FEW and by_pfn.keys().isdisjoint(rec.pfns):  # none shared
                 by_pfn.update(zip(rec.pfns, repeat((key,))))
