@@ -79,6 +79,13 @@ _INDIRECT: Final[dict[type, struct.Struct]] = {
     cls: _expand(cls, _GREFS_ARRAY, f"{_NGREF}I")
     for cls in (BlkifRequestIndirect, BlkifRequestIndirect32)}
 _ZEROS: Final = (0,) * (3 * _NSEG)
+#: Request class -> its struct for each count of segments n (0..11): the n segments
+#: as values, the slots after them zero pad bytes (the same bytes as _RW with zeros).
+_RW_N: Final[dict[type, tuple[struct.Struct, ...]]] = {
+    cls: tuple(_expand(cls, _SEGS_ARRAY,
+                       _SEG_FMT * n + (f"{(_NSEG - n) * _SEG_SIZE}x" if n < _NSEG else ""))
+               for n in range(_NSEG + 1))
+    for cls in (BlkifRequest, BlkifRequest32)}
 
 
 def blkif_pack_rw(abi: BlkifAbi, operation: int, nr_segments: int, handle: int, id_: int,
@@ -88,8 +95,8 @@ def blkif_pack_rw(abi: BlkifAbi, operation: int, nr_segments: int, handle: int, 
     if n > 3 * _NSEG or n % 3 != 0:
         raise ValueError(f"{abi.request.__name__}: {n / 3:g} segments, at most {_NSEG}")
     try:
-        return _RW[abi.request].pack(operation, nr_segments, handle, id_, sector_number,
-                                     *segs, *_ZEROS[n:])
+        return _RW_N[abi.request][n // 3].pack(operation, nr_segments, handle, id_,
+                                               sector_number, *segs)
     except struct.error as e:
         raise ValueError(f"{abi.request.__name__}: {e}") from None
 
