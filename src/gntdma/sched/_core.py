@@ -104,17 +104,26 @@ def current_scheduler() -> Scheduler:
 
 def curthread() -> KThread:
     """The running kernel thread (thread0 outside any kernel thread)."""
-    return current_scheduler().curthread
+    s = _current  # current_scheduler() without the call
+    if s is None:
+        s = current_scheduler()
+    return s.curthread
 
 
 def checkpoint() -> None:
     """Always a scheduling point: let other runnable threads run first."""
-    current_scheduler().yield_(point="checkpoint")
+    s = _current
+    if s is None:
+        s = current_scheduler()
+    s.yield_(point="checkpoint")
 
 
 def random_u64() -> int:
     """A random 64-bit value chosen by the strategy (never call ``random``)."""
-    return current_scheduler()._strategy.next_u64()
+    s = _current
+    if s is None:
+        s = current_scheduler()
+    return s._strategy.next_u64()
 
 
 def blocking_io(fn: Callable[..., T], *args: Any) -> T:
@@ -143,11 +152,11 @@ class Scheduler(Hub):
         #: The strategy's ``preemptive``, read by every scheduling point.
         self.preemptive: bool = self._strategy.preemptive
         #: Something set in place of ``point`` (a test watching every scheduling point).
-        #: The primitives call it, or ``_point``'s body in place, only when
-        #: ``point_active``: ``point`` (a property) costs a call more.
         self.point_hook: Callable[[str], None] | None = None
         #: Whether a scheduling point may do anything: a preemptive strategy, or a
-        #: hook. The primitives call ``point`` only then (it costs a call each).
+        #: hook. Only then do the primitives make the point: they call the hook, or
+        #: make ``_point``'s test and ``yield_`` in place (``point``, a property
+        #: returning a bound method, would cost two calls more).
         self.point_active: bool = self.preemptive
         self.clock: Clock = clock if clock is not None else RealClock()
         self.io_mode = io_mode
@@ -371,7 +380,9 @@ class Scheduler(Hub):
     def _point(self, point: str) -> None:
         """A scheduling point that preempts only under a preemptive strategy.
 
-        Never inside a spin mutex's critical section.
+        Never inside a spin mutex's critical section. The hot primitives (mutex,
+        sleep queue, barriers) make the same test in place: a change here is a
+        change there.
         """
         if self.preemptive and self.curthread.critnest == 0:
             self.yield_(point)

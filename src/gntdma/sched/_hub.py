@@ -86,8 +86,9 @@ class Hub:
         t.state = _RUNNABLE
         t.wchan = None
         t.lockwait = False
-        t.wait_counted = False
-        self._table.counted.pop(t.tid, None)
+        if t.wait_counted:  # only a counted wait is in the table's counted
+            t.wait_counted = False
+            self._table.counted.pop(t.tid, None)
         t.wake_result = result
         if t is not self.thread0:
             self._runq.append(t)
