@@ -19,6 +19,7 @@ from gntdma.abi.grant_table import (
 )
 from gntdma.abi.xen import DOMID_SELF
 from gntdma.hv import Domain, Hypervisor
+from gntdma.xen import gnttab as gnttab_mod
 from gntdma.xen.gnttab import GNTTAB_LIST_END, GntTab
 from gntdma.xen.hypercall import Hypercalls
 
@@ -89,3 +90,13 @@ def test_a_table_grown_after_refs_were_taken_keeps_them_off_the_free_list(
     gt.gnttab_free_grant_references(more.head)
     assert gt.free_count == 2 * GREFS_PER_GRANT_FRAME - GNTTAB_NR_RESERVED_ENTRIES
     assert gt.double_frees == 0
+
+
+def test_a_large_growth_is_threaded_right_and_not_kept(hv: Hypervisor) -> None:
+    d = hv.create_domain("big", 64, max_grant_frames=16)
+    gt = GntTab(Hypercalls(hv, d.domid), lambda fn: None)
+    assert gt._expand(8 * GREFS_PER_GRANT_FRAME) == 0  # 1 -> 9 frames at once
+    nxt, is_free, head = _threaded(9, [1])
+    assert (gt.next, gt.is_free, gt.free_head) == (nxt, is_free, head)
+    assert (GREFS_PER_GRANT_FRAME, 9 * GREFS_PER_GRANT_FRAME) not in gnttab_mod._NEW_REFS
+    hv.destroy_domain(d.domid)

@@ -533,7 +533,7 @@ def _new_refs(old: int, new: int, first: int) -> tuple[tuple[int, ...], bytes]:
         links[first - old : new - 1 - old] = range(first + 1, new)
         free = bytes(first - old) + b"\x01" * (new - first)
         got = (tuple(links), free)
-        if len(_NEW_REFS) < 256:
+        if len(_NEW_REFS) < 256 and new - old <= 4 * GREFS_PER_GRANT_FRAME:  # bounded
             _NEW_REFS[(old, new)] = got
     return got
 
