@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import random
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 
 import pytest
@@ -316,3 +317,24 @@ def test_a_release_removes_owned_subtrees_in_tree_order() -> None:
                                     "/local/domain", "/local/domain/0",
                                     "/local/domain/0/backend", "/local/domain/0/backend/vbd",
                                     "/b", "/c"}
+
+
+def test_a_release_of_a_subtree_listing_a_missing_node_fails_as_rm_node_does() -> None:
+    """``rm_node`` meeting a child it cannot read: ``corrupt()``, EIO, the nodes
+    removed so far stay removed, the ones on the walk keep their remaining children."""
+    outcomes = []
+    for release in (Xenstored.release_domain, _old_release):
+        xsd = Xenstored(domain_exists=lambda d: True)
+        xsd.introduce_domain(3)
+        for path in ("/local/domain/3/a/b", "/local/domain/3/c"):
+            xsd.mkdir(path)
+        home = xsd.store.nodes["/local/domain/3"]
+        xsd.store.nodes["/local/domain/3"] = replace(home, children=("a", "ghost", "c"))
+        try:
+            release(xsd, 3)
+            outcomes.append(0)
+        except XsError as e:
+            outcomes.append(e.errno)
+        outcomes.append((dict(xsd.store.nodes), xsd.store.generation))
+    assert outcomes[0] == outcomes[2] == errno.EIO
+    assert outcomes[1] == outcomes[3]
