@@ -42,3 +42,17 @@ def test_block_benchmark_max_persistent_grants_option(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr[-800:]
     assert "blkback keeps 1056 grants mapped at most" in r.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_measurement_shorter_than_one_io_still_counts_one(tmp_path: Path) -> None:
+    """A worker that starts after its deadline (a loaded machine, a tiny --seconds)
+    does one I/O: persistent.py's ratio is of two real figures, never a division by
+    zero."""
+    r = subprocess.run([sys.executable, str(BENCHMARKS / "persistent.py"), "--seconds", "1e-9",
+                        "--rounds", "1", "--size-mb", "4", "--case", "1M read", "--json"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-800:]
+    doc = json.loads(r.stdout[r.stdout.index("\n{") + 1:])
+    (row,) = doc["workloads"]
+    assert row["per_load_iops"] > 0 and row["persistent_iops"] > 0 and row["ratio"] > 0
+    assert list(tmp_path.iterdir()) == []
