@@ -115,14 +115,15 @@ def _punch_hole(fd: int, offset: int, length: int) -> int:
     return err if err != 0 else errno.EIO
 
 
-_LAYOUT: Final = operator.attrgetter("format", "ndim")
-_BYTES_1D: Final = ("B", 1)
+_FORMAT: Final = operator.attrgetter("format")
+_NDIM: Final = operator.attrgetter("ndim")
 
 
 def _byte_views(bufs: Sequence[Buffer]) -> list[memoryview]:
     # Views of bytes already (blkback's pages and slices of them): taken as they
     # are, tested without a Python loop.
-    if set(map(type, bufs)) <= {memoryview} and all(map(_BYTES_1D.__eq__, map(_LAYOUT, bufs))):
+    if (set(map(type, bufs)) <= {memoryview} and set(map(_FORMAT, bufs)) <= {"B"}
+            and set(map(_NDIM, bufs)) <= {1}):
         return list(cast(Sequence[memoryview], bufs))
     out: list[memoryview] = []
     for b in bufs:
