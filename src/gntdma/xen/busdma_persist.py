@@ -93,7 +93,7 @@ def _phys_pieces(pa: int, n: int) -> Pieces:
 class PersistentPool:
     """The pages of one persistent map and what the current load put on them."""
 
-    __slots__ = ("bufs", "bufviews", "dsts", "kern", "lens", "pages", "pas", "views")
+    __slots__ = ("bufs", "bufviews", "dsts", "kern", "lens", "pages", "pas", "views", "wsegs")
 
     def __init__(self, kern: Kernel) -> None:
         self.kern = kern
@@ -103,6 +103,9 @@ class PersistentPool:
         self.pas: list[int] = []
         #: A writable view of each pool page, released before the page is freed.
         self.views: list[memoryview] = []
+        #: The segment of each pool page as a whole (``(pas[i], PAGE_SIZE)``): a
+        #: load's pieces between its first and last are whole pages, on these.
+        self.wsegs: list[bus_dma_segment_t] = []
         #: Views of the callers' pages the syncs copied (pfn -> view), as
         #: ``physmem.page`` gave them: at most :meth:`_bufviews_max`, all released
         #: when it would hold more and when the pool is freed.
@@ -144,6 +147,7 @@ class PersistentPool:
             pa = self.kern.pmap_kextract(va)
             self.pages.append((va, pa))
             self.pas.append(pa)
+            self.wsegs.append(_SEG((pa, PAGE_SIZE)))
             self.views.append(self.kern.physmem.page(pa >> PAGE_SHIFT))
         return True
 
@@ -202,9 +206,15 @@ class PersistentPool:
             self.lens.append(n0)
             return error
         bufs, lens = zip(*pieces, strict=True)
-        dsts = self.pas[base : base + len(bufs)]
+        k = len(bufs)
+        dsts = self.pas[base : base + k]
         dsts[0] = d0
-        segs.extend(map(_SEG, zip(dsts, lens, strict=True)))
+        if lens[1:-1].count(PAGE_SIZE) == k - 2:  # whole pages between the ends
+            segs.append(_SEG((d0, n0)))
+            segs += self.wsegs[base + 1 : base + k - 1]
+            segs.append(_SEG((dsts[-1], lens[-1])))
+        else:
+            segs.extend(map(_SEG, zip(dsts, lens, strict=True)))
         self.dsts += dsts
         self.bufs += bufs
         self.lens += lens
@@ -324,3 +334,4 @@ class PersistentPool:
             self.kern.contigfree(va, PAGE_SIZE, M_BUSDMA_XEN)
         self.pages.clear()
         self.pas.clear()
+        self.wsegs.clear()
