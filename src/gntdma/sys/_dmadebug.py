@@ -115,6 +115,8 @@ class _Own:
 
 #: Up to this many pages, a map's pages are indexed one by one (cheaper than at once).
 _FEW: Final = 8
+#: Maps whose last ranges, spans and pages are kept (all forgotten when more would be).
+_MEMO_MAX: Final = 64
 
 
 def _pfns(ranges: list[tuple[int, int]]) -> list[int]:
@@ -143,6 +145,10 @@ class DmaDebug:
         self._owners: dict[int, _Own] = {}
         #: The maps (keys) owning each page, in the order they came.
         self._by_pfn: dict[int, tuple[int, ...]] = {}
+        #: Per map key, the (pa, len) ranges of its last ownership of more than
+        #: ``_FEW`` ranges, with their spans and pages (at most ``_MEMO_MAX`` keys).
+        self._memo: dict[int, tuple[list[tuple[int, int]], list[tuple[int, int]],
+                                    list[int]]] = {}
 
     # -- reports -------------------------------------------------------------------
 
@@ -166,6 +172,7 @@ class DmaDebug:
         if not enabled:
             self._owners.clear()
             self._by_pfn.clear()
+            self._memo.clear()
 
     # -- device ownership of buffers --------------------------------------------------
 
@@ -185,6 +192,8 @@ class DmaDebug:
                 first, last = pa >> PAGE_SHIFT, (pa + ln - 1) >> PAGE_SHIFT
                 # _pfns of the one span, within a page
                 pfns = [first] if ln > 0 and first == last else _pfns(spans)
+            elif len(ranges) > _FEW:
+                spans, pfns = self._spans_pfns(key, ranges)
             else:
                 spans = [(pa, pa + ln) for pa, ln in ranges if ln > 0]
                 pfns = _pfns(spans)
@@ -198,6 +207,21 @@ class DmaDebug:
             self._owners[key] = rec
         rec.read = rec.read or read
         rec.write = rec.write or write
+
+    def _spans_pfns(self, key: int, ranges: Sequence[tuple[int, int]]
+                    ) -> tuple[list[tuple[int, int]], list[int]]:
+        """The spans of the non-empty ``ranges`` and their pages (:func:`_pfns`), as
+        map ``key``'s last ownership had them when its ranges are equal (a buffer
+        loaded again); neither list is changed once made."""
+        memo = self._memo.get(key)
+        if memo is not None and memo[0] == ranges:
+            return memo[1], memo[2]
+        spans = [(pa, pa + ln) for pa, ln in ranges if ln > 0]
+        pfns = _pfns(spans)
+        if len(self._memo) >= _MEMO_MAX:
+            self._memo.clear()
+        self._memo[key] = (list(ranges), spans, pfns)
+        return spans, pfns
 
     def release(self, key: int, read: bool, write: bool) -> None:
         """A POST sync gives the buffer back for the directions it names."""
