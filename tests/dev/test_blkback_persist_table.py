@@ -118,3 +118,36 @@ def test_max_persistent_grants_zero_keeps_nothing(host: Host, tmp_path: Path) ->
         st = r.bb.statistics()
         assert st.mapped_now == st.ring_pages
     _close(r, [b])
+
+
+def test_the_same_grefs_again_are_served_from_the_table_until_it_is_emptied(
+        host: Host, tmp_path: Path) -> None:
+    # xen_blkbk_map: each gref found in persistent_gnts is used without a map, in
+    # the request's own order; after free_persistent_gnts every gref is mapped again.
+    r = _rig(host, tmp_path)
+    f = r.front
+    bufs = [f.buf(False, pattern(i)) for i in range(11)]
+    rid = f.rw(BLKIF_OP_WRITE, 0, [(b, 0, 7) for b in bufs])
+    f.push()
+    assert f.status(rid) == BLKIF_RSP_OKAY
+    st = r.bb.statistics()
+    for order in (bufs, bufs[::-1], bufs, bufs[::-1], bufs[1:] + bufs[:1]):
+        for b in order:
+            f.page(b.pfn)[:] = bytes(PAGE)
+        rid = f.rw(BLKIF_OP_READ, 0, [(b, 0, 7) for b in order])
+        f.push()
+        assert f.status(rid) == BLKIF_RSP_OKAY
+        assert [f.data(b) for b in order] == [pattern(i) for i in range(11)]
+        assert r.bb.statistics().segments_mapped == st.segments_mapped  # from the table
+        rid = f.rw(BLKIF_OP_WRITE, 0, [(b, 0, 7) for b in order])
+        f.push()
+        assert f.status(rid) == BLKIF_RSP_OKAY
+    r.bb._io.unmap_persistent()  # the table emptied (nothing in flight)
+    for b in bufs:
+        f.page(b.pfn)[:] = bytes(PAGE)
+    rid = f.rw(BLKIF_OP_READ, 0, [(b, 0, 7) for b in bufs])
+    f.push()
+    assert f.status(rid) == BLKIF_RSP_OKAY
+    assert r.bb.statistics().segments_mapped == st.segments_mapped + 11  # mapped again
+    assert [f.data(b) for b in bufs] == [pattern(i) for i in range(11)]
+    _close(r, bufs)

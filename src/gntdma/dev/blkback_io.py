@@ -89,6 +89,10 @@ BLKBACK_MAX_PERSISTENT_GRANTS: Final = 1056
 assert 1 << SECTOR_SHIFT == BLKIF_SECTOR_SIZE
 #: The last sector of a page: a segment from sector 0 to it is the whole page.
 _LAST_SECT: Final = (PAGE_SIZE >> SECTOR_SHIFT) - 1
+#: Requests of more than ``_PMEMO_MIN`` grefs keep their table views, for at most
+#: ``_PMEMO_MAX`` gref lists (all forgotten when more would be kept).
+_PMEMO_MIN: Final = 8
+_PMEMO_MAX: Final = 64
 # Map flags as plain ints: IntFlag arithmetic builds a flag object per use, and
 # the hypervisor tests each op's flags.
 _MAP_HOST: Final = int(GNTMAP_host_map)
@@ -223,6 +227,10 @@ class BlkbackIO:
         self._pviews: dict[int, memoryview] = {}
         #: The grefs of the table in use by a request now (Linux ``persistent_gnt.active``).
         self._pbusy: set[int] = set()
+        #: Requests' grefs that the table held, each once -> (their set, their views),
+        #: for the next request of the same grefs (a frontend's command serves the
+        #: same pages each time): at most ``_PMEMO_MAX``, forgotten with the table.
+        self._pmemo: dict[tuple[int, ...], tuple[set[int], list[memoryview]]] = {}
         #: Data segments served by a persistent mapping, without a map.
         self.persistent_hits = 0
 
@@ -365,18 +373,27 @@ class BlkbackIO:
     def _persistent_views(self, grefs: Sequence[int]) -> list[memoryview] | None:
         """The page views of ``grefs`` when the table holds every one of them, none in
         use and none twice (then all are in use now); else None (nothing taken)."""
-        views = self._pviews
-        if not grefs or not views.keys() >= set(grefs):
-            return None
         busy = self._pbusy
-        n = len(busy)
-        if not busy.isdisjoint(grefs):
+        key = grefs if type(grefs) is tuple else tuple(grefs)
+        memo = self._pmemo.get(key) if len(key) > _PMEMO_MIN else None
+        if memo is not None:  # the table holds each, each once
+            if not busy.isdisjoint(memo[0]):
+                return None
+            busy |= memo[0]
+            return list(memo[1])
+        views = self._pviews
+        want = set(grefs)
+        if not grefs or not views.keys() >= want or not busy.isdisjoint(want):
             return None
-        busy.update(grefs)
-        if len(busy) != n + len(grefs):  # a gref twice: the second one maps itself
-            busy.difference_update(grefs)
+        if len(want) != len(grefs):  # a gref twice: the second one maps itself
             return None
-        return list(map(views.__getitem__, grefs))
+        busy |= want
+        got = list(map(views.__getitem__, grefs))
+        if len(key) > _PMEMO_MIN:
+            if len(self._pmemo) >= _PMEMO_MAX:
+                self._pmemo.clear()
+            self._pmemo[key] = (want, got)
+        return list(got)
 
     def _map_persistent(self, grefs: Sequence[int], used: list[int]
                         ) -> tuple[list[int], list[int], int] | None:
@@ -435,6 +452,7 @@ class BlkbackIO:
         handles = list(table.values())
         table.clear()
         self._pviews.clear()
+        self._pmemo.clear()
         self.unmap_batch(handles)
 
     # -- grant maps ----------------------------------------------------------------------
