@@ -51,3 +51,21 @@ def test_many_maps_owning_in_turn_each_cover_their_ranges() -> None:
         assert not _reported(d, (1000 * key + 45) * PAGE_SIZE)
         assert _reported(d, (1000 * key + 46) * PAGE_SIZE)
         d.release(key, read=True, write=False)
+
+
+def test_a_page_two_maps_own_stays_watched_until_both_give_it_back() -> None:
+    d = DmaDebug("k")
+    a = _pages(100, 16)
+    d.own(1, "map1", a, read=True, write=False)
+    d.own(2, "map2", a[3:5], read=True, write=False)
+    d.release(1, read=True, write=False)
+    assert _reported(d, 109 * PAGE_SIZE)  # a[3]: map2's still
+    assert not _reported(d, 100 * PAGE_SIZE)
+    d.release(2, read=True, write=False)
+    assert not d.watching
+    d.own(2, "map2", a[3:5], read=True, write=False)
+    d.own(1, "map1", a, read=True, write=False)
+    d.release(2, read=True, write=False)
+    assert _reported(d, 100 * PAGE_SIZE)  # map1's, reported once in its period
+    d.release(1, read=True, write=False)
+    assert not d.watching and d.owned() == 0
