@@ -38,7 +38,7 @@ from __future__ import annotations
 import errno
 import struct
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Final
 
 from gntdma.abi.grant_table import (
@@ -172,12 +172,12 @@ _GNTTAB_HANDLERS: Final[dict[int, tuple[str, type, bool]]] = {
 # The per-op results of the dataclass form, built directly: what
 # ``replace(op, status=...)`` gives (the structs are final), without its field walk.
 def _map_result(op: GnttabMapGrantRef, status: int) -> GnttabMapGrantRef:
-    return GnttabMapGrantRef(op.host_addr, op.flags, op.ref, op.dom, status, op.handle,
-                             op.dev_bus_addr)
+    return _new_map_op(op.host_addr, op.flags, op.ref, op.dom, status, op.handle,
+                       op.dev_bus_addr)
 
 
 def _unmap_result(op: GnttabUnmapGrantRef, status: int) -> GnttabUnmapGrantRef:
-    return GnttabUnmapGrantRef(op.host_addr, op.dev_bus_addr, op.handle, status)
+    return _new_unmap_op(op.host_addr, op.dev_bus_addr, op.handle, status)
 
 
 def _map_incr(flags: int) -> int:
@@ -328,8 +328,8 @@ class GrantOps:
                                                      op.ref, op.dom)
         if status != _OKAY:
             return _map_result(op, status)
-        return GnttabMapGrantRef(op.host_addr, op.flags, op.ref, op.dom, GNTST_okay, handle,
-                                 dev_bus_addr)
+        return _new_map_op(op.host_addr, op.flags, op.ref, op.dom, GNTST_okay, handle,
+                           dev_bus_addr)
 
     def _map_ref(self, caller: Domain, host_addr: int, flags: int, ref: int,
                  dom: int) -> tuple[int, int, int]:
@@ -532,3 +532,48 @@ class GrantOps:
             return _BAD_GNTREF, 0
         return gt.pin(ref, caller.domid, GNTPIN_hstr_inc if readonly else GNTPIN_hstw_inc,
                       readonly, False, d.memory.valid_pfn)
+
+
+# -- results built without the dataclass __init__ -----------------------------------
+# The op classes are frozen slotted dataclasses: their __init__ stores each field
+# through object.__setattr__; a result is the same object built from object.__new__
+# and each slot's own setter (the member descriptor), every field set, in order.
+
+_Setter = Callable[[object, object], None]
+
+
+def _slot_setters(cls: type) -> tuple[_Setter, ...]:
+    """The member descriptors' setters of ``cls``'s dataclass fields, in field order."""
+    return tuple(vars(cls)[f.name].__set__ for f in fields(cls))
+
+
+_new_object: Final = object.__new__
+_MAP_SET: Final = _slot_setters(GnttabMapGrantRef)
+_UNMAP_SET: Final = _slot_setters(GnttabUnmapGrantRef)
+_MS0, _MS1, _MS2, _MS3, _MS4, _MS5, _MS6 = _MAP_SET
+_US0, _US1, _US2, _US3 = _UNMAP_SET
+
+
+def _new_map_op(host_addr: int, flags: int, ref: int, dom: int, status: int, handle: int,
+                dev_bus_addr: int) -> GnttabMapGrantRef:
+    """``GnttabMapGrantRef(host_addr, flags, ref, dom, status, handle, dev_bus_addr)``."""
+    op: GnttabMapGrantRef = _new_object(GnttabMapGrantRef)
+    _MS0(op, host_addr)
+    _MS1(op, flags)
+    _MS2(op, ref)
+    _MS3(op, dom)
+    _MS4(op, status)
+    _MS5(op, handle)
+    _MS6(op, dev_bus_addr)
+    return op
+
+
+def _new_unmap_op(host_addr: int, dev_bus_addr: int, handle: int,
+                  status: int) -> GnttabUnmapGrantRef:
+    """``GnttabUnmapGrantRef(host_addr, dev_bus_addr, handle, status)``."""
+    op: GnttabUnmapGrantRef = _new_object(GnttabUnmapGrantRef)
+    _US0(op, host_addr)
+    _US1(op, dev_bus_addr)
+    _US2(op, handle)
+    _US3(op, status)
+    return op

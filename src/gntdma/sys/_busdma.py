@@ -520,8 +520,8 @@ def bus_dmamap_unload(dmat: BusDmaTag, map: BusDmaMap) -> None:
     kern = dmat.kern
     if map.state is MapState.IDLE:
         if map.last_op_unload:
-            kern.dma_debug.report(DmaDebugKind.DOUBLE_UNLOAD, f"double unload of {map.desc()}",
-                                  tag=dmat.desc(), map=map.desc())
+            kern.dma_debug.report(DmaDebugKind.DOUBLE_UNLOAD,  # the map's name made once
+                                  f"double unload of {(md := map.desc())}", tag=dmat.desc(), map=md)
         return
     if map.deferred:
         map.deferred = False

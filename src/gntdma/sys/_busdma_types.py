@@ -280,6 +280,8 @@ def memdesc_length(mem: memdesc) -> int:
         bp = mem.md_bio
         assert bp is not None
         return bp.bio_bcount
+    if mem.md_type == MEMDESC_VADDR:  # its one buffer's length
+        return mem.md_len
     return sum(b[2] for b in memdesc_buffers(mem))
 
 

@@ -180,7 +180,7 @@ def _teardown(d: _Driver | list[_Driver], heads: list[int]) -> list[str]:
             g.kernel.free(c.buf, M_DEVBUF)
         bus_dma_tag_destroy(dr.tag)
         leaks += dr.errors
-    first.host.sched.run(until=lambda: g.kernel.statistics().taskqueue_pending == 0)
+    first.host.sched.run(until=lambda: _no_tasks(g))
     leaks += first.host.leaks()
     first.host.close()
     return leaks
@@ -340,7 +340,7 @@ def busdma_deferred_unload(delivery: str) -> ScenarioFn:
             s.spawn(freer, name="guest1/free")
             s.spawn(unloader, name="guest1/unload")
             s.run()
-            s.run(until=lambda: d.guest.kernel.statistics().taskqueue_pending == 0)
+            s.run(until=lambda: _no_tasks(d.guest))
             if c.callbacks > 1:
                 d.errors.append(f"the load called back {c.callbacks} times")
             d.to_backend.clear()
@@ -392,3 +392,10 @@ def _cmd_data(n: int, start: int) -> bytes:
     if data is None:
         data = _CMD_DATA[(n, start)] = (_PATTERN * (n // 256 + 2))[start:][:n]
     return data
+
+
+def _no_tasks(g: Guest) -> bool:
+    """``g.kernel.statistics().taskqueue_pending == 0`` without the rest of the
+    statistics: no task queued or running on the kernel's thread and swi queues."""
+    k = g.kernel
+    return k.taskqueue_thread.pending() + k.taskqueue_swi.pending() == 0

@@ -303,23 +303,23 @@ class GntTab(GntTabFreeCallbacks):
         if not self.ref_is_valid(head):
             self.reports.append(f"gnttab_free_grant_references: invalid head {head:#x}")
             return
-        count, tail = 1, head
-        limit = len(self.next)
-        is_free = self.is_free
-        while True:
-            if is_free[tail] == 1 or count > limit:  # already free, or a chain that loops
-                self._double_free("gnttab_free_grant_references", tail)
-                return
-            if self.next[tail] == GNTTAB_LIST_END:
+        nxt, is_free, limit = self.next, self.is_free, len(self.next)
+        count, tail, refs = 1, head, [head]  # the chain's refs, walked once
+        while is_free[tail] != 1 and count <= limit:  # not free, not a chain that loops
+            tail = nxt[tail]
+            if tail == GNTTAB_LIST_END:
                 break
-            tail = self.next[tail]
+            refs.append(tail)
             count += 1
+        else:
+            self._double_free("gnttab_free_grant_references", tail)
+            return
         mtx_lock(self.lock)
-        ref = head
-        while ref != GNTTAB_LIST_END:
-            is_free[ref] = 1
-            ref = self.next[ref]
-        self.next[tail] = self.free_head
+        if refs[-1] == head + count - 1 and refs == list(range(head, head + count)):
+            is_free[head : head + count] = b"\x01" * count  # consecutive refs: one slice
+        else:
+            set_each(is_free, refs, 1)
+        nxt[refs[-1]] = self.free_head
         self.free_head = head
         self.free_count += count
         self._check_free_callbacks()
