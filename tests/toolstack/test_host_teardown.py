@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from gntdma.sched import WITNESS, KThread, ThreadState
+from gntdma.sys import M_DEVBUF, M_WAITOK
 from gntdma.toolstack.domains import create_guest_from_config
 from gntdma.toolstack.host import Host
 from gntdma.toolstack.xlcfg import parse_config
@@ -71,6 +72,46 @@ def test_destroy_guest_removes_attached_devices_by_force(tmp_path: Path, on: str
         assert h.leaks() == [], h.leaks()
         assert g.domid not in h.devices
         assert [v.attached for v in vbds] == [False]
+    finally:
+        h.close()
+        WITNESS.reset()
+
+
+@pytest.mark.parametrize("on", ["thread0", "a toolstack thread"])
+def test_destroy_guest_stops_the_guests_threads_before_its_memory_goes(on: str) -> None:
+    """libxl_domain.c libxl__destroy_domid -> xc_domain_destroy: a destroyed domain's
+    vCPUs never run again. A thread of the guest still running when ``destroy_guest``
+    is called ends there (as in ``crash_guest``); it neither runs on nor touches the
+    domain's freed memory (which stopped the whole host with a ValueError)."""
+    WITNESS.reset()
+    h = Host()
+    try:
+        g = h.create_guest("g", memory_mb=8)
+        va = g.kernel.malloc(4096, M_DEVBUF, M_WAITOK)
+        seen: list[int] = []
+
+        def loop() -> None:
+            for i in range(1000):
+                g.kernel.kva_write(va, b"x")
+                seen.append(i)
+                h.sched.yield_()
+
+        t = h.sched.spawn(loop, domain=g.kernel, name="g/loop")
+        for _ in range(5):
+            h.sched.yield_()
+        assert seen
+        if on == "thread0":
+            h.destroy_guest(g)
+        else:
+            d = h.sched.spawn(h.destroy_guest, g, name="xl/g/destroy")
+            h.sched.run(until=lambda: d.state is ThreadState.DONE)
+            assert d.exc is None, d.exc
+        n = len(seen)
+        for _ in range(5):
+            h.sched.yield_()
+        assert len(seen) == n, "the destroyed guest's thread still runs"
+        assert t.state is ThreadState.DONE and t.exc is None, t.exc
+        assert h.leaks() == [], h.leaks()
     finally:
         h.close()
         WITNESS.reset()

@@ -500,7 +500,7 @@ class Scheduler(Hub):
     def kill(self, t: KThread) -> None:
         """End ``t`` where it waits (its domain is gone): it never runs again.
 
-        Called from thread0 or the hub, never by ``t``. The thread unwinds (no
+        Called from thread0, the hub or another thread, never by ``t``. The thread unwinds (no
         lock is handed back: its domain's locks die with it). Never a
         scheduling point for anyone else.
         """
@@ -518,6 +518,9 @@ class Scheduler(Hub):
                 break
             t.state = _RUNNING
             self.curthread = t
+            # The unwinding ends in its parent: make that the caller (a toolstack
+            # thread that kills is suspended for good if it ends in the hub).
+            glet.parent = greenlet.getcurrent()
             try:
                 glet.throw(greenlet.GreenletExit)
             finally:

@@ -276,6 +276,11 @@ class Host:
         self.xenstore.domain_destroyed(g, crashed=crashed)
         if not crashed:
             g.kernel.shutdown()
+        # xc_domain_destroy: the domain's vCPUs never run again. A thread of it the
+        # shutdown left running ends here, before its memory goes (crash_guest did so).
+        for t in list(self.sched.threads):
+            if self._owns(g, t):
+                self.sched.kill(t)
         self.hv.destroy_domain(g.domid)
         del self.guests[g.domid]
 
