@@ -272,6 +272,12 @@ def main() -> None:
             print(f"kernel tunables, {who}: {t['describe']} {t['sysctls']}")
         print("targets (ratio to direct): " + ", ".join(
             f"{label(*c)} >= {v:g}" for c, v in TARGETS.items()))
+        setup = {m: {"ring_page_order": d.sc.xbd_ring_page_order,
+                     "commands": len(d.sc.xbd_shadow),
+                     "segments_per_request_max": d.sc.xbd_max_request_segments,
+                     "blkback_max_persistent_grants": (d.blkback.max_persistent_grants
+                                                       if m == "persistent" else None)}
+                 for m, d in disks.items()}
         print(f"grants: {', '.join(modes)}; " + "; ".join(
             f"{m}: ring order {d.sc.xbd_ring_page_order}, {len(d.sc.xbd_shadow)} commands, "
             f"{d.sc.xbd_max_request_segments} segments per request at most"
@@ -315,6 +321,7 @@ def main() -> None:
     if args.json:
         print(json.dumps({"seconds": args.seconds, "size_mb": args.size_mb,
                           "grants": list(modes), "kernel_tunables": tunables,
+                          "disks": setup,
                           "workloads": [asdict(f) for f in figures],
                           "targets_met": met,
                           "targets": sum(c in TARGETS for c in cases)}, indent=2))

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Final
 
 from bench_args import check_space, positive_float, positive_int, remove_on_signal
-from block import offsets, through_gntdma
+from block import offsets, through_gntdma, tunables_of
 
 from gntdma.dev.blkback import Blkback
 from gntdma.dev.blkback_xenbus import xbb_attach
@@ -189,6 +189,11 @@ def main() -> None:
                      for i, mode in enumerate(("per-load", "persistent"))}
         except SystemExit as e:  # a disk that cannot work with these options: usage error
             ap.error(str(e).removeprefix("persistent.py: "))
+        setup = {"segments_per_request_max":
+                 disks["persistent"].front.sc.xbd_max_request_segments,
+                 "blkback_max_persistent_grants": disks["persistent"].bb.max_persistent_grants,
+                 "kernel_tunables": {"guest": tunables_of(g.kernel),
+                                     "dom0": tunables_of(host.dom0.kernel)}}
         print(f"image {args.size_mb} MiB, guest {args.memory_mb} MiB, ring order "
               f"{args.ring_page_order}, {args.seconds:g} s per measurement, "
               f"{args.rounds} alternating round(s) per mode, "
@@ -196,7 +201,7 @@ def main() -> None:
               f"persistent request at most, blkback keeps "
               f"{disks['persistent'].bb.max_persistent_grants} persistent grants mapped at "
               f"most; kernel tunables, guest: "
-              f"{g.kernel.tunables.describe()}")
+              f"{g.kernel.tunables.describe()}, dom0: {host.dom0.kernel.tunables.describe()}")
         print("no target: a comparison of persistent and per-load grants (ratio = "
               "persistent / per-load; block.py's targets are ratios to direct I/O)")
         print(f"{'workload':<20} {'per-load MiB/s':>14} {'persist MiB/s':>14} "
@@ -242,9 +247,11 @@ def main() -> None:
         print(json.dumps({"target": None, "seconds": args.seconds, "rounds": args.rounds,
                           "size_mb": args.size_mb, "memory_mb": args.memory_mb,
                           "ring_page_order": args.ring_page_order,
+                          **setup,
                           "workloads": [asdict(f) for f in figures],
                           "grant_maps": {m: {"segments": s.segments,
-                                             "segments_mapped": s.segments_mapped}
+                                             "segments_mapped": s.segments_mapped,
+                                             "mapped_now": s.mapped_now}
                                          for m, s in stats.items()}}, indent=2))
 
 
