@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from test_blkback_lib import Buf, Front, Rig, pattern
 
 from gntdma.abi.blkif import (
@@ -151,3 +152,15 @@ def test_the_same_grefs_again_are_served_from_the_table_until_it_is_emptied(
     assert r.bb.statistics().segments_mapped == st.segments_mapped + 11  # mapped again
     assert [f.data(b) for b in bufs] == [pattern(i) for i in range(11)]
     _close(r, bufs)
+
+
+@pytest.mark.parametrize("bad", [1.5, "10", True, None])
+def test_max_persistent_grants_is_an_int(host: Host, tmp_path: Path, bad: object) -> None:
+    """xen-blkback blkback.c: ``module_param_named(max_persistent_grants, max_pgrants,
+    int, 0644)``: a table size that is not an int is refused, the table unchanged."""
+    r = _rig(host, tmp_path)
+    before = r.bb.max_persistent_grants
+    with pytest.raises(TypeError):
+        r.bb.max_persistent_grants = bad  # type: ignore[assignment]
+    assert r.bb.max_persistent_grants == before
+    _close(r, [])

@@ -309,6 +309,9 @@ class Blkback:
 
     @max_persistent_grants.setter
     def max_persistent_grants(self, n: int) -> None:
+        # blkback.c: module_param_named(max_persistent_grants, max_pgrants, int, 0644).
+        if not isinstance(n, int) or isinstance(n, bool):
+            raise TypeError(f"max_persistent_grants must be an int, not {n!r}")
         if n < 0:
             raise ValueError(f"max_persistent_grants {n} is negative")
         self._io.max_persistent = n
