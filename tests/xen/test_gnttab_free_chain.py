@@ -16,6 +16,7 @@ import random
 
 from gntdma.toolstack.host import Host
 from gntdma.xen.gnttab import GNTTAB_LIST_END, GntTab, GrantRefHead
+from gntdma.xen.gnttab_types import chain_refs
 
 
 def _two_walks(gt: GntTab, head: int) -> None:
@@ -103,3 +104,40 @@ def _compare(host: Host) -> None:
             held.append(head)
         assert _state(b) == _state(a), step
     assert min(kinds.values()) > 5
+
+
+def test_alloc_takes_a_run_of_consecutive_refs_as_the_walk_does() -> None:
+    """gnttab_alloc_grant_references (FreeBSD get_free_entries: the first ``count``
+    refs of the free list, the list's head after them) takes a chain that runs
+    head, head + 1, ... by one comparison and one slice; against the walk
+    (chain_refs, each ref marked allocated) on free lists made consecutive,
+    shuffled and partly consecutive by random frees."""
+    host = Host()
+    try:
+        rng = random.Random(1414)
+        gt = host.create_guest("a", max_grant_frames=2).gnttab
+        held: list[int] = []
+        for step in range(400):
+            if held and rng.random() < 0.45:
+                gt.gnttab_free_grant_references(held.pop(rng.randrange(len(held))))
+                continue
+            n = rng.choice([1, 15, 16, 17, rng.randint(1, 300)])
+            if n > gt.free_count:
+                continue
+            head, nxt = gt.free_head, list(gt.next)
+            want = chain_refs(nxt, head, n)
+            err, h = gt.gnttab_alloc_grant_references(n)
+            assert err == 0
+            got: list[int] = []
+            ref = h.head
+            while ref != GNTTAB_LIST_END:
+                got.append(ref)
+                ref = gt.next[ref]
+            assert got == want, step
+            assert all(gt.is_free[r] == 0 for r in got)
+            assert gt.free_head == (nxt[want[-1]] if n < len(nxt) else gt.free_head)
+            held.append(h.head)
+        for h0 in held:
+            gt.gnttab_free_grant_references(h0)
+    finally:
+        host.close()

@@ -566,10 +566,14 @@ def _get_free_entries_now(gt: GntTab, count: int) -> tuple[int, list[int]]:
     marked allocated, the chain's new head after them."""
     if count <= 0 or gt.callbacks or gt._reserved_for is not None or gt.free_count < count:
         return gt._get_free_entries(count)
-    nxt, is_free = gt.next, gt.is_free
-    refs = [gt.free_head] if count == 1 else chain_refs(nxt, gt.free_head, count)
-    for ref in refs:
-        is_free[ref] = 0
+    nxt, is_free, head = gt.next, gt.is_free, gt.free_head
+    if count >= _RUN_MIN and nxt[head : head + count - 1] == list(range(head + 1, head + count)):
+        refs = list(range(head, head + count))  # the chain runs head, head + 1, ...
+        is_free[head : head + count] = bytes(count)
+    else:
+        refs = [head] if count == 1 else chain_refs(nxt, head, count)
+        for ref in refs:
+            is_free[ref] = 0
     last = refs[-1]
     gt.free_head = nxt[last]
     nxt[last] = GNTTAB_LIST_END
@@ -579,3 +583,9 @@ def _get_free_entries_now(gt: GntTab, count: int) -> tuple[int, list[int]]:
     if used > gt.peak_allocated:
         gt.peak_allocated = used
     return 0, refs
+
+
+#: The allocations :func:`_get_free_entries_now` first tries as a run of consecutive
+#: refs (one comparison of the chain's links, one slice): a fresh table's free list
+#: is one, and smaller allocations cost less walked.
+_RUN_MIN: Final = 16
