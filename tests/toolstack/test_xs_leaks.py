@@ -114,3 +114,32 @@ def test_a_device_of_a_dead_domain_is_a_leak(host: Host) -> None:
     host.xenstore.remove_device(dev, 0.0)
     host.destroy_guest(g)
     assert host.leaks() == []
+
+
+
+@pytest.mark.parametrize(("path", "listed", "removed"), [
+    ("/libxl/{d}/type", "xenstore: /libxl left behind", "/libxl"),
+    ("/vm/leftover", "xenstore: /vm left behind", "/vm"),
+    ("/local/domain/0/device-model/{d}/state",
+     "xenstore: /local/domain/0/device-model/{d} of a dead domain",
+     "/local/domain/0/device-model"),
+])
+def test_a_node_a_teardown_left_outside_the_homes_is_listed(path: str, listed: str,
+                                                             removed: str) -> None:
+    """DESIGN 10: teardown asserts no xenstore nodes are left. libxl's
+    libxl__destroy_domid removes /libxl/<domid>, /vm/<uuid> and dom0's
+    device-model/<domid> of a destroyed domain; such a node (or any node outside the
+    daemon's own tree and the live domains' homes) left behind is a leak, listed once
+    by its subtree's top, and nothing is once it is removed."""
+    h = Host()
+    try:
+        g = h.create_guest("guest1", memory_mb=8)
+        d = g.domid
+        h.destroy_guest(g)
+        assert h.leaks() == []
+        h.xenstored.write(path.format(d=d), b"x")
+        assert h.leaks() == [listed.format(d=d)]
+        h.xenstored.rm(removed)
+        assert h.leaks() == []
+    finally:
+        h.close()

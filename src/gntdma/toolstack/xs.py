@@ -326,6 +326,9 @@ class HostXenstore:
         # A domain exists for xenstored from its creation by the host (XSA-322).
         self.xenstored = Xenstored(domain_exists=lambda domid: domid in hv.domains)
         self.toolstack = ToolstackXs(self.xenstored, sched)
+        #: The daemon's own tree at start and /local/domain: with the live domains' homes,
+        #: all a clean teardown may leave (leaks).
+        self._base_nodes = frozenset({*self.xenstored.store.nodes, "/local", "/local/domain"})
         self.rings: dict[int, DomainRing] = {}
         self.clients: dict[int, XenStore] = {}
         self.store_ports: dict[int, int] = {}
@@ -574,6 +577,19 @@ class HostXenstore:
                     if not fe.isdigit() or int(fe) not in alive:
                         out.append(f"xenstore: /local/domain/{name}/backend/{devtype}/{fe}"
                                    " of a dead frontend")
+            for dm in self._ls(f"/local/domain/{name}/device-model"):
+                if not dm.isdigit() or int(dm) not in alive:
+                    out.append(f"xenstore: /local/domain/{name}/device-model/{dm} of a dead "
+                               "domain")
+        # Any other node (/libxl/<domid>, /vm/<uuid>, ...) is one a teardown left: the top
+        # of each such subtree. Read without the daemon's lock (no scheduling point).
+        top = ""
+        for path in sorted(p for p in list(self.xenstored.store.nodes)
+                           if p not in self._base_nodes and not p.startswith("/local/domain/")):
+            if top and path.startswith(top + "/"):
+                continue
+            top = path
+            out.append(f"xenstore: {path} left behind")
         for dev in self._devices.values():
             if dev.frontend_id not in alive or dev.backend_id not in alive:
                 out.append(f"xenstore: device {dev.frontend_path} of a dead domain")
