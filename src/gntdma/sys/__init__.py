@@ -47,7 +47,6 @@ from gntdma.sys._busdma import (
     bus_dmamem_alloc,
     bus_dmamem_free,
     bus_get_dma_tag,
-    busdma_debug_check_detach,
     busdma_load_memdesc,
     busdma_replay_load,
 )
@@ -61,6 +60,7 @@ from gntdma.sys._busdma_bounce import (
     BounceZone,
     bounce_impl,
 )
+from gntdma.sys._busdma_detach import busdma_debug_check_detach
 from gntdma.sys._busdma_impl import (
     BusDmaImpl,
     bus_dmamap_addseg,
