@@ -60,3 +60,30 @@ def test_pct_runs_the_first_of_the_highest_priorities() -> None:
         assert idx == max(range(k), key=lambda i: prios[i])
         assert pct.schedule.steps[-1] == now[idx].tid
         assert pct.schedule.runnable[-1] == [t.tid for t in now]
+
+
+def test_random_takes_randrange_of_the_runnable_count() -> None:
+    """RandomStrategy's choice is ``Random(seed).randrange(n)`` at every step
+    (random.py, Random.randrange -> _randbelow_with_getrandbits), for deques
+    (the hub's run queue) and lists of 1 to 70 threads, two threads most often."""
+    from collections import deque
+
+    from gntdma.sched import RandomStrategy
+
+    threads = _threads(70)
+    for seed in (0, 7, 12345):
+        rng = random.Random(seed)
+        sizes = random.Random(seed + 1)
+        strat = RandomStrategy(seed)
+        steps: list[int] = []
+        seen: list[list[int]] = []
+        for step in range(2000):
+            n = 2 if step % 3 else sizes.randint(1, 70)
+            now = threads[step % 5 : step % 5 + n] if n + step % 5 <= 70 else threads[:n]
+            runnable = deque(now) if step % 2 else list(now)
+            idx = strat.pick(runnable, None, "switch")
+            assert idx == rng.randrange(n), (seed, step, n)
+            steps.append(now[idx].tid)
+            seen.append([t.tid for t in now])
+        assert strat.schedule.steps == steps
+        assert strat.schedule.runnable == seen

@@ -113,8 +113,20 @@ class RandomStrategy(_Recording):
     def pick(self, runnable: Sequence[KThread], current: KThread | None, point: str) -> int:
         n = len(runnable)
         getrandbits = self._getrandbits
+        if n == 2 and getrandbits is not None:
+            # The hub's most frequent choice (two threads), the draws below in
+            # place: 2 bits until the value is below 2.
+            idx = getrandbits(2)
+            while idx >= 2:
+                idx = getrandbits(2)
+            a, b = runnable
+            tids = [a.tid, b.tid]
+            schedule = self.schedule  # _record, in place
+            schedule.steps.append(tids[idx])
+            schedule.runnable.append(tids)
+            return idx
         if getrandbits is not None and n > 0:
-            k = n.bit_length()
+            k = _BIT_LENGTH[n] if n < _NBITS else n.bit_length()
             idx = getrandbits(k)
             while idx >= n:
                 idx = getrandbits(k)
@@ -347,3 +359,8 @@ class HypothesisStrategy(_Recording):
         others = [i for i in range(len(runnable)) if i != default]
         idx = default if rank == 0 else others[rank - 1]
         return self._record(runnable, idx)
+
+
+#: ``n.bit_length()`` of the small n a random pick draws below (a lookup, not a call).
+_BIT_LENGTH = tuple(n.bit_length() for n in range(64))
+_NBITS = len(_BIT_LENGTH)
