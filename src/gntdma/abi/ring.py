@@ -322,7 +322,15 @@ class FrontRing(_Ring):
     def push_requests(self) -> bool:
         """``RING_PUSH_REQUESTS_AND_CHECK_NOTIFY``: publish; True if the backend must be
         notified (its ``req_event`` lies in the newly published range)."""
-        return self._push(_REQ_PROD, _REQ_EVENT, self.req_prod_pvt)
+        idx = self._idx
+        if idx is None:
+            return self._push(_REQ_PROD, _REQ_EVENT, self.req_prod_pvt)
+        new = self.req_prod_pvt  # _push on the u32 view of the header, one call fewer a push
+        old = idx[_REQ_PROD >> 2]
+        self._wmb()
+        idx[_REQ_PROD >> 2] = new & _M
+        self._mb()
+        return ((new - idx[_REQ_EVENT >> 2]) & _M) < ((new - old) & _M)
 
     def _responses(self) -> tuple[int, int]:
         idx = self._idx
@@ -455,7 +463,15 @@ class BackRing(_Ring):
     def push_responses(self) -> bool:
         """``RING_PUSH_RESPONSES_AND_CHECK_NOTIFY``: publish; True if the frontend must be
         notified (its ``rsp_event`` lies in the newly published range)."""
-        return self._push(_RSP_PROD, _RSP_EVENT, self.rsp_prod_pvt)
+        idx = self._idx
+        if idx is None:
+            return self._push(_RSP_PROD, _RSP_EVENT, self.rsp_prod_pvt)
+        new = self.rsp_prod_pvt  # _push on the u32 view of the header, one call fewer a push
+        old = idx[_RSP_PROD >> 2]
+        self._wmb()
+        idx[_RSP_PROD >> 2] = new & _M
+        self._mb()
+        return ((new - idx[_RSP_EVENT >> 2]) & _M) < ((new - old) & _M)
 
     def final_check_for_requests(self) -> bool:
         """``RING_FINAL_CHECK_FOR_REQUESTS``: True if requests are pending; otherwise

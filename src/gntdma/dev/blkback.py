@@ -280,7 +280,7 @@ class Blkback:
         self._stop_workers = False
         self._workers_alive = 0
         self._in_intr = False
-        # statistics
+        self._lim: BlkbackLimits | None = None  # an _intr pass's limits; statistics:
         self._protocol = ""
         self._by_op: dict[str, int] = {}
         self._segments = self._bytes_read = self._bytes_written = self._sectors_discarded = 0
@@ -499,7 +499,7 @@ class Blkback:
             mtx_unlock(self.lock)
             return
         self._interrupts += 1
-        self._in_intr = True
+        self._in_intr, self._lim = True, self._limits()  # xbb's media_num_sectors
         reason = ""
         try:
             while True:
@@ -510,7 +510,7 @@ class Blkback:
         except RingProtocolError as e:
             reason = str(e)
             self._ring_broken(reason)
-        self._in_intr = False
+        self._in_intr, self._lim = False, None
         cv_broadcast(self._drain_cv)
         mtx_unlock(self.lock)
         if reason != "" and self.on_ring_error is not None:
@@ -535,13 +535,13 @@ class Blkback:
         assert abi is not None
         op_name = BLKBACK_OP_NAMES.get(raw[0], "unknown")
         self._by_op[op_name] = self._by_op.get(op_name, 0) + 1
-        id_, operation, status, work = blkback_check_request(abi, raw, self._limits())
-        if work is None:
-            self._respond(id_, operation, status)
+        lim = self._lim if self._lim is not None else self._limits()  # (outside _intr)
+        if (work := (r := blkback_check_request(abi, raw, lim))[3]) is None:
+            self._respond(r[0], r[1], r[2])
             return
         self._queue.append(work)
-        self._in_flight += 1
-        self._in_flight_peak = max(self._in_flight_peak, self._in_flight)
+        self._in_flight = n = self._in_flight + 1
+        self._in_flight_peak = n if n > self._in_flight_peak else self._in_flight_peak
         wakeup_one(self._work_cv)
 
     def _limits(self) -> BlkbackLimits:
