@@ -87,3 +87,46 @@ def test_random_takes_randrange_of_the_runnable_count() -> None:
             seen.append([t.tid for t in now])
         assert strat.schedule.steps == steps
         assert strat.schedule.runnable == seen
+
+
+def test_pct_picks_between_two_threads_as_between_more() -> None:
+    """PCT's choice between two threads (its own path) is the general one's: the
+    same priorities drawn in runnable order, the same change points and demotions,
+    the first of the highest (Burckhardt et al., ASPLOS 2010, PCT's scheduler)."""
+    runnable = _threads(4)
+    for seed in range(6):
+        rng = random.Random(seed)
+        two = PctStrategy(seed, depth=3, max_steps=40)
+        ref = PctStrategy(seed, depth=3, max_steps=40)
+        for _step in range(400):
+            now = rng.sample(runnable, 2)
+            current = rng.choice([None, *now])
+            point = rng.choice(["checkpoint", "switch"])
+            if rng.random() < 0.1 and all(t.tid in ref._prio for t in now):
+                for p in (two, ref):  # a tie: the first one wins
+                    p._prio[now[1].tid] = p._prio[now[0].tid]
+            assert two.pick(now, current, point) == _pct_by_lists(ref, now, current, point)
+            assert two._prio == ref._prio and two._low == ref._low
+            assert two.choices == ref.choices
+        assert two.schedule == ref.schedule
+
+
+def _pct_by_lists(p: PctStrategy, runnable: list[KThread], current: KThread | None,
+                  point: str) -> int:
+    """PCT's step as defined, with the lists: priorities, then the first of the highest."""
+    p._step += 1
+    tids = [t.tid for t in runnable]
+    for tid in tids:
+        if tid not in p._prio:
+            p._prio[tid] = p.depth + p._rng.randrange(1 << 30)
+    fair_yield = point == "checkpoint" and p._step > p.k
+    if not fair_yield:
+        p._counted += 1
+    if current is not None and (p._step in p._changes or fair_yield):
+        p._prio[current.tid] = p._low
+        p._low -= 1
+    prios = [p._prio[tid] for tid in tids]
+    best = max(range(len(tids)), key=lambda i: prios[i])
+    p.schedule.steps.append(tids[best])
+    p.schedule.runnable.append(tids)
+    return best
