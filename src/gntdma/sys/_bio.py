@@ -106,6 +106,8 @@ class bio:
     bio_caller2: object = None
     bio_driver1: object = None
     bio_driver2: object = None
+    #: The lock bio_done_lock found (a bio is waited for and done under one scheduler).
+    _done_lock: Mutex | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if trace.active is not None:
@@ -122,16 +124,14 @@ _pools: weakref.WeakKeyDictionary[Scheduler, list[Mutex]] = weakref.WeakKeyDicti
 
 
 def bio_done_lock(bp: bio) -> Mutex:
-    """The done lock of ``bp`` (``mtx_pool_find(mtxpool_sleep, bp)``)."""
+    """The done lock of ``bp`` (``mtx_pool_find(mtxpool_sleep, bp)``), kept on ``bp``."""
     s = current_scheduler()
     last = _last_pool  # (a weak reference to the scheduler last asked for, its pool)
-    if last is None or last[0]() is not s:
-        # A bio is waited for and completed under one scheduler: the dictionary of
-        # pools is seldom asked (_pool_of, at the end of the module).
+    if last is None or last[0]() is not s:  # seldom (_pool_of, at the end of the module)
         last = _pool_of(s)
-    pool = last[1]
     # mtx_pool_find: a Fibonacci hash of the address.
-    return pool[((id(bp) * _HASH_MULTIPLIER) & _MASK64) >> _POOL_SHIFT]
+    m = bp._done_lock = last[1][((id(bp) * _HASH_MULTIPLIER) & _MASK64) >> _POOL_SHIFT]
+    return m
 
 
 def biodone(bp: bio) -> None:
@@ -146,7 +146,7 @@ def biodone(bp: bio) -> None:
         bp.bio_flags |= BIO_DONE
         bp.bio_done(bp)
     else:
-        m = bio_done_lock(bp)
+        m = bp._done_lock if bp._done_lock is not None else bio_done_lock(bp)
         mtx_lock(m)
         bp.bio_flags |= BIO_DONE
         wakeup(bp)
@@ -163,7 +163,7 @@ def biofinish(bp: bio, error: int) -> None:
 
 def biowait(bp: bio, wmesg: str = "biowait") -> int:
     """Sleep until ``bp`` is done; its error. Sleeps, with the bio's done lock as interlock."""
-    m = bio_done_lock(bp)
+    m = bp._done_lock if bp._done_lock is not None else bio_done_lock(bp)
     mtx_lock(m)
     while not bp.bio_flags & BIO_DONE:
         msleep(bp, m, wmesg)
