@@ -266,8 +266,8 @@ class xbd_softc_req(xbd_softc_base):
             return
         queued = 0
         ready, bioq = self.xbd_cm_ready, self.xbd_bioq
-        # Nothing ready and nothing queued: xbd_bio_command would find no bio.
-        while (ready or bioq) and not ring.full():
+        # Nothing ready and nothing queued: xbd_bio_command would find no bio. RING_FULL inline.
+        while (ready or bioq) and (ring.req_prod_pvt - ring.rsp_cons) & 0xFFFFFFFF != ring.nr_ents:
             if self.xbd_qfrozen_cnt != 0:
                 break
             cm: xbd_command | None
@@ -283,8 +283,8 @@ class xbd_softc_req(xbd_softc_base):
                 self.xbd_cm_freeze(cm, XBDCF_Q_FREEZE)
             self.xbd_queue_request(cm)
             queued += 1
-        if queued != 0:
-            self.xbd_flush_requests()
+        if queued != 0 and ring.push_requests():  # xbd_flush_requests
+            self.xbd_hc.evtchn_send(self.xbd_evtchn)
 
     def xbd_bio_command(self) -> xbd_command | None:
         """A command for the next queued bio (None: no bio, or must wait)."""
