@@ -225,35 +225,34 @@ class Kernel:
         (the same fault on the first unmapped one), one dict lookup per page."""
         out = self.pmap_kextract_pieces_mapped(va, n)
         if out is None:  # a page is unmapped: fault at the first one, as piece by piece
-            out = []
-            end = va + n
-            while va < end:
-                ln = min(end - va, PAGE_SIZE - (va & PAGE_MASK))
-                out.append((self.pmap_kextract(va), ln))
-                va += ln
+            out = [(self.pmap_kextract(p), min(va + n - p, PAGE_SIZE - (p & PAGE_MASK)))
+                   for p in [va, *range((va | PAGE_MASK) + 1, va + n, PAGE_SIZE)]]
         return out
 
     def pmap_kextract_pieces_mapped(self, va: int, n: int) -> list[tuple[int, int]] | None:
-        """:meth:`pmap_kextract_pieces` if every page of ``[va, va+n)`` is mapped, else
-        None (no fault: a caller that must fault where a page-by-page walk would
-        walks again)."""
+        """:meth:`pmap_kextract_pieces` if every page of ``[va, va+n)`` is mapped, else None
+        (no fault: a caller that must fault where a page-by-page walk would walks again)."""
         if n <= 0:
             return []
         off = va & PAGE_MASK
         if off + n <= PAGE_SIZE:  # within one page
             pfn = self._ptes.get(va >> PAGE_SHIFT)
             return None if pfn is None else [((pfn << PAGE_SHIFT) | off, n)]
-        end = va + n
+        if (pas := self.pmap_kextract_pieces_pages(va, n)) is None:
+            return None
+        out = [(pa, PAGE_SIZE) for pa in pas]  # two pages at least
+        out[0] = (pas[0] | off, PAGE_SIZE - off)
+        out[-1] = (pas[-1], va + n - ((va + n - 1) & ~PAGE_MASK))
+        return out
+
+    def pmap_kextract_pieces_pages(self, va: int, n: int) -> list[int] | None:
+        """The address of each page of ``[va, va+n)`` (n > 0), or None if one is unmapped."""
         ptes = self._ptes
         try:
-            pfns = [ptes[vpn] for vpn in range(va >> PAGE_SHIFT, ((end - 1) >> PAGE_SHIFT) + 1)]
+            return [ptes[vpn] << PAGE_SHIFT
+                    for vpn in range(va >> PAGE_SHIFT, ((va + n - 1) >> PAGE_SHIFT) + 1)]
         except KeyError:
             return None
-        out = [(pfn << PAGE_SHIFT, PAGE_SIZE) for pfn in pfns]
-        out[0] = ((pfns[0] << PAGE_SHIFT) | off, min(n, PAGE_SIZE - off))
-        if len(out) > 1:
-            out[-1] = (pfns[-1] << PAGE_SHIFT, end - ((end - 1) & ~PAGE_MASK))
-        return out
 
     def kva_mapped(self, va: int) -> bool:
         return (va >> PAGE_SHIFT) in self._ptes

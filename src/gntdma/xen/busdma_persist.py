@@ -76,6 +76,8 @@ __all__ = ["PersistentPool"]
 #: (physical address, length) pieces of a caller's buffer.
 Pieces = list[tuple[int, int]]
 _KINDS: Final = ("vaddr", "phys", "ma")
+#: A vaddr load longer than this takes its pages' addresses, not (pa, len) pairs.
+_RUN: Final = 8 * PAGE_SIZE
 #: A segment from its (address, length) pair without a Python-level call.
 _SEG: Final = partial(tuple.__new__, bus_dma_segment_t)
 
@@ -177,7 +179,16 @@ class PersistentPool:
             return 0
         room = t.segment_limit() - len(segs)
         span = min(buflen, PAGE_SIZE - (a & PAGE_MASK) + room * PAGE_SIZE)
-        if kind == "vaddr":
+        if kind == "vaddr" and span > _RUN:
+            pas = self.kern.pmap_kextract_pieces_pages(a, span)
+            if pas is not None:  # all mapped: the pieces from their pages' addresses
+                o = a & PAGE_MASK
+                pas[0] |= o
+                plens = [PAGE_SIZE] * len(pas)
+                plens[0] = PAGE_SIZE - o
+                plens[-1] = a + span - ((a + span - 1) & ~PAGE_MASK)
+                return self._add_pieces(t, pas, plens, room, segs)
+        if kind == "vaddr":  # within a page, or a fault at the first unmapped one
             pieces = self.kern.pmap_kextract_pieces(a, span)
         elif kind == "phys":
             pieces = _phys_pieces(a, span)
@@ -193,24 +204,49 @@ class PersistentPool:
             pieces = pieces[:room]
         if not pieces:
             return error
-        # A piece sits on its pool page at its own offset when the tag's alignment
-        # allows it, else at 0 (the page starts on the alignment; the piece fits).
-        # Only the first piece can start inside a page: the others start a page.
-        b0, n0 = pieces[0]
-        o = b0 & PAGE_MASK
-        d0 = self.pas[base] + (o if o & (t.alignment - 1) == 0 else 0)
-        if len(pieces) == 1:
+        if len(pieces) == 1:  # a piece on its pool page as _add_run puts the first
+            b0, n0 = pieces[0]
+            o = b0 & PAGE_MASK
+            d0 = self.pas[base] + (o if o & (t.alignment - 1) == 0 else 0)
             segs.append(_SEG((d0, n0)))
             self.dsts.append(d0)
             self.bufs.append(b0)
             self.lens.append(n0)
             return error
         bufs, lens = zip(*pieces, strict=True)
+        self._add_run(t, base, bufs, lens, segs)
+        return error
+
+    def _add_pieces(self, t: BusDmaTag, bufs: list[int], lens: list[int], room: int,
+                    segs: list[bus_dma_segment_t]) -> int:
+        """:meth:`_load_pages` of the pieces ``bufs``/``lens`` (two at least, whole pages
+        between the ends), each on the next pool page while pages and segments last."""
+        base = len(self.dsts)
+        error = 0
+        if not self._page(t, base + len(bufs) - 1):
+            error = errno.ENOMEM
+            del bufs[len(self.pages) - base :], lens[len(self.pages) - base :]
+        elif len(bufs) > room:
+            error = errno.EFBIG
+            del bufs[room:], lens[room:]
+        if bufs:
+            self._add_run(t, base, bufs, lens, segs)
+        return error
+
+    def _add_run(self, t: BusDmaTag, base: int, bufs: Sequence[int], lens: Sequence[int],
+                 segs: list[bus_dma_segment_t]) -> None:
+        """Put pieces ``bufs``/``lens`` (one at least) on pool pages ``base`` on.
+
+        A piece sits on its pool page at its own offset when the tag's alignment
+        allows it, else at 0 (the page starts on the alignment; the piece fits).
+        Only the first piece can start inside a page: the others start a page."""
+        o = bufs[0] & PAGE_MASK
+        d0 = self.pas[base] + (o if o & (t.alignment - 1) == 0 else 0)
         k = len(bufs)
         dsts = self.pas[base : base + k]
         dsts[0] = d0
         if lens[1:-1].count(PAGE_SIZE) == k - 2:  # whole pages between the ends
-            segs.append(_SEG((d0, n0)))
+            segs.append(_SEG((d0, lens[0])))
             segs += self.wsegs[base + 1 : base + k - 1]
             segs.append(_SEG((dsts[-1], lens[-1])))
         else:
@@ -218,7 +254,6 @@ class PersistentPool:
         self.dsts += dsts
         self.bufs += bufs
         self.lens += lens
-        return error
 
     def _load_chunks(self, t: BusDmaTag, kind: str, a: int, ma: Sequence[int], buflen: int,
                      segs: list[bus_dma_segment_t]) -> int:
