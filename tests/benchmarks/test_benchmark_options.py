@@ -111,3 +111,29 @@ def test_block_benchmark_signalled_removes_its_images(tmp_path: Path, signum: in
     assert p.stderr is not None
     p.stderr.close()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("flags", "dma_debug", "junk"), [
+    ([], 0, 0),
+    (["--dma-debug", "on"], 1, 0),
+    (["--dma-debug", "on", "--junk-fill", "on"], 1, 1),
+])
+def test_block_benchmark_kernels_debugging_is_off_unless_asked_in_both_kernels(
+        tmp_path: Path, flags: list[str], dma_debug: int, junk: int) -> None:
+    """The block benchmark measures production kernels by default (no DMA-API debugging,
+    no junk fill) and says so; ``--dma-debug on``/``--junk-fill on`` turn them on in the
+    guest's kernel and in dom0's, which runs blkback, and the table and JSON say which."""
+    r = subprocess.run([sys.executable, str(BENCHMARKS / "block.py"), "--seconds", "0.02",
+                        "--size-mb", "4", "--case", "4K read qd1", "--grants", "per-load",
+                        "--json", *flags], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-800:]
+    doc = json.loads(r.stdout[r.stdout.index("\n{") + 1:])
+    want = {"hw.busdma.dma_debug": dma_debug, "vm.debug.divisor": junk}
+    for who in ("guest", "dom0"):
+        t = doc["kernel_tunables"][who]
+        assert t["sysctls"] == want
+        assert f"kernel tunables, {who}: {t['describe']} {t['sysctls']}" in r.stdout
+        assert t["describe"] == (f"dma-debug {'on' if dma_debug else 'off'}, "
+                                 f"junk fill {'on' if junk else 'off'}")
+    assert list(tmp_path.iterdir()) == []
