@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import operator
 import os
 import stat
 from collections.abc import Callable, Sequence
@@ -115,15 +114,13 @@ def _punch_hole(fd: int, offset: int, length: int) -> int:
     return err if err != 0 else errno.EIO
 
 
-_FORMAT: Final = operator.attrgetter("format")
-_NDIM: Final = operator.attrgetter("ndim")
-
-
 def _byte_views(bufs: Sequence[Buffer]) -> list[memoryview]:
     # Views of bytes already (blkback's pages and slices of them): taken as they
-    # are, tested without a Python loop.
-    if (set(map(type, bufs)) <= {memoryview} and set(map(_FORMAT, bufs)) <= {"B"}
-            and set(map(_NDIM, bufs)) <= {1}):
+    # are, each tested once (one loop, no view made).
+    for b in bufs:
+        if type(b) is not memoryview or b.format != "B" or b.ndim != 1:
+            break
+    else:
         return list(cast(Sequence[memoryview], bufs))
     out: list[memoryview] = []
     for b in bufs:
@@ -306,7 +303,8 @@ class DiskImage:
             return self._cow.preadv(views, offset)
         done = 0
         while views:
-            n = os.preadv(self._fd, views[:_IOV_MAX], offset + done)
+            n = os.preadv(self._fd, views if len(views) <= _IOV_MAX else views[:_IOV_MAX],
+                          offset + done)
             if n == 0:
                 raise ImageError(errno.EIO, f"disk image ended at byte {offset + done}, "
                                  f"inside the disk", self.path)
@@ -323,13 +321,15 @@ class DiskImage:
             ImageError: read-only (``EROFS``), out of the disk (``EINVAL``), closed.
             OSError: the write failed (``ENOSPC`` on the host, ...).
         """
-        self._check_writable("write")
+        if self._fd < 0 or self._readonly:
+            self._check_writable("write")  # EBADF, then EROFS
         views, total = self._check_range(bufs, offset)
         if self._cow is not None:
             return self._cow.pwritev(views, offset)
         done = 0
         while views:
-            n = os.pwritev(self._fd, views[:_IOV_MAX], offset + done)
+            n = os.pwritev(self._fd, views if len(views) <= _IOV_MAX else views[:_IOV_MAX],
+                           offset + done)
             if n == 0:
                 raise ImageError(errno.EIO, f"disk image write made no progress at byte "
                                  f"{offset + done}", self.path)
@@ -408,12 +408,18 @@ class DiskImage:
     def _check_range(self, bufs: Sequence[Buffer], offset: int
                      ) -> tuple[list[memoryview], int]:
         """The non-empty byte views of ``bufs`` and their total length."""
-        self._check_open()
+        if self._fd < 0:
+            self._check_open()
         views = _byte_views(bufs)
-        lens = list(map(len, views))
-        total = sum(lens)
-        if 0 in lens:
-            views = [v for v in views if len(v) > 0]
+        if len(views) == 1:  # one buffer (a 4 KiB request): no list of lengths
+            total = len(views[0])
+            if total == 0:
+                views = []
+        else:
+            lens = list(map(len, views))
+            total = sum(lens)
+            if 0 in lens:
+                views = [v for v in views if len(v) > 0]
         if offset < 0 or offset + total > self._size:
             raise ImageError(errno.EINVAL, f"{total} bytes at {offset} are not inside the "
                              f"{self._size}-byte disk", self.path)
