@@ -108,6 +108,8 @@ _SYNC_ALL = (BUS_DMASYNC_PREREAD | BUS_DMASYNC_POSTREAD | BUS_DMASYNC_PREWRITE
              | BUS_DMASYNC_POSTWRITE)
 _SYNC_PRE = BUS_DMASYNC_PREREAD | BUS_DMASYNC_PREWRITE
 _SYNC_POST = BUS_DMASYNC_POSTREAD | BUS_DMASYNC_POSTWRITE
+_IDLE, _LOADING, _LOADED = MapState.IDLE, MapState.LOADING, MapState.LOADED
+_EINPROGRESS = errno.EINPROGRESS
 
 
 def _default_impl(kern: Kernel) -> BusDmaImpl:
@@ -298,7 +300,7 @@ def _start(dmat: BusDmaTag, map: BusDmaMap, mem: memdesc, fn: str) -> int:
 def _run(dmat: BusDmaTag, map: BusDmaMap, mem: memdesc,
          flags: int) -> tuple[int, list[bus_dma_segment_t]]:
     """One pass of a load through the implementation."""
-    map.state = MapState.LOADING
+    map.state = _LOADING
     map.load_gen += 1
     map.load_flags = flags
     map.last_op_unload = False
@@ -314,7 +316,7 @@ def _run(dmat: BusDmaTag, map: BusDmaMap, mem: memdesc,
             error = impl.load_buffer(dmat, map, bp.bio_data, bp.bio_bcount, flags, segs)
     else:
         error = busdma_load_memdesc(dmat, map, mem, flags, segs)
-    if error == errno.EINPROGRESS:
+    if error == _EINPROGRESS:
         if not map.deferred:
             map.deferred = True
             dmat.kern.busdma.deferred_pending += 1
@@ -324,10 +326,10 @@ def _run(dmat: BusDmaTag, map: BusDmaMap, mem: memdesc,
     if error != 0 or map.deferred:
         _finish(dmat, map, mem, segs, error)
     else:  # _finish of a load that completed at once
-        map.state = MapState.LOADED
+        map.state = _LOADED
         map.dm_segs = list(segs)
         map.dm_mem = mem
-        map.dm_mapsize = segments_length(segs)
+        map.dm_mapsize = segs[0][1] if len(segs) == 1 else segments_length(segs)
         dmat.kern.busdma.maps_loaded += 1
     return error, segs
 

@@ -75,6 +75,8 @@ from gntdma.sys import (
     BUS_DMA_LOCK,
     BUS_DMA_NOWAIT,
     BUS_DMA_UNLOCK,
+    BUS_DMASYNC_POSTREAD,
+    BUS_DMASYNC_PREWRITE,
     BUS_SPACE_MAXADDR,
     BUS_SPACE_MAXSIZE,
     BUS_SPACE_UNRESTRICTED,
@@ -82,6 +84,7 @@ from gntdma.sys import (
     BounceImpl,
     BounceMap,
     BounceTag,
+    BusDmaCallback,
     BusDmaLockFunc,
     BusDmaMap,
     BusDmaTag,
@@ -91,6 +94,7 @@ from gntdma.sys import (
     bus_dma_segment_t,
     bus_dmamap_complete_deferred,
     kernel_state,
+    memdesc,
     memdesc_length,
 )
 from gntdma.xen.busdma_persist import PersistentPool
@@ -295,50 +299,68 @@ class XenDmaImpl(BounceImpl):
                     segs: list[bus_dma_segment_t]) -> int:
         if not isinstance(map, XenDmaMap):
             raise KernelPanic(f"busdma_xen: {map!r} is not a Xen map")
-        # BounceImpl.load_buffer is this _load
-        error = (self._pload(dmat, map, "vaddr", buf, (), buflen, segs) if map.pool
-                 is not None else self._load(dmat, map, "vaddr", buf, (), buflen, flags & 0xFFFF,
-                                             segs))
+        pool = map.pool
+        if pool is None:  # BounceImpl.load_buffer is this _load
+            error = self._load(dmat, map, "vaddr", buf, (), buflen, flags & 0xFFFF, segs)
+        else:  # _pload
+            if map.pass_gen != map.load_gen:  # a new pass: the pages serve it from page 0
+                if pool.dsts:
+                    pool.unload()
+                self.persistent_loads += 1
+            error = pool.load(dmat, "vaddr", buf, (), buflen, segs)
         return self._after(dmat, map, buflen, flags, segs, error)
 
     def load_phys(self, dmat: BusDmaTag, map: BusDmaMap, paddr: int, buflen: int, flags: int,
                   segs: list[bus_dma_segment_t]) -> int:
-        error = (self._pload(dmat, map, "phys", paddr, (), buflen, segs) if _xmap(map).pool
-                 is not None else super().load_phys(dmat, map, paddr, buflen, flags & 0xFFFF, segs))
-        return self._after(dmat, map, buflen, flags, segs, error)
+        m = _xmap(map)
+        error = (self._pload(dmat, m, "phys", paddr, (), buflen, segs) if m.pool
+                 is not None else super().load_phys(dmat, m, paddr, buflen, flags & 0xFFFF, segs))
+        return self._after(dmat, m, buflen, flags, segs, error)
 
     def load_ma(self, dmat: BusDmaTag, map: BusDmaMap, ma: Any, tlen: int, ma_offs: int,
                 flags: int, segs: list[bus_dma_segment_t]) -> int:
-        error = (self._pload(dmat, map, "ma", ma_offs, ma, tlen, segs) if _xmap(map).pool
+        m = _xmap(map)
+        error = (self._pload(dmat, m, "ma", ma_offs, ma, tlen, segs) if m.pool
                  is not None else
-                 super().load_ma(dmat, map, ma, tlen, ma_offs, flags & 0xFFFF, segs))
-        return self._after(dmat, map, tlen, flags, segs, error)
+                 super().load_ma(dmat, m, ma, tlen, ma_offs, flags & 0xFFFF, segs))
+        return self._after(dmat, m, tlen, flags, segs, error)
 
-    def _pload(self, dmat: BusDmaTag, map: BusDmaMap, kind: str, a: int, ma: Any,
+    def _pload(self, dmat: BusDmaTag, m: XenDmaMap, kind: str, a: int, ma: Any,
                buflen: int, segs: list[bus_dma_segment_t]) -> int:
         """One buffer of a persistent map's load: its chunks go on the map's own pages."""
-        m = _xmap(map)
-        assert m.pool is not None
+        pool = m.pool
+        assert pool is not None
         if m.pass_gen != m.load_gen:  # a new pass: the pages serve it from page 0
-            m.pool.unload()
+            if pool.dsts:  # (an unload leaves them empty)
+                pool.unload()
             self.persistent_loads += 1
-        return m.pool.load(dmat, kind, a, ma, buflen, segs)
+        return pool.load(dmat, kind, a, ma, buflen, segs)
+
+    def map_waitok(self, dmat: BusDmaTag, map: BusDmaMap, mem: memdesc,
+                   callback: BusDmaCallback, callback_arg: Any) -> None:
+        if isinstance(map, XenDmaMap) and map.pool is not None:
+            # The load to replay; a persistent map's loads go on its own pages, never on
+            # bounce pages, so it has none to count or reserve.
+            map.mem = mem
+            map.callback = callback
+            map.callback_arg = callback_arg
+            return
+        super().map_waitok(dmat, map, mem, callback, callback_arg)
 
     def map_sync(self, dmat: BusDmaTag, map: BusDmaMap, op: int) -> None:
         if not isinstance(map, XenDmaMap):
             raise KernelPanic(f"busdma_xen: {map!r} is not a Xen map")
         if map.pool is not None:
-            map.pool.sync(op)
+            if op & (BUS_DMASYNC_PREWRITE | BUS_DMASYNC_POSTREAD):  # the pool's only copies
+                map.pool.sync(op)
             return
         if map.bpages:  # BounceImpl.map_sync does nothing for a map without bounce pages
             super().map_sync(dmat, map, op)
 
-    def _after(self, dmat: BusDmaTag, map: BusDmaMap, buflen: int, flags: int,
+    def _after(self, dmat: BusDmaTag, m: XenDmaMap, buflen: int, flags: int,
                segs: list[bus_dma_segment_t], error: int) -> int:
-        """After the bounce layer added one buffer's segments: references."""
-        if not isinstance(map, XenDmaMap):
-            raise KernelPanic(f"busdma_xen: {map!r} is not a Xen map")
-        m = map
+        """After the bounce layer added one buffer's segments (on ``m``, a Xen map as the
+        load hook that calls this checked): references."""
         if m.pass_gen != m.load_gen:  # a new pass over the load (first, or a replay)
             m.pass_gen = m.load_gen
             m.pass_bytes = 0
@@ -362,7 +384,7 @@ class XenDmaImpl(BounceImpl):
             total = memdesc_length(mem)
         if m.pass_bytes < total:
             return 0  # more buffers to come: allocate once every segment is known
-        if self._take_refs(m, len(segs)) == 0:
+        if len(segs) <= len(m.refs) or self._take_refs(m, len(segs)) == 0:
             return 0
         if self._never_served(m, len(segs)):
             return errno.ENOSPC  # more than can ever be free: waiting would never end
@@ -449,7 +471,7 @@ class XenDmaImpl(BounceImpl):
 
     def map_complete(self, dmat: BusDmaTag, map: BusDmaMap, segs: list[bus_dma_segment_t],
                      nsegs: int, error: int) -> list[bus_dma_segment_t]:
-        segs = super().map_complete(dmat, map, segs, nsegs, error)
+        # The bounce layer's map_complete is BusDmaImpl's: the segments as they are.
         if error != 0:
             return segs
         if not isinstance(dmat, XenDmaTag):
@@ -460,8 +482,10 @@ class XenDmaImpl(BounceImpl):
         domid = 0 if t.domid is None else t.domid  # the root tag grants to dom0
         if len(m.refs) < len(segs):
             raise KernelPanic(f"busdma_xen: {len(segs)} segments but {len(m.refs)} refs")
-        if m.pool is not None:  # only pages never granted before (writable)
-            m.granted = m.pool.grant(self.gnttab, m.refs, m.granted, domid, len(segs))
+        pool = m.pool
+        if pool is not None:  # only pages never granted before (writable)
+            if m.granted < len(segs) or pool.nactive != len(segs):  # else nothing to grant
+                m.granted = pool.grant(self.gnttab, m.refs, m.granted, domid, len(segs))
             return segs
         frames = [addr >> PAGE_SHIFT for addr, n in segs if (addr & _PAGE_MASK) + n <= PAGE_SIZE]
         if len(frames) != len(segs):
@@ -487,7 +511,8 @@ class XenDmaImpl(BounceImpl):
         if m.pool is not None:  # the grants and the pages stay with the map
             m.pool.unload()
             m.pass_gen = -1
-            super().map_unload(dmat, m)
+            if m.bpages or m.pagesreserved != 0 or m.bounce_waiting:  # (never on its pages)
+                super().map_unload(dmat, m)
             return
         self._end_grants(dmat, m)
         if not m.prealloc:

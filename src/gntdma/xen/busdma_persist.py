@@ -177,12 +177,26 @@ class PersistentPool:
         """
         if buflen == 0:
             return 0
-        room = t.segment_limit() - len(segs)
-        span = min(buflen, PAGE_SIZE - (a & PAGE_MASK) + room * PAGE_SIZE)
+        ns = t.nsegments
+        room = (ns if ns >= 0 else 1 << 62) - len(segs)  # t.segment_limit() less those used
+        o = a & PAGE_MASK
+        if o + buflen <= PAGE_SIZE and room > 0 and kind == "vaddr":
+            # Within one page: its one piece is pmap_kextract's (the same fault), on the
+            # next pool page as _add_run puts a first piece.
+            b0 = self.kern.pmap_kextract(a)
+            base = len(self.dsts)
+            if base >= len(self.pages) and not self._page(t, base):
+                return errno.ENOMEM
+            d0 = self.pas[base] + (o if o & (t.alignment - 1) == 0 else 0)
+            segs.append(_SEG((d0, buflen)))
+            self.dsts.append(d0)
+            self.bufs.append(b0)
+            self.lens.append(buflen)
+            return 0
+        span = min(buflen, PAGE_SIZE - o + room * PAGE_SIZE)
         if kind == "vaddr" and span > _RUN:
             pas = self.kern.pmap_kextract_pieces_pages(a, span)
             if pas is not None:  # all mapped: the pieces from their pages' addresses
-                o = a & PAGE_MASK
                 pas[0] |= o
                 plens = [PAGE_SIZE] * len(pas)
                 plens[0] = PAGE_SIZE - o
@@ -304,8 +318,11 @@ class PersistentPool:
         if not bufs:
             return
         kern = self.kern
-        lo = min(bufs) >> PAGE_SHIFT
-        hi = max(bufs) >> PAGE_SHIFT
+        if len(bufs) == 1:
+            lo = hi = bufs[0] >> PAGE_SHIFT
+        else:
+            lo = min(bufs) >> PAGE_SHIFT
+            hi = max(bufs) >> PAGE_SHIFT
         for first, npages in kern.vm.ranges:
             if first <= lo and hi < first + npages:
                 break
@@ -316,7 +333,7 @@ class PersistentPool:
                 kern.phys_copy(bufs, self.dsts, self.lens)
             return
         cached = self.bufviews
-        if len(cached) + len(bufs) > self._bufviews_max():
+        if len(cached) + len(bufs) > 64 and len(cached) + len(bufs) > self._bufviews_max():
             self._release_bufviews()
         get = cached.get
         page = kern.physmem.page
