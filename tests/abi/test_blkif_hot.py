@@ -7,6 +7,8 @@ classes (whose layouts test_c_layout.py checks against the Xen headers).
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -107,3 +109,21 @@ def test_values_that_do_not_fit_are_value_errors(abi: BlkifAbi) -> None:
         blkif_pack_segs([1, 256, 0])
     with pytest.raises(ValueError):
         blkif_pack_response(abi, 0, 0, 0x8000)
+
+
+@pytest.mark.parametrize("abi", ABIS, ids=lambda a: a.protocol)
+@given(op=u8, nr=u8, id_=u64, sector=u64, segs=segs_st, pad=st.integers(0, 64))
+def test_rw_unpack_is_the_same_from_bytes_bytearray_and_views(
+        abi: BlkifAbi, op: int, nr: int, id_: int, sector: int,
+        segs: list[tuple[int, int, int]], pad: int) -> None:
+    # a copied-out slot (bytes) unpacks as the shared page's bytes do, at any offset,
+    # and a buffer shorter than a slot is refused either way
+    flat = [v for s in segs for v in s]
+    raw = bytes(pad) + blkif_pack_rw(abi, op, nr, 7, id_, sector, flat) + bytes(3)
+    want = blkif_unpack_rw(abi, bytearray(raw), pad)
+    assert blkif_unpack_rw(abi, raw, pad) == want
+    assert blkif_unpack_rw(abi, memoryview(raw), pad) == want
+    short = raw[:pad + abi.request.STRUCT.size - 1]
+    for buf in (short, bytearray(short)):
+        with pytest.raises(struct.error):
+            blkif_unpack_rw(abi, buf, pad)

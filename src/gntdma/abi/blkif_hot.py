@@ -86,6 +86,11 @@ _RW_N: Final[dict[type, tuple[struct.Struct, ...]]] = {
                        _SEG_FMT * n + (f"{(_NSEG - n) * _SEG_SIZE}x" if n < _NSEG else ""))
                for n in range(_NSEG + 1))
     for cls in (BlkifRequest, BlkifRequest32)}
+#: Byte offset of the u8 ``nr_segments`` in both request layouts (after ``operation``).
+_NR_SEGMENTS_OFFSET: Final = 1
+for _cls, _s in _RW.items():
+    if _s.pack(0, 0xA5, 0, 0, 0, *_ZEROS)[_NR_SEGMENTS_OFFSET] != 0xA5:
+        raise AssertionError(f"{_cls.__name__}: nr_segments not at byte {_NR_SEGMENTS_OFFSET}")
 
 
 def blkif_pack_rw(abi: BlkifAbi, operation: int, nr_segments: int, handle: int, id_: int,
@@ -104,9 +109,17 @@ def blkif_pack_rw(abi: BlkifAbi, operation: int, nr_segments: int, handle: int, 
 def blkif_unpack_rw(abi: BlkifAbi, buf: Buffer, offset: int = 0
                     ) -> tuple[int, int, int, int, int, list[BlkifSeg]]:
     """(operation, nr_segments, handle, id, sector_number, segments) of a request slot."""
-    v = _RW[abi.request].unpack_from(buf, offset)
-    n = min(v[1], _NSEG)
-    flat = v[5:5 + 3 * n]
+    if type(buf) is bytes:  # a copied-out slot: its nr_segments byte says which struct
+        n = buf[offset + _NR_SEGMENTS_OFFSET]
+        # the struct of min(n, 11) segments: the whole slot's size, the rest pad bytes
+        v = _RW_N[abi.request][n if n < _NSEG else _NSEG].unpack_from(buf, offset)
+        if n == 1:
+            return v[0], v[1], v[2], v[3], v[4], [v[5:8]]
+        flat = v[5:]
+    else:
+        v = _RW[abi.request].unpack_from(buf, offset)
+        n = min(v[1], _NSEG)
+        flat = v[5:5 + 3 * n]
     return v[0], v[1], v[2], v[3], v[4], list(zip(flat[0::3], flat[1::3], flat[2::3],
                                                   strict=True))
 
