@@ -20,6 +20,7 @@ from gntdma.abi.blkif import (
     BLKIF_OP_INDIRECT,
     BLKIF_OP_READ,
     BLKIF_OP_WRITE,
+    BLKIF_RSP_ERROR,
     BLKIF_RSP_OKAY,
     BlkifRequestIndirect,
     BlkifRequestSegment,
@@ -164,3 +165,46 @@ def test_max_persistent_grants_is_an_int(host: Host, tmp_path: Path, bad: object
         r.bb.max_persistent_grants = bad  # type: ignore[assignment]
     assert r.bb.max_persistent_grants == before
     _close(r, [])
+
+
+def test_one_segment_from_the_table_moves_its_sectors_and_is_put_back(
+        host: Host, tmp_path: Path) -> None:
+    # xen_blkbk_map / put_persistent_gnt: a one-segment request whose gref the table
+    # holds moves first_sect..last_sect of the page without a map, and the grant is
+    # free again after the request, also when the I/O failed (dispatch_rw_block_io
+    # answers BLKIF_RSP_ERROR).
+    r = _rig(host, tmp_path)
+    f = r.front
+    b = f.buf(False, pattern(3))
+    rid = f.rw(BLKIF_OP_WRITE, 0, [(b, 0, 7)])
+    f.push()
+    assert f.status(rid) == BLKIF_RSP_OKAY
+    st = r.bb.statistics()
+    f.page(b.pfn)[:] = pattern(4)
+    rid = f.rw(BLKIF_OP_WRITE, 16, [(b, 2, 5)])  # sectors 2..5 of the page: 2 KiB
+    f.push()
+    assert f.status(rid) == BLKIF_RSP_OKAY
+    assert r.disk(16 * 512, 2048) == pattern(4)[1024:3072]
+    f.page(b.pfn)[:] = bytes(PAGE)
+    rid = f.rw(BLKIF_OP_READ, 0, [(b, 1, 6)])
+    f.push()
+    assert f.status(rid) == BLKIF_RSP_OKAY
+    assert f.data(b) == bytes(512) + pattern(3)[:3072] + bytes(512)
+    again = r.bb.statistics()
+    assert again.segments_mapped == st.segments_mapped  # both from the table
+    assert again.mapped_now == st.mapped_now
+    assert again.bytes_written - st.bytes_written == 2048
+    assert again.bytes_read - st.bytes_read == 3072
+    assert r.bb._io._pbusy == set()  # put back
+    r.img.close()  # the disk gone: the next transfer fails (EBADF)
+    rid = f.rw(BLKIF_OP_WRITE, 0, [(b, 0, 7)])
+    f.push()
+    assert f.status(rid) == BLKIF_RSP_ERROR
+    failed = r.bb.statistics()
+    assert failed.io_errors == again.io_errors + 1
+    assert failed.segments_mapped == st.segments_mapped  # from the table all the same
+    assert r.bb._io._pbusy == set()  # put back after the failure too
+    assert r.bb.disconnect() == 0
+    assert r.bb.statistics().mapped_now == 0
+    f.release(b)
+    f.close()

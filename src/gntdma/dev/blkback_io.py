@@ -315,6 +315,27 @@ class BlkbackIO:
         """Map the data segments, one vectored read or write, unmap."""
         to_disk = req.op == BLKIF_OP_WRITE
         segs = req.segs
+        if self.persistent and len(segs) == 1:  # one segment (4 KiB): no lists or sets
+            g, first, last = segs[0]
+            page = self._pviews.get(g)
+            busy = self._pbusy
+            if page is not None and g not in busy:  # _persistent_views' case, one gref
+                busy.add(g)
+                self.persistent_hits += 1
+                whole = first == 0 and last == _LAST_SECT
+                v = page if whole else page[first << SECTOR_SHIFT:(last + 1) << SECTOR_SHIFT]
+                try:
+                    req.nbytes = blocking_io(self.store.pwritev if to_disk else
+                                             self.store.preadv, [v],
+                                             req.sector_number << SECTOR_SHIFT)
+                except OSError:
+                    self.io_errors += 1
+                    return BLKIF_RSP_ERROR
+                finally:
+                    if not whole:
+                        v.release()
+                    busy.discard(g)  # Linux put_persistent_gnt
+                return BLKIF_RSP_OKAY
         grefs, firsts, lasts = zip(*segs, strict=True) if segs else ((), (), ())
         used: list[int] = []
         pages: list[memoryview] | None = None
