@@ -52,3 +52,19 @@ def test_fewer_refs_than_segments_panics() -> None:
     segs = [bus_dma_segment_t(PAGE_SIZE * i, PAGE_SIZE) for i in range(4)]
     with pytest.raises(KernelPanic, match="4 segments but 3 grant refs"):
         xbd_mksegs(segs, 4, [1, 2, 3])
+
+
+def test_one_segment_gives_the_walks_triple_or_its_panic() -> None:
+    """A one-segment request (a 4 KiB I/O) at every sector offset and length within
+    its page gives the walk's triple; a segment the walk refuses (not sector aligned,
+    empty, crossing its page) panics with the walk's message."""
+    for first in range(8):
+        for n in range(1, 9 - first):
+            seg = bus_dma_segment_t(0x7000 + first * 512, n * 512)
+            assert xbd_mksegs([seg], 1, [0, 9]) == _walk([seg], [0]) == [0, first, first + n - 1]
+    bad = [(0x7000 + 100, 512, "not sector aligned"), (0x7000, 100, "not sector aligned"),
+           (0x7000, 0, "not sector aligned"), (0x7000 + 512, PAGE_SIZE, "crosses a page"),
+           (0x7000 + 3584, 1024, "crosses a page")]
+    for addr, ln, what in bad:
+        with pytest.raises(KernelPanic, match=rf"segment 0 .* {what}"):
+            xbd_mksegs([bus_dma_segment_t(addr, ln)], 1, [4])

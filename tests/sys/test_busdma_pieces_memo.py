@@ -24,6 +24,7 @@ from gntdma.sys import (
     Kernel,
     bio,
     bus_dmamap_load,
+    bus_dmamap_load_bio,
     bus_dmamap_sync,
     bus_dmamap_unload,
     memdesc,
@@ -69,3 +70,18 @@ def test_memdesc_bio_is_the_descriptor_of_the_bio_with_every_other_field_its_def
     mem = memdesc_bio(bp)
     assert type(mem) is memdesc and mem == memdesc(MEMDESC_BIO, md_bio=bp)
     assert mem.md_bio is bp and memdesc_length(mem) == 4096
+
+
+def test_a_bio_load_keeps_the_descriptor_memdesc_bio_gives(kern: Kernel) -> None:
+    """bus_dmamap_load_bio (FreeBSD subr_bus_dma.c: memdesc_bio, then
+    bus_dmamap_load_mem) keeps the bio's descriptor on the map while loaded."""
+    tag = mk_tag(kern, alignment=512, boundary=PAGE_SIZE, maxsegsz=PAGE_SIZE)
+    map = mk_map(tag)
+    va = kern.malloc(PAGE_SIZE, M_DEVBUF, M_WAITOK)
+    bp = bio(bio_cmd=BIO_READ, bio_bcount=PAGE_SIZE, bio_data=va)
+    rec = Rec()
+    assert bus_dmamap_load_bio(tag, map, bp, rec, None, 0) == 0
+    assert type(map.dm_mem) is memdesc and map.dm_mem == memdesc_bio(bp)
+    assert map.dm_mem.md_bio is bp and rec.last[2] == 1
+    bus_dmamap_unload(tag, map)
+    kern.free(va, M_DEVBUF)

@@ -296,7 +296,13 @@ def xbd_mksegs(segs: list[bus_dma_segment_t], nsegs: int, refs: list[int]) -> li
     """
     if len(refs) < nsegs:
         raise KernelPanic(f"xbd_mksegarray: {nsegs} segments but {len(refs)} grant refs")
-    if nsegs > 1:
+    if nsegs == 1:  # the loop below for one segment
+        addr, ln = segs[0]
+        off = addr & PAGE_MASK
+        if off & _SECTOR_MASK == 0 and ln & _SECTOR_MASK == 0 and 0 < ln <= PAGE_SIZE - off:
+            fsect = off >> _SECTOR_SHIFT
+            return [refs[0], fsect, fsect + (ln >> _SECTOR_SHIFT) - 1]
+    elif nsegs > 1:
         addrs, lens = zip(*segs[:nsegs], strict=True)
         if lens.count(PAGE_SIZE) == nsegs and not any([a & PAGE_MASK for a in addrs]):
             # Every segment a whole page (the loop's checks all pass): sectors 0 to

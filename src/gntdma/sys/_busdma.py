@@ -67,7 +67,6 @@ from gntdma.sys._busdma_types import (
     bus_dma_segment_t,
     kernel_state,
     memdesc,
-    memdesc_bio,
     memdesc_buffers,
     memdesc_length,
     memdesc_mbuf,
@@ -110,6 +109,7 @@ _SYNC_PRE = BUS_DMASYNC_PREREAD | BUS_DMASYNC_PREWRITE
 _SYNC_POST = BUS_DMASYNC_POSTREAD | BUS_DMASYNC_POSTWRITE
 _IDLE, _LOADING, _LOADED = MapState.IDLE, MapState.LOADING, MapState.LOADED
 _EINPROGRESS = errno.EINPROGRESS
+_tuple_new = tuple.__new__
 
 
 def _default_impl(kern: Kernel) -> BusDmaImpl:
@@ -409,7 +409,8 @@ def bus_dmamap_load(dmat: BusDmaTag, map: BusDmaMap, buf: int, buflen: int,
 def bus_dmamap_load_bio(dmat: BusDmaTag, map: BusDmaMap, bp: bio, callback: BusDmaCallback,
                         callback_arg: Any, flags: int) -> int:
     """Load a bio, mapped (``bio_data``) or unmapped (``bio_ma``)."""
-    return bus_dmamap_load_mem(dmat, map, memdesc_bio(bp), callback, callback_arg, flags)
+    mem = _tuple_new(memdesc, (MEMDESC_BIO, 0, 0, (), bp, None, None, (), 0, 0))  # memdesc_bio
+    return bus_dmamap_load_mem(dmat, map, mem, callback, callback_arg, flags)
 
 
 def bus_dmamap_load_ma(dmat: BusDmaTag, map: BusDmaMap, ma: Sequence[int], tlen: int,

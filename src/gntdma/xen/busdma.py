@@ -350,9 +350,12 @@ class XenDmaImpl(BounceImpl):
     def map_sync(self, dmat: BusDmaTag, map: BusDmaMap, op: int) -> None:
         if not isinstance(map, XenDmaMap):
             raise KernelPanic(f"busdma_xen: {map!r} is not a Xen map")
-        if map.pool is not None:
-            if op & (BUS_DMASYNC_PREWRITE | BUS_DMASYNC_POSTREAD):  # the pool's only copies
-                map.pool.sync(op)
+        pool = map.pool
+        if pool is not None:  # PersistentPool.sync: the pool's only copies
+            if op & BUS_DMASYNC_PREWRITE:
+                pool.copy(True)
+            if op & BUS_DMASYNC_POSTREAD:
+                pool.copy(False)
             return
         if map.bpages:  # BounceImpl.map_sync does nothing for a map without bounce pages
             super().map_sync(dmat, map, op)

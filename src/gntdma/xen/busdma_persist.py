@@ -164,6 +164,21 @@ class PersistentPool:
         if buflen < 0:
             return errno.EINVAL
         if t.boundary == PAGE_SIZE and t.maxsegsz == PAGE_SIZE:
+            o = a & PAGE_MASK
+            if 0 < buflen <= PAGE_SIZE - o and kind == "vaddr" and len(segs) < t.nsegments:
+                # _load_pages of a piece within one page with a segment left: the
+                # piece is pmap_kextract's (the same fault), on the next pool page as
+                # _add_run puts a first piece.
+                b0 = self.kern.pmap_kextract(a)
+                base = len(self.dsts)
+                if base >= len(self.pages) and not self._page(t, base):
+                    return errno.ENOMEM
+                d0 = self.pas[base] + (o if o & (t.alignment - 1) == 0 else 0)
+                segs.append(_SEG((d0, buflen)))
+                self.dsts.append(d0)
+                self.bufs.append(b0)
+                self.lens.append(buflen)
+                return 0
             return self._load_pages(t, kind, a, ma, buflen, segs)
         return self._load_chunks(t, kind, a, ma, buflen, segs)
 
@@ -177,22 +192,8 @@ class PersistentPool:
         """
         if buflen == 0:
             return 0
-        ns = t.nsegments
-        room = (ns if ns >= 0 else 1 << 62) - len(segs)  # t.segment_limit() less those used
+        room = t.segment_limit() - len(segs)
         o = a & PAGE_MASK
-        if o + buflen <= PAGE_SIZE and room > 0 and kind == "vaddr":
-            # Within one page: its one piece is pmap_kextract's (the same fault), on the
-            # next pool page as _add_run puts a first piece.
-            b0 = self.kern.pmap_kextract(a)
-            base = len(self.dsts)
-            if base >= len(self.pages) and not self._page(t, base):
-                return errno.ENOMEM
-            d0 = self.pas[base] + (o if o & (t.alignment - 1) == 0 else 0)
-            segs.append(_SEG((d0, buflen)))
-            self.dsts.append(d0)
-            self.bufs.append(b0)
-            self.lens.append(buflen)
-            return 0
         span = min(buflen, PAGE_SIZE - o + room * PAGE_SIZE)
         if kind == "vaddr" and span > _RUN:
             pas = self.kern.pmap_kextract_pieces_pages(a, span)
@@ -307,11 +308,11 @@ class PersistentPool:
     def sync(self, op: int) -> None:
         """PREWRITE: caller's buffer -> pool pages; POSTREAD: pool pages -> caller's buffer."""
         if op & BUS_DMASYNC_PREWRITE:
-            self._copy(True)
+            self.copy(True)
         if op & BUS_DMASYNC_POSTREAD:
-            self._copy(False)
+            self.copy(False)
 
-    def _copy(self, to_pool: bool) -> None:
+    def copy(self, to_pool: bool) -> None:
         """``Kernel.phys_copy`` between the pool pages and the caller's pieces, the pool
         side through its views (segment i is on pool page i)."""
         bufs = self.bufs
