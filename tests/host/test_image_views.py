@@ -4,10 +4,13 @@ views of other layouts (a typed array, a 2-D view, a mix) as their bytes, in ord
 from __future__ import annotations
 
 import array
+import errno
 import os
 from pathlib import Path
 
-from gntdma.host.image import DiskImage
+import pytest
+
+from gntdma.host.image import DiskImage, ImageError
 
 
 def test_views_of_any_layout_read_and_write_their_bytes_in_order(tmp_path: Path) -> None:
@@ -33,3 +36,22 @@ def test_only_byte_views_of_pages_are_a_list_of_them(tmp_path: Path) -> None:
         pages = [memoryview(bytearray(4096)) for _ in range(3)]
         empty = memoryview(bytearray(0))
         assert img.preadv([pages[0], empty, pages[1], pages[2]], 0) == 3 * 4096
+
+
+def test_one_buffer_of_any_layout_moves_its_bytes(tmp_path: Path) -> None:
+    data = os.urandom(4096)
+    with DiskImage.create(tmp_path / "d.img", 1 << 20) as img:
+        for i, buf in enumerate([memoryview(bytearray(data)).cast("b"),
+                                 array.array("I", data),
+                                 memoryview(bytearray(data)).cast("B", (64, 64)),
+                                 bytearray(data), data, memoryview(data)]):
+            assert img.pwritev([buf], i * 4096) == 4096
+            back = memoryview(bytearray(4096))
+            assert img.preadv([back], i * 4096) == 4096
+            assert back.tobytes() == data
+        empty = memoryview(bytearray(0))
+        assert img.pwritev([empty], 1 << 20) == 0  # at the end: inside, nothing moved
+        assert img.preadv([empty], 0) == 0
+        with pytest.raises(ImageError) as e:
+            img.pwritev([memoryview(data)], (1 << 20) - 512)
+        assert e.value.errno == errno.EINVAL

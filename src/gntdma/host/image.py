@@ -410,12 +410,13 @@ class DiskImage:
         """The non-empty byte views of ``bufs`` and their total length."""
         if self._fd < 0:
             self._check_open()
-        views = _byte_views(bufs)
-        if len(views) == 1:  # one buffer (a 4 KiB request): no list of lengths
-            total = len(views[0])
-            if total == 0:
-                views = []
+        # one byte view (a 4 KiB request): no loop, no list of lengths
+        if len(bufs) == 1 and type(v := bufs[0]) is memoryview and v.format == "B" and (
+                v.ndim == 1):
+            total = len(v)
+            views = [v] if total > 0 else []
         else:
+            views = _byte_views(bufs)
             lens = list(map(len, views))
             total = sum(lens)
             if 0 in lens:
