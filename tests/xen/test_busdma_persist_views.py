@@ -64,3 +64,32 @@ def test_pool_syncs_copy_what_phys_copy_copies(host: Host) -> None:
                 continue
             raise AssertionError("a pool page's view outlived the pool")
         bus_dma_tag_destroy(tag)
+
+
+def test_a_page_synced_again_copies_what_phys_copy_copies(host: Host) -> None:
+    """A 4 KiB page-aligned buffer loaded and synced again and again (a command's
+    buffer reused): each PREWRITE puts its data of now on the pool page, each POSTREAD
+    brings the pool page's data of now back, whether its view was kept or not."""
+    g = host.create_guest("g", memory_mb=16)
+    k = g.kernel
+    tag = driver_tag(g, Mutex("drv"), nsegments=8, maxsize=8 * PAGE, alignment=512)
+    pool = PersistentPool(k)
+    va = k.malloc(2 * PAGE, M_DEVBUF, M_WAITOK)
+    for step in range(6):
+        a = va + (step % 2) * PAGE
+        n = PAGE if step != 3 else 2048  # a piece of the page in between
+        data = os.urandom(n)
+        k.kva_write(a, data)
+        segs: list = []
+        assert pool.load(tag, "vaddr", a, (), n, segs) == 0
+        pool.sync(BUS_DMASYNC_PREWRITE)
+        assert k.phys_read(segs[0][0], n) == data
+        back = os.urandom(n)
+        k.phys_write(segs[0][0], back)
+        pool.sync(BUS_DMASYNC_POSTREAD)
+        assert k.kva_read(a, n) == back
+        pool.unload()
+    assert len(pool.bufviews) == 2
+    pool.free()
+    k.free(va, M_DEVBUF)
+    assert bus_dma_tag_destroy(tag) == 0

@@ -166,7 +166,7 @@ class xbd_softc_req(xbd_softc_base):
         cmd = bp.bio_cmd
         if cmd == BIO_FLUSH:
             return 0 if self.xbd_flags & (XBDF_FLUSH | XBDF_BARRIER) else errno.EOPNOTSUPP
-        if cmd not in (BIO_READ, BIO_WRITE, BIO_DELETE):
+        if cmd != BIO_READ and cmd != BIO_WRITE and cmd != BIO_DELETE:
             return errno.EOPNOTSUPP
         if cmd != BIO_READ and self.xbd_flags & XBDF_READONLY:
             return errno.EROFS

@@ -521,7 +521,7 @@ def bus_dmamap_unload(dmat: BusDmaTag, map: BusDmaMap) -> None:
     if map.destroyed or map.dmat is not dmat:
         _check_map(dmat, map, "bus_dmamap_unload")
     kern = dmat.kern
-    if map.state is MapState.IDLE:
+    if map.state is _IDLE:
         if map.last_op_unload:
             kern.dma_debug.report(DmaDebugKind.DOUBLE_UNLOAD,  # the map's name made once
                                   f"double unload of {(md := map.desc())}", tag=dmat.desc(), map=md)
@@ -529,12 +529,12 @@ def bus_dmamap_unload(dmat: BusDmaTag, map: BusDmaMap) -> None:
     if map.deferred:
         map.deferred = False
         kern.busdma.deferred_pending -= 1
-    was_loaded = map.state is MapState.LOADED
+    was_loaded = map.state is _LOADED
     dmat.impl.map_unload(dmat, map)
     if was_loaded:
         kern.busdma.maps_loaded -= 1
     # _reset
-    map.state = MapState.IDLE
+    map.state = _IDLE
     map.dm_segs = []
     map.dm_mem = None
     map.dm_ranges = None
@@ -579,7 +579,7 @@ def bus_dmamap_sync(dmat: BusDmaTag, map: BusDmaMap, op: int) -> None:
     if op == 0 or op & ~_SYNC_ALL or (pre != 0 and post != 0):
         dbg.report(DmaDebugKind.SYNC_BAD_OP, f"sync op {op:#x} on {map.desc()}",
                    tag=dmat.desc(), map=map.desc())
-    if map.state is not MapState.LOADED:
+    if map.state is not _LOADED:
         dbg.report(DmaDebugKind.SYNC_UNLOADED,
                    f"sync op {op:#x} of a map that is {map.state.value}: {map.desc()}",
                    tag=dmat.desc(), map=map.desc())

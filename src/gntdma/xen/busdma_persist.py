@@ -319,8 +319,20 @@ class PersistentPool:
         if not bufs:
             return
         kern = self.kern
-        if len(bufs) == 1:
-            lo = hi = bufs[0] >> PAGE_SHIFT
+        if len(bufs) == 1:  # one piece (a 4 KiB I/O): the loop below for it
+            b = bufs[0]
+            pfn = b >> PAGE_SHIFT
+            n = self.lens[0]
+            bv = self.bufviews.get(pfn)
+            if bv is not None and n == PAGE_SIZE and b & PAGE_MASK == 0 \
+                    and self.dsts[0] & PAGE_MASK == 0:
+                # A whole page whose view a copy took (so it is in a memory range).
+                if to_pool:
+                    self.views[0][:] = bv
+                else:
+                    bv[:] = self.views[0]
+                return
+            lo = hi = pfn
         else:
             lo = min(bufs) >> PAGE_SHIFT
             hi = max(bufs) >> PAGE_SHIFT
