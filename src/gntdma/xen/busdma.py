@@ -127,6 +127,7 @@ BUS_DMA_XEN_PREALLOC_REFS: Final = BUS_DMA_BUS2
 #: Map-create flag: keep the map's pages granted across loads (persistent grants).
 BUS_DMA_XEN_PERSISTENT: Final = BUS_DMA_BUS3
 _PAGE_MASK: Final = PAGE_SIZE - 1
+_LOADED: Final = MapState.LOADED
 #: Private tag-create flag: the parent is a machine tag, not a Xen tag.
 BUSDMA_XEN_TAG_INIT: Final = BUS_DMA_BUS1
 
@@ -487,7 +488,7 @@ class XenDmaImpl(BounceImpl):
             raise KernelPanic(f"busdma_xen: {len(segs)} segments but {len(m.refs)} refs")
         pool = m.pool
         if pool is not None:  # only pages never granted before (writable)
-            if m.granted < len(segs) or pool.nactive != len(segs):  # else nothing to grant
+            if m.granted < len(segs) or len(pool.dsts) != len(segs):  # else nothing to grant
                 m.granted = pool.grant(self.gnttab, m.refs, m.granted, domid, len(segs))
             return segs
         frames = [addr >> PAGE_SHIFT for addr, n in segs if (addr & _PAGE_MASK) + n <= PAGE_SIZE]
@@ -633,6 +634,6 @@ def xen_dmamap_get_grefs(map: BusDmaMap) -> list[int]:
     """The grant references of a loaded map, one per segment, in segment order."""
     if not isinstance(map, XenDmaMap):
         raise KernelPanic(f"busdma_xen: {map!r} is not a Xen map")
-    if map.state is not MapState.LOADED:
+    if map.state is not _LOADED:
         return []
     return map.refs[: len(map.dm_segs)]

@@ -173,8 +173,12 @@ class PersistentPool:
                 base = len(self.dsts)
                 if base >= len(self.pages) and not self._page(t, base):
                     return errno.ENOMEM
-                d0 = self.pas[base] + (o if o & (t.alignment - 1) == 0 else 0)
-                segs.append(_SEG((d0, buflen)))
+                if buflen == PAGE_SIZE:  # a whole page: the page's own segment
+                    segs.append(self.wsegs[base])
+                    d0 = self.pas[base]
+                else:
+                    d0 = self.pas[base] + (o if o & (t.alignment - 1) == 0 else 0)
+                    segs.append(_SEG((d0, buflen)))
                 self.dsts.append(d0)
                 self.bufs.append(b0)
                 self.lens.append(buflen)
