@@ -111,6 +111,7 @@ from gntdma.sched._sync import (
     wmb,
 )
 from gntdma.sched._witness import WITNESS, Witness, WitnessReport, caller_site
+from gntdma.sched._workers import WorkerPool
 
 __all__ = [
     "PIDLE",
@@ -185,6 +186,7 @@ __all__ = [
     "WaitEdge",
     "Witness",
     "WitnessReport",
+    "WorkerPool",
     "blocking_io",
     "caller_site",
     "checkpoint",

@@ -62,6 +62,7 @@ from gntdma.sched._kthread import (
     _Timer,
 )
 from gntdma.sched._witness import WITNESS, Site, Witness, caller_site, caller_site_raw
+from gntdma.sched._workers import WorkerPool, give_back, made_parent, take_worker
 
 __all__ = [
     "Clock",
@@ -144,6 +145,7 @@ class Scheduler(Hub):
         witness: Witness | None = None,
         max_steps: int = 0,
         hung_timeout: float | None = None,
+        workers: WorkerPool | None = None,
     ) -> None:
         if io_mode not in ("inline", "pool"):
             raise ValueError(f"io_mode must be 'inline' or 'pool', not {io_mode!r}")
@@ -214,6 +216,8 @@ class Scheduler(Hub):
         #: Called with (thread, exception) when a thread dies of an exception;
         #: returns True if it handled it (a domain crash), False to stop run().
         self.on_thread_exception: Callable[[KThread, BaseException], bool] | None = None
+        #: Where the threads' greenlets are kept for the next threads (None: not kept).
+        self.workers = workers
 
     # -- installation ---------------------------------------------------------
 
@@ -284,7 +288,7 @@ class Scheduler(Hub):
                 t.state = _DONE
                 self._table.forget(t)
 
-        t._glet = greenlet.greenlet(body)
+        t._glet = take_worker(body, self.workers)  # a greenlet (_workers)
         self._table.add(t)
         self._runq.append(t)
         return t
@@ -513,14 +517,18 @@ class Scheduler(Hub):
         t.critnest = 0
         glet = t._glet
         prev = self.curthread
-        for _ in range(3):  # an unwinding that blocks again is thrown at again
-            if glet is None or glet.dead or not glet:  # ended, or never started
+        for i in range(3):  # an unwinding that blocks again is thrown at again
+            if glet is None or glet.dead or (i > 0 and t.state is _DONE):  # ended
+                break
+            if glet.body is not None:  # never started: its worker waits for another
+                give_back(glet)
                 break
             t.state = _RUNNING
             self.curthread = t
             # The unwinding ends in its parent: make that the caller (a toolstack
             # thread that kills is suspended for good if it ends in the hub).
-            glet.parent = greenlet.getcurrent()
+            made_parent(cur := greenlet.getcurrent())
+            glet.parent = cur
             try:
                 glet.throw(greenlet.GreenletExit)
             finally:

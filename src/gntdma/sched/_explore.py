@@ -31,6 +31,7 @@ from gntdma.sched._strategies import (
     Schedule,
 )
 from gntdma.sched._witness import Witness
+from gntdma.sched._workers import WorkerPool
 
 __all__ = [
     "STRATEGIES",
@@ -68,11 +69,12 @@ class Outcome:
 
 
 def run_once(scenario: Scenario, strategy: RecordingStrategy, *,
-             max_steps: int = 200_000) -> Outcome:
-    """Run ``scenario`` once under ``strategy``; classify how it ended."""
+             max_steps: int = 200_000, workers: WorkerPool | None = None) -> Outcome:
+    """Run ``scenario`` once under ``strategy``; classify how it ended. ``workers``:
+    the greenlets of the runs before, kept for this one's threads."""
     witness = Witness()
     s = Scheduler(strategy=strategy, clock=VirtualClock(), io_mode="inline",
-                  witness=witness, max_steps=max_steps).install()
+                  witness=witness, max_steps=max_steps, workers=workers).install()
     kind: str | None = None
     report = ""
     try:
@@ -127,20 +129,24 @@ def explore(scenario: Scenario, strategies: Iterator[RecordingStrategy], *,
     """Run ``scenario`` under up to ``budget`` strategies (one per schedule)."""
     res = ExploreResult()
     t0 = time.perf_counter()
-    for strategy in strategies:
-        if res.schedules >= budget:
-            break
-        out = run_once(scenario, strategy, max_steps=max_steps)
-        finished = getattr(strategy, "finished", None)
-        if finished is not None:
-            finished(out.steps)
-        res.schedules += 1
-        if out.kind is not None:
-            res.kinds[out.kind] = res.kinds.get(out.kind, 0) + 1
-            if res.failure is None:
-                res.failure = out
-            if stop_at_first:
+    workers = WorkerPool()  # one schedule's threads' greenlets run the next one's
+    try:
+        for strategy in strategies:
+            if res.schedules >= budget:
                 break
+            out = run_once(scenario, strategy, max_steps=max_steps, workers=workers)
+            finished = getattr(strategy, "finished", None)
+            if finished is not None:
+                finished(out.steps)
+            res.schedules += 1
+            if out.kind is not None:
+                res.kinds[out.kind] = res.kinds.get(out.kind, 0) + 1
+                if res.failure is None:
+                    res.failure = out
+                if stop_at_first:
+                    break
+    finally:
+        workers.close()
     res.seconds = time.perf_counter() - t0
     return res
 

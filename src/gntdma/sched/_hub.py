@@ -31,6 +31,7 @@ from gntdma.sched._errors import (
     StepLimitExceeded,
 )
 from gntdma.sched._kthread import Clock, KThread, Strategy, ThreadState, ThreadTable, _Timer
+from gntdma.sched._workers import made_parent
 
 __all__ = ["Hub"]
 
@@ -147,7 +148,7 @@ class Hub:
         """
         glet = self.curthread._glet
         assert glet is not None
-        if not glet:
+        if glet.body is not None:
             # Not started yet: the hub starts it (see _run_one). A greenlet starts
             # at the Python depth of whoever switches to it first, so threads
             # starting each other would nest one depth per thread
@@ -220,8 +221,9 @@ class Hub:
         self.switches += 1
         glet = t._glet
         assert glet is not None
-        if not glet:  # not started yet: it must return to the hub when it ends
-            glet.parent = greenlet.getcurrent()
+        if glet.body is not None:  # not started yet: it must return to the hub when it ends
+            made_parent(hub := greenlet.getcurrent())
+            glet.parent = hub
         self._parked = True
         try:
             glet.switch()
@@ -229,7 +231,8 @@ class Hub:
                 self._start_chosen = False
                 glet = self.curthread._glet
                 assert glet is not None
-                glet.parent = greenlet.getcurrent()
+                made_parent(hub := greenlet.getcurrent())
+                glet.parent = hub
                 glet.switch()
         finally:
             self._parked = False

@@ -33,6 +33,7 @@ from gntdma.sched import (
     ReplayDivergence,
     ReplayStrategy,
     Schedule,
+    WorkerPool,
     run_once,
 )
 from gntdma.toolstack.scenarios import BUILTIN_SCENARIOS, SCENARIOS, ScenarioFn, make_scenario
@@ -141,11 +142,12 @@ def strategy_for(spec: CampaignSpec, index: int, k: int | None,
 
 
 def _run(spec: CampaignSpec, fn: ScenarioFn, index: int, k: int | None,
-         wrap: Callable[[RecordingStrategy], RecordingStrategy] | None = None
-         ) -> ScheduleResult:
+         wrap: Callable[[RecordingStrategy], RecordingStrategy] | None = None,
+         workers: WorkerPool | None = None) -> ScheduleResult:
     counted: list[int] = []
     strat = strategy_for(spec, index, k, counted.append)
-    out = run_once(fn, wrap(strat) if wrap is not None else strat, max_steps=spec.max_steps)
+    out = run_once(fn, wrap(strat) if wrap is not None else strat, max_steps=spec.max_steps,
+                   workers=workers)
     finished = getattr(strat, "finished", None)
     if finished is not None:
         finished(out.steps)
@@ -170,11 +172,15 @@ def run_chunk(spec: CampaignSpec, indices: Sequence[int],
     with _ONE_AT_A_TIME:
         fn = spec.scenario_fn()
         results = []
-        for index, k in zip(indices, ks, strict=True):
-            r = _run(spec, fn, index, k)
-            results.append(r)
-            if r.kind is not None:
-                break
+        workers = WorkerPool()  # a schedule's threads' greenlets run the next one's
+        try:
+            for index, k in zip(indices, ks, strict=True):
+                r = _run(spec, fn, index, k, workers=workers)
+                results.append(r)
+                if r.kind is not None:
+                    break
+        finally:
+            workers.close()
         return results
 
 

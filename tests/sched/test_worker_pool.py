@@ -1,0 +1,157 @@
+"""Kernel threads on greenlets kept from the schedules before (sched/_workers).
+
+An explorer run reuses the greenlets of a schedule's threads for the next
+schedule's threads. A run must not tell the difference: the same decisions,
+the same outcomes and reports, nothing of a thread left for the next, a thread
+killed by another thread and a thread killed before it started handled as with
+a greenlet of their own, and nothing left once the exploration ends.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import greenlet
+
+from gntdma.sched import (
+    Mutex,
+    RandomStrategy,
+    Scheduler,
+    ThreadState,
+    VirtualClock,
+    WorkerPool,
+    checkpoint,
+    curthread,
+    explore,
+    mtx_lock,
+    mtx_unlock,
+    run_once,
+    strategy_stream,
+    tsleep,
+)
+from gntdma.sched._workers import POOL_MAX
+from gntdma.toolstack.scenarios import make_scenario
+
+
+def _greenlets() -> int:
+    gc.collect()
+    main = greenlet.getcurrent()
+    return sum(1 for o in gc.get_objects() if isinstance(o, greenlet.greenlet) and o is not main)
+
+
+def _racy(s: Scheduler) -> list[str]:
+    """Threads that lock, yield, sleep, kill one another and end with an error."""
+    m = Mutex("racy")
+    seen: list[str] = []
+
+    def worker(n: int) -> None:
+        for _ in range(3):
+            mtx_lock(m)
+            seen.append(f"{n}:{curthread().name}")
+            checkpoint()
+            mtx_unlock(m)
+
+    def sleeper() -> None:
+        tsleep(sleeper, "idle", 0.0)
+
+    def killer(t: object) -> None:
+        checkpoint()
+        s.kill(t)  # type: ignore[arg-type]
+
+    for n in range(3):
+        s.spawn(worker, n, name=f"w{n}")
+    late = s.spawn(sleeper, name="late", daemon=True)
+    s.spawn(killer, late, name="killer")
+    never = s.spawn(sleeper, name="never", daemon=True)
+    s.kill(never)  # killed before it started
+    s.run()
+    return [] if len(seen) == 9 else [f"seen {seen}"]
+
+
+def _failing(s: Scheduler) -> list[str]:
+    def boom() -> None:
+        checkpoint()
+        raise RuntimeError("boom")
+
+    s.spawn(boom, name="boom")
+    s.spawn(checkpoint, name="other")
+    s.run()
+    return []
+
+
+def test_a_schedule_on_kept_greenlets_is_the_schedule_on_new_ones() -> None:
+    pool = WorkerPool()
+    try:
+        for scenario in (_racy, _failing):
+            for seed in range(40):
+                a = run_once(scenario, RandomStrategy(seed))
+                b = run_once(scenario, RandomStrategy(seed), workers=pool)
+                assert (a.kind, a.report, a.steps) == (b.kind, b.report, b.steps)
+                assert a.schedule.to_json() == b.schedule.to_json()
+        assert 0 < len(pool.workers) <= POOL_MAX
+    finally:
+        pool.close()
+
+
+def test_an_explored_scenario_leaves_no_greenlet() -> None:
+    before = _greenlets()
+    fn = make_scenario("gnttab-shortage-blkfront", "taskqueue")
+    res = explore(fn, strategy_stream("random", 3), budget=5)
+    assert res.schedules == 5 and res.failure is None
+    assert _greenlets() == before
+
+
+def test_a_kept_greenlet_carries_nothing_of_its_last_thread() -> None:
+    pool = WorkerPool()
+    s = Scheduler(strategy=RandomStrategy(0), clock=VirtualClock(), workers=pool).install()
+    try:
+        frames: list[object] = []
+
+        def first() -> None:
+            frames.append(greenlet.getcurrent())
+
+        t = s.spawn(first, name="first")
+        s.run()
+        assert t._glet is None and pool.workers == frames  # kept, the thread let go
+        w = pool.workers[0]
+        assert w.body is None and w.gr_frame is not None
+        assert w.gr_frame.f_locals.get("body") is None  # no frame of the thread
+
+        def second() -> None:
+            frames.append(greenlet.getcurrent())
+
+        s.spawn(second, name="second")
+        s.run()
+        assert frames[1] is frames[0]  # the same greenlet ran the second thread
+    finally:
+        s.shutdown()
+        Scheduler.uninstall()
+        pool.close()
+    assert pool.workers == []
+
+
+def test_a_thread_that_killed_another_does_not_keep_its_greenlet() -> None:
+    pool = WorkerPool()
+    s = Scheduler(strategy=RandomStrategy(0), clock=VirtualClock(), workers=pool).install()
+    try:
+        def sleeper() -> None:
+            tsleep(sleeper, "idle", 0.0)
+
+        victim = s.spawn(sleeper, name="victim", daemon=True)
+        ran: list[object] = []
+
+        def killer() -> None:
+            ran.append(greenlet.getcurrent())
+            while victim.state is not ThreadState.BLOCKED:  # started, asleep
+                checkpoint()
+            s.kill(victim)
+
+        s.spawn(killer, name="killer")
+        s.run()
+        assert ran[0].dead  # ended as a greenlet of its own: it was a parent
+        assert ran[0] not in pool.workers
+        assert victim._glet is None
+    finally:
+        s.shutdown()
+        Scheduler.uninstall()
+        pool.close()
