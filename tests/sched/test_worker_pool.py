@@ -1,4 +1,5 @@
-"""Kernel threads on greenlets kept from the schedules before (sched/_workers).
+"""Kernel threads on greenlets kept from the schedules before (sched/_workers),
+and the collector paced by schedules (``ScheduleGc``).
 
 An explorer run reuses the greenlets of a schedule's threads for the next
 schedule's threads. A run must not tell the difference: the same decisions,
@@ -16,6 +17,7 @@ import greenlet
 from gntdma.sched import (
     Mutex,
     RandomStrategy,
+    Scenario,
     Scheduler,
     ThreadState,
     VirtualClock,
@@ -29,6 +31,7 @@ from gntdma.sched import (
     strategy_stream,
     tsleep,
 )
+from gntdma.sched._explore import SCHEDULE_GC_THRESHOLD
 from gntdma.sched._workers import POOL_MAX
 from gntdma.toolstack.scenarios import make_scenario
 
@@ -155,3 +158,39 @@ def test_a_thread_that_killed_another_does_not_keep_its_greenlet() -> None:
         s.shutdown()
         Scheduler.uninstall()
         pool.close()
+
+
+def _thresholds_seen(seen: list[tuple[int, int, int]]) -> Scenario:
+    def scenario(s: Scheduler) -> list[str]:
+        seen.append(gc.get_threshold())
+        s.spawn(checkpoint, name="t")
+        s.run()
+        return []
+    return scenario
+
+
+def test_the_collector_runs_once_a_schedule_and_its_thresholds_are_put_back() -> None:
+    before = gc.get_threshold()
+    seen: list[tuple[int, int, int]] = []
+    collections: list[int] = []
+
+    def count(phase: str, info: dict[str, int]) -> None:
+        if phase == "start" and info["generation"] == 1:
+            collections.append(1)
+
+    gc.callbacks.append(count)
+    try:
+        res = explore(_thresholds_seen(seen), strategy_stream("random", 0), budget=7)
+    finally:
+        gc.callbacks.remove(count)
+    assert res.schedules == 7
+    assert seen == [(SCHEDULE_GC_THRESHOLD, *before[1:])] * 7
+    assert len(collections) >= 7  # one after each schedule at least
+    assert gc.get_threshold() == before
+    gc.disable()
+    try:
+        seen.clear()
+        explore(_thresholds_seen(seen), strategy_stream("random", 0), budget=2)
+        assert seen == [before] * 2 and not gc.isenabled()
+    finally:
+        gc.enable()

@@ -33,6 +33,7 @@ from gntdma.sched import (
     ReplayDivergence,
     ReplayStrategy,
     Schedule,
+    ScheduleGc,
     WorkerPool,
     run_once,
 )
@@ -173,13 +174,16 @@ def run_chunk(spec: CampaignSpec, indices: Sequence[int],
         fn = spec.scenario_fn()
         results = []
         workers = WorkerPool()  # a schedule's threads' greenlets run the next one's
+        gc_ = ScheduleGc()  # the collector once after each schedule
         try:
             for index, k in zip(indices, ks, strict=True):
                 r = _run(spec, fn, index, k, workers=workers)
+                gc_.after_schedule()
                 results.append(r)
                 if r.kind is not None:
                     break
         finally:
+            gc_.close()
             workers.close()
         return results
 
