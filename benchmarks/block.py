@@ -1,6 +1,6 @@
 """Block benchmark: blkfront + blkback against direct preadv/pwritev on the same image.
 
-Run: .venv/bin/python benchmarks/block.py [--seconds S] [--size-mb N] [--json]
+Run: .venv/bin/python benchmarks/block.py [--seconds S] [--rounds R] [--size-mb N] [--json]
      [--dma-debug on|off] [--junk-fill on|off] [--case TEXT ...]
      [--grants per-load|persistent|both] [--max-persistent-grants N]
 
@@ -10,7 +10,10 @@ image file with os.preadv/os.pwritev (the baseline; queue depth 32 is 32 OS
 threads, each with its own buffer) and through a guest's blkfront, the grant
 tables and blkback (queue depth 32 is 32 guest threads, each doing its I/O
 in a kernel buffer of its own with ``xbd_read_buf``/``xbd_write_buf``, as a
-process does I/O in its own buffer). It prints MiB/s, IOPS, the ratio
+process does I/O in its own buffer), in R rounds (3 by default) of direct and
+gntdma alternately, so that a change of load on a shared machine touches both
+sides of a ratio; the figures are those of the round of the median ratio (the
+lower one of an even count) and each round's ratio is printed. It prints MiB/s, IOPS, the ratio
 (through gntdma / direct), the target of the workloads that have one and
 whether the ratio meets it. Targets (issue 14): 1 MiB sequential read and
 write at queue depth 1 at least 0.15; 4 KiB random write at queue depth 32 at
@@ -201,6 +204,8 @@ class Figure:
     ratio: float
     target: float | None  #: the ratio to reach, None if the workload has none
     result: str  #: "pass", "miss" or "-" (no target)
+    #: Each round's ratio, in order; the figures above are the median round's.
+    round_ratios: list[float]
 
 
 def served(disk: Vbd) -> tuple[int, int]:
@@ -239,6 +244,9 @@ def main() -> None:
     ap.add_argument("--max-persistent-grants", type=positive_int, default=None,
                     help="blkback's persistent grant table of the persistent disk "
                          "(default: the frontend's grants)")
+    ap.add_argument("--rounds", type=positive_int, default=3,
+                    help="measurements of each workload, direct and through gntdma "
+                         "alternately; the figures are the median round's (default 3)")
     ap.add_argument("--json", action="store_true", help="the figures as JSON too")
     args = ap.parse_args()
     modes = MODES if args.grants == "both" else (args.grants,)
@@ -278,7 +286,8 @@ def main() -> None:
                 * (segs + XBD_INDIRECT_SEGS_TO_PAGES(segs)))
             fill(images["persistent"], size)
         tunables = {"guest": tunables_of(guest.kernel), "dom0": tunables_of(host.dom0.kernel)}
-        print(f"image {size >> 20} MiB, {args.seconds:g} s per measurement")
+        print(f"image {size >> 20} MiB, {args.seconds:g} s per measurement, {args.rounds} "
+              "rounds (direct and gntdma alternately; the figures are the median round's)")
         for who, t in tunables.items():
             print(f"kernel tunables, {who}: {t['describe']} {t['sysctls']}")
         print("targets (ratio to direct): " + ", ".join(
@@ -296,33 +305,36 @@ def main() -> None:
                if m == "persistent" else "") for m, d in disks.items()))
         print(f"{'workload':<20} {'grants':<10} {'direct MiB/s':>12} {'gntdma MiB/s':>12} "
               f"{'direct IOPS':>11} {'gntdma IOPS':>11} {'ratio':>6} {'target':>6} result "
-              f"{'reqs/io':>7} {'segs/req':>8}")
+              f"{'reqs/io':>7} {'segs/req':>8} rounds' ratios")
         _warm(cases, size)
         for kind, op, bs, qd in cases:
             for mode in modes:
                 # Each disk against direct I/O on its own image just before: the same
                 # offsets, so the same page-cache pages (a write dirtying a clean page
                 # costs the host twice one over a dirty page).
-                de, dn = direct(images[mode], kind, op, bs, qd, size, args.seconds)
-                d_iops = dn / de
-                r0, s0 = served(disks[mode])
-                ge, gn = through_gntdma(host, disks[mode].sc, kind, op, bs, qd, size,
-                                        args.seconds)
-                r1, s1 = served(disks[mode])
-                g_iops = gn / ge
-                ratio = g_iops / d_iops
+                runs: list[tuple[float, float, float, float, float]] = []
+                for _ in range(args.rounds):
+                    de, dn = direct(images[mode], kind, op, bs, qd, size, args.seconds)
+                    r0, s0 = served(disks[mode])
+                    ge, gn = through_gntdma(host, disks[mode].sc, kind, op, bs, qd, size,
+                                            args.seconds)
+                    r1, s1 = served(disks[mode])
+                    runs.append((gn / ge / (dn / de), dn / de, gn / ge,
+                                 (r1 - r0) / max(1, gn), (s1 - s0) / max(1, r1 - r0)))
+                # The round of the median ratio (the lower one of an even count).
+                ratio, d_iops, g_iops, reqs_io, segs_req = sorted(runs)[(len(runs) - 1) // 2]
                 target = TARGETS.get((kind, op, bs, qd))
                 result = "-" if target is None else ("pass" if ratio >= target else "miss")
                 fig = Figure(label(kind, op, bs, qd), kind, op, bs, qd, mode, images[mode].name,
-                             (r1 - r0) / max(1, gn), (s1 - s0) / max(1, r1 - r0),
-                             d_iops * bs / MiB, g_iops * bs / MiB, d_iops, g_iops, ratio,
-                             target, result)
+                             reqs_io, segs_req, d_iops * bs / MiB, g_iops * bs / MiB, d_iops,
+                             g_iops, ratio, target, result, [r[0] for r in runs])
                 figures.append(fig)
                 tgt = "-" if target is None else f"{target:g}"
                 print(f"{fig.workload:<20} {mode:<10} {fig.direct_mib_s:12.1f} "
                       f"{fig.gntdma_mib_s:12.1f} {d_iops:11.0f} {g_iops:11.0f} {ratio:6.3f} "
                       f"{tgt:>6} {result:<6} {fig.requests_per_io:7.2f} "
-                      f"{fig.segments_per_request:8.1f}")
+                      f"{fig.segments_per_request:8.1f} "
+                      f"{min(fig.round_ratios):.3f}-{max(fig.round_ratios):.3f}")
         for d in reversed(disks.values()):
             detach_disk(host, d)
         host.destroy_guest(guest)
@@ -333,7 +345,8 @@ def main() -> None:
         met[mode] = sum(f.result == "pass" for f in with_target)
         print(f"targets met with {mode} grants: {met[mode]} of {len(with_target)}")
     if args.json:
-        print(json.dumps({"seconds": args.seconds, "size_mb": args.size_mb,
+        print(json.dumps({"seconds": args.seconds, "rounds": args.rounds,
+                          "size_mb": args.size_mb,
                           "grants": list(modes), "kernel_tunables": tunables,
                           "disks": setup,
                           "workloads": [asdict(f) for f in figures],
