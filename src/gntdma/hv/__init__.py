@@ -8,6 +8,7 @@ from gntdma.hv._gnttab import (
     Mapping,
     Maptrack,
 )
+from gntdma.hv._grantops import map_grant_ref_op, unmap_grant_ref_op
 from gntdma.hv._hypervisor import (
     DEFAULT_MAX_GRANT_FRAMES,
     DEFAULT_MAX_MAPTRACK_FRAMES,
@@ -34,4 +35,6 @@ __all__ = [
     "Mapping",
     "Maptrack",
     "PortHandler",
+    "map_grant_ref_op",
+    "unmap_grant_ref_op",
 ]

@@ -92,6 +92,8 @@ __all__ = [
     "GNTTAB_UNMAP_GRANT_REF_STATUS_OFFSET",
     "GnttabOp",
     "GrantOps",
+    "map_grant_ref_op",
+    "unmap_grant_ref_op",
 ]
 
 # Plain ints: arithmetic on the IntFlag members builds a flag object per use.
@@ -577,3 +579,15 @@ def _new_unmap_op(host_addr: int, dev_bus_addr: int, handle: int,
     _US2(op, handle)
     _US3(op, status)
     return op
+
+
+def map_grant_ref_op(host_addr: int, flags: int, ref: int, dom: int) -> GnttabMapGrantRef:
+    """``GnttabMapGrantRef(host_addr=..., flags=..., ref=..., dom=...)`` (OUT fields 0),
+    built without the frozen dataclass' ``__init__`` (about 0.7 us less per op)."""
+    return _new_map_op(host_addr, flags, ref, dom, 0, 0, 0)
+
+
+def unmap_grant_ref_op(host_addr: int, handle: int) -> GnttabUnmapGrantRef:
+    """``GnttabUnmapGrantRef(host_addr=..., handle=...)`` (``dev_bus_addr`` and status 0),
+    built as :func:`map_grant_ref_op` builds its op."""
+    return _new_unmap_op(host_addr, 0, handle, 0)

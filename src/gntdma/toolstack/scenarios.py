@@ -42,9 +42,9 @@ from gntdma.abi.grant_table import (
     GnttabMapGrantRef,
     GNTTABOP_map_grant_ref,
     GNTTABOP_unmap_grant_ref,
-    GnttabUnmapGrantRef,
 )
 from gntdma.abi.xen import PAGE_MASK, PAGE_SIZE
+from gntdma.hv import map_grant_ref_op, unmap_grant_ref_op
 from gntdma.sched import (
     MTX_DEF,
     MTX_DUPOK,
@@ -239,8 +239,8 @@ def _backend(d: _Driver, total: int) -> None:
         for ref, seg in zip(c.refs, c.segs, strict=True):
             error, addr = hc.foreign.alloc()
             assert error == 0
-            op = GnttabMapGrantRef(host_addr=addr, flags=_RO_MAP,
-                                   ref=ref, dom=d.guest.domid)
+            op = map_grant_ref_op(addr, _RO_MAP,
+                                  ref, d.guest.domid)
             _, (r,) = hc.grant_table_op(GNTTABOP_map_grant_ref, [op])
             assert isinstance(r, GnttabMapGrantRef)
             if r.status != GNTST_okay:
@@ -251,7 +251,7 @@ def _backend(d: _Driver, total: int) -> None:
             seen += bytes(hc.mapped_page(r.handle)[off : off + seg.ds_len])
             checkpoint()
             hc.grant_table_op(GNTTABOP_unmap_grant_ref,
-                              [GnttabUnmapGrantRef(host_addr=addr, handle=r.handle)])
+                              [unmap_grant_ref_op(addr, r.handle)])
             hc.foreign.free(addr)
         c.ok = seen == c.data
         if not c.ok:

@@ -28,8 +28,8 @@ from __future__ import annotations
 import errno
 import functools
 from collections.abc import Sequence
-from dataclasses import replace
-from typing import TYPE_CHECKING
+from dataclasses import fields, replace
+from typing import TYPE_CHECKING, Final
 
 from gntdma.xenstored._store import Access, Change
 from gntdma.xenstored._tree import (
@@ -107,15 +107,15 @@ def _create(xsd: Xenstored, up: str, parent: Node, missing: list[str], value: by
     store = xsd.store
     perms = _read(xsd, parent)
     gen = store.generation + 1
-    store._set(up, Node(parent.value, perms, (*parent.children, basename(missing[0])), gen))
+    store._set(up, _node(parent.value, perms, (*parent.children, basename(missing[0])), gen))
     last = len(missing) - 1
     for i in range(last):
         gen += 1
-        store._set(missing[i], Node(b"", perms, (basename(missing[i + 1]),), gen))
+        store._set(missing[i], _node(b"", perms, (basename(missing[i + 1]),), gen))
     gen += 1
-    store._set(missing[last], Node(value, perms, (), gen))
+    store._set(missing[last], _node(value, perms, (), gen))
     store.generation = gen
-    return Change(missing[last], node=Node(value, perms, (), 0))
+    return Change(missing[last], node=_node(value, perms, (), 0))
 
 
 def _set_perms(xsd: Xenstored, path: str, parsed: tuple[Perm, ...]) -> Change:
@@ -126,9 +126,9 @@ def _set_perms(xsd: Xenstored, path: str, parsed: tuple[Perm, ...]) -> Change:
     store = xsd.store
     node = store.nodes[path]
     old = _read(xsd, node)
-    new = Node(node.value, perms, node.children, node.generation)
+    new = _node(node.value, perms, node.children, node.generation)
     store.generation += 1
-    store._set(path, Node(new.value, perms, new.children, store.generation))
+    store._set(path, _node(new.value, perms, new.children, store.generation))
     return Change(path, node=new, old_perms=old)
 
 
@@ -257,3 +257,20 @@ def remove_domain_nodes(xsd: Xenstored, acc: Access, domid: int) -> None:
         node = acc.get(path)
         assert node is not None
         acc.remove_tree(path, node)
+
+
+# At the end of the module so that the lines above keep their numbers.
+_NODE_SETTERS: Final = tuple(vars(Node)[f.name].__set__ for f in fields(Node))
+_N0, _N1, _N2, _N3 = _NODE_SETTERS
+
+
+def _node(value: bytes, perms: tuple[Perm, ...], children: tuple[str, ...],
+          generation: int) -> Node:
+    """``Node(value, perms, children, generation)`` without the frozen dataclass'
+    ``__init__`` (four ``object.__setattr__`` calls): each slot's own setter."""
+    n: Node = object.__new__(Node)
+    _N0(n, value)
+    _N1(n, perms)
+    _N2(n, children)
+    _N3(n, generation)
+    return n
