@@ -172,7 +172,11 @@ def _raw_rw(op: int, sector: int, segs: list[tuple[int, int, int]]) -> bytes:
 @pytest.mark.parametrize(("lim", "op", "sector", "segs", "status"), [
     (_RO, BLKIF_OP_WRITE, 0, [(1, 0, 7)], BLKIF_RSP_ERROR),
     (_RO, BLKIF_OP_FLUSH_DISKCACHE, 0, [(1, 0, 7)], BLKIF_RSP_ERROR),
-    (_RO, BLKIF_OP_FLUSH_DISKCACHE, 0, [], BLKIF_RSP_OKAY),  # a flush writes nothing
+    # Linux xen-blkback dispatch_rw_block_io: a flush is REQ_OP_WRITE with REQ_PREFLUSH,
+    # and xen_vbd_translate refuses any operation but a read on a read-only vbd (-EACCES,
+    # fail_response), segments or none.
+    (_RO, BLKIF_OP_FLUSH_DISKCACHE, 0, [], BLKIF_RSP_ERROR),
+    (_RW, BLKIF_OP_FLUSH_DISKCACHE, 0, [], BLKIF_RSP_OKAY),
     (_RO, BLKIF_OP_READ, 0, [(1, 0, 7)], BLKIF_RSP_OKAY),
     (_RW, BLKIF_OP_READ, NSECT - 8, [(1, 0, 7)], BLKIF_RSP_OKAY),
     (_RW, BLKIF_OP_READ, NSECT - 7, [(1, 0, 7)], BLKIF_RSP_ERROR),

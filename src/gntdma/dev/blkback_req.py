@@ -134,7 +134,7 @@ def blkback_check_request(abi: BlkifAbi, raw: bytes, lim: BlkbackLimits
         flush = True
     else:  # WRITE_BARRIER (not advertised), RESERVED_1, anything else
         return id_, operation, BLKIF_RSP_EOPNOTSUPP, None
-    if op == BLKIF_OP_WRITE and lim.readonly:
+    if op != BLKIF_OP_READ and lim.readonly:  # a flush too (xen_vbd_translate: not a read)
         return id_, operation, BLKIF_RSP_ERROR, None
     if blkback_check_segs(segs, sector_number, lim.nr_sectors) != 0:
         return id_, operation, BLKIF_RSP_ERROR, None

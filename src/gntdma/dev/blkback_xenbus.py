@@ -79,7 +79,7 @@ Behaviours (``xen-blkback/blkback.c``):
 - a disconnect drains what is in flight; Linux fails the state change with
   "pending I/O" while requests are out.
 - the same answers as Linux otherwise: unknown operations ``EOPNOTSUPP``,
-  bad segment counts and segments, read-only writes and discards and
+  bad segment counts and segments, read-only writes, flushes and discards and
   ranges past the end ``BLKIF_RSP_ERROR`` (``dispatch_rw_block_io``,
   ``xen_vbd_translate``), ``BLKIF_DISCARD_SECURE`` ignored when
   ``discard-secure`` is 0 (``dispatch_discard_io``).
