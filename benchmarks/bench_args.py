@@ -9,7 +9,8 @@ import shutil
 import signal
 import tempfile
 
-__all__ = ["check_output", "check_space", "positive_float", "positive_int", "remove_on_signal"]
+__all__ = ["check_output", "check_space", "nonnegative_int", "positive_float", "positive_int",
+           "remove_on_signal"]
 
 
 def positive_int(text: str) -> int:
@@ -20,6 +21,17 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
+
+
+def nonnegative_int(text: str) -> int:
+    """An argparse type: an integer of at least 0."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, not {n}")
     return n
 
 

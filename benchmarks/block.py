@@ -50,6 +50,10 @@ short. blkback keeps as many grants mapped as the frontend grants (32 x (256
 parameter, 1056 by default: ``--max-persistent-grants 1056`` measures that, where
 a queue-depth-1 stream turning over the 32 commands finds 1 grant in 8 mapped).
 The table gives each disk's ring requests per I/O and segments per request.
+
+A run ends as a test host's teardown does: with DMA-API debugging's reports (when
+on), WITNESS's reports or anything left once the disks and the guest are gone,
+it prints them and ends 1, its figures not to be used.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ import argparse
 import json
 import os
 import random
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -65,7 +70,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Final
 
-from bench_args import check_space, positive_float, positive_int, remove_on_signal
+from bench_args import (
+    check_space,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    remove_on_signal,
+)
 
 from gntdma.dev.blkfront import xbd_softc
 from gntdma.dev.blkfront_cmd import XBD_INDIRECT_SEGS_TO_PAGES
@@ -241,9 +252,10 @@ def main() -> None:
                     help="run only workloads whose name contains TEXT (repeatable)")
     ap.add_argument("--grants", choices=(*MODES, "both"), default="both",
                     help="per-load grants, persistent grants, or both (default)")
-    ap.add_argument("--max-persistent-grants", type=positive_int, default=None,
+    ap.add_argument("--max-persistent-grants", type=nonnegative_int, default=None,
                     help="blkback's persistent grant table of the persistent disk "
-                         "(default: the frontend's grants)")
+                         "(Linux's max_persistent_grants, 0 keeps none; default: the "
+                         "frontend's grants)")
     ap.add_argument("--rounds", type=positive_int, default=3,
                     help="measurements of each workload, direct and through gntdma "
                          "alternately; the figures are the median round's (default 3)")
@@ -255,6 +267,9 @@ def main() -> None:
              if not args.case or any(t in label(*c) for t in args.case)]
     if not cases:
         ap.error(f"no workload matches {args.case}")
+    if args.max_persistent_grants is not None and "persistent" not in modes:
+        ap.error("--max-persistent-grants: only with the persistent disk "
+                 "(--grants persistent or both)")
     check_space(ap, "--size-mb", size * len(modes))
     figures: list[Figure] = []
     with tempfile.TemporaryDirectory(prefix="gntdma-bench-") as tmp:
@@ -282,8 +297,8 @@ def main() -> None:
             psc = disks["persistent"].sc
             segs = psc.xbd_max_request_segments
             disks["persistent"].blkback.max_persistent_grants = (
-                args.max_persistent_grants or len(psc.xbd_shadow)
-                * (segs + XBD_INDIRECT_SEGS_TO_PAGES(segs)))
+                args.max_persistent_grants if args.max_persistent_grants is not None
+                else len(psc.xbd_shadow) * (segs + XBD_INDIRECT_SEGS_TO_PAGES(segs)))
             fill(images["persistent"], size)
         tunables = {"guest": tunables_of(guest.kernel), "dom0": tunables_of(host.dom0.kernel)}
         print(f"image {size >> 20} MiB, {args.seconds:g} s per measurement, {args.rounds} "
@@ -297,12 +312,12 @@ def main() -> None:
                      "segments_per_request_max": d.sc.xbd_max_request_segments,
                      "blkback_max_persistent_grants": (d.blkback.max_persistent_grants
                                                        if m == "persistent" else None)}
-                 for m, d in disks.items()}
+                 for m, d in disks.items() if m in modes}
         print(f"grants: {', '.join(modes)}; " + "; ".join(
             f"{m}: ring order {d.sc.xbd_ring_page_order}, {len(d.sc.xbd_shadow)} commands, "
             f"{d.sc.xbd_max_request_segments} segments per request at most"
             + (f", blkback keeps {d.blkback.max_persistent_grants} grants mapped at most"
-               if m == "persistent" else "") for m, d in disks.items()))
+               if m == "persistent" else "") for m, d in disks.items() if m in modes))
         print(f"{'workload':<20} {'grants':<10} {'direct MiB/s':>12} {'gntdma MiB/s':>12} "
               f"{'direct IOPS':>11} {'gntdma IOPS':>11} {'ratio':>6} {'target':>6} result "
               f"{'reqs/io':>7} {'segs/req':>8} rounds' ratios")
@@ -335,10 +350,21 @@ def main() -> None:
                       f"{tgt:>6} {result:<6} {fig.requests_per_io:7.2f} "
                       f"{fig.segments_per_request:8.1f} "
                       f"{min(fig.round_ratios):.3f}-{max(fig.round_ratios):.3f}")
+        # What a test host's teardown asserts: DMA-API debugging's reports (with it
+        # on), WITNESS's, and nothing left once the disks and the guest are gone.
+        problems = [f"{guest.name}: DMA-API debugging: {r.format()}"
+                    for r in guest.kernel.dma_debug.reports()]
+        problems += [f"WITNESS: {r.format()}" for r in host.sched.witness.reports]
         for d in reversed(disks.values()):
             detach_disk(host, d)
         host.destroy_guest(guest)
+        host.sched.yield_()
+        problems += [f"leak: {x}" for x in host.leaks()]
         host.close()
+    if problems:
+        print("\n".join(["the run went wrong; its figures are not to be used:",
+                         *problems]), file=sys.stderr)
+        sys.exit(1)
     met: dict[str, int] = {}
     for mode in modes:
         with_target = [f for f in figures if f.target is not None and f.grants == mode]

@@ -144,3 +144,53 @@ def test_block_benchmark_kernels_debugging_is_off_unless_asked_in_both_kernels(
         assert t["describe"] == (f"dma-debug {'on' if dma_debug else 'off'}, "
                                  f"junk fill {'on' if junk else 'off'}")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_block_benchmark_persistent_table_options(tmp_path: Path) -> None:
+    """``--max-persistent-grants 0`` is Linux's ``max_persistent_grants=0`` (blkback keeps
+    no grant mapped); it means nothing without the persistent disk and is refused there;
+    the set-up line and the JSON describe the disks measured only."""
+    r = subprocess.run([sys.executable, str(BENCHMARKS / "block.py"), "--seconds", "0.02",
+                        "--rounds", "1", "--size-mb", "4", "--case", "4K read qd1",
+                        "--grants", "persistent", "--max-persistent-grants", "0", "--json"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-800:]
+    doc = json.loads(r.stdout[r.stdout.index("\n{") + 1:])
+    assert list(doc["disks"]) == ["persistent"]
+    assert doc["disks"]["persistent"]["blkback_max_persistent_grants"] == 0
+    assert "per-load: ring order" not in r.stdout
+    assert "blkback keeps 0 grants mapped at most" in r.stdout
+    r = subprocess.run([sys.executable, str(BENCHMARKS / "block.py"), "--grants", "per-load",
+                        "--max-persistent-grants", "8"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2
+    assert "--max-persistent-grants: only with the persistent disk" in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_block_benchmark_fails_a_run_whose_host_reports_a_problem(tmp_path: Path) -> None:
+    """A run whose guest's DMA-API debugging reports a misuse (here a sync of a map never
+    loaded, planted before the measurements) ends 1 and says its figures are not to be
+    used, as a test host's teardown would fail."""
+    plant = tmp_path / "plant"
+    plant.mkdir()
+    (plant / "sitecustomize.py").write_text(
+        "import gntdma.toolstack.domains as d\n"
+        "from gntdma.sys import BUS_DMASYNC_PREWRITE, bus_dmamap_create, bus_dmamap_sync\n"
+        "_orig = d.create_guest_from_config\n"
+        "def _planted(*a, **k):\n"
+        "    g, vbds = _orig(*a, **k)\n"
+        "    tag = vbds[0].sc.xbd_io_dmat\n"
+        "    err, m = bus_dmamap_create(tag, 0)\n"
+        "    bus_dmamap_sync(tag, m, BUS_DMASYNC_PREWRITE)\n"
+        "    return g, vbds\n"
+        "d.create_guest_from_config = _planted\n")
+    env = dict(os.environ, PYTHONPATH=f"{plant}:{BENCHMARKS}", TMPDIR=str(tmp_path))
+    r = subprocess.run([sys.executable, str(BENCHMARKS / "block.py"), "--seconds", "0.02",
+                        "--rounds", "1", "--size-mb", "4", "--case", "4K read qd1",
+                        "--grants", "per-load", "--dma-debug", "on"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 1, (r.stdout[-800:], r.stderr[-800:])
+    assert "the run went wrong; its figures are not to be used:" in r.stderr
+    assert "bench: DMA-API debugging:" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plant"]
