@@ -341,7 +341,16 @@ def _explore(args: argparse.Namespace, out: _Output) -> int:
         for line in list_scenarios():
             out.say(line)
         return 0
-    jobs = args.jobs if args.jobs != 0 else os.cpu_count() or 1
+    cpus = _processors()
+    jobs = args.jobs if args.jobs != 0 else cpus
+    if jobs > JOBS_PER_PROCESSOR * cpus:
+        # Each worker is a spawned interpreter with the package imported (tens of MiB):
+        # thousands of them would exhaust the machine, and past the processors they
+        # only share them.
+        print(f"gntdma explore: --jobs {jobs}: at most {JOBS_PER_PROCESSOR} worker "
+              f"processes per processor, {JOBS_PER_PROCESSOR * cpus} on the {cpus} this "
+              f"process may use", file=sys.stderr)
+        jobs = JOBS_PER_PROCESSOR * cpus
     if args.merge is not None:
         from gntdma.toolstack.explorecmd import merge_command
 
@@ -419,3 +428,15 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+#: Worker processes of ``explore --jobs`` per processor this process may use, at most.
+JOBS_PER_PROCESSOR = 4
+
+
+def _processors() -> int:
+    """The processors this process may run on (its affinity, as a cluster's cgroup sets)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1

@@ -88,3 +88,31 @@ def test_a_non_integer_option_says_so_without_internal_names(
     err = capsys.readouterr().err
     assert "not a decimal integer" in err
     assert "_positive_int" not in err
+
+
+@pytest.mark.parametrize(("given", "cpus", "run"), [
+    ("99999", 2, 8), ("9", 2, 8), ("8", 2, 8), ("3", 1, 3), ("0", 3, 3), ("2", 1, 2)])
+def test_jobs_past_four_a_processor_are_capped_and_said(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], given: str,
+        cpus: int, run: int) -> None:
+    """``--jobs N`` spawns up to N interpreters: past 4 a processor (the processors this
+    process may use, its affinity) they would only share them and could exhaust the
+    machine's memory, so the workers are capped there and stderr says so; ``--jobs 0``
+    is one a processor."""
+    import gntdma.toolstack.explorecmd as ec
+
+    seen: list[int] = []
+
+    def fake_explore(*_a: object, jobs: int, **_k: object) -> int:
+        seen.append(jobs)
+        return 0
+
+    monkeypatch.setattr(ec, "explore_command", fake_explore)
+    monkeypatch.setattr(cli.os, "sched_getaffinity", lambda _pid: set(range(cpus)))
+    rc = cli.main(["explore", "gnttab-shortage-blkfront", "--schedules", "4", "--jobs", given])
+    assert rc == 0
+    assert seen == [run]
+    err = capsys.readouterr().err
+    capped = int(given) > 4 * cpus
+    assert (f"--jobs {given}: at most 4 worker processes per processor, {run} on the "
+            f"{cpus} this process may use" in err) == capped
