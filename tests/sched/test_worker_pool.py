@@ -194,3 +194,39 @@ def test_the_collector_runs_once_a_schedule_and_its_thresholds_are_put_back() ->
         assert seen == [before] * 2 and not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_a_kept_greenlet_runs_each_thread_in_an_empty_context() -> None:
+    """A new greenlet starts in an empty ``contextvars`` context (greenlet's
+    ``gr_context`` None): a thread run on a kept greenlet does too, so a context
+    variable set by a thread of one schedule, or by a thread that ended, is not seen
+    by the next one, and a schedule explored finds what its replay finds."""
+    import contextvars
+
+    from gntdma.sched import KernelPanic, ReplayStrategy, Schedule
+
+    flag: contextvars.ContextVar[bool] = contextvars.ContextVar("flag", default=False)
+
+    def scenario(s: Scheduler) -> list[str]:
+        seen: list[str] = []
+
+        def t(name: str) -> None:
+            if flag.get():
+                raise KernelPanic(f"{name} saw a value its context never set")
+            flag.set(True)
+            seen.append(name)
+
+        s.spawn(t, "a", name="a")
+        s.run()
+        s.spawn(t, "b", name="b")  # after a ended: a's greenlet, kept, runs b
+        s.run()
+        return []
+
+    res = explore(scenario, iter([RandomStrategy(1), RandomStrategy(2), RandomStrategy(3)]),
+                  budget=3)
+    assert res.failure is None, res.failure.report if res.failure else ""
+    assert res.schedules == 3
+    out = run_once(scenario, RandomStrategy(4), workers=WorkerPool())
+    assert out.kind is None
+    sched = Schedule.from_json(out.schedule.to_json())
+    assert run_once(scenario, ReplayStrategy(sched)).kind is None

@@ -101,6 +101,7 @@ def _work() -> None:
         body = me.body
         assert body is not None
         me.body = None
+        me.gr_context = None  # an empty context, as a new greenlet starts in
         body()
         del body
         pool = me.pool
