@@ -20,6 +20,7 @@ from gntdma.sched import (
     VirtualClock,
     blocking_io,
     checkpoint,
+    curthread,
     cv_broadcast,
     cv_signal,
     cv_timedwait,
@@ -314,3 +315,120 @@ def test_reactor_delivers_readable_fds_into_the_scheduler(sched: Scheduler) -> N
     os.close(r)
     os.close(w)
     assert sched.statistics().external_sources == 0
+
+
+# -- mtx_trylock and mtx_destroy as sys/kern/kern_mutex.c has them -------------------------
+
+
+def test_trylock_of_a_mutex_the_caller_holds_not_recursable_returns_0(sched: Scheduler) -> None:
+    """sys/kern/kern_mutex.c, _mtx_trylock_flags_int: an owned mutex without
+    LO_RECURSABLE/MTX_RECURSE fails to be obtained and trylock returns 0 (mutex(9):
+    0 when it cannot be acquired at once); a recursable one is recursed, 1."""
+    m = Mutex("m")
+    r = Mutex("r", MTX_RECURSE)
+    got: list[int] = []
+
+    def t() -> None:
+        mtx_lock(m)
+        got.append(mtx_trylock(m))
+        mtx_unlock(m)
+        mtx_lock(r)
+        got.append(mtx_trylock(r))
+        mtx_unlock(r)
+        mtx_unlock(r)
+        mtx_assert(r, MA_NOTOWNED)
+
+    sched.spawn(t)
+    sched.run()
+    assert got == [0, 1]
+
+
+@pytest.mark.parametrize("kind", ["spin", "destroyed"])
+def test_trylock_of_a_spin_or_destroyed_mutex_panics_at_the_call(sched: Scheduler,
+                                                                 kind: str) -> None:
+    """sys/kern/kern_mutex.c, _mtx_trylock_flags_int: KASSERTs "mtx_trylock() of spin
+    mutex %s @ %s:%d" and "mtx_trylock() of destroyed mutex @ %s:%d"."""
+    from gntdma.sched import mtx_destroy
+
+    m = Mutex("s", MTX_SPIN) if kind == "spin" else Mutex("d")
+    if kind == "destroyed":
+        mtx_destroy(m)
+
+    def t() -> None:
+        mtx_trylock(m)
+
+    sched.spawn(t)
+    with pytest.raises(KernelPanic, match=rf"mtx_trylock\(\) of {kind} mutex \w+ @ "
+                                          rf".*test_sync\.py:\d+"):
+        sched.run()
+
+
+def test_lock_of_a_destroyed_mutex_panics_at_the_call(sched: Scheduler) -> None:
+    """sys/kern/kern_mutex.c, __mtx_lock_flags: KASSERT "mtx_lock() of destroyed mutex"."""
+    from gntdma.sched import mtx_destroy
+
+    m = Mutex("d")
+    mtx_destroy(m)
+
+    def t() -> None:
+        mtx_lock(m)
+
+    sched.spawn(t)
+    with pytest.raises(KernelPanic, match=r"mtx_lock\(\) of destroyed mutex d @ .*test_sync"):
+        sched.run()
+
+
+@pytest.mark.parametrize("flags", [0, MTX_SPIN])
+def test_destroy_of_a_mutex_held_once_by_the_caller_lets_its_hold_go(sched: Scheduler,
+                                                                    flags: int) -> None:
+    """mutex(9): "It is permissible to have a single hold count on a mutex when it is
+    destroyed"; sys/kern/kern_mutex.c, _mtx_destroy: the hold goes as an unlock's
+    (WITNESS_UNLOCK, spinlock_exit for a spin mutex), and the thread ends holding
+    nothing (no "exited with locks held")."""
+    from gntdma.sched import mtx_destroy
+
+    m = Mutex("m", flags)
+    after: list[int] = []
+
+    def t() -> None:
+        mtx_lock(m)
+        mtx_destroy(m)
+        after.append(len(curthread().held))
+        after.append(curthread().critnest)
+        checkpoint()  # outside any critical section again
+
+    sched.spawn(t)
+    sched.run()
+    assert after == [0, 0]
+
+
+@pytest.mark.parametrize("how", ["recursed", "another", "twice"])
+def test_destroy_of_a_recursed_or_others_or_destroyed_mutex_panics(sched: Scheduler,
+                                                                   how: str) -> None:
+    """sys/kern/kern_mutex.c, _mtx_destroy: MPASS that an owned mutex is neither recursed
+    nor contested, and that one the caller does not own is unowned."""
+    from gntdma.sched import mtx_destroy
+
+    m = Mutex("m", MTX_RECURSE)
+
+    def holder() -> None:
+        mtx_lock(m)
+        checkpoint()
+        checkpoint()
+        mtx_unlock(m)
+
+    def t() -> None:
+        if how == "recursed":
+            mtx_lock(m)
+            mtx_lock(m)
+        elif how == "twice":
+            mtx_destroy(m)
+        mtx_destroy(m)
+
+    if how == "another":
+        sched.spawn(holder)
+    sched.spawn(t)
+    with pytest.raises(KernelPanic, match={"recursed": "mtx_destroy of recursed mutex m",
+                                           "another": "mtx_destroy of mutex m held by",
+                                           "twice": "mtx_destroy of destroyed mutex m"}[how]):
+        sched.run()

@@ -177,9 +177,10 @@ def mtx_init(name: str, flags: int = MTX_DEF, type: str | None = None) -> Mutex:
 
 
 def mtx_destroy(m: Mutex) -> None:
-    """Destroy a mutex; it must not be held. Never a scheduling point."""
+    """Destroy a mutex: unheld, or held once by the caller. Never a scheduling point."""
     if m.owner is not None:
-        raise KernelPanic(f"mtx_destroy of held mutex {m.name}")
+        _destroy_held(m)
+    m.owner = _DESTROYED
 
 
 def _panic(t: KThread, msg: str) -> KernelPanic:
@@ -231,6 +232,9 @@ def mtx_lock(m: Mutex) -> None:
         else:
             hook("mtx_lock")
     while m.owner is not None:
+        if m.owner is _DESTROYED:  # kern_mutex.c, __mtx_lock_flags: KASSERT
+            raise _panic(t, f"mtx_lock() of destroyed mutex {m.name} @ "
+                            f"{site_str((code, lasti))}")
         if m.spin:
             # A spin lock is never held across a scheduling point, so an owner here
             # is a thread that blocked with it: that panicked already.
@@ -301,11 +305,13 @@ def mtx_trylock(m: Mutex) -> int:
     if s is None:
         s = current_scheduler()
     t = s.curthread
+    if m.spin or m.owner is _DESTROYED:
+        raise _trylock_panic(t, m)
     if s.point_active:
         s.point("mtx_trylock")
     if m.owner is t:
         if not m._recurse_ok:
-            raise _panic(t, f"recursing on non-recursive mutex {m.name} @ {caller_site()}")
+            return 0  # kern_mutex.c, _mtx_trylock_flags_int: owned, not recursable
         m.recurse += 1
         return 1
     if m.owner is not None:
@@ -316,9 +322,7 @@ def mtx_trylock(m: Mutex) -> int:
     t.held.append(m)
     if _tr is not None:
         _tr.lock_acquired(t, m)
-    if m.spin:
-        t.critnest += 1
-    return 1
+    return 1  # never a spin mutex (above): no critical section to enter
 
 
 def mtx_unlock(m: Mutex) -> None:
@@ -495,3 +499,46 @@ def mb() -> None:
         else:
             hook("mb")
 
+
+
+#: The owner of a destroyed mutex (FreeBSD's MTX_DESTROYED lock word): never a thread.
+_DESTROYED: Final = KThread(-1, "(destroyed)", daemon=True, domain=None)
+
+
+def _destroy_held(m: Mutex) -> None:
+    """``mtx_destroy`` of a mutex with an owner.
+
+    sys/kern/kern_mutex.c, _mtx_destroy: a mutex the caller holds once may be
+    destroyed (mutex(9): "It is permissible to have a single hold count on a
+    mutex when it is destroyed"): its hold goes as an unlock's would, without a
+    hand-over (WITNESS_UNLOCK, spinlock_exit); held by another thread, recursed
+    or contested, or destroyed already, it panics (MPASS).
+    """
+    s = _core._current
+    if s is None:
+        s = current_scheduler()
+    t = s.curthread
+    owner = m.owner
+    assert owner is not None
+    if owner is _DESTROYED:
+        raise _panic(t, f"mtx_destroy of destroyed mutex {m.name} @ {caller_site()}")
+    if owner is not t:
+        raise _panic(t, f"mtx_destroy of mutex {m.name} held by {owner.name} @ {caller_site()}")
+    if m.recurse > 0 or m.waiters:
+        raise _panic(t, f"mtx_destroy of {'recursed' if m.recurse > 0 else 'contested'} "
+                        f"mutex {m.name} @ {caller_site()}")
+    held = t.held
+    for i in range(len(held) - 1, -1, -1):
+        if held[i] is m:
+            del held[i]
+            break
+    if m.spin:
+        t.critnest -= 1
+    if _tr is not None:
+        _tr.lock_released(t, m)
+
+
+def _trylock_panic(t: KThread, m: Mutex) -> KernelPanic:
+    """sys/kern/kern_mutex.c, _mtx_trylock_flags_int: KASSERTs of a spin or destroyed mutex."""
+    what = "of spin mutex" if m.spin else "of destroyed mutex"
+    return _panic(t, f"mtx_trylock() {what} {m.name} @ {caller_site()}")
