@@ -116,3 +116,24 @@ def test_jobs_past_four_a_processor_are_capped_and_said(
     capped = int(given) > 4 * cpus
     assert (f"--jobs {given}: at most 4 worker processes per processor, {run} on the "
             f"{cpus} this process may use" in err) == capped
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("max_steps", "x"), ("max_steps", None), ("max_steps", -5), ("max_steps", 0),
+    ("max_steps", 1.5), ("outcome", "x"), ("outcome", None)])
+def test_a_replay_file_with_a_malformed_field_is_refused_with_status_2(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], field: str,
+        value: object) -> None:
+    """README: ``gntdma replay`` refuses a file that is not a replay with status 2 and a
+    message (1 is "the failure reproduced"); an edited ``max_steps`` or ``outcome``
+    is such a file, not a traceback or a run with a step limit of -5."""
+    out = tmp_path / "replay.json"
+    rc = cli.main(["explore", "lost-wakeup", "--schedules", "200", "--out", str(out)])
+    assert rc == 1
+    doc = json.loads(out.read_text())
+    doc[field] = value
+    out.write_text(json.dumps(doc))
+    capsys.readouterr()
+    assert cli.main(["replay", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{out}: malformed replay file: {field} is {value!r}" in err

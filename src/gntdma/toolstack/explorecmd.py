@@ -298,12 +298,17 @@ def replay_command(path: Path, say: Any = print, scenario: str | None = None) ->
         fn = make_scenario(str(doc["scenario"]), str(doc["callback_delivery"]))
         schedule = Schedule.from_json(doc["schedule"])
         recorded = doc["outcome"]
+        max_steps = doc.get("max_steps", 200_000)
+        if not isinstance(recorded, dict):
+            raise ValueError(f"outcome is {recorded!r}, not an object")
+        if type(max_steps) is not int or max_steps < 1:
+            raise ValueError(f"max_steps is {max_steps!r}, not a count of steps")
     except (KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"{path}: malformed replay file: {e}") from e
     if recorded.get("kind") == "crash":  # it killed its process: replay it in another
         return _replay_crash(doc, schedule, recorded, say)
     try:
-        out = run_once(fn, ReplayStrategy(schedule), max_steps=int(doc.get("max_steps", 200_000)))
+        out = run_once(fn, ReplayStrategy(schedule), max_steps=max_steps)
     except ReplayDivergence as e:
         say(f"replay diverged (uncontrolled nondeterminism): {e}")
         return 2
