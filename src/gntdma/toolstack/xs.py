@@ -43,7 +43,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Final, TypeVar, final
 
@@ -543,8 +543,9 @@ class HostXenstore:
         h = (self.held() if held is None else held).get(s.domid)
         if h is None:
             return s
-        return replace(s, ports=s.ports - h.ports, mappings=s.mappings - h.mappings,
-                       grants_pinned=s.grants_pinned - h.grants_pinned)
+        return DomainStatistics(s.domid, s.name, s.grant_frames, s.grant_entries_in_use,
+                                s.grants_pinned - h.grants_pinned, s.mappings - h.mappings,
+                                s.maptrack_peak, s.ports - h.ports)  # as replace() made it
 
     def _ls(self, path: str) -> list[str]:
         """The daemon's DIRECTORY of ``path``; [] if it has no such node."""

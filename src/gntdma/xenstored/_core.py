@@ -464,6 +464,8 @@ class Xenstored:
             self._fire(acc.changes)
             for name in SPECIAL_PATHS:
                 perms = self.store.special_perms[name]
+                if all(p.domid != domid for p in perms):
+                    continue  # what the rebuild would make: an equal tuple
                 owner = perms[0] if perms[0].domid != domid else Perm(0, perms[0].access)
                 rest = tuple(p for p in perms[1:] if p.domid != domid)
                 self.store.special_perms[name] = (owner, *rest)

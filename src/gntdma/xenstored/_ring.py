@@ -86,7 +86,7 @@ from gntdma.abi.xs_wire import (
     XENSTORE_SERVER_FEATURE_RECONNECTION,
 )
 from gntdma.errors import GntdmaError
-from gntdma.hv import Hypervisor
+from gntdma.hv import Hypervisor, map_grant_ref_op, unmap_grant_ref_op
 from gntdma.sched import Scheduler, mb, rmb, wmb
 from gntdma.xenstored._core import Connection, Xenstored
 
@@ -256,7 +256,7 @@ class DomainRing:
         if self.domid == self.server_domid:
             return self._hv.domains[self.domid].memory.page(self.gfn)
         addr = MAP_ADDRESSES.alloc()
-        op = GnttabMapGrantRef(host_addr=addr, flags=GNTMAP_host_map, ref=gref, dom=self.domid)
+        op = map_grant_ref_op(addr, GNTMAP_host_map, gref, self.domid)
         rc, res = self._hv.grant_table_op(self.server_domid, GNTTABOP_map_grant_ref, [op])
         r = res[0] if rc == 0 and res else None
         if not isinstance(r, GnttabMapGrantRef) or r.status != GNTST_okay:
@@ -293,7 +293,7 @@ class DomainRing:
             self._hv.evtchn_close(self.server_domid, self.local_port)
             self.local_port = 0
         if self.handle is not None:
-            op = GnttabUnmapGrantRef(host_addr=self.host_addr, handle=self.handle)
+            op = unmap_grant_ref_op(self.host_addr, self.handle)
             rc, res = self._hv.grant_table_op(self.server_domid, GNTTABOP_unmap_grant_ref, [op])
             r = res[0] if rc == 0 and res else None
             if isinstance(r, GnttabUnmapGrantRef) and r.status == GNTST_okay:

@@ -91,6 +91,12 @@ _R = XsPerm.XS_PERM_READ
 _W = XsPerm.XS_PERM_WRITE
 _OWNER = XsPerm.XS_PERM_OWNER
 _DEFAULT_PERMS: Final = (Perm(0, XsPerm.XS_PERM_NONE),)
+#: The tree of a new store (C's setup_structure), in creation order.
+_INITIAL_NODES: Final = (
+    ("/", Node(b"", _DEFAULT_PERMS, ("tool",), 1)),
+    ("/tool", Node(b"", _DEFAULT_PERMS, ("xenstored",), 2)),
+    ("/tool/xenstored", Node(b"", _DEFAULT_PERMS, (), 3)),
+)
 
 
 @dataclass
@@ -192,16 +198,15 @@ class Store:
     """The live tree, the generation counter, per-owner node counts."""
 
     def __init__(self) -> None:
-        self.generation = 0
-        self.nodes: dict[str, Node] = {}
+        # setup_structure(): "/" -> "tool" -> "xenstored", all n0, generations 1 to 3
+        # (the nodes are immutable: every store starts with the same three).
+        self.generation = len(_INITIAL_NODES)
+        self.nodes: dict[str, Node] = dict(_INITIAL_NODES)
         self.owner_counts: Counter[int] = Counter()
+        self.owner_counts[0] = len(_INITIAL_NODES)
         self.special_perms: dict[str, tuple[Perm, ...]] = dict.fromkeys(
             SPECIAL_PATHS, _DEFAULT_PERMS
         )
-        # setup_structure(): "/" -> "tool" -> "xenstored", all n0.
-        for path, children in (("/", ("tool",)), ("/tool", ("xenstored",))):
-            self._set(path, Node(b"", _DEFAULT_PERMS, children, self.next_generation()))
-        self._set("/tool/xenstored", Node(b"", _DEFAULT_PERMS, (), self.next_generation()))
 
     def next_generation(self) -> int:
         self.generation += 1
