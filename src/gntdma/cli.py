@@ -426,10 +426,6 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 #: Worker processes of ``explore --jobs`` per processor this process may use, at most.
 JOBS_PER_PROCESSOR = 4
 
@@ -440,3 +436,7 @@ def _processors() -> int:
         return len(os.sched_getaffinity(0)) or 1
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -137,3 +137,19 @@ def test_a_replay_file_with_a_malformed_field_is_refused_with_status_2(
     assert cli.main(["replay", str(out)]) == 2
     err = capsys.readouterr().err
     assert f"{out}: malformed replay file: {field} is {value!r}" in err
+
+
+def test_explore_runs_as_a_module_as_benchmarks_explore_py_runs_it(tmp_path: Path) -> None:
+    """``python -m gntdma.cli explore`` (benchmarks/explore.py's command): everything
+    ``main`` uses is defined before the module runs it."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "gntdma.cli", "explore",
+                        "gnttab-shortage-blkfront", "--schedules", "3", "--jobs", "1",
+                        "--dashboard", "off"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-800:]
+    assert "Traceback" not in r.stderr
+    assert "3 schedules" in r.stdout
+    assert list(tmp_path.iterdir()) == []
