@@ -432,3 +432,48 @@ def test_destroy_of_a_recursed_or_others_or_destroyed_mutex_panics(sched: Schedu
                                            "another": "mtx_destroy of mutex m held by",
                                            "twice": "mtx_destroy of destroyed mutex m"}[how]):
         sched.run()
+
+
+def test_unlock_of_a_destroyed_mutex_panics_in_freebsds_words(sched: Scheduler) -> None:
+    """sys/kern/kern_mutex.c, __mtx_unlock_flags: KASSERT "mtx_unlock() of destroyed
+    mutex @ %s:%d" (a mutex destroyed with its single hold, then unlocked)."""
+    from gntdma.sched import mtx_destroy
+
+    m = Mutex("uw")
+
+    def t() -> None:
+        mtx_lock(m)
+        mtx_destroy(m)
+        mtx_unlock(m)
+
+    sched.spawn(t)
+    with pytest.raises(KernelPanic, match=r"mtx_unlock\(\) of destroyed mutex uw @ .*test_sync"):
+        sched.run()
+
+
+@pytest.mark.parametrize("op", ["sx_xlock", "sx_slock", "sx_try_xlock", "sx_try_slock"])
+def test_an_operation_on_a_destroyed_sx_panics_at_the_call(sched: Scheduler, op: str) -> None:
+    """sys/kern/kern_sx.c: KASSERT(sx->sx_lock != SX_LOCK_DESTROYED, ("sx_xlock() of
+    destroyed sx @ %s:%d")), and the same in sx_slock, sx_try_xlock, sx_try_slock."""
+    import gntdma.sched as gs
+
+    sx = gs.sx_init("d")
+    gs.sx_destroy(sx)
+
+    def t() -> None:
+        getattr(gs, op)(sx)
+
+    sched.spawn(t)
+    with pytest.raises(KernelPanic, match=rf"{op}\(\) of destroyed sx d @ .*test_sync"):
+        sched.run()
+
+
+def test_an_sx_destroyed_twice_panics() -> None:
+    """sys/kern/kern_sx.c, sx_destroy -> subr_lock.c, lock_destroy: KASSERT that the
+    lock is initialized; a destroyed sx is not."""
+    from gntdma.sched import sx_destroy, sx_init
+
+    sx = sx_init("d")
+    sx_destroy(sx)
+    with pytest.raises(KernelPanic, match="sx lock d is not initialized"):
+        sx_destroy(sx)

@@ -82,8 +82,8 @@ SA_NOTRECURSED: Final = 0x10
 class Sx:
     """An sx lock. ``owner`` holds it exclusive; ``sharers`` counts shared holds."""
 
-    __slots__ = ("cls", "flags", "name", "owner", "recurse", "sharers", "swaiters",
-                 "xwaiters")
+    __slots__ = ("cls", "destroyed", "flags", "name", "owner", "recurse", "sharers",
+                 "swaiters", "xwaiters")
 
     def __init__(self, name: str, flags: int = 0) -> None:
         self.name = name
@@ -94,6 +94,8 @@ class Sx:
         self.sharers: dict[KThread, int] = {}
         self.xwaiters: deque[KThread] = deque()
         self.swaiters: deque[KThread] = deque()
+        #: sx_destroy'd (kern_sx.c's SX_LOCK_DESTROYED lock word).
+        self.destroyed = False
 
     def __repr__(self) -> str:
         owner = self.owner.name if self.owner is not None else None
@@ -109,6 +111,9 @@ def sx_destroy(sx: Sx) -> None:
     """Destroy an sx; it must be unlocked. Never a scheduling point."""
     if sx.owner is not None or sx.sharers:
         raise KernelPanic(f"sx lock {sx.name} still held")
+    if sx.destroyed:  # subr_lock.c, lock_destroy: KASSERT(lock_initialized(lock))
+        raise KernelPanic(f"sx lock {sx.name} is not initialized (destroyed already)")
+    sx.destroyed = True
 
 
 def _enter(s: Scheduler, t: KThread, sx: Sx, site: Site, op: str) -> None:
@@ -149,6 +154,8 @@ def sx_xlock(sx: Sx) -> None:
     s = current_scheduler()
     t = s.curthread
     site = caller_site_raw()
+    if sx.destroyed:  # kern_sx.c: KASSERT(sx->sx_lock != SX_LOCK_DESTROYED)
+        raise _panic(t, f"sx_xlock() of destroyed sx {sx.name} @ {site_str(site)}")
     if sx.owner is t:
         if not sx.flags & SX_RECURSE:
             raise _recursed(t, sx, site)
@@ -173,6 +180,8 @@ def sx_slock(sx: Sx) -> None:
     s = current_scheduler()
     t = s.curthread
     site = caller_site_raw()
+    if sx.destroyed:  # kern_sx.c: KASSERT(sx->sx_lock != SX_LOCK_DESTROYED)
+        raise _panic(t, f"sx_slock() of destroyed sx {sx.name} @ {site_str(site)}")
     if sx.owner is t:
         raise _panic(t, f"sx_slock of {sx.name} @ {site_str(site)} while exclusively locked")
     if t in sx.sharers:
@@ -196,6 +205,8 @@ def sx_try_xlock(sx: Sx) -> int:
     s = current_scheduler()
     t = s.curthread
     site = caller_site_raw()
+    if sx.destroyed:  # kern_sx.c: KASSERT(sx->sx_lock != SX_LOCK_DESTROYED)
+        raise _panic(t, f"sx_try_xlock() of destroyed sx {sx.name} @ {site_str(site)}")
     if s.point_active:
         s.point("sx_try_xlock")
     if sx.owner is t:
@@ -215,6 +226,8 @@ def sx_try_slock(sx: Sx) -> int:
     s = current_scheduler()
     t = s.curthread
     site = caller_site_raw()
+    if sx.destroyed:  # kern_sx.c: KASSERT(sx->sx_lock != SX_LOCK_DESTROYED)
+        raise _panic(t, f"sx_try_slock() of destroyed sx {sx.name} @ {site_str(site)}")
     if s.point_active:
         s.point("sx_try_slock")
     if sx.owner is not None:

@@ -336,8 +336,7 @@ def mtx_unlock(m: Mutex) -> None:
     # _release(s, m) in place: the same steps, without the call.
     t = s.curthread
     if m.owner is not t:
-        owner = m.owner.name if m.owner is not None else "nobody"
-        raise _panic(t, f"mutex {m.name} not owned by {t.name} (owner {owner}) @ {caller_site()}")
+        raise _unlock_panic(t, m)
     if m.recurse > 0:
         m.recurse -= 1
     else:
@@ -376,8 +375,7 @@ def _release(s: Scheduler, m: Mutex) -> None:
     """
     t = s.curthread
     if m.owner is not t:
-        owner = m.owner.name if m.owner is not None else "nobody"
-        raise _panic(t, f"mutex {m.name} not owned by {t.name} (owner {owner}) @ {caller_site()}")
+        raise _unlock_panic(t, m)
     if m.recurse > 0:
         m.recurse -= 1
         return
@@ -542,3 +540,12 @@ def _trylock_panic(t: KThread, m: Mutex) -> KernelPanic:
     """sys/kern/kern_mutex.c, _mtx_trylock_flags_int: KASSERTs of a spin or destroyed mutex."""
     what = "of spin mutex" if m.spin else "of destroyed mutex"
     return _panic(t, f"mtx_trylock() {what} {m.name} @ {caller_site()}")
+
+
+def _unlock_panic(t: KThread, m: Mutex) -> KernelPanic:
+    """mtx_unlock by a thread that does not hold ``m``: kern_mutex.c, __mtx_unlock_flags's
+    KASSERT for a destroyed mutex, else the ownership assertion."""
+    if m.owner is _DESTROYED:
+        return _panic(t, f"mtx_unlock() of destroyed mutex {m.name} @ {caller_site()}")
+    owner = m.owner.name if m.owner is not None else "nobody"
+    return _panic(t, f"mutex {m.name} not owned by {t.name} (owner {owner}) @ {caller_site()}")
