@@ -342,6 +342,8 @@ def _explore(args: argparse.Namespace, out: _Output) -> int:
             out.say(line)
         return 0
     cpus = _processors()
+    if args.jobs < 0:
+        raise ConfigError(f"--jobs must be 0 (one worker per processor) or more, not {args.jobs}")
     jobs = args.jobs if args.jobs != 0 else cpus
     if jobs > JOBS_PER_PROCESSOR * cpus:
         # Each worker is a spawned interpreter with the package imported (tens of MiB):

@@ -120,7 +120,8 @@ def test_jobs_past_four_a_processor_are_capped_and_said(
 
 @pytest.mark.parametrize(("field", "value"), [
     ("max_steps", "x"), ("max_steps", None), ("max_steps", -5), ("max_steps", 0),
-    ("max_steps", 1.5), ("outcome", "x"), ("outcome", None)])
+    ("max_steps", 1.5), ("outcome", "x"), ("outcome", None), ("scenario", []),
+    ("scenario", {})])
 def test_a_replay_file_with_a_malformed_field_is_refused_with_status_2(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], field: str,
         value: object) -> None:
@@ -153,3 +154,49 @@ def test_explore_runs_as_a_module_as_benchmarks_explore_py_runs_it(tmp_path: Pat
     assert "Traceback" not in r.stderr
     assert "3 schedules" in r.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("where", "key", "value", "says"), [
+    ("outcome", "kind", [1], "outcome's kind is [1], not a string"),
+    ("outcome", "kind", None, "outcome's kind is None, not a string"),
+    ("outcome", "report", 7, "outcome's report is 7, not a string"),
+    ("outcome", "steps", "x", "outcome's steps is 'x', not an integer"),
+    ("schedule", "seed", 1.5, "seed is 1.5, not an integer"),
+    ("schedule", "seed", True, "seed is True, not an integer"),
+    ("schedule", "seed", -1, "seed -1 is not from 0 to 2**64-1"),
+    ("schedule", "seed", 1 << 70, "is not from 0 to 2**64-1"),
+    ("schedule", "steps", "1", "steps is '1', not a list"),
+    ("schedule", "randoms", "1", "randoms is '1', not a list"),
+])
+def test_a_replay_files_inner_fields_are_checked_too(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str, key: str,
+        value: object, says: str) -> None:
+    """The recorded outcome and schedule of a replay file are of the types ``explore``
+    writes (a seed as ``explore --seed`` accepts it); anything else is a malformed file,
+    status 2, not a replay that "reproduces" a failure of kind [1]."""
+    out = tmp_path / "replay.json"
+    assert cli.main(["explore", "lost-wakeup", "--schedules", "200", "--out", str(out)]) == 1
+    doc = json.loads(out.read_text())
+    doc[where][key] = value
+    out.write_text(json.dumps(doc))
+    capsys.readouterr()
+    assert cli.main(["replay", str(out)]) == 2
+    assert says in capsys.readouterr().err
+
+
+def test_a_replay_file_whose_step_is_a_string_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "replay.json"
+    assert cli.main(["explore", "lost-wakeup", "--schedules", "200", "--out", str(out)]) == 1
+    doc = json.loads(out.read_text())
+    doc["schedule"]["steps"][0] = str(doc["schedule"]["steps"][0])
+    out.write_text(json.dumps(doc))
+    capsys.readouterr()
+    assert cli.main(["replay", str(out)]) == 2
+    assert "a step is '" in capsys.readouterr().err
+
+
+def test_negative_jobs_says_zero_is_allowed(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["explore", "lost-wakeup", "--jobs", "-1"]) == 2
+    assert "--jobs must be 0 (one worker per processor) or more, not -1" in \
+        capsys.readouterr().err

@@ -59,9 +59,14 @@ class Schedule:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Schedule:
-        return cls(int(d["seed"]), [int(x) for x in d["steps"]],
-                   [int(x) for x in d.get("randoms", [])],
-                   [[int(t) for t in r] for r in d.get("runnable", [])])
+        seed = _json_int(d["seed"], "seed")
+        if not 0 <= seed < 1 << 64:
+            raise ValueError(f"seed {seed} is not from 0 to 2**64-1")
+        return cls(seed, [_json_int(x, "a step") for x in _json_list(d["steps"], "steps")],
+                   [_json_int(x, "a random") for x in _json_list(d.get("randoms", []),
+                                                                 "randoms")],
+                   [[_json_int(t, "a thread id") for t in _json_list(r, "a runnable set")]
+                    for r in _json_list(d.get("runnable", []), "runnable")])
 
 
 class _Recording:
@@ -390,3 +395,16 @@ class HypothesisStrategy(_Recording):
 #: ``n.bit_length()`` of the small n a random pick draws below (a lookup, not a call).
 _BIT_LENGTH = tuple(n.bit_length() for n in range(64))
 _NBITS = len(_BIT_LENGTH)
+
+
+def _json_int(x: object, what: str) -> int:
+    """An integer of a replay file (JSON numbers only: not a string, float or bool)."""
+    if type(x) is not int:
+        raise ValueError(f"{what} is {x!r}, not an integer")
+    return x
+
+
+def _json_list(x: object, what: str) -> list[Any]:
+    if type(x) is not list:
+        raise ValueError(f"{what} is {x!r}, not a list")
+    return x

@@ -288,6 +288,9 @@ def replay_command(path: Path, say: Any = print, scenario: str | None = None) ->
     if not isinstance(doc, dict) or doc.get("format") != REPLAY_FORMAT:
         raise ConfigError(f"{path}: not a gntdma replay file")
     recorded_scenario = doc.get("scenario")
+    if not isinstance(recorded_scenario, str):
+        raise ConfigError(f"{path}: malformed replay file: scenario is "
+                          f"{recorded_scenario!r}, not a name")
     if scenario is not None and recorded_scenario != scenario:
         raise ConfigError(f"{path}: a replay of scenario {recorded_scenario!r}, not of "
                           f"{scenario!r}")
@@ -301,6 +304,11 @@ def replay_command(path: Path, say: Any = print, scenario: str | None = None) ->
         max_steps = doc.get("max_steps", 200_000)
         if not isinstance(recorded, dict):
             raise ValueError(f"outcome is {recorded!r}, not an object")
+        for key, kind in (("kind", str), ("report", str), ("steps", int)):
+            v = recorded.get(key)
+            if (key == "kind" or v is not None) and (type(v) is not kind):
+                raise ValueError(f"outcome's {key} is {v!r}, not a{'n' if kind is int else ''} "
+                                 f"{'integer' if kind is int else 'string'}")
         if type(max_steps) is not int or max_steps < 1:
             raise ValueError(f"max_steps is {max_steps!r}, not a count of steps")
     except (KeyError, TypeError, ValueError) as e:
