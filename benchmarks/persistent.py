@@ -41,7 +41,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Final
 
-from bench_args import check_space, positive_float, positive_int, remove_on_signal
+from bench_args import (
+    check_space,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    remove_on_signal,
+)
 from block import offsets, through_gntdma, tunables_of
 
 from gntdma.dev.blkback import Blkback
@@ -112,8 +118,9 @@ def attach(host: Host, g: Guest, path: Path, devid: int, persistent: bool,
                          f"cannot each hold 11 persistent segments within the grant budget)")
     sc = front.sc
     segs = sc.xbd_max_request_segments
-    bb.max_persistent_grants = max_persistent_grants or len(sc.xbd_shadow) * (
-        segs + XBD_INDIRECT_SEGS_TO_PAGES(segs))
+    bb.max_persistent_grants = (max_persistent_grants if max_persistent_grants is not None
+                                else len(sc.xbd_shadow) * (segs
+                                                           + XBD_INDIRECT_SEGS_TO_PAGES(segs)))
     return Disk(img, bb, front, dirs)
 
 
@@ -160,8 +167,9 @@ def main() -> None:
     ap.add_argument("--size-mb", type=positive_int, default=256)
     ap.add_argument("--memory-mb", type=positive_int, default=256, help="the guest's memory")
     ap.add_argument("--ring-page-order", type=int, default=0, choices=range(5))
-    ap.add_argument("--max-persistent-grants", type=positive_int, default=None,
-                    help="blkback's persistent grant table (default: the frontend's grants)")
+    ap.add_argument("--max-persistent-grants", type=nonnegative_int, default=None,
+                    help="blkback's persistent grant table (Linux's max_persistent_grants, "
+                         "0 keeps none; default: the frontend's grants)")
     ap.add_argument("--case", action="append", default=[],
                     help="run only workloads whose name contains TEXT (repeatable)")
     ap.add_argument("--json", action="store_true", help="the figures as JSON too")

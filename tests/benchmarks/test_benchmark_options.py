@@ -19,6 +19,8 @@ BAD = [
     ("block", ["--seconds", "nan"], "--seconds: must be a number above 0"),
     ("block", ["--size-mb", "0"], "--size-mb: must be at least 1"),
     ("block", ["--rounds", "0"], "--rounds: must be at least 1"),
+    ("persistent", ["--max-persistent-grants", "-1"],
+     "--max-persistent-grants: must be at least 0"),
     ("block", ["--grants", "none"], "--grants: invalid choice: 'none'"),
     ("block", ["--size-mb", "999999999"], "--size-mb: 1999999998 MiB of images do not fit"),
     ("persistent", ["--size-mb", "999999999"],
@@ -194,3 +196,17 @@ def test_block_benchmark_fails_a_run_whose_host_reports_a_problem(tmp_path: Path
     assert "the run went wrong; its figures are not to be used:" in r.stderr
     assert "bench: DMA-API debugging:" in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plant"]
+
+
+def test_persistent_benchmark_takes_a_table_of_no_grants(tmp_path: Path) -> None:
+    """``persistent.py --max-persistent-grants 0``: Linux's max_persistent_grants=0, as
+    block.py takes it (it was refused, and a 0 would have fallen back to the default)."""
+    r = subprocess.run([sys.executable, str(BENCHMARKS / "persistent.py"), "--seconds", "0.02",
+                        "--rounds", "1", "--size-mb", "4", "--case", "1M read",
+                        "--max-persistent-grants", "0", "--json"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-800:]
+    doc = json.loads(r.stdout[r.stdout.index("\n{") + 1:])
+    assert doc["blkback_max_persistent_grants"] == 0
+    assert "blkback keeps 0 persistent grants mapped at most" in r.stdout
+    assert list(tmp_path.iterdir()) == []
