@@ -363,18 +363,21 @@ def test_trylock_of_a_spin_or_destroyed_mutex_panics_at_the_call(sched: Schedule
         sched.run()
 
 
-def test_lock_of_a_destroyed_mutex_panics_at_the_call(sched: Scheduler) -> None:
-    """sys/kern/kern_mutex.c, __mtx_lock_flags: KASSERT "mtx_lock() of destroyed mutex"."""
+@pytest.mark.parametrize(("flags", "op"), [(0, "mtx_lock"), (MTX_SPIN, "mtx_lock_spin")])
+def test_lock_of_a_destroyed_mutex_panics_at_the_call(sched: Scheduler, flags: int,
+                                                      op: str) -> None:
+    """sys/kern/kern_mutex.c, __mtx_lock_flags and __mtx_lock_spin_flags: KASSERT
+    "mtx_lock() of destroyed mutex", "mtx_lock_spin() of destroyed mutex"."""
     from gntdma.sched import mtx_destroy
 
-    m = Mutex("d")
+    m = Mutex("d", flags)
     mtx_destroy(m)
 
     def t() -> None:
         mtx_lock(m)
 
     sched.spawn(t)
-    with pytest.raises(KernelPanic, match=r"mtx_lock\(\) of destroyed mutex d @ .*test_sync"):
+    with pytest.raises(KernelPanic, match=rf"{op}\(\) of destroyed mutex d @ .*test_sync"):
         sched.run()
 
 

@@ -233,8 +233,8 @@ def mtx_lock(m: Mutex) -> None:
             hook("mtx_lock")
     while m.owner is not None:
         if m.owner is _DESTROYED:  # kern_mutex.c, __mtx_lock_flags: KASSERT
-            raise _panic(t, f"mtx_lock() of destroyed mutex {m.name} @ "
-                            f"{site_str((code, lasti))}")
+            raise _panic(t, f"{'mtx_lock_spin' if m.spin else 'mtx_lock'}() of destroyed "
+                            f"mutex {m.name} @ {site_str((code, lasti))}")
         if m.spin:
             # A spin lock is never held across a scheduling point, so an owner here
             # is a thread that blocked with it: that panicked already.
@@ -546,6 +546,7 @@ def _unlock_panic(t: KThread, m: Mutex) -> KernelPanic:
     """mtx_unlock by a thread that does not hold ``m``: kern_mutex.c, __mtx_unlock_flags's
     KASSERT for a destroyed mutex, else the ownership assertion."""
     if m.owner is _DESTROYED:
-        return _panic(t, f"mtx_unlock() of destroyed mutex {m.name} @ {caller_site()}")
+        op = "mtx_unlock_spin" if m.spin else "mtx_unlock"
+        return _panic(t, f"{op}() of destroyed mutex {m.name} @ {caller_site()}")
     owner = m.owner.name if m.owner is not None else "nobody"
     return _panic(t, f"mutex {m.name} not owned by {t.name} (owner {owner}) @ {caller_site()}")
