@@ -304,11 +304,12 @@ def replay_command(path: Path, say: Any = print, scenario: str | None = None) ->
         max_steps = doc.get("max_steps", 200_000)
         if not isinstance(recorded, dict):
             raise ValueError(f"outcome is {recorded!r}, not an object")
-        for key, kind in (("kind", str), ("report", str), ("steps", int)):
+        for key, kind, what, needed in (("kind", str, "a string", True),
+                                        ("report", str, "a string", False),
+                                        ("steps", int, "an integer", False)):
             v = recorded.get(key)
-            if (key == "kind" or v is not None) and (type(v) is not kind):
-                raise ValueError(f"outcome's {key} is {v!r}, not a{'n' if kind is int else ''} "
-                                 f"{'integer' if kind is int else 'string'}")
+            if (needed or v is not None) and type(v) is not kind:
+                raise ValueError(f"outcome's {key} is {v!r}, not {what}")
         if type(max_steps) is not int or max_steps < 1:
             raise ValueError(f"max_steps is {max_steps!r}, not a count of steps")
     except (KeyError, TypeError, ValueError) as e:
