@@ -3,14 +3,13 @@
 Run: .venv/bin/python benchmarks/block.py [--seconds S] [--rounds R] [--size-mb N] [--json]
      [--dma-debug on|off] [--junk-fill on|off] [--case TEXT ...]
      [--grants per-load|persistent|both] [--max-persistent-grants N]
+     [--submit bio_done|threads]
 
 For each workload (sequential 1 MiB and random 4 KiB, reads and writes, queue
 depth 1 and 32) it measures the same I/O twice in one run: directly on the
 image file with os.preadv/os.pwritev (the baseline; queue depth 32 is 32 OS
-threads, each with its own buffer) and through a guest's blkfront, the grant
-tables and blkback (queue depth 32 is 32 guest threads, each doing its I/O
-in a kernel buffer of its own with ``xbd_read_buf``/``xbd_write_buf``, as a
-process does I/O in its own buffer), in R rounds (3 by default) of direct and
+threads, each with its own buffer: Python has no asynchronous file I/O) and
+through a guest's blkfront, the grant tables and blkback, in R rounds (3 by default) of direct and
 gntdma alternately, so that a change of load on a shared machine touches both
 sides of a ratio; the figures are those of the round of the median ratio (the
 lower one of an even count) and each round's ratio is printed. It prints MiB/s, IOPS, the ratio
@@ -18,6 +17,17 @@ lower one of an even count) and each round's ratio is printed. It prints MiB/s, 
 whether the ratio meets it. Targets (issue 14): 1 MiB sequential read and
 write at queue depth 1 at least 0.15; 4 KiB random write at queue depth 32 at
 least 0.3, random read at queue depth 32 at least 0.05.
+
+Queue depth in the guest (``--submit``): by default one guest kernel thread
+keeps N bios in flight, each handed to ``xbd_strategy`` with a ``bio_done``
+callback, as GEOM and an asynchronous engine (fio's libaio or io_uring at
+``iodepth=N``) drive a disk; slot i has a kernel buffer of its own and the
+offsets of direct I/O's thread i. ``--submit threads`` measures N guest threads
+instead, each doing its I/O in a kernel buffer of its own with
+``xbd_read_buf``/``xbd_write_buf`` and sleeping in ``biowait`` until it is
+done, as N processes doing synchronous I/O would: the same requests reach
+blkfront, plus a sleep and a wakeup of a guest thread per I/O (about a third
+of the cost of a 4 KiB persistent-grant I/O). The run prints which it used.
 
 Kernels: both kernels (the guest's, which runs blkfront, and dom0's, which runs
 blkback) boot without their debugging tunables (DMA-API debugging, junk fill on
@@ -68,7 +78,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, cast
 
 from bench_args import (
     check_space,
@@ -81,8 +91,8 @@ from bench_args import (
 from gntdma.dev.blkfront import xbd_softc
 from gntdma.dev.blkfront_cmd import XBD_INDIRECT_SEGS_TO_PAGES
 from gntdma.dev.blkfront_io import xbd_read_buf, xbd_write_buf
-from gntdma.sched import ThreadState
-from gntdma.sys import M_TEMP, M_WAITOK, Kernel, KernelTunables
+from gntdma.sched import ThreadState, msleep, mtx_destroy, mtx_init, mtx_lock, mtx_unlock, wakeup
+from gntdma.sys import BIO_READ, BIO_WRITE, M_TEMP, M_WAITOK, Kernel, KernelTunables, bio
 from gntdma.toolstack.domains import create_guest_from_config
 from gntdma.toolstack.host import Host
 from gntdma.toolstack.vbd import Vbd, attach_disk, detach_disk
@@ -169,6 +179,7 @@ def through_gntdma(host: Host, sc: xbd_softc, kind: str, op: str, bs: int, qd: i
     and doing one I/O at least (a worker started after the deadline on a loaded machine
     would make a figure of no I/O, and a ratio of nothing)."""
     counts = [0] * qd
+    failed: list[str] = []
     kern = sc.xbd_kern
     data = os.urandom(bs)
     deadline = host.sched.now() + seconds
@@ -180,8 +191,11 @@ def through_gntdma(host: Host, sc: xbd_softc, kind: str, op: str, bs: int, qd: i
         io = xbd_read_buf if op == "read" else xbd_write_buf
         n = 0
         while n == 0 or host.sched.now() < deadline:  # one I/O at least: never 0 IOPS
-            err = io(sc, offs[n % len(offs)], va, bs)
-            assert err == 0, err
+            off = offs[n % len(offs)]
+            err = io(sc, off, va, bs)
+            if err != 0:  # the others finish their I/O; the run then fails
+                failed.append(f"{op} of {bs} bytes at {off}: error {err}")
+                break
             n += 1
         kern.free(va, M_TEMP)
         counts[i] = n
@@ -192,7 +206,97 @@ def through_gntdma(host: Host, sc: xbd_softc, kind: str, op: str, bs: int, qd: i
     for t in threads:
         if t.exc is not None:
             raise t.exc
+    if failed:
+        raise AssertionError(failed[0])
     return time.perf_counter() - t0, sum(counts)
+
+
+def through_bio_done(host: Host, sc: xbd_softc, kind: str, op: str, bs: int, qd: int,
+                     size: int, seconds: float) -> tuple[float, int]:
+    """(seconds, ios) through blkfront with ``qd`` bios in flight from one guest thread.
+
+    The way GEOM and an asynchronous engine (fio's libaio, io_uring) drive a
+    disk: each bio is handed to ``xbd_strategy`` with a ``bio_done`` callback;
+    the callback (blkfront's interrupt thread, under the driver's lock, as
+    FreeBSD's ``g_disk_done``) only queues the bio for the submitting thread and
+    wakes it, as ``g_io_deliver`` queues for ``g_up``; the thread checks each
+    done bio's error and sends the slot's next I/O in a new bio. Slot ``i``
+    keeps its own kernel buffer and goes through ``offsets(..., i)``, the
+    offsets direct I/O's thread ``i`` and ``through_gntdma``'s thread ``i``
+    use; each slot does one I/O at least. A failed bio stops the sending; the
+    bios in flight are waited for and the run then fails."""
+    kern = sc.xbd_kern
+    data = os.urandom(bs)
+    cmd = BIO_READ if op == "read" else BIO_WRITE
+    ios = [0]
+    failed: list[str] = []
+
+    def submitter() -> None:
+        lock = mtx_init("bench done")
+        done: list[bio] = []  # the wait channel too
+
+        def bio_done(bp: bio) -> None:
+            mtx_lock(lock)
+            done.append(bp)
+            wakeup(done)
+            mtx_unlock(lock)
+
+        offs = [offsets(kind, bs, size, 4096, i) for i in range(qd)]
+        bufs = [kern.malloc(bs, M_TEMP, M_WAITOK) for _ in range(qd)]
+        for va in bufs:
+            kern.kva_write(va, data)
+        sent = [1] * qd
+        for i in range(qd):
+            sc.xbd_strategy(bio(bio_cmd=cmd, bio_offset=offs[i][0], bio_bcount=bs,
+                                bio_data=bufs[i], bio_done=bio_done, bio_caller1=i))
+        deadline = host.sched.now() + seconds
+        n = 0
+        in_flight = qd
+        while in_flight:
+            mtx_lock(lock)
+            while not done:
+                msleep(done, lock, "bench")
+            got = done[:]
+            done.clear()
+            mtx_unlock(lock)
+            more = host.sched.now() < deadline
+            for bp in got:
+                if bp.bio_error != 0:
+                    failed.append(f"{op} of {bs} bytes at {bp.bio_offset}: error "
+                                  f"{bp.bio_error}")
+                    more = False
+                else:
+                    n += 1
+                if not more or failed:
+                    in_flight -= 1
+                    continue
+                i = cast(int, bp.bio_caller1)
+                k = sent[i]
+                sent[i] = k + 1
+                o = offs[i]
+                sc.xbd_strategy(bio(bio_cmd=cmd, bio_offset=o[k % len(o)], bio_bcount=bs,
+                                    bio_data=bufs[i], bio_done=bio_done, bio_caller1=i))
+        for va in bufs:
+            kern.free(va, M_TEMP)
+        mtx_destroy(lock)
+        ios[0] = n
+
+    t0 = time.perf_counter()
+    t = host.sched.spawn(submitter, name="bench")
+    host.sched.run(until=lambda: t.state is ThreadState.DONE)
+    if t.exc is not None:
+        raise t.exc
+    if failed:
+        raise AssertionError(failed[0])
+    return time.perf_counter() - t0, ios[0]
+
+
+#: ``--submit``: how the guest keeps its queue depth of I/O in flight.
+SUBMIT: Final = {"bio_done": through_bio_done, "threads": through_gntdma}
+SUBMIT_TEXT: Final = {
+    "bio_done": "queue depth N is N bios in flight from one guest thread (bio_done)",
+    "threads": "queue depth N is N guest threads, each waiting for its bio (biowait)",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,8 +363,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=positive_int, default=3,
                     help="measurements of each workload, direct and through gntdma "
                          "alternately; the figures are the median round's (default 3)")
+    ap.add_argument("--submit", choices=tuple(SUBMIT), default="bio_done",
+                    help="the guest's queue depth: bios in flight from one thread with "
+                         "bio_done callbacks (default), or one thread per I/O in biowait")
     ap.add_argument("--json", action="store_true", help="the figures as JSON too")
     args = ap.parse_args()
+    through = SUBMIT[args.submit]
     modes = MODES if args.grants == "both" else (args.grants,)
     size = args.size_mb * MiB
     cases = [c for c in CASES
@@ -313,6 +421,7 @@ def main() -> None:
                      "blkback_max_persistent_grants": (d.blkback.max_persistent_grants
                                                        if m == "persistent" else None)}
                  for m, d in disks.items() if m in modes}
+        print(f"guest submission: {SUBMIT_TEXT[args.submit]}")
         print(f"grants: {', '.join(modes)}; " + "; ".join(
             f"{m}: ring order {d.sc.xbd_ring_page_order}, {len(d.sc.xbd_shadow)} commands, "
             f"{d.sc.xbd_max_request_segments} segments per request at most"
@@ -331,8 +440,8 @@ def main() -> None:
                 for _ in range(args.rounds):
                     de, dn = direct(images[mode], kind, op, bs, qd, size, args.seconds)
                     r0, s0 = served(disks[mode])
-                    ge, gn = through_gntdma(host, disks[mode].sc, kind, op, bs, qd, size,
-                                            args.seconds)
+                    ge, gn = through(host, disks[mode].sc, kind, op, bs, qd, size,
+                                     args.seconds)
                     r1, s1 = served(disks[mode])
                     runs.append((gn / ge / (dn / de), dn / de, gn / ge,
                                  (r1 - r0) / max(1, gn), (s1 - s0) / max(1, r1 - r0)))
@@ -372,7 +481,7 @@ def main() -> None:
         print(f"targets met with {mode} grants: {met[mode]} of {len(with_target)}")
     if args.json:
         print(json.dumps({"seconds": args.seconds, "rounds": args.rounds,
-                          "size_mb": args.size_mb,
+                          "size_mb": args.size_mb, "submit": args.submit,
                           "grants": list(modes), "kernel_tunables": tunables,
                           "disks": setup,
                           "workloads": [asdict(f) for f in figures],

@@ -2,7 +2,7 @@
 
 Run: .venv/bin/python benchmarks/persistent.py [--seconds S] [--size-mb N]
      [--ring-page-order O] [--memory-mb M] [--max-persistent-grants N]
-     [--case TEXT ...] [--json]
+     [--case TEXT ...] [--submit bio_done|threads] [--json]
 
 The workloads of ``benchmarks/block.py`` that have a target (1 MiB sequential
 read and write at queue depth 1, 4 KiB random read and write at queue depth 32)
@@ -12,8 +12,10 @@ process: with per-load grants (the data maps
 grant and end every segment on each request, blkback maps and unmaps them
 around each transfer) and with persistent grants (blkif ``feature-persistent``
 on both ends: the data maps copy through pages granted once, blkback keeps
-them mapped). Queue depth 32 is 32 guest threads, each doing its I/O in a
-kernel buffer of its own. Both disks use the same ring order (default 0, one
+them mapped). Queue depth 32 is as block.py's ``--submit`` makes it: by default
+32 bios in flight from one guest thread (``bio_done``), with ``--submit
+threads`` 32 guest threads each waiting in ``biowait``; each slot does its I/O
+in a kernel buffer of its own. Both disks use the same ring order (default 0, one
 page and 32 commands, as Linux's blkfront default), so the comparison is one
 of the grant life cycle only. It prints MiB/s, IOPS and the ratio
 (persistent / per-load) of each workload (no target: a comparison), the ring requests
@@ -48,7 +50,7 @@ from bench_args import (
     positive_int,
     remove_on_signal,
 )
-from block import offsets, through_gntdma, tunables_of
+from block import SUBMIT, SUBMIT_TEXT, offsets, tunables_of
 
 from gntdma.dev.blkback import Blkback
 from gntdma.dev.blkback_xenbus import xbb_attach
@@ -125,12 +127,13 @@ def attach(host: Host, g: Guest, path: Path, devid: int, persistent: bool,
 
 
 def measure(host: Host, disk: Disk, kind: str, op: str, bs: int, qd: int, size: int,
-            seconds: float) -> tuple[float, int]:
-    """(seconds, ios) through blkfront with ``qd`` guest threads, each in its own buffer
-    (block.py's measurement, its offsets drawn before the measured time)."""
+            seconds: float, submit: str = "bio_done") -> tuple[float, int]:
+    """(seconds, ios) through blkfront with ``qd`` I/Os in flight, each slot in its own
+    buffer (block.py's measurement with its ``--submit``, its offsets drawn before the
+    measured time)."""
     for i in range(qd):
         offsets(kind, bs, size, 4096, i)
-    return through_gntdma(host, disk.front.sc, kind, op, bs, qd, size, seconds)
+    return SUBMIT[submit](host, disk.front.sc, kind, op, bs, qd, size, seconds)
 
 
 def requests_and_segments(disk: Disk) -> tuple[int, int]:
@@ -172,6 +175,8 @@ def main() -> None:
                          "0 keeps none; default: the frontend's grants)")
     ap.add_argument("--case", action="append", default=[],
                     help="run only workloads whose name contains TEXT (repeatable)")
+    ap.add_argument("--submit", choices=tuple(SUBMIT), default="bio_done",
+                    help="the guest's queue depth, as block.py's --submit (default bio_done)")
     ap.add_argument("--json", action="store_true", help="the figures as JSON too")
     args = ap.parse_args()
     size = args.size_mb * MiB
@@ -210,6 +215,7 @@ def main() -> None:
               f"{disks['persistent'].bb.max_persistent_grants} persistent grants mapped at "
               f"most; kernel tunables, guest: "
               f"{g.kernel.tunables.describe()}, dom0: {host.dom0.kernel.tunables.describe()}")
+        print(f"guest submission: {SUBMIT_TEXT[args.submit]}")
         print("no target: a comparison of persistent and per-load grants (ratio = "
               "persistent / per-load; block.py's targets are ratios to direct I/O)")
         print(f"{'workload':<20} {'per-load MiB/s':>14} {'persist MiB/s':>14} "
@@ -221,7 +227,8 @@ def main() -> None:
             for _ in range(args.rounds):
                 for mode, disk in disks.items():
                     r0, s0 = requests_and_segments(disk)
-                    el, n = measure(host, disk, kind, op, bs, qd, size, args.seconds)
+                    el, n = measure(host, disk, kind, op, bs, qd, size, args.seconds,
+                                    args.submit)
                     r1, s1 = requests_and_segments(disk)
                     totals[mode][0] += el
                     totals[mode][1] += int(n)
@@ -254,6 +261,7 @@ def main() -> None:
     if args.json:
         print(json.dumps({"target": None, "seconds": args.seconds, "rounds": args.rounds,
                           "size_mb": args.size_mb, "memory_mb": args.memory_mb,
+                          "submit": args.submit,
                           "ring_page_order": args.ring_page_order,
                           **setup,
                           "workloads": [asdict(f) for f in figures],
