@@ -10,8 +10,20 @@ import pytest
 from gntdma.sched import (
     MA_NOTOWNED,
     MA_OWNED,
+    MTX_DUPOK,
+    MTX_NEW,
+    MTX_NOPROFILE,
+    MTX_NOWITNESS,
+    MTX_QUIET,
     MTX_RECURSE,
     MTX_SPIN,
+    SX_DUPOK,
+    SX_NEW,
+    SX_NOADAPTIVE,
+    SX_NOPROFILE,
+    SX_NOWITNESS,
+    SX_QUIET,
+    SX_RECURSE,
     Condvar,
     Deadlock,
     KernelPanic,
@@ -27,9 +39,11 @@ from gntdma.sched import (
     cv_wait,
     msleep,
     mtx_assert,
+    mtx_init,
     mtx_lock,
     mtx_trylock,
     mtx_unlock,
+    sx_init,
     tsleep,
     wakeup,
     wakeup_one,
@@ -480,3 +494,33 @@ def test_an_sx_destroyed_twice_panics() -> None:
     sx_destroy(sx)
     with pytest.raises(KernelPanic, match="sx lock d is not initialized"):
         sx_destroy(sx)
+
+
+def test_mutex_options_have_freebsds_values() -> None:
+    """sys/sys/mutex.h and sys/sys/lock.h: MTX_DUPOK is LOP_DUPOK (0x10) and MTX_QUIET
+    LOP_QUIET (0x02); MTX_NOPROFILE is 0x20 (MTX_DUPOK was 0x20 here)."""
+    assert (MTX_SPIN, MTX_QUIET, MTX_RECURSE, MTX_NOWITNESS, MTX_DUPOK, MTX_NOPROFILE,
+            MTX_NEW) == (0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40)
+    m = Mutex("q", MTX_QUIET | MTX_NOPROFILE | MTX_NEW)  # accepted, nothing to do here
+    assert not m.spin and not m.dupok and not m._recurse_ok
+    assert Mutex("d", 0x10).dupok
+
+
+@pytest.mark.parametrize("flags", [0x80, 0x100, MTX_SPIN | 0x200])
+def test_mtx_init_with_an_unknown_option_panics(flags: int) -> None:
+    """sys/kern/kern_mutex.c, _mtx_init: MPASS((opts & ~(MTX_SPIN | MTX_QUIET |
+    MTX_RECURSE | MTX_NOWITNESS | MTX_DUPOK | MTX_NOPROFILE | MTX_NEW)) == 0)."""
+    with pytest.raises(KernelPanic, match=r"Assertion \(opts & ~\(MTX_SPIN .* == 0 failed at "
+                                          r".*test_sync\.py:\d+ \(mtx_init options 0x"):
+        mtx_init("bad", flags)
+
+
+def test_sx_options_have_freebsds_values_and_unknown_ones_panic() -> None:
+    """sys/sys/sx.h values; sys/kern/kern_sx.c, sx_init_flags: MPASS((opts & ~(SX_QUIET |
+    SX_RECURSE | SX_NOWITNESS | SX_DUPOK | SX_NOPROFILE | SX_NOADAPTIVE | SX_NEW)) == 0)."""
+    assert (SX_DUPOK, SX_NOPROFILE, SX_NOWITNESS, SX_QUIET, SX_NOADAPTIVE, SX_RECURSE,
+            SX_NEW) == (0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40)
+    sx_init("ok", SX_QUIET | SX_NOPROFILE | SX_NOADAPTIVE | SX_NEW | SX_DUPOK)
+    with pytest.raises(KernelPanic, match=r"Assertion \(opts & ~\(SX_QUIET .* == 0 failed at "
+                                          r".*test_sync\.py:\d+ \(sx_init_flags options 0x80"):
+        sx_init("bad", 0x80)

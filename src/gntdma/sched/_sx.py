@@ -34,7 +34,11 @@ __all__ = [
     "SA_UNLOCKED",
     "SA_XLOCKED",
     "SX_DUPOK",
+    "SX_NEW",
+    "SX_NOADAPTIVE",
+    "SX_NOPROFILE",
     "SX_NOWITNESS",
+    "SX_QUIET",
     "SX_RECURSE",
     "Sx",
     "sx_assert",
@@ -64,10 +68,18 @@ def _trace_switch(rec: _trace.TraceRecorder | None) -> None:
 _trace.on_switch(_trace_switch)
 
 
-#: sx_init_flags(9) options (sys/sys/sx.h).
+#: sx_init_flags(9) options (sys/sys/sx.h). SX_QUIET, SX_NOPROFILE, SX_NOADAPTIVE and
+#: SX_NEW are accepted and have nothing to do here.
 SX_DUPOK: Final = 0x01
+SX_NOPROFILE: Final = 0x02
 SX_NOWITNESS: Final = 0x04
+SX_QUIET: Final = 0x08
+SX_NOADAPTIVE: Final = 0x10
 SX_RECURSE: Final = 0x20
+SX_NEW: Final = 0x40
+#: The options ``sx_init_flags`` accepts (sys/kern/kern_sx.c: its MPASS).
+_SX_OPTS: Final = (SX_QUIET | SX_RECURSE | SX_NOWITNESS | SX_DUPOK | SX_NOPROFILE
+                   | SX_NOADAPTIVE | SX_NEW)
 
 #: sx_assert(9) what values (sys/sys/lock.h LA_*).
 SA_UNLOCKED: Final = 0x00
@@ -86,6 +98,11 @@ class Sx:
                  "swaiters", "xwaiters")
 
     def __init__(self, name: str, flags: int = 0) -> None:
+        if flags & ~_SX_OPTS:  # kern_sx.c, sx_init_flags: MPASS, a KASSERT
+            raise KernelPanic(
+                f"Assertion (opts & ~(SX_QUIET | SX_RECURSE | SX_NOWITNESS | SX_DUPOK | "
+                f"SX_NOPROFILE | SX_NOADAPTIVE | SX_NEW)) == 0 failed at {caller_site()} "
+                f"(sx_init_flags options {flags:#x})")
         self.name = name
         self.cls = name
         self.flags = flags

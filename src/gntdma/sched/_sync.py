@@ -43,7 +43,10 @@ __all__ = [
     "MA_RECURSED",
     "MTX_DEF",
     "MTX_DUPOK",
+    "MTX_NEW",
+    "MTX_NOPROFILE",
     "MTX_NOWITNESS",
+    "MTX_QUIET",
     "MTX_RECURSE",
     "MTX_SPIN",
     "PIDLE",
@@ -74,13 +77,17 @@ _trace.on_switch(_trace_switch)
 
 
 class MtxFlags(IntFlag):
-    """mtx_init(9) options."""
+    """mtx_init(9) options, with FreeBSD's values (``sys/sys/mutex.h``; ``MTX_QUIET`` and
+    ``MTX_DUPOK`` are ``sys/sys/lock.h``'s ``LOP_QUIET`` and ``LOP_DUPOK``)."""
 
     MTX_DEF = 0x0  #: a sleep mutex
     MTX_SPIN = 0x1  #: a spin mutex: its holder may not sleep
+    MTX_QUIET = 0x2  #: no KTR logging (nothing to do here)
     MTX_RECURSE = 0x4  #: may be recursed
     MTX_NOWITNESS = 0x8  #: not checked by WITNESS
-    MTX_DUPOK = 0x20  #: several locks of this class may be held
+    MTX_DUPOK = 0x10  #: several locks of this class may be held
+    MTX_NOPROFILE = 0x20  #: not profiled (nothing to do here)
+    MTX_NEW = 0x40  #: no check for a double init (nothing to do here)
 
 
 MTX_DEF: Final = MtxFlags.MTX_DEF
@@ -88,6 +95,14 @@ MTX_SPIN: Final = MtxFlags.MTX_SPIN
 MTX_RECURSE: Final = MtxFlags.MTX_RECURSE
 MTX_NOWITNESS: Final = MtxFlags.MTX_NOWITNESS
 MTX_DUPOK: Final = MtxFlags.MTX_DUPOK
+MTX_QUIET: Final = MtxFlags.MTX_QUIET
+MTX_NOPROFILE: Final = MtxFlags.MTX_NOPROFILE
+MTX_NEW: Final = MtxFlags.MTX_NEW
+
+#: The options ``_mtx_init`` accepts (sys/kern/kern_mutex.c: its MPASS).
+#: A plain int: ``~`` of an IntFlag keeps only the defined bits.
+_MTX_OPTS: Final = int(MTX_SPIN | MTX_QUIET | MTX_RECURSE | MTX_NOWITNESS | MTX_DUPOK
+                       | MTX_NOPROFILE | MTX_NEW)
 
 #: A sleep priority flag: a service thread idling for work (a taskqueue thread
 #: waiting for tasks). The hung-task watchdog does not count such a sleep, like
@@ -107,6 +122,11 @@ _FLAG_BITS: dict[int, tuple[MtxFlags, bool, bool, bool, bool]] = {}
 
 
 def _flag_bits(flags: int) -> tuple[MtxFlags, bool, bool, bool, bool]:
+    if flags & ~_MTX_OPTS:  # kern_mutex.c, _mtx_init: MPASS, a KASSERT
+        raise KernelPanic(
+            f"Assertion (opts & ~(MTX_SPIN | MTX_QUIET | MTX_RECURSE | MTX_NOWITNESS | "
+            f"MTX_DUPOK | MTX_NOPROFILE | MTX_NEW)) == 0 failed at {caller_site()} "
+            f"(mtx_init options {int(flags):#x})")
     f = MtxFlags(flags)
     bits = (f, bool(f & MTX_RECURSE), bool(f & MTX_SPIN), bool(f & MTX_DUPOK),
             not f & MTX_NOWITNESS)
@@ -407,7 +427,8 @@ def mtx_owned(m: Mutex) -> bool:
 
 def mtx_assert(m: Mutex, what: int) -> None:
     """KASSERT on ownership (MA_OWNED, MA_NOTOWNED, with MA_RECURSED/MA_NOTRECURSED)."""
-    t = current_scheduler().curthread
+    s = _core._current  # current_scheduler() without the call
+    t = (s if s is not None else current_scheduler()).curthread
     if what & MA_OWNED:
         if m.owner is not t:
             raise _panic(t, f"mutex {m.name} not owned at {caller_site()}")
