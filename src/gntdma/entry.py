@@ -64,6 +64,29 @@ def _handler(signum: int, frame: FrameType | None) -> None:
     raise _Stopped(signum)
 
 
+def _unraisable(u: sys.UnraisableHookArgs) -> None:
+    """A ``_Stopped`` raised where Python cannot pass an exception on: in a weakref
+    callback (the import machinery's module locks have one), a ``__del__``, a GC
+    callback. Python prints it there ("Exception ignored in") and goes on, and the
+    signal would be lost. Send it again in 10 ms, from a timer thread, so that the
+    handler meets it at a point that can raise it (the hook itself cannot: not from
+    here). No SIGALRM: the timer is a thread, and ITIMER_REAL may be another's."""
+    global _received
+    e = u.exc_value
+    if isinstance(e, _Stopped) and not _finished:
+        import threading
+
+        _received = 0
+        t = threading.Timer(0.01, os.kill, (os.getpid(), e.signum))
+        t.daemon = True
+        t.start()
+        return
+    _unraisable_before(u)
+
+
+_unraisable_before = sys.unraisablehook
+
+
 def _say(signum: int) -> None:
     try:
         print(f"{_name}: interrupted by {signal.Signals(signum).name}", file=sys.stderr,
@@ -111,10 +134,13 @@ _name = "gntdma"
 
 def main(argv: list[str] | None = None) -> int:
     """Install the handlers, then run ``gntdma.cli.main``; its exit status."""
-    global _received, _finished, _name
+    global _received, _finished, _name, _unraisable_before
     _received, _finished = 0, False
     for sig in _SIGNALS:
         signal.signal(sig, _handler)
+    if sys.unraisablehook is not _unraisable:
+        _unraisable_before = sys.unraisablehook
+        sys.unraisablehook = _unraisable
     args = sys.argv[1:] if argv is None else argv
     _name = _command(args)
     try:
@@ -134,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(sig, signal.SIG_IGN)
         _say(signum)
         return 128 + signum
+    finally:
+        sys.unraisablehook = _unraisable_before
     _finished = True
     return status
 

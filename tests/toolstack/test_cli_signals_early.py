@@ -144,3 +144,44 @@ def test_a_signal_wrapped_by_class_creation_is_still_one_line(
             signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT
                           else signal.SIG_DFL)
     assert capsys.readouterr().err == "gntdma run: interrupted by SIGINT\n"
+
+
+def test_a_signal_in_a_weakref_callback_is_delivered_again(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A signal whose handler runs inside a weakref callback (importlib's module locks
+    have one: ``_get_module_lock.<locals>.cb``) raises where Python cannot pass the
+    exception on: it printed "Exception ignored in" with a traceback and the run went
+    on as if never interrupted (seen in a full run). It is delivered again and ends
+    the run with its one line and 128 + signum."""
+    import weakref
+
+    from gntdma import cli, entry
+
+    class Obj:
+        pass
+
+    def interrupted(_argv: list[str]) -> int:
+        obj = Obj()
+
+        def cb(_ref: object) -> None:
+            entry._handler(int(signal.SIGINT), None)  # the signal, inside the callback
+
+        ref = weakref.ref(obj, cb)
+        del obj  # cb runs here; its exception cannot leave it
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # the work the signal should have ended
+            time.sleep(0.001)
+        return 0 if ref() is None else 2
+
+    monkeypatch.setattr(cli, "main", interrupted)
+    hook = sys.unraisablehook
+    t0 = time.monotonic()
+    try:
+        assert entry.main(["run"]) == 130
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT
+                          else signal.SIG_DFL)
+    assert time.monotonic() - t0 < 2
+    assert capsys.readouterr().err == "gntdma run: interrupted by SIGINT\n"
+    assert sys.unraisablehook is hook  # put back
