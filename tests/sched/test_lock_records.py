@@ -100,8 +100,9 @@ def test_order_check_skips_only_what_changes_nothing(
     sched.witness.reset()
 
     def every_time(s: Scheduler, t: object, cls: str, code: object, lasti: int,
-                   spin: bool, sleepable: bool) -> None:
-        _sync.check_order(s, t, cls, (code, lasti), spin, sleepable)  # type: ignore[arg-type]
+                   spin: bool, sleepable: bool, dupok: bool = False) -> None:
+        _sync.check_order(s, t, cls, (code, lasti), spin, sleepable,  # type: ignore[arg-type]
+                          dupok)
 
     monkeypatch.setattr(_sync, "check_order_lazy", every_time)
     monkeypatch.setattr("gntdma.sched._sx.check_order_lazy", every_time)

@@ -53,3 +53,52 @@ def _line(marker: str) -> int:
             if marker in line and "_line(" not in line:
                 return n
     raise AssertionError(marker)
+
+
+def test_duplicate_is_excused_by_the_dupok_of_the_lock_taken(sched: Scheduler) -> None:
+    """sys/kern/subr_witness.c, witness_checkorder: ``if (w1 == w) { if (!(lock->lo_flags
+    & LO_DUPOK) && !(flags & LOP_DUPOK) ...`` "acquiring duplicate lock of same type":
+    ``lock`` is the lock being taken. A DUPOK lock taken over a plain one of its class is
+    no report; a plain one taken over a DUPOK one is (it was the other way round)."""
+    sched.call(_take, Mutex("c"), Mutex("c", MTX_DUPOK))
+    assert sched.witness.reports == []
+    sched.call(_take, Mutex("c", MTX_DUPOK), Mutex("c"))
+    assert [(r.kind, r.first, r.second) for r in sched.witness.reports] == [
+        ("duplicate", "c", "c")]
+
+
+def test_sx_duplicate_is_excused_by_the_dupok_of_the_lock_taken(sched: Scheduler) -> None:
+    from gntdma.sched import SX_DUPOK, sx_init, sx_xlock, sx_xunlock
+
+    def take(first_flags: int, second_flags: int) -> None:
+        a, b = sx_init("s", first_flags), sx_init("s", second_flags)
+        sx_xlock(a)
+        sx_xlock(b)
+        sx_xunlock(b)
+        sx_xunlock(a)
+
+    sched.call(take, 0, SX_DUPOK)
+    assert sched.witness.reports == []
+    sched.call(take, SX_DUPOK, 0)
+    assert [r.kind for r in sched.witness.reports] == ["duplicate"]
+
+
+def test_a_duplicate_is_looked_for_in_the_lock_taken_last_only(sched: Scheduler) -> None:
+    """witness_checkorder compares the lock taken with the one taken last (``plock``):
+    "Note that we only have to check for this on the last lock we just acquired. Any
+    other cases will be caught as lock order violations." Holding c, then d, taking
+    another c is the reversal d -> c against the order c -> d just made, not a
+    duplicate."""
+    c1, d, c2 = Mutex("c"), Mutex("d"), Mutex("c")
+
+    def take() -> None:
+        mtx_lock(c1)
+        mtx_lock(d)
+        mtx_lock(c2)
+        mtx_unlock(c2)
+        mtx_unlock(d)
+        mtx_unlock(c1)
+
+    sched.call(take)
+    assert [(r.kind, r.first, r.second) for r in sched.witness.reports] == [
+        ("reversal", "d", "c")]

@@ -138,7 +138,8 @@ def _enter(s: Scheduler, t: KThread, sx: Sx, site: Site, op: str) -> None:
         raise _panic(t, "acquiring blockable sleep lock with spinlock or critical "
                         f"section held (sx) {sx.name} @ {site_str(site)}")
     if not sx.flags & SX_NOWITNESS and t.held:
-        check_order_lazy(s, t, sx.cls, site[0], site[1], False, True)
+        check_order_lazy(s, t, sx.cls, site[0], site[1], False, True,
+                         bool(sx.flags & SX_DUPOK))
     if s.point_active:
         s.point(op)
 

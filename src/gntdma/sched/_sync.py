@@ -243,7 +243,7 @@ def mtx_lock(m: Mutex) -> None:
         raise _panic(t, "acquiring blockable sleep lock with spinlock or critical "
                         f"section held (sleep mutex) {m.name} @ {site_str((code, lasti))}")
     if m._witness and t.held:  # holding nothing, there is no order to check
-        check_order_lazy(s, t, m.cls, code, lasti, m.spin, False)
+        check_order_lazy(s, t, m.cls, code, lasti, m.spin, False, m.dupok)
     if s.point_active:
         hook = s.point_hook
         if hook is None:
@@ -279,7 +279,7 @@ def mtx_lock(m: Mutex) -> None:
 
 
 def check_order_lazy(s: Scheduler, t: KThread, cls: str, code: CodeType | None, lasti: int,
-                     spin: bool, sleepable: bool) -> None:
+                     spin: bool, sleepable: bool, dupok: bool = False) -> None:
     """``check_order`` of a site in two parts, with nothing built when nothing is new.
 
     The usual case: every held lock of the same kind is of another class, the
@@ -295,7 +295,7 @@ def check_order_lazy(s: Scheduler, t: KThread, cls: str, code: CodeType | None, 
             hcls = h.cls
             if (hcls == cls or (sleepable and not h.sleepable)
                     or cls not in order.get(hcls, _NO_EDGES)):
-                check_order(s, t, cls, (code, lasti), spin, sleepable)
+                check_order(s, t, cls, (code, lasti), spin, sleepable, dupok)
                 return
 
 
@@ -304,7 +304,7 @@ _NO_EDGES: Final[dict[str, object]] = {}
 
 
 def check_order(s: Scheduler, t: KThread, cls: str, site: Site, spin: bool,
-                sleepable: bool) -> None:
+                sleepable: bool, dupok: bool = False) -> None:
     """WITNESS order check of taking class ``cls``; spin and sleep locks apart.
 
     As FreeBSD (``witness_checkorder``), spin locks are ordered among spin
@@ -313,7 +313,7 @@ def check_order(s: Scheduler, t: KThread, cls: str, site: Site, spin: bool,
     """
     held = [(h.cls, h.site_at, h.dupok, h.sleepable) for h in t.held if h.spin == spin]
     if held:
-        s.witness.check_order(t.name, held, cls, site, sleepable)
+        s.witness.check_order(t.name, held, cls, site, sleepable, dupok)
 
 
 def mtx_trylock(m: Mutex) -> int:

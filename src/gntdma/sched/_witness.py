@@ -220,15 +220,23 @@ class Witness:
         cls: str,
         site: Site,
         sleepable: bool = False,
+        dupok: bool = False,
     ) -> None:
         """Record that ``thread`` takes class ``cls`` at ``site`` while holding ``held``.
 
         ``held`` lists (class, site, dupok, sleepable) of the locks the thread
-        holds, oldest first; ``sleepable`` says whether ``cls`` is.
+        holds, oldest first; ``sleepable`` and ``dupok`` are those of the lock taken.
+
+        As ``witness_checkorder`` (sys/kern/subr_witness.c): a duplicate (a lock of
+        the class taken) is looked for in the lock taken last only, and excused by
+        the DUPOK of the lock being taken (``lock->lo_flags & LO_DUPOK``), not of
+        the one held; a lock of the same class held before others adds no edge (those
+        cases are "caught as lock order violations", against the others).
         """
         if not self.enabled:
             return
-        for hcls, hsite, dupok, hsleepable in held:
+        last = len(held) - 1
+        for i, (hcls, hsite, _held_dupok, hsleepable) in enumerate(held):
             if sleepable and not hsleepable and hcls != cls:
                 # sys/kern/subr_witness.c, witness_checkorder: a sleepable lock
                 # after a non-sleepable one is a reversal whatever the graph says.
@@ -240,7 +248,7 @@ class Witness:
                         None, "", "sleepable after non-sleepable"))
                 continue
             if hcls == cls:
-                if not dupok and (cls, cls) not in self.reported:
+                if i == last and not dupok and (cls, cls) not in self.reported:
                     self.reported.add((cls, cls))
                     self.reports.append(
                         WitnessReport("duplicate", thread, hcls, site_str(hsite), cls,
