@@ -190,7 +190,8 @@ def through_gntdma(host: Host, sc: xbd_softc, kind: str, op: str, bs: int, qd: i
         kern.kva_write(va, data)
         io = xbd_read_buf if op == "read" else xbd_write_buf
         n = 0
-        while n == 0 or host.sched.now() < deadline:  # one I/O at least: never 0 IOPS
+        # One I/O at least (never 0 IOPS); none after another thread's failed.
+        while (n == 0 or host.sched.now() < deadline) and not failed:
             off = offs[n % len(offs)]
             err = io(sc, off, va, bs)
             if err != 0:  # the others finish their I/O; the run then fails

@@ -86,3 +86,31 @@ def test_the_run_says_which_submission_it_used(tmp_path: Path) -> None:
                        cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--submit: invalid choice: 'aio'" in r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("submit", ["bio_done", "threads"])
+def test_one_failed_host_io_stops_the_sending(host: Host, tmp_path: Path, submit: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A single failed I/O (the host's 20th read fails once with EIO) ends the run with
+    no more than the I/O then in flight (qd - 1) after it: with threads, each other
+    thread stopped only at the deadline (hundreds more)."""
+    import errno
+
+    from gntdma.host.image import DiskImage
+
+    guest, (vbd,) = _guest(host, tmp_path)
+    calls = []
+    real = DiskImage.preadv
+
+    def preadv(self: DiskImage, bufs: object, offset: int) -> int:
+        calls.append(offset)
+        if len(calls) == 20:
+            raise OSError(errno.EIO, "injected")
+        return real(self, bufs, offset)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(DiskImage, "preadv", preadv)
+    with pytest.raises(AssertionError, match="error 5"):
+        block.SUBMIT[submit](host, vbd.sc, "rand", "read", 4 * KiB, 8, SIZE, 0.5)
+    assert 20 <= len(calls) <= 20 + 7
+    monkeypatch.undo()
+    host.destroy_guest(guest)
