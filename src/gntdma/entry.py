@@ -3,8 +3,9 @@
 Left to Python, SIGINT raises :class:`KeyboardInterrupt` wherever the program
 is (a traceback from the middle of an import, exit status -2) and SIGTERM
 kills it without a word (-15). This module imports nothing but the standard
-library's ``os``, ``signal``, ``sys`` and ``types``: it installs its handlers first, then
-imports the command line and runs it.
+library's ``os``, ``signal``, ``sys``, ``types`` and the interpreter's built-in
+``_thread``, ``atexit`` and ``time``: it installs its handlers first, then imports the
+command line and runs it.
 
 Until a command puts its own handlers in place (``gntdma run``'s and ``gntdma
 serve``'s :class:`~gntdma.toolstack.interrupt.InterruptGuard`, the xenstored
@@ -19,16 +20,28 @@ first is being handled is ignored. SIGINT and SIGTERM are unblocked once the
 handlers are in place: one sent while a parent held them blocked across exec
 is handled then.
 
+A signal whose handler runs where Python cannot pass an exception on (a
+weakref callback, such as the import machinery's module locks have, or a
+``__del__``) is sent again 10 ms later, to be raised where it can be. Once the
+command is done and the interpreter exits (its ``atexit`` stage on, where
+Python puts the default action back for a Python handler), SIGINT and SIGTERM
+are ignored and the command's status stands.
+
 A signal that arrives before the interpreter has run any of this (the first
-few milliseconds of the process) meets the system's default action: the
-process ends by the signal, before it has made or printed anything.
+few milliseconds of the process) meets the system's default action (the
+process ends by the signal, before it has made anything), or Python's own
+handling of SIGINT while it starts: a SIGINT while ``site`` imports is
+"Fatal Python error: init_import_site" and status 1, before gntdma has run.
 """
 
 from __future__ import annotations
 
+import _thread
+import atexit
 import os
 import signal
 import sys
+import time
 from types import FrameType
 
 __all__ = ["main"]
@@ -68,20 +81,49 @@ def _unraisable(u: sys.UnraisableHookArgs) -> None:
     """A ``_Stopped`` raised where Python cannot pass an exception on: in a weakref
     callback (the import machinery's module locks have one), a ``__del__``, a GC
     callback. Python prints it there ("Exception ignored in") and goes on, and the
-    signal would be lost. Send it again in 10 ms, from a timer thread, so that the
-    handler meets it at a point that can raise it (the hook itself cannot: not from
-    here). No SIGALRM: the timer is a thread, and ITIMER_REAL may be another's."""
+    signal would be lost. Send it again in 10 ms (``resend_later``), so that the
+    handler meets it at a point that can raise it (the hook itself cannot)."""
     global _received
     e = u.exc_value
     if isinstance(e, _Stopped) and not _finished:
-        import threading
-
         _received = 0
-        t = threading.Timer(0.01, os.kill, (os.getpid(), e.signum))
-        t.daemon = True
-        t.start()
+        resend_later(e.signum)
         return
     _unraisable_before(u)
+
+
+def resend_later(signum: int, delay: float = 0.01) -> None:
+    """Send ``signum`` to this process after ``delay`` seconds, from a new thread.
+
+    Not from a timer signal (ITIMER_REAL and SIGALRM may be another's, such as a
+    test runner's timeout), and with the interpreter's built-in ``_thread`` and
+    ``time`` only: this may run inside the import machinery."""
+    _thread.start_new_thread(_resend, (signum, delay))
+
+
+def _resend(signum: int, delay: float) -> None:
+    time.sleep(delay)
+    os.kill(os.getpid(), signum)
+
+
+def _ignore_signals() -> None:
+    """At exit (``atexit``): the interpreter is about to put the default action back
+    for Python handlers, which would let a late signal kill a finished command."""
+    for sig in _SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+_at_exit_registered = False
+
+
+def _finish() -> None:
+    """The command is done: a signal from now on ends the process at once (one line,
+    128 + the signal), and is ignored once the interpreter exits."""
+    global _finished, _at_exit_registered
+    _finished = True
+    if not _at_exit_registered:
+        _at_exit_registered = True
+        atexit.register(_ignore_signals)
 
 
 _unraisable_before = sys.unraisablehook
@@ -153,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as e:
         signum = _signum_of(e)
         if signum == 0:
-            _finished = True
+            _finish()
             raise
         _received = signum  # a second signal from here on is ignored
         for sig in _SIGNALS:  # also while the interpreter finalizes (SIG_IGN outlasts it)
@@ -162,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signum
     finally:
         sys.unraisablehook = _unraisable_before
-    _finished = True
+    _finish()
     return status
 
 

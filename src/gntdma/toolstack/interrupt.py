@@ -11,12 +11,20 @@ keeps raising it at every later turn, so that no wait of a teardown on the
 way out (a detach, a disk's release) lingers. :meth:`InterruptGuard.disarm`
 stops that before the host's own teardown. A second signal while the run
 stops is ignored: the cleanup is already under way.
+
+A signal whose :class:`Interrupted` is raised where Python cannot pass it on
+(a weakref callback, a ``__del__``: Python prints "Exception ignored in" and
+goes on) is not lost: with a host armed, the hub raises it at its next turn
+anyway; else the guard forgets it and sends the signal again 10 ms later, to be
+raised where it can be.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from types import FrameType, TracebackType
@@ -92,16 +100,22 @@ class InterruptGuard:
         self.phase = "starting"
         self._call_later: Callable[[float, Callable[[], None]], Any] | None = None
         self._old: dict[int, Any] = {}
+        self._unraisable_before: Callable[[sys.UnraisableHookArgs], Any] | None = None
 
     def __enter__(self) -> InterruptGuard:
         if threading.current_thread() is threading.main_thread():
             for sig in _SIGNALS:
                 self._old[sig] = signal.signal(sig, self._handler)
+            self._unraisable_before = sys.unraisablehook
+            sys.unraisablehook = self._unraisable
         return self
 
     def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.disarm()
+        if self._unraisable_before is not None:
+            sys.unraisablehook = self._unraisable_before
+            self._unraisable_before = None
         if not self._old:
             return
         # Blocked while the handlers are put back: a signal in between reaches the
@@ -138,6 +152,19 @@ class InterruptGuard:
                 self._call_later(0.0, self._fire)  # later waits end at once too
             raise Interrupted(signum, self.phase)
         self._call_later(0.0, self._fire)
+
+    def _unraisable(self, u: sys.UnraisableHookArgs) -> None:
+        """This guard's ``Interrupted`` raised where Python cannot pass it on."""
+        e = u.exc_value
+        if isinstance(e, Interrupted) and e.signum == self.signum:
+            if self._call_later is None:  # nothing else raises it: deliver it again
+                self.signum = 0
+                timer = threading.Timer(0.01, os.kill, (os.getpid(), e.signum))
+                timer.daemon = True
+                timer.start()
+            return  # armed: the hub's _fire raises it at its next turn
+        assert self._unraisable_before is not None
+        self._unraisable_before(u)
 
     def _fire(self) -> None:
         if self._call_later is not None:
