@@ -102,3 +102,56 @@ def test_a_duplicate_is_looked_for_in_the_lock_taken_last_only(sched: Scheduler)
     sched.call(take)
     assert [(r.kind, r.first, r.second) for r in sched.witness.reports] == [
         ("reversal", "d", "c")]
+
+
+def test_a_lock_without_witness_is_not_the_lock_taken_last(sched: Scheduler) -> None:
+    """subr_witness.c, witness_lock: ``if (... (w = lock->lo_witness) == NULL) return;``
+    a MTX_NOWITNESS/SX_NOWITNESS lock never goes on the thread's lock list, so taking
+    A, N (no witness), A is a duplicate of A: the last lock on the list (it was hidden)."""
+    from gntdma.sched import MTX_NOWITNESS, MTX_SPIN, SX_NOWITNESS, sx_init, sx_xlock, sx_xunlock
+
+    def mutexes(flags: int) -> None:
+        a1, n, a2 = Mutex("A", flags), Mutex("N", flags | MTX_NOWITNESS), Mutex("A", flags)
+        for m in (a1, n, a2):
+            mtx_lock(m)
+        for m in (a2, n, a1):
+            mtx_unlock(m)
+
+    def sxs() -> None:
+        a1, n, a2 = sx_init("S"), sx_init("NS", SX_NOWITNESS), sx_init("S")
+        for x in (a1, n, a2):
+            sx_xlock(x)
+        for x in (a2, n, a1):
+            sx_xunlock(x)
+
+    for run, cls in ((lambda: mutexes(0), "A"), (lambda: mutexes(MTX_SPIN), "A"), (sxs, "S")):
+        sched.witness.reset()
+        sched.call(run)
+        assert [(r.kind, r.first) for r in sched.witness.reports] == [("duplicate", cls)]
+
+
+def test_a_lock_without_witness_is_no_source_of_order(sched: Scheduler) -> None:
+    """Taking B while holding a NOWITNESS N records no N -> B; so taking a witnessed
+    lock of N's class while holding B is no reversal."""
+    from gntdma.sched import MTX_NOWITNESS
+
+    n, b, n2 = Mutex("N", MTX_NOWITNESS), Mutex("B"), Mutex("N")
+    sched.call(_take, n, b)
+    sched.call(_take, b, n2)
+    assert sched.witness.reports == []
+    assert "N" not in sched.witness.order
+
+
+def test_sleeping_with_a_sleep_mutex_without_witness_is_no_report(sched: Scheduler) -> None:
+    """witness_warn lists the thread's lock list: a NOWITNESS sleep mutex is not on it."""
+    from gntdma.sched import MTX_NOWITNESS, tsleep
+
+    def sleep_holding(m: Mutex) -> None:
+        mtx_lock(m)
+        tsleep(object(), "nap", 0.001)
+        mtx_unlock(m)
+
+    sched.call(sleep_holding, Mutex("quiet", MTX_NOWITNESS))
+    assert sched.witness.reports == []
+    sched.call(sleep_holding, Mutex("loud"))
+    assert [r.kind for r in sched.witness.reports] != []

@@ -147,6 +147,9 @@ class Held(Protocol):
     @property
     def shared(self) -> bool: ...
 
+    @property
+    def witness(self) -> bool: ...
+
 
 @dataclass(slots=True)
 class HeldLock:
@@ -163,6 +166,8 @@ class HeldLock:
     sleepable: bool
     spin: bool = False
     shared: bool = False
+    #: Checked by WITNESS (no SX_NOWITNESS).
+    witness: bool = True
 
     @property
     def site(self) -> str:

@@ -259,7 +259,10 @@ def sleep_check(s: Scheduler, t: KThread, wmesg: str, interlock: object | None) 
             break
     else:
         return
-    bad = [h for h in t.held if h.lock is not interlock and not h.sleepable]
+    # A sleep mutex without WITNESS is not on WITNESS's list (witness_lock returns at
+    # once for it); a spin mutex is a critical section whatever WITNESS knows.
+    bad = [h for h in t.held if h.lock is not interlock and not h.sleepable
+           and (h.witness or h.spin)]
     if not bad:
         return
     text = (f'Sleeping on "{wmesg}" with the following non-sleepable locks held:'

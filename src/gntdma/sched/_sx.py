@@ -153,7 +153,8 @@ def _holds_shared(t: KThread) -> bool:
 
 
 def _hold(t: KThread, sx: Sx, site: Site, shared: bool) -> None:
-    t.held.append(HeldLock(sx, sx.cls, site, bool(sx.flags & SX_DUPOK), True, False, shared))
+    t.held.append(HeldLock(sx, sx.cls, site, bool(sx.flags & SX_DUPOK), True, False, shared,
+                           not sx.flags & SX_NOWITNESS))
     if _tr is not None:
         _tr.lock_acquired(t, sx, shared)
 

@@ -144,8 +144,8 @@ class Mutex:
     FreeBSD keeps the acquisition's file and line in the lock itself.
     """
 
-    __slots__ = ("_recurse_ok", "_witness", "cls", "dupok", "flags", "name", "owner", "recurse",
-                 "site_code", "site_lasti", "spin", "waiters")
+    __slots__ = ("_recurse_ok", "cls", "dupok", "flags", "name", "owner", "recurse",
+                 "site_code", "site_lasti", "spin", "waiters", "witness")
 
     #: FreeBSD's LO_SLEEPABLE: never for a mutex; a mutex is never held shared.
     sleepable: Final = False
@@ -160,7 +160,7 @@ class Mutex:
         bits = _FLAG_BITS.get(flags) if kind is int or kind is MtxFlags else None
         if bits is None:
             bits = _flag_bits(flags)
-        self.flags, self._recurse_ok, self.spin, self.dupok, self._witness = bits
+        self.flags, self._recurse_ok, self.spin, self.dupok, self.witness = bits
         self.owner: KThread | None = None
         self.recurse = 0
         #: The threads waiting for it, made at the first contention.
@@ -242,7 +242,7 @@ def mtx_lock(m: Mutex) -> None:
         # sys/kern/subr_witness.c, witness_checkorder: sleep locks before spin locks.
         raise _panic(t, "acquiring blockable sleep lock with spinlock or critical "
                         f"section held (sleep mutex) {m.name} @ {site_str((code, lasti))}")
-    if m._witness and t.held:  # holding nothing, there is no order to check
+    if m.witness and t.held:  # holding nothing, there is no order to check
         check_order_lazy(s, t, m.cls, code, lasti, m.spin, False, m.dupok)
     if s.point_active:
         hook = s.point_hook
@@ -291,7 +291,7 @@ def check_order_lazy(s: Scheduler, t: KThread, cls: str, code: CodeType | None, 
         return
     order = w.order
     for h in t.held:
-        if h.spin == spin:
+        if h.spin == spin and h.witness:
             hcls = h.cls
             if (hcls == cls or (sleepable and not h.sleepable)
                     or cls not in order.get(hcls, _NO_EDGES)):
@@ -309,9 +309,13 @@ def check_order(s: Scheduler, t: KThread, cls: str, site: Site, spin: bool,
 
     As FreeBSD (``witness_checkorder``), spin locks are ordered among spin
     locks and sleep locks among sleep locks (every sleep lock comes before every
-    spin lock, enforced by the critical-section panic).
+    spin lock, enforced by the critical-section panic). A lock without WITNESS
+    (MTX_NOWITNESS, SX_NOWITNESS) is not in the list at all: ``witness_lock``
+    returns at once for a lock without a witness, so it is neither the lock taken
+    last nor a source of order.
     """
-    held = [(h.cls, h.site_at, h.dupok, h.sleepable) for h in t.held if h.spin == spin]
+    held = [(h.cls, h.site_at, h.dupok, h.sleepable) for h in t.held
+            if h.spin == spin and h.witness]
     if held:
         s.witness.check_order(t.name, held, cls, site, sleepable, dupok)
 
