@@ -412,19 +412,24 @@ def main(argv: list[str] | None = None) -> int:
         return xl_command(args.socket, args.verb, list(args.args))
     from gntdma.errors import ConfigError
     from gntdma.toolstack.explorecmd import replay_command
+    from gntdma.toolstack.interrupt import Interrupted, ScheduleInterruptGuard
 
-    try:
-        if args.command == "explore":
-            return _explore(args, out)
-        if args.command == "replay":
-            return _traced(args, out, lambda say: replay_command(args.file, say=say,
-                                                                 scenario=args.scenario))
-    except ConfigError as e:
-        print(f"gntdma {args.command}: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"gntdma {args.command}: interrupted by SIGINT", file=sys.stderr)
-        return 130
+    with ScheduleInterruptGuard():
+        try:
+            if args.command == "explore":
+                return _explore(args, out)
+            if args.command == "replay":
+                return _traced(args, out, lambda say: replay_command(
+                    args.file, say=say, scenario=args.scenario))
+        except ConfigError as e:
+            print(f"gntdma {args.command}: {e}", file=sys.stderr)
+            return 2
+        except Interrupted as e:
+            print(f"gntdma {args.command}: interrupted by {e.name}", file=sys.stderr)
+            return e.status
+        except KeyboardInterrupt:
+            print(f"gntdma {args.command}: interrupted by SIGINT", file=sys.stderr)
+            return 130
     return 2
 
 

@@ -243,3 +243,51 @@ def test_a_finished_command_ignores_signals_once_the_interpreter_exits(
     r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
                        text=True, timeout=60, env=subprocess_env(tmp_path))
     assert (r.returncode, r.stderr) == (0, "")
+
+
+_IN_KERNEL_SCRIPT = """
+import os, signal, sys
+from gntdma import entry
+count = [0]
+def hook(event, args):
+    # sys._getframe is what a lock or a sleep calls to find its site: kernel code.
+    if event == "sys._getframe":
+        count[0] += 1
+        if count[0] == {at}:
+            open("sent", "w").close()  # the test is not vacuous
+            os.kill(os.getpid(), signal.SIG{sig})
+sys.addaudithook(hook)
+sys.exit(entry.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("sig", SIGS, ids=lambda s: s.name)
+@pytest.mark.parametrize("at", [50, 80])  # the replayed schedule: events 37 to 145
+def test_replay_and_explore_interrupted_in_kernel_code(
+        tmp_path: Path, sig: signal.Signals, at: int) -> None:
+    """A signal whose handler runs in a schedule's kernel code raised there: the thread
+    died half-way, and replay said "replay diverged" (status 2) or explore reported a
+    false failure and wrote a replay file (an outside review). The schedule in progress
+    now ends as it would, then the command ends: one line, 128 + signum."""
+    tmp, work = _dirs(tmp_path)
+    env = subprocess_env(tmp)
+    rep = work / "gs.json"
+    r = subprocess.run([GNTDMA, "explore", "gnttab-shortage-blkfront", "--callback-delivery",
+                        "inline", "--schedules", "5", "--out", str(rep), "--dashboard", "off"],
+                       cwd=work, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and rep.exists(), (r.stdout[-800:], r.stderr[-800:])
+    script = _IN_KERNEL_SCRIPT.replace("{at}", str(at)).replace("{sig}", sig.name[3:])
+    for cmd in (["replay", str(rep)],
+                ["explore", "gnttab-shortage-blkfront", "--schedules", "300",
+                 "--dashboard", "off", "--out", str(work / "x.json")]):
+        r = subprocess.run([sys.executable, "-c", script, *cmd], cwd=work, env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert (work / "sent").exists(), (cmd, r.stdout[-800:], r.stderr[-800:])
+        (work / "sent").unlink()
+        assert r.stderr == f"gntdma {cmd[0]}: interrupted by {sig.name}\n", (
+            r.stdout[-800:], r.stderr[-800:])
+        assert r.returncode == 128 + sig
+        assert "diverged" not in r.stdout and "failed" not in r.stdout, r.stdout[-800:]
+    assert not (work / "x.json").exists()
+    assert os.listdir(tmp) == []

@@ -39,6 +39,8 @@ from gntdma.sched._explore import (
     ScheduleGc,
     explore,
     run_once,
+    schedule_running,
+    stop_after_schedule,
     strategy_stream,
 )
 from gntdma.sched._reactor import Reactor
@@ -170,6 +172,8 @@ __all__ = [
     "StepLimitExceeded",
     "explore",
     "run_once",
+    "schedule_running",
+    "stop_after_schedule",
     "strategy_stream",
     "MA_NOTOWNED",
     "MA_NOTRECURSED",

@@ -43,6 +43,8 @@ __all__ = [
     "ScheduleGc",
     "explore",
     "run_once",
+    "schedule_running",
+    "stop_after_schedule",
     "strategy_stream",
 ]
 
@@ -70,10 +72,45 @@ class Outcome:
                 "schedule": self.schedule.to_json()}
 
 
+#: Whether ``run_once`` is running a schedule, and what to raise once it is done.
+_running = False
+_stop: list[BaseException] = []
+
+
+def schedule_running() -> bool:
+    """Whether a schedule runs now (``run_once``, in this process)."""
+    return _running
+
+
+def stop_after_schedule(exc: BaseException) -> None:
+    """Have the schedule in progress end as it would, then ``run_once`` raise ``exc``.
+
+    For a signal handler (``explore``, ``replay``): raised inside the schedule, the
+    exception would be a failure of it (a kernel thread ended half-way, a hub step cut
+    short, a teardown panicking over them). The first one asked for is kept.
+    """
+    if not _stop:
+        _stop.append(exc)
+
+
 def run_once(scenario: Scenario, strategy: RecordingStrategy, *,
              max_steps: int = 200_000, workers: WorkerPool | None = None) -> Outcome:
     """Run ``scenario`` once under ``strategy``; classify how it ended. ``workers``:
-    the greenlets of the runs before, kept for this one's threads."""
+    the greenlets of the runs before, kept for this one's threads.
+
+    Raises what ``stop_after_schedule`` was given while it ran, once it is done."""
+    global _running
+    _running = True
+    try:
+        return _run_once(scenario, strategy, max_steps, workers)
+    finally:
+        _running = False
+        if _stop:
+            raise _stop.pop()  # the signal's, in place of the outcome or another error
+
+
+def _run_once(scenario: Scenario, strategy: RecordingStrategy, max_steps: int,
+              workers: WorkerPool | None) -> Outcome:
     witness = Witness()
     s = Scheduler(strategy=strategy, clock=VirtualClock(), io_mode="inline",
                   witness=witness, max_steps=max_steps, workers=workers).install()

@@ -32,7 +32,10 @@ from typing import Any
 
 import greenlet
 
-__all__ = ["InterruptGuard", "Interrupted", "ignore_later_signals", "signals_deferred"]
+from gntdma.sched import schedule_running, stop_after_schedule
+
+__all__ = ["InterruptGuard", "Interrupted", "ScheduleInterruptGuard", "ignore_later_signals",
+           "signals_deferred"]
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -170,3 +173,24 @@ class InterruptGuard:
         if self._call_later is not None:
             self._call_later(0.0, self._fire)
         raise Interrupted(self.signum, self.phase)
+
+
+class ScheduleInterruptGuard(InterruptGuard):
+    """SIGINT/SIGTERM handlers for ``gntdma explore`` and ``gntdma replay``.
+
+    A signal while a schedule runs (:func:`gntdma.sched.schedule_running`) ends
+    it once the schedule is done (:func:`gntdma.sched.stop_after_schedule`):
+    raised inside it, the exception would be a failure of the schedule (a kernel
+    thread ended half-way, a hub step cut short, its teardown panicking over them)
+    or a replay's divergence. At any other moment it is raised at once. The
+    schedule in progress runs to its end: a few ms, at most ``max_steps`` steps.
+    """
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum != 0:
+            return  # already stopping
+        self.signum = signum
+        if schedule_running():
+            stop_after_schedule(Interrupted(signum, self.phase))
+            return
+        raise Interrupted(signum, self.phase)
