@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -122,6 +123,16 @@ def test_serve_signal_early_interrupts_late_ends_normally(
         assert p.returncode == 128 + sig
 
 
+def _main_in_process(main: Callable[[list[str]], int], status: int) -> None:
+    """``entry.main(["run"])`` in this process, its status, and pytest's handlers back."""
+    try:
+        assert main(["run"]) == status
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT
+                          else signal.SIG_DFL)
+
+
 def test_a_signal_wrapped_by_class_creation_is_still_one_line(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """A signal that arrives while a dataclass field's ``__set_name__`` runs (a module
@@ -137,12 +148,7 @@ def test_a_signal_wrapped_by_class_creation_is_still_one_line(
         return 0
 
     monkeypatch.setattr(cli, "main", interrupted)
-    try:
-        assert entry.main(["run"]) == 130
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT
-                          else signal.SIG_DFL)
+    _main_in_process(entry.main, 130)
     assert capsys.readouterr().err == "gntdma run: interrupted by SIGINT\n"
 
 
@@ -176,12 +182,7 @@ def test_a_signal_in_a_weakref_callback_is_delivered_again(
     monkeypatch.setattr(cli, "main", interrupted)
     hook = sys.unraisablehook
     t0 = time.monotonic()
-    try:
-        assert entry.main(["run"]) == 130
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT
-                          else signal.SIG_DFL)
+    _main_in_process(entry.main, 130)
     assert time.monotonic() - t0 < 2
     assert capsys.readouterr().err == "gntdma run: interrupted by SIGINT\n"
     assert sys.unraisablehook is hook  # put back
