@@ -93,17 +93,20 @@ def _unraisable(u: sys.UnraisableHookArgs) -> None:
 
 
 def resend_later(signum: int, delay: float = 0.01) -> None:
-    """Send ``signum`` to this process after ``delay`` seconds, from a new thread.
+    """Send ``signum`` to the main thread after ``delay`` seconds, from a new thread.
 
     Not from a timer signal (ITIMER_REAL and SIGALRM may be another's, such as a
     test runner's timeout), and with the interpreter's built-in ``_thread`` and
-    ``time`` only: this may run inside the import machinery."""
-    _thread.start_new_thread(_resend, (signum, delay))
+    ``time`` only: this may run inside the import machinery. To the main thread,
+    not the process: while the main thread holds the signal blocked (a command
+    recording a resource it made), a process-directed one would go to another
+    thread and be handled at once."""
+    _thread.start_new_thread(_resend, (signum, delay, _main_thread))
 
 
-def _resend(signum: int, delay: float) -> None:
+def _resend(signum: int, delay: float, thread: int) -> None:
     time.sleep(delay)
-    os.kill(os.getpid(), signum)
+    signal.pthread_kill(thread, signum)
 
 
 def _ignore_signals() -> None:
@@ -172,12 +175,14 @@ def _command(argv: list[str]) -> str:
 
 
 _name = "gntdma"
+_main_thread = _thread.get_ident()  # main() sets it again: the thread that runs it
 
 
 def main(argv: list[str] | None = None) -> int:
     """Install the handlers, then run ``gntdma.cli.main``; its exit status."""
-    global _received, _finished, _name, _unraisable_before
+    global _received, _finished, _name, _unraisable_before, _main_thread
     _received, _finished = 0, False
+    _main_thread = _thread.get_ident()
     for sig in _SIGNALS:
         signal.signal(sig, _handler)
     if sys.unraisablehook is not _unraisable:

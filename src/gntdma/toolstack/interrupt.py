@@ -22,7 +22,6 @@ raised where it can be.
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import sys
 import threading
@@ -63,17 +62,38 @@ def signals_deferred() -> Iterator[None]:
     """Hold SIGINT and SIGTERM back while a resource is made and recorded.
 
     Between creating a temporary directory or socket and keeping the name that
-    removes it, a signal would leave it behind; blocked, it is delivered (and
-    raised) once the block ends, with the resource recorded.
+    removes it, a signal would leave it behind; held back, it is delivered (and
+    raised) once the block ends, with the resource recorded. The caller's
+    cleanup must already cover that moment: make the resource inside the
+    ``try`` whose ``finally`` removes it.
+
+    Blocking the signals in the main thread is not enough while other threads
+    run: the kernel then gives a process-directed signal to one of them, and
+    Python runs the handler in the main thread all the same. So the handlers
+    are also swapped for one that only notes the signal, and a noted signal is
+    sent to the main thread again, to the handlers put back, when the block ends.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    noted: list[int] = []
+
+    def note(signum: int, frame: FrameType | None) -> None:
+        if signum not in noted:
+            noted.append(signum)
+
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    old = {sig: signal.signal(sig, note) for sig in _SIGNALS}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for sig, handler in old.items():
+            if signal.getsignal(sig) is note:  # unless the block set its own
+                signal.signal(sig, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        main = threading.get_ident()
+        for signum in noted:
+            signal.pthread_kill(main, signum)
 
 
 def ignore_later_signals() -> None:
@@ -162,7 +182,11 @@ class InterruptGuard:
         if isinstance(e, Interrupted) and e.signum == self.signum:
             if self._call_later is None:  # nothing else raises it: deliver it again
                 self.signum = 0
-                timer = threading.Timer(0.01, os.kill, (os.getpid(), e.signum))
+                # To the main thread: a thread-directed signal waits there while
+                # signals_deferred blocks it (a process-directed one would not).
+                main = threading.main_thread().ident
+                assert main is not None
+                timer = threading.Timer(0.01, signal.pthread_kill, (main, e.signum))
                 timer.daemon = True
                 timer.start()
             return  # armed: the hub's _fire raises it at its next turn

@@ -107,9 +107,12 @@ def run_main_job(configs: Sequence[Path] | Path | None = None, *, seed: int = 0,
         from gntdma.toolstack.dashboard import RunView
 
         view = RunView(dashboard=dashboard)
-    with signals_deferred():
-        tmp = Path(tempfile.mkdtemp(prefix="gntdma-run-"))
+    # Made inside the try that removes it: a signal held back while it is made is
+    # raised as the deferral ends, with the name recorded.
+    tmp: Path | None = None
     try:
+        with signals_deferred():
+            tmp = Path(tempfile.mkdtemp(prefix="gntdma-run-"))
         plan = plan_run(configs, overwrite=overwrite, default=default_config(),
                         default_image_dir=tmp)
         for note in notes + plan.notes:
@@ -117,18 +120,21 @@ def run_main_job(configs: Sequence[Path] | Path | None = None, *, seed: int = 0,
         tunables = apply_debug_options(plan, dma_debug=dma_debug, junk_fill=junk_fill,
                                        log=log)
         guard.phase = "opening the images"
-        with signals_deferred():
-            images = open_images(plan, tmp)
+        images: OpenImages | None = None
         try:
+            with signals_deferred():
+                images = open_images(plan, tmp)
             if control is None and hold:
                 control = tmp / "xl.sock"
             report = _run(plan, images, seed, duration, threads, log, hold, guard,
                           stall_timeout, view, control=control)
         finally:
             guard.disarm()
-            images.close()
+            if images is not None:
+                images.close()
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     report.figures = {
         "version": gntdma.__version__,
         "configs": [str(p) for p in configs] or ["<built-in default>"],

@@ -191,9 +191,11 @@ def serve_main(configs: Sequence[Path], *, nbd_path: Path | None = None,
         from gntdma.toolstack.dashboard import RunView
 
         view = RunView(dashboard=dashboard)
-    with signals_deferred():
-        tmp = Path(tempfile.mkdtemp(prefix="gntdma-serve-"))
+    # Made inside the try that removes it (see run_main_job).
+    tmp: Path | None = None
     try:
+        with signals_deferred():
+            tmp = Path(tempfile.mkdtemp(prefix="gntdma-serve-"))
         plan = plan_run(configs, overwrite=overwrite, default=default_config(),
                         default_image_dir=tmp)
         for note in plan.notes:
@@ -203,16 +205,19 @@ def serve_main(configs: Sequence[Path], *, nbd_path: Path | None = None,
         if tcp is not None and tcp[2] is not None:
             log(tcp[2])
         guard.phase = "opening the images"
-        with signals_deferred():
-            images = open_images(plan, tmp)
+        images: OpenImages | None = None
         try:
+            with signals_deferred():
+                images = open_images(plan, tmp)
             report = _serve(plan, images, seed, nbd_path, tcp, log, guard, stop, limits,
                             view, control=control if control is not None else tmp / "xl.sock")
         finally:
             guard.disarm()
-            images.close()
+            if images is not None:
+                images.close()
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     report.figures = {"version": gntdma.__version__,
                       "configs": [str(p) for p in configs] or ["<built-in default>"],
                       "seed": seed, "overwrite": overwrite, "notes": plan.notes,

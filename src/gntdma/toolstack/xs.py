@@ -52,6 +52,7 @@ from gntdma.abi.xen import PAGE_SIZE
 from gntdma.errors import GntdmaError
 from gntdma.hv import DomainMemory, DomainStatistics, Hypervisor
 from gntdma.sched import Scheduler, tsleep, wakeup
+from gntdma.toolstack.interrupt import signals_deferred
 from gntdma.xen.xenbus import (
     XENBUS_KEY_BACKEND,
     XENBUS_KEY_BACKEND_ID,
@@ -623,21 +624,27 @@ class XenstoredSocket:
     """
 
     def __init__(self, xenstored: Xenstored, path: str | None = None) -> None:
-        self._tmpdir: str | None = None
-        if path is None:
-            self._tmpdir = tempfile.mkdtemp(prefix=f"gntdma-{os.getpid()}-",
-                                            dir=_runtime_dir())
-            path = os.path.join(self._tmpdir, "xenstored.sock")
-        self.path = path
         # The socket server is imported here: a host without a socket does not need it.
         from gntdma.xenstored._socket import XenstoredServer
 
+        self._tmpdir: str | None = None
+        server: XenstoredServer | None = None
         try:
-            self.server = XenstoredServer(xenstored, path)
-            self.server.start()
+            if path is None:
+                with signals_deferred():
+                    self._tmpdir = tempfile.mkdtemp(prefix=f"gntdma-{os.getpid()}-",
+                                                    dir=_runtime_dir())
+                path = os.path.join(self._tmpdir, "xenstored.sock")
+            self.path = path
+            with signals_deferred():
+                server = XenstoredServer(xenstored, path)
+            server.start()
         except BaseException:
+            if server is not None:
+                server.close()
             self._remove_dir()
             raise
+        self.server = server
 
     def __enter__(self) -> XenstoredSocket:
         return self
