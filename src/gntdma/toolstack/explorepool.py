@@ -43,6 +43,7 @@ from gntdma.toolstack.explorejobs import (
     run_chunk,
 )
 from gntdma.toolstack.scenarios import BUILTIN_SCENARIOS, SCENARIOS
+from gntdma.toolstack.spawnworker import spawn_context
 
 __all__ = ["Campaign", "local_pool", "replay_in_child", "run_campaign", "run_local"]
 
@@ -153,7 +154,7 @@ class Campaign:
 
 
 def _spawn() -> multiprocessing.context.SpawnContext:
-    return multiprocessing.get_context("spawn")
+    return spawn_context()  # spawned workers that leave Ctrl-C to the command
 
 
 def local_pool(jobs: int) -> Callable[[], Executor]:
