@@ -89,6 +89,39 @@ def handlers() -> Iterator[None]:
         _sender = None
         for sig, h in old.items():
             signal.signal(sig, h)
+    # Nothing held back after the test: a mask left blocked is inherited by every
+    # process started later (seen: a pool worker deaf to terminate()).
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == set()
+
+
+@pytest.mark.usefixtures("handlers")
+def test_a_handler_raising_as_it_is_put_back_leaves_nothing_behind(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A signal another thread took just before the block ends runs the handler put
+    back, which raises in the middle of putting them back: the other handler and
+    the signal mask are restored all the same (the full suite once saw SIGTERM
+    left blocked, inherited by every later subprocess)."""
+    real = signal.signal
+
+    def sigterm_handler(signum: int, frame: FrameType | None) -> None:
+        pass
+
+    def signal_then_late_handler(sig: int, handler: Any) -> Any:
+        prev = real(sig, handler)
+        if handler is _raise:
+            _raise(sig, None)  # the late handler runs right as it is put back
+        return prev
+
+    real(signal.SIGINT, _raise)
+    real(signal.SIGTERM, sigterm_handler)
+    monkeypatch.setattr(signal, "signal", signal_then_late_handler)
+    with pytest.raises(_Raised):
+        with signals_deferred():
+            pass
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGTERM) is sigterm_handler
+    assert signal.getsignal(signal.SIGINT) is _raise
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == set()
 
 
 @pytest.mark.usefixtures("handlers")

@@ -34,9 +34,15 @@ def test_a_pool_worker_ignores_sigint_and_keeps_sigterm() -> None:
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == set()
 
 
-def test_a_worker_still_ends_on_sigterm() -> None:
+@pytest.mark.parametrize("held", [(), (signal.SIGTERM,)])
+def test_a_worker_still_ends_on_sigterm(held: tuple[int, ...]) -> None:
+    """Also when the starting thread held SIGTERM blocked (the mask crosses exec)."""
     p = spawn_context().Process(target=time.sleep, args=(60,), daemon=True)
-    p.start()
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        p.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     deadline = time.monotonic() + 30
     while p.pid is None and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -82,18 +82,34 @@ def signals_deferred() -> Iterator[None]:
         if signum not in noted:
             noted.append(signum)
 
+    def put_back(sig: int) -> None:
+        if signal.getsignal(sig) is note:  # unless the block set its own
+            signal.signal(sig, old[sig])
+
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
-    old = {sig: signal.signal(sig, note) for sig in _SIGNALS}
+    old: dict[int, Any] = {}
     try:
+        for sig in _SIGNALS:
+            old[sig] = signal.signal(sig, note)
         yield
     finally:
-        for sig, handler in old.items():
-            if signal.getsignal(sig) is note:  # unless the block set its own
-                signal.signal(sig, handler)
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        main = threading.get_ident()
-        for signum in noted:
-            signal.pthread_kill(main, signum)
+        # A signal another thread took just now may still run a handler put back
+        # here, and raise: every step below happens all the same (a mask or a
+        # handler left behind would outlive the command's own handling).
+        try:
+            try:
+                if signal.SIGINT in old:
+                    put_back(signal.SIGINT)
+            finally:
+                if signal.SIGTERM in old:
+                    put_back(signal.SIGTERM)
+        finally:
+            try:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            finally:
+                main = threading.get_ident()
+                for signum in noted:
+                    signal.pthread_kill(main, signum)
 
 
 def ignore_later_signals() -> None:

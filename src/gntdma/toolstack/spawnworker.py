@@ -42,7 +42,9 @@ class _QuietProcess(multiprocessing.context.SpawnProcess):
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Unpickled in the child only, in its main thread, before its target.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGINT)
+        # SIGTERM too: a parent that held it blocked (a command recording a
+        # resource) must not leave its workers deaf to terminate().
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM))
         self.__dict__.update(state)
 
 
