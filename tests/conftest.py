@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,6 +10,18 @@ import pytest
 
 from gntdma.sched import WITNESS, Scheduler
 from gntdma.toolstack.host import Host
+
+
+@pytest.fixture(autouse=True)
+def _no_signal_held_back() -> Iterator[None]:
+    """No test leaves a signal blocked in the main thread: every process started
+    after it would inherit the mask (seen once: daemons deaf to SIGINT, a pool
+    worker deaf to terminate(), a dozen failures far from the cause)."""
+    yield
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    if held:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+        pytest.fail(f"the test left {sorted(s.name for s in held)} blocked")
 
 
 @pytest.fixture

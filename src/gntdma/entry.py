@@ -3,8 +3,8 @@
 Left to Python, SIGINT raises :class:`KeyboardInterrupt` wherever the program
 is (a traceback from the middle of an import, exit status -2) and SIGTERM
 kills it without a word (-15). This module imports nothing but the standard
-library's ``os``, ``signal``, ``sys``, ``types`` and the interpreter's built-in
-``_thread``, ``atexit`` and ``time``: it installs its handlers first, then imports the
+library's ``signal``, ``sys``, ``types`` and the interpreter's built-in
+``_thread`` and ``time``: it installs its handlers first, then imports the
 command line and runs it.
 
 Until a command puts its own handlers in place (``gntdma run``'s and ``gntdma
@@ -22,10 +22,10 @@ is handled then.
 
 A signal whose handler runs where Python cannot pass an exception on (a
 weakref callback, such as the import machinery's module locks have, or a
-``__del__``) is sent again 10 ms later, to be raised where it can be. Once the
-command is done and the interpreter exits (its ``atexit`` stage on, where
-Python puts the default action back for a Python handler), SIGINT and SIGTERM
-are ignored and the command's status stands.
+``__del__``) is sent again 10 ms later, to be raised where it can be; if the
+command returns before that, it ends with that signal's line and status all
+the same. Once the command has returned its status, SIGINT and SIGTERM are
+ignored to the process's exit: the status stands.
 
 A signal that arrives before the interpreter has run any of this (the first
 few milliseconds of the process) meets the system's default action (the
@@ -37,8 +37,6 @@ handling of SIGINT while it starts: a SIGINT while ``site`` imports is
 from __future__ import annotations
 
 import _thread
-import atexit
-import os
 import signal
 import sys
 import time
@@ -64,16 +62,16 @@ _received = 0
 _finished = False
 
 
+#: A signal swallowed where it could not be raised, to be sent again (0: none).
+_pending = 0
+
+
 def _handler(signum: int, frame: FrameType | None) -> None:
-    global _received
+    global _received, _pending
+    _pending = 0
     if _received != 0:
         return  # already stopping
     _received = signum
-    if _finished:
-        # The command is done and the interpreter is on its way out: nothing to
-        # unwind, so no exception that could surface as a traceback.
-        _say(signum)
-        os._exit(128 + signum)
     raise _Stopped(signum)
 
 
@@ -83,10 +81,11 @@ def _unraisable(u: sys.UnraisableHookArgs) -> None:
     callback. Python prints it there ("Exception ignored in") and goes on, and the
     signal would be lost. Send it again in 10 ms (``resend_later``), so that the
     handler meets it at a point that can raise it (the hook itself cannot)."""
-    global _received
+    global _received, _pending
     e = u.exc_value
     if isinstance(e, _Stopped) and not _finished:
         _received = 0
+        _pending = e.signum
         resend_later(e.signum)
         return
     _unraisable_before(u)
@@ -109,24 +108,14 @@ def _resend(signum: int, delay: float, thread: int) -> None:
     signal.pthread_kill(thread, signum)
 
 
-def _ignore_signals() -> None:
-    """At exit (``atexit``): the interpreter is about to put the default action back
-    for Python handlers, which would let a late signal kill a finished command."""
+def _finish() -> None:
+    """The command has returned its status: it stands. SIGINT and SIGTERM are
+    ignored from now on (``SIG_IGN`` also outlasts the interpreter's finalization,
+    which puts the default action back for a Python handler)."""
+    global _finished
     for sig in _SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
-
-
-_at_exit_registered = False
-
-
-def _finish() -> None:
-    """The command is done: a signal from now on ends the process at once (one line,
-    128 + the signal), and is ignored once the interpreter exits."""
-    global _finished, _at_exit_registered
     _finished = True
-    if not _at_exit_registered:
-        _at_exit_registered = True
-        atexit.register(_ignore_signals)
 
 
 _unraisable_before = sys.unraisablehook
@@ -180,23 +169,29 @@ _main_thread = _thread.get_ident()  # main() sets it again: the thread that runs
 
 def main(argv: list[str] | None = None) -> int:
     """Install the handlers, then run ``gntdma.cli.main``; its exit status."""
-    global _received, _finished, _name, _unraisable_before, _main_thread
-    _received, _finished = 0, False
+    global _received, _finished, _pending, _name, _unraisable_before, _main_thread
+    _received, _finished, _pending = 0, False, 0
     _main_thread = _thread.get_ident()
-    for sig in _SIGNALS:
-        signal.signal(sig, _handler)
+    args = sys.argv[1:] if argv is None else argv
+    _name = _command(args)
     if sys.unraisablehook is not _unraisable:
         _unraisable_before = sys.unraisablehook
         sys.unraisablehook = _unraisable
-    args = sys.argv[1:] if argv is None else argv
-    _name = _command(args)
     try:
+        # In the try: a signal the moment a handler is in place ends the command.
+        for sig in _SIGNALS:
+            signal.signal(sig, _handler)
         # Handled from here on: a signal held back by whoever started us (blocked
         # across exec) is delivered now, to these handlers.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
         from gntdma import cli
 
         status = cli.main(args)
+        if _pending != 0:
+            # A signal the command swallowed, not yet delivered again: it came
+            # while the command ran, so it ends it.
+            raise _Stopped(_pending)
+        _finish()  # in the try: a signal until it is done ends the command
     except BaseException as e:
         signum = _signum_of(e)
         if signum == 0:
@@ -209,7 +204,6 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signum
     finally:
         sys.unraisablehook = _unraisable_before
-    _finish()
     return status
 
 

@@ -226,3 +226,57 @@ def test_the_xenstored_socket_interrupted_as_its_dir_is_made_removes_it(
         with InterruptGuard():
             XenstoredSocket(Xenstored())
     assert len(made) == 1 and list(tmp_path.iterdir()) == []
+
+
+def _signal_before(monkeypatch: pytest.MonkeyPatch, module: Any, name: str,
+                   signum: int) -> list[str]:
+    """``module.name`` (a removal: ``shutil.rmtree``, ``os.rmdir``) that gets
+    ``signum`` from another thread just before it does its work."""
+    calls: list[str] = []
+    real: Callable[..., Any] = getattr(module, name)
+
+    def removal(path: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(str(path))
+        if len(calls) == 1:
+            _from_another_thread(signum)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(module, name, removal)
+    return calls
+
+
+@pytest.mark.usefixtures("handlers")
+def test_the_xenstored_socket_interrupted_as_it_removes_its_dir_removes_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An outside review: a signal landing in the teardown's removal (``os.rmdir``
+    of the socket's directory) left ``gntdma-PID-xxxx`` behind."""
+    from gntdma.toolstack.xs import XenstoredSocket
+    from gntdma.xenstored import Xenstored
+
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(Interrupted):
+        with InterruptGuard():
+            s = XenstoredSocket(Xenstored())
+            calls = _signal_before(monkeypatch, os, "rmdir", signal.SIGINT)
+            s.close()
+    assert calls and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.usefixtures("handlers")
+def test_run_interrupted_as_it_removes_its_temp_dir_removes_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same for ``gntdma run``'s own directory (default images in it): a signal
+    in the middle of ``shutil.rmtree`` left ``gntdma-run-xxxx`` behind."""
+    import shutil
+
+    from gntdma.toolstack.run import run_main_job
+
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    calls = _signal_before(monkeypatch, shutil, "rmtree", signal.SIGTERM)
+    with pytest.raises(Interrupted) as e:
+        with InterruptGuard() as guard:
+            run_main_job(guard=guard, duration=0.3, log=lambda _s: None)
+    assert e.value.signum == signal.SIGTERM
+    assert calls and list(tmp_path.iterdir()) == []

@@ -23,7 +23,6 @@ from __future__ import annotations
 import bisect
 import json
 import multiprocessing
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
@@ -42,6 +41,7 @@ from gntdma.toolstack.explorejobs import (
     replay_one,
     run_chunk,
 )
+from gntdma.toolstack.interrupt import private_dir
 from gntdma.toolstack.scenarios import BUILTIN_SCENARIOS, SCENARIOS
 from gntdma.toolstack.spawnworker import spawn_context
 
@@ -177,7 +177,7 @@ def replay_in_child(scenario: str, delivery: str, schedule: dict[str, Any],
     """Replay a schedule in a process of its own: how that process died (None if it
     did not), and how the run ended (``kind``/``report``, or ``divergence``)."""
     factory = None if scenario in BUILTIN_SCENARIOS else SCENARIOS[scenario]
-    with tempfile.TemporaryDirectory(prefix="gntdma-replay-") as tmp:
+    with private_dir("gntdma-replay-") as tmp:
         path = Path(tmp) / "outcome.json"
         p = _spawn().Process(target=replay_one, daemon=True,
                              args=(factory, scenario, delivery, schedule, max_steps,
@@ -231,7 +231,7 @@ def run_campaign(campaign: Campaign, executor_factory: Callable[[], Executor], *
     suspects: list[Chunk] = []
     futures: dict[Future[list[ScheduleResult]], Chunk] = {}
     alone: Future[list[ScheduleResult]] | None = None  # a suspect running by itself
-    with tempfile.TemporaryDirectory(prefix="gntdma-explore-") as tmp:
+    with private_dir("gntdma-explore-") as tmp:
         ex = executor_factory()
         try:
             while not campaign.done:

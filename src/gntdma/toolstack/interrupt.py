@@ -16,16 +16,23 @@ A signal whose :class:`Interrupted` is raised where Python cannot pass it on
 (a weakref callback, a ``__del__``: Python prints "Exception ignored in" and
 goes on) is not lost: with a host armed, the hub raises it at its next turn
 anyway; else the guard forgets it and sends the signal again 10 ms later, to be
-raised where it can be.
+raised where it can be. If the command is done before that, the guard's exit
+raises it: it came while the command ran.
+
+A signal that arrives while what the run made for itself is being made or
+removed is held back (:func:`signals_deferred`) and raised once that is done.
 """
 
 from __future__ import annotations
 
 import contextlib
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
@@ -34,7 +41,7 @@ import greenlet
 from gntdma.sched import schedule_running, stop_after_schedule
 
 __all__ = ["InterruptGuard", "Interrupted", "ScheduleInterruptGuard", "ignore_later_signals",
-           "signals_deferred"]
+           "private_dir", "signals_deferred"]
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -112,6 +119,22 @@ def signals_deferred() -> Iterator[None]:
                     signal.pthread_kill(main, signum)
 
 
+@contextlib.contextmanager
+def private_dir(prefix: str) -> Iterator[Path]:
+    """A new private directory in the temp directory, removed with all in it on the
+    way out. A signal while it is made or removed is held back and raised once
+    that is done: it is never left behind, whole or in part."""
+    path: str | None = None
+    try:
+        with signals_deferred():
+            path = tempfile.mkdtemp(prefix=prefix)
+        yield Path(path)
+    finally:
+        if path is not None:
+            with signals_deferred():
+                shutil.rmtree(path, ignore_errors=True)
+
+
 def ignore_later_signals() -> None:
     """A signal has ended the command: SIGINT and SIGTERM are ignored from now on.
 
@@ -140,6 +163,9 @@ class InterruptGuard:
         self._call_later: Callable[[float, Callable[[], None]], Any] | None = None
         self._old: dict[int, Any] = {}
         self._unraisable_before: Callable[[sys.UnraisableHookArgs], Any] | None = None
+        #: a signal swallowed in a __del__/weakref callback, sent again by _timer
+        self._pending = 0
+        self._timer: threading.Timer | None = None
 
     def __enter__(self) -> InterruptGuard:
         if threading.current_thread() is threading.main_thread():
@@ -152,6 +178,13 @@ class InterruptGuard:
     def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.disarm()
+        late = 0
+        if self._pending != 0 and self.signum == 0:
+            # Swallowed and not delivered again yet: it came while the command
+            # ran, so it ends it (raised below, once the handlers are settled).
+            late, self.signum, self._pending = self._pending, self._pending, 0
+            if self._timer is not None:
+                self._timer.cancel()
         if self._unraisable_before is not None:
             sys.unraisablehook = self._unraisable_before
             self._unraisable_before = None
@@ -172,6 +205,8 @@ class InterruptGuard:
             if self.signum != 0:
                 while signal.sigtimedwait(_SIGNALS, 0) is not None:
                     pass
+        if late != 0 and t is None:
+            raise Interrupted(late, self.phase)
 
     def arm(self, call_later: Callable[[float, Callable[[], None]], Any]) -> None:
         """A host is up: signals are raised by its scheduler's hub from now on."""
@@ -182,6 +217,7 @@ class InterruptGuard:
         self._call_later = None
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
+        self._pending = 0
         if self.signum != 0:
             return  # already stopping
         self.signum = signum
@@ -198,6 +234,7 @@ class InterruptGuard:
         if isinstance(e, Interrupted) and e.signum == self.signum:
             if self._call_later is None:  # nothing else raises it: deliver it again
                 self.signum = 0
+                self._pending = e.signum
                 # To the main thread: a thread-directed signal waits there while
                 # signals_deferred blocks it (a process-directed one would not).
                 main = threading.main_thread().ident
@@ -205,6 +242,7 @@ class InterruptGuard:
                 timer = threading.Timer(0.01, signal.pthread_kill, (main, e.signum))
                 timer.daemon = True
                 timer.start()
+                self._timer = timer
             return  # armed: the hub's _fire raises it at its next turn
         assert self._unraisable_before is not None
         self._unraisable_before(u)
@@ -227,6 +265,7 @@ class ScheduleInterruptGuard(InterruptGuard):
     """
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
+        self._pending = 0
         if self.signum != 0:
             return  # already stopping
         self.signum = signum

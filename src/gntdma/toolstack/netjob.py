@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import random
 import subprocess
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, final
@@ -24,6 +23,7 @@ from gntdma.host.netload import ping, pump, random_file, tcp_transfer
 from gntdma.host.netns import NetnsError
 from gntdma.sched import ThreadState
 from gntdma.toolstack.host import Guest, Host
+from gntdma.toolstack.interrupt import private_dir
 from gntdma.toolstack.netwire import NetWiring, WiredVif
 from gntdma.toolstack.preflight import RunPlan
 from gntdma.toolstack.report import Report
@@ -91,7 +91,7 @@ class NetJob:
             firsts.setdefault(g.name, wv)
         if not firsts:
             return
-        with tempfile.TemporaryDirectory(prefix="gntdma-net-") as d:
+        with private_dir("gntdma-net-") as d:
             src = Path(d) / "bulk.bin"
             sha = random_file(src, BULK_BYTES)
             for wv in firsts.values():

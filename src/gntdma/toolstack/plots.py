@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from gntdma.errors import ConfigError
+from gntdma.toolstack.interrupt import signals_deferred
 from gntdma.toolstack.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -66,11 +67,12 @@ def check_plots_dir(path: Path) -> None:
             raise ConfigError(f"--plots {path}: not a directory")
         # Tried for real (os.access says yes to root on /proc or a read-only mount).
         try:
-            fd, probe = tempfile.mkstemp(prefix=".gntdma-probe-", dir=path)
+            with signals_deferred():  # the probe never stays in the user's directory
+                fd, probe = tempfile.mkstemp(prefix=".gntdma-probe-", dir=path)
+                os.close(fd)
+                os.unlink(probe)
         except OSError as e:
             raise ConfigError(f"--plots {path}: not writable ({e.strerror or e})") from None
-        os.close(fd)
-        os.unlink(probe)
         return
     # The nearest existing ancestor must be a directory the missing ones can be made in.
     parent = path.absolute().parent
@@ -79,7 +81,8 @@ def check_plots_dir(path: Path) -> None:
     if not parent.is_dir():
         raise ConfigError(f"--plots {path}: {parent} is not a directory")
     try:
-        os.rmdir(tempfile.mkdtemp(prefix=".gntdma-probe-", dir=parent))
+        with signals_deferred():
+            os.rmdir(tempfile.mkdtemp(prefix=".gntdma-probe-", dir=parent))
     except OSError as e:
         raise ConfigError(f"--plots {path}: cannot make a directory in {parent} "
                           f"({e.strerror or e})") from None

@@ -21,8 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,7 +32,7 @@ from gntdma.toolstack.busdmademo import run_deferred_load_demo
 from gntdma.toolstack.control import HostConsole, check_control_path, hold_running
 from gntdma.toolstack.grantdemo import run_grant_demo
 from gntdma.toolstack.host import Host
-from gntdma.toolstack.interrupt import InterruptGuard, signals_deferred
+from gntdma.toolstack.interrupt import InterruptGuard, private_dir, signals_deferred
 from gntdma.toolstack.mainjob import (
     DEFAULT_STALL_TIMEOUT,
     OpenImages,
@@ -107,12 +105,7 @@ def run_main_job(configs: Sequence[Path] | Path | None = None, *, seed: int = 0,
         from gntdma.toolstack.dashboard import RunView
 
         view = RunView(dashboard=dashboard)
-    # Made inside the try that removes it: a signal held back while it is made is
-    # raised as the deferral ends, with the name recorded.
-    tmp: Path | None = None
-    try:
-        with signals_deferred():
-            tmp = Path(tempfile.mkdtemp(prefix="gntdma-run-"))
+    with private_dir("gntdma-run-") as tmp:  # made and removed whole, whatever the signals
         plan = plan_run(configs, overwrite=overwrite, default=default_config(),
                         default_image_dir=tmp)
         for note in notes + plan.notes:
@@ -131,10 +124,8 @@ def run_main_job(configs: Sequence[Path] | Path | None = None, *, seed: int = 0,
         finally:
             guard.disarm()
             if images is not None:
-                images.close()
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+                with signals_deferred():  # a signal now is raised once they are closed
+                    images.close()
     report.figures = {
         "version": gntdma.__version__,
         "configs": [str(p) for p in configs] or ["<built-in default>"],
@@ -237,10 +228,11 @@ def _run(plan: RunPlan, images: OpenImages, seed: int, duration: float, threads:
         # way through anything: tear down what can be, and let the first
         # exception be the one that is reported.
         try:
-            if xl is not None:
-                xl.close()
-            if xs_socket is not None:
-                xs_socket.close()
+            with signals_deferred():  # sockets and their directory removed whole
+                if xl is not None:
+                    xl.close()
+                if xs_socket is not None:
+                    xs_socket.close()
         finally:
             if done:
                 host.close()

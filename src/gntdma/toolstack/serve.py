@@ -35,9 +35,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
-import shutil
 import signal
-import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -62,7 +60,12 @@ from gntdma.sys import MAXPHYS
 from gntdma.toolstack.control import HostConsole, check_control_path
 from gntdma.toolstack.domains import create_guest_from_config
 from gntdma.toolstack.host import Guest, Host
-from gntdma.toolstack.interrupt import InterruptGuard, ignore_later_signals, signals_deferred
+from gntdma.toolstack.interrupt import (
+    InterruptGuard,
+    ignore_later_signals,
+    private_dir,
+    signals_deferred,
+)
 from gntdma.toolstack.mainjob import OpenImages, default_config, open_images
 from gntdma.toolstack.netjob import NetJob, attach_guest_vifs, make_netjob
 from gntdma.toolstack.preflight import RunPlan, check_output, plan_run
@@ -191,11 +194,7 @@ def serve_main(configs: Sequence[Path], *, nbd_path: Path | None = None,
         from gntdma.toolstack.dashboard import RunView
 
         view = RunView(dashboard=dashboard)
-    # Made inside the try that removes it (see run_main_job).
-    tmp: Path | None = None
-    try:
-        with signals_deferred():
-            tmp = Path(tempfile.mkdtemp(prefix="gntdma-serve-"))
+    with private_dir("gntdma-serve-") as tmp:  # made and removed whole, whatever the signals
         plan = plan_run(configs, overwrite=overwrite, default=default_config(),
                         default_image_dir=tmp)
         for note in plan.notes:
@@ -214,10 +213,8 @@ def serve_main(configs: Sequence[Path], *, nbd_path: Path | None = None,
         finally:
             guard.disarm()
             if images is not None:
-                images.close()
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+                with signals_deferred():  # a signal now is raised once they are closed
+                    images.close()
     report.figures = {"version": gntdma.__version__,
                       "configs": [str(p) for p in configs] or ["<built-in default>"],
                       "seed": seed, "overwrite": overwrite, "notes": plan.notes,
@@ -403,19 +400,21 @@ def _serve(plan: RunPlan, images: OpenImages, seed: int, nbd_path: Path | None,
         guard.disarm()
         if net is not None and not net.wiring.closed:
             # A serve that failed or was interrupted: the namespaces and TAPs go now.
-            with contextlib.suppress(Exception):
+            with signals_deferred(), contextlib.suppress(Exception):
                 net.detach()
         try:
-            if xl is not None:
-                xl.close()
-            if xs_socket is not None:
-                xs_socket.close()
+            with signals_deferred():  # sockets and their directory removed whole
+                if xl is not None:
+                    xl.close()
+                if xs_socket is not None:
+                    xs_socket.close()
         finally:
-            if listener is not None:
-                with contextlib.suppress(OSError):
-                    listener.close()
-            if nbd_path is not None and listener is not None:
-                remove_socket(str(nbd_path))
+            with signals_deferred():
+                if listener is not None:
+                    with contextlib.suppress(OSError):
+                        listener.close()
+                if nbd_path is not None and listener is not None:
+                    remove_socket(str(nbd_path))
             if done:
                 host.close()
             else:

@@ -661,8 +661,11 @@ class XenstoredSocket:
 
     def close(self) -> None:
         """Stop serving, remove the socket and its directory."""
-        self.server.close()
-        self._remove_dir()
+        with signals_deferred():  # a signal now is raised once both are gone
+            try:
+                self.server.close()
+            finally:
+                self._remove_dir()
 
 
 def hold_until_signal(log: Callable[[str], None] = print,
