@@ -16,8 +16,9 @@ in the starting thread (the child inherits the mask across ``exec``; the
 parent's own SIGINT waits the few ms of the start, or goes to another thread);
 the child, when it unpickles its process object (before it imports gntdma or
 runs anything else of ours), sets SIG_IGN and unblocks it, which drops a SIGINT
-that came in between. Standard library only: importing this module is the first
-thing a child does.
+that came in between. This module imports the standard library only: a child
+imports it, and nothing of gntdma beyond two empty package files, before it
+ignores SIGINT.
 """
 
 from __future__ import annotations
